@@ -1,0 +1,82 @@
+"""GGUF file -> cached Hugging Face directory, dequantized once.
+
+``transformers`` reads GGUF (weights dequantized to float32, tokenizer and chat template from the
+metadata) but takes tens of seconds to do it; the result is written once to a cache directory keyed
+by the file's name, size and modification time, and every later start loads that directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+logger = logging.getLogger('lmdeploy_jax')
+
+
+def cache_root() -> str:
+    return os.environ.get('LMDEPLOY_JAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'lmdeploy_jax'))
+
+
+def _cache_dir_for(path: str) -> str:
+    st = os.stat(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(cache_root(), 'gguf', f'{stem}-{st.st_size}-{st.st_mtime_ns}')
+
+
+def gguf_architecture(path: str) -> str:
+    """The ``general.architecture`` field of a GGUF file."""
+    from gguf import GGUFReader
+    field = GGUFReader(path).fields['general.architecture']
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def _convert(path: str, out_dir: str) -> None:
+    try:
+        import torch  # noqa: F401 - transformers' GGUF reader needs it
+        import gguf  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f'loading a GGUF file needs the gguf and torch packages ({e}); '
+                          "install them with: pip install 'lmdeploy_jax[gguf]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    arch = gguf_architecture(path)
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ValueError(f'GGUF file {path!r} has architecture {arch!r}, which is not supported '
+                         f'(supported: {", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})')
+    folder, name = os.path.split(os.path.abspath(path))
+    logger.warning('dequantizing GGUF %s into %s (once; later starts use the cache)', path, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype='float32')
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop('lm_head.weight', None)
+    from safetensors.torch import save_file
+    save_file(state, os.path.join(out_dir, 'model.safetensors'), metadata={'format': 'pt'})
+    model.config.architectures = [type(model).__name__]
+    model.config.to_json_file(os.path.join(out_dir, 'config.json'))
+    model.generation_config.to_json_file(os.path.join(out_dir, 'generation_config.json'))
+    tokenizer.save_pretrained(out_dir)
+
+
+def gguf_to_hf_dir(path: str) -> str:
+    """The cached HF directory of a GGUF file, converting it on first use."""
+    out_dir = _cache_dir_for(path)
+    if os.path.exists(os.path.join(out_dir, 'config.json')):
+        return out_dir
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix='.converting-')
+    try:
+        _convert(path, tmp)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,76 @@
+"""The one small interface between the AsyncEngine and a backend.
+
+A backend (the JAX engine, or the transformers reference) runs requests on its own thread and
+reports each one's new tokens through a callback. Everything user-facing (chat templates, text,
+stop strings, ``Response``) lives above this line, in the AsyncEngine; everything about devices
+lives below it.
+
+Session semantics (LMDeploy's interactive mode): a session's token history is its prompts plus
+every token it generated, the final stop token included (so the next turn continues after it).
+``sequence_start`` drops any earlier history of the session; ``sequence_end`` forgets the session
+once the request finishes; otherwise its history (and KV) is kept for the next request.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable
+
+from .messages import FinishReason, GenerationConfig
+
+
+class RequestError(ValueError):
+    """A request the backend refuses (e.g. longer than the session); the engine goes on serving."""
+
+
+@dataclass
+class EngineRequest:
+    session_id: int
+    input_ids: list[int]            # tokens appended to the session: the whole prompt when sequence_start
+    gen_config: GenerationConfig    # resolved: stop_token_ids hold EOS + template stop ids, max_new_tokens clipped
+    sequence_start: bool = True
+    sequence_end: bool = True
+
+
+@dataclass
+class EngineOutput:
+    token_ids: list[int]                        # tokens generated since the previous output (never the stop token)
+    logprobs: list[dict[int, float]] | None = None  # one {token_id: logprob} per new token, when asked
+    finish_reason: FinishReason | None = None    # set on the request's last output only
+    error: str | None = None                     # the message when finish_reason == 'error'
+
+
+OutputCallback = Callable[[EngineOutput], None]
+
+
+class InferenceEngine(abc.ABC):
+    """What the AsyncEngine needs of a backend. Callbacks run on the backend's thread: keep them short."""
+
+    #: most tokens one session may hold (prompt + generated)
+    session_len: int
+    #: most requests run together
+    max_batch_size: int
+
+    @abc.abstractmethod
+    def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
+        """Queue a request. ``on_output`` receives its increments; the last has ``finish_reason`` set.
+
+        A request that cannot run (a prompt over ``session_len``, a session already busy) finishes
+        with ``finish_reason='error'`` and an ``error`` message; it never stops the engine.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, session_id: int) -> None:
+        """Abort the session's running request (its last output says 'abort'); a no-op when idle."""
+
+    @abc.abstractmethod
+    def end_session(self, session_id: int) -> None:
+        """Forget the session's history and free what it holds; cancels a running request first."""
+
+    @abc.abstractmethod
+    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
+        """Mean cross-entropy of each sequence's tokens 1..n given their prefixes (LMDeploy's get_ppl)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the engine thread and release devices; pending requests finish with 'abort'."""
