@@ -1,0 +1,60 @@
+"""``load_model``: a resolved checkpoint directory -> spec, params on the device, pure step functions."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from ..checkpoint.source import ModelSource
+from . import llama
+from .kv_cache import init_kv_caches, kv_bytes_per_block
+from .registry import UnsupportedArchitectureError, is_supported
+from .rope import inv_frequencies
+from .spec import DTYPES, ModelSpec, spec_from_config
+from .step_batch import StepBatch
+from .weights import SafetensorsCheckpoint, load_params
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model ready to step. ``forward`` and ``compute_logits`` are pure (jit them; donate the KV
+    list to ``forward``); ``params`` is a plain pytree, passed to them as an argument."""
+    spec: ModelSpec
+    params: dict
+    inv_freq: np.ndarray = field(repr=False)   # rope inverse frequencies, a compile-time constant
+
+    init_kv_caches = staticmethod(init_kv_caches)
+    kv_bytes_per_block = staticmethod(kv_bytes_per_block)
+
+    def forward(self, params: dict, kv_caches: llama.KVCache, batch: StepBatch) -> tuple[jax.Array, llama.KVCache]:
+        """``(hidden [B, T, hidden_size], kv_caches)``: attention by the decode op when T == 1."""
+        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch)
+
+    def compute_logits(self, params: dict, hidden: jax.Array) -> jax.Array:
+        """float32 ``[..., vocab]``."""
+        return llama.compute_logits(params, hidden)
+
+
+def _resolve_dtype(dtype: str, config: dict, ckpt: SafetensorsCheckpoint) -> str:
+    """'auto' is the checkpoint's declared dtype, else the stored dtype of its embedding."""
+    if dtype != 'auto':
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        return dtype
+    declared = config.get('dtype') or config.get('torch_dtype')
+    return declared if declared in DTYPES else ckpt.dtype_name('model.embed_tokens.weight')
+
+
+def load_model(source: ModelSource, dtype: str = 'auto') -> LoadedModel:
+    """Load ``source``'s weights for the JAX engine; raises UnsupportedArchitectureError first
+    when its architecture has no JAX model."""
+    architecture = source.architecture
+    if not is_supported(architecture):
+        raise UnsupportedArchitectureError(architecture)
+    config = source.config_dict()
+    with SafetensorsCheckpoint(source.hf_dir) as ckpt:
+        spec = spec_from_config(config, architecture, DTYPES[_resolve_dtype(dtype, config, ckpt)],
+                                source.generation_eos_ids())
+        params = load_params(ckpt, spec)
+    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim))

@@ -1,0 +1,32 @@
+"""Dense building blocks of the attention references: gather each sequence's pages into one
+contiguous array, then a masked softmax attention in float32. Obvious rather than fast."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """``[kv_heads, num_blocks, block_size, d]`` and ``[B, M]`` -> ``[B, kv_heads, M * block_size, d]``,
+    position ``p`` of row ``b`` at index ``p``."""
+    kv_heads, _, block_size, d = pages.shape
+    batch, max_blocks = block_tables.shape
+    rows = pages[:, block_tables]                       # [kv_heads, B, M, block_size, d]
+    return rows.transpose(1, 0, 2, 3, 4).reshape(batch, kv_heads, max_blocks * block_size, d)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention with grouped-query heads; rows whose mask is all False return zeros.
+
+    q ``[B, T, heads, d]``; k, v ``[B, kv_heads, S, d]``; mask bool ``[B, T, S]`` -> ``[B, T, heads, d]``
+    in q's dtype. Query head ``h`` reads KV head ``h // (heads // kv_heads)``, as in Hugging Face.
+    """
+    batch, tokens, heads, d = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(batch, tokens, kv_heads, heads // kv_heads, d).astype(jnp.float32)
+    scores = jnp.einsum('btkgd,bksd->bkgts', qg, k.astype(jnp.float32)) * scale
+    m = mask[:, None, None]                              # [B, 1, 1, T, S]
+    probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    probs = jnp.where(m.any(axis=-1, keepdims=True), probs, 0.0)
+    out = jnp.einsum('bkgts,bksd->btkgd', probs, v.astype(jnp.float32))
+    return out.reshape(batch, tokens, heads, d).astype(q.dtype)

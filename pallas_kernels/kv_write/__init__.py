@@ -1,0 +1,1 @@
+"""Write a step's new keys and values into their slots of the paged KV cache."""

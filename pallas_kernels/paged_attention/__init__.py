@@ -1,0 +1,1 @@
+"""Decode attention: one query token per sequence over its paged KV cache."""

@@ -1,0 +1,158 @@
+"""The JAX Llama-family models against Hugging Face ``transformers`` on the same weights: logits of
+a whole prompt in one chunk, in two chunks, and token by token through the paged cache."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+    Qwen2ForCausalLM
+
+from lmdeploy_jax.checkpoint.source import ModelSource, resolve_model
+from lmdeploy_jax.models import (SUPPORTED_ARCHITECTURES, StepBatch, UnsupportedArchitectureError, is_supported,
+                                 kv_bytes_per_block, load_model)
+
+TINY = dict(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+            initializer_range=0.1, max_position_embeddings=256)
+LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+               'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
+CHECKPOINTS = {
+    # untied, llama3 rope scaling, GQA 2
+    'llama': (LlamaConfig, LlamaForCausalLM,
+              dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+                   rope_parameters=LLAMA3_ROPE)),
+    # GQA 4 (one KV head)
+    'mistral': (MistralConfig, MistralForCausalLM,
+                dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, sliding_window=None)),
+    # q/k/v biases, tied embeddings, GQA 3
+    'qwen2': (Qwen2Config, Qwen2ForCausalLM,
+              dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)),
+}
+SEQ_LENS = (13, 6)
+
+
+def _assert_logits_close(ours, ref):
+    ref = np.asarray(ref, np.float32)
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.fixture(scope='module', params=sorted(CHECKPOINTS))
+def tiny(request, tmp_path_factory):
+    """(model dir, random prompts, the HF logits of each prompt)."""
+    config_cls, model_cls, extra = CHECKPOINTS[request.param]
+    torch.manual_seed(0)
+    hf = model_cls(config_cls(**TINY, **extra)).float().eval()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, TINY['vocab_size'], n).tolist() for n in SEQ_LENS]
+    with torch.no_grad():
+        ref = [hf(torch.tensor([p])).logits[0].numpy() for p in prompts]
+    return str(path), prompts, ref
+
+
+class PagedRun:
+    """Sequences in a paged cache behind random, non-contiguous block tables, plus a padding row;
+    ``step`` feeds each row its next ``n`` tokens and returns their logits."""
+
+    def __init__(self, model, prompts, block_size=4, seed=0):
+        self.model, self.prompts, self.block_size = model, prompts, block_size
+        max_blocks = -(-max(map(len, prompts)) // block_size)
+        num_blocks = 1 + max_blocks * len(prompts) + 3
+        blocks = np.random.default_rng(seed).permutation(np.arange(1, num_blocks))
+        self.tables = np.zeros((len(prompts) + 1, max_blocks), np.int32)   # last row: padding
+        for i in range(len(prompts)):
+            self.tables[i] = blocks[i * max_blocks:(i + 1) * max_blocks]
+        self.kv = model.init_kv_caches(model.spec, num_blocks, block_size)
+        self.done = [0] * len(prompts)
+        self._forward = jax.jit(model.forward)
+        self._logits = jax.jit(model.compute_logits)
+
+    def step(self, counts, tokens_per_row):
+        rows = len(self.prompts) + 1
+        ids, pos, slots = (np.zeros((rows, tokens_per_row), np.int32) for _ in range(3))
+        ctx, qlen = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
+        for i, n in enumerate(counts):
+            p = np.arange(self.done[i], self.done[i] + n)
+            ids[i, :n] = np.asarray(self.prompts[i])[p]
+            pos[i, :n] = p
+            slots[i, :n] = self.tables[i, p // self.block_size] * self.block_size + p % self.block_size
+            if n:
+                ctx[i], qlen[i] = self.done[i] + n, n
+            self.done[i] += n
+        batch = StepBatch(*map(jnp.asarray, (ids, pos, slots, self.tables, ctx, qlen)))
+        hidden, self.kv = self._forward(self.model.params, self.kv, batch)
+        logits = np.asarray(self._logits(self.model.params, hidden))
+        return [logits[i, :n] for i, n in enumerate(counts)]
+
+
+def test_one_chunk_prefill_matches_transformers(tiny):
+    path, prompts, ref = tiny
+    run = PagedRun(load_model(ModelSource(path, path)), prompts)
+    for ours, expected in zip(run.step(SEQ_LENS, max(SEQ_LENS)), ref):
+        _assert_logits_close(ours, expected)
+
+
+def test_two_chunk_prefill_matches_transformers(tiny):
+    path, prompts, ref = tiny
+    run = PagedRun(load_model(ModelSource(path, path)), prompts, block_size=8, seed=3)
+    first = [5, 4]
+    a = run.step(first, 5)
+    b = run.step([n - f for n, f in zip(SEQ_LENS, first)], 8)
+    for x, y, expected in zip(a, b, ref):
+        _assert_logits_close(np.concatenate([x, y]), expected)
+
+
+def test_token_by_token_decode_matches_transformers(tiny):
+    path, prompts, ref = tiny
+    run = PagedRun(load_model(ModelSource(path, path)), prompts, seed=5)
+    got = [[] for _ in prompts]
+    for t in range(max(SEQ_LENS)):
+        for i, row in enumerate(run.step([int(t < n) for n in SEQ_LENS], 1)):
+            got[i].extend(row)
+    for ours, expected in zip(got, ref):
+        _assert_logits_close(np.stack(ours), expected)
+
+
+def test_spec_and_params_follow_the_config(tiny):
+    path, _, _ = tiny
+    model = load_model(ModelSource(path, path), dtype='bfloat16')
+    config = json.load(open(f'{path}/config.json'))
+    spec = model.spec
+    assert spec.architecture == config['architectures'][0] and is_supported(spec.architecture)
+    assert (spec.num_layers, spec.hidden_size, spec.vocab_size) == (2, 96, 256)
+    assert spec.num_heads * spec.head_dim == model.params['layers'][0]['q']['w'].shape[0]
+    assert spec.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
+    assert ('lm_head' in model.params) == (not config['tie_word_embeddings'])
+    assert ('b' in model.params['layers'][0]['q']) == (spec.architecture == 'Qwen2ForCausalLM')
+    kv = model.init_kv_caches(spec, 5, 8)
+    assert len(kv) == 2 and kv[0][0].shape == (spec.num_kv_heads, 5, 8, spec.head_dim)
+    assert kv[0][0].dtype == jnp.bfloat16
+    assert kv_bytes_per_block(spec, 8) == sum(k.nbytes + v.nbytes for k, v in kv) // 5
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / 'config.json').write_text(json.dumps({'architectures': ['GPT2LMHeadModel']}))
+    assert not is_supported('GPT2LMHeadModel') and 'LlamaForCausalLM' in SUPPORTED_ARCHITECTURES
+    with pytest.raises(UnsupportedArchitectureError, match='GPT2LMHeadModel'):
+        load_model(ModelSource(str(tmp_path), str(tmp_path)))
+
+
+def test_default_model_prefill_matches_transformers():
+    try:
+        source = resolve_model(None)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(source.hf_dir)('What is the capital of France?')['input_ids']
+    hf = LlamaForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    del hf
+    run = PagedRun(load_model(source), [ids], block_size=16)
+    _assert_logits_close(run.step([len(ids)], len(ids))[0], ref)
