@@ -1,0 +1,42 @@
+"""``pipeline()``: LMDeploy's entry point."""
+from __future__ import annotations
+
+import logging
+
+from .messages import PytorchEngineConfig, TurbomindEngineConfig
+
+_LOG_LEVELS = ('CRITICAL', 'FATAL', 'ERROR', 'WARN', 'WARNING', 'INFO', 'DEBUG', 'NOTSET')
+
+
+def set_log_level(log_level: str) -> None:
+    if not isinstance(log_level, str) or log_level.upper() not in _LOG_LEVELS:
+        raise ValueError(f'log_level must be one of {_LOG_LEVELS}, got {log_level!r}')
+    logger = logging.getLogger('lmdeploy_jax')
+    logger.setLevel(log_level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter('%(asctime)s - lmdeploy_jax - %(levelname)s - %(message)s'))
+        logger.addHandler(handler)
+
+
+def pipeline(model_path: str | None = None, model_name: str | None = None, backend: str = 'turbomind',
+             backend_config: TurbomindEngineConfig | PytorchEngineConfig | None = None,
+             chat_template_config=None, instance_num: int = 32, tp: int = 1, log_level: str = 'ERROR',
+             **kwargs):
+    """Build an ``AsyncEngine`` for ``model_path`` (None: the embedded SmolLM2-135M-Instruct).
+
+    ``tp`` and ``instance_num`` fill the backend config's ``tp`` and ``max_batch_size`` when it
+    leaves them unset, as in LMDeploy.
+    """
+    from .serve.async_engine import AsyncEngine
+    set_log_level(log_level)
+    if not isinstance(instance_num, int) or instance_num < 1:
+        raise ValueError(f'instance_num must be an integer >= 1, got {instance_num!r}')
+    if backend_config is None:
+        backend_config = (PytorchEngineConfig if backend == 'pytorch' else TurbomindEngineConfig)(tp=tp)
+    elif tp != 1 and backend_config.tp == 1:
+        backend_config = type(backend_config)(**{**backend_config.__dict__, 'tp': tp})
+    if backend_config.max_batch_size is None:
+        backend_config = type(backend_config)(**{**backend_config.__dict__, 'max_batch_size': instance_num})
+    return AsyncEngine(model_path, model_name=model_name, backend=backend, backend_config=backend_config,
+                       chat_template_config=chat_template_config, **kwargs)

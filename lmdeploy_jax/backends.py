@@ -1,0 +1,63 @@
+"""Choose and build the backend behind an AsyncEngine, as LMDeploy does.
+
+``turbomind`` is the JAX engine; an architecture it does not support falls back to the
+``pytorch`` reference backend with a warning naming the architecture (LMDeploy's behaviour).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from .checkpoint.source import ModelSource
+from .engine_api import InferenceEngine
+from .messages import PytorchEngineConfig, TurbomindEngineConfig
+
+logger = logging.getLogger('lmdeploy_jax')
+
+BACKENDS = ('turbomind', 'pytorch')
+
+
+def _convert_config(config, target_cls):
+    """Carry the fields two engine configs share (a user may pass either kind to either backend)."""
+    if config is None:
+        return target_cls()
+    if isinstance(config, target_cls):
+        return config
+    shared = {f.name for f in dataclasses.fields(target_cls)} & {f.name for f in dataclasses.fields(config)}
+    values = {name: getattr(config, name) for name in shared}
+    if isinstance(config, PytorchEngineConfig):
+        values['cache_block_seq_len'] = config.block_size
+    elif isinstance(config, TurbomindEngineConfig):
+        values['block_size'] = config.cache_block_seq_len
+    return target_cls(**values)
+
+
+def _jax_engine_or_none(source: ModelSource, config: TurbomindEngineConfig) -> InferenceEngine | None:
+    from .models import is_supported
+    if not is_supported(source.architecture):
+        logger.warning('the turbomind (JAX) engine does not support architecture %s; falling back to '
+                       "the pytorch reference backend", source.architecture)
+        return None
+    from .engine import JaxEngine
+    return JaxEngine(source, config)
+
+
+def check_supported(source: ModelSource) -> None:
+    """Fail early, naming the architecture, when no backend can run the model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    architecture = source.architecture
+    if architecture not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise ValueError(f'architecture {architecture!r} is not supported: neither the JAX engine nor '
+                         'transformers (the pytorch backend) can run it as a causal language model')
+
+
+def create_backend(source: ModelSource, backend: str,
+                   backend_config: TurbomindEngineConfig | PytorchEngineConfig | None) -> InferenceEngine:
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+    if backend == 'turbomind':
+        engine = _jax_engine_or_none(source, _convert_config(backend_config, TurbomindEngineConfig))
+        if engine is not None:
+            return engine
+    from .pytorch.engine import PytorchEngine
+    return PytorchEngine(source, _convert_config(backend_config, PytorchEngineConfig))

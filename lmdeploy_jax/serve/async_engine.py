@@ -1,0 +1,279 @@
+"""LMDeploy's AsyncEngine: prompts in, text out, over any backend of ``engine_api``.
+
+It owns everything user-facing: chat templates, tokenization, stop strings, incremental
+detokenization and ``Response``s. Backends report token ids from their own thread; results reach
+asyncio through ``loop.call_soon_threadsafe``, so the engine loop never waits for Python callers.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator
+
+from ..backends import BACKENDS, check_supported, create_backend
+from ..chat_template import get_chat_template
+from ..checkpoint.source import resolve_model
+from ..engine_api import EngineOutput, EngineRequest
+from ..messages import GenerationConfig, PytorchEngineConfig, Response, TurbomindEngineConfig
+from ..tokenizer import DetokenizeState, Tokenizer
+from .event_loop import BackgroundLoop, merge
+from .request_config import merge_gen_config, resolve_stops
+from .session import Session
+from .stop_strings import StopStringMatcher
+
+logger = logging.getLogger('lmdeploy_jax')
+
+
+@dataclass
+class GenOut:
+    """One increment of a request, as ``generate`` yields it (LMDeploy's GenOut)."""
+    response: str                       # text delta
+    history_token_len: int              # session tokens before this request
+    input_token_len: int
+    generate_token_len: int             # tokens generated so far in this request
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)     # token delta
+    logprobs: list[dict[int, float]] | None = None          # logprob delta
+
+
+def _check_prompts(prompts) -> tuple[list, bool]:
+    """Normalize to a list of prompts; reject what cannot be a prompt, naming it."""
+    single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+    items = [prompts] if single else prompts
+    if not isinstance(items, list) or not items:
+        raise ValueError('prompts must be a non-empty str, a list of str or a list of message lists; got '
+                         f'{prompts!r}')
+    for i, p in enumerate(items):
+        if isinstance(p, str) and not p.strip():
+            raise ValueError(f'prompt {i} is empty')
+        if isinstance(p, list) and not p:
+            raise ValueError(f'prompt {i} is an empty message list')
+        if not isinstance(p, (str, list)):
+            raise ValueError(f'prompt {i} must be a str or a message list, got {type(p).__name__}')
+    return items, single
+
+
+class AsyncEngine:
+    """The object ``pipeline()`` returns."""
+
+    def __init__(self, model_path: str | None, model_name: str | None = None, backend: str = 'turbomind',
+                 backend_config: TurbomindEngineConfig | PytorchEngineConfig | None = None,
+                 chat_template_config=None, **kwargs):
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        self.source = resolve_model(model_path)
+        check_supported(self.source)
+        self.model_name = model_name or self.source.given
+        self.tokenizer = Tokenizer(self.source.hf_dir)
+        self.chat_template = get_chat_template(chat_template_config, self.source.given, self.tokenizer)
+        self.backend = backend
+        self.engine = create_backend(self.source, backend, backend_config)
+        self.session_len = self.engine.session_len
+        self._eos_ids = sorted(set(self.source.generation_eos_ids())
+                               | ({self.tokenizer.eos_token_id} - {None}))
+        self._session_ids = itertools.count(1)
+        self._history_len: dict[int, int] = {}     # tokens held by each open session
+        self._sync_loop: BackgroundLoop | None = None
+
+    # ---- the async core ------------------------------------------------------------------
+    def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids) -> list[int]:
+        if input_ids is not None:
+            return list(input_ids)
+        if do_preprocess:
+            prompt = self.chat_template.messages2prompt(messages, sequence_start)
+        elif isinstance(messages, str):
+            prompt = messages
+        else:
+            raise ValueError('do_preprocess=False needs a str prompt')
+        return self.tokenizer.encode(prompt, add_bos=sequence_start)
+
+    async def generate(self, messages, session_id: int, gen_config: GenerationConfig | None = None,
+                       stream_response: bool = True, sequence_start: bool = True, sequence_end: bool = True,
+                       step: int = 0, do_preprocess: bool = True, input_ids: list[int] | None = None,
+                       **kwargs) -> AsyncIterator[GenOut]:
+        """Run one request of a session; yields text and token deltas, the last with finish_reason."""
+        config = merge_gen_config(gen_config, **kwargs)
+        history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
+        ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids)
+        if not ids:
+            raise ValueError('the prompt encodes to no tokens')
+        room = self.session_len - history - len(ids)
+        if room < 0:
+            yield GenOut(f'error: the prompt has {len(ids)} tokens, which with {history} tokens of history '
+                         f'exceeds session_len={self.session_len}', history, len(ids), 0, 'error')
+            return
+        config, text_stops = resolve_stops(config.replace(max_new_tokens=min(config.max_new_tokens, room)),
+                                           self.chat_template.stop_words, self.tokenizer, self._eos_ids)
+        async for out in self._run(session_id, ids, config, text_stops, history, sequence_start, sequence_end):
+            yield out
+
+    async def _run(self, session_id, ids, config, text_stops, history, sequence_start, sequence_end):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
+        self.engine.submit(EngineRequest(session_id, ids, config, sequence_start, sequence_end),
+                           lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        matcher, state = StopStringMatcher(text_stops), DetokenizeState()
+        generated: list[int] = []
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                generated.extend(out.token_ids)
+                delta, state = self.tokenizer.detokenize_incrementally(
+                    generated, state, skip_special_tokens=config.skip_special_tokens)
+                text, hit_stop = matcher.feed(delta)
+                if hit_stop:
+                    self.engine.cancel(session_id)
+                    await self._drain_until_finished(queue, out)
+                    finished = True
+                    self._record_history(session_id, sequence_end, history + len(ids) + len(generated))
+                    yield GenOut(text, history, len(ids), len(generated), 'stop', out.token_ids, out.logprobs)
+                    return
+                reason = out.finish_reason
+                if reason is not None:
+                    finished = True
+                    text += matcher.flush()
+                    if reason == 'error':
+                        text = f'error: {out.error}'
+                    self._record_history(session_id, sequence_end,
+                                         history + len(ids) + len(generated) + (reason == 'stop'))
+                yield GenOut(text, history, len(ids), len(generated), reason, out.token_ids, out.logprobs)
+                if finished:
+                    return
+        finally:
+            if not finished:  # the caller stopped listening: abort and free the request
+                self.engine.cancel(session_id)
+
+    @staticmethod
+    async def _drain_until_finished(queue: asyncio.Queue, last: EngineOutput) -> None:
+        while last.finish_reason is None:
+            last = await queue.get()
+
+    def _record_history(self, session_id: int, sequence_end: bool, length: int) -> None:
+        if sequence_end:
+            self._history_len.pop(session_id, None)
+        else:
+            self._history_len[session_id] = length
+
+    # ---- session control --------------------------------------------------------------------
+    def stop_session(self, session_id: int) -> None:
+        """Abort the session's running request; it finishes with 'abort'."""
+        self.engine.cancel(session_id)
+
+    def end_session(self, session_id: int) -> None:
+        """Forget the session: its history and cached KV are freed."""
+        self._history_len.pop(session_id, None)
+        self.engine.end_session(session_id)
+
+    def get_generator(self, stop: bool, session_id: int) -> 'AsyncEngine':
+        """LMDeploy hands out an engine instance; ours is shared, so this only aborts when ``stop``."""
+        if stop:
+            self.stop_session(session_id)
+        return self
+
+    # ---- the synchronous API ------------------------------------------------------------------
+    @property
+    def _loop(self) -> BackgroundLoop:
+        if self._sync_loop is None:
+            self._sync_loop = BackgroundLoop()
+        return self._sync_loop
+
+    async def _collect(self, prompt, index: int, gen_config, do_preprocess, kwargs) -> Response:
+        session_id = next(self._session_ids)
+        resp = Response('', 0, 0, session_id, index=index)
+        async for out in self.generate(prompt, session_id, gen_config, do_preprocess=do_preprocess, **kwargs):
+            resp.text += out.response
+            resp.token_ids.extend(out.token_ids)
+            if out.logprobs:
+                resp.logprobs = (resp.logprobs or []) + out.logprobs
+            resp.generate_token_len, resp.input_token_len = out.generate_token_len, out.input_token_len
+            resp.finish_reason = out.finish_reason
+        return resp
+
+    @staticmethod
+    def _configs(gen_config, n: int) -> list:
+        if isinstance(gen_config, list):
+            if len(gen_config) != n:
+                raise ValueError(f'gen_config has {len(gen_config)} entries for {n} prompts')
+            return gen_config
+        return [gen_config] * n
+
+    def batch_infer(self, prompts, gen_config=None, do_preprocess: bool = True, use_tqdm: bool = False,
+                    **kwargs) -> Response | list[Response]:
+        """Generate for one prompt or a list of them, together; results in input order."""
+        items, single = _check_prompts(prompts)
+        configs = self._configs(gen_config, len(items))
+
+        async def run_all():
+            return await asyncio.gather(*(self._collect(p, i, c, do_preprocess, kwargs)
+                                          for i, (p, c) in enumerate(zip(items, configs))))
+        results = self._loop.run(run_all())
+        return results[0] if single else results
+
+    __call__ = batch_infer
+
+    def stream_infer(self, prompts, gen_config=None, do_preprocess: bool = True, **kwargs) -> Iterator[Response]:
+        """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by ``index``."""
+        items, _ = _check_prompts(prompts)
+        configs = self._configs(gen_config, len(items))
+
+        async def one(i, prompt, config):
+            session_id = next(self._session_ids)
+            async for out in self.generate(prompt, session_id, config, do_preprocess=do_preprocess, **kwargs):
+                yield Response(out.response, out.generate_token_len, out.input_token_len, session_id,
+                               out.finish_reason, out.token_ids, out.logprobs, i)
+        yield from self._loop.iterate(merge([one(i, p, c) for i, (p, c) in enumerate(zip(items, configs))]))
+
+    def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
+             stream_response: bool = False, **kwargs):
+        """One turn of a multi-turn chat; the session keeps the history (and its KV) between turns.
+
+        Returns the session (its ``response`` is this turn's), or with ``stream_response`` an
+        iterator of incremental ``Response``s that updates the session at its end.
+        """
+        session = session or Session(next(self._session_ids), self)
+        turn = self._chat_turn(prompt, session, gen_config, kwargs)
+        if stream_response:
+            return turn
+        for _ in turn:
+            pass
+        return session
+
+    def _chat_turn(self, prompt, session: Session, gen_config, kwargs) -> Iterator[Response]:
+        outs = self._loop.iterate(self.generate(prompt, session.session_id, gen_config,
+                                                sequence_start=session.step == 0, sequence_end=False, **kwargs))
+        total = Response('', 0, 0, session.session_id)
+        for out in outs:
+            total.text += out.response
+            total.token_ids.extend(out.token_ids)
+            total.generate_token_len, total.input_token_len = out.generate_token_len, out.input_token_len
+            total.finish_reason = out.finish_reason
+            yield Response(out.response, out.generate_token_len, out.input_token_len, session.session_id,
+                           out.finish_reason, out.token_ids, out.logprobs)
+        session.record_turn(prompt, total, self._history_len.get(session.session_id, 0))
+
+    def get_ppl(self, input_ids: list[int] | list[list[int]]) -> list[float]:
+        """Mean cross-entropy of each sequence (LMDeploy's get_ppl); a flat list is one sequence."""
+        if not input_ids:
+            raise ValueError('input_ids is empty')
+        batch = [input_ids] if isinstance(input_ids[0], int) else input_ids
+        for i, seq in enumerate(batch):
+            if len(seq) < 2:
+                raise ValueError(f'sequence {i} needs at least 2 tokens for a perplexity')
+            if len(seq) > self.session_len:
+                raise ValueError(f'sequence {i} has {len(seq)} tokens, over session_len={self.session_len}')
+        return self.engine.get_ppl([list(s) for s in batch])
+
+    def close(self) -> None:
+        self.engine.close()
+        if self._sync_loop is not None:
+            self._sync_loop.close()
+            self._sync_loop = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
