@@ -71,6 +71,11 @@ class InferenceEngine(abc.ABC):
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
         """Mean cross-entropy of each sequence's tokens 1..n given their prefixes (LMDeploy's get_ppl)."""
 
+    def stats(self) -> dict[str, int]:
+        """Load figures for metrics: 'running', 'waiting', and where there is a paged cache
+        'kv_blocks_free', 'kv_blocks_total'."""
+        return {}
+
     @abc.abstractmethod
     def close(self) -> None:
         """Stop the engine thread and release devices; pending requests finish with 'abort'."""
