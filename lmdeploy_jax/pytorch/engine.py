@@ -1,0 +1,304 @@
+"""The reference backend (``backend='pytorch'``): the Hugging Face transformers model run in torch.
+
+It is the oracle the JAX engine is checked against, so exactness comes first: every request is
+stepped on its own KV cache (one ``DynamicCache`` per session) with its own batch of one, so a
+request gives the same tokens whether it runs alone or beside others. One engine thread owns all
+state (sessions, caches, the model); other threads only put commands on its queue.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+import secrets
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from ..checkpoint.source import ModelSource
+from ..engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
+from ..messages import FinishReason, PytorchEngineConfig
+from .sampling import next_token
+
+logger = logging.getLogger('lmdeploy_jax')
+
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+def pick_device(device_type: str) -> torch.device:
+    """CUDA when asked for and present; otherwise the CPU, with a warning when CUDA was asked for."""
+    if device_type == 'cuda':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        logger.warning("device_type='cuda' but no CUDA device is available: the pytorch backend runs on the CPU")
+    return torch.device('cpu')
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """'auto' keeps the checkpoint's dtype on a GPU, and float32 on the CPU (half precision is slow there)."""
+    if dtype != 'auto':
+        return getattr(torch, dtype)
+    return 'auto' if device.type == 'cuda' else torch.float32
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator of its own per request: the same seed repeats, None draws a fresh seed."""
+    seed = secrets.randbits(63) if seed is None else seed
+    return torch.Generator().manual_seed(seed % (1 << 64))
+
+
+@dataclass(eq=False)
+class _Session:
+    history: list[int] = field(default_factory=list)  # prompts + generated tokens, stop tokens included
+    cache: Any = None                  # the model's DynamicCache of history[:cached_len], filled in place
+    cached_len: int = 0
+    owner: '_Run | None' = None        # the request holding the session, waiting or running
+
+
+@dataclass(eq=False)
+class _Run:
+    request: EngineRequest
+    on_output: OutputCallback
+    session: _Session
+    generator: torch.Generator
+    num_generated: int = 0
+
+
+class PytorchEngine(InferenceEngine):
+    """``InferenceEngine`` over ``AutoModelForCausalLM``; see the module docstring."""
+
+    def __init__(self, source: ModelSource, config: PytorchEngineConfig | None = None):
+        config = config or PytorchEngineConfig()
+        self.device = pick_device(config.device_type)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            source.hf_dir, dtype=pick_dtype(config.dtype, self.device)).to(self.device).eval()
+        # transformers renamed ``past_key_values`` to ``cache`` (5.2x); support both spellings
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = 'cache' if 'cache' in params else 'past_key_values'
+        text_config = self.model.config.get_text_config()
+        self.vocab_size = text_config.vocab_size
+        self.session_len = config.session_len or text_config.max_position_embeddings
+        self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        logger.info('pytorch backend: %s on %s (%s), session_len=%d, max_batch_size=%d', source.given,
+                    self.device, self.model.dtype, self.session_len, self.max_batch_size)
+
+        self._commands: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()      # guards _closed and the counts read by other threads
+        self._closed = False
+        self._num_queued = 0
+        self._sessions: dict[int, _Session] = {}
+        self._waiting: deque[_Run] = deque()
+        self._running: list[_Run] = []
+        self._thread = threading.Thread(target=self._loop, name='pytorch-engine', daemon=True)
+        self._thread.start()
+
+    # ---- the interface, callable from any thread ----
+
+    def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._num_queued += 1
+                self._commands.put(('submit', (request, on_output)))
+        if closed:
+            on_output(EngineOutput([], finish_reason='abort'))
+
+    def cancel(self, session_id: int) -> None:
+        self._command('cancel', session_id)
+
+    def end_session(self, session_id: int) -> None:
+        self._command('end', session_id)
+
+    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
+        for ids in input_ids:
+            if len(ids) < 2:
+                raise ValueError(f'get_ppl needs sequences of at least 2 tokens, got {len(ids)}')
+        result: Future = Future()
+        if not self._command('ppl', (input_ids, result)):
+            raise RuntimeError('the pytorch engine is closed')
+        return result.result()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._commands.put(('stop', None))
+                self._closed = True
+        self._thread.join()
+        self.model = None
+        if self.device.type == 'cuda':
+            torch.cuda.empty_cache()
+
+    def num_running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def num_waiting(self) -> int:
+        """Requests submitted but not running yet (queued or admitted to wait)."""
+        with self._lock:
+            return self._num_queued + len(self._waiting)
+
+    def _command(self, kind: str, payload) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._commands.put((kind, payload))
+            return True
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                for kind, payload in self._take_commands(block=not (self._running or self._waiting)):
+                    if kind == 'stop':
+                        self._shutdown()
+                        return
+                    self._handle(kind, payload)
+                self._admit()
+                self._step()
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure
+                logger.exception('pytorch backend: unexpected failure in the engine loop')
+
+    def _take_commands(self, block: bool) -> list:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == 'submit':
+            with self._lock:
+                self._num_queued -= 1
+            self._accept(*payload)
+        elif kind == 'cancel':
+            self._abort(payload)
+        elif kind == 'end':
+            self._abort(payload)
+            self._sessions.pop(payload, None)
+        elif kind == 'ppl':
+            seqs, result = payload
+            try:
+                result.set_result(self._ppl(seqs))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                result.set_exception(exc)
+
+    def _accept(self, request: EngineRequest, on_output: OutputCallback) -> None:
+        """Check a request and attach it to its session; it waits for a running slot."""
+        error = self._refusal(request)
+        if error is not None:
+            _emit(on_output, EngineOutput([], finish_reason='error', error=error))
+            return
+        session = self._sessions.get(request.session_id)
+        if session is None or request.sequence_start:
+            session = self._sessions[request.session_id] = _Session()
+        session.history.extend(request.input_ids)
+        run = _Run(request, on_output, session, seeded_generator(request.gen_config.random_seed))
+        session.owner = run
+        if request.gen_config.max_new_tokens == 0 or len(session.history) >= self.session_len:
+            self._finish(run, 'length')
+            return
+        with self._lock:
+            self._waiting.append(run)
+
+    def _refusal(self, request: EngineRequest) -> str | None:
+        """Why the request cannot run, or None; a refused request leaves its session as it was."""
+        ids = request.input_ids
+        if not ids:
+            return 'input_ids is empty'
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+            return f'input_ids must be token ids in [0, {self.vocab_size})'
+        session = self._sessions.get(request.session_id)
+        if session is not None and session.owner is not None:
+            return f'session {request.session_id} is busy with another request'
+        held = 0 if session is None or request.sequence_start else len(session.history)
+        if held + len(ids) > self.session_len:
+            return (f'the session would hold {held + len(ids)} tokens ({held} earlier + {len(ids)} new), '
+                    f'over session_len={self.session_len}')
+        return None
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch_size:
+            with self._lock:
+                self._running.append(self._waiting.popleft())
+
+    def _step(self) -> None:
+        for run in list(self._running):
+            try:
+                self._advance(run)
+            except Exception as exc:  # noqa: BLE001 - one request fails, the others go on
+                logger.exception('pytorch backend: request of session %d failed', run.request.session_id)
+                self._finish(run, 'error', error=f'{type(exc).__name__}: {exc}', forget=True)
+
+    def _advance(self, run: _Run) -> None:
+        """Feed the session's uncached tokens, sample one token, report it or finish."""
+        session, gen = run.session, run.request.gen_config
+        if session.cache is None:
+            session.cache = DynamicCache(config=self.model.config)
+        new_ids = torch.tensor([session.history[session.cached_len:]], device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=new_ids, use_cache=True, logits_to_keep=1,
+                             **{self._cache_kwarg: session.cache})
+        session.cached_len = len(session.history)
+        logits = out.logits[0, -1].float().cpu()
+        token, logprobs = next_token(logits, gen, session.history, run.num_generated, run.generator)
+        session.history.append(token)
+        run.num_generated += 1
+        if token in (gen.stop_token_ids or ()):
+            self._finish(run, 'stop', logprobs=None if logprobs is None else [])
+            return
+        out_logprobs = None if logprobs is None else [logprobs]
+        if run.num_generated >= gen.max_new_tokens or len(session.history) >= self.session_len:
+            self._finish(run, 'length', [token], out_logprobs)
+        elif not _emit(run.on_output, EngineOutput([token], out_logprobs)):
+            self._finish(run, 'error', error='the output callback failed')
+
+    def _abort(self, session_id: int) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None and session.owner is not None:
+            self._finish(session.owner, 'abort')
+
+    def _finish(self, run: _Run, reason: FinishReason, token_ids: list[int] | None = None,
+                logprobs: list | None = None, error: str | None = None, forget: bool = False) -> None:
+        """End a request: free its slot and session, then send its last output."""
+        with self._lock:
+            if run in self._running:
+                self._running.remove(run)
+            elif run in self._waiting:
+                self._waiting.remove(run)
+        session, sid = run.session, run.request.session_id
+        session.owner = None
+        if (forget or run.request.sequence_end) and self._sessions.get(sid) is session:
+            del self._sessions[sid]
+        _emit(run.on_output, EngineOutput(token_ids or [], logprobs, reason, error))
+
+    def _ppl(self, seqs: list[list[int]]) -> list[float]:
+        losses = []
+        for ids in seqs:
+            ids_t = torch.tensor([ids], device=self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids_t, use_cache=False).logits[0, :-1].float()
+            losses.append(float(F.cross_entropy(logits, ids_t[0, 1:])))
+        return losses
+
+    def _shutdown(self) -> None:
+        for run in list(self._running) + list(self._waiting):
+            self._finish(run, 'abort')
+        self._sessions.clear()
+
+
+def _emit(on_output: OutputCallback, output: EngineOutput) -> bool:
+    """Call a request's callback; a failing callback is logged, never raised into the engine loop."""
+    try:
+        on_output(output)
+        return True
+    except Exception:  # noqa: BLE001
+        logger.exception('pytorch backend: an output callback raised')
+        return False
