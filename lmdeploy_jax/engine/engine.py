@@ -1,0 +1,195 @@
+"""``JaxEngine``: the ``InferenceEngine`` of ``backend='turbomind'``, one thread driving the device.
+
+Other threads only put commands on a queue. The engine thread takes them between steps, asks the
+scheduler for a plan, dispatches the compiled step, and, while the device runs it, takes the
+commands that arrived meanwhile; then it waits for the sampled tokens (already on their way to the
+host) and hands them to the scheduler, which reports them through the request callbacks.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+
+import jax
+
+from ..checkpoint.source import ModelSource
+from ..engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
+from ..messages import TurbomindEngineConfig
+from ..models import load_model
+from .block_manager import BlockManager
+from .buckets import make_buckets
+from .kv_pool import init_cache_state, plan_num_blocks
+from .runner import ModelRunner
+from .scheduler import Scheduler, StepPlan
+
+logger = logging.getLogger('lmdeploy_jax')
+
+DEFAULT_MAX_BATCH_SIZE = {'gpu': 256, 'cpu': 16}
+_DEFERRED = ('ppl', 'stop')     # commands that must wait until no step is in flight
+
+
+class JaxEngine(InferenceEngine):
+    """The JAX engine. Bucket lists (``decode_batch``, ``prefill_tokens``, ``prefill_batch``)
+    override the defaults of ``buckets.make_buckets``: fewer shapes, faster start-up."""
+
+    def __init__(self, source: ModelSource, config: TurbomindEngineConfig | None = None, *,
+                 decode_batch: list[int] | None = None, prefill_tokens: list[int] | None = None,
+                 prefill_batch: list[int] | None = None):
+        config = config or TurbomindEngineConfig()
+        if config.tp != 1:
+            raise NotImplementedError(f'tp={config.tp}: the JAX engine runs on one device for now')
+        device = jax.devices()[0]
+        model = load_model(source, config.dtype)
+        spec = model.spec
+        self.session_len = config.session_len or spec.max_position_embeddings
+        self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE.get(device.platform, 256)
+        block_size = config.cache_block_seq_len
+        num_blocks = plan_num_blocks(spec, block_size, self.session_len, config.cache_max_entry_count,
+                                     config.num_cache_blocks, device)
+        buckets = make_buckets(self.max_batch_size, config.max_prefill_token_num, self.session_len, block_size,
+                               decode_batch, prefill_tokens, prefill_batch)
+        self._runner = ModelRunner(model, init_cache_state(spec, num_blocks, block_size), buckets, block_size,
+                                   config.compilation_cache_dir)
+        self._runner.warmup()
+        self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
+                                    self.session_len, self.max_batch_size, spec.vocab_size)
+        logger.info('jax engine: %s (%s, %s), session_len=%d, max_batch_size=%d, prefix caching %s',
+                    source.given, spec.architecture, spec.dtype, self.session_len, self.max_batch_size,
+                    'on' if config.enable_prefix_caching else 'off')
+        self._commands: queue.Queue = queue.Queue()
+        self._deferred: list = []
+        self._lock = threading.Lock()          # guards _closed and _num_queued
+        self._closed = False
+        self._num_queued = 0
+        self._thread = threading.Thread(target=self._loop, name='jax-engine', daemon=True)
+        self._thread.start()
+
+    # ---- the interface, callable from any thread ----
+
+    def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._num_queued += 1
+                self._commands.put(('submit', (request, on_output)))
+        if closed:
+            on_output(EngineOutput([], finish_reason='abort'))
+
+    def cancel(self, session_id: int) -> None:
+        self._command('cancel', session_id)
+
+    def end_session(self, session_id: int) -> None:
+        self._command('end', session_id)
+
+    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
+        for ids in input_ids:
+            if len(ids) < 2:
+                raise ValueError(f'get_ppl needs sequences of at least 2 tokens, got {len(ids)}')
+        result: Future = Future()
+        if not self._command('ppl', (input_ids, result)):
+            raise RuntimeError('the jax engine is closed')
+        return result.result()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._commands.put(('stop', None))
+                self._closed = True
+        self._thread.join()
+        self._runner = None
+
+    # ---- introspection (approximate while the engine runs) ----
+
+    def num_free_blocks(self) -> int:
+        return self._scheduler.blocks.num_free()
+
+    def num_total_blocks(self) -> int:
+        """Blocks sequences can use (block 0, the padding target, excluded)."""
+        return self._scheduler.blocks.num_blocks - 1
+
+    def num_running(self) -> int:
+        return len(self._scheduler.running)
+
+    def num_waiting(self) -> int:
+        """Requests submitted but not running yet (queued or admitted to wait)."""
+        return self._num_queued + len(self._scheduler.waiting)
+
+    def stats(self) -> dict[str, int]:
+        s = self._scheduler
+        return {'prefix_hit_blocks': s.blocks.prefix_hit_blocks, 'prefilled_tokens': s.prefilled_tokens,
+                'preemptions': s.num_preemptions}
+
+    # ---- the engine thread ----
+
+    def _command(self, kind: str, payload) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._commands.put((kind, payload))
+            return True
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                idle = not self._scheduler.has_work() and not self._deferred
+                self._take_commands(block=idle)
+                for kind, payload in self._pop_deferred():
+                    if kind == 'stop':
+                        self._scheduler.abort_all()
+                        return
+                    self._perplexity(*payload)
+                plan = self._scheduler.schedule()
+                if plan is not None:
+                    self._run(plan)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one failure
+                logger.exception('jax engine: unexpected failure in the engine loop')
+
+    def _pop_deferred(self) -> list:
+        deferred, self._deferred = self._deferred, []
+        return deferred
+
+    def _take_commands(self, block: bool) -> None:
+        """Handle queued submits, cancels and session ends; keep the rest for between steps."""
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        for kind, payload in commands:
+            if kind in _DEFERRED:
+                self._deferred.append((kind, payload))
+            elif kind == 'submit':
+                with self._lock:
+                    self._num_queued -= 1
+                self._scheduler.submit(*payload)
+            elif kind == 'cancel':
+                self._scheduler.cancel(payload)
+            elif kind == 'end':
+                self._scheduler.end_session(payload)
+
+    def _run(self, plan: StepPlan) -> None:
+        try:
+            out = self._runner.step(plan)
+            self._take_commands(block=False)       # host work while the device runs
+            out = jax.device_get(out)
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            logger.exception('jax engine: a step failed')
+            self._scheduler.fail(plan, f'{type(exc).__name__}: {exc}')
+            return
+        self._scheduler.complete(plan, out)
+
+    def _perplexity(self, seqs: list[list[int]], result: Future) -> None:
+        try:
+            losses = []
+            for ids in seqs:
+                blocks = self._scheduler.reserve(-(-len(ids) // self._runner.block_size))
+                try:
+                    losses.append(self._runner.perplexity(ids, blocks))
+                finally:
+                    self._scheduler.release(blocks)
+            result.set_result(losses)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            result.set_exception(exc)

@@ -1,0 +1,67 @@
+"""The paged KV pool on the device: how many blocks fit, and the buffers the compiled step donates.
+
+Besides every layer's K and V pages, the pool keeps the token id written at each KV slot, so the
+on-device repetition penalty can read a session's history through its block table without the
+host sending it every step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from ..models import init_kv_caches, kv_bytes_per_block
+from ..models.spec import ModelSpec
+
+logger = logging.getLogger('lmdeploy_jax')
+
+# Where the device reports no memory figures (the CPU), the pool holds this many tokens, or one
+# full session if that is more.
+HOST_DEFAULT_TOKENS = 8192
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class CacheState:
+    kv: list[tuple[jax.Array, jax.Array]]   # per layer (k, v), each [kv_heads, num_blocks, block_size, head_dim]
+    tokens: jax.Array                       # int32 [num_blocks * block_size]  token id at each KV slot
+
+
+def free_device_bytes(device: jax.Device) -> int | None:
+    """Bytes still free on ``device`` (weights already placed), or None where it does not say."""
+    stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+    if not stats or 'bytes_limit' not in stats:
+        return None
+    return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
+
+
+def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_max_entry_count: float,
+                    num_cache_blocks: int | None, device: jax.Device) -> int:
+    """Blocks in the pool (block 0, the padding target, included), and a log line saying what fits."""
+    per_block = kv_bytes_per_block(spec, block_size) + 4 * block_size
+    if num_cache_blocks is not None:
+        num_blocks, why = num_cache_blocks, 'num_cache_blocks'
+    else:
+        free = free_device_bytes(device)
+        if free is None:
+            tokens = max(HOST_DEFAULT_TOKENS, session_len)
+            num_blocks, why = -(-tokens // block_size) + 1, f'default of {tokens} tokens ({device.platform})'
+        else:
+            num_blocks = int(free * cache_max_entry_count) // per_block
+            why = f'{cache_max_entry_count:.2f} x {free / 2**30:.2f} GiB free'
+    if num_blocks < 2:
+        raise ValueError(f'the KV pool fits only {num_blocks} blocks of {block_size} tokens ({why}); '
+                         f'it needs at least 2')
+    logger.info('KV pool: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)', num_blocks - 1, block_size,
+                (num_blocks - 1) * block_size, num_blocks * per_block / 2**30, why)
+    if (num_blocks - 1) * block_size < session_len:
+        logger.warning('the KV pool (%d tokens) is smaller than session_len=%d: long sessions will fail',
+                       (num_blocks - 1) * block_size, session_len)
+    return num_blocks
+
+
+def init_cache_state(spec: ModelSpec, num_blocks: int, block_size: int) -> CacheState:
+    return CacheState(init_kv_caches(spec, num_blocks, block_size),
+                      jnp.zeros(num_blocks * block_size, jnp.int32))

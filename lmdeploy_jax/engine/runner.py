@@ -1,0 +1,145 @@
+"""The compiled steps: one executable per bucket shape, built at start-up, the KV pool donated.
+
+``step`` is the pure function ``(params, cache, batch, sampling) -> (cache, sampled)``: it writes
+the batch's tokens and KV into the pool, runs the model, takes each row's last-position logits in
+float32 and samples on the device. Executables are compiled ahead of time (``lower().compile()``)
+for every shape in the bucket set, so serving calls them directly and can never compile; a shape
+outside the set is a bug and raises. ``get_ppl`` has its own function, compiled on first use per
+chunk shape: it is not on the serving path.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..models import LoadedModel, StepBatch
+from .buckets import Buckets
+from .kv_pool import CacheState
+from .sampler import SampleOutput, SamplingParams, host_sampling_params, sample
+from .scheduler import StepPlan
+
+logger = logging.getLogger('lmdeploy_jax')
+
+DEFAULT_COMPILATION_CACHE = os.path.join('~', '.cache', 'lmdeploy_jax', 'jax_compilation_cache')
+PPL_MAX_CHUNK = 512      # tokens per get_ppl chunk: bounds its [T, vocab] float32 logits
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Turn on JAX's persistent compilation cache so the second start skips compiling.
+
+    A directory the process already set (e.g. by the user) is kept unless ``path`` names one.
+    """
+    if path is None and jax.config.jax_compilation_cache_dir:
+        return
+    path = os.path.expanduser(path or DEFAULT_COMPILATION_CACHE)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update('jax_compilation_cache_dir', path)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+    logger.info('JAX compilation cache: %s', path)
+
+
+def host_step_batch(rows: list[tuple[list[int], int, list[int]]], shape: tuple[int, int], max_blocks: int,
+                    block_size: int) -> StepBatch:
+    """Numpy StepBatch of ``shape`` from (tokens to feed, position of the first, the row's blocks)."""
+    b, t = shape
+    batch = StepBatch(token_ids=np.zeros((b, t), np.int32), positions=np.zeros((b, t), np.int32),
+                      slot_mapping=np.zeros((b, t), np.int32), block_tables=np.zeros((b, max_blocks), np.int32),
+                      context_lens=np.zeros(b, np.int32), query_lens=np.zeros(b, np.int32))
+    for i, (tokens, start, blocks) in enumerate(rows):
+        n = len(tokens)
+        pos = np.arange(start, start + n)
+        table = np.asarray(blocks, np.int32)
+        batch.token_ids[i, :n] = tokens
+        batch.positions[i, :n] = pos
+        batch.slot_mapping[i, :n] = table[pos // block_size] * block_size + pos % block_size
+        batch.block_tables[i, :len(table)] = table
+        batch.context_lens[i] = start + n
+        batch.query_lens[i] = n
+    return batch
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _step(model: LoadedModel, block_size: int, params, cache: CacheState, batch: StepBatch,
+          sp: SamplingParams) -> tuple[CacheState, SampleOutput]:
+    tokens = cache.tokens.at[batch.slot_mapping.reshape(-1)].set(batch.token_ids.reshape(-1))
+    hidden, kv = model.forward(params, cache.kv, batch)
+    rows = jnp.arange(batch.num_rows)
+    logits = model.compute_logits(params, hidden[rows, jnp.maximum(batch.query_lens - 1, 0)])
+
+    def history():
+        slots = (batch.block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(batch.num_rows, -1)
+        return tokens[slots], jnp.arange(slots.shape[1])[None, :] < batch.context_lens[:, None]
+
+    return CacheState(kv, tokens), sample(logits.astype(jnp.float32), history, sp)
+
+
+def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, targets: jax.Array,
+               valid: jax.Array) -> tuple[CacheState, jax.Array]:
+    """Sum of -log p(target) over the valid positions of a one-row chunk ([1, T] each)."""
+    hidden, kv = model.forward(params, cache.kv, batch)
+    logits = model.compute_logits(params, hidden).astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
+    return CacheState(kv, cache.tokens), jnp.sum(jnp.where(valid, nll, 0.0))
+
+
+class ModelRunner:
+    """Owns the params, the device KV pool and the compiled steps; runs on the engine thread."""
+
+    def __init__(self, model: LoadedModel, cache: CacheState, buckets: Buckets, block_size: int,
+                 compilation_cache_dir: str | None = None):
+        enable_compilation_cache(compilation_cache_dir)
+        self.model, self.cache, self.buckets, self.block_size = model, cache, buckets, block_size
+        self._step = jax.jit(functools.partial(_step, model, block_size), donate_argnums=(1,))
+        self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
+        self._executables: dict[tuple[int, int], jax.stages.Compiled] = {}
+
+    def warmup(self) -> None:
+        """Compile every bucket shape now, so serving never compiles."""
+        start = time.perf_counter()
+        for shape in self.buckets.all_shapes():
+            batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
+            sp = host_sampling_params([], shape[0])
+            self._executables[shape] = self._step.lower(
+                self.model.params, _abstract(self.cache), _abstract(batch), _abstract(sp)).compile()
+        logger.info('compiled %d step shapes in %.1f s: decode batches %s, prefill (rows, tokens) %s',
+                    len(self._executables), time.perf_counter() - start, list(self.buckets.decode_batch),
+                    list(self.buckets.prefill))
+
+    def step(self, plan: StepPlan) -> SampleOutput:
+        """Dispatch one step; returns its device outputs, already on their way to the host."""
+        rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
+                for seq, n, _ in plan.rows]
+        batch = host_step_batch(rows, plan.shape, self.buckets.max_blocks, self.block_size)
+        sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated) for seq, _, _ in plan.rows],
+                                  plan.shape[0])
+        self.cache, out = self._executables[plan.shape](self.model.params, self.cache,
+                                                        jax.device_put(batch), jax.device_put(sp))
+        for leaf in jax.tree.leaves(out):
+            leaf.copy_to_host_async()
+        return out
+
+    def perplexity(self, ids: list[int], blocks: list[int]) -> float:
+        """Mean cross-entropy of ``ids[1:]`` given their prefixes, computed in ``blocks`` of the pool."""
+        width = 1 << (len(blocks) - 1).bit_length()
+        total = 0.0
+        for start in range(0, len(ids) - 1, PPL_MAX_CHUNK):
+            chunk = ids[start:start + PPL_MAX_CHUNK]
+            t = max(16, 1 << (len(chunk) - 1).bit_length())
+            batch = host_step_batch([(chunk, start, blocks)], (1, t), width, self.block_size)
+            targets = np.zeros((1, t), np.int32)
+            following = ids[start + 1:start + 1 + len(chunk)]
+            targets[0, :len(following)] = following
+            valid = np.arange(t)[None, :] < len(following)
+            self.cache, nll = self._ppl(self.model.params, self.cache, batch, targets, valid)
+            total += float(nll)
+        return total / (len(ids) - 1)

@@ -1,0 +1,164 @@
+"""On-device sampling inside the compiled step, with per-row settings as small padded arrays.
+
+The semantics are the reference backend's (``lmdeploy_jax/pytorch/sampling.py``), applied to every
+row at once: repetition penalty over the session's tokens, bad ids and (before ``min_new_tokens``)
+stop ids masked, logprobs of those logits, then argmax for greedy rows, or temperature, top-k,
+top-p, min-p and a draw seeded by ``fold_in(key(seed), step)`` for the others. The costly parts
+(penalty scatter, the vocabulary sort, top logprobs) run under ``lax.cond`` only when some row
+asks for them, so a greedy batch pays for an argmax. Masks compare values, not sort positions,
+so ties are kept together exactly as the reference keeps them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..messages import GenerationConfig
+
+MAX_ID_LIST = 64      # most stop ids and most bad ids one request may give
+MAX_LOGPROBS = 20     # GenerationConfig allows logprobs in [0, 20]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SamplingParams:
+    temperature: jax.Array         # float32 [B]   1 for greedy and padding rows
+    top_k: jax.Array               # int32   [B]   0 disables
+    top_p: jax.Array               # float32 [B]   1 disables
+    min_p: jax.Array               # float32 [B]   0 disables
+    repetition_penalty: jax.Array  # float32 [B]   1 disables
+    greedy: jax.Array              # bool    [B]   argmax (padding rows too)
+    seed: jax.Array                # uint32  [B]   the request's seed
+    step: jax.Array                # int32   [B]   tokens the request generated so far (folded into the key)
+    bad_ids: jax.Array             # int32   [B, MAX_ID_LIST]  masked always; -1 pads
+    stop_ids: jax.Array            # int32   [B, MAX_ID_LIST]  masked while below min_new_tokens; -1 pads
+    want_logprobs: jax.Array       # bool    [B]   the row asked for logprobs
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class SampleOutput:
+    token: jax.Array               # int32   [B]   the sampled token of each row
+    logprob: jax.Array             # float32 [B]   its log-probability (0 unless some row asked)
+    top_logprobs: jax.Array        # float32 [B, MAX_LOGPROBS]  best log-probabilities, descending
+    top_ids: jax.Array             # int32   [B, MAX_LOGPROBS]  their token ids
+
+
+def id_list_error(gen: GenerationConfig) -> str | None:
+    """Why a request's id lists do not fit the sampler's fixed width, or None."""
+    for name in ('stop_token_ids', 'bad_token_ids'):
+        ids = getattr(gen, name) or ()
+        if len(ids) > MAX_ID_LIST:
+            return f'at most {MAX_ID_LIST} {name} are supported, got {len(ids)}'
+    return None
+
+
+def host_sampling_params(rows: list[tuple[GenerationConfig, int, int]], num_rows: int) -> SamplingParams:
+    """Numpy settings for ``num_rows`` rows from (gen_config, seed, generated so far) of the real ones."""
+    sp = SamplingParams(
+        temperature=np.ones(num_rows, np.float32), top_k=np.zeros(num_rows, np.int32),
+        top_p=np.ones(num_rows, np.float32), min_p=np.zeros(num_rows, np.float32),
+        repetition_penalty=np.ones(num_rows, np.float32), greedy=np.ones(num_rows, bool),
+        seed=np.zeros(num_rows, np.uint32), step=np.zeros(num_rows, np.int32),
+        bad_ids=np.full((num_rows, MAX_ID_LIST), -1, np.int32),
+        stop_ids=np.full((num_rows, MAX_ID_LIST), -1, np.int32),
+        want_logprobs=np.zeros(num_rows, bool))
+    for i, (gen, seed, generated) in enumerate(rows):
+        sp.repetition_penalty[i] = gen.repetition_penalty
+        sp.seed[i], sp.step[i] = seed, generated
+        sp.want_logprobs[i] = gen.logprobs is not None
+        bad = gen.bad_token_ids or ()
+        sp.bad_ids[i, :len(bad)] = bad
+        if generated < (gen.min_new_tokens or 0):
+            stop = gen.stop_token_ids or ()
+            sp.stop_ids[i, :len(stop)] = stop
+        if not gen.greedy:
+            sp.greedy[i] = False
+            sp.temperature[i], sp.top_k[i] = gen.temperature, gen.top_k
+            sp.top_p[i], sp.min_p[i] = gen.top_p, gen.min_p
+    return sp
+
+
+def _mask_ids(logits: jax.Array, ids: jax.Array) -> jax.Array:
+    """-inf at each listed id of each row; -1 entries mask nothing."""
+    vocab = logits.shape[-1]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, jnp.where(ids < 0, vocab, ids)].set(-jnp.inf, mode='drop')
+
+
+def _penalize(logits: jax.Array, history: jax.Array, valid: jax.Array, penalty: jax.Array) -> jax.Array:
+    """Repetition penalty over the distinct valid tokens of ``history`` [B, L]."""
+    vocab = logits.shape[-1]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    seen = jnp.zeros(logits.shape, bool).at[rows, jnp.where(valid, history, vocab)].set(True, mode='drop')
+    r = penalty[:, None]
+    penalized = jnp.where(logits > 0, logits / r, logits * r)
+    return jnp.where(seen & (r != 1.0), penalized, logits)
+
+
+def _warp(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Temperature, then top-k, top-p and min-p masks (each over what the previous one left)."""
+    vocab = logits.shape[-1]
+    x = logits / sp.temperature[:, None]
+    desc = -jnp.sort(-x, axis=-1)
+    k = jnp.where((sp.top_k > 0) & (sp.top_k < vocab), sp.top_k, vocab)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    desc = jnp.where(desc < kth, -jnp.inf, desc)
+    # top-p: the nucleus is the ranks whose preceding mass is < p; keep every prob >= its smallest
+    sorted_probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    in_nucleus = (before < sp.top_p[:, None]) | (jnp.arange(vocab) == 0)
+    smallest = jnp.min(jnp.where(in_nucleus, sorted_probs, jnp.inf), axis=-1, keepdims=True)
+    probs = jax.nn.softmax(x, axis=-1)
+    x = jnp.where((sp.top_p[:, None] < 1.0) & (probs < smallest), -jnp.inf, x)
+    probs = jax.nn.softmax(x, axis=-1)
+    floor = sp.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where((sp.min_p[:, None] > 0.0) & (probs < floor), -jnp.inf, x)
+
+
+def _draw(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """One token per row from softmax(logits) by the Gumbel-max trick, keyed per row and step."""
+    def noise(seed, step):
+        return jax.random.gumbel(jax.random.fold_in(jax.random.key(seed), step), logits.shape[-1:])
+    gumbel = jax.vmap(noise)(sp.seed, sp.step)
+    return jnp.argmax(logits + gumbel, axis=-1).astype(jnp.int32)
+
+
+def sample(logits: jax.Array, history: Callable[[], tuple[jax.Array, jax.Array]],
+           sp: SamplingParams) -> SampleOutput:
+    """Sample one token per row of float32 ``logits`` [B, V].
+
+    ``history()`` gives each row's session tokens [B, L] and their validity [B, L]; it is traced
+    into the penalty branch only, so a batch without a penalty never gathers them.
+    """
+    logits = jax.lax.cond(jnp.any(sp.repetition_penalty != 1.0),
+                          lambda x: _penalize(x, *history(), sp.repetition_penalty), lambda x: x, logits)
+    logits = _mask_ids(_mask_ids(logits, sp.bad_ids), sp.stop_ids)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = jax.lax.cond(jnp.all(sp.greedy), lambda x: greedy,
+                         lambda x: jnp.where(sp.greedy, greedy, _draw(_warp(x, sp), sp)), logits)
+
+    def logprobs(x):
+        lp = jax.nn.log_softmax(x, axis=-1)
+        top, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+        return jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0], top, ids.astype(jnp.int32)
+
+    def no_logprobs(x):
+        b = x.shape[0]
+        return (jnp.zeros(b, jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
+                jnp.zeros((b, MAX_LOGPROBS), jnp.int32))
+
+    lp, top, ids = jax.lax.cond(jnp.any(sp.want_logprobs), logprobs, no_logprobs, logits)
+    return SampleOutput(token, lp, top, ids)
+
+
+def logprob_dict(out: SampleOutput, row: int, n: int) -> dict[int, float]:
+    """One row's reported logprobs from host copies of ``out``: the sampled token's, plus the top ``n``."""
+    result = {int(out.token[row]): float(out.logprob[row])}
+    result.update(zip(out.top_ids[row, :n].tolist(), out.top_logprobs[row, :n].tolist()))
+    return result

@@ -1,0 +1,293 @@
+"""Continuous batching over the paged KV pool: which sequences feed which tokens in the next step.
+
+Requests join between steps. A step is either a prefill step (sequences with more than one token
+to feed, chunked under the prefill token budget) or a decode step (every sequence with one token
+to feed); the two alternate while both have work, so long prompts do not stall running streams.
+When blocks run out, idle sessions' KV goes first, then the newest running sequences are
+preempted: their blocks are released and their tokens recomputed later, never dropped. With
+prefix caching, a sequence starting without KV reuses the registered blocks of its longest cached
+prefix, and each block it fills is offered to the cache.
+
+The scheduler also owns the request lifecycle (the ``InferenceEngine`` session semantics): it
+checks and queues requests, turns sampled tokens into outputs, and finishes requests. It runs on
+the engine thread only.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engine_api import EngineOutput, EngineRequest, OutputCallback
+from ..messages import FinishReason
+from .block_manager import BlockManager
+from .buckets import Buckets
+from .sampler import SampleOutput, id_list_error, logprob_dict
+from .sequence import Sequence
+
+logger = logging.getLogger('lmdeploy_jax')
+
+
+@dataclass
+class StepPlan:
+    """One step's rows: each sequence, how many of its uncached tokens it feeds, and the request served."""
+    prefill: bool                                          # a prefill step ([B, T]) or a decode step ([B, 1])
+    rows: list[tuple[Sequence, int, EngineRequest]]        # (sequence, tokens fed, request at planning)
+    shape: tuple[int, int]                                 # the compiled (B, T) it is padded to
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, buckets: Buckets, session_len: int, max_batch_size: int,
+                 vocab_size: int):
+        self.blocks = blocks
+        self.buckets = buckets
+        self.session_len = session_len
+        self.max_batch_size = max_batch_size
+        self.vocab_size = vocab_size
+        self.sessions: dict[int, Sequence] = {}
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []                  # oldest admitted first
+        self.idle: OrderedDict[int, Sequence] = OrderedDict()  # sessions keeping KV between requests, LRU first
+        self._last_was_prefill = False
+        self.num_preemptions = 0
+        self.prefilled_tokens = 0                          # tokens fed by prefill steps (recompute included)
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- requests and sessions ----
+
+    def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
+        error = self._refusal(request)
+        if error is not None:
+            _emit(on_output, EngineOutput([], finish_reason='error', error=error))
+            return
+        seq = self.sessions.get(request.session_id)
+        if seq is None:
+            seq = self.sessions[request.session_id] = Sequence(request.session_id)
+        elif request.sequence_start:
+            self._drop_kv(seq)
+            seq.tokens, seq.hashes = [], []
+        self.idle.pop(seq.session_id, None)
+        seq.start(request, on_output)
+        if request.gen_config.max_new_tokens == 0 or len(seq.tokens) >= self.session_len:
+            self._finish(seq, 'length')
+        else:
+            self.waiting.append(seq)
+
+    def _refusal(self, request: EngineRequest) -> str | None:
+        """Why a request cannot run, or None; a refused request leaves its session as it was."""
+        ids = request.input_ids
+        if not ids:
+            return 'input_ids is empty'
+        if not all(isinstance(i, (int, np.integer)) and 0 <= i < self.vocab_size for i in ids):
+            return f'input_ids must be token ids in [0, {self.vocab_size})'
+        seq = self.sessions.get(request.session_id)
+        if seq is not None and seq.request is not None:
+            return f'session {request.session_id} is busy with another request'
+        held = 0 if seq is None or request.sequence_start else len(seq.tokens)
+        if held + len(ids) > self.session_len:
+            return (f'the session would hold {held + len(ids)} tokens ({held} earlier + {len(ids)} new), '
+                    f'over session_len={self.session_len}')
+        return id_list_error(request.gen_config)
+
+    def cancel(self, session_id: int) -> None:
+        seq = self.sessions.get(session_id)
+        if seq is not None and seq.request is not None:
+            self._finish(seq, 'abort')
+
+    def end_session(self, session_id: int) -> None:
+        self.cancel(session_id)
+        seq = self.sessions.pop(session_id, None)
+        if seq is not None:
+            self.idle.pop(session_id, None)
+            self._drop_kv(seq)
+
+    def abort_all(self) -> None:
+        for seq in list(self.running) + list(self.waiting):
+            self._finish(seq, 'abort')
+        for session_id in list(self.sessions):
+            self.end_session(session_id)
+
+    def fail(self, plan: StepPlan, error: str) -> None:
+        """A step failed: finish its requests with 'error' (their sessions are forgotten)."""
+        for seq, _, request in plan.rows:
+            if seq.request is request:
+                self._finish(seq, 'error', error=error)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None,
+                logprobs: list | None = None, error: str | None = None) -> None:
+        """End the sequence's request: free its slot (and its session when it ends), then report."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        on_output, request = seq.on_output, seq.request
+        seq.detach()
+        if request.sequence_end or reason == 'error':
+            if self.sessions.get(seq.session_id) is seq:
+                del self.sessions[seq.session_id]
+            self._drop_kv(seq)
+        else:
+            self.idle[seq.session_id] = seq
+        _emit(on_output, EngineOutput(token_ids or [], logprobs, reason, error))
+
+    # ---- blocks ----
+
+    def _drop_kv(self, seq: Sequence) -> None:
+        """Release the sequence's blocks; its tokens stay, to be recomputed if it runs again."""
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.num_cached, seq.num_registered = [], 0, 0
+
+    def _free_idle(self, needed: int) -> bool:
+        """Drop idle sessions' KV (least recently used first) until ``needed`` blocks are free."""
+        while self.blocks.num_free() < needed and self.idle:
+            _, seq = self.idle.popitem(last=False)
+            self._drop_kv(seq)
+        return self.blocks.num_free() >= needed
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._drop_kv(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _grant(self, seq: Sequence, chunk: int) -> int:
+        """Allocate blocks for ``chunk`` more tokens of ``seq``; shrinks the chunk to what is free."""
+        bs = self.block_size
+        if not self._free_idle(seq.blocks_needed(seq.num_cached + chunk, bs)):
+            chunk = min(chunk, (len(seq.blocks) + self.blocks.num_free()) * bs - seq.num_cached)
+        if chunk > 0:
+            seq.blocks += self.blocks.allocate(seq.blocks_needed(seq.num_cached + chunk, bs))
+        return max(chunk, 0)
+
+    def release(self, blocks: list[int]) -> None:
+        self.blocks.release(blocks)
+
+    def reserve(self, num_blocks: int) -> list[int]:
+        """Blocks for work outside the batch (``get_ppl``): idle KV goes first, then the newest runners."""
+        while not self._free_idle(num_blocks) and self.running:
+            self._preempt(self.running[-1])
+        if self.blocks.num_free() < num_blocks:
+            raise MemoryError(f'needs {num_blocks} KV blocks, the pool has {self.blocks.num_blocks - 1}')
+        return self.blocks.allocate(num_blocks)
+
+    # ---- planning ----
+
+    def _admit(self) -> None:
+        """Move waiting sequences to running while there is a slot and room for their whole prompt."""
+        bs = self.block_size
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            if seq.num_cached == 0 and not seq.blocks:
+                usable = (len(seq.tokens) - 1) // bs     # keep one token to feed, to sample from
+                seq.blocks = self.blocks.match(seq.block_hashes(bs)[:usable])
+                seq.num_cached, seq.num_registered = len(seq.blocks) * bs, len(seq.blocks)
+            # room for the rest of the prompt plus one block of growth per running sequence
+            needed = seq.blocks_needed(len(seq.tokens) + 1, bs) + len(self.running)
+            if self.running and not self._free_idle(needed):
+                break
+            self.running.append(self.waiting.popleft())
+
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan, or None when nothing can run."""
+        while True:
+            self._admit()
+            if not self.running:
+                return None
+            prefill = [s for s in self.running if s.pending > 1]
+            decode = [s for s in self.running if s.pending == 1]
+            if prefill and (not decode or not self._last_was_prefill):
+                plan = self._plan_prefill(prefill)
+            else:
+                plan = self._plan_decode(decode)
+            if plan is not None:
+                self._last_was_prefill = plan.prefill
+                return plan
+            # nothing could get a block: make room from the newest, or fail a lone oversized sequence
+            if len(self.running) > 1:
+                self._preempt(self.running[-1])
+            else:
+                seq = self.running[0]
+                self._finish(seq, 'error', error=f'the KV cache ({self.blocks.num_blocks - 1} blocks of '
+                             f'{self.block_size}) cannot hold this sequence of {len(seq.tokens)} tokens')
+
+    def _plan_prefill(self, candidates: list[Sequence]) -> StepPlan | None:
+        rows, chunks = [], []
+        for seq in candidates:
+            chunk = min(seq.pending, self.buckets.max_chunk)
+            if rows and self.buckets.prefill_shape(chunks + [chunk]) is None:
+                chunk = min(chunk, self.buckets.prefill_shape(chunks)[1])
+                if self.buckets.prefill_shape(chunks + [chunk]) is None:
+                    break
+            chunk = self._grant(seq, chunk)
+            if chunk > 0:
+                rows.append((seq, chunk, seq.request))
+                chunks.append(chunk)
+        if not rows:
+            return None
+        return StepPlan(True, rows, self.buckets.prefill_shape(chunks))
+
+    def _plan_decode(self, candidates: list[Sequence]) -> StepPlan | None:
+        rows = []
+        for seq in candidates:
+            if seq not in self.running:
+                continue                                   # preempted for an older sequence
+            while seq.blocks_needed(seq.num_cached + 1, self.block_size) > 0 and not self._free_idle(1):
+                self._preempt(self.running[-1])
+                if seq not in self.running:
+                    break
+            if seq in self.running:
+                self._grant(seq, 1)
+                rows.append((seq, 1, seq.request))
+        if not rows:
+            return None
+        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1))
+
+    # ---- results ----
+
+    def complete(self, plan: StepPlan, out: SampleOutput) -> None:
+        """Take a step's host-side results: advance each row, report its token or finish it."""
+        bs = self.block_size
+        for i, (seq, chunk, request) in enumerate(plan.rows):
+            if seq.request is not request:
+                continue                                   # cancelled or failed while the step ran
+            seq.num_cached += chunk
+            if plan.prefill:
+                self.prefilled_tokens += chunk
+            if self.blocks.enable_prefix_caching:
+                hashes = seq.block_hashes(bs)
+                for j in range(seq.num_registered, seq.num_cached // bs):
+                    self.blocks.register(seq.blocks[j], hashes[j])
+                seq.num_registered = max(seq.num_registered, seq.num_cached // bs)
+            if seq.pending == 0:
+                self._take_token(seq, out, i)
+
+    def _take_token(self, seq: Sequence, out: SampleOutput, row: int) -> None:
+        gen = seq.gen_config
+        token = int(out.token[row])
+        seq.tokens.append(token)
+        seq.num_generated += 1
+        logprobs = None if gen.logprobs is None else [logprob_dict(out, row, gen.logprobs)]
+        if token in (gen.stop_token_ids or ()):
+            self._finish(seq, 'stop', logprobs=None if logprobs is None else [])
+        elif seq.num_generated >= gen.max_new_tokens or len(seq.tokens) >= self.session_len:
+            self._finish(seq, 'length', [token], logprobs)
+        elif not _emit(seq.on_output, EngineOutput([token], logprobs)):
+            self._finish(seq, 'error', error='the output callback failed')
+
+
+def _emit(on_output: OutputCallback, output: EngineOutput) -> bool:
+    """Call a request's callback; a failing callback is logged, never raised into the engine loop."""
+    try:
+        on_output(output)
+        return True
+    except Exception:  # noqa: BLE001
+        logger.exception('jax engine: an output callback raised')
+        return False
