@@ -188,6 +188,7 @@ def test_queue_counts_and_max_batch_size(short_engine, rng):
                             lambda out, res=res: (started.set(), res(out)))
     assert started.wait(TIMEOUT)
     assert short_engine.num_running() == 1 and short_engine.num_waiting() == 2
+    assert short_engine.stats() == {'running': 1, 'waiting': 2}
     for sid in range(3):
         short_engine.cancel(10 + sid)
     assert [r.wait().finish for r in results] == ['abort'] * 3

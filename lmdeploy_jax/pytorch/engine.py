@@ -143,6 +143,10 @@ class PytorchEngine(InferenceEngine):
         with self._lock:
             return self._num_queued + len(self._waiting)
 
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {'running': len(self._running), 'waiting': self._num_queued + len(self._waiting)}
+
     def _command(self, kind: str, payload) -> bool:
         with self._lock:
             if self._closed:
