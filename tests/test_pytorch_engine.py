@@ -259,6 +259,9 @@ def test_get_ppl_equals_direct_cross_entropy(engine, rng):
 def test_bad_requests_error_and_the_engine_goes_on(engine, rng):
     assert run(engine, 1, []).finish == 'error'
     assert run(engine, 1, [5, 10 ** 6]).finish == 'error'
+    malformed = Result()
+    engine.submit(EngineRequest(1, [5, 6], None), malformed)
+    assert malformed.wait().finish == 'error'
     # a failure inside the step (a bad id out of the vocabulary) finishes only that request
     failed = run(engine, 1, random_ids(rng, 5), bad_token_ids=[10 ** 6])
     assert failed.finish == 'error' and failed.outputs[-1].error

@@ -181,7 +181,11 @@ class PytorchEngine(InferenceEngine):
         if kind == 'submit':
             with self._lock:
                 self._num_queued -= 1
-            self._accept(*payload)
+            try:
+                self._accept(*payload)
+            except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
+                logger.exception('pytorch backend: could not accept a request')
+                _emit(payload[1], EngineOutput([], finish_reason='error', error=f'{type(exc).__name__}: {exc}'))
         elif kind == 'cancel':
             self._abort(payload)
         elif kind == 'end':
