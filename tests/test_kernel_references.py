@@ -1,0 +1,124 @@
+"""The ops' XLA references (through their ``api.py``) against a dense float64 numpy computation:
+each sequence's KV contiguous, a plain masked softmax per query. Random inputs, random
+non-contiguous block tables, ragged lengths, several block sizes and GQA ratios."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.kv_write.api import write_kv
+from pallas_kernels.paged_attention.api import paged_decode_attention
+from pallas_kernels.prefill_attention.api import paged_prefill_attention
+
+KV_HEADS, HEAD_DIM = 2, 32
+SCALE = HEAD_DIM ** -0.5
+
+
+class PagedSequences:
+    """Random contiguous K/V per sequence, scattered into random (garbage-filled) pools behind
+    random, non-contiguous block tables."""
+
+    def __init__(self, rng, context_lens, block_size):
+        self.context_lens = np.asarray(context_lens, np.int32)
+        max_blocks = max(1, -(-int(self.context_lens.max()) // block_size))
+        num_blocks = 1 + len(context_lens) * max_blocks + 2
+        shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM)
+        self.k_pages, self.v_pages = (rng.standard_normal(shape, np.float32) for _ in range(2))
+        free = rng.permutation(np.arange(1, num_blocks))
+        self.block_tables = np.zeros((len(context_lens), max_blocks), np.int32)
+        self.k, self.v = [], []    # per sequence [ctx, kv_heads, d]
+        for b, n in enumerate(self.context_lens):
+            self.block_tables[b] = free[b * max_blocks:(b + 1) * max_blocks]
+            k, v = (rng.standard_normal((n, KV_HEADS, HEAD_DIM), np.float32) for _ in range(2))
+            pos = np.arange(n)
+            blocks = self.block_tables[b, pos // block_size]
+            self.k_pages[:, blocks, pos % block_size] = k.transpose(1, 0, 2)
+            self.v_pages[:, blocks, pos % block_size] = v.transpose(1, 0, 2)
+            self.k.append(k)
+            self.v.append(v)
+
+    def args(self):
+        return tuple(map(jnp.asarray, (self.k_pages, self.v_pages, self.block_tables, self.context_lens)))
+
+
+def dense_attention(q, k, v):
+    """q ``[heads, d]`` over k, v ``[n, kv_heads, d]`` (n >= 1) in float64 -> ``[heads, d]``."""
+    group = q.shape[0] // k.shape[1]
+    out = np.zeros(q.shape)
+    for h in range(q.shape[0]):
+        s = (k[:, h // group].astype(np.float64) @ q[h].astype(np.float64)) * SCALE
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v[:, h // group]
+    return out
+
+
+def assert_close(ours, expected):
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('block_size', [16, 32, 64])
+@pytest.mark.parametrize('group', [1, 3, 4])
+def test_decode_attention_matches_dense(block_size, group):
+    rng = np.random.default_rng(block_size * 10 + group)
+    seqs = PagedSequences(rng, [1, block_size + 3, 0, 2 * block_size, 5], block_size)
+    q = rng.standard_normal((5, KV_HEADS * group, HEAD_DIM), np.float32)
+    k_pages, v_pages, tables, ctx = seqs.args()
+    out = np.asarray(jax.jit(paged_decode_attention, static_argnums=5)(
+        jnp.asarray(q), k_pages, v_pages, tables, ctx, SCALE))
+    for b, n in enumerate(seqs.context_lens):
+        expected = dense_attention(q[b], seqs.k[b], seqs.v[b]) if n else np.zeros(q[b].shape)
+        assert_close(out[b], expected)
+
+
+@pytest.mark.parametrize('block_size', [16, 32, 64])
+@pytest.mark.parametrize('group', [1, 3, 4])
+def test_prefill_attention_matches_dense(block_size, group):
+    rng = np.random.default_rng(block_size * 10 + group + 1)
+    context_lens = [block_size + 5, 7, 0, 2 * block_size + 1]
+    query_lens = [9, 7, 0, block_size - 2]      # a chunk after a prefix, a whole prompt, padding
+    seqs = PagedSequences(rng, context_lens, block_size)
+    tokens = max(query_lens)
+    q = rng.standard_normal((4, tokens, KV_HEADS * group, HEAD_DIM), np.float32)
+    k_pages, v_pages, tables, ctx = seqs.args()
+    out = np.asarray(jax.jit(paged_prefill_attention, static_argnums=6)(
+        jnp.asarray(q), k_pages, v_pages, tables, ctx, jnp.asarray(query_lens, jnp.int32), SCALE))
+    for b, (n, m) in enumerate(zip(context_lens, query_lens)):
+        for i in range(tokens):
+            pos = n - m + i
+            expected = (dense_attention(q[b, i], seqs.k[b][:pos + 1], seqs.v[b][:pos + 1]) if i < m
+                        else np.zeros(q[b, i].shape))
+            assert_close(out[b, i], expected)
+
+
+@pytest.mark.parametrize('block_size', [16, 32, 64])
+def test_kv_write_puts_each_token_in_its_slot(block_size):
+    rng = np.random.default_rng(block_size)
+    num_blocks, n = 6, 2 * block_size + 3
+    shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM)
+    k_pages, v_pages = (rng.standard_normal(shape, np.float32) for _ in range(2))
+    k_new, v_new = (rng.standard_normal((n, KV_HEADS, HEAD_DIM), np.float32) for _ in range(2))
+    slots = rng.choice(np.arange(block_size, num_blocks * block_size), n, replace=False).astype(np.int32)
+    slots[-1] = 0                                 # a padding token writes into block 0
+    k_out, v_out = jax.jit(write_kv)(*map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slots)))
+    for pages, new, out in ((k_pages, k_new, k_out), (v_pages, v_new, v_out)):
+        expected = pages.copy()
+        expected[:, slots // block_size, slots % block_size] = new.transpose(1, 0, 2)
+        np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_api_rejects_mismatched_inputs():
+    pages = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 16, 32), np.float32))
+    tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
+    q = jnp.ones((3, 6, 32), jnp.float32)
+    with pytest.raises(ValueError, match='multiple of'):
+        paged_decode_attention(jnp.ones((3, 5, 32), jnp.float32), pages, pages, tables, lens, 1.0)
+    with pytest.raises(ValueError, match='dtype'):
+        paged_decode_attention(q.astype(jnp.bfloat16), pages, pages, tables, lens, 1.0)
+    with pytest.raises(ValueError, match='query_lens'):
+        paged_prefill_attention(q[:, None], pages, pages, tables, lens, jnp.ones((2,), jnp.int32), 1.0)
+    with pytest.raises(ValueError, match='slot_mapping must be int32'):
+        write_kv(pages, pages, jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.float32))
+    with pytest.raises(ValueError, match='same shape'):
+        write_kv(pages, pages[:, :2], jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.int32))
