@@ -109,13 +109,12 @@ def _warp(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
     x = jnp.where(x < kth, -jnp.inf, x)
     desc = jnp.where(desc < kth, -jnp.inf, desc)
-    # top-p: the nucleus is the ranks whose preceding mass is < p; keep every prob >= its smallest
+    # top-p: the nucleus is the ranks whose preceding mass is < p; keep every value >= its smallest
     sorted_probs = jax.nn.softmax(desc, axis=-1)
     before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
     in_nucleus = (before < sp.top_p[:, None]) | (jnp.arange(vocab) == 0)
-    smallest = jnp.min(jnp.where(in_nucleus, sorted_probs, jnp.inf), axis=-1, keepdims=True)
-    probs = jax.nn.softmax(x, axis=-1)
-    x = jnp.where((sp.top_p[:, None] < 1.0) & (probs < smallest), -jnp.inf, x)
+    smallest = jnp.min(jnp.where(in_nucleus, desc, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where((sp.top_p[:, None] < 1.0) & (x < smallest), -jnp.inf, x)
     probs = jax.nn.softmax(x, axis=-1)
     floor = sp.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
     return jnp.where((sp.min_p[:, None] > 0.0) & (probs < floor), -jnp.inf, x)
