@@ -5,16 +5,19 @@ from __future__ import annotations
 import jax
 
 from .._checks import check_int32, check_pages, check_query, require
+from .._dispatch import choose_impl
 from .reference import paged_decode_attention_reference
 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                           block_tables: jax.Array, context_lens: jax.Array, scale: float) -> jax.Array:
+                           block_tables: jax.Array, context_lens: jax.Array, scale: float,
+                           *, impl: str | None = None) -> jax.Array:
     """One query token per row over its paged cache.
 
     q ``[B, heads, head_dim]``; pages ``[kv_heads, num_blocks, block_size, head_dim]``;
     block_tables int32 ``[B, M]``; context_lens int32 ``[B]`` (cached tokens, this step's
     included). Returns ``[B, heads, head_dim]``; rows with context_len 0 are zeros.
+    ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU).
     """
     check_pages(k_pages, v_pages)
     require(q.ndim == 3, f'q must be [B, heads, head_dim], got shape {q.shape}')
@@ -22,4 +25,11 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     check_query(q, k_pages, batch=block_tables.shape[0])
     check_int32('block_tables', block_tables)
     check_int32('context_lens', context_lens, (q.shape[0],))
+    # -- implementation choice: the Pallas GPU kernel, else the reference --
+    from . import pallas_gpu
+    chosen = choose_impl(impl, pallas_gpu.supports(q, k_pages))
+    if chosen != 'reference':
+        return pallas_gpu.paged_decode_attention_pallas(
+            q, k_pages, v_pages, block_tables, context_lens, float(scale),
+            interpret=chosen == 'pallas_interpret')
     return paged_decode_attention_reference(q, k_pages, v_pages, block_tables, context_lens, scale)

@@ -1,0 +1,169 @@
+"""Paged decode attention as a Pallas kernel (Triton lowering), split over the sequence.
+
+Why this shape of kernel: a decode step reads every cached K and V once and does ~1 FLOP per byte,
+so the only aim is to stream the pages at the card's copy bandwidth. One program owns one
+(row, kv_head, split): it loads its query group once, then walks the row's pages in tiles of
+``tile_tokens`` positions with an online softmax. Each tile gathers its rows straight from the
+pool (a page is ``block_size`` contiguous rows of ``head_dim``, so the loads are 16-byte and
+coalesced) and stops at the row's length, so ragged batches move only the bytes they need.
+
+Grouped-query heads share their KV head's pages: the ``group`` query heads of one KV head are the
+rows of one matmul, padded to 16 (the smallest Triton ``dot``), so K and V are read once per KV
+head, not once per query head. The padding costs tensor-core work, which is free here.
+
+Flash-decoding: when ``batch * kv_heads`` programs would leave SMs idle (small batches), each row's
+tiles are divided among ``num_splits`` programs; each writes an unnormalised partial output with
+its running max and sum, and a small XLA reduction combines them. With one split the kernel writes
+the normalised output itself and no second pass runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+LOG2E = math.log2(math.e)
+MIN_DOT = 16                      # the smallest M, N and K of a Triton dot
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch knobs. ``tile_tokens``: KV positions per loop step (a power of two >= 16);
+    ``target_programs``: how many programs to aim for before splitting rows (None: twice the
+    device's SM count); ``num_splits`` forces a split count (None: from ``target_programs``)."""
+    tile_tokens: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int | None = None
+    num_splits: int | None = None
+
+
+def supports(q, k_pages) -> bool:
+    """Shapes and dtypes this kernel handles (Triton needs power-of-two tile extents)."""
+    head_dim = k_pages.shape[-1]
+    return (q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+            and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _sm_count() -> int:
+    return getattr(jax.devices()[0], 'core_count', None) or 132
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_tiles: int, config: DecodeConfig) -> int:
+    """Programs per (row, kv_head): enough that ``batch * kv_heads * splits`` reaches the target,
+    never more than a full-length row has tiles."""
+    if config.num_splits is not None:
+        return max(1, min(config.num_splits, max_tiles))
+    target = config.target_programs or 2 * _sm_count()
+    return max(1, min(max_tiles, -(-target // (batch * kv_heads))))
+
+
+def _decode_kernel(lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group, group_pad,
+                   block_size, tile, num_splits, scale_log2):
+    """One (row b, kv head h, split s). Scores are kept in the log2 domain (scaled by
+    ``scale * log2(e)``) so the softmax uses exp2."""
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    max_len = tables_ref.shape[1] * block_size
+    length = jnp.minimum(lens_ref[b], max_len)
+    n_tiles = pl.cdiv(length, tile)
+    per_split = pl.cdiv(n_tiles, num_splits)
+    first = s * per_split
+    last = jnp.minimum(first + per_split, n_tiles)
+
+    lane = jnp.arange(group_pad)
+    heads = h * group + lane                                  # query heads of this KV head
+    head_ok = lane < group
+    head_dim = q_ref.shape[-1]
+    cols = jnp.arange(head_dim)[None, :]
+    q = plgpu.load(q_ref.at[b, heads[:, None], cols], mask=head_ok[:, None], other=0)
+
+    def body(t, carry):
+        acc, m, l = carry
+        pos = t * tile + jnp.arange(tile)
+        valid = pos < length
+        # pos >= 0, so C division (lax.div/rem) is floor division without the sign fix-ups.
+        page = plgpu.load(tables_ref.at[b, lax.div(pos, block_size)], mask=valid, other=0)
+        rows = page * block_size + lax.rem(pos, block_size)
+        k = plgpu.load(k_ref.at[h, rows[:, None], cols], mask=valid[:, None], other=0)
+        v = plgpu.load(v_ref.at[h, rows[:, None], cols], mask=valid[:, None], other=0)
+        scores = plgpu.dot(q, k, trans_b=True) * scale_log2            # [group_pad, tile] f32
+        scores = jnp.where(valid[None, :], scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(scores - m_new[:, None])
+        l_new = l * alpha + p.sum(axis=1)
+        acc_new = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc_new, m_new, l_new
+
+    init = (jnp.zeros((group_pad, head_dim), jnp.float32),
+            jnp.full((group_pad,), -jnp.inf, jnp.float32),
+            jnp.zeros((group_pad,), jnp.float32))
+    acc, m, l = lax.fori_loop(first, last, body, init)
+
+    if num_splits == 1:
+        (o_ref,) = out_refs
+        out = acc / jnp.where(l > 0, l, 1.0)[:, None]        # empty rows: acc is 0, output 0
+        plgpu.store(o_ref.at[b, heads[:, None], cols], out.astype(o_ref.dtype), mask=head_ok[:, None])
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        plgpu.store(o_ref.at[b, s, heads[:, None], cols], acc, mask=head_ok[:, None])
+        plgpu.store(m_ref.at[b, s, heads], m, mask=head_ok)
+        plgpu.store(l_ref.at[b, s, heads], l, mask=head_ok)
+
+
+def combine_splits(o, m, l, dtype):
+    """Merge per-split partials ``o [B, S, H, d]``, ``m``/``l [B, S, H]`` (log2 domain) into
+    ``[B, H, d]``; rows with no cached positions (every split empty) give zeros."""
+    m_max = m.max(axis=1, keepdims=True)
+    w = jnp.exp2(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))       # empty split: weight 0
+    total = (w * l).sum(axis=1)
+    out = (w[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
+def paged_decode_attention_pallas(q, k_pages, v_pages, block_tables, context_lens, scale: float,
+                                  config: DecodeConfig = DecodeConfig(), interpret: bool = False):
+    """Same contract as ``api.paged_decode_attention`` (inputs already validated there)."""
+    batch, num_heads, head_dim = q.shape
+    kv_heads, num_blocks, block_size, _ = k_pages.shape
+    group = num_heads // kv_heads
+    tile = max(MIN_DOT, config.tile_tokens)
+    max_tiles = pl.cdiv(block_tables.shape[1] * block_size, tile)
+    num_splits = choose_num_splits(batch, kv_heads, max_tiles, config)
+
+    # A page pool is [kv_heads, num_blocks * block_size, head_dim] row-major: the kernel
+    # addresses token rows directly (a free reshape).
+    k_rows = k_pages.reshape(kv_heads, num_blocks * block_size, head_dim)
+    v_rows = v_pages.reshape(kv_heads, num_blocks * block_size, head_dim)
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((batch, num_splits, num_heads, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32),
+                     jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32)]
+    kernel = functools.partial(
+        _decode_kernel, group=group, group_pad=max(MIN_DOT, _next_pow2(group)),
+        block_size=block_size, tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, num_splits),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name='paged_decode_attention',
+    )(context_lens, block_tables, q, k_rows, v_rows)
+    if num_splits == 1:
+        return outs[0]
+    return combine_splits(*outs, q.dtype)
