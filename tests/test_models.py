@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from lmdeploy_jax.checkpoint.source import ModelSource, resolve_model
 from lmdeploy_jax.models import (SUPPORTED_ARCHITECTURES, StepBatch, UnsupportedArchitectureError, is_supported,
                                  kv_bytes_per_block, load_model)
+from lmdeploy_jax.models.spec import rope_from_config
 
 TINY = dict(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
             initializer_range=0.1, max_position_embeddings=256)
@@ -134,6 +135,25 @@ def test_spec_and_params_follow_the_config(tiny):
     assert len(kv) == 2 and kv[0][0].shape == (spec.num_kv_heads, 5, 8, spec.head_dim)
     assert kv[0][0].dtype == jnp.bfloat16
     assert kv_bytes_per_block(spec, 8) == sum(k.nbytes + v.nbytes for k, v in kv) // 5
+
+
+def test_bfloat16_prefill_stays_near_the_float32_reference(tiny):
+    path, prompts, ref = tiny
+    run = PagedRun(load_model(ModelSource(path, path), dtype='bfloat16'), prompts)
+    for ours, expected in zip(run.step(SEQ_LENS, max(SEQ_LENS)), ref):
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, expected, atol=0.05 * np.abs(expected).max())
+
+
+def test_rope_config_old_and_new_styles_agree():
+    llama3 = {k: v for k, v in LLAMA3_ROPE.items() if k not in ('rope_theta', 'rope_type')}
+    old = {'rope_theta': 5e5, 'rope_scaling': {**llama3, 'type': 'llama3'}}
+    new = {'rope_parameters': {**llama3, 'rope_type': 'llama3', 'rope_theta': 5e5}}
+    assert rope_from_config(old, 'LlamaForCausalLM') == rope_from_config(new, 'LlamaForCausalLM')
+    assert rope_from_config(new, 'LlamaForCausalLM').factor == 8.0
+    assert rope_from_config({'rope_theta': 5e5}, 'LlamaForCausalLM').theta == 5e5
+    with pytest.raises(UnsupportedArchitectureError, match="rope type 'yarn'"):
+        rope_from_config({'rope_scaling': {'type': 'yarn', 'factor': 4.0}}, 'Qwen2ForCausalLM')
 
 
 def test_unsupported_architecture_is_named(tmp_path):

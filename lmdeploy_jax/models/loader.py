@@ -1,6 +1,7 @@
 """``load_model``: a resolved checkpoint directory -> spec, params on the device, pure step functions."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import jax
@@ -14,6 +15,8 @@ from .rope import inv_frequencies
 from .spec import DTYPES, ModelSpec, spec_from_config
 from .step_batch import StepBatch
 from .weights import SafetensorsCheckpoint, load_params
+
+logger = logging.getLogger('lmdeploy_jax')
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +49,14 @@ def _resolve_dtype(dtype: str, config: dict, ckpt: SafetensorsCheckpoint) -> str
     return declared if declared in DTYPES else ckpt.dtype_name('model.embed_tokens.weight')
 
 
+def _warn_if_sliding_window(config: dict, architecture: str) -> None:
+    """Sliding-window attention is not implemented: say so where a config would use it."""
+    window = config.get('sliding_window')
+    if window and config.get('use_sliding_window', True) and window < config.get('max_position_embeddings', 0):
+        logger.warning('%s: sliding_window=%d is ignored; the JAX engine attends over the full context, '
+                       'so outputs differ from the reference beyond %d tokens', architecture, window, window)
+
+
 def load_model(source: ModelSource, dtype: str = 'auto') -> LoadedModel:
     """Load ``source``'s weights for the JAX engine; raises UnsupportedArchitectureError first
     when its architecture has no JAX model."""
@@ -53,6 +64,7 @@ def load_model(source: ModelSource, dtype: str = 'auto') -> LoadedModel:
     if not is_supported(architecture):
         raise UnsupportedArchitectureError(architecture)
     config = source.config_dict()
+    _warn_if_sliding_window(config, architecture)
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = spec_from_config(config, architecture, DTYPES[_resolve_dtype(dtype, config, ckpt)],
                                 source.generation_eos_ids())

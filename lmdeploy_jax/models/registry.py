@@ -6,11 +6,13 @@ SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCa
 
 
 class UnsupportedArchitectureError(ValueError):
-    """The checkpoint's architecture has no JAX model; the caller may fall back to PyTorch."""
+    """The checkpoint's architecture (or a feature of its config, named in ``detail``) has no JAX
+    model; the caller may fall back to PyTorch."""
 
-    def __init__(self, architecture: str):
+    def __init__(self, architecture: str, detail: str | None = None):
         self.architecture = architecture
-        super().__init__(f'architecture {architecture!r} is not supported by the JAX engine '
+        what = f'architecture {architecture!r}' + (f' with {detail}' if detail else '')
+        super().__init__(f'{what} is not supported by the JAX engine '
                          f'(supported: {", ".join(SUPPORTED_ARCHITECTURES)})')
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from .registry import UnsupportedArchitectureError
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -43,13 +45,13 @@ class ModelSpec:
 SUPPORTED_ROPE_TYPES = ('default', 'llama3')
 
 
-def rope_from_config(config: dict) -> RopeSpec:
+def rope_from_config(config: dict, architecture: str) -> RopeSpec:
     """Read rope settings from either transformers-5 ``rope_parameters`` or the older
-    ``rope_theta`` + ``rope_scaling`` pair."""
+    ``rope_theta`` + ``rope_scaling`` pair; another rope type makes the model unsupported."""
     params = dict(config.get('rope_parameters') or config.get('rope_scaling') or {})
-    rope_type = params.get('rope_type', params.get('type', 'default'))
+    rope_type = params.get('rope_type') or params.get('type') or 'default'
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f'rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})')
+        raise UnsupportedArchitectureError(architecture, f'rope type {rope_type!r}')
     theta = float(params.get('rope_theta', config.get('rope_theta', 10000.0)))
     if rope_type == 'default':
         return RopeSpec(theta=theta)
@@ -77,5 +79,5 @@ def spec_from_config(config: dict, architecture: str, dtype, eos_token_ids) -> M
         intermediate_size=int(config['intermediate_size']),
         rms_norm_eps=float(config.get('rms_norm_eps', 1e-6)),
         tie_word_embeddings=bool(config.get('tie_word_embeddings', False)),
-        rope=rope_from_config(config),
+        rope=rope_from_config(config, architecture),
     )
