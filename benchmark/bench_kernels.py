@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Paged attention kernels on one device: checked against the XLA reference, then timed.
+
+    python benchmark/bench_kernels.py                                  # decode, default matrix
+    python benchmark/bench_kernels.py --batches 64 --contexts 2048 --sweep   # tune the launch
+    python benchmark/bench_kernels.py --ops prefill --batches 1 4 --contexts 2048
+    python benchmark/bench_kernels.py --impls reference pallas_interpret --batches 2 \\
+        --contexts 128 --heads 4 --kv-heads 2 --iters 2 --no-copy     # CPU smoke run
+
+Each case first runs every implementation once on the same inputs and compares its first rows
+with the reference (relative L2 error). Then it times ``--calls`` back-to-back calls inside one
+jitted function (so host dispatch is not timed), each call on another set of block tables over
+other pages (so repeated runs do not read from the 50 MB L2), ``--iters`` times after warm-up,
+with ``block_until_ready``, and reports the median per call.
+
+Bandwidth counts the bytes that must move: K and V of every row's context, q and the output
+(decode), plus the FLOPs for prefill. The ratio is to the card's copy bandwidth (2.91 TB/s
+measured on an H100 on 2026-11-26, ``--copy-tbps``) and to the copy this run measures itself.
+One JSON line per case; a failing implementation prints its error and the run goes on; a table
+of the results comes last.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
+from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
+
+CHECK_ROWS = 8
+TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
+DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4])
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def make_pages(args, batch, context, seed):
+    """Pools of random pages behind ``sets`` disjoint random block-table sets, enough sets that
+    the pages of all sets exceed ``--min-pool-mb`` (L2 is 50 MB)."""
+    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
+    blocks = -(-context // bs)
+    set_bytes = 2 * batch * blocks * bs * args.kv_heads * args.head_dim * itemsize
+    sets = max(1, min(args.calls, -(-args.min_pool_mb * 2**20 // set_bytes)))
+    num_blocks = 1 + sets * batch * blocks
+    rng = np.random.default_rng(seed)
+    tables = rng.permutation(np.arange(1, num_blocks)).reshape(sets, batch, blocks).astype(np.int32)
+    if args.ragged:
+        lens = rng.integers(1, context + 1, size=batch, dtype=np.int32)
+    else:
+        lens = np.full(batch, context, np.int32)
+    key_k, key_v = jax.random.split(jax.random.key(seed))
+    shape = (args.kv_heads, num_blocks, bs, args.head_dim)
+    k = jax.random.normal(key_k, shape, args.dtype)
+    v = jax.random.normal(key_v, shape, args.dtype)
+    return k, v, jnp.asarray(tables), jnp.asarray(lens)
+
+
+# ---- decode ---------------------------------------------------------------------------------
+
+def decode_impls(args):
+    """name -> (config label, fn(q, k, v, tables, lens)) for every implementation asked for."""
+    scale = args.head_dim ** -0.5
+    impls = {}
+    for name in args.impls:
+        if name == 'reference':
+            impls[name] = [(None, lambda q, k, v, t, l: paged_decode_attention(
+                q, k, v, t, l, scale, impl='reference'))]
+        elif name in ('pallas', 'pallas_interpret'):
+            impls[name] = [(cfg, _pallas_decode(cfg, scale, name == 'pallas_interpret'))
+                           for cfg in decode_configs(args)]
+        elif name == 'jax_ops':
+            impls[name] = [(None, _jax_ops_decode(scale))]
+        else:
+            raise SystemExit(f'unknown implementation {name!r}')
+    return impls
+
+
+def decode_configs(args):
+    if not args.sweep:
+        return [decode_gpu.DecodeConfig()]
+    keys = list(DECODE_SWEEP)
+    return [decode_gpu.DecodeConfig(**dict(zip(keys, values)))
+            for values in itertools.product(*DECODE_SWEEP.values())]
+
+
+def _pallas_decode(config, scale, interpret):
+    return lambda q, k, v, t, l: decode_gpu.paged_decode_attention_pallas(
+        q, k, v, t, l, scale, config=config, interpret=interpret)
+
+
+def _jax_ops_decode(scale):
+    """JAX's own (deprecated) Pallas GPU paged attention, for comparison."""
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    return lambda q, k, v, t, l: paged_attention(q * jnp.asarray(scale, q.dtype), k, v, t, l,
+                                                 k_splits=math.gcd(16, t.shape[1]))
+
+
+def decode_case(args, batch, context, seed):
+    k, v, tables, lens = make_pages(args, batch, context, seed)
+    q = jax.random.normal(jax.random.key(seed + 1), (batch, args.heads, args.head_dim), args.dtype)
+    itemsize = jnp.dtype(args.dtype).itemsize
+    kv_bytes = 2 * int(np.asarray(lens).sum()) * args.kv_heads * args.head_dim * itemsize
+    io_bytes = 2 * batch * args.heads * args.head_dim * itemsize
+    flops = 4 * int(np.asarray(lens).sum()) * args.heads * args.head_dim
+    return dict(q=q, k=k, v=v, tables=tables, lens=lens, bytes=kv_bytes + io_bytes, flops=flops)
+
+
+def decode_call(fn, case, table_set):
+    return fn(case['q'], case['k'], case['v'], case['tables'][table_set], case['lens'])
+
+
+def decode_check_rows(fn, case):
+    """The first rows only, so the reference fits in memory at any batch."""
+    n = min(CHECK_ROWS, case['q'].shape[0])
+    return fn(case['q'][:n], case['k'], case['v'], case['tables'][0, :n], case['lens'][:n])
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def time_calls(fn, case, call, args):
+    """Median seconds per call over ``--iters`` runs of ``--calls`` calls in one jitted function."""
+    sets = case['tables'].shape[0]
+
+    @jax.jit
+    def run(case_arrays):
+        total = 0.0
+        for i in range(args.calls):
+            total = total + call(fn, case_arrays, i % sets).astype(jnp.float32)
+        return total
+
+    arrays = {k: v for k, v in case.items() if isinstance(v, jax.Array)}
+    for _ in range(args.warmup):
+        jax.block_until_ready(run(arrays))
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        jax.block_until_ready(run(arrays))
+        times.append((time.perf_counter() - start) / args.calls)
+    return statistics.median(times), min(times)
+
+
+def measure_copy_tbps(args) -> float:
+    """A 1 GiB device copy (x + 1, read + write), median of ``--iters`` runs."""
+    x = jax.random.normal(jax.random.key(0), (2**29,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    for _ in range(3):
+        jax.block_until_ready(f(x))
+    times = []
+    for _ in range(max(args.iters, 5)):
+        start = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - start)
+    return 2 * x.nbytes / statistics.median(times) / 1e12
+
+
+def relative_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if not np.isfinite(ours).all():
+        return float('nan')
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+OPS = {'decode': (decode_impls, decode_case, decode_call, decode_check_rows)}
+
+
+def run_case(op, args, batch, context, seed, copy_tbps, results):
+    impls_of, make_case, call, check_rows = OPS[op]
+    base = dict(op=op, batch=batch, context=context, block_size=args.block_size, dtype=args.dtype,
+                heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                ragged=args.ragged, device=str(jax.devices()[0].device_kind),
+                jax=jax.__version__)
+    try:
+        case = make_case(args, batch, context, seed)
+    except Exception as e:       # noqa: BLE001 - report and go on
+        emit(dict(base, failed=f'inputs: {type(e).__name__}: {e}'), results)
+        return
+    reference = None
+    try:
+        reference = np.asarray(check_rows(impls_of_reference(op, args), case).astype(jnp.float32))
+    except Exception as e:       # noqa: BLE001
+        print(f'# reference check rows failed: {type(e).__name__}: {e}', flush=True)
+    for name, variants in impls_of(args).items():
+        for config, fn in variants:
+            record = dict(base, impl=name, config=None if config is None else vars(config))
+            try:
+                out = np.asarray(check_rows(fn, case).astype(jnp.float32))
+                error = relative_error(out, reference) if reference is not None else None
+                record['rel_error'] = error
+                if error is not None and not error < TOLERANCE[args.dtype]:
+                    raise AssertionError(f'wrong result: relative error {error:.3g}')
+                median, best = time_calls(fn, case, call, args)
+                record.update(
+                    time_us=median * 1e6, best_us=best * 1e6, bytes=case['bytes'],
+                    flops=case['flops'], tbps=case['bytes'] / median / 1e12,
+                    tflops=case['flops'] / median / 1e12,
+                    ratio_to_card_copy=case['bytes'] / median / 1e12 / args.copy_tbps)
+                if copy_tbps:
+                    record['ratio_to_measured_copy'] = case['bytes'] / median / 1e12 / copy_tbps
+            except Exception as e:   # noqa: BLE001 - a failing implementation must not stop the run
+                record['failed'] = f'{type(e).__name__}: {str(e)[:2000]}'
+                if args.verbose:
+                    traceback.print_exc()
+            emit(record, results)
+    del case
+
+
+def impls_of_reference(op, args):
+    ref_args = argparse.Namespace(**dict(vars(args), impls=['reference'], sweep=False))
+    return OPS[op][0](ref_args)['reference'][0][1]
+
+
+def emit(record, results):
+    print(json.dumps(record), flush=True)
+    results.append(record)
+
+
+def print_table(results):
+    print('\n op      impl              batch context   time_us     TB/s  ratio  err      config')
+    for r in results:
+        if r.get('op') == 'copy':
+            continue
+        cfg = r.get('config') or {}
+        cfg = ','.join(f'{k}={v}' for k, v in cfg.items() if k in DECODE_SWEEP or k == 'block_q')
+        if 'failed' in r:
+            print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7}  FAILED "
+                  f"{r['failed'][:80]}")
+        else:
+            err = r.get('rel_error')
+            print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7} {r['time_us']:9.1f} "
+                  f"{r['tbps']:8.3f} {r['ratio_to_card_copy']:6.2f}  "
+                  f"{'-' if err is None else f'{err:.1e}':8} {cfg}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--ops', nargs='+', default=['decode'], choices=sorted(OPS))
+    parser.add_argument('--impls', nargs='+', default=['reference', 'pallas', 'jax_ops'])
+    parser.add_argument('--batches', type=int, nargs='+', default=[1, 8, 64, 256])
+    parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8192])
+    parser.add_argument('--block-size', type=int, default=64)
+    parser.add_argument('--dtype', default='bfloat16', choices=sorted(TOLERANCE))
+    parser.add_argument('--heads', type=int, default=32, help='query heads (llama3-8b: 32)')
+    parser.add_argument('--kv-heads', type=int, default=8)
+    parser.add_argument('--head-dim', type=int, default=128)
+    parser.add_argument('--ragged', action='store_true', help='lengths uniform in [1, context]')
+    parser.add_argument('--sweep', action='store_true', help='time a grid of Pallas launch configs')
+    parser.add_argument('--calls', type=int, default=10, help='calls per timed run')
+    parser.add_argument('--iters', type=int, default=20)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--min-pool-mb', type=int, default=256)
+    parser.add_argument('--copy-tbps', type=float, default=2.91)
+    parser.add_argument('--no-copy', action='store_true', help='skip measuring the copy bandwidth')
+    parser.add_argument('--verbose', action='store_true', help='print tracebacks of failures')
+    args = parser.parse_args()
+
+    results = []
+    copy_tbps = None
+    if not args.no_copy:
+        copy_tbps = measure_copy_tbps(args)
+        emit(dict(op='copy', tbps=copy_tbps, device=str(jax.devices()[0].device_kind)), results)
+    seeds = itertools.count()
+    for op in args.ops:
+        for batch, context in itertools.product(args.batches, args.contexts):
+            run_case(op, args, batch, context, next(seeds), copy_tbps, results)
+    print_table(results)
+
+
+if __name__ == '__main__':
+    main()
