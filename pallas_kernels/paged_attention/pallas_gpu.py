@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-LOG2E = math.log2(math.e)
-MIN_DOT = 16                      # the smallest M, N and K of a Triton dot
+from .._pallas_tiles import LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise, softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +49,6 @@ def supports(q, k_pages) -> bool:
             and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _sm_count() -> int:
     return getattr(jax.devices()[0], 'core_count', None) or 132
 
@@ -70,55 +64,35 @@ def choose_num_splits(batch: int, kv_heads: int, max_tiles: int, config: DecodeC
 
 def _decode_kernel(lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group, group_pad,
                    block_size, tile, num_splits, scale_log2):
-    """One (row b, kv head h, split s). Scores are kept in the log2 domain (scaled by
-    ``scale * log2(e)``) so the softmax uses exp2."""
+    """One (row b, kv head h, split s): the split's share of the row's tiles."""
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    max_len = tables_ref.shape[1] * block_size
-    length = jnp.minimum(lens_ref[b], max_len)
+    length = jnp.minimum(lens_ref[b], tables_ref.shape[1] * block_size)
     n_tiles = pl.cdiv(length, tile)
     per_split = pl.cdiv(n_tiles, num_splits)
     first = s * per_split
     last = jnp.minimum(first + per_split, n_tiles)
 
     lane = jnp.arange(group_pad)
-    heads = h * group + lane                                  # query heads of this KV head
-    head_ok = lane < group
-    head_dim = q_ref.shape[-1]
-    cols = jnp.arange(head_dim)[None, :]
-    q = plgpu.load(q_ref.at[b, heads[:, None], cols], mask=head_ok[:, None], other=0)
+    heads = (h * group + lane)[:, None]                       # query heads of this KV head
+    head_ok = (lane < group)[:, None]
+    cols = jnp.arange(q_ref.shape[-1])[None, :]
+    q = plgpu.load(q_ref.at[b, heads, cols], mask=head_ok, other=0)
 
-    def body(t, carry):
-        acc, m, l = carry
+    def body(t, state):
         pos = t * tile + jnp.arange(tile)
         valid = pos < length
-        # pos >= 0, so C division (lax.div/rem) is floor division without the sign fix-ups.
-        page = plgpu.load(tables_ref.at[b, lax.div(pos, block_size)], mask=valid, other=0)
-        rows = page * block_size + lax.rem(pos, block_size)
-        k = plgpu.load(k_ref.at[h, rows[:, None], cols], mask=valid[:, None], other=0)
-        v = plgpu.load(v_ref.at[h, rows[:, None], cols], mask=valid[:, None], other=0)
-        scores = plgpu.dot(q, k, trans_b=True) * scale_log2            # [group_pad, tile] f32
-        scores = jnp.where(valid[None, :], scores, -jnp.inf)
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(scores - m_new[:, None])
-        l_new = l * alpha + p.sum(axis=1)
-        acc_new = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return acc_new, m_new, l_new
+        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size)
+        return softmax_step(state, q, k, v, valid[None, :], scale_log2)
 
-    init = (jnp.zeros((group_pad, head_dim), jnp.float32),
-            jnp.full((group_pad,), -jnp.inf, jnp.float32),
-            jnp.zeros((group_pad,), jnp.float32))
-    acc, m, l = lax.fori_loop(first, last, body, init)
-
+    acc, m, l = lax.fori_loop(first, last, body, init_state(group_pad, q.shape[-1]))
     if num_splits == 1:
         (o_ref,) = out_refs
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]        # empty rows: acc is 0, output 0
-        plgpu.store(o_ref.at[b, heads[:, None], cols], out.astype(o_ref.dtype), mask=head_ok[:, None])
+        plgpu.store(o_ref.at[b, heads, cols], normalise(acc, l).astype(o_ref.dtype), mask=head_ok)
     else:
         o_ref, m_ref, l_ref = out_refs
-        plgpu.store(o_ref.at[b, s, heads[:, None], cols], acc, mask=head_ok[:, None])
-        plgpu.store(m_ref.at[b, s, heads], m, mask=head_ok)
-        plgpu.store(l_ref.at[b, s, heads], l, mask=head_ok)
+        plgpu.store(o_ref.at[b, s, heads, cols], acc, mask=head_ok)
+        plgpu.store(m_ref.at[b, s, heads[:, 0]], m, mask=head_ok[:, 0])
+        plgpu.store(l_ref.at[b, s, heads[:, 0]], l, mask=head_ok[:, 0])
 
 
 def combine_splits(o, m, l, dtype):
@@ -153,7 +127,7 @@ def paged_decode_attention_pallas(q, k_pages, v_pages, block_tables, context_len
                      jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32),
                      jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32)]
     kernel = functools.partial(
-        _decode_kernel, group=group, group_pad=max(MIN_DOT, _next_pow2(group)),
+        _decode_kernel, group=group, group_pad=max(MIN_DOT, next_pow2(group)),
         block_size=block_size, tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E)
     outs = pl.pallas_call(
         kernel,

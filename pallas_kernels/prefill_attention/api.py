@@ -5,18 +5,20 @@ from __future__ import annotations
 import jax
 
 from .._checks import check_int32, check_pages, check_query, require
+from .._dispatch import choose_impl
 from .reference import paged_prefill_attention_reference
 
 
 def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                             block_tables: jax.Array, context_lens: jax.Array, query_lens: jax.Array,
-                            scale: float) -> jax.Array:
+                            scale: float, *, impl: str | None = None) -> jax.Array:
     """A chunk of query tokens per row over its cached prefix plus itself (causal).
 
     q ``[B, T, heads, head_dim]``, left-aligned; pages ``[kv_heads, num_blocks, block_size, head_dim]``
     already holding this chunk's K/V; block_tables int32 ``[B, M]``; context_lens int32 ``[B]``
     (cached tokens including the chunk); query_lens int32 ``[B]`` (valid tokens of the row).
     Returns ``[B, T, heads, head_dim]``; padding tokens are zeros. Softmax in float32.
+    ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU).
     """
     check_pages(k_pages, v_pages)
     require(q.ndim == 4, f'q must be [B, T, heads, head_dim], got shape {q.shape}')
@@ -25,5 +27,12 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     check_int32('block_tables', block_tables)
     check_int32('context_lens', context_lens, (q.shape[0],))
     check_int32('query_lens', query_lens, (q.shape[0],))
+    # -- implementation choice: the Pallas GPU kernel, else the reference --
+    from . import pallas_gpu
+    chosen = choose_impl(impl, pallas_gpu.supports(q, k_pages))
+    if chosen != 'reference':
+        return pallas_gpu.paged_prefill_attention_pallas(
+            q, k_pages, v_pages, block_tables, context_lens, query_lens, float(scale),
+            interpret=chosen == 'pallas_interpret')
     return paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, context_lens,
                                              query_lens, scale)

@@ -1,0 +1,112 @@
+"""Paged prefill attention as a Pallas kernel (Triton lowering): causal flash attention of a chunk
+of new tokens over the row's cached prefix and the chunk itself, both read from the pages.
+
+Why this shape: prefill is matmul-bound, so a program must give the tensor cores tall tiles. One
+program owns (row, KV head, block of ``block_q`` query tokens); its matmul rows are those tokens
+times the KV head's query heads (GQA), ``block_q * group`` rows, so each K/V tile loaded serves
+every query head that shares it. The program walks K/V tiles from position 0 up to its last
+token's position (the causal bound; tiles past it are never loaded) with an online softmax.
+
+Row layout: matmul row ``r`` is token ``r // group_pad`` of the block and head ``r % group_pad``
+of the group (group padded to a power of two; padded heads are masked out of the loads and
+stores). Query token ``i`` of row ``b`` sits at position ``context_lens[b] - query_lens[b] + i``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .._pallas_tiles import LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise, softmax_step
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+    """Launch knobs: ``block_rows`` matmul rows per program (query tokens x group heads, a power
+    of two >= 16), ``tile_tokens`` KV positions per loop step."""
+    block_rows: int = 64
+    tile_tokens: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def supports(q, k_pages) -> bool:
+    """Shapes and dtypes this kernel handles (Triton needs power-of-two tile extents)."""
+    head_dim = k_pages.shape[-1]
+    group_pad = next_pow2(q.shape[-2] // k_pages.shape[0])
+    return (q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+            and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0 and group_pad <= 64)
+
+
+def choose_block_q(tokens: int, group_pad: int, config: PrefillConfig) -> int:
+    """Query tokens per program: ``block_rows`` rows' worth, no more than the chunk needs, and at
+    least 16 rows (the smallest Triton dot)."""
+    block_q = max(1, config.block_rows // group_pad)
+    block_q = min(block_q, next_pow2(tokens))
+    return max(block_q, -(-MIN_DOT // group_pad))
+
+
+def _prefill_kernel(ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, group,
+                    group_pad, block_q, block_size, tile, scale_log2):
+    """One (row b, kv head h, query block j)."""
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    tokens = q_ref.shape[1]
+    ctx = jnp.minimum(ctx_ref[b], tables_ref.shape[1] * block_size)
+    qlen = jnp.minimum(qlen_ref[b], jnp.minimum(tokens, ctx))
+    start = ctx - qlen                                         # position of query token 0
+
+    r = jnp.arange(block_q * group_pad)
+    token = j * block_q + lax.div(r, group_pad)
+    lane = lax.rem(r, group_pad)
+    row_ok = (lane < group) & (token < tokens)                # a real (token, head) of q
+    token_ok = token < qlen                                    # ...that is not padding
+    q_pos = (start + token)[:, None]
+    token_i, head_i = token[:, None], (h * group + lane)[:, None]
+    cols = jnp.arange(q_ref.shape[-1])[None, :]
+    q = plgpu.load(q_ref.at[b, token_i, head_i, cols], mask=(row_ok & token_ok)[:, None], other=0)
+
+    # The block's last real token bounds the keys it sees; a block of padding sees none.
+    last_token = jnp.minimum((j + 1) * block_q, qlen) - 1
+    kv_end = jnp.where(j * block_q < qlen, start + last_token + 1, 0)
+
+    def body(t, state):
+        pos = t * tile + jnp.arange(tile)
+        valid = pos < kv_end
+        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size)
+        return softmax_step(state, q, k, v, valid[None, :] & (pos[None, :] <= q_pos), scale_log2)
+
+    acc, _, l = lax.fori_loop(0, pl.cdiv(kv_end, tile), body,
+                              init_state(block_q * group_pad, q.shape[-1]))
+    out = jnp.where(token_ok[:, None], normalise(acc, l), 0.0)
+    plgpu.store(o_ref.at[b, token_i, head_i, cols], out.astype(o_ref.dtype), mask=row_ok[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
+def paged_prefill_attention_pallas(q, k_pages, v_pages, block_tables, context_lens, query_lens,
+                                   scale: float, config: PrefillConfig = PrefillConfig(),
+                                   interpret: bool = False):
+    """Same contract as ``api.paged_prefill_attention`` (inputs already validated there)."""
+    batch, tokens, num_heads, head_dim = q.shape
+    kv_heads, num_blocks, block_size, _ = k_pages.shape
+    group = num_heads // kv_heads
+    group_pad = next_pow2(group)
+    block_q = choose_block_q(tokens, group_pad, config)
+    kernel = functools.partial(
+        _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q,
+        block_size=block_size, tile=max(MIN_DOT, config.tile_tokens), scale_log2=scale * LOG2E)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, kv_heads, pl.cdiv(tokens, block_q)),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                             num_stages=config.num_stages),
+        interpret=interpret,
+        name='paged_prefill_attention',
+    )(context_lens, query_lens, block_tables, q,
+      k_pages.reshape(kv_heads, num_blocks * block_size, head_dim),
+      v_pages.reshape(kv_heads, num_blocks * block_size, head_dim))
