@@ -163,7 +163,8 @@ def test_unsupported_architecture_is_named(tmp_path):
         load_model(ModelSource(str(tmp_path), str(tmp_path)))
 
 
-def test_default_model_prefill_matches_transformers():
+def test_default_model_matches_transformers():
+    """The real SmolLM2: one-chunk prefill, then (fresh cache) two chunks and three decode steps."""
     try:
         source = resolve_model(None)
     except FileNotFoundError as e:
@@ -174,5 +175,8 @@ def test_default_model_prefill_matches_transformers():
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
     del hf
-    run = PagedRun(load_model(source), [ids], block_size=16)
-    _assert_logits_close(run.step([len(ids)], len(ids))[0], ref)
+    model, n = load_model(source), len(ids)
+    _assert_logits_close(PagedRun(model, [ids]).step([n], n)[0], ref)
+    run = PagedRun(model, [ids], seed=7)
+    got = run.step([3], n) + run.step([n - 6], n) + [run.step([1], 1)[0] for _ in range(3)]
+    _assert_logits_close(np.concatenate(got), ref)
