@@ -26,6 +26,7 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A Llama-family decoder's shape and numerics; ``dtype`` is that of params and KV cache."""
     architecture: str
     num_layers: int
     num_heads: int
