@@ -39,10 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
 from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
+from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu  # noqa: E402
+from pallas_kernels.prefill_attention.api import paged_prefill_attention  # noqa: E402
 
+IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops')   # jax_ops: decode only
 CHECK_ROWS = 8
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
 DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4])
+PREFILL_SWEEP = dict(block_rows=[64, 128], tile_tokens=[32, 64, 128], num_warps=[4, 8],
+                     num_stages=[2, 3])
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -80,20 +85,17 @@ def decode_impls(args):
                 q, k, v, t, l, scale, impl='reference'))]
         elif name in ('pallas', 'pallas_interpret'):
             impls[name] = [(cfg, _pallas_decode(cfg, scale, name == 'pallas_interpret'))
-                           for cfg in decode_configs(args)]
+                           for cfg in configs(args, decode_gpu.DecodeConfig, DECODE_SWEEP)]
         elif name == 'jax_ops':
             impls[name] = [(None, _jax_ops_decode(scale))]
-        else:
-            raise SystemExit(f'unknown implementation {name!r}')
     return impls
 
 
-def decode_configs(args):
+def configs(args, config_class, sweep):
+    """The default launch config, or with ``--sweep`` every combination of ``sweep``."""
     if not args.sweep:
-        return [decode_gpu.DecodeConfig()]
-    keys = list(DECODE_SWEEP)
-    return [decode_gpu.DecodeConfig(**dict(zip(keys, values)))
-            for values in itertools.product(*DECODE_SWEEP.values())]
+        return [config_class()]
+    return [config_class(**dict(zip(sweep, values))) for values in itertools.product(*sweep.values())]
 
 
 def _pallas_decode(config, scale, interpret):
@@ -126,6 +128,58 @@ def decode_check_rows(fn, case):
     """The first rows only, so the reference fits in memory at any batch."""
     n = min(CHECK_ROWS, case['q'].shape[0])
     return fn(case['q'][:n], case['k'], case['v'], case['tables'][0, :n], case['lens'][:n])
+
+
+# ---- prefill --------------------------------------------------------------------------------
+
+def prefill_impls(args):
+    scale = args.head_dim ** -0.5
+    impls = {}
+    for name in args.impls:
+        if name == 'reference':
+            impls[name] = [(None, lambda q, k, v, t, c, n: paged_prefill_attention(
+                q, k, v, t, c, n, scale, impl='reference'))]
+        elif name in ('pallas', 'pallas_interpret'):
+            impls[name] = [(cfg, _pallas_prefill(cfg, scale, name == 'pallas_interpret'))
+                           for cfg in configs(args, prefill_gpu.PrefillConfig, PREFILL_SWEEP)]
+    return impls
+
+
+def _pallas_prefill(config, scale, interpret):
+    return lambda q, k, v, t, c, n: prefill_gpu.paged_prefill_attention_pallas(
+        q, k, v, t, c, n, scale, config=config, interpret=interpret)
+
+
+def prefill_case(args, batch, chunk, seed):
+    """Rows of ``chunk`` new tokens after ``--prefix`` cached ones (ragged: chunks in
+    [1, chunk])."""
+    if batch * chunk > args.max_prefill_tokens:
+        raise ValueError(f'{batch * chunk} query tokens > --max-prefill-tokens; skipped')
+    k, v, tables, lens = make_pages(args, batch, args.prefix + chunk, seed)
+    qlens = lens - args.prefix if not args.ragged else jnp.asarray(
+        np.random.default_rng(seed).integers(1, chunk + 1, size=batch, dtype=np.int32))
+    ctx = qlens + args.prefix
+    q = jax.random.normal(jax.random.key(seed + 1), (batch, chunk, args.heads, args.head_dim),
+                          args.dtype)
+    itemsize = jnp.dtype(args.dtype).itemsize
+    ctx_np, qlen_np = np.asarray(ctx, np.int64), np.asarray(qlens, np.int64)
+    # query i of a row attends to start + i + 1 positions
+    attended = int((qlen_np * (ctx_np - qlen_np) + qlen_np * (qlen_np + 1) // 2).sum())
+    kv_bytes = 2 * int(ctx_np.sum()) * args.kv_heads * args.head_dim * itemsize
+    io_bytes = 2 * int(qlen_np.sum()) * args.heads * args.head_dim * itemsize
+    return dict(q=q, k=k, v=v, tables=tables, lens=ctx, qlens=qlens, bytes=kv_bytes + io_bytes,
+                flops=4 * attended * args.heads * args.head_dim)
+
+
+def prefill_call(fn, case, table_set):
+    return fn(case['q'], case['k'], case['v'], case['tables'][table_set], case['lens'],
+              case['qlens'])
+
+
+def prefill_check_rows(fn, case):
+    n = min(2, case['q'].shape[0])
+    return fn(case['q'][:n], case['k'], case['v'], case['tables'][0, :n], case['lens'][:n],
+              case['qlens'][:n])
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -175,19 +229,20 @@ def relative_error(ours, ref) -> float:
 
 # ---- driver ---------------------------------------------------------------------------------
 
-OPS = {'decode': (decode_impls, decode_case, decode_call, decode_check_rows)}
+OPS = {'decode': (decode_impls, decode_case, decode_call, decode_check_rows),
+       'prefill': (prefill_impls, prefill_case, prefill_call, prefill_check_rows)}
 
 
 def run_case(op, args, batch, context, seed, copy_tbps, results):
     impls_of, make_case, call, check_rows = OPS[op]
     base = dict(op=op, batch=batch, context=context, block_size=args.block_size, dtype=args.dtype,
                 heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                ragged=args.ragged, device=str(jax.devices()[0].device_kind),
+                ragged=args.ragged, prefix=args.prefix if op == 'prefill' else None, device=str(jax.devices()[0].device_kind),
                 jax=jax.__version__)
     try:
         case = make_case(args, batch, context, seed)
     except Exception as e:       # noqa: BLE001 - report and go on
-        emit(dict(base, failed=f'inputs: {type(e).__name__}: {e}'), results)
+        emit(dict(base, impl='-', failed=f'inputs: {type(e).__name__}: {e}'), results)
         return
     reference = None
     try:
@@ -208,7 +263,8 @@ def run_case(op, args, batch, context, seed, copy_tbps, results):
                     time_us=median * 1e6, best_us=best * 1e6, bytes=case['bytes'],
                     flops=case['flops'], tbps=case['bytes'] / median / 1e12,
                     tflops=case['flops'] / median / 1e12,
-                    ratio_to_card_copy=case['bytes'] / median / 1e12 / args.copy_tbps)
+                    ratio_to_card_copy=case['bytes'] / median / 1e12 / args.copy_tbps,
+                    ratio_to_card_matmul=case['flops'] / median / 1e12 / args.matmul_tflops)
                 if copy_tbps:
                     record['ratio_to_measured_copy'] = case['bytes'] / median / 1e12 / copy_tbps
             except Exception as e:   # noqa: BLE001 - a failing implementation must not stop the run
@@ -230,20 +286,22 @@ def emit(record, results):
 
 
 def print_table(results):
-    print('\n op      impl              batch context   time_us     TB/s  ratio  err      config')
+    """Decode rates against the copy ceiling, prefill rates against the matmul ceiling."""
+    print('\n op      impl              batch context   time_us  TB/s|TF/s ratio  err      config')
     for r in results:
         if r.get('op') == 'copy':
             continue
         cfg = r.get('config') or {}
-        cfg = ','.join(f'{k}={v}' for k, v in cfg.items() if k in DECODE_SWEEP or k == 'block_q')
+        cfg = ','.join(f'{k}={v}' for k, v in cfg.items() if k in DECODE_SWEEP or k in PREFILL_SWEEP)
         if 'failed' in r:
             print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7}  FAILED "
                   f"{r['failed'][:80]}")
         else:
             err = r.get('rel_error')
+            rate, ratio = ((r['tbps'], r['ratio_to_card_copy']) if r['op'] == 'decode'
+                           else (r['tflops'], r['ratio_to_card_matmul']))
             print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7} {r['time_us']:9.1f} "
-                  f"{r['tbps']:8.3f} {r['ratio_to_card_copy']:6.2f}  "
-                  f"{'-' if err is None else f'{err:.1e}':8} {cfg}")
+                  f"{rate:8.3f} {ratio:6.2f}  {'-' if err is None else f'{err:.1e}':8} {cfg}")
 
 
 def main() -> None:
@@ -264,10 +322,16 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--min-pool-mb', type=int, default=256)
+    parser.add_argument('--prefix', type=int, default=0, help='prefill: cached tokens before the chunk')
+    parser.add_argument('--max-prefill-tokens', type=int, default=65536)
     parser.add_argument('--copy-tbps', type=float, default=2.91)
+    parser.add_argument('--matmul-tflops', type=float, default=726.0)
     parser.add_argument('--no-copy', action='store_true', help='skip measuring the copy bandwidth')
     parser.add_argument('--verbose', action='store_true', help='print tracebacks of failures')
     args = parser.parse_args()
+    unknown = set(args.impls) - set(IMPLS)
+    if unknown:
+        parser.error(f'unknown implementations {sorted(unknown)}; known: {IMPLS}')
 
     results = []
     copy_tbps = None

@@ -23,6 +23,12 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def tile_for(tile_tokens: int, dtype) -> int:
+    """KV positions per tile: ``tile_tokens`` counts 16-bit positions; float32 tiles hold half as
+    many, so a tile's bytes (and the pipeline's shared memory) stay the same."""
+    return max(MIN_DOT, tile_tokens * 2 // jnp.dtype(dtype).itemsize)
+
+
 def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size):
     """K and V rows ``[len(pos), head_dim]`` of row ``b``, KV head ``h`` at positions ``pos``
     (non-negative); rows where ``valid`` is False are zeros and are not read."""

@@ -27,12 +27,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise, softmax_step
+from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise,
+                             softmax_step, tile_for)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-    """Launch knobs. ``tile_tokens``: KV positions per loop step (a power of two >= 16);
+    """Launch knobs. ``tile_tokens``: KV positions per loop step for 16-bit inputs (a power of
+    two >= 16; halved for float32);
     ``target_programs``: how many programs to aim for before splitting rows (None: twice the
     device's SM count); ``num_splits`` forces a split count (None: from ``target_programs``)."""
     tile_tokens: int = 64
@@ -112,7 +114,7 @@ def paged_decode_attention_pallas(q, k_pages, v_pages, block_tables, context_len
     batch, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // kv_heads
-    tile = max(MIN_DOT, config.tile_tokens)
+    tile = tile_for(config.tile_tokens, q.dtype)
     max_tiles = pl.cdiv(block_tables.shape[1] * block_size, tile)
     num_splits = choose_num_splits(batch, kv_heads, max_tiles, config)
 

@@ -22,13 +22,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise, softmax_step
+from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise,
+                             softmax_step, tile_for)
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
     """Launch knobs: ``block_rows`` matmul rows per program (query tokens x group heads, a power
-    of two >= 16), ``tile_tokens`` KV positions per loop step."""
+    of two >= 16), ``tile_tokens`` KV positions per loop step for 16-bit inputs (halved for
+    float32)."""
     block_rows: int = 64
     tile_tokens: int = 64
     num_warps: int = 4
@@ -98,7 +100,7 @@ def paged_prefill_attention_pallas(q, k_pages, v_pages, block_tables, context_le
     block_q = choose_block_q(tokens, group_pad, config)
     kernel = functools.partial(
         _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q,
-        block_size=block_size, tile=max(MIN_DOT, config.tile_tokens), scale_log2=scale * LOG2E)
+        block_size=block_size, tile=tile_for(config.tile_tokens, q.dtype), scale_log2=scale * LOG2E)
     return pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, pl.cdiv(tokens, block_q)),
