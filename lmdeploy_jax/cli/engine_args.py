@@ -41,8 +41,12 @@ def chat_template_config(args: argparse.Namespace):
     return ChatTemplateConfig(model_name=args.chat_template)
 
 
+def pipeline_kwargs(args: argparse.Namespace) -> dict:
+    """What ``pipeline()`` takes besides the model path, from the engine flags."""
+    return dict(model_name=args.model_name, backend=args.backend, backend_config=engine_config(args),
+                chat_template_config=chat_template_config(args), log_level=args.log_level)
+
+
 def build_pipeline(args: argparse.Namespace):
     from ..api import pipeline
-    return pipeline(args.model_path, model_name=args.model_name, backend=args.backend,
-                    backend_config=engine_config(args), chat_template_config=chat_template_config(args),
-                    log_level=args.log_level)
+    return pipeline(args.model_path, **pipeline_kwargs(args))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import run
+from . import chat, check_env, list_templates, run, serve
 
-SUBCOMMANDS = [run]
+SUBCOMMANDS = [run, chat, serve, list_templates, check_env]
 
 
 def build_parser() -> argparse.ArgumentParser:

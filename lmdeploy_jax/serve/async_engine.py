@@ -106,10 +106,12 @@ class AsyncEngine:
             return
         config, text_stops = resolve_stops(config.replace(max_new_tokens=min(config.max_new_tokens, room)),
                                            self.chat_template.stop_words, self.tokenizer, self._eos_ids)
-        async for out in self._run(session_id, ids, config, text_stops, history, sequence_start, sequence_end):
+        async for out in self._run(session_id, ids, config, text_stops, history, sequence_start, sequence_end,
+                                   incremental=stream_response or bool(text_stops)):
             yield out
 
-    async def _run(self, session_id, ids, config, text_stops, history, sequence_start, sequence_end):
+    async def _run(self, session_id, ids, config, text_stops, history, sequence_start, sequence_end, incremental):
+        """Stream the engine's outputs; without ``incremental`` the text is decoded once, at the end."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self.engine.submit(EngineRequest(session_id, ids, config, sequence_start, sequence_end),
@@ -121,9 +123,11 @@ class AsyncEngine:
             while True:
                 out = await queue.get()
                 generated.extend(out.token_ids)
-                delta, state = self.tokenizer.detokenize_incrementally(
-                    generated, state, skip_special_tokens=config.skip_special_tokens)
-                text, hit_stop = matcher.feed(delta)
+                text, hit_stop = '', False
+                if incremental:
+                    delta, state = self.tokenizer.detokenize_incrementally(
+                        generated, state, skip_special_tokens=config.skip_special_tokens)
+                    text, hit_stop = matcher.feed(delta)
                 if hit_stop:
                     self.engine.cancel(session_id)
                     await self._drain_until_finished(queue, out)
@@ -134,7 +138,8 @@ class AsyncEngine:
                 reason = out.finish_reason
                 if reason is not None:
                     finished = True
-                    text += matcher.flush()
+                    text += (matcher.flush() if incremental else
+                             self.tokenizer.decode(generated, skip_special_tokens=config.skip_special_tokens))
                     if reason == 'error':
                         text = f'error: {out.error}'
                     self._record_history(session_id, sequence_end,
@@ -183,7 +188,8 @@ class AsyncEngine:
     async def _collect(self, prompt, index: int, gen_config, do_preprocess, kwargs) -> Response:
         session_id = next(self._session_ids)
         resp = Response('', 0, 0, session_id, index=index)
-        async for out in self.generate(prompt, session_id, gen_config, do_preprocess=do_preprocess, **kwargs):
+        async for out in self.generate(prompt, session_id, gen_config, stream_response=False,
+                                       do_preprocess=do_preprocess, **kwargs):
             resp.text += out.response
             resp.token_ids.extend(out.token_ids)
             if out.logprobs:
@@ -225,6 +231,10 @@ class AsyncEngine:
                 yield Response(out.response, out.generate_token_len, out.input_token_len, session_id,
                                out.finish_reason, out.token_ids, out.logprobs, i)
         yield from self._loop.iterate(merge([one(i, p, c) for i, (p, c) in enumerate(zip(items, configs))]))
+
+    def session(self) -> Session:
+        """A new multi-turn session (LMDeploy's ``pipe.session()``), to pass to ``chat``."""
+        return Session(next(self._session_ids), self)
 
     def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
              stream_response: bool = False, **kwargs):

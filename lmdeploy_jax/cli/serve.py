@@ -1,0 +1,31 @@
+"""``lmdeploy_jax serve api_server [MODEL]``: the OpenAI-compatible server, with LMDeploy's flags."""
+from __future__ import annotations
+
+import argparse
+
+from .engine_args import add_engine_args, add_model_arg, pipeline_kwargs
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser('serve', help='serve a model over HTTP')
+    servers = parser.add_subparsers(dest='server', required=True)
+    api = servers.add_parser('api_server', help="an OpenAI-compatible server (and LMDeploy's /generate)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arg(api)
+    api.add_argument('--server-name', default='0.0.0.0', help='host to bind')
+    api.add_argument('--server-port', type=int, default=23333, help='port to bind')
+    api.add_argument('--api-keys', nargs='+', default=None,
+                     help='accepted keys; clients send "Authorization: Bearer KEY" (all but /health)')
+    api.add_argument('--allow-origins', nargs='+', default=None, help='CORS origins allowed')
+    api.add_argument('--max-concurrent-requests', type=int, default=None,
+                     help='most requests served at once; more wait their turn')
+    add_engine_args(api)
+    api.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..serve.openai import serve
+    serve(args.model_path, server_name=args.server_name, server_port=args.server_port, api_keys=args.api_keys,
+          allow_origins=args.allow_origins, max_concurrent_requests=args.max_concurrent_requests,
+          **pipeline_kwargs(args))
+    return 0

@@ -1,0 +1,102 @@
+"""OpenAI's routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (JSON or SSE)."""
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+
+from .errors import APIError, error_body
+from .generation import Job
+from .protocol import ChatCompletionRequest, CompletionBody, CompletionRequest, OpenAIRequest, UsageInfo, random_id
+from .sampling import chat_prompt_ids, generation_config, max_new_tokens, text_prompt_ids
+from .shapes import ChatShape, CompletionShape
+from .streaming import ClosingStreamingResponse, sse
+
+router = APIRouter()
+
+
+@router.get('/v1/models')
+async def list_models(request: Request):
+    name = request.app.state.server.model_name
+    return {'object': 'list', 'data': [{'id': name, 'object': 'model', 'created': request.app.state.server.created,
+                                        'owned_by': 'lmdeploy_jax', 'root': name, 'parent': None}]}
+
+
+def _check_model(server, name: str) -> None:
+    if name != server.model_name:
+        raise APIError(404, f'The model {name!r} does not exist; this server serves {server.model_name!r}',
+                       'model', 'model_not_found')
+
+
+@router.post('/v1/chat/completions')
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    server = request.app.state.server
+    _check_model(server, body.model)
+    ids = chat_prompt_ids(server.engine, body)
+    asked = body.max_completion_tokens or body.max_tokens
+    new = max_new_tokens(asked, len(ids), server.engine.session_len,
+                         'max_completion_tokens' if body.max_completion_tokens else 'max_tokens')
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    jobs = [Job(i, generation_config(body, new, top, i), input_ids=ids) for i in range(body.n)]
+    return await _respond(request, body, jobs, ChatShape(server.engine.tokenizer, top), len(ids))
+
+
+@router.post('/v1/completions')
+async def completions(body: CompletionRequest, request: Request):
+    server = request.app.state.server
+    _check_model(server, body.model)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    jobs, prompt_tokens = [], 0
+    for p, prompt in enumerate(prompts):
+        ids = text_prompt_ids(server.engine, prompt, f'prompt.{p}' if len(prompts) > 1 else 'prompt')
+        new = max_new_tokens(body.max_tokens, len(ids), server.engine.session_len)
+        prompt_tokens += len(ids)
+        jobs += [Job(p * body.n + i, generation_config(body, new, body.logprobs, i), input_ids=ids)
+                 for i in range(body.n)]
+    return await _respond(request, body, jobs, CompletionShape(server.engine.tokenizer, body.logprobs), prompt_tokens)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+async def _respond(request: Request, body: OpenAIRequest, jobs: list[Job], shape, prompt_tokens: int):
+    server = request.app.state.server
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return ClosingStreamingResponse(_events(server, jobs, shape, prompt_tokens, include_usage))
+    results = await server.runner.collect(jobs, request)
+    choices = [shape.choice(r.index, r.text, r.token_ids, r.logprobs, r.finish_reason) for r in results]
+    return CompletionBody(id=random_id(shape.id_prefix), object=shape.object, created=int(time.time()),
+                          model=server.model_name, choices=choices,
+                          usage=_usage(prompt_tokens, sum(len(r.token_ids) for r in results)))
+
+
+async def _events(server, jobs: list[Job], shape, prompt_tokens: int, include_usage: bool):
+    """SSE chunks: an opening per choice (chat), the deltas as they come, usage if asked, then [DONE]."""
+    head = dict(id=random_id(shape.id_prefix), object=shape.chunk_object, created=int(time.time()),
+                model=server.model_name)
+
+    def chunk(choices, usage=None) -> str:
+        return sse(CompletionBody(**head, choices=choices, usage=usage).model_dump_json(exclude_unset=True))
+
+    for job in jobs:
+        if (opening := shape.opening(job.index)) is not None:
+            yield chunk([opening])
+    offsets = {job.index: 0 for job in jobs}
+    completion_tokens, failed = 0, False
+    async with aclosing(server.runner.stream(jobs)) as outs:
+        async for index, out in outs:
+            if out.finish_reason == 'error':
+                yield sse(error_body(400, out.response.removeprefix('error: ')))
+                failed = True
+                break
+            completion_tokens += len(out.token_ids)
+            yield chunk([shape.delta(index, out.response, out.token_ids, out.logprobs or [], out.finish_reason,
+                                     offsets[index])])
+            offsets[index] += len(out.response)
+    if include_usage and not failed:
+        yield chunk([], _usage(prompt_tokens, completion_tokens))
+    yield sse('[DONE]')

@@ -1,0 +1,51 @@
+"""From a request body to what the AsyncEngine runs: prompt token ids and a ``GenerationConfig``.
+
+Prompts are tokenized here, before anything is queued, so a request longer than the context is
+refused with a 400 that says by how much (OpenAI's ``context_length_exceeded``), not cut short.
+"""
+from __future__ import annotations
+
+from ...messages import GenerationConfig
+from .errors import APIError
+from .protocol import ChatCompletionRequest, SamplingFields
+
+
+def generation_config(req: SamplingFields, max_new_tokens: int, logprobs: int | None = None,
+                      seed_offset: int = 0) -> GenerationConfig:
+    """LMDeploy's server mapping: sampling on (temperature 0 is greedy), stop strings as stop words.
+
+    ``seed_offset`` makes the n choices of one seeded request independent yet reproducible.
+    """
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=req.temperature,
+                            top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                            repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
+                            random_seed=None if req.seed is None else req.seed + seed_offset,
+                            stop_words=stop or None, skip_special_tokens=req.skip_special_tokens,
+                            logprobs=logprobs)
+
+
+def max_new_tokens(requested: int | None, prompt_len: int, session_len: int, param: str = 'max_tokens') -> int:
+    """``requested`` when it fits the context after the prompt; all the room left when None."""
+    room = session_len - prompt_len
+    if room <= 0 or (requested is not None and requested > room):
+        asked = prompt_len + (requested or 0)
+        raise APIError(400, f"This model's maximum context length is {session_len} tokens. However, you "
+                            f'requested {asked} tokens ({prompt_len} in the prompt, {requested or 0} in the '
+                            'completion). Please reduce the length of the prompt or the completion.',
+                       param if room > 0 else 'messages', 'context_length_exceeded')
+    return room if requested is None else requested
+
+
+def chat_prompt_ids(engine, req: ChatCompletionRequest) -> list[int]:
+    """The conversation rendered by the model's chat template, then tokenized (with BOS where the model has one)."""
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    prompt = engine.chat_template.messages2prompt(messages, True)
+    return engine.tokenizer.encode(prompt, add_bos=True)
+
+
+def text_prompt_ids(engine, prompt: str, param: str = 'prompt') -> list[int]:
+    """A raw prompt (no chat template), as ``/v1/completions`` takes it."""
+    if not prompt:
+        raise APIError(400, f'{param} is empty', param)
+    return engine.tokenizer.encode(prompt, add_bos=True)
