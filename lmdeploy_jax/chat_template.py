@@ -269,24 +269,40 @@ def match_template_name(model_path: str | None) -> str | None:
 
 
 class HFChatTemplate:
-    """The model's own Jinja chat template, rendered by ``tokenizer.apply_chat_template``."""
+    """The model's own Jinja chat template, rendered by ``tokenizer.apply_chat_template``.
+
+    Its stop words are the EOS token and the special token the template closes an assistant turn
+    with (ChatML's ``<|im_end|>``, Llama 3's ``<|eot_id|>``) when that is another one.
+    """
 
     name = HF_TEMPLATE_NAME
     _PROBE_USER, _PROBE_REPLY = 'lmdeploy-jax-probe-user', 'lmdeploy-jax-probe-reply'
+    _PROBE = ({'role': 'user', 'content': _PROBE_USER}, {'role': 'assistant', 'content': _PROBE_REPLY})
 
     def __init__(self, hf_tokenizer):
         if not getattr(hf_tokenizer, 'chat_template', None):
             raise ValueError('the tokenizer ships no chat template')
         self.tokenizer = hf_tokenizer
         self.stop_words: list[str] = [hf_tokenizer.eos_token] if hf_tokenizer.eos_token else []
-        chat_template = hf_tokenizer.chat_template
-        if '<|im_end|>' in str(chat_template) and '<|im_end|>' not in self.stop_words:
-            self.stop_words.append('<|im_end|>')
+        self._end_of_answer = self._find_end_of_answer()
+        if self._end_of_answer and self._end_of_answer not in self.stop_words:
+            self.stop_words.append(self._end_of_answer)
 
     def _render(self, messages: list[dict]) -> str:
         if messages[-1]['role'] == 'assistant':
             return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _after_probe(self, messages: list[dict]) -> str:
+        """The render of ``messages`` behind a probe exchange, from the end of the probe's reply on."""
+        text = self._render([*self._PROBE, *messages])
+        return text[text.index(self._PROBE_REPLY) + len(self._PROBE_REPLY):]
+
+    def _find_end_of_answer(self) -> str | None:
+        tok = self.tokenizer
+        specials = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        after = self._after_probe([{'role': 'user', 'content': self._PROBE_USER}]).lstrip()
+        return next((s for s in sorted(specials, key=len, reverse=True) if s and after.startswith(s)), None)
 
     def messages2prompt(self, messages, sequence_start: bool = True) -> str:
         """Render like ``apply_chat_template(..., add_generation_prompt=True)`` (``continue_final_message``
@@ -294,21 +310,16 @@ class HFChatTemplate:
         messages = normalize_messages(messages, roles=(*_ROLES, 'tool'))
         if sequence_start:
             return self._render(messages)
-        # Render behind a probe exchange, so that the template's default system prompt and its
-        # per-conversation openers stay in the probe, and keep what follows the probe reply's
-        # end-of-answer token, which the session history already holds.
-        probe = [{'role': 'user', 'content': self._PROBE_USER}, {'role': 'assistant', 'content': self._PROBE_REPLY}]
-        text = self._render(probe + messages)
-        rest = text[text.index(self._PROBE_REPLY) + len(self._PROBE_REPLY):]
-        hits = [(rest.find(w), w) for w in self.stop_words if w in rest]
-        if hits:
-            at, word = min(hits)
-            if not rest[:at].strip():
-                rest = rest[at + len(word):]
+        # Behind a probe exchange the template's default system prompt and per-conversation openers
+        # stay in the probe; the session history already holds what closes the reply: the
+        # end-of-answer token the model generated.
+        rest = self._after_probe(messages)
+        if self._end_of_answer and rest.lstrip().startswith(self._end_of_answer):
+            rest = rest.lstrip()[len(self._end_of_answer):]
         return rest
 
     def __repr__(self):
-        return f'HFChatTemplate(eos={self.tokenizer.eos_token!r})'
+        return f'HFChatTemplate(stop_words={self.stop_words!r})'
 
 
 def get_chat_template(chat_template_config: ChatTemplateConfig | None = None, model_path: str | None = None,
@@ -327,10 +338,15 @@ def get_chat_template(chat_template_config: ChatTemplateConfig | None = None, mo
             template = HFChatTemplate(hf)
         else:
             template = chat_template_config.chat_template
-    elif hf is not None and getattr(hf, 'chat_template', None):
-        template = HFChatTemplate(hf)
     else:
-        name = match_template_name(model_path) or 'base'
-        template = ChatTemplateConfig(name).chat_template
+        template = None
+        if hf is not None and getattr(hf, 'chat_template', None):
+            try:
+                template = HFChatTemplate(hf)
+            except Exception as e:  # noqa: BLE001 - a Jinja template may raise anything
+                logger.warning("the model's chat template fails on a user/assistant exchange (%s: %s); "
+                               'using a builtin template', type(e).__name__, e)
+        if template is None:
+            template = ChatTemplateConfig(match_template_name(model_path) or 'base').chat_template
     logger.info('chat template: %r, stop words %s', template, template.stop_words)
     return template

@@ -86,6 +86,20 @@ def test_continuation_tokenizes_like_whole_conversation(tok, builtin):
     assert history + tok.encode(cont, add_bos=False) == _hf_render(tok.hf_tokenizer, conv + prefix, tokenize=True)
 
 
+def test_hf_template_closing_turns_with_another_special_token(tok):
+    """A template whose turns end with a special token that is not the EOS (as Llama 3's
+    <|eot_id|>): it is a stop word, and the history the model ended with it continues exactly."""
+    hf = AutoTokenizer.from_pretrained(resolve_model(None).hf_dir)
+    hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = get_chat_template(None, None, hf)
+    assert template.stop_words == ['<|im_end|>', '<|endoftext|>']
+    conv = [{'role': 'user', 'content': 'Hi there'}, {'role': 'assistant', 'content': 'Hello!'}]
+    history = tok.encode(template.messages2prompt(conv[:1])) + tok.encode('Hello!', add_bos=False) + [0]
+    history += tok.encode(template.messages2prompt('Bye', sequence_start=False), add_bos=False)
+    assert history == _hf_render(hf, conv + [{'role': 'user', 'content': 'Bye'}], tokenize=True)
+
+
 CONV = [{'role': 'system', 'content': 'SYS'}, {'role': 'user', 'content': 'Hi'},
         {'role': 'assistant', 'content': 'Yo'}, {'role': 'user', 'content': 'Q2'}]
 CHATML_CONV = ('<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo'
@@ -181,6 +195,9 @@ def test_get_chat_template_choices(tok):
     hf.chat_template = None   # a model without its own template: matched from its path
     assert get_chat_template(None, 'Qwen/Qwen2-7B-Instruct', hf).name == 'qwen'
     assert get_chat_template(None, 'anything', hf).messages2prompt('as it is') == 'as it is'
+    hf.chat_template = "{{ raise_exception('no assistant turns here') }}"   # a template that cannot serve
+    assert get_chat_template(None, 'google/gemma-2b-it', hf).name == 'gemma'
+    hf.chat_template = None
     # a config wins over the model's own template; 'hf' asks for the model's own one
     assert get_chat_template(ChatTemplateConfig('llama3'), None, tok).name == 'llama3'
     assert isinstance(get_chat_template(ChatTemplateConfig('hf'), None, tok), HFChatTemplate)
