@@ -64,14 +64,17 @@ def test_stream_infer_tags_index(pipe):
 
 
 def test_chat_remembers_previous_turn(pipe):
-    session = pipe.chat('My name is Ada.', gen_config=GenerationConfig(max_new_tokens=40))
+    config = GenerationConfig(max_new_tokens=24)
+    session = pipe.chat('The secret word is banana.', gen_config=config)
     first_step = session.step
     assert first_step > 0 and session.response.text
-    session = pipe.chat('What is my name?', session=session, gen_config=GenerationConfig(max_new_tokens=40))
-    assert 'Ada' in session.response.text
+    session = pipe.chat('What is the secret word?', session=session, gen_config=config)
+    assert 'banana' in session.response.text
     assert session.step > first_step and len(session.history) == 2
     session.close()
     assert session.step == 0
+    forgotten = pipe.chat('What is the secret word?', session=session, gen_config=config)
+    assert 'banana' not in forgotten.response.text
 
 
 def test_seeded_sampling(pipe):
@@ -120,10 +123,10 @@ def test_interactive_generate_keeps_history(pipe):
                                        sequence_start=start, sequence_end=False):
             text += out.response
         return out, text
-    first, _ = asyncio.run(turn('My name is Ada.', True))
-    second, text = asyncio.run(turn('What is my name?', False))
+    first, _ = asyncio.run(turn('The secret word is banana.', True))
+    second, text = asyncio.run(turn('What is the secret word?', False))
     assert second.history_token_len == first.input_token_len + first.generate_token_len + 1
-    assert 'Ada' in text
+    assert 'banana' in text
     pipe.end_session(777)
 
 

@@ -126,7 +126,8 @@ class AsyncEngine:
                 text, hit_stop = '', False
                 if incremental:
                     delta, state = self.tokenizer.detokenize_incrementally(
-                        generated, state, skip_special_tokens=config.skip_special_tokens)
+                        generated, state, skip_special_tokens=config.skip_special_tokens,
+                        flush=out.finish_reason is not None)
                     text, hit_stop = matcher.feed(delta)
                 if hit_stop:
                     self.engine.cancel(session_id)

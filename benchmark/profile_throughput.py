@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Offline throughput (LMDeploy's profile_throughput): N requests at once, EOS ignored.
+
+    python benchmark/profile_throughput.py /tmp/llama3-8b --num-prompts 1000 --input-len 512 --output-len 256
+    python benchmark/profile_throughput.py --num-prompts 8 --input-len 32 --output-len 16     # CPU smoke run
+    python benchmark/profile_throughput.py MODEL --dataset ShareGPT_V3_unfiltered_cleaned_split.json
+
+Reports req/s, input and output tok/s, TTFT and TPOT (mean/p50/p99, ms) and start-up time, and
+prints one ``RESULT {json}`` line per run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from bench_common import (add_engine_args, build_pipeline, device_description, percentiles, print_result,
+                          random_prompt_ids, run_requests)
+
+
+def sharegpt_requests(path: str, tokenizer, num: int, rng: np.random.Generator, max_len: int):
+    """(prompt ids, output length) pairs from a ShareGPT file: first human turn in, first reply's length out."""
+    with open(path) as f:
+        data = json.load(f)
+    pairs = []
+    for item in rng.permutation(len(data)):
+        turns = data[item].get('conversations', [])
+        if len(turns) < 2:
+            continue
+        ids = tokenizer.encode(turns[0]['value'])
+        out_len = len(tokenizer.encode(turns[1]['value'], add_bos=False))
+        if 4 <= len(ids) and 4 <= out_len and len(ids) + out_len <= max_len:
+            pairs.append((ids, out_len))
+        if len(pairs) == num:
+            break
+    return pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(parser)
+    parser.add_argument('--num-prompts', type=int, default=1000)
+    parser.add_argument('--input-len', type=int, default=512)
+    parser.add_argument('--output-len', type=int, default=256)
+    parser.add_argument('--random-range-ratio', type=float, default=1.0,
+                        help='lengths drawn uniformly from [ratio * len, len]; 1.0 = fixed lengths')
+    parser.add_argument('--dataset', default=None, help='a ShareGPT-format JSON file instead of random prompts')
+    parser.add_argument('--warmup', type=int, default=8, help='requests run before timing')
+    args = parser.parse_args()
+
+    pipe, startup = build_pipeline(args)
+    rng = np.random.default_rng(args.seed)
+    vocab = pipe.tokenizer.vocab_size
+    if args.dataset:
+        requests = sharegpt_requests(args.dataset, pipe.tokenizer, args.num_prompts, rng, args.session_len)
+    else:
+        def length(n):
+            return int(rng.integers(max(1, int(n * args.random_range_ratio)), n + 1))
+        requests = [(random_prompt_ids(rng, vocab, length(args.input_len)), length(args.output_len))
+                    for _ in range(args.num_prompts)]
+    if args.warmup:
+        run_requests(pipe, requests[:args.warmup], progress=False, session_base=10_000_000)
+    timings, seconds = run_requests(pipe, requests)
+    pipe.close()
+    n_in = sum(t.input_len for t in timings)
+    n_out = sum(t.output_len for t in timings)
+    record = dict(engine=f'lmdeploy_jax-{args.backend}', bench='throughput', device=device_description(),
+                  model=args.model_path or 'default', tp=args.tp, num_prompts=len(timings),
+                  input_len=args.input_len, output_len=args.output_len, max_batch_size=args.max_batch_size,
+                  seconds=round(seconds, 2), req_per_s=round(len(timings) / seconds, 2),
+                  input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
+                  total_tok_per_s=round((n_in + n_out) / seconds, 1),
+                  ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
+                  startup_s=round(startup, 1))
+    print(f"{record['req_per_s']} req/s, {record['output_tok_per_s']} output tok/s, "
+          f"TTFT p50 {record['ttft_ms']['p50']} ms, TPOT p50 {record['tpot_ms']['p50']} ms, start-up {startup:.1f} s")
+    print_result(record)
+
+
+if __name__ == '__main__':
+    main()
