@@ -45,9 +45,9 @@ from pallas_kernels.prefill_attention.api import paged_prefill_attention  # noqa
 IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops')   # jax_ops: decode only
 CHECK_ROWS = 8
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
-DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 4])
-PREFILL_SWEEP = dict(block_rows=[64, 128], tile_tokens=[32, 64, 128], num_warps=[4, 8],
-                     num_stages=[2, 3])
+DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[3, 5, 7])
+PREFILL_SWEEP = dict(block_rows=[64, 128], tile_tokens=[32, 64], num_warps=[4, 8],
+                     num_stages=[3, 4])
 
 
 # ---- inputs ---------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
 MIN_DOT = 16                      # the smallest M, N and K of a Triton dot
+# Float32 dots default to TF32 on the tensor cores (~1e-3 relative error); HIGHEST keeps them
+# IEEE float32, which the float32 engine needs to match the PyTorch reference token for token.
+# It changes nothing for 16-bit inputs.
+EXACT = lax.Precision.HIGHEST
 
 
 def next_pow2(n: int) -> int:
@@ -52,13 +56,13 @@ def softmax_step(state, q, k, v, mask, scale_log2: float):
     """Fold one tile into the state. Every row must see at least one unmasked position in its
     first tile (else its max stays -inf and the next step makes NaN)."""
     acc, m, l = state
-    scores = plgpu.dot(q, k, trans_b=True) * scale_log2               # f32 [rows, tile]
+    scores = plgpu.dot(q, k, trans_b=True, precision=EXACT) * scale_log2     # f32 [rows, tile]
     scores = jnp.where(mask, scores, -jnp.inf)
     m_new = jnp.maximum(m, scores.max(axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(scores - m_new[:, None])
     l_new = l * alpha + p.sum(axis=1)
-    acc_new = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    acc_new = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=EXACT)
     return acc_new, m_new, l_new
 
 
