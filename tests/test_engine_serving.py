@@ -134,6 +134,9 @@ def test_no_compilation_after_warmup(engine, rng):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
+        jax.jit(lambda x: x * 3)(np.ones(int(rng.integers(1, 10**6))))   # the listener does see compiles
+        assert compiles
+        compiles.clear()
         requests = [EngineRequest(1000 + i, ids(rng, int(rng.integers(1, SESSION - 10))),
                                   greedy(int(rng.integers(1, 9)), logprobs=int(rng.choice([0, 3])) if i % 3 == 0 else None))
                     for i in range(100)]

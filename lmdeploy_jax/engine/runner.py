@@ -35,7 +35,7 @@ def enable_compilation_cache(path: str | None) -> None:
 
     A directory the process already set (e.g. by the user) is kept unless ``path`` names one.
     """
-    if path is None and jax.config.jax_compilation_cache_dir:
+    if path is None and getattr(jax.config, 'jax_compilation_cache_dir', None):
         return
     path = os.path.expanduser(path or DEFAULT_COMPILATION_CACHE)
     os.makedirs(path, exist_ok=True)
