@@ -127,3 +127,18 @@ def test_prefix_cache_reuses_full_blocks(rng):
                                    GenerationConfig(max_new_tokens=2)), Collector())
         run_to_end(sched, rng)
     assert sched.blocks.prefix_hit_blocks == 4      # 17 shared tokens: 4 full blocks
+
+
+def test_losing_the_device_cache_recomputes_everything(rng):
+    sched = make(prefix=True)
+    submit(sched, rng, 1, 13, 3, sequence_end=False)           # an idle session holding KV
+    run_to_end(sched, rng)
+    live = [submit(sched, rng, sid, 20, 6) for sid in (2, 3)]
+    sched.complete(sched.schedule(), SampleOutput(rng.integers(10, VOCAB, 4), np.zeros(4, np.float32),
+                                                  np.zeros((4, MAX_LOGPROBS), np.float32),
+                                                  np.zeros((4, MAX_LOGPROBS), np.int32)))
+    sched.forget_all_kv()
+    assert sched.blocks.num_free() == 63 and sched.blocks.num_cached() == 0
+    assert all(s.num_cached == 0 for s in sched.sessions.values()) and len(sched.waiting) == 2
+    run_to_end(sched, rng)
+    assert all(c.final.finish_reason == 'length' and len(c.tokens) == 6 for c, _ in live)

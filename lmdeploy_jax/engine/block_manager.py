@@ -97,5 +97,12 @@ class BlockManager:
         self.prefix_hit_blocks += len(blocks)
         return blocks
 
+    def forget_cached(self) -> None:
+        """Empty the prefix cache (its blocks' contents were lost); referenced blocks stay taken."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._by_hash.clear()
+        self._hash_of.clear()
+
     def ref_count(self, block: int) -> int:
         return self._refs[block]

@@ -178,6 +178,9 @@ class JaxEngine(InferenceEngine):
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
             logger.exception('jax engine: a step failed')
             self._scheduler.fail(plan, f'{type(exc).__name__}: {exc}')
+            if self._runner.recover_cache():
+                logger.warning('jax engine: the KV cache was lost with the failed step; sequences recompute')
+                self._scheduler.forget_all_kv()
             return
         self._scheduler.complete(plan, out)
 

@@ -115,6 +115,17 @@ class ModelRunner:
                     len(self._executables), time.perf_counter() - start, list(self.buckets.decode_batch),
                     list(self.buckets.prefill))
 
+    def recover_cache(self) -> bool:
+        """After a failed step: if its donated cache is gone, allocate a fresh (empty) one; True if so."""
+        try:
+            if not any(leaf.is_deleted() for leaf in jax.tree.leaves(self.cache)):
+                jax.block_until_ready(self.cache)     # raises if the failed step produced it
+                return False
+        except Exception:  # noqa: BLE001 - a cache in error is a lost cache
+            pass
+        self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), _abstract(self.cache))
+        return True
+
     def step(self, plan: StepPlan) -> SampleOutput:
         """Dispatch one step; returns its device outputs, already on their way to the host."""
         rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)

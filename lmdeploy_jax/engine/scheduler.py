@@ -138,6 +138,14 @@ class Scheduler:
             self.idle[seq.session_id] = seq
         _emit(on_output, EngineOutput(token_ids or [], logprobs, reason, error))
 
+    def forget_all_kv(self) -> None:
+        """The device cache was lost: every sequence recomputes from its tokens, nothing is cached."""
+        for seq in list(self.running):
+            self._preempt(seq)
+        for seq in self.sessions.values():
+            self._drop_kv(seq)
+        self.blocks.forget_cached()
+
     # ---- blocks ----
 
     def _drop_kv(self, seq: Sequence) -> None:
