@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from engine_helpers import run_all
+from test_engine_helpers import run_all
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdeploy_jax.checkpoint.source import resolve_model

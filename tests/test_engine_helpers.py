@@ -1,4 +1,4 @@
-"""Shared by the JAX engine tests: run requests through an InferenceEngine and wait for them."""
+"""Shared by the JAX engine tests (no tests here): run requests through an InferenceEngine and wait."""
 from __future__ import annotations
 
 import threading

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from engine_helpers import Result, run_all
+from test_engine_helpers import Result, run_all
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmdeploy_jax.checkpoint.source import ModelSource
