@@ -25,8 +25,9 @@ def pipeline(model_path: str | None = None, model_name: str | None = None, backe
              **kwargs):
     """Build an ``AsyncEngine`` for ``model_path`` (None: the embedded SmolLM2-135M-Instruct).
 
-    ``tp`` and ``instance_num`` fill the backend config's ``tp`` and ``max_batch_size`` when it
-    leaves them unset, as in LMDeploy.
+    ``tp`` fills the backend config's ``tp`` when it leaves it at 1. ``instance_num`` is
+    accepted for LMDeploy compatibility and validated; concurrency is the backend's
+    ``max_batch_size`` (default: by platform).
     """
     from .serve.async_engine import AsyncEngine
     set_log_level(log_level)
@@ -36,7 +37,5 @@ def pipeline(model_path: str | None = None, model_name: str | None = None, backe
         backend_config = (PytorchEngineConfig if backend == 'pytorch' else TurbomindEngineConfig)(tp=tp)
     elif tp != 1 and backend_config.tp == 1:
         backend_config = type(backend_config)(**{**backend_config.__dict__, 'tp': tp})
-    if backend_config.max_batch_size is None:
-        backend_config = type(backend_config)(**{**backend_config.__dict__, 'max_batch_size': instance_num})
     return AsyncEngine(model_path, model_name=model_name, backend=backend, backend_config=backend_config,
                        chat_template_config=chat_template_config, **kwargs)

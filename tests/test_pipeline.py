@@ -13,7 +13,7 @@ FRANCE = 'What is the capital of France?'
 CJK_EMOJI = 'Write the Chinese word for cat and a cat emoji.'
 
 
-@pytest.fixture(scope='module', params=['pytorch'])
+@pytest.fixture(scope='module', params=['turbomind', 'pytorch'])
 def pipe(request):
     with pipeline(backend=request.param, backend_config=None) as p:
         yield p

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def powers_of_two_upto(limit: int, start: int = 1, factor: int = 2) -> list[int]:
+def geometric_upto(limit: int, start: int = 1, factor: int = 2) -> list[int]:
     """``start, start*factor, ...`` below ``limit``, then ``limit`` itself."""
     out, n = [], start
     while n < limit:
@@ -54,13 +54,16 @@ class Buckets:
 
 def make_buckets(max_batch_size: int, max_prefill_tokens: int, session_len: int, block_size: int,
                  decode_batch: list[int] | None = None, prefill_tokens: list[int] | None = None,
-                 prefill_batch: list[int] | None = None) -> Buckets:
-    """Default buckets (powers of two; prefill rows in powers of four), or the ones given."""
+                 prefill_batch: list[int] | None = None, growth: int = 2) -> Buckets:
+    """Default buckets (powers of ``growth``; prefill rows in powers of four), or the ones given.
+
+    A larger ``growth`` means fewer shapes: more padding per step, but a shorter start-up, which
+    is the better trade on a CPU, where compiling dominates."""
     max_blocks = -(-session_len // block_size)
-    decode = sorted(set(decode_batch or powers_of_two_upto(max_batch_size)))
+    decode = sorted(set(decode_batch or geometric_upto(max_batch_size, factor=growth)))
     longest = min(max_prefill_tokens, session_len)
-    tokens = sorted(set(prefill_tokens or powers_of_two_upto(longest, start=min(32, longest))))
-    rows = sorted(set(prefill_batch or powers_of_two_upto(max_batch_size, factor=4)))
+    tokens = sorted(set(prefill_tokens or geometric_upto(longest, start=min(32, longest), factor=growth)))
+    rows = sorted(set(prefill_batch or geometric_upto(max_batch_size, factor=4)))
     if decode[-1] < max_batch_size:
         raise ValueError(f'decode buckets {decode} do not reach max_batch_size={max_batch_size}')
     prefill = tuple((b, t) for t in tokens for b in rows

@@ -27,6 +27,7 @@ from .scheduler import Scheduler, StepPlan
 logger = logging.getLogger('lmdeploy_jax')
 
 DEFAULT_MAX_BATCH_SIZE = {'gpu': 256, 'cpu': 16}
+BUCKET_GROWTH = {'cpu': 4}                     # fewer compiled shapes where compiling is slow
 _DEFERRED = ('ppl', 'stop')     # commands that must wait until no step is in flight
 
 
@@ -49,7 +50,8 @@ class JaxEngine(InferenceEngine):
         num_blocks = plan_num_blocks(spec, block_size, self.session_len, config.cache_max_entry_count,
                                      config.num_cache_blocks, device)
         buckets = make_buckets(self.max_batch_size, config.max_prefill_token_num, self.session_len, block_size,
-                               decode_batch, prefill_tokens, prefill_batch)
+                               decode_batch, prefill_tokens, prefill_batch,
+                               growth=BUCKET_GROWTH.get(device.platform, 2))
         self._runner = ModelRunner(model, init_cache_state(spec, num_blocks, block_size), buckets, block_size,
                                    config.compilation_cache_dir)
         self._runner.warmup()

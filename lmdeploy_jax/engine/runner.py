@@ -9,6 +9,8 @@ chunk shape: it is not on the serving path.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -103,14 +105,26 @@ class ModelRunner:
         self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
         self._executables: dict[tuple[int, int], jax.stages.Compiled] = {}
 
+    def _precision(self):
+        """float32 models compute in float32: a GPU would otherwise run their dots as TF32."""
+        if self.model.spec.dtype == jnp.float32:
+            return jax.default_matmul_precision('highest')
+        return contextlib.nullcontext()
+
     def warmup(self) -> None:
-        """Compile every bucket shape now, so serving never compiles."""
+        """Compile every bucket shape now, so serving never compiles. Tracing is sequential;
+        XLA compiles the shapes in parallel threads (it releases the GIL)."""
         start = time.perf_counter()
-        for shape in self.buckets.all_shapes():
-            batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
-            sp = host_sampling_params([], shape[0])
-            self._executables[shape] = self._step.lower(
-                self.model.params, _abstract(self.cache), _abstract(batch), _abstract(sp)).compile()
+        lowered = {}
+        with self._precision():
+            for shape in self.buckets.all_shapes():
+                batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
+                sp = host_sampling_params([], shape[0])
+                lowered[shape] = self._step.lower(self.model.params, _abstract(self.cache), _abstract(batch),
+                                                  _abstract(sp))
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            compiled = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
+            self._executables.update(compiled)
         logger.info('compiled %d step shapes in %.1f s: decode batches %s, prefill (rows, tokens) %s',
                     len(self._executables), time.perf_counter() - start, list(self.buckets.decode_batch),
                     list(self.buckets.prefill))
@@ -151,6 +165,7 @@ class ModelRunner:
             following = ids[start + 1:start + 1 + len(chunk)]
             targets[0, :len(following)] = following
             valid = np.arange(t)[None, :] < len(following)
-            self.cache, nll = self._ppl(self.model.params, self.cache, batch, targets, valid)
+            with self._precision():
+                self.cache, nll = self._ppl(self.model.params, self.cache, batch, targets, valid)
             total += float(nll)
         return total / (len(ids) - 1)
