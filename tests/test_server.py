@@ -25,7 +25,7 @@ FRANCE = 'What is the capital of France?'
 START_TIMEOUT_S = 240
 # one math thread: the test client shares the machine's 2 cores, and torch's spinning threads slow 15x
 # when a core is taken from them
-SERVER_ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+CHILD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
 def _free_port() -> int:
@@ -41,7 +41,7 @@ def running_server(*flags: str):
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, '-m', 'lmdeploy_jax.cli.main', 'serve', 'api_server',
                              '--server-name', '127.0.0.1', '--server-port', str(port), '--backend', BACKEND,
-                             *flags], stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV)
+                             *flags], stdout=log, stderr=subprocess.STDOUT, env=CHILD_ENV)
     base = f'http://127.0.0.1:{port}'
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
