@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
@@ -328,3 +329,17 @@ def test_metrics_count_requests_and_tokens(base, client, model):
     assert after['lmdeploy_jax_prompt_tokens_total'] == \
         before['lmdeploy_jax_prompt_tokens_total'] + resp.usage.prompt_tokens
     assert after['lmdeploy_jax_generations_running'] == 0
+
+
+@pytest.mark.parametrize('pacing', [['--concurrency', '4'], ['--request-rate', '20']], ids=['concurrency', 'rate'])
+def test_profile_restful_api_measures_the_server(base, pacing):
+    out = subprocess.run([sys.executable, 'benchmark/profile_restful_api.py', '--base-url', base, '--num-prompts', '8',
+                          '--output-len', '4', '--ignore-eos', '--input-len', '8', *pacing],
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    [line] = out.stdout.splitlines()
+    result = json.loads(line)
+    assert result['completed'] == 8 and result['failed'] == 0 and result['output_tokens'] == 32
+    assert 0 < result['ttft_ms']['p50'] <= result['e2e_latency_ms']['p50'] and result['tpot_ms']['p99'] > 0
+    assert result['itl_ms']['mean'] > 0 and result['output_throughput'] > 0
