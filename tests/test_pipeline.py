@@ -179,6 +179,13 @@ def test_bad_construction_arguments(tmp_path):
         pipeline(str(bogus))
 
 
+def test_unavailable_hub_id_names_it(monkeypatch, tmp_path):
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path))
+    with pytest.raises(FileNotFoundError, match='no-such-org/no-such-model'):
+        pipeline('no-such-org/no-such-model')
+
+
 def test_unsupported_gguf_architecture(tmp_path):
     import gguf
     import numpy as np
