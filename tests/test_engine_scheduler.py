@@ -39,8 +39,9 @@ def run_to_end(sched, rng, max_steps=2000):
             assert b * t <= 32 or b == 1
         for seq, n, _ in plan.rows:
             assert len(seq.blocks) * BS >= seq.num_cached + n
-        out = SampleOutput(rng.integers(10, VOCAB, b), np.zeros(b, np.float32),
-                           np.zeros((b, MAX_LOGPROBS), np.float32), np.zeros((b, MAX_LOGPROBS), np.int32))
+        k = () if plan.prefill else (plan.steps,)        # decode calls return [steps, B]
+        out = SampleOutput(rng.integers(10, VOCAB, k + (b,)), np.zeros(k + (b,), np.float32),
+                           np.zeros(k + (b, MAX_LOGPROBS), np.float32), np.zeros(k + (b, MAX_LOGPROBS), np.int32))
         sched.complete(plan, out)
     raise AssertionError('the scheduler did not finish')
 

@@ -18,9 +18,10 @@ from ..checkpoint.source import ModelSource
 from ..engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
 from ..messages import TurbomindEngineConfig
 from ..models import load_model
+from ..parallel import agree_min, init_distributed, local_devices, make_tp_mesh
 from .block_manager import BlockManager
 from .buckets import make_buckets
-from .kv_pool import init_cache_state, plan_num_blocks
+from .kv_pool import free_device_bytes, init_cache_state, plan_num_blocks
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
 
@@ -28,35 +29,42 @@ logger = logging.getLogger('lmdeploy_jax')
 
 DEFAULT_MAX_BATCH_SIZE = {'gpu': 256, 'cpu': 16}
 BUCKET_GROWTH = {'cpu': 4}                     # fewer compiled shapes where compiling is slow
+# decode steps per compiled call (one host round trip per call); more hides more host time but
+# delays newly arrived prompts and wastes the steps after a row's finish
+DEFAULT_DECODE_STEPS = 8
 _DEFERRED = ('ppl', 'stop')     # commands that must wait until no step is in flight
 
 
 class JaxEngine(InferenceEngine):
     """The JAX engine. Bucket lists (``decode_batch``, ``prefill_tokens``, ``prefill_batch``)
-    override the defaults of ``buckets.make_buckets``: fewer shapes, faster start-up."""
+    override the defaults of ``buckets.make_buckets``: fewer shapes, faster start-up.
+    ``decode_steps`` is how many decode steps one compiled call runs (``multistep.py``)."""
 
     def __init__(self, source: ModelSource, config: TurbomindEngineConfig | None = None, *,
                  decode_batch: list[int] | None = None, prefill_tokens: list[int] | None = None,
-                 prefill_batch: list[int] | None = None):
+                 prefill_batch: list[int] | None = None, decode_steps: int = DEFAULT_DECODE_STEPS):
+        if decode_steps < 1:
+            raise ValueError(f'decode_steps must be >= 1, got {decode_steps}')
         config = config or TurbomindEngineConfig()
-        if config.tp != 1:
-            raise NotImplementedError(f'tp={config.tp}: the JAX engine runs on one device for now')
-        device = jax.devices()[0]
-        model = load_model(source, config.dtype)
+        init_distributed()
+        mesh = make_tp_mesh(config.tp) if config.tp > 1 else None
+        devices = local_devices(mesh) if mesh is not None else jax.devices()[:1]
+        device = min(devices, key=lambda d: free_device_bytes(d) or 0)
+        model = load_model(source, config.dtype, mesh)
         spec = model.spec
         self.session_len = config.session_len or spec.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE.get(device.platform, 256)
         block_size = config.cache_block_seq_len
-        num_blocks = plan_num_blocks(spec, block_size, self.session_len, config.cache_max_entry_count,
-                                     config.num_cache_blocks, device)
+        num_blocks = agree_min(plan_num_blocks(spec, block_size, self.session_len, config.cache_max_entry_count,
+                                               config.num_cache_blocks, device, config.tp))
         buckets = make_buckets(self.max_batch_size, config.max_prefill_token_num, self.session_len, block_size,
                                decode_batch, prefill_tokens, prefill_batch,
                                growth=BUCKET_GROWTH.get(device.platform, 2))
-        self._runner = ModelRunner(model, init_cache_state(spec, num_blocks, block_size), buckets, block_size,
-                                   config.compilation_cache_dir)
+        self._runner = ModelRunner(model, init_cache_state(spec, num_blocks, block_size, mesh), buckets, block_size,
+                                   config.compilation_cache_dir, decode_steps)
         self._runner.warmup()
         self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
-                                    self.session_len, self.max_batch_size, spec.vocab_size)
+                                    self.session_len, self.max_batch_size, spec.vocab_size, decode_steps)
         logger.info('jax engine: %s (%s, %s), session_len=%d, max_batch_size=%d, prefix caching %s',
                     source.given, spec.architecture, spec.dtype, self.session_len, self.max_batch_size,
                     'on' if config.enable_prefix_caching else 'off')

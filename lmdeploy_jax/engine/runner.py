@@ -1,6 +1,7 @@
 """The compiled steps: one executable per bucket shape, built at start-up, the KV pool donated.
 
-``step`` is the pure function ``(params, cache, batch, sampling) -> (cache, sampled)``: it writes
+Prefill shapes run one step; decode shapes run ``decode_steps`` steps per call (``multistep.py``),
+their outputs carrying a leading [steps] axis. ``step`` is the pure function ``(params, cache, batch, sampling) -> (cache, sampled)``: it writes
 the batch's tokens and KV into the pool, runs the model, takes each row's last-position logits in
 float32 and samples on the device. Executables are compiled ahead of time (``lower().compile()``)
 for every shape in the bucket set, so serving calls them directly and can never compile; a shape
@@ -23,6 +24,7 @@ import numpy as np
 from ..models import LoadedModel, StepBatch
 from .buckets import Buckets
 from .kv_pool import CacheState
+from . import multistep
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, sample
 from .scheduler import StepPlan
 
@@ -67,7 +69,9 @@ def host_step_batch(rows: list[tuple[list[int], int, list[int]]], shape: tuple[i
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shapes, dtypes and, for device arrays, shardings (a tensor-parallel cache stays sharded)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+                        tree)
 
 
 def _step(model: LoadedModel, block_size: int, params, cache: CacheState, batch: StepBatch,
@@ -98,12 +102,17 @@ class ModelRunner:
     """Owns the params, the device KV pool and the compiled steps; runs on the engine thread."""
 
     def __init__(self, model: LoadedModel, cache: CacheState, buckets: Buckets, block_size: int,
-                 compilation_cache_dir: str | None = None):
+                 compilation_cache_dir: str | None = None, decode_steps: int = 1):
         enable_compilation_cache(compilation_cache_dir)
         self.model, self.cache, self.buckets, self.block_size = model, cache, buckets, block_size
-        self._step = jax.jit(functools.partial(_step, model, block_size), donate_argnums=(1,))
+        self.decode_steps = decode_steps
+        step = functools.partial(_step, model, block_size)
+        self._step = jax.jit(step, donate_argnums=(1,))
+        self._decode = jax.jit(functools.partial(multistep.decode_steps, step, block_size, decode_steps),
+                               donate_argnums=(1,))
         self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
-        self._executables: dict[tuple[int, int], jax.stages.Compiled] = {}
+        # (prefill?, shape) -> executable: a decode shape may equal a one-token prefill shape
+        self._executables: dict[tuple[bool, tuple[int, int]], jax.stages.Compiled] = {}
 
     def _precision(self):
         """float32 models compute in float32: a GPU would otherwise run their dots as TF32."""
@@ -116,18 +125,20 @@ class ModelRunner:
         XLA compiles the shapes in parallel threads (it releases the GIL)."""
         start = time.perf_counter()
         lowered = {}
+        shapes = [(False, (b, 1)) for b in self.buckets.decode_batch] + [(True, s) for s in self.buckets.prefill]
         with self._precision():
-            for shape in self.buckets.all_shapes():
+            for key in shapes:
+                prefill, shape = key
                 batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
                 sp = host_sampling_params([], shape[0])
-                lowered[shape] = self._step.lower(self.model.params, _abstract(self.cache), _abstract(batch),
-                                                  _abstract(sp))
+                lowered[key] = (self._step if prefill else self._decode).lower(
+                    self.model.params, _abstract(self.cache), _abstract(batch), _abstract(sp))
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             compiled = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
             self._executables.update(compiled)
-        logger.info('compiled %d step shapes in %.1f s: decode batches %s, prefill (rows, tokens) %s',
-                    len(self._executables), time.perf_counter() - start, list(self.buckets.decode_batch),
-                    list(self.buckets.prefill))
+        logger.info('compiled %d step shapes in %.1f s: decode batches %s (%d steps a call), '
+                    'prefill (rows, tokens) %s', len(self._executables), time.perf_counter() - start,
+                    list(self.buckets.decode_batch), self.decode_steps, list(self.buckets.prefill))
 
     def recover_cache(self) -> bool:
         """After a failed step: if its donated cache is gone, allocate a fresh (empty) one; True if so."""
@@ -137,18 +148,26 @@ class ModelRunner:
                 return False
         except Exception:  # noqa: BLE001 - a cache in error is a lost cache
             pass
-        self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), _abstract(self.cache))
+        self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding),
+                                  _abstract(self.cache))
         return True
 
     def step(self, plan: StepPlan) -> SampleOutput:
-        """Dispatch one step; returns its device outputs, already on their way to the host."""
-        rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
-                for seq, n, _ in plan.rows]
-        batch = host_step_batch(rows, plan.shape, self.buckets.max_blocks, self.block_size)
+        """Dispatch one step (a prefill plan) or ``decode_steps`` steps (a decode plan); returns the
+        device outputs, already on their way to the host."""
+        if plan.prefill:
+            rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
+                    for seq, n, _ in plan.rows]
+            batch = host_step_batch(rows, plan.shape, self.buckets.max_blocks, self.block_size)
+        else:
+            batch = multistep.host_decode_batch([seq for seq, _, _ in plan.rows], plan.shape[0],
+                                                self.buckets.max_blocks, self.block_size)
         sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated) for seq, _, _ in plan.rows],
                                   plan.shape[0])
-        self.cache, out = self._executables[plan.shape](self.model.params, self.cache,
-                                                        jax.device_put(batch), jax.device_put(sp))
+        executable = self._executables[plan.prefill, plan.shape]
+        self.cache, out = executable(self.model.params, self.cache, jax.device_put(batch), jax.device_put(sp))
+        if not sp.want_logprobs.any():          # only the tokens cross to the host
+            out = SampleOutput(out.token, None, None, None)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return out

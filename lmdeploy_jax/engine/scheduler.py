@@ -1,8 +1,11 @@
 """Continuous batching over the paged KV pool: which sequences feed which tokens in the next step.
 
 Requests join between steps. A step is either a prefill step (sequences with more than one token
-to feed, chunked under the prefill token budget) or a decode step (every sequence with one token
-to feed); the two alternate while both have work, so long prompts do not stall running streams.
+to feed, chunked under the prefill token budget) or a decode call (every sequence with one token
+to feed, run for ``decode_steps`` steps on the device, blocks reserved for all of them). Prefill
+goes first, so the batch fills before decoding (every decode step then carries as many rows as
+it can: throughput), but at most ``PREFILL_STREAK`` prefill steps run in a row while sequences
+wait to decode, so long prompts stall running streams for a bounded time.
 When blocks run out, idle sessions' KV goes first, then the newest running sequences are
 preempted: their blocks are released and their tokens recomputed later, never dropped. With
 prefix caching, a sequence starting without KV reuses the registered blocks of its longest cached
@@ -29,18 +32,21 @@ from .sequence import Sequence
 
 logger = logging.getLogger('lmdeploy_jax')
 
+PREFILL_STREAK = 4      # most consecutive prefill steps while other sequences wait to decode
+
 
 @dataclass
 class StepPlan:
     """One step's rows: each sequence, how many of its uncached tokens it feeds, and the request served."""
-    prefill: bool                                          # a prefill step ([B, T]) or a decode step ([B, 1])
-    rows: list[tuple[Sequence, int, EngineRequest]]        # (sequence, tokens fed, request at planning)
+    prefill: bool                                          # a prefill step ([B, T]) or a decode call ([B, 1])
+    rows: list[tuple[Sequence, int, EngineRequest]]        # (sequence, tokens it may feed, request at planning)
     shape: tuple[int, int]                                 # the compiled (B, T) it is padded to
+    steps: int = 1                                         # device steps of the call (decode: decode_steps)
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, buckets: Buckets, session_len: int, max_batch_size: int,
-                 vocab_size: int):
+                 vocab_size: int, decode_steps: int = 1):
         self.blocks = blocks
         self.buckets = buckets
         self.session_len = session_len
@@ -50,7 +56,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []                  # oldest admitted first
         self.idle: OrderedDict[int, Sequence] = OrderedDict()  # sessions keeping KV between requests, LRU first
-        self._last_was_prefill = False
+        self.decode_steps = decode_steps
+        self._prefill_streak = 0                           # prefill steps since the last decode call
         self.num_preemptions = 0
         self.prefilled_tokens = 0                          # tokens fed by prefill steps (recompute included)
 
@@ -211,12 +218,12 @@ class Scheduler:
                 return None
             prefill = [s for s in self.running if s.pending > 1]
             decode = [s for s in self.running if s.pending == 1]
-            if prefill and (not decode or not self._last_was_prefill):
+            if prefill and (not decode or self._prefill_streak < PREFILL_STREAK):
                 plan = self._plan_prefill(prefill)
             else:
                 plan = self._plan_decode(decode)
             if plan is not None:
-                self._last_was_prefill = plan.prefill
+                self._prefill_streak = self._prefill_streak + 1 if plan.prefill else 0
                 return plan
             # nothing could get a block: make room from the newest, or fail a lone oversized sequence
             if len(self.running) > 1:
@@ -243,51 +250,78 @@ class Scheduler:
         return StepPlan(True, rows, self.buckets.prefill_shape(chunks))
 
     def _plan_decode(self, candidates: list[Sequence]) -> StepPlan | None:
+        """Every decoding sequence gets a block for its next token (the newest are preempted if
+        none is free), then, from what is left, blocks for the rest of the call's steps it can use."""
+        bs = self.block_size
+        alive = set(self.running)                          # a set: membership per row must not cost O(B)
+        for seq in candidates:
+            while seq in alive and seq.blocks_needed(seq.num_cached + 1, bs) > 0 and not self._free_idle(1):
+                alive.discard(self.running[-1])
+                self._preempt(self.running[-1])
+            if seq in alive:
+                self._grant(seq, 1)
         rows = []
         for seq in candidates:
-            if seq not in self.running:
-                continue                                   # preempted for an older sequence
-            while seq.blocks_needed(seq.num_cached + 1, self.block_size) > 0 and not self._free_idle(1):
-                self._preempt(self.running[-1])
-                if seq not in self.running:
-                    break
-            if seq in self.running:
-                self._grant(seq, 1)
-                rows.append((seq, 1, seq.request))
+            if seq in alive:
+                gen = seq.gen_config
+                useful = min(self.decode_steps, gen.max_new_tokens - seq.num_generated,
+                             self.session_len - len(seq.tokens))
+                rows.append((seq, max(1, self._grant(seq, useful)), seq.request))
         if not rows:
             return None
-        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1))
+        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self.decode_steps)
 
     # ---- results ----
 
     def complete(self, plan: StepPlan, out: SampleOutput) -> None:
-        """Take a step's host-side results: advance each row, report its token or finish it."""
-        bs = self.block_size
-        for i, (seq, chunk, request) in enumerate(plan.rows):
+        """Take a call's host-side results (decode: [steps, B] arrays): advance each row, report its
+        tokens or finish it."""
+        tokens = out.token.tolist()
+        for i, (seq, fed, request) in enumerate(plan.rows):
             if seq.request is not request:
                 continue                                   # cancelled or failed while the step ran
-            seq.num_cached += chunk
             if plan.prefill:
-                self.prefilled_tokens += chunk
-            if self.blocks.enable_prefix_caching:
-                hashes = seq.block_hashes(bs)
-                for j in range(seq.num_registered, seq.num_cached // bs):
-                    self.blocks.register(seq.blocks[j], hashes[j])
-                seq.num_registered = max(seq.num_registered, seq.num_cached // bs)
-            if seq.pending == 0:
-                self._take_token(seq, out, i)
+                seq.num_cached += fed
+                self.prefilled_tokens += fed
+                if seq.pending == 0:
+                    self._take_tokens(seq, [tokens[i]], out, i, None)
+            else:
+                self._take_tokens(seq, [step[i] for step in tokens[:fed]], out, i, 0)
+            self._register_blocks(seq)
 
-    def _take_token(self, seq: Sequence, out: SampleOutput, row: int) -> None:
+    def _register_blocks(self, seq: Sequence) -> None:
+        if self.blocks.enable_prefix_caching:
+            bs = self.block_size
+            hashes = seq.block_hashes(bs)
+            for j in range(seq.num_registered, seq.num_cached // bs):
+                self.blocks.register(seq.blocks[j], hashes[j])
+            seq.num_registered = max(seq.num_registered, seq.num_cached // bs)
+
+    def _take_tokens(self, seq: Sequence, sampled: list[int], out: SampleOutput, row: int,
+                     first_step: int | None) -> None:
+        """Append a row's sampled tokens up to its finish; report them in one output.
+
+        ``first_step`` is None for a prefill step (the token was sampled after the chunk, which the
+        caller has counted as cached) and 0 for a decode call, where each token was sampled after
+        feeding the previous one: each counts one more cached token."""
         gen = seq.gen_config
-        token = int(out.token[row])
-        seq.tokens.append(token)
-        seq.num_generated += 1
-        logprobs = None if gen.logprobs is None else [logprob_dict(out, row, gen.logprobs)]
-        if token in (gen.stop_token_ids or ()):
-            self._finish(seq, 'stop', logprobs=None if logprobs is None else [])
-        elif seq.num_generated >= gen.max_new_tokens or len(seq.tokens) >= self.session_len:
-            self._finish(seq, 'length', [token], logprobs)
-        elif not _emit(seq.on_output, EngineOutput([token], logprobs)):
+        stop_ids = gen.stop_token_ids or ()
+        reported, logprobs = [], None if gen.logprobs is None else []
+        for k, token in enumerate(sampled):
+            if first_step is not None:
+                seq.num_cached += 1
+            seq.tokens.append(token)
+            seq.num_generated += 1
+            if token in stop_ids:
+                self._finish(seq, 'stop', reported, logprobs)
+                return
+            reported.append(token)
+            if logprobs is not None:
+                logprobs.append(logprob_dict(out, row, gen.logprobs, None if first_step is None else k))
+            if seq.num_generated >= gen.max_new_tokens or len(seq.tokens) >= self.session_len:
+                self._finish(seq, 'length', reported, logprobs)
+                return
+        if not _emit(seq.on_output, EngineOutput(reported, logprobs)):
             self._finish(seq, 'error', error='the output callback failed')
 
 
