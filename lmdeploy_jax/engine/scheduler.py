@@ -255,18 +255,22 @@ class Scheduler:
         bs = self.block_size
         alive = set(self.running)                          # a set: membership per row must not cost O(B)
         for seq in candidates:
-            while seq in alive and seq.blocks_needed(seq.num_cached + 1, bs) > 0 and not self._free_idle(1):
+            if seq.blocks_needed(seq.num_cached + 1, bs) == 0:
+                continue                                   # the usual case: its last block has room
+            while seq in alive and not self._free_idle(1):
                 alive.discard(self.running[-1])
                 self._preempt(self.running[-1])
             if seq in alive:
-                self._grant(seq, 1)
+                seq.blocks += self.blocks.allocate(1)
         rows = []
         for seq in candidates:
             if seq in alive:
                 gen = seq.gen_config
                 useful = min(self.decode_steps, gen.max_new_tokens - seq.num_generated,
                              self.session_len - len(seq.tokens))
-                rows.append((seq, max(1, self._grant(seq, useful)), seq.request))
+                if useful > 1 and seq.blocks_needed(seq.num_cached + useful, bs) > 0:
+                    useful = max(1, self._grant(seq, useful))
+                rows.append((seq, useful, seq.request))
         if not rows:
             return None
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self.decode_steps)
