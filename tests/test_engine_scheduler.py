@@ -22,9 +22,9 @@ def rng():
     return np.random.default_rng()
 
 
-def make(num_blocks=64, session_len=64, max_batch=4, prefill=32, prefix=False):
+def make(num_blocks=64, session_len=64, max_batch=4, prefill=32, prefix=False, decode_steps=1):
     buckets = make_buckets(max_batch, prefill, session_len, BS)
-    return Scheduler(BlockManager(num_blocks, BS, prefix), buckets, session_len, max_batch, VOCAB)
+    return Scheduler(BlockManager(num_blocks, BS, prefix), buckets, session_len, max_batch, VOCAB, decode_steps)
 
 
 def run_to_end(sched, rng, max_steps=2000):
@@ -34,7 +34,7 @@ def run_to_end(sched, rng, max_steps=2000):
         if plan is None:
             return
         b, t = plan.shape
-        assert len(plan.rows) <= b and all(0 < n <= t for _, n, _ in plan.rows)
+        assert len(plan.rows) <= b and all(0 < n <= t * plan.steps for _, n, _ in plan.rows)
         if plan.prefill:
             assert b * t <= 32 or b == 1
         for seq, n, _ in plan.rows:
@@ -58,6 +58,7 @@ class Collector:
 
 def submit(sched, rng, sid, prompt_len, new, **kw):
     c = Collector()
+    c.new = new
     ids = rng.integers(0, VOCAB, prompt_len).tolist()
     sched.submit(EngineRequest(sid, ids, GenerationConfig(max_new_tokens=new), **kw), c)
     return c, ids
@@ -72,6 +73,17 @@ def test_chunked_prefill_and_preemption_complete_everything(rng):
         assert c.final.finish_reason == 'length' and len(c.tokens) == 20
     assert sched.blocks.num_free() == 23 and not sched.sessions
     assert sched.prefilled_tokens >= sum(len(ids) for _, ids in reqs)
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_several_steps_a_call_reserve_blocks_and_cut_at_the_finish(rng, prefix):
+    sched = make(num_blocks=20, decode_steps=4, prefix=prefix)  # 19 blocks = 76 tokens; 4 run, each growing to ~40
+    reqs = [submit(sched, rng, sid, int(rng.integers(10, 15)), int(rng.integers(20, 31))) for sid in range(6)]
+    run_to_end(sched, rng)                              # checks every row's blocks cover its steps
+    assert sched.num_preemptions > 0
+    for c, ids in reqs:
+        assert c.final.finish_reason == 'length' and len(c.tokens) == c.new
+    assert sched.blocks.num_free() == 19 and not sched.sessions
 
 
 def test_session_keeps_kv_between_turns_and_end_frees_it(rng):
