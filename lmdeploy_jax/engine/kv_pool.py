@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
 
 from ..models import init_kv_caches, kv_bytes_per_block
 from ..models.spec import ModelSpec
+from ..parallel import rules
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -38,9 +40,11 @@ def free_device_bytes(device: jax.Device) -> int | None:
 
 
 def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_max_entry_count: float,
-                    num_cache_blocks: int | None, device: jax.Device) -> int:
-    """Blocks in the pool (block 0, the padding target, included), and a log line saying what fits."""
-    per_block = kv_bytes_per_block(spec, block_size) + 4 * block_size
+                    num_cache_blocks: int | None, device: jax.Device, kv_shards: int = 1) -> int:
+    """Blocks in the pool (block 0, the padding target, included), and a log line saying what fits.
+    ``device`` is the one with the least free memory; ``kv_shards`` devices share the KV heads,
+    so a block takes that fraction of its KV bytes on each (sizes here are per device)."""
+    per_block = kv_bytes_per_block(spec, block_size) // kv_shards + 4 * block_size
     if num_cache_blocks is not None:
         num_blocks, why = num_cache_blocks, 'num_cache_blocks'
     else:
@@ -62,6 +66,10 @@ def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_ma
     return num_blocks
 
 
-def init_cache_state(spec: ModelSpec, num_blocks: int, block_size: int) -> CacheState:
-    return CacheState(init_kv_caches(spec, num_blocks, block_size),
-                      jnp.zeros(num_blocks * block_size, jnp.int32))
+def init_cache_state(spec: ModelSpec, num_blocks: int, block_size: int, mesh: Mesh | None = None) -> CacheState:
+    """The zeroed pool; with a mesh, KV split over its heads and the token ids replicated."""
+    if mesh is None:
+        return CacheState(init_kv_caches(spec, num_blocks, block_size),
+                          jnp.zeros(num_blocks * block_size, jnp.int32))
+    return CacheState(init_kv_caches(spec, num_blocks, block_size, NamedSharding(mesh, rules.KV_PAGES)),
+                      jnp.zeros(num_blocks * block_size, jnp.int32, device=NamedSharding(mesh, rules.REPLICATED)))

@@ -1,13 +1,17 @@
-"""``load_model``: a resolved checkpoint directory -> spec, params on the device, pure step functions."""
+"""``load_model``: a resolved checkpoint directory -> spec, params on the device (or sharded over a
+tensor-parallel mesh), pure step functions."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from ..checkpoint.source import ModelSource
+from ..parallel import split_heads
 from . import llama
 from .kv_cache import init_kv_caches, kv_bytes_per_block
 from .registry import UnsupportedArchitectureError, is_supported
@@ -22,17 +26,21 @@ logger = logging.getLogger('lmdeploy_jax')
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
     """A model ready to step. ``forward`` and ``compute_logits`` are pure (jit them; donate the KV
-    list to ``forward``); ``params`` is a plain pytree, passed to them as an argument."""
+    list to ``forward``); ``params`` is a plain pytree, passed to them as an argument.
+
+    With a ``mesh`` the params are sharded over it and ``spec.num_kv_heads`` counts the KV heads
+    as stored (each repeated where the mesh is wider than the checkpoint's KV heads)."""
     spec: ModelSpec
     params: dict
     inv_freq: np.ndarray = field(repr=False)   # rope inverse frequencies, a compile-time constant
+    mesh: Mesh | None = None
 
     init_kv_caches = staticmethod(init_kv_caches)
     kv_bytes_per_block = staticmethod(kv_bytes_per_block)
 
     def forward(self, params: dict, kv_caches: llama.KVCache, batch: StepBatch) -> tuple[jax.Array, llama.KVCache]:
         """``(hidden [B, T, hidden_size], kv_caches)``: attention by the decode op when T == 1."""
-        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch)
+        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch, self.mesh)
 
     def compute_logits(self, params: dict, hidden: jax.Array) -> jax.Array:
         """float32 ``[..., vocab]``."""
@@ -57,9 +65,10 @@ def _warn_if_sliding_window(config: dict, architecture: str) -> None:
                        'so outputs differ from the reference beyond %d tokens', architecture, window, window)
 
 
-def load_model(source: ModelSource, dtype: str = 'auto') -> LoadedModel:
-    """Load ``source``'s weights for the JAX engine; raises UnsupportedArchitectureError first
-    when its architecture has no JAX model."""
+def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None) -> LoadedModel:
+    """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
+    UnsupportedArchitectureError first when its architecture has no JAX model, ValueError when
+    the mesh cannot split its heads."""
     architecture = source.architecture
     if not is_supported(architecture):
         raise UnsupportedArchitectureError(architecture)
@@ -68,5 +77,10 @@ def load_model(source: ModelSource, dtype: str = 'auto') -> LoadedModel:
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = spec_from_config(config, architecture, DTYPES[_resolve_dtype(dtype, config, ckpt)],
                                 source.generation_eos_ids())
-        params = load_params(ckpt, spec)
-    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim))
+        split = None
+        if mesh is not None:
+            split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
+        params = load_params(ckpt, spec, mesh, split)
+    if split is not None:
+        spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
+    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh)

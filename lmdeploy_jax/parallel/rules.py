@@ -1,0 +1,64 @@
+"""Every mesh axis name and partition rule of tensor parallelism, in one place.
+
+Megatron-style: q/k/v/gate/up are column-parallel (their HF ``[out, in]`` weights split on axis 0,
+so each device computes whole heads / a slice of the MLP), o/down are row-parallel (split on axis
+1; XLA all-reduces their partial sums), the KV pool splits on its leading KV-head axis, and the
+embedding/lm_head split over the vocabulary where it divides (logits come out vocab-sharded; the
+sampler's reductions gather them). Norms and the step's small inputs are replicated.
+
+Where ``tp`` exceeds the KV heads, each KV head is repeated ``tp // kv_heads`` times at load time
+(k/v rows and the pool), so every device holds exactly one KV head and the q heads that read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jax.sharding import PartitionSpec as P
+
+TP = 'tp'                      # the tensor-parallel mesh axis
+AXES = (TP,)                   # mesh axis names, outermost first
+
+COLUMN_PARALLEL = ('q', 'k', 'v', 'gate', 'up')
+ROW_PARALLEL = ('o', 'down')
+VOCAB_PARALLEL = ('embed', 'lm_head')
+
+REPLICATED = P()
+KV_PAGES = P(TP)                       # [kv_heads, num_blocks, block_size, head_dim]
+Q_HEADS = P(None, None, TP)            # q / attention output [B, T, heads, head_dim]
+NEW_KV_HEADS = P(None, TP)             # this step's k/v [B * T, kv_heads, head_dim]
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """How ``tp`` devices share a model's heads: ``kv_replicas`` copies of each KV head are stored."""
+    tp: int
+    kv_heads: int          # in the checkpoint
+    kv_replicas: int       # 1 unless tp > kv_heads
+
+    @property
+    def stored_kv_heads(self) -> int:
+        return self.kv_heads * self.kv_replicas
+
+
+def split_heads(num_heads: int, num_kv_heads: int, intermediate_size: int, tp: int) -> HeadSplit:
+    """Check that ``tp`` devices can share the heads and the MLP evenly; ValueError naming the numbers."""
+    if num_heads % tp:
+        raise ValueError(f'tp={tp} cannot split {num_heads} attention heads evenly')
+    if num_kv_heads % tp and tp % num_kv_heads:
+        raise ValueError(f'tp={tp} cannot split {num_kv_heads} KV heads: tp must divide them or be a '
+                         f'multiple of them (then each KV head is repeated tp / {num_kv_heads} times)')
+    if intermediate_size % tp:
+        raise ValueError(f'tp={tp} cannot split the MLP intermediate size {intermediate_size} evenly')
+    return HeadSplit(tp, num_kv_heads, max(1, tp // num_kv_heads))
+
+
+def param_spec(key: str, leaf: str | None, shape: tuple[int, ...], tp: int) -> P:
+    """The partition of one params entry: ``key`` as in ``models/llama.py`` ('q', 'embed', 'norm',
+    'input_norm', ...), ``leaf`` 'w' / 'b' for linears (None for plain arrays)."""
+    if key in COLUMN_PARALLEL:
+        return P(TP, None) if leaf == 'w' else P(TP)
+    if key in ROW_PARALLEL:
+        return P(None, TP) if leaf == 'w' else REPLICATED
+    if key in VOCAB_PARALLEL and leaf != 'b' and shape[0] % tp == 0:
+        return P(TP, None)
+    return REPLICATED
