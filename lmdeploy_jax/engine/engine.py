@@ -128,7 +128,9 @@ class JaxEngine(InferenceEngine):
 
     def stats(self) -> dict[str, int]:
         s = self._scheduler
-        return {'prefix_hit_blocks': s.blocks.prefix_hit_blocks, 'prefilled_tokens': s.prefilled_tokens,
+        return {'running': self.num_running(), 'waiting': self.num_waiting(),
+                'kv_blocks_free': self.num_free_blocks(), 'kv_blocks_total': self.num_total_blocks(),
+                'prefix_hit_blocks': s.blocks.prefix_hit_blocks, 'prefilled_tokens': s.prefilled_tokens,
                 'preemptions': s.num_preemptions}
 
     # ---- the engine thread ----
