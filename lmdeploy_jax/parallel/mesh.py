@@ -14,6 +14,9 @@ def make_tp_mesh(tp: int) -> Mesh:
     if tp > len(devices):
         raise ValueError(f'tp={tp} needs {tp} devices but only {len(devices)} {devices[0].platform} '
                          f'device(s) are present across {jax.process_count()} process(es)')
+    if jax.process_count() > 1 and tp != len(devices):
+        raise ValueError(f'tp={tp}: with {jax.process_count()} processes the mesh must take all their '
+                         f'{len(devices)} devices, so that every process drives a part of it')
     return Mesh(np.asarray(devices[:tp]).reshape(tp), AXES)
 
 

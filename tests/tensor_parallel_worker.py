@@ -1,0 +1,64 @@
+"""Run by ``test_tensor_parallel.py`` in a fresh process (its own ``XLA_FLAGS`` device count, or
+one process of a ``jax.distributed`` group): greedy tokens of the JAX engine for each ``--tp``,
+printed as one JSON line ``{"tp": [[tokens of each prompt], ...], ...}`` (process 0 only).
+
+With ``--sequential`` requests go one at a time, so that every process of a group schedules the
+same steps (each runs its own scheduler over the same requests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+
+from lmdeploy_jax.checkpoint.source import resolve_model
+from lmdeploy_jax.engine.engine import JaxEngine
+from lmdeploy_jax.engine_api import EngineRequest
+from lmdeploy_jax.messages import GenerationConfig, TurbomindEngineConfig
+from lmdeploy_jax.parallel import init_distributed
+from test_engine_helpers import run_all
+
+
+def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_tokens: int,
+                  sequential: bool) -> list[list[int]]:
+    config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=128, max_batch_size=4,
+                                   num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)
+    engine = JaxEngine(resolve_model(model), config, decode_batch=[4], prefill_tokens=[32], prefill_batch=[4])
+    try:
+        gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        requests = [EngineRequest(i, p, gen) for i, p in enumerate(prompts)]
+        if sequential:
+            results = [run_all(engine, [r])[0] for r in requests]
+        else:
+            results = run_all(engine, requests)
+    finally:
+        engine.close()
+    assert all(r.finish_reason == 'length' for r in results), [(r.finish_reason, r.error) for r in results]
+    return [r.tokens for r in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--model', default=None, help='checkpoint directory (default: the default model)')
+    parser.add_argument('--tp', type=int, nargs='+', required=True)
+    parser.add_argument('--new-tokens', type=int, default=6)
+    parser.add_argument('--sequential', action='store_true')
+    args = parser.parse_args()
+    init_distributed()
+    vocab = 1000
+    # one prompt longer than a prefill chunk (two chunks), one a block long, one short
+    prompts = [[(7 * i + 3) % vocab for i in range(45)], [(11 * i + 5) % vocab for i in range(16)], [1, 2, 3]]
+    out = {}
+    for tp in args.tp:
+        start = time.perf_counter()
+        out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential)
+        print(f'tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
+    if jax.process_index() == 0:
+        print(json.dumps(out))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,130 @@
+"""Tensor parallelism on simulated CPU devices: greedy tokens with tp=2, 4, 8 (and 3 on the default
+model) equal tp=1, a two-process ``jax.distributed`` group equals one process, and clear errors.
+
+Every engine runs in a child process (``tensor_parallel_worker.py``): the device count
+(``XLA_FLAGS=--xla_force_host_platform_device_count``) is fixed when jax starts, and this pytest
+process keeps its single device for the other tests. The children compile at XLA's lowest
+optimization level (quicker; tp=1 and tp=N alike) into a fresh compilation cache, so every run
+compiles what it checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lmdeploy_jax.checkpoint.source import resolve_model
+from lmdeploy_jax.engine.engine import JaxEngine
+from lmdeploy_jax.messages import TurbomindEngineConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, 'tensor_parallel_worker.py')
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+TIMEOUT = 600
+
+TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+            head_dim=8, initializer_range=0.1, max_position_embeddings=256)
+CHECKPOINTS = {
+    'llama-kv8': (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=8, tie_word_embeddings=False)),
+    'qwen2-kv4': (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    'llama-kv2': (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    'qwen2-kv2': (Qwen2Config, Qwen2ForCausalLM, dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    paths = {}
+    for name, (config_cls, model_cls, extra) in CHECKPOINTS.items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(name)
+        model_cls(config_cls(**TINY, **extra)).save_pretrained(path)
+        paths[name] = str(path)
+    return paths
+
+
+def _env(tmp_path, devices: int, **extra) -> dict[str, str]:
+    """A child's environment: ``devices`` simulated CPU devices; one process unless ``extra`` joins a group."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith('LMDEPLOY_JAX_')}
+    env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'), PYTHONPATH=HERE, **extra)
+    return env
+
+
+def _run_worker(env: dict[str, str], *args: str) -> dict[int, list[list[int]]]:
+    proc = subprocess.run([sys.executable, WORKER, *args], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {int(tp): tokens for tp, tokens in json.loads(proc.stdout.splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize('name', sorted(CHECKPOINTS))
+def test_greedy_tokens_equal_tp1(name, checkpoints, tmp_path):
+    """8 query heads over 8, 4 or 2 KV heads: tp=2, 4, 8 split them, repeating KV heads past their count."""
+    out = _run_worker(_env(tmp_path, 8), '--model', checkpoints[name], '--tp', '1', '2', '4', '8')
+    assert all(len(tokens) == 6 for tokens in out[1])
+    for tp in (2, 4, 8):
+        assert out[tp] == out[1], f'tp={tp}'
+
+
+def test_default_model_tp3_equals_tp1(tmp_path):
+    """9 heads over 3 KV heads, 30 layers, tied embeddings: tp=3, one KV head a device."""
+    out = _run_worker(_env(tmp_path, 8), '--tp', '1', '3', '--new-tokens', '4')
+    assert out[3] == out[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(checkpoints, tmp_path):
+    """Two jax.distributed processes of 2 devices each run tp=4 (one mesh over both): the same
+    tokens as tp=1 in one process."""
+    model = ['--model', checkpoints['llama-kv2'], '--sequential']
+    expected = _run_worker(_env(tmp_path, 1), *model, '--tp', '1')[1]
+    coordinator = f'localhost:{_free_port()}'
+    procs = [subprocess.Popen([sys.executable, WORKER, *model, '--tp', '4'], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(tmp_path, 2, LMDEPLOY_JAX_COORDINATOR=coordinator,
+                                       LMDEPLOY_JAX_NUM_PROCESSES='2', LMDEPLOY_JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-4000:]
+    assert json.loads(outputs[0][0].splitlines()[-1]) == {'4': expected}
+    assert not any(line.startswith('{') for line in outputs[1][0].splitlines())   # only process 0 reports
+
+
+def test_tp_beyond_the_devices_is_a_clear_error():
+    """This process has one CPU device."""
+    with pytest.raises(ValueError, match=r'tp=2 needs 2 devices but only 1 cpu device'):
+        JaxEngine(resolve_model(None), TurbomindEngineConfig(tp=2))
+
+
+def test_heads_that_cannot_be_split_are_a_clear_error(checkpoints, tmp_path):
+    """tp=3 over 8 heads; tp=8 over the default model's 9 heads (its 3 KV heads would allow neither)."""
+    code = ('import sys\n'
+            'from lmdeploy_jax.checkpoint.source import resolve_model\n'
+            'from lmdeploy_jax.engine.engine import JaxEngine\n'
+            'from lmdeploy_jax.messages import TurbomindEngineConfig\n'
+            'for model, tp in ((sys.argv[1], 3), (None, 8)):\n'
+            '    try:\n'
+            '        JaxEngine(resolve_model(model), TurbomindEngineConfig(tp=tp))\n'
+            '    except ValueError as exc:\n'
+            '        print(exc)\n')
+    proc = subprocess.run([sys.executable, '-c', code, checkpoints['llama-kv8']], env=_env(tmp_path, 8),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.stdout.splitlines() == ['tp=3 cannot split 8 attention heads evenly',
+                                        'tp=8 cannot split 9 attention heads evenly'], proc.stderr[-4000:]
