@@ -8,14 +8,12 @@ host) and hands them to the scheduler, which reports them through the request ca
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from concurrent.futures import Future
 
 import jax
 
 from ..checkpoint.source import ModelSource
-from ..engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
+from ..engine_thread import ThreadedEngine
 from ..messages import TurbomindEngineConfig
 from ..models import load_model
 from ..parallel import agree_min, init_distributed, local_devices, make_tp_mesh
@@ -35,7 +33,7 @@ DEFAULT_DECODE_STEPS = 8
 _DEFERRED = ('ppl', 'stop')     # commands that must wait until no step is in flight
 
 
-class JaxEngine(InferenceEngine):
+class JaxEngine(ThreadedEngine):
     """The JAX engine. Bucket lists (``decode_batch``, ``prefill_tokens``, ``prefill_batch``)
     override the defaults of ``buckets.make_buckets``: fewer shapes, faster start-up.
     ``decode_steps`` is how many decode steps one compiled call runs (``multistep.py``)."""
@@ -68,46 +66,10 @@ class JaxEngine(InferenceEngine):
         logger.info('jax engine: %s (%s, %s), session_len=%d, max_batch_size=%d, prefix caching %s',
                     source.given, spec.architecture, spec.dtype, self.session_len, self.max_batch_size,
                     'on' if config.enable_prefix_caching else 'off')
-        self._commands: queue.Queue = queue.Queue()
         self._deferred: list = []
-        self._lock = threading.Lock()          # guards _closed and _num_queued
-        self._closed = False
-        self._num_queued = 0
-        self._thread = threading.Thread(target=self._loop, name='jax-engine', daemon=True)
-        self._thread.start()
+        self._start_thread('jax engine')
 
-    # ---- the interface, callable from any thread ----
-
-    def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self._num_queued += 1
-                self._commands.put(('submit', (request, on_output)))
-        if closed:
-            on_output(EngineOutput([], finish_reason='abort'))
-
-    def cancel(self, session_id: int) -> None:
-        self._command('cancel', session_id)
-
-    def end_session(self, session_id: int) -> None:
-        self._command('end', session_id)
-
-    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
-        for ids in input_ids:
-            if len(ids) < 2:
-                raise ValueError(f'get_ppl needs sequences of at least 2 tokens, got {len(ids)}')
-        result: Future = Future()
-        if not self._command('ppl', (input_ids, result)):
-            raise RuntimeError('the jax engine is closed')
-        return result.result()
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._commands.put(('stop', None))
-                self._closed = True
-        self._thread.join()
+    def _release(self) -> None:
         self._runner = None
 
     # ---- introspection (approximate while the engine runs) ----
@@ -135,13 +97,6 @@ class JaxEngine(InferenceEngine):
 
     # ---- the engine thread ----
 
-    def _command(self, kind: str, payload) -> bool:
-        with self._lock:
-            if self._closed:
-                return False
-            self._commands.put((kind, payload))
-            return True
-
     def _loop(self) -> None:
         while True:
             try:
@@ -164,18 +119,10 @@ class JaxEngine(InferenceEngine):
 
     def _take_commands(self, block: bool) -> None:
         """Handle queued submits, cancels and session ends; keep the rest for between steps."""
-        commands = [self._commands.get()] if block else []
-        while True:
-            try:
-                commands.append(self._commands.get_nowait())
-            except queue.Empty:
-                break
-        for kind, payload in commands:
+        for kind, payload in self._drain_commands(block):
             if kind in _DEFERRED:
                 self._deferred.append((kind, payload))
             elif kind == 'submit':
-                with self._lock:
-                    self._num_queued -= 1
                 self._scheduler.submit(*payload)
             elif kind == 'cancel':
                 self._scheduler.cancel(payload)

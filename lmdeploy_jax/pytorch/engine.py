@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-import queue
 import secrets
-import threading
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +19,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from ..checkpoint.source import ModelSource
-from ..engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
+from ..engine_thread import ThreadedEngine
+from ..engine_api import EngineOutput, EngineRequest, OutputCallback
 from ..messages import FinishReason, PytorchEngineConfig
 from .sampling import next_token
 
@@ -70,7 +68,7 @@ class _Run:
     num_generated: int = 0
 
 
-class PytorchEngine(InferenceEngine):
+class PytorchEngine(ThreadedEngine):
     """``InferenceEngine`` over ``AutoModelForCausalLM``; see the module docstring."""
 
     def __init__(self, source: ModelSource, config: PytorchEngineConfig | None = None):
@@ -88,48 +86,12 @@ class PytorchEngine(InferenceEngine):
         logger.info('pytorch backend: %s on %s (%s), session_len=%d, max_batch_size=%d', source.given,
                     self.device, self.model.dtype, self.session_len, self.max_batch_size)
 
-        self._commands: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()      # guards _closed and the counts read by other threads
-        self._closed = False
-        self._num_queued = 0
         self._sessions: dict[int, _Session] = {}
         self._waiting: deque[_Run] = deque()
         self._running: list[_Run] = []
-        self._thread = threading.Thread(target=self._loop, name='pytorch-engine', daemon=True)
-        self._thread.start()
+        self._start_thread('pytorch engine')
 
-    # ---- the interface, callable from any thread ----
-
-    def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                self._num_queued += 1
-                self._commands.put(('submit', (request, on_output)))
-        if closed:
-            on_output(EngineOutput([], finish_reason='abort'))
-
-    def cancel(self, session_id: int) -> None:
-        self._command('cancel', session_id)
-
-    def end_session(self, session_id: int) -> None:
-        self._command('end', session_id)
-
-    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
-        for ids in input_ids:
-            if len(ids) < 2:
-                raise ValueError(f'get_ppl needs sequences of at least 2 tokens, got {len(ids)}')
-        result: Future = Future()
-        if not self._command('ppl', (input_ids, result)):
-            raise RuntimeError('the pytorch engine is closed')
-        return result.result()
-
-    def close(self) -> None:
-        with self._lock:
-            if not self._closed:
-                self._commands.put(('stop', None))
-                self._closed = True
-        self._thread.join()
+    def _release(self) -> None:
         self.model = None
         if self.device.type == 'cuda':
             torch.cuda.empty_cache()
@@ -147,19 +109,12 @@ class PytorchEngine(InferenceEngine):
         with self._lock:
             return {'running': len(self._running), 'waiting': self._num_queued + len(self._waiting)}
 
-    def _command(self, kind: str, payload) -> bool:
-        with self._lock:
-            if self._closed:
-                return False
-            self._commands.put((kind, payload))
-            return True
-
     # ---- the engine thread ----
 
     def _loop(self) -> None:
         while True:
             try:
-                for kind, payload in self._take_commands(block=not (self._running or self._waiting)):
+                for kind, payload in self._drain_commands(block=not (self._running or self._waiting)):
                     if kind == 'stop':
                         self._shutdown()
                         return
@@ -169,18 +124,8 @@ class PytorchEngine(InferenceEngine):
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 logger.exception('pytorch backend: unexpected failure in the engine loop')
 
-    def _take_commands(self, block: bool) -> list:
-        commands = [self._commands.get()] if block else []
-        while True:
-            try:
-                commands.append(self._commands.get_nowait())
-            except queue.Empty:
-                return commands
-
     def _handle(self, kind: str, payload) -> None:
         if kind == 'submit':
-            with self._lock:
-                self._num_queued -= 1
             try:
                 self._accept(*payload)
             except Exception as exc:  # noqa: BLE001 - a malformed request fails alone

@@ -1,0 +1,88 @@
+"""The thread-facing half that every backend shares.
+
+Calls from any thread (submit, cancel, end_session, get_ppl, close) become commands on a queue;
+the backend's own thread drains them between steps, so the engine state has one owner and needs
+no locks beyond the counters here.
+"""
+from __future__ import annotations
+
+import abc
+import queue
+import threading
+from concurrent.futures import Future
+
+from .engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
+
+
+class ThreadedEngine(InferenceEngine):
+    """Subclasses call ``_start_thread`` at the end of ``__init__`` and implement ``_loop`` (which
+    drains ``_drain_commands``) and ``_release`` (what ``close`` frees after the thread ends)."""
+
+    def _start_thread(self, name: str) -> None:
+        self._commands: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()          # guards _closed and _num_queued
+        self._closed = False
+        self._num_queued = 0                   # submitted, not yet taken by the engine thread
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @abc.abstractmethod
+    def _loop(self) -> None:
+        """The engine thread: drain commands, step, until a 'stop' command."""
+
+    @abc.abstractmethod
+    def _release(self) -> None:
+        """Free the model and devices once the thread has ended."""
+
+    def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._num_queued += 1
+                self._commands.put(('submit', (request, on_output)))
+        if closed:
+            on_output(EngineOutput([], finish_reason='abort'))
+
+    def cancel(self, session_id: int) -> None:
+        self._command('cancel', session_id)
+
+    def end_session(self, session_id: int) -> None:
+        self._command('end', session_id)
+
+    def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
+        for ids in input_ids:
+            if len(ids) < 2:
+                raise ValueError(f'get_ppl needs sequences of at least 2 tokens, got {len(ids)}')
+        result: Future = Future()
+        if not self._command('ppl', (input_ids, result)):
+            raise RuntimeError(f'the {self._thread.name} is closed')
+        return result.result()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._commands.put(('stop', None))
+                self._closed = True
+        self._thread.join()
+        self._release()
+
+    def _command(self, kind: str, payload) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._commands.put((kind, payload))
+            return True
+
+    def _drain_commands(self, block: bool) -> list[tuple[str, object]]:
+        """Every queued command (waiting for one when ``block``), in order."""
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        submits = sum(kind == 'submit' for kind, _ in commands)
+        if submits:
+            with self._lock:
+                self._num_queued -= submits
+        return commands
