@@ -13,6 +13,7 @@ once the request finishes; otherwise its history (and KV) is kept for the next r
 from __future__ import annotations
 
 import abc
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,6 +42,24 @@ class EngineOutput:
 
 
 OutputCallback = Callable[[EngineOutput], None]
+
+
+def request_refusal(request: EngineRequest, *, vocab_size: int, session_len: int, busy: bool,
+                    held: int) -> str | None:
+    """Why a backend must refuse ``request`` (finish it with 'error'), or None; the rules every
+    backend applies. ``busy``: the session runs another request; ``held``: tokens the session
+    keeps before this request (0 when it starts a new sequence)."""
+    ids = request.input_ids
+    if not ids:
+        return 'input_ids is empty'
+    if not all(isinstance(i, numbers.Integral) and 0 <= i < vocab_size for i in ids):
+        return f'input_ids must be token ids in [0, {vocab_size})'
+    if busy:
+        return f'session {request.session_id} is busy with another request'
+    if held + len(ids) > session_len:
+        return (f'the session would hold {held + len(ids)} tokens ({held} earlier + {len(ids)} new), '
+                f'over session_len={session_len}')
+    return None
 
 
 class InferenceEngine(abc.ABC):

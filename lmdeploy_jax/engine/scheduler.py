@@ -21,9 +21,8 @@ import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-import numpy as np
 
-from ..engine_api import EngineOutput, EngineRequest, OutputCallback
+from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
 from ..messages import FinishReason
 from .block_manager import BlockManager
 from .buckets import Buckets
@@ -90,19 +89,11 @@ class Scheduler:
 
     def _refusal(self, request: EngineRequest) -> str | None:
         """Why a request cannot run, or None; a refused request leaves its session as it was."""
-        ids = request.input_ids
-        if not ids:
-            return 'input_ids is empty'
-        if not all(isinstance(i, (int, np.integer)) and 0 <= i < self.vocab_size for i in ids):
-            return f'input_ids must be token ids in [0, {self.vocab_size})'
         seq = self.sessions.get(request.session_id)
-        if seq is not None and seq.request is not None:
-            return f'session {request.session_id} is busy with another request'
         held = 0 if seq is None or request.sequence_start else len(seq.tokens)
-        if held + len(ids) > self.session_len:
-            return (f'the session would hold {held + len(ids)} tokens ({held} earlier + {len(ids)} new), '
-                    f'over session_len={self.session_len}')
-        return id_list_error(request.gen_config)
+        return (request_refusal(request, vocab_size=self.vocab_size, session_len=self.session_len,
+                                busy=seq is not None and seq.request is not None, held=held)
+                or id_list_error(request.gen_config))
 
     def cancel(self, session_id: int) -> None:
         seq = self.sessions.get(session_id)
@@ -200,13 +191,16 @@ class Scheduler:
         bs = self.block_size
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            if seq.num_cached == 0 and not seq.blocks:
+            matched_now = seq.num_cached == 0 and not seq.blocks
+            if matched_now:
                 usable = (len(seq.tokens) - 1) // bs     # keep one token to feed, to sample from
                 seq.blocks = self.blocks.match(seq.block_hashes(bs)[:usable])
                 seq.num_cached, seq.num_registered = len(seq.blocks) * bs, len(seq.blocks)
             # room for the rest of the prompt plus one block of growth per running sequence
             needed = seq.blocks_needed(len(seq.tokens) + 1, bs) + len(self.running)
             if self.running and not self._free_idle(needed):
+                if matched_now:     # a waiting sequence must not pin cached blocks the runners need
+                    self._drop_kv(seq)
                 break
             self.running.append(self.waiting.popleft())
 
@@ -226,9 +220,10 @@ class Scheduler:
                 self._prefill_streak = self._prefill_streak + 1 if plan.prefill else 0
                 return plan
             # nothing could get a block: make room from the newest, or fail a lone oversized sequence
+            # (planning may itself have preempted every runner: then admit again)
             if len(self.running) > 1:
                 self._preempt(self.running[-1])
-            else:
+            elif self.running:
                 seq = self.running[0]
                 self._finish(seq, 'error', error=f'the KV cache ({self.blocks.num_blocks - 1} blocks of '
                              f'{self.block_size}) cannot hold this sequence of {len(seq.tokens)} tokens')

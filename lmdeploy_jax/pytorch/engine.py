@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from ..checkpoint.source import ModelSource
 from ..engine_thread import ThreadedEngine
-from ..engine_api import EngineOutput, EngineRequest, OutputCallback
+from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
 from ..messages import FinishReason, PytorchEngineConfig
 from .sampling import next_token
 
@@ -163,19 +163,10 @@ class PytorchEngine(ThreadedEngine):
 
     def _refusal(self, request: EngineRequest) -> str | None:
         """Why the request cannot run, or None; a refused request leaves its session as it was."""
-        ids = request.input_ids
-        if not ids:
-            return 'input_ids is empty'
-        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
-            return f'input_ids must be token ids in [0, {self.vocab_size})'
         session = self._sessions.get(request.session_id)
-        if session is not None and session.owner is not None:
-            return f'session {request.session_id} is busy with another request'
         held = 0 if session is None or request.sequence_start else len(session.history)
-        if held + len(ids) > self.session_len:
-            return (f'the session would hold {held + len(ids)} tokens ({held} earlier + {len(ids)} new), '
-                    f'over session_len={self.session_len}')
-        return None
+        return request_refusal(request, vocab_size=self.vocab_size, session_len=self.session_len,
+                               busy=session is not None and session.owner is not None, held=held)
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch_size:
