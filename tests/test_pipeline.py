@@ -40,9 +40,8 @@ def test_batch_equals_solo_runs(pipe):
     config = GenerationConfig(max_new_tokens=12)
     together = pipe(prompts, gen_config=config)
     assert [r.index for r in together] == list(range(16))
-    for prompt, resp in zip(prompts[::5], together[::5]):
-        assert pipe(prompt, gen_config=config).token_ids == resp.token_ids
     for prompt, resp in zip(prompts, together):
+        assert pipe(prompt, gen_config=config).token_ids == resp.token_ids
         assert resp.finish_reason in ('stop', 'length') and resp.generate_token_len > 0
 
 
