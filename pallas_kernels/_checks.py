@@ -38,3 +38,15 @@ def check_query(q, k_pages, batch: int | None = None) -> None:
     require(q.dtype == k_pages.dtype, f'q dtype {q.dtype} does not match the pages\' dtype {k_pages.dtype}')
     if batch is not None:
         require(q.shape[0] == batch, f'q has {q.shape[0]} rows but block_tables has {batch}')
+
+
+def check_paged_attention_inputs(q, k_pages, v_pages, block_tables, context_lens, q_layout: str) -> None:
+    """What both attention ops require: ``q`` of ``q_layout`` (e.g. ``'[B, heads, head_dim]'``, its
+    rank taken from the layout) against the page pools, one block-table row and context length per
+    query row."""
+    check_pages(k_pages, v_pages)
+    require(q.ndim == q_layout.count(',') + 1, f'q must be {q_layout}, got shape {q.shape}')
+    require(block_tables.ndim == 2, f'block_tables must be [B, M], got shape {block_tables.shape}')
+    check_query(q, k_pages, batch=block_tables.shape[0])
+    check_int32('block_tables', block_tables)
+    check_int32('context_lens', context_lens, (q.shape[0],))

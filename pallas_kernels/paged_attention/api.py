@@ -1,10 +1,10 @@
-"""The decode attention the models call. Only the XLA reference exists for now; GPU kernels go
-behind this function, so the models never change when one is added."""
+"""The decode attention the models call: the Pallas kernel on a GPU, the XLA reference elsewhere,
+behind one function, so the models never change when an implementation does."""
 from __future__ import annotations
 
 import jax
 
-from .._checks import check_int32, check_pages, check_query, require
+from .._checks import check_paged_attention_inputs
 from .._dispatch import choose_impl
 from .reference import paged_decode_attention_reference
 
@@ -19,12 +19,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     included). Returns ``[B, heads, head_dim]``; rows with context_len 0 are zeros.
     ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU).
     """
-    check_pages(k_pages, v_pages)
-    require(q.ndim == 3, f'q must be [B, heads, head_dim], got shape {q.shape}')
-    require(block_tables.ndim == 2, f'block_tables must be [B, M], got shape {block_tables.shape}')
-    check_query(q, k_pages, batch=block_tables.shape[0])
-    check_int32('block_tables', block_tables)
-    check_int32('context_lens', context_lens, (q.shape[0],))
+    check_paged_attention_inputs(q, k_pages, v_pages, block_tables, context_lens, '[B, heads, head_dim]')
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
     chosen = choose_impl(impl, pallas_gpu.supports(q, k_pages))

@@ -1,10 +1,10 @@
-"""The prefill attention the models call. Only the XLA reference exists for now; GPU kernels go
-behind this function, so the models never change when one is added."""
+"""The prefill attention the models call: the Pallas kernel on a GPU, the XLA reference elsewhere,
+behind one function, so the models never change when an implementation does."""
 from __future__ import annotations
 
 import jax
 
-from .._checks import check_int32, check_pages, check_query, require
+from .._checks import check_int32, check_paged_attention_inputs
 from .._dispatch import choose_impl
 from .reference import paged_prefill_attention_reference
 
@@ -20,12 +20,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     Returns ``[B, T, heads, head_dim]``; padding tokens are zeros. Softmax in float32.
     ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU).
     """
-    check_pages(k_pages, v_pages)
-    require(q.ndim == 4, f'q must be [B, T, heads, head_dim], got shape {q.shape}')
-    require(block_tables.ndim == 2, f'block_tables must be [B, M], got shape {block_tables.shape}')
-    check_query(q, k_pages, batch=block_tables.shape[0])
-    check_int32('block_tables', block_tables)
-    check_int32('context_lens', context_lens, (q.shape[0],))
+    check_paged_attention_inputs(q, k_pages, v_pages, block_tables, context_lens, '[B, T, heads, head_dim]')
     check_int32('query_lens', query_lens, (q.shape[0],))
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
