@@ -7,11 +7,24 @@ no locks beyond the counters here.
 from __future__ import annotations
 
 import abc
+import logging
 import queue
 import threading
 from concurrent.futures import Future
 
 from .engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
+
+logger = logging.getLogger('lmdeploy_jax')
+
+
+def emit(on_output: OutputCallback, output: EngineOutput) -> bool:
+    """Call a request's callback; a failing callback is logged, never raised into the engine loop."""
+    try:
+        on_output(output)
+        return True
+    except Exception:  # noqa: BLE001
+        logger.exception('an output callback raised')
+        return False
 
 
 class ThreadedEngine(InferenceEngine):

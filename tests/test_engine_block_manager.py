@@ -2,16 +2,10 @@
 LRU eviction, and the compiled shapes a batch is padded to."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from lmdeploy_jax.engine.block_manager import PADDING_BLOCK, BlockManager, chain_hashes
 from lmdeploy_jax.engine.buckets import make_buckets
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
 
 
 def test_allocate_release_never_hands_out_block_zero(rng):

@@ -30,11 +30,6 @@ def engines(tiny):  # noqa: F811
     four.close()
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
 def mixed_requests(rng, n):
     requests = []
     for i in range(n):

@@ -17,11 +17,6 @@ VOCAB = 96
 HIST = 24
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
 @jax.jit
 def _sample(logits, history, valid, sp):
     return sampler.sample(logits, lambda: (history, valid), sp)

@@ -17,14 +17,6 @@ VOCAB = 500
 BS = 4
 
 
-@pytest.fixture
-def rng(request):
-    seed = np.random.SeedSequence().entropy
-    request.node.user_properties.append(('seed', seed))      # fresh inputs each run, reproducible from the report
-    print(f'rng seed {seed}')
-    return np.random.default_rng(seed)
-
-
 def make(num_blocks=64, session_len=64, max_batch=4, prefill=32, prefix=False, decode_steps=1):
     buckets = make_buckets(max_batch, prefill, session_len, BS)
     return Scheduler(BlockManager(num_blocks, BS, prefix), buckets, session_len, max_batch, VOCAB, decode_steps)

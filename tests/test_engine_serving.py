@@ -42,11 +42,6 @@ def engine(tiny):
     eng.close()
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
 def ids(rng, n):
     return rng.integers(0, VOCAB, n).tolist()
 

@@ -41,11 +41,6 @@ def chat_ids(source):
     return encode
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
 def random_ids(rng, n):
     return rng.integers(3, 49152, size=n).tolist()
 

@@ -11,11 +11,6 @@ BATCH = 4
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng()
-
-
-@pytest.fixture
 def logits(rng):
     return rng.normal(0.0, 3.0, size=(BATCH, VOCAB)).astype(np.float32)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
+from ..engine_thread import emit
 from ..messages import FinishReason
 from .block_manager import BlockManager
 from .buckets import Buckets
@@ -72,7 +73,7 @@ class Scheduler:
     def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
         error = self._refusal(request)
         if error is not None:
-            _emit(on_output, EngineOutput([], finish_reason='error', error=error))
+            emit(on_output, EngineOutput([], finish_reason='error', error=error))
             return
         seq = self.sessions.get(request.session_id)
         if seq is None:
@@ -134,7 +135,7 @@ class Scheduler:
             self._drop_kv(seq)
         else:
             self.idle[seq.session_id] = seq
-        _emit(on_output, EngineOutput(token_ids or [], logprobs, reason, error))
+        emit(on_output, EngineOutput(token_ids or [], logprobs, reason, error))
 
     def forget_all_kv(self) -> None:
         """The device cache was lost: every sequence recomputes from its tokens, nothing is cached."""
@@ -320,15 +321,6 @@ class Scheduler:
             if seq.num_generated >= gen.max_new_tokens or len(seq.tokens) >= self.session_len:
                 self._finish(seq, 'length', reported, logprobs)
                 return
-        if not _emit(seq.on_output, EngineOutput(reported, logprobs)):
+        if not emit(seq.on_output, EngineOutput(reported, logprobs)):
             self._finish(seq, 'error', error='the output callback failed')
 
-
-def _emit(on_output: OutputCallback, output: EngineOutput) -> bool:
-    """Call a request's callback; a failing callback is logged, never raised into the engine loop."""
-    try:
-        on_output(output)
-        return True
-    except Exception:  # noqa: BLE001
-        logger.exception('jax engine: an output callback raised')
-        return False

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from ..checkpoint.source import ModelSource
-from ..engine_thread import ThreadedEngine
+from ..engine_thread import ThreadedEngine, emit
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
 from ..messages import FinishReason, PytorchEngineConfig
 from .sampling import next_token
@@ -130,7 +130,7 @@ class PytorchEngine(ThreadedEngine):
                 self._accept(*payload)
             except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
                 logger.exception('pytorch backend: could not accept a request')
-                _emit(payload[1], EngineOutput([], finish_reason='error', error=f'{type(exc).__name__}: {exc}'))
+                emit(payload[1], EngineOutput([], finish_reason='error', error=f'{type(exc).__name__}: {exc}'))
         elif kind == 'cancel':
             self._abort(payload)
         elif kind == 'end':
@@ -147,7 +147,7 @@ class PytorchEngine(ThreadedEngine):
         """Check a request and attach it to its session; it waits for a running slot."""
         error = self._refusal(request)
         if error is not None:
-            _emit(on_output, EngineOutput([], finish_reason='error', error=error))
+            emit(on_output, EngineOutput([], finish_reason='error', error=error))
             return
         session = self._sessions.get(request.session_id)
         if session is None or request.sequence_start:
@@ -201,7 +201,7 @@ class PytorchEngine(ThreadedEngine):
         out_logprobs = None if logprobs is None else [logprobs]
         if run.num_generated >= gen.max_new_tokens or len(session.history) >= self.session_len:
             self._finish(run, 'length', [token], out_logprobs)
-        elif not _emit(run.on_output, EngineOutput([token], out_logprobs)):
+        elif not emit(run.on_output, EngineOutput([token], out_logprobs)):
             self._finish(run, 'error', error='the output callback failed')
 
     def _abort(self, session_id: int) -> None:
@@ -221,7 +221,7 @@ class PytorchEngine(ThreadedEngine):
         session.owner = None
         if (forget or run.request.sequence_end) and self._sessions.get(sid) is session:
             del self._sessions[sid]
-        _emit(run.on_output, EngineOutput(token_ids or [], logprobs, reason, error))
+        emit(run.on_output, EngineOutput(token_ids or [], logprobs, reason, error))
 
     def _ppl(self, seqs: list[list[int]]) -> list[float]:
         losses = []
@@ -237,12 +237,3 @@ class PytorchEngine(ThreadedEngine):
             self._finish(run, 'abort')
         self._sessions.clear()
 
-
-def _emit(on_output: OutputCallback, output: EngineOutput) -> bool:
-    """Call a request's callback; a failing callback is logged, never raised into the engine loop."""
-    try:
-        on_output(output)
-        return True
-    except Exception:  # noqa: BLE001
-        logger.exception('pytorch backend: an output callback raised')
-        return False
