@@ -6,6 +6,7 @@
     python benchmark/bench_kernels.py --ops prefill --batches 1 4 --contexts 2048
     python benchmark/bench_kernels.py --impls reference pallas_interpret --batches 2 \\
         --contexts 128 --heads 4 --kv-heads 2 --iters 2 --no-copy     # CPU smoke run
+    python benchmark/bench_kernels.py --ops kv_write --tokens 1 256 8192   # the paged KV write
 
 Each case first runs every implementation once on the same inputs and compares its first rows
 with the reference (relative L2 error). Then it times ``--calls`` back-to-back calls inside one
@@ -14,14 +15,18 @@ other pages (so repeated runs do not read from the 50 MB L2), ``--iters`` times 
 with ``block_until_ready``, and reports the median per call.
 
 Bandwidth counts the bytes that must move: K and V of every row's context, q and the output
-(decode), plus the FLOPs for prefill. The ratio is to the card's copy bandwidth (2.91 TB/s
-measured on an H100 on 2026-11-26, ``--copy-tbps``) and to the copy this run measures itself.
+(decode), plus the FLOPs for prefill. The KV write (``--ops kv_write``, cases from ``--tokens``,
+not batches x contexts) counts the new K and V read once and written once, and the slots; its
+calls carry the pools from one to the next, donated, so they update in place as in the engine.
+The ratio is to the card's copy bandwidth (2.91 TB/s measured on an H100 on 2026-11-26,
+``--copy-tbps``) and to the copy this run measures itself.
 One JSON line per case; a failing implementation prints its error and the run goes on; a table
 of the results comes last.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -37,6 +42,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pallas_kernels.kv_write import pallas_gpu as write_gpu  # noqa: E402
+from pallas_kernels.kv_write.api import write_kv  # noqa: E402
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
 from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu  # noqa: E402
@@ -48,6 +55,8 @@ TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
 DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[3, 5, 7])
 PREFILL_SWEEP = dict(block_rows=[64, 128], tile_tokens=[32, 64], num_warps=[4, 8],
                      num_stages=[3, 4])
+WRITE_SWEEP = {'block_tokens': [8, 32, 128], 'num_warps': [2, 4, 8]}
+WRITE_LAYERS = 2          # the write goes to the last layer of a stack of this many
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -100,7 +109,7 @@ def configs(args, config_class, sweep):
 
 def _pallas_decode(config, scale, interpret):
     return lambda q, k, v, t, l: decode_gpu.paged_decode_attention_pallas(
-        q, k, v, t, l, scale, config=config, interpret=interpret)
+        q, k[None], v[None], jnp.int32(0), t, l, scale, config=config, interpret=interpret)
 
 
 def _jax_ops_decode(scale):
@@ -147,7 +156,7 @@ def prefill_impls(args):
 
 def _pallas_prefill(config, scale, interpret):
     return lambda q, k, v, t, c, n: prefill_gpu.paged_prefill_attention_pallas(
-        q, k, v, t, c, n, scale, config=config, interpret=interpret)
+        q, k[None], v[None], jnp.int32(0), t, c, n, scale, config=config, interpret=interpret)
 
 
 def prefill_case(args, batch, chunk, seed):
@@ -180,6 +189,81 @@ def prefill_check_rows(fn, case):
     n = min(2, case['q'].shape[0])
     return fn(case['q'][:n], case['k'], case['v'], case['tables'][0, :n], case['lens'][:n],
               case['qlens'][:n])
+
+
+# ---- KV write -------------------------------------------------------------------------------
+
+def write_impls(args):
+    impls = {}
+    for name in args.impls:
+        if name == 'reference':
+            impls[name] = [(None, functools.partial(write_kv, impl='reference'))]
+        elif name in ('pallas', 'pallas_interpret'):
+            impls[name] = [(cfg, functools.partial(write_gpu.write_kv_pallas, config=cfg,
+                                                   interpret=name == 'pallas_interpret'))
+                           for cfg in configs(args, write_gpu.WriteConfig, WRITE_SWEEP)]
+    return impls
+
+
+def write_case(args, tokens, _context, seed):
+    """Layer-stacked pools of at least ``--min-pool-mb`` each, and ``sets`` sets of ``tokens``
+    new K/V rows at distinct random slots (block 0 left out), enough sets that their rows exceed
+    ``--min-pool-mb`` (L2 is 50 MB), so repeated calls neither read nor write in L2."""
+    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
+    row_bytes = args.kv_heads * args.head_dim * itemsize          # one token's K (or V)
+    min_bytes = args.min_pool_mb * 2**20
+    sets = max(1, min(args.calls, -(-min_bytes // (2 * tokens * row_bytes))))
+    num_blocks = max(-(-min_bytes // (WRITE_LAYERS * bs * row_bytes)), 1 + -(-sets * tokens // bs))
+    rng = np.random.default_rng(seed)
+    slots = (bs + rng.permutation((num_blocks - 1) * bs)[:sets * tokens]).reshape(sets, tokens)
+    shape = (WRITE_LAYERS, args.kv_heads, num_blocks, bs, args.head_dim)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    k, v = (jax.random.normal(key, shape, args.dtype) for key in keys[:2])
+    k_new, v_new = (jax.random.normal(key, (sets, tokens, args.kv_heads, args.head_dim), args.dtype)
+                    for key in keys[2:])
+    return {'k': k, 'v': v, 'k_new': k_new, 'v_new': v_new, 'slots': jnp.asarray(slots, jnp.int32),
+            'bytes': 4 * tokens * row_bytes + 4 * tokens, 'flops': 0}
+
+
+def write_call(fn, case, new_set):
+    return fn(case['k'], case['v'], case['k_new'][new_set], case['v_new'][new_set],
+              case['slots'][new_set], jnp.int32(WRITE_LAYERS - 1))
+
+
+def write_check_rows(fn, case):
+    """Every layer's rows at the first set's slots: the written layer's, and the others'
+    (unchanged)."""
+    k, v = write_call(fn, case, 0)
+    flat = (*k.shape[:2], -1, k.shape[-1])                     # [layers, kv_heads, slots, d]
+    return jnp.stack([p.reshape(flat)[:, :, case['slots'][0]] for p in (k, v)])
+
+
+def time_write_calls(fn, case, call, args):
+    """As ``time_calls``, but the pools are the loop's carry and the jit donates them, so every
+    call writes into the previous call's pools in place (an undonated pool, or one still live
+    after the call, would be copied whole each time). The case's pools are replaced by the
+    updated ones; set ``s``'s slots always receive set ``s``'s rows, so they stay checkable."""
+    sets = case['slots'].shape[0]
+    new = {key: case[key] for key in ('k_new', 'v_new', 'slots')}
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def run(pools, new):
+        def body(i, pools):
+            return call(fn, {**new, 'k': pools[0], 'v': pools[1]}, i % sets)
+        return jax.lax.fori_loop(0, args.calls, body, pools)
+
+    pools = (case['k'], case['v'])
+    try:
+        for _ in range(args.warmup):
+            pools = jax.block_until_ready(run(pools, new))
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            pools = jax.block_until_ready(run(pools, new))
+            times.append((time.perf_counter() - start) / args.calls)
+    finally:
+        case['k'], case['v'] = pools
+    return statistics.median(times), min(times)
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -236,7 +320,9 @@ def relative_error(ours, ref) -> float:
 # ---- driver ---------------------------------------------------------------------------------
 
 OPS = {'decode': (decode_impls, decode_case, decode_call, decode_check_rows),
-       'prefill': (prefill_impls, prefill_case, prefill_call, prefill_check_rows)}
+       'prefill': (prefill_impls, prefill_case, prefill_call, prefill_check_rows),
+       'kv_write': (write_impls, write_case, write_call, write_check_rows)}
+TIMERS = {'kv_write': time_write_calls}          # ops not named here: time_calls
 
 
 def run_case(op, args, batch, context, seed, copy_tbps, results):
@@ -264,7 +350,7 @@ def run_case(op, args, batch, context, seed, copy_tbps, results):
                 record['rel_error'] = error
                 if error is not None and not error < TOLERANCE[args.dtype]:
                     raise AssertionError(f'wrong result: relative error {error:.3g}')
-                median, best = time_calls(fn, case, call, args)
+                median, best = TIMERS.get(op, time_calls)(fn, case, call, args)
                 record.update(
                     time_us=median * 1e6, best_us=best * 1e6, bytes=case['bytes'],
                     flops=case['flops'], tbps=case['bytes'] / median / 1e12,
@@ -293,19 +379,21 @@ def emit(record, results):
 
 def print_table(results):
     """Decode rates against the copy ceiling, prefill rates against the matmul ceiling."""
-    print('\n op      impl              batch context   time_us  TB/s|TF/s ratio  err      config')
+    print('\n op      impl              batch context   time_us  TB/s|TF/s ratio  err      config'
+          '\n (kv_write: batch = new tokens; TB/s of the new K/V read and written)')
     for r in results:
         if r.get('op') == 'copy':
             continue
         cfg = r.get('config') or {}
-        cfg = ','.join(f'{k}={v}' for k, v in cfg.items() if k in DECODE_SWEEP or k in PREFILL_SWEEP)
+        cfg = ','.join(f'{k}={v}' for k, v in cfg.items()
+                       if k in DECODE_SWEEP or k in PREFILL_SWEEP or k in WRITE_SWEEP)
         if 'failed' in r:
             print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7}  FAILED "
                   f"{r['failed'][:80]}")
         else:
             err = r.get('rel_error')
-            rate, ratio = ((r['tbps'], r['ratio_to_card_copy']) if r['op'] == 'decode'
-                           else (r['tflops'], r['ratio_to_card_matmul']))
+            rate, ratio = ((r['tflops'], r['ratio_to_card_matmul']) if r['op'] == 'prefill'
+                           else (r['tbps'], r['ratio_to_card_copy']))
             print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7} {r['time_us']:9.1f} "
                   f"{rate:8.3f} {ratio:6.2f}  {'-' if err is None else f'{err:.1e}':8} {cfg}")
 
@@ -317,6 +405,8 @@ def main() -> None:
     parser.add_argument('--impls', nargs='+', default=['reference', 'pallas', 'jax_ops'])
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 8, 64, 256])
     parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8192])
+    parser.add_argument('--tokens', type=int, nargs='+', default=[1, 256, 8192],
+                        help='kv_write: new tokens per call')
     parser.add_argument('--block-size', type=int, default=64)
     parser.add_argument('--dtype', default='bfloat16', choices=sorted(TOLERANCE))
     parser.add_argument('--heads', type=int, default=32, help='query heads (llama3-8b: 32)')
@@ -346,7 +436,9 @@ def main() -> None:
         emit(dict(op='copy', tbps=copy_tbps, device=str(jax.devices()[0].device_kind)), results)
     seeds = itertools.count()
     for op in args.ops:
-        for batch, context in itertools.product(args.batches, args.contexts):
+        cases = ([(n, 0) for n in args.tokens] if op == 'kv_write'
+                 else itertools.product(args.batches, args.contexts))
+        for batch, context in cases:
             run_case(op, args, batch, context, next(seeds), copy_tbps, results)
     print_table(results)
 

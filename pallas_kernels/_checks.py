@@ -2,6 +2,7 @@
 a message naming the argument, instead of surfacing as an opaque XLA error inside the step."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -11,14 +12,29 @@ def require(ok: bool, message: str) -> None:
 
 
 def check_pages(k_pages, v_pages) -> tuple[int, int, int, int]:
-    """Check the two page pools agree; returns ``(kv_heads, num_blocks, block_size, head_dim)``."""
-    require(k_pages.ndim == 4, f'k_pages must be [kv_heads, num_blocks, block_size, head_dim], '
-                               f'got shape {k_pages.shape}')
+    """Check the two page pools agree; returns ``(kv_heads, num_blocks, block_size, head_dim)``.
+    Pools are one layer's ``[kv_heads, num_blocks, block_size, head_dim]`` or every layer's,
+    stacked: ``[layers, kv_heads, num_blocks, block_size, head_dim]``."""
+    require(k_pages.ndim in (4, 5), f'k_pages must be [kv_heads, num_blocks, block_size, head_dim] or '
+                                    f'[layers, kv_heads, num_blocks, block_size, head_dim], got shape {k_pages.shape}')
     require(k_pages.shape == v_pages.shape,
             f'k_pages {k_pages.shape} and v_pages {v_pages.shape} must have the same shape')
     require(k_pages.dtype == v_pages.dtype,
             f'k_pages ({k_pages.dtype}) and v_pages ({v_pages.dtype}) must have the same dtype')
-    return tuple(k_pages.shape)
+    return tuple(k_pages.shape[-4:])
+
+
+def stacked(k_pages, v_pages, layer) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The pools as layer-stacked ``[layers, ...]`` and the layer to use, int32: one layer's pools
+    become a stack of one (``layer`` must then be None or 0)."""
+    if k_pages.ndim == 4:
+        require(layer is None or (isinstance(layer, int) and layer == 0),
+                f'layer={layer!r} given for single-layer pages [kv_heads, num_blocks, block_size, head_dim]')
+        return k_pages[None], v_pages[None], jnp.zeros((), jnp.int32)
+    require(layer is not None, 'layer-stacked pages [layers, kv_heads, ...] need the layer to use')
+    layer = jnp.asarray(layer, jnp.int32) if isinstance(layer, int) else layer
+    require(layer.shape == () and layer.dtype == jnp.int32, f'layer must be an int32 scalar, got {layer!r}')
+    return k_pages, v_pages, layer
 
 
 def check_int32(name: str, x, shape: tuple[int, ...] | None = None) -> None:
@@ -30,7 +46,7 @@ def check_int32(name: str, x, shape: tuple[int, ...] | None = None) -> None:
 def check_query(q, k_pages, batch: int | None = None) -> None:
     """``q [..., heads, head_dim]`` must match the pages' dtype and head_dim, with heads a multiple
     of the pages' kv_heads (grouped-query attention)."""
-    kv_heads, _, _, head_dim = k_pages.shape
+    kv_heads, _, _, head_dim = k_pages.shape[-4:]
     heads, d = q.shape[-2:]
     require(d == head_dim, f'q head_dim {d} does not match the pages\' head_dim {head_dim}')
     require(heads % kv_heads == 0,

@@ -6,13 +6,14 @@ import jax
 import jax.numpy as jnp
 
 
-def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
-    """``[kv_heads, num_blocks, block_size, d]`` and ``[B, M]`` -> ``[B, kv_heads, M * block_size, d]``,
-    position ``p`` of row ``b`` at index ``p``."""
-    kv_heads, _, block_size, d = pages.shape
+def gather_pages(pages: jax.Array, block_tables: jax.Array, layer: jax.Array) -> jax.Array:
+    """Layer ``layer`` of ``[layers, kv_heads, num_blocks, block_size, d]`` and ``[B, M]`` ->
+    ``[B, kv_heads, M * block_size, d]``, position ``p`` of row ``b`` at index ``p``. One gather
+    of the rows' pages: slicing the layer out first would copy its whole pool."""
+    _, kv_heads, _, block_size, d = pages.shape
     batch, max_blocks = block_tables.shape
-    rows = pages[:, block_tables]                       # [kv_heads, B, M, block_size, d]
-    return rows.transpose(1, 0, 2, 3, 4).reshape(batch, kv_heads, max_blocks * block_size, d)
+    rows = pages[layer, :, block_tables]                # [B, M, kv_heads, block_size, d]
+    return rows.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_blocks * block_size, d)
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:

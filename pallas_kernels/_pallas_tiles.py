@@ -33,6 +33,16 @@ def tile_for(tile_tokens: int, dtype) -> int:
     return max(MIN_DOT, tile_tokens * 2 // jnp.dtype(dtype).itemsize)
 
 
+def pool_rows(k_pages, v_pages, layer):
+    """Layer-stacked pools ``[layers, kv_heads, num_blocks, block_size, d]`` as token rows
+    ``[layers * kv_heads, num_blocks * block_size, d]`` (a free, row-major reshape), so a kernel
+    addresses (layer, KV head) ``h`` as row ``base + h``; and ``base`` = layer * kv_heads, int32 [1]."""
+    layers, kv_heads, num_blocks, block_size, d = k_pages.shape
+    shape = (layers * kv_heads, num_blocks * block_size, d)
+    base = (layer * kv_heads).astype(jnp.int32).reshape(1)
+    return k_pages.reshape(shape), v_pages.reshape(shape), base
+
+
 def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size):
     """K and V rows ``[len(pos), head_dim]`` of row ``b``, KV head ``h`` at positions ``pos``
     (non-negative); rows where ``valid`` is False are zeros and are not read."""

@@ -92,19 +92,23 @@ def test_prefill_attention_matches_dense(block_size, group):
             assert_close(out[b, i], expected)
 
 
-@pytest.mark.parametrize('block_size', [16, 32, 64])
-def test_kv_write_puts_each_token_in_its_slot(block_size):
+@pytest.mark.parametrize('block_size,layers', [(16, None), (32, None), (64, None), (16, 3)])
+def test_kv_write_puts_each_token_in_its_slot(block_size, layers):
+    """One layer's pools, or layer 1 of a stack of ``layers`` (the others must stay as they were)."""
     rng = np.random.default_rng(block_size)
     num_blocks, n = 6, 2 * block_size + 3
-    shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM)
+    shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM) if layers is None else (layers, KV_HEADS, num_blocks,
+                                                                                   block_size, HEAD_DIM)
     k_pages, v_pages = (rng.standard_normal(shape, np.float32) for _ in range(2))
     k_new, v_new = (rng.standard_normal((n, KV_HEADS, HEAD_DIM), np.float32) for _ in range(2))
     slots = rng.choice(np.arange(block_size, num_blocks * block_size), n, replace=False).astype(np.int32)
     slots[-1] = 0                                 # a padding token writes into block 0
-    k_out, v_out = jax.jit(write_kv)(*map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slots)))
+    layer = None if layers is None else jnp.int32(1)
+    k_out, v_out = jax.jit(write_kv)(*map(jnp.asarray, (k_pages, v_pages, k_new, v_new, slots)), layer)
     for pages, new, out in ((k_pages, k_new, k_out), (v_pages, v_new, v_out)):
         expected = pages.copy()
-        expected[:, slots // block_size, slots % block_size] = new.transpose(1, 0, 2)
+        target = expected if layers is None else expected[1]
+        target[:, slots // block_size, slots % block_size] = new.transpose(1, 0, 2)
         np.testing.assert_array_equal(np.asarray(out), expected)
 
 
@@ -120,5 +124,9 @@ def test_api_rejects_mismatched_inputs():
         paged_prefill_attention(q[:, None], pages, pages, tables, lens, jnp.ones((2,), jnp.int32), 1.0)
     with pytest.raises(ValueError, match='slot_mapping must be int32'):
         write_kv(pages, pages, jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.float32))
+    with pytest.raises(ValueError, match='need the layer'):
+        paged_decode_attention(q, pages[None], pages[None], tables, lens, 1.0)
+    with pytest.raises(ValueError, match='single-layer'):
+        paged_decode_attention(q, pages, pages, tables, lens, 1.0, 2)
     with pytest.raises(ValueError, match='same shape'):
         write_kv(pages, pages[:, :2], jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.int32))

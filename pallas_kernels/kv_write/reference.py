@@ -1,15 +1,21 @@
-"""XLA reference of the KV write: one scatter per pool over the flattened slot axis."""
+"""XLA reference of the KV write: one scatter per pool, indexed (layer, block, offset).
+
+The pools are indexed in their own 5-D shape, not through a flattened ``[..., slots, d]`` view: with
+the reshape around the scatter, XLA (CPU) kept two versions of the stack inside the model's scan
+and copied the whole pool several times per layer.
+"""
 from __future__ import annotations
 
 import jax
 
 
-def _scatter(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    kv_heads, num_blocks, block_size, d = pages.shape
-    flat = pages.reshape(kv_heads, num_blocks * block_size, d)
-    return flat.at[:, slot_mapping].set(new.swapaxes(0, 1)).reshape(pages.shape)
+def _scatter(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array, layer: jax.Array) -> jax.Array:
+    block_size = pages.shape[3]
+    # (layer, :, block, offset) indexing puts the token axis first: the update is [N, kv_heads, d] as given
+    return pages.at[layer, :, slot_mapping // block_size, slot_mapping % block_size].set(new)
 
 
-def write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping):
-    """Store token ``n``'s K/V at slot ``slot_mapping[n]`` (= block * block_size + offset)."""
-    return _scatter(k_pages, k_new, slot_mapping), _scatter(v_pages, v_new, slot_mapping)
+def write_kv_reference(k_pages, v_pages, k_new, v_new, slot_mapping, layer):
+    """Store token ``n``'s K/V at slot ``slot_mapping[n]`` (= block * block_size + offset) of layer
+    ``layer`` of the stacked pools ``[layers, kv_heads, num_blocks, block_size, head_dim]``."""
+    return _scatter(k_pages, k_new, slot_mapping, layer), _scatter(v_pages, v_new, slot_mapping, layer)

@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import jax
 
-from .._checks import check_paged_attention_inputs
+from .._checks import check_paged_attention_inputs, stacked
 from .._dispatch import choose_impl
 from .reference import paged_decode_attention_reference
 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            block_tables: jax.Array, context_lens: jax.Array, scale: float,
-                           *, impl: str | None = None) -> jax.Array:
+                           layer: jax.Array | int | None = None, *, impl: str | None = None) -> jax.Array:
     """One query token per row over its paged cache.
 
-    q ``[B, heads, head_dim]``; pages ``[kv_heads, num_blocks, block_size, head_dim]``;
+    q ``[B, heads, head_dim]``; pages ``[kv_heads, num_blocks, block_size, head_dim]``, or every
+    layer's stacked ``[layers, kv_heads, ...]`` with ``layer`` (int32 scalar) the one to read;
     block_tables int32 ``[B, M]``; context_lens int32 ``[B]`` (cached tokens, this step's
     included). Returns ``[B, heads, head_dim]``; rows with context_len 0 are zeros.
     ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU).
     """
     check_paged_attention_inputs(q, k_pages, v_pages, block_tables, context_lens, '[B, heads, head_dim]')
+    k_pages, v_pages, layer = stacked(k_pages, v_pages, layer)
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
     chosen = choose_impl(impl, pallas_gpu.supports(q, k_pages))
     if chosen != 'reference':
         return pallas_gpu.paged_decode_attention_pallas(
-            q, k_pages, v_pages, block_tables, context_lens, float(scale),
+            q, k_pages, v_pages, layer, block_tables, context_lens, float(scale),
             interpret=chosen == 'pallas_interpret')
-    return paged_decode_attention_reference(q, k_pages, v_pages, block_tables, context_lens, scale)
+    return paged_decode_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens, scale)

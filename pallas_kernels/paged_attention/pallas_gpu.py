@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise,
-                             softmax_step, tile_for)
+                             pool_rows, softmax_step, tile_for)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +70,12 @@ def choose_num_splits(batch: int, kv_heads: int, max_tiles: int, config: DecodeC
     return max(1, min(max_tiles, -(-target // (batch * kv_heads))))
 
 
-def _decode_kernel(lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group, group_pad,
+def _decode_kernel(base_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group, group_pad,
                    block_size, tile, num_splits, scale_log2):
-    """One (row b, kv head h, split s): the split's share of the row's tiles."""
+    """One (row b, kv head h, split s): the split's share of the row's tiles. The pools' rows
+    are (layer, kv head) pairs; ``base_ref[0]`` is the layer's first."""
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pool_head = base_ref[0] + h
     length = jnp.minimum(lens_ref[b], tables_ref.shape[1] * block_size)
     n_tiles = pl.cdiv(length, tile)
     per_split = pl.cdiv(n_tiles, num_splits)
@@ -89,7 +91,7 @@ def _decode_kernel(lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group, 
     def body(t, state):
         pos = t * tile + jnp.arange(tile)
         valid = pos < length
-        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size)
+        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size)
         return softmax_step(state, q, k, v, valid[None, :], scale_log2)
 
     acc, m, l = lax.fori_loop(first, last, body, init_state(group_pad, q.shape[-1]))
@@ -114,20 +116,18 @@ def combine_splits(o, m, l, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
-def paged_decode_attention_pallas(q, k_pages, v_pages, block_tables, context_lens, scale: float,
+def paged_decode_attention_pallas(q, k_pages, v_pages, layer, block_tables, context_lens, scale: float,
                                   config: DecodeConfig = DecodeConfig(), interpret: bool = False):
-    """Same contract as ``api.paged_decode_attention`` (inputs already validated there)."""
+    """Same contract as ``api.paged_decode_attention`` (inputs already validated there; pools
+    layer-stacked)."""
     batch, num_heads, head_dim = q.shape
-    kv_heads, num_blocks, block_size, _ = k_pages.shape
+    layers, kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // kv_heads
     tile = tile_for(config.tile_tokens, q.dtype)
     max_tiles = pl.cdiv(block_tables.shape[1] * block_size, tile)
     num_splits = choose_num_splits(batch, kv_heads, max_tiles, config)
 
-    # A page pool is [kv_heads, num_blocks * block_size, head_dim] row-major: the kernel
-    # addresses token rows directly (a free reshape).
-    k_rows = k_pages.reshape(kv_heads, num_blocks * block_size, head_dim)
-    v_rows = v_pages.reshape(kv_heads, num_blocks * block_size, head_dim)
+    k_rows, v_rows, base = pool_rows(k_pages, v_pages, layer)
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)]
     else:
@@ -145,7 +145,7 @@ def paged_decode_attention_pallas(q, k_pages, v_pages, block_tables, context_len
                                              num_stages=config.num_stages),
         interpret=interpret,
         name='paged_decode_attention',
-    )(context_lens, block_tables, q, k_rows, v_rows)
+    )(base, context_lens, block_tables, q, k_rows, v_rows)
     if num_splits == 1:
         return outs[0]
     return combine_splits(*outs, q.dtype)

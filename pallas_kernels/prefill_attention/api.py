@@ -4,30 +4,33 @@ from __future__ import annotations
 
 import jax
 
-from .._checks import check_int32, check_paged_attention_inputs
+from .._checks import check_int32, check_paged_attention_inputs, stacked
 from .._dispatch import choose_impl
 from .reference import paged_prefill_attention_reference
 
 
 def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                             block_tables: jax.Array, context_lens: jax.Array, query_lens: jax.Array,
-                            scale: float, *, impl: str | None = None) -> jax.Array:
+                            scale: float, layer: jax.Array | int | None = None, *,
+                            impl: str | None = None) -> jax.Array:
     """A chunk of query tokens per row over its cached prefix plus itself (causal).
 
     q ``[B, T, heads, head_dim]``, left-aligned; pages ``[kv_heads, num_blocks, block_size, head_dim]``
-    already holding this chunk's K/V; block_tables int32 ``[B, M]``; context_lens int32 ``[B]``
+    (or layer-stacked ``[layers, ...]`` with ``layer``, as in the decode op) already holding this
+    chunk's K/V; block_tables int32 ``[B, M]``; context_lens int32 ``[B]``
     (cached tokens including the chunk); query_lens int32 ``[B]`` (valid tokens of the row).
     Returns ``[B, T, heads, head_dim]``; padding tokens are zeros. Softmax in float32.
     ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU).
     """
     check_paged_attention_inputs(q, k_pages, v_pages, block_tables, context_lens, '[B, T, heads, head_dim]')
     check_int32('query_lens', query_lens, (q.shape[0],))
+    k_pages, v_pages, layer = stacked(k_pages, v_pages, layer)
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
     chosen = choose_impl(impl, pallas_gpu.supports(q, k_pages))
     if chosen != 'reference':
         return pallas_gpu.paged_prefill_attention_pallas(
-            q, k_pages, v_pages, block_tables, context_lens, query_lens, float(scale),
+            q, k_pages, v_pages, layer, block_tables, context_lens, query_lens, float(scale),
             interpret=chosen == 'pallas_interpret')
-    return paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, context_lens,
+    return paged_prefill_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens,
                                              query_lens, scale)

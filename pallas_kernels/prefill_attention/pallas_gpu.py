@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise,
-                             softmax_step, tile_for)
+                             pool_rows, softmax_step, tile_for)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +53,11 @@ def choose_block_q(tokens: int, group_pad: int, config: PrefillConfig) -> int:
     return max(block_q, -(-MIN_DOT // group_pad))
 
 
-def _prefill_kernel(ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, group,
+def _prefill_kernel(base_ref, ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, group,
                     group_pad, block_q, block_size, tile, scale_log2):
-    """One (row b, kv head h, query block j)."""
+    """One (row b, kv head h, query block j); ``base_ref[0]``: the layer's first pool row."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pool_head = base_ref[0] + h
     tokens = q_ref.shape[1]
     ctx = jnp.minimum(ctx_ref[b], tables_ref.shape[1] * block_size)
     qlen = jnp.minimum(qlen_ref[b], jnp.minimum(tokens, ctx))
@@ -79,7 +80,7 @@ def _prefill_kernel(ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *
     def body(t, state):
         pos = t * tile + jnp.arange(tile)
         valid = pos < kv_end
-        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size)
+        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size)
         return softmax_step(state, q, k, v, valid[None, :] & (pos[None, :] <= q_pos), scale_log2)
 
     acc, _, l = lax.fori_loop(0, pl.cdiv(kv_end, tile), body,
@@ -89,12 +90,13 @@ def _prefill_kernel(ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
-def paged_prefill_attention_pallas(q, k_pages, v_pages, block_tables, context_lens, query_lens,
+def paged_prefill_attention_pallas(q, k_pages, v_pages, layer, block_tables, context_lens, query_lens,
                                    scale: float, config: PrefillConfig = PrefillConfig(),
                                    interpret: bool = False):
-    """Same contract as ``api.paged_prefill_attention`` (inputs already validated there)."""
+    """Same contract as ``api.paged_prefill_attention`` (inputs already validated there; pools
+    layer-stacked)."""
     batch, tokens, num_heads, head_dim = q.shape
-    kv_heads, num_blocks, block_size, _ = k_pages.shape
+    layers, kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // kv_heads
     group_pad = next_pow2(group)
     block_q = choose_block_q(tokens, group_pad, config)
@@ -102,6 +104,7 @@ def paged_prefill_attention_pallas(q, k_pages, v_pages, block_tables, context_le
     # warps keep a 64-row tile from spilling (seen compiling for sm_90: 4 warps spill 8.6 KB a
     # thread, 8 warps none).
     warps = config.num_warps * (2 if q.dtype == jnp.float32 else 1)
+    k_rows, v_rows, base = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
         _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q,
         block_size=block_size, tile=tile_for(config.tile_tokens, q.dtype), scale_log2=scale * LOG2E)
@@ -112,6 +115,4 @@ def paged_prefill_attention_pallas(q, k_pages, v_pages, block_tables, context_le
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=config.num_stages),
         interpret=interpret,
         name='paged_prefill_attention',
-    )(context_lens, query_lens, block_tables, q,
-      k_pages.reshape(kv_heads, num_blocks * block_size, head_dim),
-      v_pages.reshape(kv_heads, num_blocks * block_size, head_dim))
+    )(base, context_lens, query_lens, block_tables, q, k_rows, v_rows)

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 from .._dense import gather_pages, masked_attention
 
 
-def paged_prefill_attention_reference(q, k_pages, v_pages, block_tables, context_lens, query_lens, scale):
-    """Query token ``i < query_lens[b]`` of row ``b`` sits at position
+def paged_prefill_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens, query_lens,
+                                      scale):
+    """Layer ``layer`` of the stacked pools. Query token ``i < query_lens[b]`` of row ``b`` sits at position
     ``context_lens[b] - query_lens[b] + i`` and attends to every cached position up to its own."""
-    k = gather_pages(k_pages, block_tables)
-    v = gather_pages(v_pages, block_tables)
+    k = gather_pages(k_pages, block_tables, layer)
+    v = gather_pages(v_pages, block_tables, layer)
     tokens = jnp.arange(q.shape[1])
     q_pos = (context_lens - query_lens)[:, None] + tokens[None, :]                   # [B, T]
     causal = jnp.arange(k.shape[2])[None, None, :] <= q_pos[:, :, None]            # [B, T, S]
