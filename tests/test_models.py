@@ -126,15 +126,18 @@ def test_spec_and_params_follow_the_config(tiny):
     spec = model.spec
     assert spec.architecture == config['architectures'][0] and is_supported(spec.architecture)
     assert (spec.num_layers, spec.hidden_size, spec.vocab_size) == (2, 96, 256)
-    assert spec.num_heads * spec.head_dim == model.params['layers'][0]['q']['w'].shape[0]
+    layers = model.params['layers']
+    qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+    assert layers['qkv']['w'].shape == (spec.num_layers, qkv_rows, spec.hidden_size)
+    assert layers['gate_up']['w'].shape == (spec.num_layers, 2 * spec.intermediate_size, spec.hidden_size)
     assert spec.dtype == jnp.bfloat16
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
     assert ('lm_head' in model.params) == (not config['tie_word_embeddings'])
-    assert ('b' in model.params['layers'][0]['q']) == (spec.architecture == 'Qwen2ForCausalLM')
-    kv = model.init_kv_caches(spec, 5, 8)
-    assert len(kv) == 2 and kv[0][0].shape == (spec.num_kv_heads, 5, 8, spec.head_dim)
-    assert kv[0][0].dtype == jnp.bfloat16
-    assert kv_bytes_per_block(spec, 8) == sum(k.nbytes + v.nbytes for k, v in kv) // 5
+    assert ('b' in layers['qkv']) == (spec.architecture == 'Qwen2ForCausalLM')
+    k, v = model.init_kv_caches(spec, 5, 8)
+    assert k.shape == v.shape == (spec.num_layers, spec.num_kv_heads, 5, 8, spec.head_dim)
+    assert k.dtype == jnp.bfloat16
+    assert kv_bytes_per_block(spec, 8) == (k.nbytes + v.nbytes) // 5
 
 
 def test_bfloat16_prefill_stays_near_the_float32_reference(tiny):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from ..models import init_kv_caches, kv_bytes_per_block
+from ..models import kv_bytes_per_block, kv_cache_shape
 from ..models.spec import ModelSpec
 from ..parallel import rules
 
@@ -27,7 +27,7 @@ HOST_DEFAULT_TOKENS = 8192
 @jax.tree_util.register_dataclass
 @dataclass
 class CacheState:
-    kv: list[tuple[jax.Array, jax.Array]]   # per layer (k, v), each [kv_heads, num_blocks, block_size, head_dim]
+    kv: tuple[jax.Array, jax.Array]         # K and V stacks, each [layers, kv_heads, num_blocks, block_size, head_dim]
     tokens: jax.Array                       # int32 [num_blocks * block_size]  token id at each KV slot
 
 
@@ -66,10 +66,16 @@ def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_ma
     return num_blocks
 
 
-def init_cache_state(spec: ModelSpec, num_blocks: int, block_size: int, mesh: Mesh | None = None) -> CacheState:
-    """The zeroed pool; with a mesh, KV split over its heads and the token ids replicated."""
-    if mesh is None:
-        return CacheState(init_kv_caches(spec, num_blocks, block_size),
-                          jnp.zeros(num_blocks * block_size, jnp.int32))
-    return CacheState(init_kv_caches(spec, num_blocks, block_size, NamedSharding(mesh, rules.KV_PAGES)),
-                      jnp.zeros(num_blocks * block_size, jnp.int32, device=NamedSharding(mesh, rules.REPLICATED)))
+def cache_state_spec(spec: ModelSpec, num_blocks: int, block_size: int, mesh: Mesh | None = None) -> CacheState:
+    """The pool's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves): the steps compile
+    against these before the pool takes the device memory their compilation (autotuning) needs.
+    With a mesh, KV splits over its heads and the token ids are replicated."""
+    kv_sharding = NamedSharding(mesh, rules.KV_PAGES) if mesh is not None else None
+    token_sharding = NamedSharding(mesh, rules.REPLICATED) if mesh is not None else None
+    kv = jax.ShapeDtypeStruct(kv_cache_shape(spec, num_blocks, block_size), spec.dtype, sharding=kv_sharding)
+    return CacheState((kv, kv), jax.ShapeDtypeStruct((num_blocks * block_size,), jnp.int32, sharding=token_sharding))
+
+
+def allocate_cache_state(state_spec: CacheState) -> CacheState:
+    """A zeroed pool of ``state_spec``, each device allocating only its own shard."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), state_spec)

@@ -1,9 +1,9 @@
 """The JAX engine's models: Llama-family decoders as pure functions over a paged KV cache."""
-from .kv_cache import init_kv_caches, kv_bytes_per_block
+from .kv_cache import init_kv_caches, kv_bytes_per_block, kv_cache_shape
 from .loader import LoadedModel, load_model
 from .registry import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, is_supported
 from .spec import ModelSpec
 from .step_batch import StepBatch
 
 __all__ = ['LoadedModel', 'ModelSpec', 'StepBatch', 'SUPPORTED_ARCHITECTURES', 'UnsupportedArchitectureError',
-           'init_kv_caches', 'is_supported', 'kv_bytes_per_block', 'load_model']
+           'init_kv_caches', 'is_supported', 'kv_bytes_per_block', 'kv_cache_shape', 'load_model']

@@ -1,5 +1,6 @@
-"""The paged KV cache's storage: per layer, a K and a V pool ``[kv_heads, num_blocks, block_size,
-head_dim]`` in the model dtype (kv_heads leading, so tensor parallelism shards the first axis)."""
+"""The paged KV cache's storage: a K and a V stack ``[layers, kv_heads, num_blocks, block_size,
+head_dim]`` in the model dtype (layers leading, so the model's scan over layers carries them
+whole; kv_heads next, the axis tensor parallelism shards)."""
 from __future__ import annotations
 
 import jax
@@ -8,13 +9,15 @@ import jax.numpy as jnp
 from .spec import ModelSpec
 
 
-def init_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int,
-                   sharding: jax.sharding.Sharding | None = None) -> list[tuple[jnp.ndarray, jnp.ndarray]]:
-    """Zeroed pools, on the default device or created in place with ``sharding`` (each device
-    allocating only its own KV heads)."""
-    shape = (spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
-    return [(jnp.zeros(shape, spec.dtype, device=sharding), jnp.zeros(shape, spec.dtype, device=sharding))
-            for _ in range(spec.num_layers)]
+def kv_cache_shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """The shape of the K stack (and of the V stack)."""
+    return spec.num_layers, spec.num_kv_heads, num_blocks, block_size, spec.head_dim
+
+
+def init_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Zeroed K and V stacks on the default device."""
+    shape = kv_cache_shape(spec, num_blocks, block_size)
+    return jnp.zeros(shape, spec.dtype), jnp.zeros(shape, spec.dtype)
 
 
 def kv_bytes_per_block(spec: ModelSpec, block_size: int) -> int:

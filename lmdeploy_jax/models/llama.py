@@ -1,15 +1,11 @@
 """The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2) as pure functions over a
-params pytree and a paged KV cache.
+params pytree (layout in ``weights.py``: layers stacked, q/k/v and gate/up fused) and a paged KV
+cache stacked the same way (``kv_cache.py``).
 
-Params layout (HF weight orientation, ``[out, in]``; a ``'b'`` entry only where the checkpoint has
-a bias, e.g. Qwen2's q/k/v)::
-
-    {'embed': [vocab, hidden], 'norm': [hidden], 'lm_head': {'w': [vocab, hidden]} (untied only),
-     'layers': [{'input_norm', 'post_norm': [hidden],
-                 'q', 'k', 'v', 'o', 'gate', 'up', 'down': {'w': [out, in], 'b'?: [out]}}, ...]}
-
-Layers are unrolled in Python, each over its own params and KV buffers, so the donated cache is
-updated in place (a ``lax.scan`` carrying the cache copies it every step).
+The layers run as a ``lax.scan``: a step traces and compiles one layer rather than L, which is
+what keeps start-up short. The KV stacks ride in the scan's carry, so XLA updates them in place;
+each layer's KV write and attention take the layer index and address their layer inside the stack
+(slicing a layer out would copy it).
 
 Given a tensor-parallel mesh, XLA partitions the projections from the params' shardings, and the
 KV write and attention run under ``shard_map``, each device on its own heads and pages: XLA cannot
@@ -33,7 +29,7 @@ from .rope import apply_rope, cos_sin
 from .spec import ModelSpec
 from .step_batch import StepBatch
 
-KVCache = list[tuple[jax.Array, jax.Array]]
+KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -49,62 +45,83 @@ def linear(x: jax.Array, p: dict) -> jax.Array:
 
 
 def _paged_attention(scale: float, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
-                     v_pages: jax.Array, slots: jax.Array, block_tables: jax.Array, context_lens: jax.Array,
-                     query_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Write this step's K/V ``[B * T, kv_heads, head_dim]`` into the pages, attend with
-    ``q [B, T, heads, head_dim]`` over them; the decode op when T == 1."""
-    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slots)
+                     v_pages: jax.Array, layer: jax.Array, slots: jax.Array, block_tables: jax.Array,
+                     context_lens: jax.Array, query_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write this step's K/V ``[B * T, kv_heads, head_dim]`` into layer ``layer`` of the stacks,
+    attend with ``q [B, T, heads, head_dim]`` over them; the decode op when T == 1."""
+    k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slots, layer)
     if q.shape[1] == 1:
-        out = paged_decode_attention(q[:, 0], k_pages, v_pages, block_tables, context_lens, scale)[:, None]
+        out = paged_decode_attention(q[:, 0], k_pages, v_pages, block_tables, context_lens, scale, layer)[:, None]
     else:
-        out = paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, scale)
+        out = paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, scale, layer)
     return out, k_pages, v_pages
 
 
-def _attention(spec: ModelSpec, mesh: Mesh | None, layer: dict, x: jax.Array, kv: tuple[jax.Array, jax.Array],
+def split_fused(y: jax.Array, tp: int, sizes: tuple[int, ...]) -> list[jax.Array]:
+    """Undo the shard-by-shard row grouping of a fused projection's output ``[..., tp * sum(sizes)]``:
+    one ``[..., tp * size]`` per part (shard 0's piece first), so heads keep their global order."""
+    grouped = y.reshape(*y.shape[:-1], tp, sum(sizes))
+    pieces = jnp.split(grouped, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+    return [p.reshape(*y.shape[:-1], -1) for p in pieces]
+
+
+def _attention(spec: ModelSpec, mesh: Mesh | None, layer: dict, index: jax.Array, x: jax.Array, kv: KVCache,
                batch: StepBatch, cos: jax.Array, sin: jax.Array):
     """Project, rotate, write this step's K/V into the pages, attend over the pages."""
     b, t, _ = x.shape
-    q = linear(x, layer['q']).reshape(b, t, spec.num_heads, spec.head_dim)
-    k = linear(x, layer['k']).reshape(b, t, spec.num_kv_heads, spec.head_dim)
-    v = linear(x, layer['v']).reshape(b * t, spec.num_kv_heads, spec.head_dim)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin).reshape(b * t, spec.num_kv_heads, spec.head_dim)
-    attend = functools.partial(_paged_attention, spec.head_dim ** -0.5)
+    tp = mesh.size if mesh is not None else 1
+    d = spec.head_dim
+    q, k, v = split_fused(linear(x, layer['qkv']), tp,
+                          (spec.num_heads // tp * d, spec.num_kv_heads // tp * d, spec.num_kv_heads // tp * d))
+    q = apply_rope(q.reshape(b, t, spec.num_heads, d), cos, sin)
+    k = apply_rope(k.reshape(b, t, spec.num_kv_heads, d), cos, sin).reshape(b * t, spec.num_kv_heads, d)
+    v = v.reshape(b * t, spec.num_kv_heads, d)
+    attend = functools.partial(_paged_attention, d ** -0.5)
     if mesh is not None:
         r = rules.REPLICATED
         attend = jax.shard_map(
             attend, mesh=mesh, check_vma=False,
             in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES, rules.KV_PAGES,
-                      r, r, r, r),
+                      r, r, r, r, r),
             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
-    out, k_pages, v_pages = attend(q, k, v, *kv, batch.slot_mapping.reshape(-1), batch.block_tables,
+    out, k_pages, v_pages = attend(q, k, v, *kv, index, batch.slot_mapping.reshape(-1), batch.block_tables,
                                    batch.context_lens, batch.query_lens)
-    return linear(out.reshape(b, t, spec.num_heads * spec.head_dim), layer['o']), (k_pages, v_pages)
+    return linear(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
 
 
-def _mlp(layer: dict, x: jax.Array) -> jax.Array:
-    return linear(jax.nn.silu(linear(x, layer['gate'])) * linear(x, layer['up']), layer['down'])
+def _mlp(mesh: Mesh | None, spec: ModelSpec, layer: dict, x: jax.Array) -> jax.Array:
+    tp = mesh.size if mesh is not None else 1
+    gate, up = split_fused(linear(x, layer['gate_up']), tp, (spec.intermediate_size // tp,) * 2)
+    return linear(jax.nn.silu(gate) * up, layer['down'])
 
 
 def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCache,
-            batch: StepBatch, mesh: Mesh | None = None) -> tuple[jax.Array, KVCache]:
+            batch: StepBatch, mesh: Mesh | None = None, unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
     """Run the decoder over ``batch``; returns final-normed hidden ``[B, T, hidden]`` and the cache.
-    ``mesh``: the tensor-parallel mesh the params and cache are sharded over, if any."""
+    ``mesh``: the tensor-parallel mesh the params and cache are sharded over, if any. ``unroll``:
+    layers per scan iteration (``True``: all, as straight-line code)."""
     x = params['embed'][batch.token_ids]
     cos, sin = cos_sin(inv_freq, batch.positions)
-    new_caches = []
-    for layer, kv in zip(params['layers'], kv_caches, strict=True):
-        h, kv = _attention(spec, mesh, layer, rms_norm(x, layer['input_norm'], spec.rms_norm_eps),
+
+    def layer_step(carry, layer_and_index):
+        x, kv = carry
+        layer, index = layer_and_index
+        h, kv = _attention(spec, mesh, layer, index, rms_norm(x, layer['input_norm'], spec.rms_norm_eps),
                            kv, batch, cos, sin)
         x = x + h
-        x = x + _mlp(layer, rms_norm(x, layer['post_norm'], spec.rms_norm_eps))
-        new_caches.append(kv)
-    return rms_norm(x, params['norm'], spec.rms_norm_eps), new_caches
+        x = x + _mlp(mesh, spec, layer, rms_norm(x, layer['post_norm'], spec.rms_norm_eps))
+        return (x, kv), None
+
+    (x, kv_caches), _ = jax.lax.scan(layer_step, (x, tuple(kv_caches)),
+                                     (params['layers'], jnp.arange(spec.num_layers, dtype=jnp.int32)),
+                                     unroll=unroll)
+    return rms_norm(x, params['norm'], spec.rms_norm_eps), kv_caches
 
 
 def compute_logits(params: dict, hidden: jax.Array) -> jax.Array:
     """float32 ``[..., vocab]`` from ``hidden [..., hidden_size]``, through the tied embedding when
-    the checkpoint has no separate lm_head."""
+    the checkpoint has no separate lm_head. The matmul's output has the model's dtype, as in
+    Hugging Face's ``lm_head`` (a float32 output made XLA convert the 1 GB weight to float32 on
+    every step); the sampler then works in float32."""
     w = params['lm_head']['w'] if 'lm_head' in params else params['embed']
-    return jnp.einsum('...h,vh->...v', hidden, w, preferred_element_type=jnp.float32)
+    return jnp.einsum('...h,vh->...v', hidden, w).astype(jnp.float32)

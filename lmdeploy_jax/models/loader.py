@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 
 import jax
@@ -18,9 +19,11 @@ from .registry import UnsupportedArchitectureError, is_supported
 from .rope import inv_frequencies
 from .spec import DTYPES, ModelSpec, spec_from_config
 from .step_batch import StepBatch
-from .weights import SafetensorsCheckpoint, load_params
+from .safetensors_file import SafetensorsCheckpoint
+from .weights import load_params
 
 logger = logging.getLogger('lmdeploy_jax')
+ENV_LAYER_UNROLL = 'LMDEPLOY_JAX_LAYER_UNROLL'     # layers per scan iteration, or 'all'
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,13 +37,14 @@ class LoadedModel:
     params: dict
     inv_freq: np.ndarray = field(repr=False)   # rope inverse frequencies, a compile-time constant
     mesh: Mesh | None = None
+    layer_unroll: int | bool = 1               # layers per scan iteration (True: straight-line code)
 
     init_kv_caches = staticmethod(init_kv_caches)
     kv_bytes_per_block = staticmethod(kv_bytes_per_block)
 
     def forward(self, params: dict, kv_caches: llama.KVCache, batch: StepBatch) -> tuple[jax.Array, llama.KVCache]:
         """``(hidden [B, T, hidden_size], kv_caches)``: attention by the decode op when T == 1."""
-        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch, self.mesh)
+        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch, self.mesh, self.layer_unroll)
 
     def compute_logits(self, params: dict, hidden: jax.Array) -> jax.Array:
         """float32 ``[..., vocab]``."""
@@ -83,4 +87,6 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         params = load_params(ckpt, spec, mesh, split)
     if split is not None:
         spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
-    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh)
+    unroll = os.environ.get(ENV_LAYER_UNROLL, '1')
+    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh,
+                       True if unroll == 'all' else int(unroll))

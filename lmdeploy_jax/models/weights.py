@@ -1,129 +1,176 @@
-"""Read a Hugging Face safetensors checkpoint straight into the params pytree of ``llama.py``, in
-the target dtype (no torch): on the default device, or, given a mesh, each shard read from the file
-onto its own device (no device ever holds a whole sharded weight)."""
+"""The params pytree of ``llama.py`` from a safetensors checkpoint: layers stacked, q/k/v and
+gate/up fused, every weight put straight onto its device(s) in the target dtype, layer by layer.
+
+Layout (Hugging Face ``[out, in]`` orientation, ``L`` layers; a ``'b'`` entry only where the
+checkpoint has a bias, e.g. Qwen2's q/k/v)::
+
+    {'embed': [vocab, hidden], 'norm': [hidden], 'lm_head': {'w': [vocab, hidden]} (untied only),
+     'layers': {'input_norm', 'post_norm': [L, hidden],
+                'qkv': {'w': [L, (heads + 2 * kv_heads) * head_dim, hidden], 'b'?},
+                'o': {'w': [L, hidden, heads * head_dim]},
+                'gate_up': {'w': [L, 2 * intermediate, hidden]}, 'down': {'w': [L, hidden, intermediate]}}}
+
+Fused rows are grouped by tensor-parallel shard (``FusedLayout``): shard ``s``'s q heads, then its
+k heads, then its v heads (its gate rows, then its up rows), so splitting the rows evenly over
+``tp`` devices gives each device whole pieces of each. With ``tp == 1`` this is plain
+concatenation.
+
+Why stacked: the model scans over layers, so a step traces and compiles one layer, not L (start-up
+time). Why fused: one matmul reads q/k/v (gate/up) weights in one pass instead of three (two).
+"""
 from __future__ import annotations
 
-import glob
-import os
-from contextlib import ExitStack
+import concurrent.futures
+import functools
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
-from safetensors import safe_open
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from ..parallel import HeadSplit, from_host, param_spec
+from ..parallel import HeadSplit, param_spec
+from .safetensors_file import SafetensorsCheckpoint
 from .spec import ModelSpec
 
-_SAFETENSORS_DTYPES = {'F32': 'float32', 'BF16': 'bfloat16', 'F16': 'float16'}
+# params key -> the HF modules under ``model.layers.{i}.`` whose rows it holds, in order
+FUSED = {'qkv': ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'),
+         'gate_up': ('mlp.gate_proj', 'mlp.up_proj')}
+PLAIN = {'o': 'self_attn.o_proj', 'down': 'mlp.down_proj'}
+NORMS = {'input_norm': 'input_layernorm', 'post_norm': 'post_attention_layernorm'}
+PREFETCH_LAYERS = 4      # layers read from disk and sent to the device ahead of the one being placed
 
-# params key -> HF module under ``model.layers.{i}.``
-_LAYER_LINEARS = {
-    'q': 'self_attn.q_proj', 'k': 'self_attn.k_proj', 'v': 'self_attn.v_proj',
-    'o': 'self_attn.o_proj', 'gate': 'mlp.gate_proj', 'up': 'mlp.up_proj', 'down': 'mlp.down_proj',
-}
-_LAYER_NORMS = {'input_norm': 'input_layernorm', 'post_norm': 'post_attention_layernorm'}
+ReadFn = Callable[[tuple[slice, ...]], np.ndarray]
 
 
-class SafetensorsCheckpoint:
-    """Every tensor of a directory's ``*.safetensors`` files, by name; a context manager."""
+@dataclass(frozen=True)
+class FusedLayout:
+    """Which checkpoint rows each tensor-parallel shard holds of each fused part. ``spec`` counts
+    the checkpoint's KV heads; each is stored ``kv_replicas`` times where tp exceeds them."""
+    spec: ModelSpec
+    tp: int = 1
+    kv_replicas: int = 1
 
-    def __init__(self, hf_dir: str):
-        self.hf_dir = hf_dir
-        self.files = sorted(glob.glob(os.path.join(hf_dir, '*.safetensors')))
-        if not self.files:
-            raise FileNotFoundError(f'no *.safetensors weights in {hf_dir!r}')
-        self._stack = ExitStack()
-        self._where: dict[str, object] = {}
+    @property
+    def stored_kv_heads(self) -> int:
+        return self.spec.num_kv_heads * self.kv_replicas
 
-    def __enter__(self) -> 'SafetensorsCheckpoint':
-        for path in self.files:
-            handle = self._stack.enter_context(safe_open(path, framework='numpy'))
-            self._where.update(dict.fromkeys(handle.keys(), handle))
-        return self
+    def shard_part_rows(self, part: str, shard: int) -> tuple[int, int]:
+        """(first checkpoint row, row count) of ``part`` in shard ``shard``."""
+        d = self.spec.head_dim
+        if part == 'self_attn.q_proj':
+            n = self.spec.num_heads // self.tp * d
+            return shard * n, n
+        if part in ('self_attn.k_proj', 'self_attn.v_proj'):
+            local = self.stored_kv_heads // self.tp          # 1 whenever kv_replicas > 1
+            return shard * local // self.kv_replicas * d, local * d
+        n = self.spec.intermediate_size // self.tp
+        return shard * n, n
 
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
+    def segments(self, key: str) -> list[tuple[str, int, int]]:
+        """The fused weight's rows in order, as (part, first checkpoint row, row count)."""
+        return [(part, *self.shard_part_rows(part, s)) for s in range(self.tp) for part in FUSED[key]]
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
+    def rows(self, key: str) -> int:
+        return sum(n for _, _, n in self.segments(key))
 
-    def _handle(self, name: str):
-        if name not in self._where:
-            raise KeyError(f'tensor {name!r} is missing from the checkpoint in {self.hf_dir!r}')
-        return self._where[name]
+    def split_sizes(self, key: str) -> tuple[int, ...]:
+        """Each part's rows within one shard (the model splits a fused output by these)."""
+        return tuple(self.shard_part_rows(part, 0)[1] for part in FUSED[key])
 
-    def dtype_name(self, name: str) -> str:
-        """The stored dtype of ``name`` as 'float32' | 'bfloat16' | 'float16'."""
-        stored = self._handle(name).get_slice(name).get_dtype()
-        if stored not in _SAFETENSORS_DTYPES:
-            raise ValueError(f'tensor {name!r} is stored as {stored}; expected one of '
-                             f'{sorted(_SAFETENSORS_DTYPES)}')
-        return _SAFETENSORS_DTYPES[stored]
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+def _read_fused(ckpt: SafetensorsCheckpoint, prefix: str, segments, leaf: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Rows ``index[0]`` (and columns ``index[1:]``) of a fused weight or bias of one layer."""
+    rows, rest = index[0], index[1:]
+    lo, hi = rows.start or 0, rows.stop if rows.stop is not None else sum(n for _, _, n in segments)
+    pieces, offset = [], 0
+    for part, start, n in segments:
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            view = ckpt.view(f'{prefix}.{part}.{leaf}')
+            pieces.append(view[(slice(start + a - offset, start + b - offset), *rest)])
+        offset += n
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def get(self, name: str, dtype) -> jax.Array:
-        """The whole tensor on the default device."""
-        return jnp.asarray(self._handle(name).get_tensor(name).astype(dtype))
 
-    def read(self, name: str, index: tuple[slice, ...], dtype) -> np.ndarray:
-        """One slice of the tensor, read from the file alone (the rest stays on disk)."""
-        return self._handle(name).get_slice(name)[index].astype(dtype)
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0)
+
+
+def _ordered_prefetch(make: Callable[[int], jax.Array], n: int, pool) -> Iterator[jax.Array]:
+    """``make(0) .. make(n - 1)`` in order, each started up to ``PREFETCH_LAYERS`` ahead."""
+    pending = [pool.submit(make, i) for i in range(min(n, PREFETCH_LAYERS))]
+    for i in range(n):
+        if i + PREFETCH_LAYERS < n:
+            pending.append(pool.submit(make, i + PREFETCH_LAYERS))
+        yield pending[i].result()
 
 
 class _Placer:
-    """Puts each tensor where it belongs: whole on the default device without a mesh, else shard
-    by shard per ``parallel.param_spec``, k/v rows repeated ``split.kv_replicas`` times."""
+    """Puts arrays where they belong in the target dtype: on the default device, or shard by shard
+    over the mesh, each device receiving only its own piece (read from the file for it)."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, dtype, mesh: Mesh | None, split: HeadSplit | None,
-                 head_dim: int):
-        self.ckpt, self.dtype, self.mesh, self.split, self.head_dim = ckpt, dtype, mesh, split, head_dim
+    def __init__(self, dtype, mesh: Mesh | None, pool: concurrent.futures.Executor):
+        self.dtype, self.mesh, self.pool = dtype, mesh, pool
 
-    def __call__(self, name: str, key: str, leaf: str | None) -> jax.Array:
-        if self.mesh is None:
-            return self.ckpt.get(name, self.dtype)
-        shape = self.ckpt.shape(name)
-        replicas = self.split.kv_replicas if key in ('k', 'v') else 1
-        shape = (shape[0] * replicas, *shape[1:])
+    def _sharding(self, spec: PartitionSpec):
+        return NamedSharding(self.mesh, spec) if self.mesh is not None else SingleDeviceSharding(jax.devices()[0])
 
-        def read(index: tuple[slice, ...]) -> np.ndarray:
-            if replicas > 1:
-                index = (_checkpoint_rows(index[0], self.head_dim, replicas), *index[1:])
-            return self.ckpt.read(name, index, self.dtype)
+    def array(self, shape: tuple[int, ...], spec: PartitionSpec, read: ReadFn) -> jax.Array:
+        return jax.make_array_from_callback(shape, self._sharding(spec),
+                                            lambda index: np.asarray(read(index), self.dtype))
 
-        return from_host(shape, self.mesh, param_spec(key, leaf, shape, self.split.tp), read)
-
-
-def _checkpoint_rows(rows: slice, head_dim: int, replicas: int) -> slice:
-    """The checkpoint rows behind ``rows`` of a k/v weight whose heads are each stored ``replicas``
-    times. A shard then holds one stored head, hence one contiguous checkpoint head."""
-    start = rows.start // head_dim // replicas * head_dim + rows.start % head_dim
-    return slice(start, start + rows.stop - rows.start)
-
-
-def _linear(ckpt: SafetensorsCheckpoint, place: _Placer, prefix: str, key: str) -> dict:
-    p = {'w': place(f'{prefix}.weight', key, 'w')}
-    if f'{prefix}.bias' in ckpt:
-        p['b'] = place(f'{prefix}.bias', key, 'b')
-    return p
+    def stacked(self, layers: int, shape: tuple[int, ...], spec: PartitionSpec,
+                read_layer: Callable[[int, tuple[slice, ...]], np.ndarray]) -> jax.Array:
+        """``[layers, *shape]`` built in place on the device(s), one layer at a time (the host
+        never holds more than a few layers; the device one stack plus a few layers)."""
+        stack = jnp.zeros((layers, *shape), self.dtype, device=self._sharding(PartitionSpec(None, *spec)))
+        make = lambda i: self.array(shape, spec, functools.partial(read_layer, i))  # noqa: E731
+        for i, layer in enumerate(_ordered_prefetch(make, layers, self.pool)):
+            stack = _set_layer(stack, layer, np.int32(i))
+        return stack
 
 
 def load_params(ckpt: SafetensorsCheckpoint, spec: ModelSpec, mesh: Mesh | None = None,
                 split: HeadSplit | None = None) -> dict:
     """Build the params pytree; biases are loaded wherever the checkpoint has them. With a mesh,
     ``split`` says how its devices share the heads."""
-    place = _Placer(ckpt, spec.dtype, mesh, split, spec.head_dim)
-    layers = []
-    for i in range(spec.num_layers):
-        prefix = f'model.layers.{i}'
-        layer = {key: _linear(ckpt, place, f'{prefix}.{name}', key) for key, name in _LAYER_LINEARS.items()}
-        layer.update({key: place(f'{prefix}.{name}.weight', key, None) for key, name in _LAYER_NORMS.items()})
-        layers.append(layer)
-    params = {'embed': place('model.embed_tokens.weight', 'embed', None), 'layers': layers,
-              'norm': place('model.norm.weight', 'norm', None)}
-    if not spec.tie_word_embeddings:
-        params['lm_head'] = _linear(ckpt, place, 'lm_head', 'lm_head')
+    tp = mesh.size if mesh is not None else 1
+    layout = FusedLayout(spec, tp, split.kv_replicas if split is not None else 1)
+    L, hidden = spec.num_layers, spec.hidden_size
+    with concurrent.futures.ThreadPoolExecutor(PREFETCH_LAYERS) as pool:
+        place = _Placer(spec.dtype, mesh, pool)
+
+        def stacked(key: str, leaf: str | None, shape: tuple[int, ...], read_layer) -> jax.Array:
+            return place.stacked(L, shape, param_spec(key, leaf, shape, tp), read_layer)
+
+        def whole(key: str, name: str, leaf: str | None = None) -> jax.Array:
+            shape = ckpt.shape(name)
+            return place.array(shape, param_spec(key, leaf, shape, tp), lambda index: ckpt.view(name)[index])
+
+        layers = {}
+        for key in FUSED:
+            segments = layout.segments(key)
+            rows = layout.rows(key)
+            for leaf, shape in (('weight', (rows, hidden)), ('bias', (rows,))):
+                if leaf == 'bias' and f'model.layers.0.{FUSED[key][0]}.bias' not in ckpt:
+                    continue
+                read = lambda i, index, leaf=leaf, segments=segments: _read_fused(  # noqa: E731
+                    ckpt, f'model.layers.{i}', segments, leaf, index)
+                layers.setdefault(key, {})[leaf[0]] = stacked(key, leaf[0], shape, read)
+        for key, module in PLAIN.items():
+            for leaf in ('weight', 'bias'):
+                name = f'model.layers.0.{module}.{leaf}'
+                if name in ckpt:
+                    read = lambda i, index, m=module, leaf=leaf: ckpt.view(f'model.layers.{i}.{m}.{leaf}')[index]  # noqa: E731
+                    layers.setdefault(key, {})[leaf[0]] = stacked(key, leaf[0], ckpt.shape(name), read)
+        for key, module in NORMS.items():
+            layers[key] = stacked(key, None, (hidden,),
+                                  lambda i, index, m=module: ckpt.view(f'model.layers.{i}.{m}.weight')[index])
+        params = {'embed': whole('embed', 'model.embed_tokens.weight'), 'layers': layers,
+                  'norm': whole('norm', 'model.norm.weight')}
+        if not spec.tie_word_embeddings:
+            params['lm_head'] = {'w': whole('lm_head', 'lm_head.weight', 'w')}
     return params

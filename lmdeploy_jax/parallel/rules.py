@@ -1,8 +1,9 @@
 """Every mesh axis name and partition rule of tensor parallelism, in one place.
 
-Megatron-style: q/k/v/gate/up are column-parallel (their HF ``[out, in]`` weights split on axis 0,
-so each device computes whole heads / a slice of the MLP), o/down are row-parallel (split on axis
-1; XLA all-reduces their partial sums), the KV pool splits on its leading KV-head axis, and the
+Megatron-style: the fused qkv and gate_up are column-parallel (their HF ``[out, in]`` weights split
+on the rows, laid out shard by shard (``models/weights.py``), so each device computes whole heads /
+a slice of the MLP), o/down are row-parallel (split on the columns; XLA all-reduces their partial
+sums), the KV pool splits on its KV-head axis, and the
 embedding/lm_head split over the vocabulary where it divides (logits come out vocab-sharded; the
 sampler's reductions gather them). Norms and the step's small inputs are replicated.
 
@@ -18,12 +19,12 @@ from jax.sharding import PartitionSpec as P
 TP = 'tp'                      # the tensor-parallel mesh axis
 AXES = (TP,)                   # mesh axis names, outermost first
 
-COLUMN_PARALLEL = ('q', 'k', 'v', 'gate', 'up')
+COLUMN_PARALLEL = ('qkv', 'gate_up')
 ROW_PARALLEL = ('o', 'down')
 VOCAB_PARALLEL = ('embed', 'lm_head')
 
 REPLICATED = P()
-KV_PAGES = P(TP)                       # [kv_heads, num_blocks, block_size, head_dim]
+KV_PAGES = P(None, TP)                 # [layers, kv_heads, num_blocks, block_size, head_dim]
 Q_HEADS = P(None, None, TP)            # q / attention output [B, T, heads, head_dim]
 NEW_KV_HEADS = P(None, TP)             # this step's k/v [B * T, kv_heads, head_dim]
 
@@ -53,8 +54,9 @@ def split_heads(num_heads: int, num_kv_heads: int, intermediate_size: int, tp: i
 
 
 def param_spec(key: str, leaf: str | None, shape: tuple[int, ...], tp: int) -> P:
-    """The partition of one params entry: ``key`` as in ``models/llama.py`` ('q', 'embed', 'norm',
-    'input_norm', ...), ``leaf`` 'w' / 'b' for linears (None for plain arrays)."""
+    """The partition of one params entry of ``shape``: ``key`` as in ``models/weights.py`` ('qkv',
+    'embed', 'norm', 'input_norm', ...), ``leaf`` 'w' / 'b' for linears (None for plain arrays).
+    For the layer-stacked entries, ``shape`` and the result are those of one layer."""
     if key in COLUMN_PARALLEL:
         return P(TP, None) if leaf == 'w' else P(TP)
     if key in ROW_PARALLEL:
