@@ -22,22 +22,41 @@ def make(num_blocks=64, session_len=64, max_batch=4, prefill=32, prefix=False, d
     return Scheduler(BlockManager(num_blocks, BS, prefix), buckets, session_len, max_batch, VOCAB, decode_steps)
 
 
-def run_to_end(sched, rng, max_steps=2000):
-    """Step until idle with random tokens (never a stop id below 10); checks each plan's invariants."""
+def random_output(rng, plan, low=10):
+    """A plan's 'sampled' tokens in [low, VOCAB): decode calls return [steps, B]."""
+    b = plan.shape[0]
+    k = () if plan.prefill else (plan.steps,)
+    return SampleOutput(rng.integers(low, VOCAB, k + (b,)), np.zeros(k + (b,), np.float32),
+                        np.zeros(k + (b, MAX_LOGPROBS), np.float32), np.zeros(k + (b, MAX_LOGPROBS), np.int32))
+
+
+def check_plan(plan, budget):
+    """Checked when planned (a chained plan's ``ahead`` counts the call still in flight)."""
+    b, t = plan.shape
+    assert len(plan.rows) <= b and all(0 < n <= t * plan.steps for _, n, _ in plan.rows)
+    if plan.prefill:
+        assert b * t <= budget or b == 1
+    for seq, n, _ in plan.rows:
+        assert len(seq.blocks) * BS >= seq.num_cached + plan.ahead + n
+
+
+def run_to_end(sched, rng, max_steps=2000, chain=False, low=10, budget=32):
+    """Step until idle with random tokens (none below ``low``: 10 keeps clear of stop ids below
+    it); checks each plan's invariants. With ``chain``, as the engine does: a decode call's chained
+    successor is planned before the call's results are taken."""
+    in_flight = None
     for _ in range(max_steps):
-        plan = sched.schedule()
-        if plan is None:
-            return
-        b, t = plan.shape
-        assert len(plan.rows) <= b and all(0 < n <= t * plan.steps for _, n, _ in plan.rows)
-        if plan.prefill:
-            assert b * t <= 32 or b == 1
-        for seq, n, _ in plan.rows:
-            assert len(seq.blocks) * BS >= seq.num_cached + n
-        k = () if plan.prefill else (plan.steps,)        # decode calls return [steps, B]
-        out = SampleOutput(rng.integers(10, VOCAB, k + (b,)), np.zeros(k + (b,), np.float32),
-                           np.zeros(k + (b, MAX_LOGPROBS), np.float32), np.zeros(k + (b, MAX_LOGPROBS), np.int32))
-        sched.complete(plan, out)
+        if in_flight is None:
+            in_flight = sched.schedule()
+            if in_flight is None:
+                return
+            check_plan(in_flight, budget)
+        plan = in_flight
+        in_flight = sched.chain(plan) if chain else None
+        if in_flight is not None:
+            assert in_flight.ahead == plan.steps and [r[0] for r in in_flight.rows] == [r[0] for r in plan.rows]
+            check_plan(in_flight, budget)
+        sched.complete(plan, random_output(rng, plan, low))
     raise AssertionError('the scheduler did not finish')
 
 
@@ -79,6 +98,68 @@ def test_several_steps_a_call_reserve_blocks_and_cut_at_the_finish(rng, prefix):
     for c, ids in reqs:
         assert c.final.finish_reason == 'length' and len(c.tokens) == c.new
     assert sched.blocks.num_free() == 19 and not sched.sessions
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_chained_decode_calls_complete_everything_and_stops_drop_the_rest(rng, prefix):
+    """Decode calls dispatched behind the one in flight: every request still gets exactly its
+    tokens up to its finish (stop ids drawn often, so rows stop inside calls whose successor is
+    already planned), every block comes back."""
+    sched = make(num_blocks=80, decode_steps=4, prefix=prefix, session_len=128, max_batch=8, prefill=128)
+    reqs = []
+    for sid in range(6):
+        c = Collector()
+        prompt = rng.integers(0, VOCAB, int(rng.integers(5, 15))).tolist()
+        stops = rng.choice(np.arange(10, VOCAB), 8, replace=False).tolist() if sid % 2 else []
+        new = int(rng.integers(16, 40))      # all prefill in one step, then chain at once
+        sched.submit(EngineRequest(sid, prompt, GenerationConfig(max_new_tokens=new, stop_token_ids=stops)), c)
+        reqs.append((c, stops, new))
+    chained = 0
+    real_chain = sched.chain
+
+    def counting_chain(plan):
+        nonlocal chained
+        nxt = real_chain(plan)
+        chained += nxt is not None
+        return nxt
+    sched.chain = counting_chain
+    run_to_end(sched, rng, chain=True, budget=128)
+    assert chained > 0
+    for c, stops, new in reqs:
+        if c.final.finish_reason == 'length':
+            assert len(c.tokens) == new
+        else:
+            assert c.final.finish_reason == 'stop' and len(c.tokens) < new
+        assert not set(c.tokens) & set(stops)
+    assert sched.blocks.num_free() == 79 and not sched.sessions
+
+
+def test_chain_waits_for_prompts_lengths_and_blocks(rng):
+    sched = make(num_blocks=64, decode_steps=4, session_len=64)
+    submit(sched, rng, 1, 5, 12)                       # 1 + 4 + 4 + 4: the third call ends it
+    plan = sched.schedule()
+    sched.complete(plan, random_output(rng, plan))     # prefill
+    plan = sched.schedule()
+    assert not plan.prefill and sched.chain(plan) is not None
+    submit(sched, rng, 2, 5, 12)
+    assert sched.chain(plan) is None                   # a prompt waits for a free slot: results first
+    full = make(num_blocks=64, decode_steps=4, session_len=64, max_batch=1)
+    submit(full, rng, 1, 5, 12)
+    plan = full.schedule()
+    full.complete(plan, random_output(rng, plan))
+    plan = full.schedule()
+    submit(full, rng, 2, 5, 12)
+    assert full.waiting and full.chain(plan) is not None   # no slot before a row finishes: chain on
+    sched = make(num_blocks=64, decode_steps=4, session_len=64)
+    submit(sched, rng, 1, 5, 8)                        # 1 + 4 + 3: the second call would end it
+    plan = sched.schedule()
+    sched.complete(plan, random_output(rng, plan))
+    assert sched.chain(sched.schedule()) is None
+    sched = make(num_blocks=3, decode_steps=4, session_len=64)   # 2 blocks of 4: no room 8 ahead
+    submit(sched, rng, 1, 2, 20)
+    plan = sched.schedule()
+    sched.complete(plan, random_output(rng, plan))
+    assert sched.chain(sched.schedule()) is None
 
 
 def test_session_keeps_kv_between_turns_and_end_frees_it(rng):

@@ -8,6 +8,7 @@ host) and hands them to the scheduler, which reports them through the request ca
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 
 import jax
@@ -19,9 +20,10 @@ from ..models import load_model
 from ..parallel import agree_min, init_distributed, local_devices, make_tp_mesh
 from .block_manager import BlockManager
 from .buckets import make_buckets
-from .kv_pool import free_device_bytes, init_cache_state, plan_num_blocks
+from .kv_pool import cache_state_spec, free_device_bytes, plan_num_blocks
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
+from .xla_flags import apply_default_xla_flags
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -44,11 +46,16 @@ class JaxEngine(ThreadedEngine):
         if decode_steps < 1:
             raise ValueError(f'decode_steps must be >= 1, got {decode_steps}')
         config = config or TurbomindEngineConfig()
+        start = time.perf_counter()
+        apply_default_xla_flags()
         init_distributed()
         mesh = make_tp_mesh(config.tp) if config.tp > 1 else None
         devices = local_devices(mesh) if mesh is not None else jax.devices()[:1]
         device = min(devices, key=lambda d: free_device_bytes(d) or 0)
+        logger.info('%d %s device(s) ready in %.1f s', len(devices), device.platform, time.perf_counter() - start)
+        start = time.perf_counter()
         model = load_model(source, config.dtype, mesh)
+        logger.info('loaded the weights in %.1f s', time.perf_counter() - start)
         spec = model.spec
         self.session_len = config.session_len or spec.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE.get(device.platform, 256)
@@ -58,7 +65,7 @@ class JaxEngine(ThreadedEngine):
         buckets = make_buckets(self.max_batch_size, config.max_prefill_token_num, self.session_len, block_size,
                                decode_batch, prefill_tokens, prefill_batch,
                                growth=BUCKET_GROWTH.get(device.platform, 2))
-        self._runner = ModelRunner(model, init_cache_state(spec, num_blocks, block_size, mesh), buckets, block_size,
+        self._runner = ModelRunner(model, cache_state_spec(spec, num_blocks, block_size, mesh), buckets, block_size,
                                    config.compilation_cache_dir, decode_steps)
         self._runner.warmup()
         self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
@@ -98,20 +105,61 @@ class JaxEngine(ThreadedEngine):
     # ---- the engine thread ----
 
     def _loop(self) -> None:
+        in_flight = None          # (plan, device outputs) dispatched, results not taken yet
         while True:
             try:
-                idle = not self._scheduler.has_work() and not self._deferred
-                self._take_commands(block=idle)
-                for kind, payload in self._pop_deferred():
-                    if kind == 'stop':
-                        self._scheduler.abort_all()
-                        return
-                    self._perplexity(*payload)
-                plan = self._scheduler.schedule()
-                if plan is not None:
-                    self._run(plan)
+                if in_flight is None:
+                    idle = not self._scheduler.has_work() and not self._deferred
+                    self._take_commands(block=idle)
+                    for kind, payload in self._pop_deferred():
+                        if kind == 'stop':
+                            self._scheduler.abort_all()
+                            return
+                        self._perplexity(*payload)
+                    plan = self._scheduler.schedule()
+                    in_flight = self._dispatch(plan) if plan is not None else None
+                if in_flight is not None:
+                    in_flight = self._advance(*in_flight)
             except Exception:  # noqa: BLE001 - the thread must outlive any one failure
                 logger.exception('jax engine: unexpected failure in the engine loop')
+                in_flight = None
+
+    def _advance(self, plan: StepPlan, out) -> tuple | None:
+        """While ``plan`` runs: dispatch the decode call chained behind it if the scheduler allows
+        (so the device never waits for the host between decode calls), take the commands that
+        arrived, then take ``plan``'s results. Returns the chained call, now in flight."""
+        self._take_commands(block=False)
+        chained = self._scheduler.chain(plan) if not self._deferred else None
+        following = self._dispatch(chained, out) if chained is not None else None
+        self._take_commands(block=False)           # host work while the device runs
+        if not self._complete(plan, out) and following is not None:
+            self._complete(*following)             # it ran on the failed call's outputs: fails too
+            following = None
+        return following
+
+    def _dispatch(self, plan: StepPlan, previous=None) -> tuple | None:
+        try:
+            return plan, self._runner.step(plan, previous)
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            self._fail(plan, exc)
+            return None
+
+    def _complete(self, plan: StepPlan, out) -> bool:
+        """Hand the call's results to the scheduler; False if the call failed."""
+        try:
+            out = jax.device_get(out)
+        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
+            self._fail(plan, exc)
+            return False
+        self._scheduler.complete(plan, out)
+        return True
+
+    def _fail(self, plan: StepPlan, exc: Exception) -> None:
+        logger.exception('jax engine: a step failed')
+        self._scheduler.fail(plan, f'{type(exc).__name__}: {exc}')
+        if self._runner.recover_cache():
+            logger.warning('jax engine: the KV cache was lost with the failed step; sequences recompute')
+            self._scheduler.forget_all_kv()
 
     def _pop_deferred(self) -> list:
         deferred, self._deferred = self._deferred, []
@@ -128,20 +176,6 @@ class JaxEngine(ThreadedEngine):
                 self._scheduler.cancel(payload)
             elif kind == 'end':
                 self._scheduler.end_session(payload)
-
-    def _run(self, plan: StepPlan) -> None:
-        try:
-            out = self._runner.step(plan)
-            self._take_commands(block=False)       # host work while the device runs
-            out = jax.device_get(out)
-        except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
-            logger.exception('jax engine: a step failed')
-            self._scheduler.fail(plan, f'{type(exc).__name__}: {exc}')
-            if self._runner.recover_cache():
-                logger.warning('jax engine: the KV cache was lost with the failed step; sequences recompute')
-                self._scheduler.forget_all_kv()
-            return
-        self._scheduler.complete(plan, out)
 
     def _perplexity(self, seqs: list[list[int]], result: Future) -> None:
         try:

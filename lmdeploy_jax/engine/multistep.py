@@ -30,13 +30,16 @@ from .sequence import Sequence
 StepFn = Callable[[object, CacheState, StepBatch, SamplingParams], tuple[CacheState, SampleOutput]]
 
 
-def host_decode_batch(seqs: list[Sequence], num_rows: int, max_blocks: int, block_size: int) -> StepBatch:
-    """Numpy first-step batch ([num_rows, 1]) of decoding sequences (one pending token each).
+def host_decode_batch(seqs: list[Sequence], num_rows: int, max_blocks: int, block_size: int,
+                      ahead: int = 0) -> StepBatch:
+    """Numpy first-step batch ([num_rows, 1]) of decoding sequences (one pending token each), or,
+    with ``ahead``, of the call after one still in flight that adds ``ahead`` tokens to each: its
+    positions start that much further and its input tokens (left 0 here) come from that call.
 
     Vectorized over rows: the block tables are filled with one fancy-indexed assignment, not a
     Python loop per row (at batch 256 the loop costs milliseconds per step)."""
     n = len(seqs)
-    pos = np.fromiter((s.num_cached for s in seqs), np.int32, n)
+    pos = np.fromiter((s.num_cached + ahead for s in seqs), np.int32, n)
     lens = np.fromiter((len(s.blocks) for s in seqs), np.int64, n)
     tables = np.zeros((num_rows, max_blocks), np.int32)
     flat = np.fromiter(itertools.chain.from_iterable(s.blocks for s in seqs), np.int32, int(lens.sum()))
@@ -45,7 +48,8 @@ def host_decode_batch(seqs: list[Sequence], num_rows: int, max_blocks: int, bloc
     batch = StepBatch(token_ids=np.zeros((num_rows, 1), np.int32), positions=np.zeros((num_rows, 1), np.int32),
                       slot_mapping=np.zeros((num_rows, 1), np.int32), block_tables=tables,
                       context_lens=np.zeros(num_rows, np.int32), query_lens=np.zeros(num_rows, np.int32))
-    batch.token_ids[:n, 0] = [s.tokens[s.num_cached] for s in seqs]
+    if not ahead:
+        batch.token_ids[:n, 0] = [s.tokens[s.num_cached] for s in seqs]
     batch.positions[:n, 0] = pos
     batch.slot_mapping[:n, 0] = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
     batch.context_lens[:n] = pos + 1

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..models import LoadedModel, StepBatch
 from .buckets import Buckets
-from .kv_pool import CacheState
+from .kv_pool import CacheState, allocate_cache_state
 from . import multistep
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, sample
 from .scheduler import StepPlan
@@ -68,6 +68,12 @@ def host_step_batch(rows: list[tuple[list[int], int, list[int]]], shape: tuple[i
     return batch
 
 
+@jax.jit
+def _last_tokens(tokens: jax.Array) -> jax.Array:
+    """A decode call's last sampled tokens ``[steps, B] -> [B, 1]``: the next call's inputs."""
+    return tokens[-1][:, None]
+
+
 def _abstract(tree):
     """Shapes, dtypes and, for device arrays, shardings (a tensor-parallel cache stays sharded)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
@@ -101,10 +107,13 @@ def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, 
 class ModelRunner:
     """Owns the params, the device KV pool and the compiled steps; runs on the engine thread."""
 
-    def __init__(self, model: LoadedModel, cache: CacheState, buckets: Buckets, block_size: int,
+    def __init__(self, model: LoadedModel, cache_spec: CacheState, buckets: Buckets, block_size: int,
                  compilation_cache_dir: str | None = None, decode_steps: int = 1):
+        """``cache_spec``: the pool's shapes and shardings (``kv_pool.cache_state_spec``); the pool
+        itself is allocated by ``warmup``, after compiling."""
         enable_compilation_cache(compilation_cache_dir)
-        self.model, self.cache, self.buckets, self.block_size = model, cache, buckets, block_size
+        self.model, self.cache_spec, self.buckets, self.block_size = model, cache_spec, buckets, block_size
+        self.cache: CacheState | None = None
         self.decode_steps = decode_steps
         step = functools.partial(_step, model, block_size)
         self._step = jax.jit(step, donate_argnums=(1,))
@@ -121,8 +130,9 @@ class ModelRunner:
         return contextlib.nullcontext()
 
     def warmup(self) -> None:
-        """Compile every bucket shape now, so serving never compiles. Tracing is sequential;
-        XLA compiles the shapes in parallel threads (it releases the GIL)."""
+        """Compile every bucket shape now, so serving never compiles, then allocate the pool (not
+        before: compiling autotunes on scratch device memory). Tracing is sequential; XLA compiles
+        the shapes in parallel threads (it releases the GIL)."""
         start = time.perf_counter()
         lowered = {}
         shapes = [(False, (b, 1)) for b in self.buckets.decode_batch] + [(True, s) for s in self.buckets.prefill]
@@ -132,12 +142,14 @@ class ModelRunner:
                 batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
                 sp = host_sampling_params([], shape[0])
                 lowered[key] = (self._step if prefill else self._decode).lower(
-                    self.model.params, _abstract(self.cache), _abstract(batch), _abstract(sp))
+                    self.model.params, self.cache_spec, _abstract(batch), _abstract(sp))
+        traced = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             compiled = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
             self._executables.update(compiled)
-        logger.info('compiled %d step shapes in %.1f s: decode batches %s (%d steps a call), '
-                    'prefill (rows, tokens) %s', len(self._executables), time.perf_counter() - start,
+        self.cache = allocate_cache_state(self.cache_spec)
+        logger.info('compiled %d step shapes in %.1f s (%.1f s tracing): decode batches %s (%d steps a call), '
+                    'prefill (rows, tokens) %s', len(self._executables), time.perf_counter() - start, traced - start,
                     list(self.buckets.decode_batch), self.decode_steps, list(self.buckets.prefill))
 
     def recover_cache(self) -> bool:
@@ -148,24 +160,28 @@ class ModelRunner:
                 return False
         except Exception:  # noqa: BLE001 - a cache in error is a lost cache
             pass
-        self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding),
-                                  _abstract(self.cache))
+        self.cache = allocate_cache_state(self.cache_spec)
         return True
 
-    def step(self, plan: StepPlan) -> SampleOutput:
+    def step(self, plan: StepPlan, previous: SampleOutput | None = None) -> SampleOutput:
         """Dispatch one step (a prefill plan) or ``decode_steps`` steps (a decode plan); returns the
-        device outputs, already on their way to the host."""
+        device outputs, already on their way to the host. A chained decode plan (``plan.ahead``)
+        takes ``previous``, the device outputs of the call still in flight before it: its last
+        sampled tokens are this call's inputs, never leaving the device."""
         if plan.prefill:
             rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                     for seq, n, _ in plan.rows]
             batch = host_step_batch(rows, plan.shape, self.buckets.max_blocks, self.block_size)
         else:
             batch = multistep.host_decode_batch([seq for seq, _, _ in plan.rows], plan.shape[0],
-                                                self.buckets.max_blocks, self.block_size)
-        sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated) for seq, _, _ in plan.rows],
-                                  plan.shape[0])
+                                                self.buckets.max_blocks, self.block_size, plan.ahead)
+        sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated + plan.ahead)
+                                   for seq, _, _ in plan.rows], plan.shape[0])
+        batch = jax.device_put(batch)
+        if plan.ahead:
+            batch.token_ids = _last_tokens(previous.token)
         executable = self._executables[plan.prefill, plan.shape]
-        self.cache, out = executable(self.model.params, self.cache, jax.device_put(batch), jax.device_put(sp))
+        self.cache, out = executable(self.model.params, self.cache, batch, jax.device_put(sp))
         if not sp.want_logprobs.any():          # only the tokens cross to the host
             out = SampleOutput(out.token, None, None, None)
         for leaf in jax.tree.leaves(out):

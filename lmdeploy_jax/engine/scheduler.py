@@ -42,6 +42,8 @@ class StepPlan:
     rows: list[tuple[Sequence, int, EngineRequest]]        # (sequence, tokens it may feed, request at planning)
     shape: tuple[int, int]                                 # the compiled (B, T) it is padded to
     steps: int = 1                                         # device steps of the call (decode: decode_steps)
+    ahead: int = 0                                         # tokens the call before it (still in flight) adds
+                                                           # to each row: its input tokens are that call's last
 
 
 class Scheduler:
@@ -270,6 +272,34 @@ class Scheduler:
         if not rows:
             return None
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self.decode_steps)
+
+    def chain(self, plan: StepPlan) -> StepPlan | None:
+        """The decode call to dispatch right behind ``plan`` (still in flight), on the same rows,
+        fed by its last sampled tokens on the device; or None when the host must see its results
+        first: a waiting prompt could take a free slot, some row could finish by length within
+        either call, or the blocks for the next call's positions are not free. (Prompts waiting for
+        a slot while the batch is full do not stop it: only a finishing row frees one.) Rows that stop (a stop token) inside ``plan`` waste
+        the chained call's work for them; their results are dropped, and their KV writes land in
+        their own blocks past their end (``multistep.py``), which device order keeps ahead of any
+        later owner's writes."""
+        if plan.prefill or len(plan.rows) != len(self.running):
+            return None
+        if self.waiting and len(self.running) < self.max_batch_size:
+            return None
+        steps, bs = plan.steps, self.block_size
+        ahead = steps              # the host has every result but ``plan``'s
+        for seq, fed, request in plan.rows:
+            if (seq.request is not request or fed != steps or seq.pending != 1
+                    or seq.num_generated + ahead + steps > request.gen_config.max_new_tokens
+                    or len(seq.tokens) + ahead + steps > self.session_len):
+                return None
+        needed = [seq.blocks_needed(seq.num_cached + ahead + steps, bs) for seq, _, _ in plan.rows]
+        if sum(needed) > self.blocks.num_free():
+            return None
+        for (seq, _, _), n in zip(plan.rows, needed):
+            if n:
+                seq.blocks += self.blocks.allocate(n)
+        return StepPlan(False, list(plan.rows), plan.shape, steps, ahead)
 
     # ---- results ----
 
