@@ -43,9 +43,14 @@ def _jax_engine_or_none(source: ModelSource, config: TurbomindEngineConfig) -> I
 
 
 def check_supported(source: ModelSource) -> None:
-    """Fail early, naming the architecture, when no backend can run the model."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """Fail early, naming the architecture, when no backend can run the model. transformers' model
+    table (whose import pulls in torch, seconds of start-up) is read only for architectures the
+    JAX engine lacks."""
+    from .models import is_supported
     architecture = source.architecture
+    if is_supported(architecture):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if architecture not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         raise ValueError(f'architecture {architecture!r} is not supported: neither the JAX engine nor '
                          'transformers (the pytorch backend) can run it as a causal language model')

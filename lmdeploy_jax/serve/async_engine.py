@@ -7,8 +7,10 @@ asyncio through ``loop.call_soon_threadsafe``, so the engine loop never waits fo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
@@ -17,6 +19,7 @@ from ..chat_template import get_chat_template
 from ..checkpoint.source import resolve_model
 from ..engine_api import EngineOutput, EngineRequest
 from ..messages import GenerationConfig, PytorchEngineConfig, Response, TurbomindEngineConfig
+from ..models.registry import is_supported
 from ..tokenizer import DetokenizeState, Tokenizer
 from .event_loop import BackgroundLoop, merge
 from .request_config import merge_gen_config, resolve_stops
@@ -55,6 +58,14 @@ def _check_prompts(prompts) -> tuple[list, bool]:
     return items, single
 
 
+def _timed(what: str, fn, *args):
+    """``fn(*args)``, logging how long it took (start-up phases)."""
+    start = time.perf_counter()
+    result = fn(*args)
+    logger.info('%s ready in %.1f s', what, time.perf_counter() - start)
+    return result
+
+
 class AsyncEngine:
     """The object ``pipeline()`` returns."""
 
@@ -66,10 +77,21 @@ class AsyncEngine:
         self.source = resolve_model(model_path)
         check_supported(self.source)
         self.model_name = model_name or self.source.given
-        self.tokenizer = Tokenizer(self.source.hf_dir)
-        self.chat_template = get_chat_template(chat_template_config, self.source.given, self.tokenizer)
         self.backend = backend
-        self.engine = create_backend(self.source, backend, backend_config)
+        # The tokenizer loads while the JAX engine starts (importing transformers alone takes seconds);
+        # not beside the reference backend, whose import of transformers would race this one.
+        overlap = backend == 'turbomind' and is_supported(self.source.architecture)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='tokenizer') as pool:
+            tokenizer = pool.submit(_timed, 'tokenizer', Tokenizer, self.source.hf_dir)
+            if not overlap:
+                tokenizer.result()
+            self.engine = _timed('engine', create_backend, self.source, backend, backend_config)
+            try:
+                self.tokenizer = tokenizer.result()
+                self.chat_template = get_chat_template(chat_template_config, self.source.given, self.tokenizer)
+            except BaseException:
+                self.engine.close()
+                raise
         self.session_len = self.engine.session_len
         self._eos_ids = sorted(set(self.source.generation_eos_ids())
                                | ({self.tokenizer.eos_token_id} - {None}))
