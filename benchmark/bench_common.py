@@ -24,6 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--session-len', type=int, default=4096)
     parser.add_argument('--max-prefill-token-num', type=int, default=8192)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--log-level', default='WARNING', help="e.g. INFO: start-up phases' times")
 
 
 def build_pipeline(args: argparse.Namespace):
@@ -34,7 +35,7 @@ def build_pipeline(args: argparse.Namespace):
     config = (PytorchEngineConfig(**common) if args.backend == 'pytorch'
               else TurbomindEngineConfig(max_prefill_token_num=args.max_prefill_token_num, **common))
     start = time.perf_counter()
-    pipe = pipeline(args.model_path, backend=args.backend, backend_config=config, log_level='WARNING')
+    pipe = pipeline(args.model_path, backend=args.backend, backend_config=config, log_level=args.log_level)
     return pipe, time.perf_counter() - start
 
 
