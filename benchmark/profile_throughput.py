@@ -37,6 +37,13 @@ def sharegpt_requests(path: str, tokenizer, num: int, rng: np.random.Generator, 
     return pairs
 
 
+def _engine_stats(pipe) -> dict:
+    """The engine's counters, where it keeps them (the JAX engine: calls, chained calls, seconds
+    blocked on results; the wall time minus the latter is the engine thread's host work)."""
+    stats = getattr(pipe.engine, 'stats', None)
+    return stats() if stats is not None else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(parser)
@@ -61,7 +68,9 @@ def main() -> None:
                     for _ in range(args.num_prompts)]
     if args.warmup:
         run_requests(pipe, requests[:args.warmup], progress=False, session_base=10_000_000)
+    before = _engine_stats(pipe)
     timings, seconds = run_requests(pipe, requests)
+    after = _engine_stats(pipe)
     pipe.close()
     n_in = sum(t.input_len for t in timings)
     n_out = sum(t.output_len for t in timings)
@@ -72,7 +81,10 @@ def main() -> None:
                   input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
                   total_tok_per_s=round((n_in + n_out) / seconds, 1),
                   ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
-                  startup_s=round(startup, 1))
+                  startup_s=round(startup, 1),
+                  engine_counters={k: round(after[k] - before[k], 3) for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s',
+                                                                     'result_wait_s', 'complete_s')
+                                   if k in after})
     print(f"{record['req_per_s']} req/s, {record['output_tok_per_s']} output tok/s, "
           f"TTFT p50 {record['ttft_ms']['p50']} ms, TPOT p50 {record['tpot_ms']['p50']} ms, start-up {startup:.1f} s")
     print_result(record)

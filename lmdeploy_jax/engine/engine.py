@@ -7,6 +7,7 @@ host) and hands them to the scheduler, which reports them through the request ca
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from concurrent.futures import Future
@@ -74,6 +75,10 @@ class JaxEngine(ThreadedEngine):
                     source.given, spec.architecture, spec.dtype, self.session_len, self.max_batch_size,
                     'on' if config.enable_prefix_caching else 'off')
         self._deferred: list = []
+        # where the engine thread's time goes: calls dispatched (chained ones among them) and
+        # seconds spent blocked on a call's results (the rest of a busy thread's time is host work)
+        self._calls = self._chained_calls = 0
+        self._seconds = dict.fromkeys(('schedule', 'dispatch', 'result_wait', 'complete'), 0.0)
         self._start_thread('jax engine')
 
     def _release(self) -> None:
@@ -100,7 +105,8 @@ class JaxEngine(ThreadedEngine):
         return {'running': self.num_running(), 'waiting': self.num_waiting(),
                 'kv_blocks_free': self.num_free_blocks(), 'kv_blocks_total': self.num_total_blocks(),
                 'prefix_hit_blocks': s.blocks.prefix_hit_blocks, 'prefilled_tokens': s.prefilled_tokens,
-                'preemptions': s.num_preemptions}
+                'preemptions': s.num_preemptions, 'calls': self._calls, 'chained_calls': self._chained_calls,
+                **{f'{phase}_s': round(t, 3) for phase, t in self._seconds.items()}}
 
     # ---- the engine thread ----
 
@@ -116,7 +122,8 @@ class JaxEngine(ThreadedEngine):
                             self._scheduler.abort_all()
                             return
                         self._perplexity(*payload)
-                    plan = self._scheduler.schedule()
+                    with self._timed('schedule'):
+                        plan = self._scheduler.schedule()
                     in_flight = self._dispatch(plan) if plan is not None else None
                 if in_flight is not None:
                     in_flight = self._advance(*in_flight)
@@ -129,7 +136,8 @@ class JaxEngine(ThreadedEngine):
         (so the device never waits for the host between decode calls), take the commands that
         arrived, then take ``plan``'s results. Returns the chained call, now in flight."""
         self._take_commands(block=False)
-        chained = self._scheduler.chain(plan) if not self._deferred else None
+        with self._timed('schedule'):
+            chained = self._scheduler.chain(plan) if not self._deferred else None
         following = self._dispatch(chained, out) if chained is not None else None
         self._take_commands(block=False)           # host work while the device runs
         if not self._complete(plan, out) and following is not None:
@@ -138,8 +146,11 @@ class JaxEngine(ThreadedEngine):
         return following
 
     def _dispatch(self, plan: StepPlan, previous=None) -> tuple | None:
+        self._calls += 1
+        self._chained_calls += previous is not None
         try:
-            return plan, self._runner.step(plan, previous)
+            with self._timed('dispatch'):
+                return plan, self._runner.step(plan, previous)
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
             self._fail(plan, exc)
             return None
@@ -147,12 +158,22 @@ class JaxEngine(ThreadedEngine):
     def _complete(self, plan: StepPlan, out) -> bool:
         """Hand the call's results to the scheduler; False if the call failed."""
         try:
-            out = jax.device_get(out)
+            with self._timed('result_wait'):
+                out = jax.device_get(out)
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
             self._fail(plan, exc)
             return False
-        self._scheduler.complete(plan, out)
+        with self._timed('complete'):
+            self._scheduler.complete(plan, out)
         return True
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[phase] += time.perf_counter() - start
 
     def _fail(self, plan: StepPlan, exc: Exception) -> None:
         logger.exception('jax engine: a step failed')
