@@ -1,9 +1,11 @@
 """``JaxEngine``: the ``InferenceEngine`` of ``backend='turbomind'``, one thread driving the device.
 
 Other threads only put commands on a queue. The engine thread takes them between steps, asks the
-scheduler for a plan, dispatches the compiled step, and, while the device runs it, takes the
-commands that arrived meanwhile; then it waits for the sampled tokens (already on their way to the
-host) and hands them to the scheduler, which reports them through the request callbacks.
+scheduler for a plan and dispatches the compiled step. While the device runs it, the thread
+dispatches the decode call the scheduler chains behind it (if any: ``Scheduler.chain``) and takes
+the commands that arrived; then it waits for the first call's sampled tokens (already on their way
+to the host) and hands them to the scheduler, which reports them through the request callbacks.
+The chained call, still in flight, is the next one whose results it takes.
 """
 from __future__ import annotations
 
@@ -75,8 +77,8 @@ class JaxEngine(ThreadedEngine):
                     source.given, spec.architecture, spec.dtype, self.session_len, self.max_batch_size,
                     'on' if config.enable_prefix_caching else 'off')
         self._deferred: list = []
-        # where the engine thread's time goes: calls dispatched (chained ones among them) and
-        # seconds spent blocked on a call's results (the rest of a busy thread's time is host work)
+        # where the engine thread's time goes (stats()): calls dispatched, chained ones among them,
+        # and seconds spent planning, dispatching, waiting for results and taking them
         self._calls = self._chained_calls = 0
         self._seconds = dict.fromkeys(('schedule', 'dispatch', 'result_wait', 'complete'), 0.0)
         self._start_thread('jax engine')
@@ -133,8 +135,8 @@ class JaxEngine(ThreadedEngine):
 
     def _advance(self, plan: StepPlan, out) -> tuple | None:
         """While ``plan`` runs: dispatch the decode call chained behind it if the scheduler allows
-        (so the device never waits for the host between decode calls), take the commands that
-        arrived, then take ``plan``'s results. Returns the chained call, now in flight."""
+        (queued before ``plan``'s results reach the host), take the commands that arrived, then
+        take ``plan``'s results. Returns the chained call, now in flight."""
         self._take_commands(block=False)
         with self._timed('schedule'):
             chained = self._scheduler.chain(plan) if not self._deferred else None

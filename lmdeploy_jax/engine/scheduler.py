@@ -42,8 +42,8 @@ class StepPlan:
     rows: list[tuple[Sequence, int, EngineRequest]]        # (sequence, tokens it may feed, request at planning)
     shape: tuple[int, int]                                 # the compiled (B, T) it is padded to
     steps: int = 1                                         # device steps of the call (decode: decode_steps)
-    ahead: int = 0                                         # tokens the call before it (still in flight) adds
-                                                           # to each row: its input tokens are that call's last
+    ahead: int = 0                                         # tokens the call before it (still in flight) adds to
+                                                           # each row; that call's last tokens are the inputs
 
 
 class Scheduler:
@@ -278,10 +278,10 @@ class Scheduler:
         fed by its last sampled tokens on the device; or None when the host must see its results
         first: a waiting prompt could take a free slot, some row could finish by length within
         either call, or the blocks for the next call's positions are not free. (Prompts waiting for
-        a slot while the batch is full do not stop it: only a finishing row frees one.) Rows that stop (a stop token) inside ``plan`` waste
-        the chained call's work for them; their results are dropped, and their KV writes land in
-        their own blocks past their end (``multistep.py``), which device order keeps ahead of any
-        later owner's writes."""
+        a slot while the batch is full do not stop it: only a finishing row frees one.) Rows that
+        stop (a stop token) inside ``plan`` waste the chained call's work for them; their results
+        are dropped, and their KV writes land in their own blocks past their end
+        (``multistep.py``), which device order keeps ahead of any later owner's writes."""
         if plan.prefill or len(plan.rows) != len(self.running):
             return None
         if self.waiting and len(self.running) < self.max_batch_size:
