@@ -1,0 +1,55 @@
+"""The benchmark scripts run on a CPU (the same code measures the GPU): each as a user runs it,
+in its own process on the default model or on small kernel shapes, and its ``RESULT`` lines
+carry the figures it promises."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_ENGINE = ['--max-batch-size', '4', '--session-len', '256', '--max-prefill-token-num', '64']
+
+
+def run_script(*args: str, prefix: str = 'RESULT ', timeout: int = 600) -> list[dict]:
+    """The JSON records a benchmark script prints (lines starting with ``prefix``)."""
+    out = subprocess.run([sys.executable, *args], cwd=ROOT / 'benchmark', capture_output=True, text=True,
+                         timeout=timeout, check=False, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line[line.index('{'):]) for line in out.stdout.splitlines() if line.startswith(prefix)]
+
+
+def test_profile_throughput_reports_rates_latencies_and_engine_counters():
+    (record,) = run_script('profile_throughput.py', '--num-prompts', '6', '--input-len', '20', '--output-len', '18',
+                           '--warmup', '1', *SMALL_ENGINE)
+    assert record['num_prompts'] == 6 and record['output_tok_per_s'] > 0 and record['startup_s'] > 0
+    assert record['output_tok_per_s'] == pytest.approx(6 * 18 / record['seconds'], rel=0.02)
+    assert set(record['ttft_ms']) == {'mean', 'p50', 'p99'} and record['tpot_ms']['p50'] > 0
+    counters = record['engine_counters']
+    assert counters['calls'] > 0 and 0 <= counters['chained_calls'] < counters['calls']
+    assert counters['result_wait_s'] > 0
+
+
+def test_profile_generation_reports_each_batch_and_length():
+    records = run_script('profile_generation.py', '--batch-sizes', '1', '3', '--input-lens', '16', '40',
+                         '--output-len', '9', *SMALL_ENGINE)
+    assert [(r['batch_size'], r['input_len']) for r in records] == [(1, 16), (3, 16), (1, 40), (3, 40)]
+    for r in records:
+        assert r['decode_tok_per_s_per_request'] > 0 and r['total_tok_per_s'] > 0
+        assert r['first_token_ms']['p50'] > 0
+
+
+def test_bench_kernels_checks_and_times_every_op_in_interpret_mode():
+    records = run_script('bench_kernels.py', '--ops', 'decode', 'prefill', 'kv_write', '--impls', 'reference',
+                         'pallas_interpret', '--batches', '2', '--contexts', '96', '--tokens', '5', '--heads', '4',
+                         '--kv-heads', '2', '--head-dim', '32', '--block-size', '16', '--iters', '2', '--calls', '2',
+                         '--no-copy', '--dtype', 'float32', prefix='{')
+    assert {(r['op'], r['impl']) for r in records} == {(op, impl) for op in ('decode', 'prefill', 'kv_write')
+                                                      for impl in ('reference', 'pallas_interpret')}
+    for r in records:
+        assert 'failed' not in r, r
+        assert r['time_us'] > 0 and (r['impl'] == 'reference' or r['rel_error'] < 1e-4)
