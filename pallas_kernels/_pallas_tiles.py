@@ -27,6 +27,13 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def triton_supports(dtype, head_dim: int) -> bool:
+    """What every Pallas kernel here needs: a 16/32-bit float dtype and a power-of-two head_dim
+    of at least ``MIN_DOT`` (Triton tiles have power-of-two extents)."""
+    return (dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+            and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0)
+
+
 def tile_for(tile_tokens: int, dtype) -> int:
     """KV positions per tile: ``tile_tokens`` counts 16-bit positions; float32 tiles hold half as
     many, so a tile's bytes (and the pipeline's shared memory) stay the same."""

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import next_pow2, pool_rows
+from .._pallas_tiles import next_pow2, pool_rows, triton_supports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +42,7 @@ class WriteConfig:
 
 def supports(k_new, k_pages) -> bool:
     """Shapes and dtypes this kernel handles (Triton needs power-of-two tile extents)."""
-    head_dim = k_pages.shape[-1]
-    return (k_new.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
-            and head_dim >= 16 and head_dim & (head_dim - 1) == 0)
+    return triton_supports(k_new.dtype, k_pages.shape[-1])
 
 
 def _write_kernel(base_ref, slots_ref, k_new_ref, v_new_ref, _k_in, _v_in, k_ref, v_ref, *, block_tokens):

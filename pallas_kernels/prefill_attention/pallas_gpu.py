@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise,
-                             pool_rows, softmax_step, tile_for)
+                             pool_rows, softmax_step, tile_for, triton_supports)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +39,8 @@ class PrefillConfig:
 
 def supports(q, k_pages) -> bool:
     """Shapes and dtypes this kernel handles (Triton needs power-of-two tile extents)."""
-    head_dim = k_pages.shape[-1]
-    group_pad = next_pow2(q.shape[-2] // k_pages.shape[0])
-    return (q.dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
-            and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0 and group_pad <= 64)
+    group_pad = next_pow2(q.shape[-2] // k_pages.shape[-4])
+    return triton_supports(q.dtype, k_pages.shape[-1]) and group_pad <= 64
 
 
 def choose_block_q(tokens: int, group_pad: int, config: PrefillConfig) -> int:
