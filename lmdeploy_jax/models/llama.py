@@ -28,6 +28,7 @@ from ..parallel import rules
 from .rope import apply_rope, cos_sin
 from .spec import ModelSpec
 from .step_batch import StepBatch
+from .weights import FusedLayout
 
 KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
 
@@ -57,22 +58,22 @@ def _paged_attention(scale: float, q: jax.Array, k: jax.Array, v: jax.Array, k_p
     return out, k_pages, v_pages
 
 
-def split_fused(y: jax.Array, tp: int, sizes: tuple[int, ...]) -> list[jax.Array]:
-    """Undo the shard-by-shard row grouping of a fused projection's output ``[..., tp * sum(sizes)]``:
-    one ``[..., tp * size]`` per part (shard 0's piece first), so heads keep their global order."""
-    grouped = y.reshape(*y.shape[:-1], tp, sum(sizes))
+def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
+    """Undo the shard-by-shard row grouping (``weights.FusedLayout``) of the fused projection
+    ``key``'s output ``[..., tp * sum(sizes)]``: one ``[..., tp * size]`` per part (shard 0's piece
+    first), so heads keep their global order."""
+    sizes = layout.shard_sizes(key)
+    grouped = y.reshape(*y.shape[:-1], layout.tp, sum(sizes))
     pieces = jnp.split(grouped, np.cumsum(sizes)[:-1].tolist(), axis=-1)
     return [p.reshape(*y.shape[:-1], -1) for p in pieces]
 
 
-def _attention(spec: ModelSpec, mesh: Mesh | None, layer: dict, index: jax.Array, x: jax.Array, kv: KVCache,
-               batch: StepBatch, cos: jax.Array, sin: jax.Array):
+def _attention(spec: ModelSpec, mesh: Mesh | None, layout: FusedLayout, layer: dict, index: jax.Array,
+               x: jax.Array, kv: KVCache, batch: StepBatch, cos: jax.Array, sin: jax.Array):
     """Project, rotate, write this step's K/V into the pages, attend over the pages."""
     b, t, _ = x.shape
-    tp = mesh.size if mesh is not None else 1
     d = spec.head_dim
-    q, k, v = split_fused(linear(x, layer['qkv']), tp,
-                          (spec.num_heads // tp * d, spec.num_kv_heads // tp * d, spec.num_kv_heads // tp * d))
+    q, k, v = split_fused(linear(x, layer['qkv']), layout, 'qkv')
     q = apply_rope(q.reshape(b, t, spec.num_heads, d), cos, sin)
     k = apply_rope(k.reshape(b, t, spec.num_kv_heads, d), cos, sin).reshape(b * t, spec.num_kv_heads, d)
     v = v.reshape(b * t, spec.num_kv_heads, d)
@@ -89,9 +90,8 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, layer: dict, index: jax.Array
     return linear(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
 
 
-def _mlp(mesh: Mesh | None, spec: ModelSpec, layer: dict, x: jax.Array) -> jax.Array:
-    tp = mesh.size if mesh is not None else 1
-    gate, up = split_fused(linear(x, layer['gate_up']), tp, (spec.intermediate_size // tp,) * 2)
+def _mlp(layout: FusedLayout, layer: dict, x: jax.Array) -> jax.Array:
+    gate, up = split_fused(linear(x, layer['gate_up']), layout, 'gate_up')
     return linear(jax.nn.silu(gate) * up, layer['down'])
 
 
@@ -102,14 +102,16 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     layers per scan iteration (``True``: all, as straight-line code)."""
     x = params['embed'][batch.token_ids]
     cos, sin = cos_sin(inv_freq, batch.positions)
+    # spec counts the KV heads as stored, so each shard's parts are plain 1/tp of them
+    layout = FusedLayout(spec, mesh.size if mesh is not None else 1)
 
     def layer_step(carry, layer_and_index):
         x, kv = carry
         layer, index = layer_and_index
-        h, kv = _attention(spec, mesh, layer, index, rms_norm(x, layer['input_norm'], spec.rms_norm_eps),
+        h, kv = _attention(spec, mesh, layout, layer, index, rms_norm(x, layer['input_norm'], spec.rms_norm_eps),
                            kv, batch, cos, sin)
         x = x + h
-        x = x + _mlp(mesh, spec, layer, rms_norm(x, layer['post_norm'], spec.rms_norm_eps))
+        x = x + _mlp(layout, layer, rms_norm(x, layer['post_norm'], spec.rms_norm_eps))
         return (x, kv), None
 
     (x, kv_caches), _ = jax.lax.scan(layer_step, (x, tuple(kv_caches)),

@@ -75,6 +75,10 @@ class FusedLayout:
     def rows(self, key: str) -> int:
         return sum(n for _, _, n in self.segments(key))
 
+    def shard_sizes(self, key: str) -> tuple[int, ...]:
+        """Each part's rows within one shard, in order (the model splits a fused output by these)."""
+        return tuple(self.shard_part_rows(part, 0)[1] for part in FUSED[key])
+
 
 def _read_fused(ckpt: SafetensorsCheckpoint, prefix: str, segments, leaf: str, index: tuple[slice, ...]) -> np.ndarray:
     """Rows ``index[0]`` (and columns ``index[1:]``) of a fused weight or bias of one layer."""
