@@ -87,6 +87,14 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         params = load_params(ckpt, spec, mesh, split)
     if split is not None:
         spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
-    unroll = os.environ.get(ENV_LAYER_UNROLL, '1')
-    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh,
-                       True if unroll == 'all' else int(unroll))
+    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh, _layer_unroll())
+
+
+def _layer_unroll() -> int | bool:
+    """``LMDEPLOY_JAX_LAYER_UNROLL``: a positive count of layers per scan iteration, or 'all'."""
+    value = os.environ.get(ENV_LAYER_UNROLL, '1')
+    if value == 'all':
+        return True
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{ENV_LAYER_UNROLL} must be a positive integer or 'all', got {value!r}")
+    return int(value)
