@@ -11,7 +11,9 @@ prints one ``RESULT {json}`` line per run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
 
 import numpy as np
 
@@ -44,6 +46,11 @@ def _engine_stats(pipe) -> dict:
     return stats() if stats is not None else {}
 
 
+def _traced(trace_dir: str):
+    import jax
+    return jax.profiler.trace(trace_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(parser)
@@ -54,6 +61,9 @@ def main() -> None:
                         help='lengths drawn uniformly from [ratio * len, len]; 1.0 = fixed lengths')
     parser.add_argument('--dataset', default=None, help='a ShareGPT-format JSON file instead of random prompts')
     parser.add_argument('--warmup', type=int, default=8, help='requests run before timing')
+    parser.add_argument('--trace', action='store_true',
+                        help='run the timed requests under jax.profiler and print the device idle gaps and '
+                             'the host threads (trace_summary.py); the figures then include the tracing cost')
     args = parser.parse_args()
 
     pipe, startup = build_pipeline(args)
@@ -69,7 +79,12 @@ def main() -> None:
     if args.warmup:
         run_requests(pipe, requests[:args.warmup], progress=False, session_base=10_000_000)
     before = _engine_stats(pipe)
-    timings, seconds = run_requests(pipe, requests)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with _traced(trace_dir) if args.trace else contextlib.nullcontext():
+            timings, seconds = run_requests(pipe, requests)
+        if args.trace:
+            import trace_summary
+            trace_summary.print_gaps_and_threads(trace_summary.load(trace_dir))
     after = _engine_stats(pipe)
     pipe.close()
     n_in = sum(t.input_len for t in timings)
@@ -81,7 +96,7 @@ def main() -> None:
                   input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
                   total_tok_per_s=round((n_in + n_out) / seconds, 1),
                   ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
-                  startup_s=round(startup, 1),
+                  startup_s=round(startup, 1), traced=args.trace,
                   engine_counters={k: round(after[k] - before[k], 3) for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s',
                                                                      'result_wait_s', 'complete_s')
                                    if k in after})

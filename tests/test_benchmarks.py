@@ -15,12 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL_ENGINE = ['--max-batch-size', '4', '--session-len', '256', '--max-prefill-token-num', '64']
 
 
-def run_script(*args: str, prefix: str = 'RESULT ', timeout: int = 600) -> list[dict]:
-    """The JSON records a benchmark script prints (lines starting with ``prefix``)."""
+def run_benchmark(*args: str, timeout: int = 600) -> str:
+    """What a benchmark script prints, run as a user runs it; it must succeed."""
     out = subprocess.run([sys.executable, *args], cwd=ROOT / 'benchmark', capture_output=True, text=True,
                          timeout=timeout, check=False, env={**os.environ, 'PYTHONPATH': str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line[line.index('{'):]) for line in out.stdout.splitlines() if line.startswith(prefix)]
+    return out.stdout
+
+
+def run_script(*args: str, prefix: str = 'RESULT ', timeout: int = 600) -> list[dict]:
+    """The JSON records a benchmark script prints (lines starting with ``prefix``)."""
+    return [json.loads(line[line.index('{'):]) for line in run_benchmark(*args, timeout=timeout).splitlines()
+            if line.startswith(prefix)]
 
 
 def test_profile_throughput_reports_rates_latencies_and_engine_counters():
@@ -32,6 +38,14 @@ def test_profile_throughput_reports_rates_latencies_and_engine_counters():
     counters = record['engine_counters']
     assert counters['calls'] > 0 and 0 <= counters['chained_calls'] < counters['calls']
     assert counters['result_wait_s'] > 0
+
+
+def test_profile_throughput_trace_names_the_host_threads_busiest_events():
+    """On a CPU the trace has no device plane, so only the host part of the summary prints."""
+    out = run_benchmark('profile_throughput.py', '--num-prompts', '2', '--input-len', '12', '--output-len', '4',
+                        '--warmup', '0', '--trace', *SMALL_ENGINE)
+    assert '-- host thread' in out and 'ThunkExecutor::Execute' in out
+    assert json.loads(out[out.index('RESULT ') + 7:].splitlines()[0])['traced'] is True
 
 
 def test_profile_generation_reports_each_batch_and_length():

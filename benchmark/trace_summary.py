@@ -1,0 +1,132 @@
+"""Reading a ``jax.profiler`` trace: device time per kernel, the device's idle gaps, host threads.
+
+Three views of one trace directory, used by ``profile_kernels.py`` and ``profile_throughput.py
+--trace``:
+
+- ``kernel_totals``: per GPU stream and XLA module, the kernels with the most device time;
+- ``device_gaps``: the union of all kernels' intervals against the traced wall span, and every
+  idle gap longer than ``min_gap_us`` attributed to the pair (module before, module after), so
+  one sees whether the device waits between chained decode calls, around prefill calls, or
+  inside a call;
+- ``host_threads``: per host thread, the trace events with the most time (the XLA runtime's
+  execute, thunk and wait events show where a thread blocks).
+
+GPU only in practice: on a CPU the trace has no device plane (the functions then return nothing).
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import os
+
+
+def load(trace_dir: str):
+    from jax.profiler import ProfileData
+    path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))[-1]
+    return ProfileData.from_file(path)
+
+
+def module_of(event) -> str:
+    """The XLA module (executable) a kernel event belongs to, where the trace says."""
+    for key, value in event.stats:
+        if key in ('hlo_module', 'hlo_module_name'):
+            return str(value)
+    return ''
+
+
+def _device_lines(data):
+    for plane in data.planes:
+        if plane.name.startswith('/device:GPU'):
+            for line in plane.lines:
+                yield plane.name, line
+
+
+def kernel_totals(data, top: int) -> dict:
+    """{'plane line [module]': {'busy_us', 'top': [(kernel, count, total_us), ...]}}."""
+    groups = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
+    for plane_name, line in _device_lines(data):
+        for event in line.events:
+            entry = groups[f'{plane_name} {line.name} [{module_of(event)}]'][event.name]
+            entry[0] += 1
+            entry[1] += event.duration_ns / 1e3
+    out = {}
+    for group, totals in groups.items():
+        ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+        out[group] = {'busy_us': sum(t for _, (_, t) in ranked),
+                      'top': [(name[:110], n, round(t, 1)) for name, (n, t) in ranked[:top]]}
+    return out
+
+
+def device_gaps(data, min_gap_us: float = 20.0) -> dict:
+    """Wall span, busy time (union over every stream of the first device) and idle gaps.
+
+    ``gaps``: {'module before -> module after': [count, total_ms]}, gaps of at least
+    ``min_gap_us``; shorter ones (launch latency inside a call) are summed in ``small_gaps_ms``."""
+    events = []
+    for plane_name, line in _device_lines(data):
+        if plane_name.startswith('/device:GPU:0') and line.name.startswith('Stream'):
+            events.extend((e.start_ns, e.start_ns + e.duration_ns, module_of(e)) for e in line.events)
+    if not events:
+        return {}
+    events.sort()
+    busy = small = 0.0
+    gaps = collections.defaultdict(lambda: [0, 0.0])
+    start, end, module = events[0]
+    for s, e, m in events[1:]:
+        if s > end:
+            busy += end - start
+            idle = s - end
+            if idle >= min_gap_us * 1e3:
+                entry = gaps[f'{module} -> {m}']
+                entry[0] += 1
+                entry[1] += idle / 1e6
+            else:
+                small += idle / 1e6
+            start = s
+        if e >= end:
+            end, module = e, m
+    busy += end - start
+    span = events[-1][1] - events[0][0]
+    return {'span_ms': round(span / 1e6, 1), 'busy_ms': round(busy / 1e6, 1),
+            'idle_ms': round((span - busy) / 1e6, 1), 'small_gaps_ms': round(small, 1),
+            'gaps': {k: [n, round(t, 1)] for k, (n, t) in sorted(gaps.items(), key=lambda kv: -kv[1][1])}}
+
+
+def host_threads(data, top: int = 12, min_share: float = 0.02) -> dict:
+    """{thread line: [(event, count, total_ms), ...]} for host threads whose events add up to at
+    least ``min_share`` of the busiest thread's (nested events count in each of their parents)."""
+    lines = {}
+    for plane in data.planes:
+        if plane.name != '/host:CPU':
+            continue
+        for line in plane.lines:
+            totals = collections.defaultdict(lambda: [0, 0.0])
+            for event in line.events:
+                entry = totals[event.name[:90]]
+                entry[0] += 1
+                entry[1] += event.duration_ns / 1e6
+            if totals:
+                lines[line.name] = totals
+    if not lines:
+        return {}
+    heaviest = max(max(t for _, t in totals.values()) for totals in lines.values())
+    out = {}
+    for name, totals in lines.items():
+        ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+        if ranked[0][1][1] >= min_share * heaviest:
+            out[name] = [(event, n, round(t, 1)) for event, (n, t) in ranked[:top]]
+    return out
+
+
+def print_gaps_and_threads(data, top: int = 12) -> None:
+    """The idle-gap summary and the host threads, as ``profile_*`` scripts print them."""
+    gaps = device_gaps(data)
+    if gaps:
+        print(f"device: span {gaps['span_ms']} ms, busy {gaps['busy_ms']} ms, idle {gaps['idle_ms']} ms "
+              f"(gaps under 20 us: {gaps['small_gaps_ms']} ms)")
+        for pair, (n, ms) in list(gaps['gaps'].items())[:top]:
+            print(f'   {ms:10.1f} ms {n:6d}x  {pair}')
+    for thread, events in host_threads(data, top).items():
+        print(f'-- host thread {thread}')
+        for event, n, ms in events:
+            print(f'   {ms:10.1f} ms {n:7d}x  {event}')
