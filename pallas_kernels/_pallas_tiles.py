@@ -1,5 +1,6 @@
 """Pieces the Pallas (Triton) attention kernels share: gathering a tile of K/V rows from the page
-pools, and one online-softmax step over it.
+pools, one online-softmax step over it, a decode split's walk over its share of a row's tiles and
+its output, and loading a head rotated by rope.
 
 A pool is viewed as ``[kv_heads, num_blocks * block_size, head_dim]``: position ``p`` of a row lives
 at token row ``table[p // block_size] * block_size + p % block_size``. Each tile reads whole
@@ -13,6 +14,7 @@ import math
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 LOG2E = math.log2(math.e)
@@ -42,12 +44,17 @@ def tile_for(tile_tokens: int, dtype) -> int:
 
 def pool_rows(k_pages, v_pages, layer):
     """Layer-stacked pools ``[layers, kv_heads, num_blocks, block_size, d]`` as token rows
-    ``[layers * kv_heads, num_blocks * block_size, d]`` (a free, row-major reshape), so a kernel
-    addresses (layer, KV head) ``h`` as row ``base + h``; and ``base`` = layer * kv_heads, int32 [1]."""
+    ``[layers * kv_heads, num_blocks * block_size, d]`` (a free, row-major reshape), and the layer
+    as int32 ``[1]`` (also free) for ``layer_head``: the kernels address (layer, KV head) themselves,
+    so no XLA op runs before them to compute the row."""
     layers, kv_heads, num_blocks, block_size, d = k_pages.shape
     shape = (layers * kv_heads, num_blocks * block_size, d)
-    base = (layer * kv_heads).astype(jnp.int32).reshape(1)
-    return k_pages.reshape(shape), v_pages.reshape(shape), base
+    return k_pages.reshape(shape), v_pages.reshape(shape), layer.astype(jnp.int32).reshape(1)
+
+
+def layer_head(layer_ref, kv_heads: int, h):
+    """Inside a kernel: the pool row of KV head ``h`` of the layer in ``layer_ref`` (``pool_rows``)."""
+    return layer_ref[0] * kv_heads + h
 
 
 def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size):
@@ -86,3 +93,54 @@ def softmax_step(state, q, k, v, mask, scale_log2: float):
 def normalise(acc, l):
     """acc / l, with rows that saw no position (l == 0, acc == 0) left at zero."""
     return acc / jnp.where(l > 0, l, 1.0)[:, None]
+
+
+def split_tiles(s, positions, tile: int, num_splits: int):
+    """``(first, last)``: split ``s``'s share of the ``cdiv(positions, tile)`` tiles of a row, the
+    tiles dealt out evenly in order; trailing splits of a short row get none (``first >= last``)."""
+    n_tiles = pl.cdiv(positions, tile)
+    per_split = pl.cdiv(n_tiles, num_splits)
+    first = s * per_split
+    return first, jnp.minimum(first + per_split, n_tiles)
+
+
+def attend_pages(state, q, tables_ref, k_ref, v_ref, b, pool_head, tiles, end, block_size, tile,
+                 scale_log2):
+    """Fold tiles ``tiles = (first, last)`` of row ``b``'s cached positions below ``end`` (pool row
+    ``pool_head``) into the online-softmax state of the queries ``q``."""
+    def body(t, state):
+        pos = t * tile + jnp.arange(tile)
+        valid = pos < end
+        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size)
+        return softmax_step(state, q, k, v, valid[None, :], scale_log2)
+
+    return lax.fori_loop(*tiles, body, state)
+
+
+def store_split(out_refs, state, b, s, heads, cols, head_ok):
+    """Split ``s``'s result for query heads ``heads [rows, 1]`` of row ``b``. One output ref (the
+    row is one split): the normalised output, in its dtype. Three: the unnormalised float32
+    partial ``[B, splits, heads, d]`` and its running max and sum ``[B, splits, heads]``, which
+    ``combine_splits`` merges."""
+    acc, m, l = state
+    if len(out_refs) == 1:
+        (o_ref,) = out_refs
+        plgpu.store(o_ref.at[b, heads, cols], normalise(acc, l).astype(o_ref.dtype), mask=head_ok)
+        return
+    o_ref, m_ref, l_ref = out_refs
+    plgpu.store(o_ref.at[b, s, heads, cols], acc, mask=head_ok)
+    plgpu.store(m_ref.at[b, s, heads[:, 0]], m, mask=head_ok[:, 0])
+    plgpu.store(l_ref.at[b, s, heads[:, 0]], l, mask=head_ok[:, 0])
+
+
+def load_rotated(ref, b, head, cols, cos, sin, mask):
+    """Head rows ``ref[b, head, cols]`` of ``[B, heads, head_dim]`` rotated by rope (rotate-half
+    form, as Hugging Face): ``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = [-x2, x1]``
+    for the halves ``x1, x2`` of head_dim. The halves are loaded a second time, swapped (column
+    ``c`` reads ``c + head_dim / 2`` mod head_dim), so the rotation needs no shuffle of registers;
+    the second load hits the cache. ``cos``/``sin``: ``[1, head_dim]`` in ``ref``'s dtype, the
+    arithmetic in that dtype too, as the XLA rope does. Masked-off rows are zeros."""
+    half = ref.shape[-1] // 2
+    x = plgpu.load(ref.at[b, head, cols], mask=mask, other=0)
+    swapped = plgpu.load(ref.at[b, head, lax.rem(cols + half, 2 * half)], mask=mask, other=0)
+    return x * cos + jnp.where(cols < half, -swapped, swapped) * sin

@@ -8,7 +8,7 @@ head_dim elements (K and V read from ``k_new``/``v_new``, written to the pools),
 
 Layout: the pools are viewed as token rows ``[layers * kv_heads, num_blocks * block_size,
 head_dim]`` (``pool_rows``, a free reshape), so slot ``s`` of (layer, KV head ``h``) is row ``s`` of
-pool row ``base + h``. One program owns ``block_tokens`` tokens of one KV head: it loads their slots
+pool row ``layer * kv_heads + h``, computed in the kernel (``layer_head``). One program owns ``block_tokens`` tokens of one KV head: it loads their slots
 and their ``[block_tokens, head_dim]`` K and V rows (contiguous ``head_dim`` rows: 16-byte,
 coalesced) and stores each row at its slot, K and V in the same program (one launch per layer).
 Padding tokens sharing a slot in block 0 race; which row (or mix of rows) lands there is
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import next_pow2, pool_rows, triton_supports
+from .._pallas_tiles import layer_head, next_pow2, pool_rows, triton_supports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,8 @@ def supports(k_new, k_pages) -> bool:
     return triton_supports(k_new.dtype, k_pages.shape[-1])
 
 
-def _write_kernel(base_ref, slots_ref, k_new_ref, v_new_ref, _k_in, _v_in, k_ref, v_ref, *, block_tokens):
+def _write_kernel(layer_ref, slots_ref, k_new_ref, v_new_ref, _k_in, _v_in, k_ref, v_ref, *, kv_heads,
+                  block_tokens):
     """Tokens ``[i * block_tokens, (i + 1) * block_tokens)`` of KV head ``h``. ``_k_in``/``_v_in``
     are the pools as inputs, the same buffers as ``k_ref``/``v_ref``: never read."""
     i, h = pl.program_id(0), pl.program_id(1)
@@ -54,7 +55,7 @@ def _write_kernel(base_ref, slots_ref, k_new_ref, v_new_ref, _k_in, _v_in, k_ref
     tokens = jnp.minimum(i * block_tokens + jnp.arange(block_tokens), slots_ref.shape[0] - 1)
     slots = plgpu.load(slots_ref.at[tokens])
     rows, dst, cols = tokens[:, None], slots[:, None], jnp.arange(k_ref.shape[-1])[None, :]
-    pool_head = base_ref[0] + h
+    pool_head = layer_head(layer_ref, kv_heads, h)
     for new_ref, out_ref in ((k_new_ref, k_ref), (v_new_ref, v_ref)):
         plgpu.store(out_ref.at[pool_head, dst, cols], plgpu.load(new_ref.at[rows, h, cols]))
 
@@ -66,9 +67,9 @@ def write_kv_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, layer,
     ``[layers, kv_heads, num_blocks, block_size, head_dim]``); returns the updated pools."""
     n, kv_heads, _ = k_new.shape
     block_tokens = min(config.block_tokens, next_pow2(n))
-    k_rows, v_rows, base = pool_rows(k_pages, v_pages, layer)
+    k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     k_rows, v_rows = pl.pallas_call(
-        functools.partial(_write_kernel, block_tokens=block_tokens),
+        functools.partial(_write_kernel, kv_heads=kv_heads, block_tokens=block_tokens),
         grid=(pl.cdiv(n, block_tokens), kv_heads),
         out_shape=[jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype),
                    jax.ShapeDtypeStruct(v_rows.shape, v_rows.dtype)],
@@ -77,5 +78,5 @@ def write_kv_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, layer,
                                              num_stages=config.num_stages),
         interpret=interpret,
         name='write_kv',
-    )(base, slot_mapping, k_new, v_new, k_rows, v_rows)
+    )(layer, slot_mapping, k_new, v_new, k_rows, v_rows)
     return k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape)

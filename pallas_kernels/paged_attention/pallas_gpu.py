@@ -13,8 +13,10 @@ head, not once per query head. The padding costs tensor-core work, which is free
 
 Flash-decoding: when ``batch * kv_heads`` programs would leave SMs idle (small batches), each row's
 tiles are divided among ``num_splits`` programs; each writes an unnormalised partial output with
-its running max and sum, and a small XLA reduction combines them. With one split the kernel writes
-the normalised output itself and no second pass runs.
+its running max and sum, and a second small Pallas kernel (``combine_splits``, one launch)
+combines them. With one split the kernel writes the normalised output itself and no second pass
+runs. The decode-step op (``decode_step_attention``) launches the same way, through the pieces
+here.
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise,
-                             pool_rows, softmax_step, tile_for, triton_supports)
+from .._pallas_tiles import (LOG2E, MIN_DOT, attend_pages, init_state, layer_head, next_pow2,
+                             pool_rows, split_tiles, store_split, tile_for, triton_supports)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,49 +70,73 @@ def choose_num_splits(batch: int, kv_heads: int, max_tiles: int, config: DecodeC
     return max(1, min(max_tiles, -(-target // (batch * kv_heads))))
 
 
-def _decode_kernel(base_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, group, group_pad,
-                   block_size, tile, num_splits, scale_log2):
-    """One (row b, kv head h, split s): the split's share of the row's tiles. The pools' rows
-    are (layer, kv head) pairs; ``base_ref[0]`` is the layer's first."""
-    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    pool_head = base_ref[0] + h
-    length = jnp.minimum(lens_ref[b], tables_ref.shape[1] * block_size)
-    n_tiles = pl.cdiv(length, tile)
-    per_split = pl.cdiv(n_tiles, num_splits)
-    first = s * per_split
-    last = jnp.minimum(first + per_split, n_tiles)
+def group_pad(group: int) -> int:
+    """Matmul rows for a KV head's ``group`` query heads: a power of two, at least ``MIN_DOT``."""
+    return max(MIN_DOT, next_pow2(group))
 
+
+def split_out_shapes(batch: int, num_splits: int, num_heads: int, head_dim: int, dtype):
+    """The decode kernels' outputs (``store_split``): the output itself for one split, else the
+    float32 partials and their running max and sum."""
+    if num_splits == 1:
+        return [jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype)]
+    return [jax.ShapeDtypeStruct((batch, num_splits, num_heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32)]
+
+
+def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, kv_heads, group,
+                   group_pad, block_size, tile, num_splits, scale_log2):
+    """One (row b, kv head h, split s) of layer ``layer_ref[0]``: the split's share of the row's
+    tiles."""
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = jnp.minimum(lens_ref[b], tables_ref.shape[1] * block_size)
     lane = jnp.arange(group_pad)
     heads = (h * group + lane)[:, None]                       # query heads of this KV head
     head_ok = (lane < group)[:, None]
     cols = jnp.arange(q_ref.shape[-1])[None, :]
     q = plgpu.load(q_ref.at[b, heads, cols], mask=head_ok, other=0)
-
-    def body(t, state):
-        pos = t * tile + jnp.arange(tile)
-        valid = pos < length
-        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size)
-        return softmax_step(state, q, k, v, valid[None, :], scale_log2)
-
-    acc, m, l = lax.fori_loop(first, last, body, init_state(group_pad, q.shape[-1]))
-    if num_splits == 1:
-        (o_ref,) = out_refs
-        plgpu.store(o_ref.at[b, heads, cols], normalise(acc, l).astype(o_ref.dtype), mask=head_ok)
-    else:
-        o_ref, m_ref, l_ref = out_refs
-        plgpu.store(o_ref.at[b, s, heads, cols], acc, mask=head_ok)
-        plgpu.store(m_ref.at[b, s, heads[:, 0]], m, mask=head_ok[:, 0])
-        plgpu.store(l_ref.at[b, s, heads[:, 0]], l, mask=head_ok[:, 0])
+    state = attend_pages(init_state(group_pad, q.shape[-1]), q, tables_ref, k_ref, v_ref, b,
+                         layer_head(layer_ref, kv_heads, h), split_tiles(s, length, tile, num_splits),
+                         length, block_size, tile, scale_log2)
+    store_split(out_refs, state, b, s, heads, cols, head_ok)
 
 
-def combine_splits(o, m, l, dtype):
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, num_splits):
+    """One (row b, query head j): weigh each split's partial by ``exp2(its max - the max)``; an
+    empty split (max -inf, sum 0) weighs 0, a row whose splits are all empty gives zeros."""
+    b, j = pl.program_id(0), pl.program_id(1)
+    split = jnp.arange(next_pow2(num_splits))
+    real = split < num_splits
+    cols = jnp.arange(o_ref.shape[-1])[None, :]
+    m = plgpu.load(m_ref.at[b, split, j], mask=real, other=-jnp.inf)
+    l = plgpu.load(l_ref.at[b, split, j], mask=real, other=0.0)
+    o = plgpu.load(o_ref.at[b, split[:, None], j, cols], mask=real[:, None], other=0.0)
+    m_max = m.max()
+    w = jnp.exp2(m - jnp.where(m_max > -jnp.inf, m_max, 0.0))
+    total = (w * l).sum()
+    out = (w[:, None] * o).sum(axis=0) / jnp.where(total > 0, total, 1.0)
+    plgpu.store(out_ref.at[b, j, cols[0]], out.astype(out_ref.dtype))
+
+
+def combine_splits(o, m, l, dtype, interpret: bool = False):
     """Merge per-split partials ``o [B, S, H, d]``, ``m``/``l [B, S, H]`` (log2 domain) into
-    ``[B, H, d]``; rows with no cached positions (every split empty) give zeros."""
-    m_max = m.max(axis=1, keepdims=True)
-    w = jnp.exp2(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))       # empty split: weight 0
-    total = (w * l).sum(axis=1)
-    out = (w[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]
-    return out.astype(dtype)
+    ``[B, H, d]`` of ``dtype``, in one launch (the XLA formula took four kernels); rows with no
+    cached positions (every split empty) give zeros."""
+    batch, num_splits, num_heads, head_dim = o.shape
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=num_splits),
+        grid=(batch, num_heads),
+        out_shape=jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=2, num_stages=1),
+        interpret=interpret,
+        name='combine_splits',
+    )(o, m, l)
+
+
+def finish_splits(outs, dtype, interpret: bool):
+    """The attention output from a decode kernel's outputs (``split_out_shapes``)."""
+    return outs[0] if len(outs) == 1 else combine_splits(*outs, dtype, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
@@ -124,26 +150,17 @@ def paged_decode_attention_pallas(q, k_pages, v_pages, layer, block_tables, cont
     tile = tile_for(config.tile_tokens, q.dtype)
     max_tiles = pl.cdiv(block_tables.shape[1] * block_size, tile)
     num_splits = choose_num_splits(batch, kv_heads, max_tiles, config)
-
-    k_rows, v_rows, base = pool_rows(k_pages, v_pages, layer)
-    if num_splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((batch, num_heads, head_dim), q.dtype)]
-    else:
-        out_shape = [jax.ShapeDtypeStruct((batch, num_splits, num_heads, head_dim), jnp.float32),
-                     jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32),
-                     jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32)]
+    k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
-        _decode_kernel, group=group, group_pad=max(MIN_DOT, next_pow2(group)),
+        _decode_kernel, kv_heads=kv_heads, group=group, group_pad=group_pad(group),
         block_size=block_size, tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E)
     outs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
-        out_shape=out_shape,
+        out_shape=split_out_shapes(batch, num_splits, num_heads, head_dim, q.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
         name='paged_decode_attention',
-    )(base, context_lens, block_tables, q, k_rows, v_rows)
-    if num_splits == 1:
-        return outs[0]
-    return combine_splits(*outs, q.dtype)
+    )(layer, context_lens, block_tables, q, k_rows, v_rows)
+    return finish_splits(outs, q.dtype, interpret)

@@ -22,8 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, load_kv_tile, next_pow2, normalise,
-                             pool_rows, softmax_step, tile_for, triton_supports)
+from .._pallas_tiles import (LOG2E, MIN_DOT, init_state, layer_head, load_kv_tile, next_pow2,
+                             normalise, pool_rows, softmax_step, tile_for, triton_supports)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +51,11 @@ def choose_block_q(tokens: int, group_pad: int, config: PrefillConfig) -> int:
     return max(block_q, -(-MIN_DOT // group_pad))
 
 
-def _prefill_kernel(base_ref, ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, group,
-                    group_pad, block_q, block_size, tile, scale_log2):
-    """One (row b, kv head h, query block j); ``base_ref[0]``: the layer's first pool row."""
+def _prefill_kernel(layer_ref, ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, kv_heads,
+                    group, group_pad, block_q, block_size, tile, scale_log2):
+    """One (row b, kv head h, query block j) of layer ``layer_ref[0]``."""
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    pool_head = base_ref[0] + h
+    pool_head = layer_head(layer_ref, kv_heads, h)
     tokens = q_ref.shape[1]
     ctx = jnp.minimum(ctx_ref[b], tables_ref.shape[1] * block_size)
     qlen = jnp.minimum(qlen_ref[b], jnp.minimum(tokens, ctx))
@@ -102,9 +102,9 @@ def paged_prefill_attention_pallas(q, k_pages, v_pages, layer, block_tables, con
     # warps keep a 64-row tile from spilling (seen compiling for sm_90: 4 warps spill 8.6 KB a
     # thread, 8 warps none).
     warps = config.num_warps * (2 if q.dtype == jnp.float32 else 1)
-    k_rows, v_rows, base = pool_rows(k_pages, v_pages, layer)
+    k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
-        _prefill_kernel, group=group, group_pad=group_pad, block_q=block_q,
+        _prefill_kernel, kv_heads=kv_heads, group=group, group_pad=group_pad, block_q=block_q,
         block_size=block_size, tile=tile_for(config.tile_tokens, q.dtype), scale_log2=scale * LOG2E)
     return pl.pallas_call(
         kernel,
@@ -113,4 +113,4 @@ def paged_prefill_attention_pallas(q, k_pages, v_pages, layer, block_tables, con
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=config.num_stages),
         interpret=interpret,
         name='paged_prefill_attention',
-    )(base, context_lens, query_lens, block_tables, q, k_rows, v_rows)
+    )(layer, context_lens, query_lens, block_tables, q, k_rows, v_rows)
