@@ -66,3 +66,25 @@ def check_paged_attention_inputs(q, k_pages, v_pages, block_tables, context_lens
     check_query(q, k_pages, batch=block_tables.shape[0])
     check_int32('block_tables', block_tables)
     check_int32('context_lens', context_lens, (q.shape[0],))
+
+
+def check_fused_qkv(qkv, k_pages) -> int:
+    """``qkv [B, (heads + 2 * kv_heads) * head_dim]`` (q heads, then k heads, then v heads) of the
+    pages' dtype, heads a positive multiple of the pages' kv_heads; returns heads."""
+    kv_heads, _, _, head_dim = k_pages.shape[-4:]
+    require(qkv.ndim == 2, f'qkv must be [B, (heads + 2 * kv_heads) * head_dim], got shape {qkv.shape}')
+    require(qkv.dtype == k_pages.dtype, f'qkv dtype {qkv.dtype} does not match the pages\' dtype {k_pages.dtype}')
+    width = qkv.shape[1]
+    heads = width // head_dim - 2 * kv_heads
+    require(width % head_dim == 0 and heads > 0 and heads % kv_heads == 0,
+            f'qkv width {width} must be (heads + 2 * {kv_heads}) * {head_dim} with heads a positive multiple '
+            f'of the pages\' kv_heads ({kv_heads})')
+    return heads
+
+
+def check_rope_tables(cos, sin, batch: int, head_dim: int) -> None:
+    """float32 ``[B, head_dim]`` rope tables, head_dim even (rotate-half pairs its halves)."""
+    require(head_dim % 2 == 0, f'rope needs an even head_dim, got {head_dim}')
+    for name, x in (('cos', cos), ('sin', sin)):
+        require(x.dtype == jnp.float32 and tuple(x.shape) == (batch, head_dim),
+                f'{name} must be float32 [{batch}, {head_dim}], got {x.dtype} {tuple(x.shape)}')

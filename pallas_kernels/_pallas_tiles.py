@@ -95,6 +95,13 @@ def normalise(acc, l):
     return acc / jnp.where(l > 0, l, 1.0)[:, None]
 
 
+def group_heads(h, group: int, group_pad: int):
+    """The query heads of KV head ``h`` as ``group_pad`` matmul rows ``[group_pad, 1]`` (GQA), and
+    which rows are real heads (the rest pad the group to a dot's size)."""
+    lane = jnp.arange(group_pad)
+    return (h * group + lane)[:, None], (lane < group)[:, None]
+
+
 def split_tiles(s, positions, tile: int, num_splits: int):
     """``(first, last)``: split ``s``'s share of the ``cdiv(positions, tile)`` tiles of a row, the
     tiles dealt out evenly in order; trailing splits of a short row get none (``first >= last``)."""

@@ -9,10 +9,15 @@ the kernel never writes fails too.
 
 The KV write must leave the pools exactly as the reference's scatter does, every other layer and
 slot included, except slot 0, where padding tokens race and any of their values may land.
+
+The decode step (rope + KV write + attention in one kernel) reads pools whose new-token slots are
+poisoned too (the kernel takes the new token from registers, never from the pool), inside a stack
+whose other layers are NaN; it must leave every byte but the new tokens' slots as it was.
 """
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +25,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels._dispatch import choose_impl
+from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu
+from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write import pallas_gpu as write_gpu
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu
@@ -34,10 +41,12 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 class Pools:
     """Random pools behind random tables. ``clean`` has random values everywhere; ``poisoned``
-    is the same with NaN in every slot outside the rows' contexts."""
+    is the same with NaN in every slot outside the rows' cached positions: their contexts, or
+    only the first ``cached_lens`` positions of them (a decode step's token is not cached yet)."""
 
-    def __init__(self, rng, context_lens, block_size, dtype, spare_blocks=3):
+    def __init__(self, rng, context_lens, block_size, dtype, spare_blocks=3, cached_lens=None):
         self.context_lens = np.asarray(context_lens, np.int32)
+        self.block_size = block_size
         max_blocks = max(1, -(-int(self.context_lens.max()) // block_size))
         num_blocks = 1 + len(context_lens) * max_blocks + spare_blocks
         shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM)
@@ -45,7 +54,7 @@ class Pools:
         self.block_tables = rng.permutation(np.arange(1, num_blocks))[
             :len(context_lens) * max_blocks].reshape(len(context_lens), max_blocks).astype(np.int32)
         owned = np.zeros((num_blocks, block_size), bool)
-        for row, n in zip(self.block_tables, self.context_lens):
+        for row, n in zip(self.block_tables, self.context_lens if cached_lens is None else cached_lens):
             pos = np.arange(n)
             owned[row[pos // block_size], pos % block_size] = True
         self.dtype = dtype
@@ -55,6 +64,13 @@ class Pools:
 
     def tables(self):
         return jnp.asarray(self.block_tables), jnp.asarray(self.context_lens)
+
+    def last_slots(self):
+        """Each row's slot of position context_len - 1 (a decode step's token); 0 for empty rows."""
+        pos = np.maximum(self.context_lens - 1, 0)
+        page = self.block_tables[np.arange(len(pos)), pos // self.block_size]
+        return jnp.asarray(np.where(self.context_lens > 0, page * self.block_size + pos % self.block_size, 0),
+                           jnp.int32)
 
     def stacked(self, layer: int, layers: int, clean: bool = False):
         """The (poisoned, unless ``clean``) pools as layer ``layer`` of a ``[layers, ...]`` stack
@@ -276,6 +292,152 @@ def test_kv_write_supports_power_of_two_head_dims():
     with pytest.raises(ValueError, match='does not support'):
         write_kv(pages[0], pages[0], jnp.zeros((3, 2, 48)), jnp.zeros((3, 2, 48)), jnp.zeros((3,), jnp.int32),
                  impl='pallas_interpret')
+
+
+# ---- the decode step: rope, KV write and attention in one kernel ----------------------------
+
+STEP_LAYER, STEP_LAYERS = 1, 3
+
+
+def rope_tables(rng, batch):
+    """float32 cos/sin ``[batch, HEAD_DIM]`` of random angles, halves repeated (HF layout)."""
+    angles = rng.uniform(-np.pi, np.pi, (batch, HEAD_DIM // 2)).astype(np.float32)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+
+def decode_step_case(seed, block_size, group, context_lens, dtype):
+    """Pools cached up to each row's new token (its slot poisoned), as layer ``STEP_LAYER`` of a
+    NaN stack; the step's inputs ``(qkv, cos, sin)`` and the rest ``(layer, slots, tables, lens,
+    scale)``; the reference's output over clean pools, and its pools written from the poisoned
+    ones (what the kernel must leave). At most one empty row, so no two rows race for slot 0."""
+    rng = np.random.default_rng(seed)
+    lens = np.asarray(context_lens, np.int32)
+    pools = Pools(rng, lens, block_size, dtype, cached_lens=np.maximum(lens - 1, 0))
+    qkv = jnp.asarray(rng.standard_normal((len(lens), KV_HEADS * (group + 2) * HEAD_DIM)), dtype)
+    step = (qkv, *rope_tables(rng, len(lens)))
+    rest = (jnp.int32(STEP_LAYER), pools.last_slots(), *pools.tables(), SCALE)
+    ref_out, *_ = decode_step_attention(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS, clean=True), *rest,
+                                        impl='reference')
+    _, *ref_pools = decode_step_attention(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS), *rest, impl='reference')
+    return pools, step, rest, ref_out, ref_pools
+
+
+def assert_step_written(out_pools, ref_pools, slots, block_size, dtype):
+    """Every element as the reference leaves it (NaN poison included: other layers, unowned
+    slots), except the new tokens' K rows, which need only be close: the rope's products round
+    alike, but XLA may fuse the reference's into FMAs (an ulp in float32)."""
+    slots = np.asarray(slots)
+    rows = (STEP_LAYER, slice(None), slots // block_size, slots % block_size)
+    for name, out, ref in zip('KV', out_pools, ref_pools):
+        out, ref = (np.array(x.astype(jnp.float32)) for x in (out, ref))
+        new_out, new_ref = out[rows], ref[rows]
+        out[rows] = ref[rows] = 0
+        np.testing.assert_array_equal(out, ref, err_msg=f'{name} pool changed outside the new slots')
+        assert not np.isnan(new_out).any(), f'new {name} rows not written'
+        if name == 'K':
+            assert relative_error(new_out, new_ref) < TOLERANCE[dtype]
+        else:
+            np.testing.assert_array_equal(new_out, new_ref, err_msg='new V rows differ')
+
+
+@pytest.mark.parametrize('block_size,group,dtype,num_splits', [
+    (16, 1, jnp.float32, 1), (32, 4, jnp.bfloat16, 3), (64, 8, jnp.float16, 1), (128, 4, jnp.float32, 8),
+    (16, 8, jnp.bfloat16, None), (32, 1, jnp.float16, None)])
+def test_decode_step_matches_reference(block_size, group, dtype, num_splits):
+    """Rows of only the new token (1), a cache ending a page (block + 1), mid-page, one empty
+    row, several tiles; one split (the kernel normalises), forced splits over small tiles
+    (empty splits), or the op's API with its default launch (as many splits as tiles here)."""
+    lens = [1, block_size + 1, 0, 2 * block_size, 5 * block_size - 7, 2]
+    pools, step, rest, ref_out, ref_pools = decode_step_case(block_size * group, block_size, group, lens, dtype)
+    stacked = pools.stacked(STEP_LAYER, STEP_LAYERS)
+    if num_splits is None:
+        out, *out_pools = decode_step_attention(*step, *stacked, *rest, impl='pallas_interpret')
+    else:
+        config = decode_gpu.DecodeConfig(tile_tokens=16, num_splits=num_splits)
+        out, *out_pools = step_gpu.decode_step_attention_pallas(*step, *stacked, *rest, config=config,
+                                                                interpret=True)
+    assert out.dtype == dtype
+    assert_matches(out, ref_out, dtype, np.asarray(lens) == 0)
+    assert_step_written(out_pools, ref_pools, rest[1], block_size, dtype)
+
+
+def test_decode_step_in_a_scan_over_layers(rng):
+    """As the model calls it: the pools carried through a jitted ``lax.scan`` whose index is the
+    layer (traced), each layer its own qkv, writing the same slots of its own layer."""
+    layers, lens = 3, [30, 0, 9]
+    pools = Pools(rng, lens, 16, jnp.bfloat16, cached_lens=np.maximum(np.asarray(lens) - 1, 0))
+    qkv = jnp.asarray(rng.standard_normal((layers, 3, KV_HEADS * 6 * HEAD_DIM)), jnp.bfloat16)
+    cos, sin = rope_tables(rng, 3)
+    stack = tuple(jnp.stack([p] * layers) for p in pools.clean)
+
+    def run(impl):
+        def step(kv, xs):
+            x, layer = xs
+            out, *kv = decode_step_attention(x, cos, sin, *kv, layer, pools.last_slots(), *pools.tables(), SCALE,
+                                             impl=impl)
+            return tuple(kv), out
+        return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, jnp.arange(layers, dtype=jnp.int32))))(stack)
+
+    (k_out, v_out), out = run('pallas_interpret')
+    (k_ref, v_ref), ref = run('reference')
+    assert_matches(out, ref, jnp.bfloat16, np.broadcast_to(np.asarray(lens) == 0, out.shape[:2]))
+    np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(v_ref, np.float32))
+    assert relative_error(np.asarray(k_out, np.float32), np.asarray(k_ref, np.float32)) < TOLERANCE[jnp.bfloat16]
+
+
+def xla_combine(o, m, l):
+    """The split combine as the XLA formula the Pallas kernel replaced (four kernels on a GPU)."""
+    m_max = m.max(axis=1, keepdims=True)
+    w = jnp.exp2(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))
+    total = (w * l).sum(axis=1)
+    return (w[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+@pytest.mark.parametrize('num_splits,dtype', [(2, jnp.float32), (3, jnp.bfloat16), (8, jnp.float32)])
+def test_combine_splits_matches_the_xla_formula(rng, num_splits, dtype):
+    """Random partials with empty splits (max -inf, sum 0) scattered about, and one row whose
+    splits are all empty (zeros out)."""
+    batch, heads = 3, 5
+    o = rng.standard_normal((batch, num_splits, heads, HEAD_DIM)).astype(np.float32)
+    m = (4 * rng.standard_normal((batch, num_splits, heads))).astype(np.float32)
+    l = rng.uniform(0.5, 3.0, (batch, num_splits, heads)).astype(np.float32)
+    empty = rng.random(m.shape) < 0.3
+    empty[1] = True
+    m[empty], l[empty], o[empty] = -np.inf, 0.0, 0.0
+    out = decode_gpu.combine_splits(*map(jnp.asarray, (o, m, l)), dtype, interpret=True)
+    assert out.dtype == dtype
+    assert_matches(out, xla_combine(o, m, l), dtype, empty=np.arange(batch) == 1)
+
+
+def test_decode_ops_lower_to_their_kernels_alone():
+    """Lowered for CUDA (Triton IR, checked without a GPU): around the kernels only free
+    reshapes, nothing XLA must launch (the layer's pool row is computed in the kernels); the
+    decode step is two launches (the step and the split combine), or one with one split, and it
+    aliases the pools to its outputs."""
+    shape = jax.ShapeDtypeStruct
+    pools = shape((4, KV_HEADS, 8, 16, HEAD_DIM), jnp.bfloat16)
+    step = (shape((1, 6 * KV_HEADS * HEAD_DIM), jnp.bfloat16), shape((1, HEAD_DIM), jnp.float32),
+             shape((1, HEAD_DIM), jnp.float32), pools, pools, shape((), jnp.int32), shape((1,), jnp.int32),
+             shape((1, 64), jnp.int32), shape((1,), jnp.int32))
+
+    def lower(fn, *args):
+        try:
+            return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+        except Exception as e:      # noqa: BLE001 - a jaxlib that cannot lower for CUDA here
+            pytest.skip(f'cannot lower for CUDA on this machine: {type(e).__name__}: {e}')
+
+    for num_splits, launches in ((None, 2), (1, 1)):
+        config = decode_gpu.DecodeConfig(num_splits=num_splits)
+        text = lower(functools.partial(step_gpu.decode_step_attention_pallas, scale=SCALE, config=config), *step)
+        assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
+        assert text.count('stablehlo.custom_call') == launches
+        for out, operand in ((0, 7), (1, 8)):
+            assert f'output_tuple_indices = [{out}], operand_index = {operand},' in text
+    q = shape((1, 4 * KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    text = lower(lambda q, k, v, t, n, layer: paged_decode_attention(q, k, v, t, n, SCALE, layer, impl='pallas'),
+                 q, pools, pools, *step[7:], step[5])
+    assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
 
 
 def test_choose_num_splits_fills_the_device():

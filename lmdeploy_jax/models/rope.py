@@ -1,5 +1,6 @@
 """Rotary position embeddings, as Hugging Face computes them: inverse frequencies once on the
-host (with Llama 3.1 scaling when asked), cos/sin in float32 at the step's positions."""
+host (with Llama 3.1 scaling when asked), cos/sin in float32 at the step's positions. The rotation
+itself (``apply_rope``) lives with the kernels, whose decode-step op's reference uses it too."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.rope import apply_rope  # noqa: F401 - the models' rope, re-exported
 
 from .spec import RopeSpec
 
@@ -37,12 +40,3 @@ def cos_sin(inv_freq: np.ndarray, positions: jax.Array) -> tuple[jax.Array, jax.
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [B, T, heads, head_dim]`` by ``cos``/``sin [B, T, head_dim]`` (rotate-half form)."""
-    cos = cos[:, :, None].astype(x.dtype)
-    sin = sin[:, :, None].astype(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin

@@ -25,11 +25,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import (LOG2E, MIN_DOT, attend_pages, init_state, layer_head, next_pow2,
+from .._pallas_tiles import (LOG2E, MIN_DOT, attend_pages, group_heads, init_state, layer_head, next_pow2,
                              pool_rows, split_tiles, store_split, tile_for, triton_supports)
 
 
@@ -70,6 +69,15 @@ def choose_num_splits(batch: int, kv_heads: int, max_tiles: int, config: DecodeC
     return max(1, min(max_tiles, -(-target // (batch * kv_heads))))
 
 
+def plan_splits(batch: int, kv_heads: int, block_tables, block_size: int, dtype,
+                config: DecodeConfig) -> tuple[int, int]:
+    """``(tile, num_splits)`` of a decode launch: KV positions per tile for ``dtype``, and the
+    programs per (row, kv_head)."""
+    tile = tile_for(config.tile_tokens, dtype)
+    max_tiles = pl.cdiv(block_tables.shape[1] * block_size, tile)
+    return tile, choose_num_splits(batch, kv_heads, max_tiles, config)
+
+
 def group_pad(group: int) -> int:
     """Matmul rows for a KV head's ``group`` query heads: a power of two, at least ``MIN_DOT``."""
     return max(MIN_DOT, next_pow2(group))
@@ -91,9 +99,7 @@ def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_re
     tiles."""
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = jnp.minimum(lens_ref[b], tables_ref.shape[1] * block_size)
-    lane = jnp.arange(group_pad)
-    heads = (h * group + lane)[:, None]                       # query heads of this KV head
-    head_ok = (lane < group)[:, None]
+    heads, head_ok = group_heads(h, group, group_pad)
     cols = jnp.arange(q_ref.shape[-1])[None, :]
     q = plgpu.load(q_ref.at[b, heads, cols], mask=head_ok, other=0)
     state = attend_pages(init_state(group_pad, q.shape[-1]), q, tables_ref, k_ref, v_ref, b,
@@ -147,9 +153,7 @@ def paged_decode_attention_pallas(q, k_pages, v_pages, layer, block_tables, cont
     batch, num_heads, head_dim = q.shape
     layers, kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // kv_heads
-    tile = tile_for(config.tile_tokens, q.dtype)
-    max_tiles = pl.cdiv(block_tables.shape[1] * block_size, tile)
-    num_splits = choose_num_splits(batch, kv_heads, max_tiles, config)
+    tile, num_splits = plan_splits(batch, kv_heads, block_tables, block_size, q.dtype, config)
     k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
         _decode_kernel, kv_heads=kv_heads, group=group, group_pad=group_pad(group),

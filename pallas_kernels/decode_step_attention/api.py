@@ -1,0 +1,49 @@
+"""The decode step's attention the models call: the Pallas kernel on a GPU, the XLA reference
+elsewhere, behind one function, so the models never change when an implementation does."""
+from __future__ import annotations
+
+import jax
+
+from .._checks import (check_fused_qkv, check_int32, check_pages, check_paged_attention_inputs,
+                       check_rope_tables, stacked)
+from .._dispatch import choose_impl
+from .reference import decode_step_attention_reference
+
+
+def decode_step_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
+                          v_pages: jax.Array, layer: jax.Array | int | None, slots: jax.Array,
+                          block_tables: jax.Array, context_lens: jax.Array, scale: float, *,
+                          impl: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decode token per row: rope on its q and k, its K/V written at its slot, its q heads
+    attending over the row's cache, itself included.
+
+    qkv ``[B, (heads + 2 * kv_heads) * head_dim]``: the fused projection's output, q heads then k
+    heads then v heads (one tensor-parallel shard's); cos, sin float32 ``[B, head_dim]`` at the
+    token's position (rotate-half layout); pages ``[kv_heads, num_blocks, block_size, head_dim]``,
+    or layer-stacked ``[layers, ...]`` with ``layer`` (int32 scalar) the one to use; slots int32
+    ``[B]``; block_tables int32 ``[B, M]``; context_lens int32 ``[B]`` (this token included).
+    Returns ``(out [B, heads, head_dim], k_pages, v_pages)``, the pools shaped as given. Rows with
+    context_len 0 are padding: zeros out, their K/V written at their slot (block 0, which no
+    sequence reads). ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a
+    GPU, which updates the pools in place when the caller's pools are dead afterwards).
+    """
+    kv_heads, _, _, head_dim = check_pages(k_pages, v_pages)
+    batch = qkv.shape[0]
+    heads = check_fused_qkv(qkv, k_pages)
+    check_paged_attention_inputs(jax.ShapeDtypeStruct((batch, heads, head_dim), qkv.dtype), k_pages, v_pages,
+                                 block_tables, context_lens, '[B, heads, head_dim]')
+    check_rope_tables(cos, sin, batch, head_dim)
+    check_int32('slots', slots, (batch,))
+    single_layer = k_pages.ndim == 4
+    k_pages, v_pages, layer = stacked(k_pages, v_pages, layer)
+    # -- implementation choice: the Pallas GPU kernel, else the reference --
+    from . import pallas_gpu
+    chosen = choose_impl(impl, pallas_gpu.supports(qkv, k_pages))
+    if chosen != 'reference':
+        out, k_pages, v_pages = pallas_gpu.decode_step_attention_pallas(
+            qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens, float(scale),
+            interpret=chosen == 'pallas_interpret')
+    else:
+        out, k_pages, v_pages = decode_step_attention_reference(
+            qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens, scale)
+    return (out, k_pages[0], v_pages[0]) if single_layer else (out, k_pages, v_pages)
