@@ -1,15 +1,23 @@
 """The ops' XLA references (through their ``api.py``) against a dense float64 numpy computation:
 each sequence's KV contiguous, a plain masked softmax per query. Random inputs, random
-non-contiguous block tables, ragged lengths, several block sizes and GQA ratios."""
+non-contiguous block tables, ragged lengths, several block sizes and GQA ratios. The decode step's
+reference must also be, bit for bit, the path the model took before it (rope, KV write, decode
+attention, each op's own reference)."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmdeploy_jax.models.rope import apply_rope, cos_sin
+from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
+from pallas_kernels.kv_write.reference import write_kv_reference
 from pallas_kernels.paged_attention.api import paged_decode_attention
+from pallas_kernels.paged_attention.reference import paged_decode_attention_reference
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
 
 KV_HEADS, HEAD_DIM = 2, 32
@@ -112,6 +120,87 @@ def test_kv_write_puts_each_token_in_its_slot(block_size, layers):
         np.testing.assert_array_equal(np.asarray(out), expected)
 
 
+class DecodeStep:
+    """A decode step over ``PagedSequences``: each row's token at position context_len - 1 (its
+    slot still holding an old value), a random fused ``qkv``, the rope tables at those positions,
+    the pools as layer 1 of a stack of 3 random layers."""
+
+    def __init__(self, rng, context_lens, block_size, group, dtype=jnp.float32):
+        self.seqs = PagedSequences(rng, context_lens, block_size)
+        self.heads = KV_HEADS * group
+        batch = len(context_lens)
+        self.qkv = rng.standard_normal((batch, (self.heads + 2 * KV_HEADS) * HEAD_DIM)).astype(np.float32)
+        pos = np.maximum(self.seqs.context_lens - 1, 0)
+        self.inv_freq = 1.0 / (10000 ** (np.arange(0, HEAD_DIM, 2, dtype=np.float32) / HEAD_DIM))
+        self.cos, self.sin = cos_sin(self.inv_freq, jnp.asarray(pos))
+        page = self.seqs.block_tables[np.arange(batch), pos // block_size]
+        self.slots = np.where(self.seqs.context_lens > 0, page * block_size + pos % block_size, 0).astype(np.int32)
+        self.pools = tuple(np.stack([rng.standard_normal(p.shape).astype(np.float32), p,
+                                     rng.standard_normal(p.shape).astype(np.float32)])
+                           for p in (self.seqs.k_pages, self.seqs.v_pages))
+        self.dtype = dtype
+
+    def args(self):
+        """The op's arguments, scale last."""
+        cast = functools.partial(jnp.asarray, dtype=self.dtype)
+        return (cast(self.qkv), self.cos, self.sin, *map(cast, self.pools), jnp.int32(1),
+                *map(jnp.asarray, (self.slots, self.seqs.block_tables, self.seqs.context_lens)), SCALE)
+
+
+def models_decode_path(qkv, cos, sin, k_pages, v_pages, layer, slots, tables, lens, scale):
+    """What ``models/llama.py`` ran for a decode step before the op: the fused output split into
+    q, k, v, rope on ``[B, T=1, heads, head_dim]``, the KV write, then decode attention."""
+    batch, heads = qkv.shape[0], qkv.shape[1] // HEAD_DIM - 2 * KV_HEADS
+    q, k, v = jnp.split(qkv.reshape(batch, 1, -1, HEAD_DIM), [heads, heads + KV_HEADS], axis=2)
+    q, k = (apply_rope(x, cos[:, None], sin[:, None])[:, 0] for x in (q, k))
+    k_pages, v_pages = write_kv_reference(k_pages, v_pages, k, v[:, 0], slots, layer)
+    return paged_decode_attention_reference(q, k_pages, v_pages, layer, tables, lens, scale), k_pages, v_pages
+
+
+@pytest.mark.parametrize('block_size,group,dtype', [(16, 1, jnp.float32), (32, 4, jnp.bfloat16),
+                                                    (64, 8, jnp.float16), (128, 4, jnp.float32)])
+def test_decode_step_reference_is_the_models_path(block_size, group, dtype):
+    rng = np.random.default_rng(block_size + group)
+    step = DecodeStep(rng, [1, block_size + 1, 0, 2 * block_size + 5], block_size, group, dtype)
+    ours = jax.jit(decode_step_attention, static_argnums=9)(*step.args())
+    theirs = jax.jit(models_decode_path, static_argnums=9)(*step.args())
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def rope_numpy(x, angles):
+    """Rotate-half rope of ``x [..., head_dim]`` in float64."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * np.cos(angles) + rotated * np.sin(angles)
+
+
+@pytest.mark.parametrize('group', [1, 4, 8])
+def test_decode_step_matches_dense(group):
+    """The new token's K/V land at its slot of layer 1 only, and its q attends over the cached
+    positions and itself."""
+    rng = np.random.default_rng(group)
+    lens = [1, 21, 0, 50]
+    step = DecodeStep(rng, lens, 16, group)
+    out, k_out, v_out = map(np.asarray, jax.jit(decode_step_attention, static_argnums=9)(*step.args()))
+    parts = step.qkv.reshape(len(lens), -1, HEAD_DIM).astype(np.float64)
+    q, k_new, v_new = parts[:, :step.heads], parts[:, step.heads:step.heads + KV_HEADS], parts[:, step.heads + KV_HEADS:]
+    for b, n in enumerate(lens):
+        angles = np.concatenate([step.inv_freq, step.inv_freq]) * max(n - 1, 0)
+        k = np.concatenate([step.seqs.k[b][:n - 1], rope_numpy(k_new[b], angles)[None]]) if n else None
+        v = np.concatenate([step.seqs.v[b][:n - 1], v_new[b][None]]) if n else None
+        expected = dense_attention(rope_numpy(q[b], angles), k, v) if n else np.zeros(q[b].shape)
+        assert_close(out[b], expected)
+        block, offset = divmod(int(step.slots[b]), 16)
+        assert_close(k_out[1, :, block, offset], rope_numpy(k_new[b], angles))
+        np.testing.assert_array_equal(v_out[1, :, block, offset], v_new[b].astype(np.float32))
+    rest = np.ones(k_out.shape, bool)
+    rest[1, :, step.slots // 16, step.slots % 16] = False
+    for pages, old in ((k_out, step.pools[0]), (v_out, step.pools[1])):
+        np.testing.assert_array_equal(pages[rest], old[rest])
+
+
 def test_api_rejects_mismatched_inputs():
     pages = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 16, 32), np.float32))
     tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
@@ -130,3 +219,11 @@ def test_api_rejects_mismatched_inputs():
         paged_decode_attention(q, pages, pages, tables, lens, 1.0, 2)
     with pytest.raises(ValueError, match='same shape'):
         write_kv(pages, pages[:, :2], jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.int32))
+    qkv, rope_table, slots = jnp.ones((3, 10 * 32), jnp.float32), jnp.ones((3, 32), jnp.float32), jnp.zeros((3,), jnp.int32)
+    with pytest.raises(ValueError, match='qkv width'):
+        decode_step_attention(qkv[:, :-32], rope_table, rope_table, pages, pages, None, slots, tables, lens, 1.0)
+    with pytest.raises(ValueError, match='cos must be float32'):
+        decode_step_attention(qkv, rope_table.astype(jnp.bfloat16), rope_table, pages, pages, None, slots, tables,
+                              lens, 1.0)
+    with pytest.raises(ValueError, match='slots must have shape'):
+        decode_step_attention(qkv, rope_table, rope_table, pages, pages, None, slots[:2], tables, lens, 1.0)
