@@ -7,6 +7,11 @@ what keeps start-up short. The KV stacks ride in the scan's carry, so XLA update
 each layer's KV write and attention take the layer index and address their layer inside the stack
 (slicing a layer out would copy it).
 
+A decode step (one token per row) hands the fused qkv projection to one op that applies rope,
+writes the token's K/V and attends (``decode_step_attention``: on a GPU one kernel, plus one that
+combines its sequence splits), since at small batches a step is bound by kernel launches; prefill
+splits q/k/v, applies rope in XLA, writes the chunk's K/V, then attends.
+
 Given a tensor-parallel mesh, XLA partitions the projections from the params' shardings, and the
 KV write and attention run under ``shard_map``, each device on its own heads and pages: XLA cannot
 partition the Pallas kernels' custom calls, and attention needs no communication across heads.
@@ -19,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
-from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
 
 from ..parallel import rules
@@ -31,6 +37,9 @@ from .step_batch import StepBatch
 from .weights import FusedLayout
 
 KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
+# A fused projection's output [B, F]: its rows are laid out shard by shard (weights.FusedLayout), so
+# splitting the last axis gives each device its own [q | k | v].
+FUSED_OUTPUT = P(None, rules.TP)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -45,17 +54,32 @@ def linear(x: jax.Array, p: dict) -> jax.Array:
     return y + p['b'] if 'b' in p else y
 
 
-def _paged_attention(scale: float, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
-                     v_pages: jax.Array, layer: jax.Array, slots: jax.Array, block_tables: jax.Array,
-                     context_lens: jax.Array, query_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _prefill_attention(scale: float, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
+                       v_pages: jax.Array, layer: jax.Array, slots: jax.Array, block_tables: jax.Array,
+                       context_lens: jax.Array, query_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write this step's K/V ``[B * T, kv_heads, head_dim]`` into layer ``layer`` of the stacks,
-    attend with ``q [B, T, heads, head_dim]`` over them; the decode op when T == 1."""
+    attend with ``q [B, T, heads, head_dim]`` over them."""
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slots, layer)
-    if q.shape[1] == 1:
-        out = paged_decode_attention(q[:, 0], k_pages, v_pages, block_tables, context_lens, scale, layer)[:, None]
-    else:
-        out = paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, scale, layer)
+    out = paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, scale, layer)
     return out, k_pages, v_pages
+
+
+def _decode_step(scale: float, qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
+                 v_pages: jax.Array, layer: jax.Array, slots: jax.Array, block_tables: jax.Array,
+                 context_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One token per row from the fused projection ``qkv [B, F]``: rope, KV write and attention in
+    one op; the output as ``[B, T=1, heads, head_dim]``."""
+    out, k_pages, v_pages = decode_step_attention(qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables,
+                                                  context_lens, scale)
+    return out[:, None], k_pages, v_pages
+
+
+def _per_device(fn, mesh: Mesh | None, in_specs: tuple, out_specs: tuple):
+    """``fn`` under ``shard_map`` over the tensor-parallel mesh (each device on its own heads and
+    pages), or as is without one."""
+    if mesh is None:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=in_specs, out_specs=out_specs)
 
 
 def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
@@ -73,20 +97,24 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, layout: FusedLayout, layer: d
     """Project, rotate, write this step's K/V into the pages, attend over the pages."""
     b, t, _ = x.shape
     d = spec.head_dim
-    q, k, v = split_fused(linear(x, layer['qkv']), layout, 'qkv')
-    q = apply_rope(q.reshape(b, t, spec.num_heads, d), cos, sin)
-    k = apply_rope(k.reshape(b, t, spec.num_kv_heads, d), cos, sin).reshape(b * t, spec.num_kv_heads, d)
-    v = v.reshape(b * t, spec.num_kv_heads, d)
-    attend = functools.partial(_paged_attention, d ** -0.5)
-    if mesh is not None:
-        r = rules.REPLICATED
-        attend = jax.shard_map(
-            attend, mesh=mesh, check_vma=False,
-            in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES, rules.KV_PAGES,
-                      r, r, r, r, r),
-            out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
-    out, k_pages, v_pages = attend(q, k, v, *kv, index, batch.slot_mapping.reshape(-1), batch.block_tables,
-                                   batch.context_lens, batch.query_lens)
+    qkv = linear(x, layer['qkv'])
+    r = rules.REPLICATED
+    paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
+    if t == 1:
+        attend = _per_device(functools.partial(_decode_step, d ** -0.5), mesh,
+                             in_specs=(FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
+                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
+        out, k_pages, v_pages = attend(qkv[:, 0], cos[:, 0], sin[:, 0], *kv, *paging)
+    else:
+        q, k, v = split_fused(qkv, layout, 'qkv')
+        q = apply_rope(q.reshape(b, t, spec.num_heads, d), cos, sin)
+        k = apply_rope(k.reshape(b, t, spec.num_kv_heads, d), cos, sin).reshape(b * t, spec.num_kv_heads, d)
+        v = v.reshape(b * t, spec.num_kv_heads, d)
+        attend = _per_device(functools.partial(_prefill_attention, d ** -0.5), mesh,
+                             in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
+                                       rules.KV_PAGES, r, r, r, r, r),
+                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
+        out, k_pages, v_pages = attend(q, k, v, *kv, *paging, batch.query_lens)
     return linear(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
 
 
