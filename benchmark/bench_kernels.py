@@ -7,6 +7,7 @@
     python benchmark/bench_kernels.py --impls reference pallas_interpret --batches 2 \\
         --contexts 128 --heads 4 --kv-heads 2 --iters 2 --no-copy     # CPU smoke run
     python benchmark/bench_kernels.py --ops kv_write --tokens 1 256 8192   # the paged KV write
+    python benchmark/bench_kernels.py --ops decode_step --batches 1 8     # rope + KV write + decode
 
 Each case first runs every implementation once on the same inputs and compares its first rows
 with the reference (relative L2 error). Then it times ``--calls`` back-to-back calls inside one
@@ -18,6 +19,9 @@ Bandwidth counts the bytes that must move: K and V of every row's context, q and
 (decode), plus the FLOPs for prefill. The KV write (``--ops kv_write``, cases from ``--tokens``,
 not batches x contexts) counts the new K and V read once and written once, and the slots; its
 calls carry the pools from one to the next, donated, so they update in place as in the engine.
+The decode step (``--ops decode_step``: rope, the new token's KV write and decode attention from
+the fused qkv, one token per row at position context - 1) counts the cached K and V read, qkv and
+the rope tables read, the new K and V written and the output; its calls carry the pools too.
 The ratio is to the card's copy bandwidth (2.91 TB/s measured on an H100 on 2026-11-26,
 ``--copy-tbps``) and to the copy this run measures itself.
 One JSON line per case; a failing implementation prints its error and the run goes on; a table
@@ -42,6 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu  # noqa: E402
+from pallas_kernels.decode_step_attention.api import decode_step_attention  # noqa: E402
 from pallas_kernels.kv_write import pallas_gpu as write_gpu  # noqa: E402
 from pallas_kernels.kv_write.api import write_kv  # noqa: E402
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
@@ -238,32 +244,85 @@ def write_check_rows(fn, case):
     return jnp.stack([p.reshape(flat)[:, :, case['slots'][0]] for p in (k, v)])
 
 
-def time_write_calls(fn, case, call, args):
+def time_in_place_calls(fn, case, call, args):
     """As ``time_calls``, but the pools are the loop's carry and the jit donates them, so every
-    call writes into the previous call's pools in place (an undonated pool, or one still live
-    after the call, would be copied whole each time). The case's pools are replaced by the
-    updated ones; set ``s``'s slots always receive set ``s``'s rows, so they stay checkable."""
+    call updates the previous call's pools in place (an undonated pool, or one still live after
+    the call, would be copied whole each time). ``call`` returns the pools last; its other results
+    are folded into the carry, so XLA cannot drop the work that makes them. The case's pools are
+    replaced by the updated ones; set ``s``'s slots always receive set ``s``'s rows, so they stay
+    checkable."""
     sets = case['slots'].shape[0]
-    new = {key: case[key] for key in ('k_new', 'v_new', 'slots')}
+    inputs = {key: value for key, value in case.items() if isinstance(value, jax.Array) and key not in ('k', 'v')}
 
     @functools.partial(jax.jit, donate_argnums=0)
-    def run(pools, new):
-        def body(i, pools):
-            return call(fn, {**new, 'k': pools[0], 'v': pools[1]}, i % sets)
-        return jax.lax.fori_loop(0, args.calls, body, pools)
+    def run(pools, inputs):
+        def body(i, carry):
+            pools, live = carry
+            *results, k, v = call(fn, {**inputs, 'k': pools[0], 'v': pools[1]}, i % sets)
+            return (k, v), live + sum(r.reshape(-1)[0].astype(jnp.float32) for r in results)
+        return jax.lax.fori_loop(0, args.calls, body, (pools, jnp.float32(0.0)))   # all live
 
     pools = (case['k'], case['v'])
     try:
         for _ in range(args.warmup):
-            pools = jax.block_until_ready(run(pools, new))
+            pools, _ = jax.block_until_ready(run(pools, inputs))
         times = []
         for _ in range(args.iters):
             start = time.perf_counter()
-            pools = jax.block_until_ready(run(pools, new))
+            pools, _ = jax.block_until_ready(run(pools, inputs))
             times.append((time.perf_counter() - start) / args.calls)
     finally:
         case['k'], case['v'] = pools
     return statistics.median(times), min(times)
+
+
+# ---- decode step (rope + KV write + decode attention) ----------------------------------------
+
+def step_impls(args):
+    scale = args.head_dim ** -0.5
+    impls = {}
+    for name in args.impls:
+        if name == 'reference':
+            impls[name] = [(None, functools.partial(decode_step_attention, scale=scale, impl='reference'))]
+        elif name in ('pallas', 'pallas_interpret'):
+            impls[name] = [(cfg, functools.partial(step_gpu.decode_step_attention_pallas, scale=scale, config=cfg,
+                                                   interpret=name == 'pallas_interpret'))
+                           for cfg in configs(args, decode_gpu.DecodeConfig, DECODE_SWEEP)]
+    return impls
+
+
+def step_case(args, batch, context, seed):
+    """``make_pages``' pools as a stack of one layer; each row's new token at position context - 1,
+    at its slot in every table set; a random fused qkv and the rope tables at those positions."""
+    k, v, tables, lens = make_pages(args, batch, context, seed)
+    bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
+    pos = np.asarray(lens) - 1
+    slots = np.asarray(tables)[:, np.arange(batch), pos // bs] * bs + pos % bs          # [sets, B]
+    width = (args.heads + 2 * args.kv_heads) * args.head_dim
+    qkv = jax.random.normal(jax.random.key(seed + 1), (batch, width), args.dtype)
+    inv_freq = 1.0 / 10000 ** (np.arange(0, args.head_dim, 2) / args.head_dim)
+    angles = np.concatenate([pos[:, None] * inv_freq] * 2, axis=-1).astype(np.float32)
+    kv_bytes = 2 * int(pos.sum()) * args.kv_heads * args.head_dim * itemsize
+    io_bytes = (width + 2 * args.kv_heads * args.head_dim + args.heads * args.head_dim) * batch * itemsize
+    return dict(qkv=qkv, cos=jnp.asarray(np.cos(angles)), sin=jnp.asarray(np.sin(angles)), k=k[None], v=v[None],
+                tables=tables, lens=lens, slots=jnp.asarray(slots, jnp.int32),
+                bytes=kv_bytes + io_bytes + 2 * batch * args.head_dim * 4,
+                flops=4 * int(np.asarray(lens).sum()) * args.heads * args.head_dim)
+
+
+def step_call(fn, case, table_set):
+    return fn(case['qkv'], case['cos'], case['sin'], case['k'], case['v'], jnp.int32(0), case['slots'][table_set],
+              case['tables'][table_set], case['lens'])
+
+
+def step_check_rows(fn, case):
+    """The first rows' outputs and the K/V they wrote at their slots."""
+    n = min(CHECK_ROWS, case['qkv'].shape[0])
+    slots = case['slots'][0, :n]
+    out, k, v = fn(case['qkv'][:n], case['cos'][:n], case['sin'][:n], case['k'], case['v'], jnp.int32(0), slots,
+                   case['tables'][0, :n], case['lens'][:n])
+    flat = (k.shape[1], -1, k.shape[-1])                          # [kv_heads, slots, d] of layer 0
+    return jnp.concatenate([out.reshape(-1)] + [p[0].reshape(flat)[:, slots].reshape(-1) for p in (k, v)])
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -321,8 +380,9 @@ def relative_error(ours, ref) -> float:
 
 OPS = {'decode': (decode_impls, decode_case, decode_call, decode_check_rows),
        'prefill': (prefill_impls, prefill_case, prefill_call, prefill_check_rows),
-       'kv_write': (write_impls, write_case, write_call, write_check_rows)}
-TIMERS = {'kv_write': time_write_calls}          # ops not named here: time_calls
+       'kv_write': (write_impls, write_case, write_call, write_check_rows),
+       'decode_step': (step_impls, step_case, step_call, step_check_rows)}
+TIMERS = {'kv_write': time_in_place_calls, 'decode_step': time_in_place_calls}   # the others: time_calls
 
 
 def run_case(op, args, batch, context, seed, copy_tbps, results):

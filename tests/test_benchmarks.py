@@ -58,11 +58,12 @@ def test_profile_generation_reports_each_batch_and_length():
 
 
 def test_bench_kernels_checks_and_times_every_op_in_interpret_mode():
-    records = run_script('bench_kernels.py', '--ops', 'decode', 'prefill', 'kv_write', '--impls', 'reference',
+    ops = ('decode', 'prefill', 'kv_write', 'decode_step')
+    records = run_script('bench_kernels.py', '--ops', *ops, '--impls', 'reference',
                          'pallas_interpret', '--batches', '2', '--contexts', '96', '--tokens', '5', '--heads', '4',
                          '--kv-heads', '2', '--head-dim', '32', '--block-size', '16', '--iters', '2', '--calls', '2',
                          '--no-copy', '--dtype', 'float32', prefix='{')
-    assert {(r['op'], r['impl']) for r in records} == {(op, impl) for op in ('decode', 'prefill', 'kv_write')
+    assert {(r['op'], r['impl']) for r in records} == {(op, impl) for op in ops
                                                       for impl in ('reference', 'pallas_interpret')}
     for r in records:
         assert 'failed' not in r, r
