@@ -101,3 +101,38 @@ def test_too_many_ids_is_refused():
     gen = GenerationConfig(stop_token_ids=list(range(sampler.MAX_ID_LIST + 1)))
     assert 'stop_token_ids' in sampler.id_list_error(gen)
     assert sampler.id_list_error(GenerationConfig(bad_token_ids=[1, 2])) is None
+
+
+def test_greedy_only_sampler_gives_the_general_samplers_greedy_tokens(rng):
+    """The engine runs ``general=False`` when no row samples or wants logprobs: the same tokens
+    (penalties and masks included), zeros for the logprob outputs."""
+    b = 5
+    logits = rng.normal(0, 3, (b, VOCAB)).astype(np.float32)
+    configs = random_configs(rng, b, logprobs=None)
+    hist = rng.integers(0, VOCAB, (b, HIST)).astype(np.int32)
+    valid = rng.random((b, HIST)) < 0.7
+    sp = sampler.host_sampling_params([(g, 0, 1) for g in configs], b)
+    assert not sampler.needs_general(sp)
+    fast = jax.jit(lambda x: sampler.sample(x, lambda: (hist, valid), sp, general=False))(logits)
+    full = jax.jit(lambda x: sampler.sample(x, lambda: (hist, valid), sp, general=True))(logits)
+    np.testing.assert_array_equal(fast.token, full.token)
+    assert not np.any(fast.logprob) and not np.any(fast.top_ids)
+
+
+def test_the_general_sampler_is_needed_for_sampling_or_logprobs():
+    greedy, hot, lp = GenerationConfig(), GenerationConfig(do_sample=True), GenerationConfig(logprobs=2)
+    assert not sampler.needs_general(sampler.host_sampling_params([(greedy, 0, 0)] * 2, 4))
+    assert sampler.needs_general(sampler.host_sampling_params([(greedy, 0, 0), (hot, 0, 0)], 4))
+    assert sampler.needs_general(sampler.host_sampling_params([(lp, 0, 0)], 4))
+
+
+@pytest.mark.parametrize('general', [False, True])
+def test_the_sampler_has_no_conditional(general):
+    """A conditional in the compiled step makes XLA wait on the host for its predicate on every
+    step (GPU), which stops the engine from queueing the next call behind a running one."""
+    b = 3
+    sp = sampler.host_sampling_params([(GenerationConfig(), 0, 0)], b)
+    hist, valid = np.zeros((b, HIST), np.int32), np.ones((b, HIST), bool)
+    hlo = jax.jit(lambda x: sampler.sample(x, lambda: (hist, valid), sp, general)).lower(
+        jnp.ones((b, VOCAB), jnp.float32)).as_text()
+    assert 'stablehlo.case' not in hlo and 'stablehlo.if' not in hlo

@@ -1,7 +1,9 @@
 """The compiled steps: one executable per bucket shape, built at start-up, the KV pool donated.
 
 Prefill shapes run one step; decode shapes run ``decode_steps`` steps per call (``multistep.py``),
-their outputs carrying a leading [steps] axis. ``step`` is the pure function ``(params, cache, batch, sampling) -> (cache, sampled)``: it writes
+their outputs carrying a leading [steps] axis. Each decode shape has two executables: one with
+the general sampler and a greedy-only one, taken when no row of the call samples or asks for
+logprobs (``sampler.needs_general``; the sampler says why this is chosen on the host). ``step`` is the pure function ``(params, cache, batch, sampling) -> (cache, sampled)``: it writes
 the batch's tokens and KV into the pool, runs the model, takes each row's last-position logits in
 float32 and samples on the device. Executables are compiled ahead of time (``lower().compile()``)
 for every shape in the bucket set, so serving calls them directly and can never compile; a shape
@@ -25,7 +27,7 @@ from ..models import LoadedModel, StepBatch
 from .buckets import Buckets
 from .kv_pool import CacheState, allocate_cache_state
 from . import multistep
-from .sampler import SampleOutput, SamplingParams, host_sampling_params, sample
+from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
 
 logger = logging.getLogger('lmdeploy_jax')
@@ -80,7 +82,7 @@ def _abstract(tree):
                         tree)
 
 
-def _step(model: LoadedModel, block_size: int, params, cache: CacheState, batch: StepBatch,
+def _step(model: LoadedModel, block_size: int, general: bool, params, cache: CacheState, batch: StepBatch,
           sp: SamplingParams) -> tuple[CacheState, SampleOutput]:
     tokens = cache.tokens.at[batch.slot_mapping.reshape(-1)].set(batch.token_ids.reshape(-1))
     hidden, kv = model.forward(params, cache.kv, batch)
@@ -91,7 +93,7 @@ def _step(model: LoadedModel, block_size: int, params, cache: CacheState, batch:
         slots = (batch.block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(batch.num_rows, -1)
         return tokens[slots], jnp.arange(slots.shape[1])[None, :] < batch.context_lens[:, None]
 
-    return CacheState(kv, tokens), sample(logits.astype(jnp.float32), history, sp)
+    return CacheState(kv, tokens), sample(logits.astype(jnp.float32), history, sp, general)
 
 
 def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, targets: jax.Array,
@@ -115,13 +117,16 @@ class ModelRunner:
         self.model, self.cache_spec, self.buckets, self.block_size = model, cache_spec, buckets, block_size
         self.cache: CacheState | None = None
         self.decode_steps = decode_steps
-        step = functools.partial(_step, model, block_size)
-        self._step = jax.jit(step, donate_argnums=(1,))
-        self._decode = jax.jit(functools.partial(multistep.decode_steps, step, block_size, decode_steps),
-                               donate_argnums=(1,))
+        def decode(general: bool):
+            step = functools.partial(_step, model, block_size, general)
+            return jax.jit(functools.partial(multistep.decode_steps, step, block_size, decode_steps), donate_argnums=(1,))
+
+        # by kind: prefill and decode run the general sampler, greedy_decode the greedy-only one
+        self._functions = {'prefill': jax.jit(functools.partial(_step, model, block_size, True), donate_argnums=(1,)),
+                           'decode': decode(True), 'greedy_decode': decode(False)}
         self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
-        # (prefill?, shape) -> executable: a decode shape may equal a one-token prefill shape
-        self._executables: dict[tuple[bool, tuple[int, int]], jax.stages.Compiled] = {}
+        # (kind, shape) -> executable: a decode shape may equal a one-token prefill shape
+        self._executables: dict[tuple[str, tuple[int, int]], jax.stages.Compiled] = {}
 
     def _precision(self):
         """float32 models compute in float32: a GPU would otherwise run their dots as TF32."""
@@ -135,14 +140,15 @@ class ModelRunner:
         the shapes in parallel threads (it releases the GIL)."""
         start = time.perf_counter()
         lowered = {}
-        shapes = [(False, (b, 1)) for b in self.buckets.decode_batch] + [(True, s) for s in self.buckets.prefill]
+        shapes = ([(kind, (b, 1)) for b in self.buckets.decode_batch for kind in ('decode', 'greedy_decode')]
+                  + [('prefill', s) for s in self.buckets.prefill])
         with self._precision():
             for key in shapes:
-                prefill, shape = key
+                kind, shape = key
                 batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
                 sp = host_sampling_params([], shape[0])
-                lowered[key] = (self._step if prefill else self._decode).lower(
-                    self.model.params, self.cache_spec, _abstract(batch), _abstract(sp))
+                lowered[key] = self._functions[kind].lower(self.model.params, self.cache_spec, _abstract(batch),
+                                                           _abstract(sp))
         traced = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             compiled = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
@@ -180,7 +186,8 @@ class ModelRunner:
         batch = jax.device_put(batch)
         if plan.ahead:
             batch.token_ids = _last_tokens(previous.token)
-        executable = self._executables[plan.prefill, plan.shape]
+        kind = 'prefill' if plan.prefill else 'decode' if needs_general(sp) else 'greedy_decode'
+        executable = self._executables[kind, plan.shape]
         self.cache, out = executable(self.model.params, self.cache, batch, jax.device_put(sp))
         if not sp.want_logprobs.any():          # only the tokens cross to the host
             out = SampleOutput(out.token, None, None, None)

@@ -3,10 +3,17 @@
 The semantics are the reference backend's (``lmdeploy_jax/pytorch/sampling.py``), applied to every
 row at once: repetition penalty over the session's tokens, bad ids and (before ``min_new_tokens``)
 stop ids masked, logprobs of those logits, then argmax for greedy rows, or temperature, top-k,
-top-p, min-p and a draw seeded by ``fold_in(key(seed), step)`` for the others. The costly parts
-(penalty scatter, the vocabulary sort, top logprobs) run under ``lax.cond`` only when some row
-asks for them, so a greedy batch pays for an argmax. Masks compare values, not sort positions,
-so ties are kept together exactly as the reference keeps them.
+top-p, min-p and a draw seeded by ``fold_in(key(seed), step)`` for the others. Masks compare
+values, not sort positions, so ties are kept together exactly as the reference keeps them.
+
+No ``lax.cond`` here: on a GPU, XLA evaluates a conditional's predicate on the host (a copy to the
+host and a wait, on every step), so a compiled call with one cannot return before the device has
+run up to its last conditional, and the engine cannot queue the next call behind it (measured on
+an H100: the dispatch of an 8-step decode call blocked for its whole duration). The choice is made
+on the host instead: ``sample(..., general=False)`` is the greedy-only sampler (argmax, no vocabulary
+sort, no logprobs), which the engine runs when every row of a call is greedy and none asks for
+logprobs (``needs_general``); the general one computes the draw and the logprobs for every row.
+The repetition penalty is always applied: it touches only the [B, L] history positions.
 """
 from __future__ import annotations
 
@@ -102,14 +109,25 @@ def _mask_ids(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return logits.at[rows, jnp.where(ids < 0, vocab, ids)].set(-jnp.inf, mode='drop')
 
 
+def needs_general(sp: SamplingParams) -> bool:
+    """Whether a call's (host) settings need the general sampler: some row samples or asks for
+    logprobs. Padding rows are greedy without logprobs."""
+    return bool(not np.all(sp.greedy) or np.any(sp.want_logprobs))
+
+
 def _penalize(logits: jax.Array, history: jax.Array, valid: jax.Array, penalty: jax.Array) -> jax.Array:
-    """Repetition penalty over the distinct valid tokens of ``history`` [B, L]."""
+    """Repetition penalty on the logits of the tokens in ``history`` [B, L] (valid entries).
+
+    Gathers the history's logits, penalizes them and writes them back: O(B * L) work instead of
+    passes over [B, vocab]. A token seen twice is written twice with the same value; rows with
+    penalty 1 write their logits back unchanged."""
     vocab = logits.shape[-1]
     rows = jnp.arange(logits.shape[0])[:, None]
-    seen = jnp.zeros(logits.shape, bool).at[rows, jnp.where(valid, history, vocab)].set(True, mode='drop')
+    ids = jnp.where(valid, history, vocab)
+    seen = jnp.take_along_axis(logits, jnp.minimum(ids, vocab - 1), axis=-1)
     r = penalty[:, None]
-    penalized = jnp.where(logits > 0, logits / r, logits * r)
-    return jnp.where(seen & (r != 1.0), penalized, logits)
+    penalized = jnp.where(seen > 0, seen / r, seen * r)
+    return logits.at[rows, ids].set(penalized, mode='drop')
 
 
 def _warp(logits: jax.Array, sp: SamplingParams) -> jax.Array:
@@ -141,32 +159,25 @@ def _draw(logits: jax.Array, sp: SamplingParams) -> jax.Array:
 
 
 def sample(logits: jax.Array, history: Callable[[], tuple[jax.Array, jax.Array]],
-           sp: SamplingParams) -> SampleOutput:
+           sp: SamplingParams, general: bool = True) -> SampleOutput:
     """Sample one token per row of float32 ``logits`` [B, V].
 
-    ``history()`` gives each row's session tokens [B, L] and their validity [B, L]; it is traced
-    into the penalty branch only, so a batch without a penalty never gathers them.
+    ``history()`` gives each row's session tokens [B, L] and their validity [B, L] (for the
+    penalty). ``general=False``: every row is greedy and none wants logprobs (``needs_general``
+    is False); the logprob outputs are then zeros.
     """
-    logits = jax.lax.cond(jnp.any(sp.repetition_penalty != 1.0),
-                          lambda x: _penalize(x, *history(), sp.repetition_penalty), lambda x: x, logits)
+    logits = _penalize(logits, *history(), sp.repetition_penalty)
     stop_ids = jnp.where((sp.step < sp.min_new)[:, None], sp.stop_ids, -1)
     logits = _mask_ids(_mask_ids(logits, sp.bad_ids), stop_ids)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    token = jax.lax.cond(jnp.all(sp.greedy), lambda x: greedy,
-                         lambda x: jnp.where(sp.greedy, greedy, _draw(_warp(x, sp), sp)), logits)
-
-    def logprobs(x):
-        lp = jax.nn.log_softmax(x, axis=-1)
-        top, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
-        return jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0], top, ids.astype(jnp.int32)
-
-    def no_logprobs(x):
-        b = x.shape[0]
-        return (jnp.zeros(b, jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
-                jnp.zeros((b, MAX_LOGPROBS), jnp.int32))
-
-    lp, top, ids = jax.lax.cond(jnp.any(sp.want_logprobs), logprobs, no_logprobs, logits)
-    return SampleOutput(token, lp, top, ids)
+    b = logits.shape[0]
+    if not general:
+        return SampleOutput(greedy, jnp.zeros(b, jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
+                            jnp.zeros((b, MAX_LOGPROBS), jnp.int32))
+    token = jnp.where(sp.greedy, greedy, _draw(_warp(logits, sp), sp))
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    top, ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+    return SampleOutput(token, jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0], top, ids.astype(jnp.int32))
 
 
 def logprob_dict(out: SampleOutput, row: int, n: int, step: int | None = None) -> dict[int, float]:
