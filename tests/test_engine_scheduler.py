@@ -31,30 +31,47 @@ def random_output(rng, plan, low=10):
 
 
 def check_plan(plan, budget):
-    """Checked when planned (a chained plan's ``ahead`` counts the call still in flight)."""
+    """Checked when planned (a chained plan's ``carry`` counts the call still in flight)."""
     b, t = plan.shape
     assert len(plan.rows) <= b and all(0 < n <= t * plan.steps for _, n, _ in plan.rows)
     if plan.prefill:
         assert b * t <= budget or b == 1
-    for seq, n, _ in plan.rows:
-        assert len(seq.blocks) * BS >= seq.num_cached + plan.ahead + n
+    ahead = plan.carry.cached if plan.carry is not None else [0] * len(plan.rows)
+    for (seq, n, _), k in zip(plan.rows, ahead):
+        assert len(seq.blocks) * BS >= seq.num_cached + k + n
+
+
+def check_carry(plan, chained):
+    """A chained call runs every running row; those of the call in flight continue from it."""
+    carry = chained.carry
+    assert len(carry.source) == len(chained.rows) and not chained.prefill
+    for (seq, _, _), src, cached, sampled in zip(chained.rows, carry.source, carry.cached, carry.sampled):
+        if src < 0:
+            assert seq not in [r[0] for r in plan.rows] and (cached, sampled) == (0, 0) and seq.pending == 1
+        else:
+            prev_seq, fed, _ = plan.rows[src]
+            assert prev_seq is seq and cached == fed
+            assert sampled == (1 if plan.prefill else plan.steps)
 
 
 def run_to_end(sched, rng, max_steps=2000, chain=False, low=10, budget=32):
     """Step until idle with random tokens (none below ``low``: 10 keeps clear of stop ids below
-    it); checks each plan's invariants. With ``chain``, as the engine does: a decode call's chained
-    successor is planned before the call's results are taken."""
+    it); checks each plan's invariants. With ``chain``, as the engine does: a call's chained
+    successor is planned before the call's results are taken. Returns how many calls were chained
+    behind a prefill step and behind a decode call."""
     in_flight = None
+    chained = {True: 0, False: 0}
     for _ in range(max_steps):
         if in_flight is None:
             in_flight = sched.schedule()
             if in_flight is None:
-                return
+                return chained
             check_plan(in_flight, budget)
         plan = in_flight
         in_flight = sched.chain(plan) if chain else None
         if in_flight is not None:
-            assert in_flight.ahead == plan.steps and [r[0] for r in in_flight.rows] == [r[0] for r in plan.rows]
+            chained[plan.prefill] += 1
+            check_carry(plan, in_flight)
             check_plan(in_flight, budget)
         sched.complete(plan, random_output(rng, plan, low))
     raise AssertionError('the scheduler did not finish')
@@ -114,17 +131,8 @@ def test_chained_decode_calls_complete_everything_and_stops_drop_the_rest(rng, p
         new = int(rng.integers(16, 40))      # all prefill in one step, then chain at once
         sched.submit(EngineRequest(sid, prompt, GenerationConfig(max_new_tokens=new, stop_token_ids=stops)), c)
         reqs.append((c, stops, new))
-    chained = 0
-    real_chain = sched.chain
-
-    def counting_chain(plan):
-        nonlocal chained
-        nxt = real_chain(plan)
-        chained += nxt is not None
-        return nxt
-    sched.chain = counting_chain
-    run_to_end(sched, rng, chain=True, budget=128)
-    assert chained > 0
+    chained = run_to_end(sched, rng, chain=True, budget=128)
+    assert chained[True] > 0 and chained[False] > 0           # behind prefill steps and decode calls
     for c, stops, new in reqs:
         if c.final.finish_reason == 'length':
             assert len(c.tokens) == new
@@ -160,6 +168,29 @@ def test_chain_waits_for_prompts_lengths_and_blocks(rng):
     plan = sched.schedule()
     sched.complete(plan, random_output(rng, plan))
     assert sched.chain(sched.schedule()) is None
+
+
+def test_a_decode_call_chains_behind_the_prefill_of_a_new_prompt(rng):
+    """A decoding row and a row whose prompt the prefill in flight completes share the chained
+    call: the first is fed by the host, the second by the prefill's sampled token, one position
+    past its prompt; both get exactly their tokens, in order."""
+    sched = make(num_blocks=64, decode_steps=4, session_len=64)
+    a, _ = submit(sched, rng, 1, 5, 12)
+    plan = sched.schedule()
+    sched.complete(plan, random_output(rng, plan))            # a's prefill: a decodes next
+    b, b_ids = submit(sched, rng, 2, 7, 12)
+    prefill = sched.schedule()
+    assert prefill.prefill and [r[0].session_id for r in prefill.rows] == [2]
+    chained = sched.chain(prefill)
+    assert [r[0].session_id for r in chained.rows] == [1, 2]
+    assert (chained.carry.source, chained.carry.cached, chained.carry.sampled) == ([-1, 0], [0, 7], [0, 1])
+    first = random_output(rng, prefill)
+    sched.complete(prefill, first)
+    assert b.tokens == [int(first.token[0])]
+    out = random_output(rng, chained)
+    sched.complete(chained, out)
+    assert a.tokens[-4:] == out.token[:, 0].tolist() and b.tokens[1:] == out.token[:, 1].tolist()
+    assert sched.sessions[2].num_cached == len(b_ids) + 4
 
 
 def test_session_keeps_kv_between_turns_and_end_frees_it(rng):

@@ -25,21 +25,27 @@ import numpy as np
 from ..models import StepBatch
 from .kv_pool import CacheState
 from .sampler import MAX_LOGPROBS, SampleOutput, SamplingParams
+from .scheduler import Carry
 from .sequence import Sequence
 
 StepFn = Callable[[object, CacheState, StepBatch, SamplingParams], tuple[CacheState, SampleOutput]]
 
 
 def host_decode_batch(seqs: list[Sequence], num_rows: int, max_blocks: int, block_size: int,
-                      ahead: int = 0) -> StepBatch:
+                      carry: Carry | None = None) -> StepBatch:
     """Numpy first-step batch ([num_rows, 1]) of decoding sequences (one pending token each), or,
-    with ``ahead``, of the call after one still in flight that adds ``ahead`` tokens to each: its
-    positions start that much further and its input tokens (left 0 here) come from that call.
+    with ``carry``, of the call chained behind one still in flight: each row's positions start
+    ``carry.cached`` further, and the input tokens of rows fed by that call (``carry.source`` >= 0)
+    are left 0 here (the runner takes them from that call's outputs on the device).
 
     Vectorized over rows: the block tables are filled with one fancy-indexed assignment, not a
     Python loop per row (at batch 256 the loop costs milliseconds per step)."""
     n = len(seqs)
-    pos = np.fromiter((s.num_cached + ahead for s in seqs), np.int32, n)
+    pos = np.fromiter((s.num_cached for s in seqs), np.int32, n)
+    source = np.full(n, -1, np.int32)
+    if carry is not None:
+        pos += np.asarray(carry.cached, np.int32)
+        source[:] = carry.source
     lens = np.fromiter((len(s.blocks) for s in seqs), np.int64, n)
     tables = np.zeros((num_rows, max_blocks), np.int32)
     flat = np.fromiter(itertools.chain.from_iterable(s.blocks for s in seqs), np.int32, int(lens.sum()))
@@ -48,8 +54,7 @@ def host_decode_batch(seqs: list[Sequence], num_rows: int, max_blocks: int, bloc
     batch = StepBatch(token_ids=np.zeros((num_rows, 1), np.int32), positions=np.zeros((num_rows, 1), np.int32),
                       slot_mapping=np.zeros((num_rows, 1), np.int32), block_tables=tables,
                       context_lens=np.zeros(num_rows, np.int32), query_lens=np.zeros(num_rows, np.int32))
-    if not ahead:
-        batch.token_ids[:n, 0] = [s.tokens[s.num_cached] for s in seqs]
+    batch.token_ids[:n, 0] = [s.tokens[s.num_cached] if src < 0 else 0 for s, src in zip(seqs, source.tolist())]
     batch.positions[:n, 0] = pos
     batch.slot_mapping[:n, 0] = tables[np.arange(n), pos // block_size] * block_size + pos % block_size
     batch.context_lens[:n] = pos + 1

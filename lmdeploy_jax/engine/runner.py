@@ -71,9 +71,12 @@ def host_step_batch(rows: list[tuple[list[int], int, list[int]]], shape: tuple[i
 
 
 @jax.jit
-def _last_tokens(tokens: jax.Array) -> jax.Array:
-    """A decode call's last sampled tokens ``[steps, B] -> [B, 1]``: the next call's inputs."""
-    return tokens[-1][:, None]
+def _feed_tokens(host_tokens: jax.Array, previous: jax.Array, source: jax.Array) -> jax.Array:
+    """A chained call's input tokens ``[B, 1]``: where ``source`` >= 0, the last token sampled for
+    that row of the call before it (``previous``: a decode call's ``[steps, B']`` or a prefill's
+    ``[B']``), else the host's token."""
+    last = previous.reshape(-1, previous.shape[-1])[-1]
+    return jnp.where(source[:, None] >= 0, last[jnp.maximum(source, 0)][:, None], host_tokens)
 
 
 def _abstract(tree):
@@ -171,21 +174,24 @@ class ModelRunner:
 
     def step(self, plan: StepPlan, previous: SampleOutput | None = None) -> SampleOutput:
         """Dispatch one step (a prefill plan) or ``decode_steps`` steps (a decode plan); returns the
-        device outputs, already on their way to the host. A chained decode plan (``plan.ahead``)
-        takes ``previous``, the device outputs of the call still in flight before it: its last
-        sampled tokens are this call's inputs, never leaving the device."""
+        device outputs, already on their way to the host. A chained decode plan (``plan.carry``)
+        takes ``previous``, the device outputs of the call still in flight before it: the tokens
+        it last sampled for the rows it carries are their inputs, never leaving the device."""
         if plan.prefill:
             rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                     for seq, n, _ in plan.rows]
             batch = host_step_batch(rows, plan.shape, self.buckets.max_blocks, self.block_size)
         else:
             batch = multistep.host_decode_batch([seq for seq, _, _ in plan.rows], plan.shape[0],
-                                                self.buckets.max_blocks, self.block_size, plan.ahead)
-        sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated + plan.ahead)
-                                   for seq, _, _ in plan.rows], plan.shape[0])
+                                                self.buckets.max_blocks, self.block_size, plan.carry)
+        sampled = plan.carry.sampled if plan.carry is not None else [0] * len(plan.rows)
+        sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated + k)
+                                   for (seq, _, _), k in zip(plan.rows, sampled)], plan.shape[0])
         batch = jax.device_put(batch)
-        if plan.ahead:
-            batch.token_ids = _last_tokens(previous.token)
+        if plan.carry is not None:
+            source = np.full(plan.shape[0], -1, np.int32)
+            source[:len(plan.rows)] = plan.carry.source
+            batch.token_ids = _feed_tokens(batch.token_ids, previous.token, source)
         kind = 'prefill' if plan.prefill else 'decode' if needs_general(sp) else 'greedy_decode'
         executable = self._executables[kind, plan.shape]
         self.cache, out = executable(self.model.params, self.cache, batch, jax.device_put(sp))

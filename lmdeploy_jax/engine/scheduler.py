@@ -36,14 +36,23 @@ PREFILL_STREAK = 4      # most consecutive prefill steps while other sequences w
 
 
 @dataclass
+class Carry:
+    """How a decode call chained behind the call in flight continues from it, per row: the row of
+    the call in flight whose last sampled token it feeds (-1: the host has its token already), and
+    how many tokens that call adds to the row's cache and samples for it."""
+    source: list[int]
+    cached: list[int]
+    sampled: list[int]
+
+
+@dataclass
 class StepPlan:
     """One step's rows: each sequence, how many of its uncached tokens it feeds, and the request served."""
     prefill: bool                                          # a prefill step ([B, T]) or a decode call ([B, 1])
     rows: list[tuple[Sequence, int, EngineRequest]]        # (sequence, tokens it may feed, request at planning)
     shape: tuple[int, int]                                 # the compiled (B, T) it is padded to
     steps: int = 1                                         # device steps of the call (decode: decode_steps)
-    ahead: int = 0                                         # tokens the call before it (still in flight) adds to
-                                                           # each row; that call's last tokens are the inputs
+    carry: Carry | None = None                             # a chained call: what the call in flight adds
 
 
 class Scheduler:
@@ -274,32 +283,54 @@ class Scheduler:
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self.decode_steps)
 
     def chain(self, plan: StepPlan) -> StepPlan | None:
-        """The decode call to dispatch right behind ``plan`` (still in flight), on the same rows,
-        fed by its last sampled tokens on the device; or None when the host must see its results
-        first: a waiting prompt could take a free slot, some row could finish by length within
-        either call, or the blocks for the next call's positions are not free. (Prompts waiting for
-        a slot while the batch is full do not stop it: only a finishing row frees one.) Rows that
-        stop (a stop token) inside ``plan`` waste the chained call's work for them; their results
-        are dropped, and their KV writes land in their own blocks past their end
-        (``multistep.py``), which device order keeps ahead of any later owner's writes."""
-        if plan.prefill or len(plan.rows) != len(self.running):
-            return None
+        """The decode call to dispatch right behind ``plan`` (still in flight), on every running
+        row, each fed by ``plan``'s last sampled token for it on the device (``Carry``); or None
+        when the host must see ``plan``'s results first: a waiting prompt could take a free slot,
+        a row still has prompt to feed after ``plan``, some row could finish by length within
+        either call, or the blocks for the call's positions are not free. (Prompts waiting for a
+        slot while the batch is full do not stop it: only a finishing row frees one.)
+
+        Behind a decode call every row is one of its rows; behind a prefill step, the rows whose
+        prompt it completes start decoding from the token it samples, and the others continue
+        from tokens the host has. Rows that stop (a stop token) inside ``plan`` waste the chained
+        call's work for them; their results are dropped, and their KV writes land in their own
+        blocks past their end (``multistep.py``), which device order keeps ahead of any later
+        owner's writes."""
         if self.waiting and len(self.running) < self.max_batch_size:
             return None
-        steps, bs = plan.steps, self.block_size
-        ahead = steps              # the host has every result but ``plan``'s
-        for seq, fed, request in plan.rows:
-            if (seq.request is not request or fed != steps or seq.pending != 1
-                    or seq.num_generated + ahead + steps > request.gen_config.max_new_tokens
-                    or len(seq.tokens) + ahead + steps > self.session_len):
+        in_flight = {id(seq): (i, fed, request) for i, (seq, fed, request) in enumerate(plan.rows)}
+        if not plan.prefill and len(in_flight) != len(self.running):
+            return None
+        steps, bs = self.decode_steps, self.block_size
+        carry = Carry([], [], [])
+        for seq in self.running:
+            i, fed, request = in_flight.get(id(seq), (-1, 0, seq.request))
+            if i < 0:
+                cached = sampled = 0                       # not in the prefill: decoding already
+                ready = seq.pending == 1
+            elif plan.prefill:
+                cached, sampled = fed, 1                   # its prompt ends here; one token sampled
+                ready = fed == seq.pending
+            else:
+                cached = sampled = steps
+                ready = fed == steps and seq.pending == 1
+            if (not ready or seq.request is not request
+                    or seq.num_generated + sampled + steps > request.gen_config.max_new_tokens
+                    or len(seq.tokens) + sampled + steps > self.session_len):
                 return None
-        needed = [seq.blocks_needed(seq.num_cached + ahead + steps, bs) for seq, _, _ in plan.rows]
+            carry.source.append(i)
+            carry.cached.append(cached)
+            carry.sampled.append(sampled)
+        needed = [seq.blocks_needed(seq.num_cached + cached + steps, bs)
+                  for seq, cached in zip(self.running, carry.cached)]
         if sum(needed) > self.blocks.num_free():
             return None
-        for (seq, _, _), n in zip(plan.rows, needed):
+        for seq, n in zip(self.running, needed):
             if n:
                 seq.blocks += self.blocks.allocate(n)
-        return StepPlan(False, list(plan.rows), plan.shape, steps, ahead)
+        self._prefill_streak = 0
+        rows = [(seq, steps, seq.request) for seq in self.running]
+        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), steps, carry)
 
     # ---- results ----
 
