@@ -1,6 +1,6 @@
-"""Pieces the Pallas (Triton) attention kernels share: gathering a tile of K/V rows from the page
-pools, one online-softmax step over it, a decode split's walk over its share of a row's tiles and
-its output, and loading a head rotated by rope.
+"""Pieces the Pallas (Triton) kernels share: the dtypes they take, and, for the attention kernels,
+gathering a tile of K/V rows from the page pools, one online-softmax step over it, a decode split's
+walk over its share of a row's tiles and its output, and loading a head rotated by rope.
 
 A pool is viewed as ``[kv_heads, num_blocks * block_size, head_dim]``: position ``p`` of a row lives
 at token row ``table[p // block_size] * block_size + p % block_size``. Each tile reads whole
@@ -23,6 +23,7 @@ MIN_DOT = 16                      # the smallest M, N and K of a Triton dot
 # IEEE float32, which the float32 engine needs to match the PyTorch reference token for token.
 # It changes nothing for 16-bit inputs.
 EXACT = lax.Precision.HIGHEST
+TRITON_FLOATS = (jnp.bfloat16, jnp.float16, jnp.float32)    # the input dtypes every kernel here takes
 
 
 def next_pow2(n: int) -> int:
@@ -30,9 +31,9 @@ def next_pow2(n: int) -> int:
 
 
 def triton_supports(dtype, head_dim: int) -> bool:
-    """What every Pallas kernel here needs: a 16/32-bit float dtype and a power-of-two head_dim
+    """What every attention kernel here needs: a 16/32-bit float dtype and a power-of-two head_dim
     of at least ``MIN_DOT`` (Triton tiles have power-of-two extents)."""
-    return (dtype in (jnp.bfloat16, jnp.float16, jnp.float32)
+    return (dtype in TRITON_FLOATS
             and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0)
 
 

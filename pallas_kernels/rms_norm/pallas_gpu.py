@@ -1,0 +1,86 @@
+"""RMSNorm as one Pallas kernel (Triton lowering).
+
+Why a kernel: XLA runs an RMSNorm as two launches (a reduction for the mean of squares, then a
+loop applying rsqrt and the weight), and a batch-1 decode step, bound by launches, has two norms
+per layer. Here one program normalises a block of whole rows: it loads them once, reduces each in
+registers and stores the result, one launch per norm.
+
+Tiles: ``[block_rows, next_pow2(hidden)]`` (Triton tiles have power-of-two extents), so a hidden
+size like 576 or 3584 is loaded under a mask over its tail; the masked columns load as zeros and
+add nothing to the sum of squares, which is divided by the real ``hidden``. Rows past the last
+are masked too. The arithmetic is the reference's: squares and sum in float32, rsqrt, the product
+cast to ``x``'s dtype, then the weight's multiply in the promoted output dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .._pallas_tiles import TRITON_FLOATS, next_pow2
+
+# A program holds whole rows in registers: past this a row alone would spill (16384 float32
+# columns over 8 warps is 64 registers a thread). Wider rows fall back to the reference.
+MAX_HIDDEN = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class NormConfig:
+    """Launch knobs. ``tile_elems``: the elements of a program's tile, whole rows of
+    ``next_pow2(hidden)`` (at least one row; fewer when there are fewer rows). ``num_warps``:
+    None scales them with the tile, as Triton's layer-norm tutorial does (one warp per 256
+    elements, 1 to 8). No loop runs, so ``num_stages`` has nothing to pipeline."""
+    tile_elems: int = 4096
+    num_warps: int | None = None
+    num_stages: int = 1
+
+
+def supports(x, weight) -> bool:
+    """Shapes and dtypes this kernel handles: float inputs of the Triton dtypes, at least one
+    row, and rows of at most ``MAX_HIDDEN``."""
+    return (x.dtype in TRITON_FLOATS and weight.dtype in TRITON_FLOATS
+            and x.size > 0 and x.shape[-1] <= MAX_HIDDEN)
+
+
+def block_rows_for(rows: int, hidden: int, config: NormConfig) -> int:
+    """Rows per program: as many whole padded rows as ``tile_elems`` holds, at least one, and no
+    more than the (power-of-two rounded) row count."""
+    return min(next_pow2(rows), max(1, config.tile_elems // next_pow2(hidden)))
+
+
+def _norm_kernel(x_ref, w_ref, o_ref, *, block_rows, eps):
+    """Rows ``[i * block_rows, (i + 1) * block_rows)`` of ``x [rows, hidden]``."""
+    rows, hidden = x_ref.shape
+    row = pl.program_id(0) * block_rows + jnp.arange(block_rows)
+    col = jnp.arange(next_pow2(hidden))
+    col_ok = col < hidden
+    mask = (row < rows)[:, None] & col_ok[None, :]
+    index = (row[:, None], col[None, :])
+    x = plgpu.load(x_ref.at[index], mask=mask, other=0).astype(jnp.float32)
+    inv_rms = lax.rsqrt((x * x).sum(axis=1) / hidden + eps)
+    normed = (x * inv_rms[:, None]).astype(x_ref.dtype).astype(o_ref.dtype)
+    weight = plgpu.load(w_ref.at[col], mask=col_ok, other=0).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[index], weight[None, :] * normed, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=('eps', 'config', 'interpret'))
+def rms_norm_pallas(x, weight, eps: float, config: NormConfig = NormConfig(), interpret: bool = False):
+    """Same contract as ``api.rms_norm`` (inputs already validated there)."""
+    hidden = x.shape[-1]
+    rows = x.size // hidden
+    block_rows = block_rows_for(rows, hidden, config)
+    num_warps = config.num_warps or min(8, max(1, block_rows * next_pow2(hidden) // 256))
+    out = pl.pallas_call(
+        functools.partial(_norm_kernel, block_rows=block_rows, eps=eps),
+        grid=(pl.cdiv(rows, block_rows),),
+        out_shape=jax.ShapeDtypeStruct((rows, hidden), jnp.result_type(x.dtype, weight.dtype)),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name='rms_norm',
+    )(x.reshape(rows, hidden), weight)
+    return out.reshape(x.shape)
