@@ -10,7 +10,8 @@ each layer's KV write and attention take the layer index and address their layer
 A decode step (one token per row) hands the fused qkv projection to one op that applies rope,
 writes the token's K/V and attends (``decode_step_attention``: on a GPU one kernel, plus one that
 combines its sequence splits), since at small batches a step is bound by kernel launches; prefill
-splits q/k/v, applies rope in XLA, writes the chunk's K/V, then attends.
+splits q/k/v, applies rope in XLA, writes the chunk's K/V, then attends. For the same reason each
+RMSNorm is one op (``pallas_kernels.rms_norm``: one kernel on a GPU, XLA's two launches before).
 
 Given a tensor-parallel mesh, XLA partitions the projections from the params' shardings, and the
 KV write and attention run under ``shard_map``, each device on its own heads and pages: XLA cannot
@@ -29,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
+from pallas_kernels.rms_norm.api import rms_norm
 
 from ..parallel import rules
 from .rope import apply_rope, cos_sin
@@ -40,13 +42,6 @@ KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, nu
 # A fused projection's output [B, F]: its rows are laid out shard by shard (weights.FusedLayout), so
 # splitting the last axis gives each device its own [q | k | v].
 FUSED_OUTPUT = P(None, rules.TP)
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Normalize in float32, cast back, then scale (the order Hugging Face uses)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
 
 
 def linear(x: jax.Array, p: dict) -> jax.Array:
@@ -80,6 +75,15 @@ def _per_device(fn, mesh: Mesh | None, in_specs: tuple, out_specs: tuple):
     if mesh is None:
         return fn
     return jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=in_specs, out_specs=out_specs)
+
+
+def _norm(spec: ModelSpec, mesh: Mesh | None, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """RMSNorm of the (replicated) hidden states: one op, on a GPU one kernel instead of XLA's two.
+    Under ``shard_map`` with a mesh, each device normalising its own full copy, since XLA cannot
+    partition the kernel's custom call."""
+    r = rules.REPLICATED
+    norm = _per_device(functools.partial(rms_norm, eps=spec.rms_norm_eps), mesh, in_specs=(r, r), out_specs=r)
+    return norm(x, weight)
 
 
 def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
@@ -136,16 +140,16 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     def layer_step(carry, layer_and_index):
         x, kv = carry
         layer, index = layer_and_index
-        h, kv = _attention(spec, mesh, layout, layer, index, rms_norm(x, layer['input_norm'], spec.rms_norm_eps),
-                           kv, batch, cos, sin)
+        h, kv = _attention(spec, mesh, layout, layer, index, _norm(spec, mesh, x, layer['input_norm']), kv, batch,
+                           cos, sin)
         x = x + h
-        x = x + _mlp(layout, layer, rms_norm(x, layer['post_norm'], spec.rms_norm_eps))
+        x = x + _mlp(layout, layer, _norm(spec, mesh, x, layer['post_norm']))
         return (x, kv), None
 
     (x, kv_caches), _ = jax.lax.scan(layer_step, (x, tuple(kv_caches)),
                                      (params['layers'], jnp.arange(spec.num_layers, dtype=jnp.int32)),
                                      unroll=unroll)
-    return rms_norm(x, params['norm'], spec.rms_norm_eps), kv_caches
+    return _norm(spec, mesh, x, params['norm']), kv_caches
 
 
 def compute_logits(params: dict, hidden: jax.Array) -> jax.Array:
