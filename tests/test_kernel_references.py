@@ -2,7 +2,8 @@
 each sequence's KV contiguous, a plain masked softmax per query. Random inputs, random
 non-contiguous block tables, ragged lengths, several block sizes and GQA ratios. The decode step's
 reference must also be, bit for bit, the path the model took before it (rope, KV write, decode
-attention, each op's own reference)."""
+attention, each op's own reference). RMSNorm's reference against the float64 formula, rounded where
+Hugging Face's rounds."""
 from __future__ import annotations
 
 import functools
@@ -19,6 +20,7 @@ from pallas_kernels.kv_write.reference import write_kv_reference
 from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.paged_attention.reference import paged_decode_attention_reference
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
+from pallas_kernels.rms_norm.api import rms_norm
 
 KV_HEADS, HEAD_DIM = 2, 32
 SCALE = HEAD_DIM ** -0.5
@@ -201,6 +203,24 @@ def test_decode_step_matches_dense(group):
         np.testing.assert_array_equal(pages[rest], old[rest])
 
 
+@pytest.mark.parametrize('dtype,rtol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2 ** -6), (jnp.float16, 2 ** -9)])
+@pytest.mark.parametrize('shape', [(1, 576), (3, 7, 96), (200, 128)])
+def test_rms_norm_matches_float64(rng, shape, dtype, rtol):
+    """Rows of scales from 0.001 to 10, so eps (1e-3) weighs on the small ones. Expected: the
+    float64 normalised row rounded to ``dtype``, times the weight; 16-bit results may differ by
+    the two roundings (two ulps, or subnormal ones)."""
+    eps = 1e-3
+    x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 1, (*shape[:-1], 1))).astype(np.float32)
+    weight = (1 + 0.5 * rng.standard_normal(shape[-1])).astype(np.float32)
+    x, weight = np.asarray(jnp.asarray(x, dtype), np.float64), np.asarray(jnp.asarray(weight, dtype), np.float64)
+    normed = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    expected = weight * np.asarray(jnp.asarray(normed, dtype), np.float64)
+    out = jax.jit(rms_norm, static_argnums=2)(jnp.asarray(x, dtype), jnp.asarray(weight, dtype), eps)
+    assert out.dtype == dtype and out.shape == shape
+    # products below the smallest normal number (a weight near 0) round in absolute terms
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=rtol, atol=rtol * float(jnp.finfo(dtype).tiny))
+
+
 def test_api_rejects_mismatched_inputs():
     pages = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 16, 32), np.float32))
     tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
@@ -227,3 +247,10 @@ def test_api_rejects_mismatched_inputs():
                               lens, 1.0)
     with pytest.raises(ValueError, match='slots must have shape'):
         decode_step_attention(qkv, rope_table, rope_table, pages, pages, None, slots[:2], tables, lens, 1.0)
+    x = jnp.ones((2, 3, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r'weight must have shape \(96,\)'):
+        rms_norm(x, jnp.ones((95,), jnp.bfloat16), 1e-5)
+    with pytest.raises(ValueError, match='weight must have shape'):
+        rms_norm(x, jnp.ones((1, 96), jnp.bfloat16), 1e-5)
+    with pytest.raises(ValueError, match='x must be a float array'):
+        rms_norm(x.astype(jnp.int32), jnp.ones((96,), jnp.bfloat16), 1e-5)

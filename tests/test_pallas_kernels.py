@@ -13,6 +13,9 @@ slot included, except slot 0, where padding tokens race and any of their values 
 The decode step (rope + KV write + attention in one kernel) reads pools whose new-token slots are
 poisoned too (the kernel takes the new token from registers, never from the pool), inside a stack
 whose other layers are NaN; it must leave every byte but the new tokens' slots as it was.
+
+RMSNorm runs over hidden sizes that are not powers of two (the kernel masks its tile's tail) and
+row counts that leave a program's last rows masked.
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ from pallas_kernels.paged_attention import pallas_gpu as decode_gpu
 from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
+from pallas_kernels.rms_norm import pallas_gpu as norm_gpu
+from pallas_kernels.rms_norm.api import rms_norm
+from pallas_kernels.rms_norm.reference import rms_norm_reference
 
 KV_HEADS, HEAD_DIM = 2, 32
 SCALE = HEAD_DIM ** -0.5
@@ -456,3 +462,79 @@ def test_dispatch_takes_the_reference_on_cpu_and_rejects_unknown_names(monkeypat
         choose_impl('cuda', supported=True)
     with pytest.raises(ValueError, match='does not support'):
         choose_impl('pallas', supported=False)
+
+
+# ---- RMSNorm --------------------------------------------------------------------------------
+
+NORM_EPS = 1e-5
+
+
+def norm_case(rng, shape, dtype, weight_dtype=None):
+    """Random ``x`` whose rows have scales from 0.01 to 10 (eps matters for the small ones), and a
+    random weight around 1 of ``weight_dtype`` (default: x's)."""
+    scales = 10.0 ** rng.uniform(-2, 1, (*shape[:-1], 1))
+    x = jnp.asarray(rng.standard_normal(shape) * scales, dtype)
+    return x, jnp.asarray(1 + 0.5 * rng.standard_normal(shape[-1]), weight_dtype or dtype)
+
+
+def assert_norm_matches(out, x, weight, dtype):
+    """Close to the reference (interpret mode starts the output as NaN: an element the kernel
+    never writes fails), with the reference's shape and dtype."""
+    ref = rms_norm(x, weight, NORM_EPS, impl='reference')
+    assert out.shape == ref.shape and out.dtype == ref.dtype == dtype
+    ours = np.asarray(out.astype(jnp.float32))
+    assert not np.isnan(ours).any(), 'the kernel left an output element unwritten'
+    assert relative_error(ours, ref.astype(jnp.float32)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('shape', [(1, 576), (3, 5, 96), (300, 576), (2, 100, 128), (7, 3584)])
+def test_rms_norm_matches_reference(rng, shape, dtype):
+    """Through the op's API with its default launch: hidden sizes that are not powers of two (96,
+    576, 3584: a masked tile tail) and one that is; ``[N, hidden]`` and ``[B, T, hidden]``; one
+    row (a batch-1 decode step) and hundreds (several rows per program, the last partly masked)."""
+    x, weight = norm_case(rng, shape, dtype)
+    assert_norm_matches(rms_norm(x, weight, NORM_EPS, impl='pallas_interpret'), x, weight, dtype)
+
+
+@pytest.mark.parametrize('tile_elems,num_warps', [(128, 2), (256, None), (8192, 8)])
+def test_rms_norm_launch_configs(rng, tile_elems, num_warps):
+    """Tiles smaller than one padded row (one row per program), of two rows, or of many; 37 rows
+    leave the last program's rows partly past the end."""
+    x, weight = norm_case(rng, (37, 96), jnp.bfloat16)
+    config = norm_gpu.NormConfig(tile_elems=tile_elems, num_warps=num_warps)
+    out = norm_gpu.rms_norm_pallas(x, weight, NORM_EPS, config=config, interpret=True)
+    assert_norm_matches(out, x, weight, jnp.bfloat16)
+
+
+def test_rms_norm_promotes_like_the_reference(rng):
+    """A float32 weight on bfloat16 ``x``: normalised in bfloat16, then scaled in float32."""
+    x, weight = norm_case(rng, (4, 3, 160), jnp.bfloat16, jnp.float32)
+    assert_norm_matches(rms_norm(x, weight, NORM_EPS, impl='pallas_interpret'), x, weight, jnp.float32)
+
+
+def test_rms_norm_supports_rows_up_to_max_hidden(monkeypatch):
+    """Wider rows, float64 and empty inputs take the reference (an error if the kernel is named)."""
+    monkeypatch.delenv('LMDEPLOY_JAX_KERNELS', raising=False)
+    wide = jnp.ones((2, norm_gpu.MAX_HIDDEN * 2), jnp.float32)
+    assert norm_gpu.supports(wide[:, :norm_gpu.MAX_HIDDEN], wide[0, :norm_gpu.MAX_HIDDEN])
+    assert not norm_gpu.supports(wide, wide[0])
+    assert not norm_gpu.supports(jnp.ones((0, 64), jnp.float32), jnp.ones((64,), jnp.float32))
+    np.testing.assert_array_equal(rms_norm(wide, wide[0], NORM_EPS), rms_norm_reference(wide, wide[0], NORM_EPS))
+    with pytest.raises(ValueError, match='does not support'):
+        rms_norm(wide, wide[0], NORM_EPS, impl='pallas_interpret')
+
+
+def test_rms_norm_lowers_to_its_kernel_alone():
+    """A decode step's norm ``[B=1, T=1, 4096]`` and a prefill's of a hidden size that is not a
+    power of two, lowered for CUDA (Triton IR, checked without a GPU): one launch and free
+    reshapes, nothing XLA must launch."""
+    for shape in ((1, 1, 4096), (3, 17, 3584)):
+        x, weight = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape[-1:], jnp.bfloat16)
+        try:
+            text = jax.jit(functools.partial(rms_norm, eps=NORM_EPS, impl='pallas')).trace(x, weight).lower(
+                lowering_platforms=('cuda',)).as_text()
+        except Exception as e:      # noqa: BLE001 - a jaxlib that cannot lower for CUDA here
+            pytest.skip(f'cannot lower for CUDA on this machine: {type(e).__name__}: {e}')
+        assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
+        assert text.count('stablehlo.custom_call') == 1
