@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Paged attention kernels on one device: checked against the XLA reference, then timed.
+"""Paged attention kernels and RMSNorm on one device: checked against the XLA reference, then timed.
 
     python benchmark/bench_kernels.py                                  # decode, default matrix
     python benchmark/bench_kernels.py --batches 64 --contexts 2048 --sweep   # tune the launch
@@ -8,6 +8,7 @@
         --contexts 128 --heads 4 --kv-heads 2 --iters 2 --no-copy     # CPU smoke run
     python benchmark/bench_kernels.py --ops kv_write --tokens 1 256 8192   # the paged KV write
     python benchmark/bench_kernels.py --ops decode_step --batches 1 8     # rope + KV write + decode
+    python benchmark/bench_kernels.py --ops rms_norm --tokens 1 256 8192   # RMSNorm of 4096-wide rows
 
 Each case first runs every implementation once on the same inputs and compares its first rows
 with the reference (relative L2 error). Then it times ``--calls`` back-to-back calls inside one
@@ -22,6 +23,10 @@ calls carry the pools from one to the next, donated, so they update in place as 
 The decode step (``--ops decode_step``: rope, the new token's KV write and decode attention from
 the fused qkv, one token per row at position context - 1) counts the cached K and V read, qkv and
 the rope tables read, the new K and V written and the output; its calls carry the pools too.
+RMSNorm (``--ops rms_norm``: ``--tokens`` rows of ``--hidden``, default heads x head_dim) counts
+its rows read and written and the weight read; each call normalises the previous call's output,
+as a layer's norm reads what the layer before it wrote (so rows that fit in L2 are read from it,
+as in the model).
 The ratio is to the card's copy bandwidth (2.91 TB/s measured on an H100 on 2026-11-26,
 ``--copy-tbps``) and to the copy this run measures itself.
 One JSON line per case; a failing implementation prints its error and the run goes on; a table
@@ -54,6 +59,8 @@ from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E40
 from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu  # noqa: E402
 from pallas_kernels.prefill_attention.api import paged_prefill_attention  # noqa: E402
+from pallas_kernels.rms_norm import pallas_gpu as norm_gpu  # noqa: E402
+from pallas_kernels.rms_norm.api import rms_norm  # noqa: E402
 
 IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops')   # jax_ops: decode only
 CHECK_ROWS = 8
@@ -63,6 +70,8 @@ PREFILL_SWEEP = dict(block_rows=[64, 128], tile_tokens=[32, 64], num_warps=[4, 8
                      num_stages=[3, 4])
 WRITE_SWEEP = {'block_tokens': [8, 32, 128], 'num_warps': [2, 4, 8]}
 WRITE_LAYERS = 2          # the write goes to the last layer of a stack of this many
+NORM_SWEEP = {'tile_elems': [1024, 4096, 16384], 'num_warps': [2, 4, 8, 16]}
+NORM_EPS = 1e-5
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -325,7 +334,55 @@ def step_check_rows(fn, case):
     return jnp.concatenate([out.reshape(-1)] + [p[0].reshape(flat)[:, slots].reshape(-1) for p in (k, v)])
 
 
+# ---- RMSNorm --------------------------------------------------------------------------------
+
+def norm_impls(args):
+    impls = {}
+    for name in args.impls:
+        if name == 'reference':
+            impls[name] = [(None, functools.partial(rms_norm, eps=NORM_EPS, impl='reference'))]
+        elif name in ('pallas', 'pallas_interpret'):
+            impls[name] = [(cfg, functools.partial(norm_gpu.rms_norm_pallas, eps=NORM_EPS, config=cfg,
+                                                   interpret=name == 'pallas_interpret'))
+                           for cfg in configs(args, norm_gpu.NormConfig, NORM_SWEEP)]
+    return impls
+
+
+def norm_hidden(args) -> int:
+    return args.hidden or args.heads * args.head_dim
+
+
+def norm_case(args, rows, _context, seed):
+    """``rows`` random rows of ``norm_hidden`` and a random weight around 1, both of ``--dtype``."""
+    hidden, itemsize = norm_hidden(args), jnp.dtype(args.dtype).itemsize
+    key_x, key_w = jax.random.split(jax.random.key(seed))
+    weight = 1 + jax.random.normal(key_w, (hidden,), args.dtype) / 2
+    return {'x': jax.random.normal(key_x, (rows, hidden), args.dtype), 'weight': weight,
+            'bytes': (2 * rows + 1) * hidden * itemsize, 'flops': 0}
+
+
+def norm_call(fn, case):
+    return fn(case['x'], case['weight'])
+
+
+def norm_check_rows(fn, case):
+    return fn(case['x'][:CHECK_ROWS], case['weight'])
+
+
 # ---- timing ---------------------------------------------------------------------------------
+
+def median_seconds(run, inputs, args):
+    """Median and best seconds per call of ``run(inputs)`` (``--calls`` calls) over ``--iters``
+    runs after ``--warmup``."""
+    for _ in range(args.warmup):
+        jax.block_until_ready(run(inputs))
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        jax.block_until_ready(run(inputs))
+        times.append((time.perf_counter() - start) / args.calls)
+    return statistics.median(times), min(times)
+
 
 def time_calls(fn, case, call, args):
     """Median seconds per call over ``--iters`` runs of ``--calls`` calls in one jitted loop.
@@ -344,15 +401,17 @@ def time_calls(fn, case, call, args):
             return out.reshape(-1)[0].astype(jnp.float32) * 0.0
         return jax.lax.fori_loop(0, args.calls, body, jnp.float32(0.0))
 
-    arrays = {k: v for k, v in case.items() if isinstance(v, jax.Array)}
-    for _ in range(args.warmup):
-        jax.block_until_ready(run(arrays))
-    times = []
-    for _ in range(args.iters):
-        start = time.perf_counter()
-        jax.block_until_ready(run(arrays))
-        times.append((time.perf_counter() - start) / args.calls)
-    return statistics.median(times), min(times)
+    return median_seconds(run, {k: v for k, v in case.items() if isinstance(v, jax.Array)}, args)
+
+
+def time_chained_calls(fn, case, call, args):
+    """As ``time_calls``, but each call's input ``x`` is the previous call's output: the calls can
+    be neither merged nor overlapped, and no other op runs between them."""
+    @jax.jit
+    def run(case_arrays):
+        return jax.lax.fori_loop(0, args.calls, lambda _, x: call(fn, dict(case_arrays, x=x)), case_arrays['x'])
+
+    return median_seconds(run, {k: v for k, v in case.items() if isinstance(v, jax.Array)}, args)
 
 
 def measure_copy_tbps(args) -> float:
@@ -381,15 +440,19 @@ def relative_error(ours, ref) -> float:
 OPS = {'decode': (decode_impls, decode_case, decode_call, decode_check_rows),
        'prefill': (prefill_impls, prefill_case, prefill_call, prefill_check_rows),
        'kv_write': (write_impls, write_case, write_call, write_check_rows),
-       'decode_step': (step_impls, step_case, step_call, step_check_rows)}
-TIMERS = {'kv_write': time_in_place_calls, 'decode_step': time_in_place_calls}   # the others: time_calls
+       'decode_step': (step_impls, step_case, step_call, step_check_rows),
+       'rms_norm': (norm_impls, norm_case, norm_call, norm_check_rows)}
+TIMERS = {'kv_write': time_in_place_calls, 'decode_step': time_in_place_calls,
+          'rms_norm': time_chained_calls}   # the others: time_calls
+ROW_OPS = ('kv_write', 'rms_norm')          # cases from --tokens, not batches x contexts
 
 
 def run_case(op, args, batch, context, seed, copy_tbps, results):
     impls_of, make_case, call, check_rows = OPS[op]
     base = dict(op=op, batch=batch, context=context, block_size=args.block_size, dtype=args.dtype,
                 heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                ragged=args.ragged, prefix=args.prefix if op == 'prefill' else None, device=str(jax.devices()[0].device_kind),
+                ragged=args.ragged, prefix=args.prefix if op == 'prefill' else None,
+                hidden=norm_hidden(args) if op == 'rms_norm' else None, device=str(jax.devices()[0].device_kind),
                 jax=jax.__version__)
     try:
         case = make_case(args, batch, context, seed)
@@ -440,13 +503,13 @@ def emit(record, results):
 def print_table(results):
     """Decode rates against the copy ceiling, prefill rates against the matmul ceiling."""
     print('\n op      impl              batch context   time_us  TB/s|TF/s ratio  err      config'
-          '\n (kv_write: batch = new tokens; TB/s of the new K/V read and written)')
+          '\n (kv_write: batch = new tokens; TB/s of the new K/V read and written; rms_norm: batch = rows)')
     for r in results:
         if r.get('op') == 'copy':
             continue
         cfg = r.get('config') or {}
         cfg = ','.join(f'{k}={v}' for k, v in cfg.items()
-                       if k in DECODE_SWEEP or k in PREFILL_SWEEP or k in WRITE_SWEEP)
+                       if k in DECODE_SWEEP or k in PREFILL_SWEEP or k in WRITE_SWEEP or k in NORM_SWEEP)
         if 'failed' in r:
             print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7}  FAILED "
                   f"{r['failed'][:80]}")
@@ -466,7 +529,8 @@ def main() -> None:
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 8, 64, 256])
     parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8192])
     parser.add_argument('--tokens', type=int, nargs='+', default=[1, 256, 8192],
-                        help='kv_write: new tokens per call')
+                        help='kv_write: new tokens per call; rms_norm: rows per call')
+    parser.add_argument('--hidden', type=int, default=None, help='rms_norm: row width (default: heads x head_dim)')
     parser.add_argument('--block-size', type=int, default=64)
     parser.add_argument('--dtype', default='bfloat16', choices=sorted(TOLERANCE))
     parser.add_argument('--heads', type=int, default=32, help='query heads (llama3-8b: 32)')
@@ -496,7 +560,7 @@ def main() -> None:
         emit(dict(op='copy', tbps=copy_tbps, device=str(jax.devices()[0].device_kind)), results)
     seeds = itertools.count()
     for op in args.ops:
-        cases = ([(n, 0) for n in args.tokens] if op == 'kv_write'
+        cases = ([(n, 0) for n in args.tokens] if op in ROW_OPS
                  else itertools.product(args.batches, args.contexts))
         for batch, context in cases:
             run_case(op, args, batch, context, next(seeds), copy_tbps, results)
