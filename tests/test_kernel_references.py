@@ -218,7 +218,8 @@ def test_rms_norm_matches_float64(rng, shape, dtype, rtol):
     out = jax.jit(rms_norm, static_argnums=2)(jnp.asarray(x, dtype), jnp.asarray(weight, dtype), eps)
     assert out.dtype == dtype and out.shape == shape
     # products below the smallest normal number (a weight near 0) round in absolute terms
-    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=rtol, atol=rtol * float(jnp.finfo(dtype).tiny))
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=rtol,
+                               atol=rtol * float(jnp.finfo(dtype).tiny))
 
 
 def test_api_rejects_mismatched_inputs():
