@@ -159,10 +159,14 @@ def test_chain_waits_for_prompts_lengths_and_blocks(rng):
     submit(full, rng, 2, 5, 12)
     assert full.waiting and full.chain(plan) is not None   # no slot before a row finishes: chain on
     sched = make(num_blocks=64, decode_steps=4, session_len=64)
-    submit(sched, rng, 1, 5, 8)                        # 1 + 4 + 3: the second call would end it
+    submit(sched, rng, 1, 5, 8)                        # 1 + 4 + 3: the chained call feeds its last 3
+    submit(sched, rng, 2, 5, 5)                        # 1 + 4: it ends inside the call in flight
     plan = sched.schedule()
-    sched.complete(plan, random_output(rng, plan))
-    assert sched.chain(sched.schedule()) is None
+    while plan.prefill:
+        sched.complete(plan, random_output(rng, plan))
+        plan = sched.schedule()
+    chained = sched.chain(plan)
+    assert [(seq.session_id, n) for seq, n, _ in chained.rows] == [(1, 3)] and chained.carry.source == [0]
     sched = make(num_blocks=3, decode_steps=4, session_len=64)   # 2 blocks of 4: no room 8 ahead
     submit(sched, rng, 1, 2, 20)
     plan = sched.schedule()

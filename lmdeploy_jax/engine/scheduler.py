@@ -283,30 +283,29 @@ class Scheduler:
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self.decode_steps)
 
     def chain(self, plan: StepPlan) -> StepPlan | None:
-        """The decode call to dispatch right behind ``plan`` (still in flight), on every running
-        row, each fed by ``plan``'s last sampled token for it on the device (``Carry``); or None
-        when the host must see ``plan``'s results first: a waiting prompt could take a free slot,
-        a row still has prompt to feed after ``plan``, some row could finish by length within
-        either call, or the blocks for the call's positions are not free. (Prompts waiting for a
-        slot while the batch is full do not stop it: only a finishing row frees one.)
+        """The decode call to dispatch right behind ``plan`` (still in flight), each row fed by
+        ``plan``'s last sampled token for it on the device (``Carry``); or None when the host must
+        see ``plan``'s results first: a waiting prompt could take a free slot, a row still has
+        prompt to feed after ``plan``, or the blocks for the call's positions are not free.
+        (Prompts waiting for a slot while the batch is full do not stop it.)
 
-        Behind a decode call every row is one of its rows; behind a prefill step, the rows whose
-        prompt it completes start decoding from the token it samples, and the others continue
-        from tokens the host has. Rows that stop (a stop token) inside ``plan`` waste the chained
-        call's work for them; their results are dropped, and their KV writes land in their own
-        blocks past their end (``multistep.py``), which device order keeps ahead of any later
-        owner's writes."""
+        Behind a decode call the rows are its rows; behind a prefill step, the rows whose prompt
+        it completes start decoding from the token it samples, and the others continue from
+        tokens the host has. A row that reaches its length limit inside ``plan`` is left out (its
+        slot frees when ``plan``'s results are taken); one that reaches it inside the chained call
+        feeds only its remaining tokens. Rows that stop (a stop token) inside ``plan`` waste the
+        chained call's work for them; their results are dropped, and their KV writes land in
+        their own blocks past their end (``multistep.py``), which device order keeps ahead of any
+        later owner's writes."""
         if self.waiting and len(self.running) < self.max_batch_size:
             return None
         in_flight = {id(seq): (i, fed, request) for i, (seq, fed, request) in enumerate(plan.rows)}
-        if not plan.prefill and len(in_flight) != len(self.running):
-            return None
         steps, bs = self.decode_steps, self.block_size
-        carry = Carry([], [], [])
+        rows, carry = [], Carry([], [], [])
         for seq in self.running:
             i, fed, request = in_flight.get(id(seq), (-1, 0, seq.request))
             if i < 0:
-                cached = sampled = 0                       # not in the prefill: decoding already
+                cached = sampled = 0                       # not in ``plan``: decoding already
                 ready = seq.pending == 1
             elif plan.prefill:
                 cached, sampled = fed, 1                   # its prompt ends here; one token sampled
@@ -314,22 +313,25 @@ class Scheduler:
             else:
                 cached = sampled = steps
                 ready = fed == steps and seq.pending == 1
-            if (not ready or seq.request is not request
-                    or seq.num_generated + sampled + steps > request.gen_config.max_new_tokens
-                    or len(seq.tokens) + sampled + steps > self.session_len):
+            if not ready or seq.request is not request:
                 return None
-            carry.source.append(i)
-            carry.cached.append(cached)
-            carry.sampled.append(sampled)
-        needed = [seq.blocks_needed(seq.num_cached + cached + steps, bs)
-                  for seq, cached in zip(self.running, carry.cached)]
+            left = min(request.gen_config.max_new_tokens - seq.num_generated,
+                       self.session_len - len(seq.tokens)) - sampled
+            if left > 0:
+                rows.append((seq, min(steps, left), request))
+                carry.source.append(i)
+                carry.cached.append(cached)
+                carry.sampled.append(sampled)
+        if not rows:
+            return None
+        needed = [seq.blocks_needed(seq.num_cached + cached + n, bs)
+                  for (seq, n, _), cached in zip(rows, carry.cached)]
         if sum(needed) > self.blocks.num_free():
             return None
-        for seq, n in zip(self.running, needed):
+        for (seq, _, _), n in zip(rows, needed):
             if n:
                 seq.blocks += self.blocks.allocate(n)
         self._prefill_streak = 0
-        rows = [(seq, steps, seq.request) for seq in self.running]
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), steps, carry)
 
     # ---- results ----
