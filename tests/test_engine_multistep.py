@@ -102,3 +102,26 @@ def test_vectorized_decode_batch_equals_the_per_row_one(rng):
     want = host_step_batch([(s.tokens[-1:], s.num_cached, s.blocks) for s in seqs], (rows, 1), max_blocks, block_size)
     for name in ('token_ids', 'positions', 'slot_mapping', 'block_tables', 'context_lens', 'query_lens'):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
+def test_a_failed_chained_launch_fails_its_requests_and_the_engine_goes_on(engines, tiny, rng, monkeypatch):  # noqa: F811
+    """Chained calls are launched from the launcher thread; a failure there fails that call's
+    requests on the engine thread, and the next requests run as usual."""
+    _, four = engines
+    runner, failures = four._runner, []
+    real_launch = runner.launch
+
+    def launch(call, previous=None):
+        if call.source is not None and not failures:
+            failures.append(call)
+            raise RuntimeError('injected launch failure')
+        return real_launch(call, previous)
+    monkeypatch.setattr(runner, 'launch', launch)
+    prompts = [ids(rng, n) for n in (7, 12)]
+    results = run_all(four, [EngineRequest(100 + i, p, GenerationConfig(max_new_tokens=12))
+                             for i, p in enumerate(prompts)])
+    assert failures and all(r.finish_reason == 'error' and 'injected' in r.error for r in results)
+    prompt = ids(rng, 9)
+    (again,) = run_all(four, [EngineRequest(200, prompt, GenerationConfig(max_new_tokens=12))])
+    assert (again.finish_reason, again.tokens) == ('length', hf_greedy(tiny[1], prompt, 12))
+    assert four.num_free_blocks() == four.num_total_blocks()

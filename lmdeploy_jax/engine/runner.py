@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,16 @@ def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, 
     return CacheState(kv, cache.tokens), jnp.sum(jnp.where(valid, nll, 0.0))
 
 
+@dataclass
+class PreparedCall:
+    """A call ready to launch: its executable and host arrays (``source``: for a chained call, the
+    row of the call before it that feeds each row, -1 where the host's token is in ``batch``)."""
+    executable: jax.stages.Compiled
+    batch: StepBatch
+    sp: SamplingParams
+    source: np.ndarray | None
+
+
 class ModelRunner:
     """Owns the params, the device KV pool and the compiled steps; runs on the engine thread."""
 
@@ -172,11 +183,9 @@ class ModelRunner:
         self.cache = allocate_cache_state(self.cache_spec)
         return True
 
-    def step(self, plan: StepPlan, previous: SampleOutput | None = None) -> SampleOutput:
-        """Dispatch one step (a prefill plan) or ``decode_steps`` steps (a decode plan); returns the
-        device outputs, already on their way to the host. A chained decode plan (``plan.carry``)
-        takes ``previous``, the device outputs of the call still in flight before it: the tokens
-        it last sampled for the rows it carries are their inputs, never leaving the device."""
+    def prepare(self, plan: StepPlan) -> PreparedCall:
+        """The host arrays of a plan's call, read from the sequences' state: on the engine thread,
+        which alone changes that state."""
         if plan.prefill:
             rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                     for seq, n, _ in plan.rows]
@@ -187,15 +196,24 @@ class ModelRunner:
         sampled = plan.carry.sampled if plan.carry is not None else [0] * len(plan.rows)
         sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated + k)
                                    for (seq, _, _), k in zip(plan.rows, sampled)], plan.shape[0])
-        batch = jax.device_put(batch)
+        source = None
         if plan.carry is not None:
             source = np.full(plan.shape[0], -1, np.int32)
             source[:len(plan.rows)] = plan.carry.source
-            batch.token_ids = _feed_tokens(batch.token_ids, previous.token, source)
         kind = 'prefill' if plan.prefill else 'decode' if needs_general(sp) else 'greedy_decode'
-        executable = self._executables[kind, plan.shape]
-        self.cache, out = executable(self.model.params, self.cache, batch, jax.device_put(sp))
-        if not sp.want_logprobs.any():          # only the tokens cross to the host
+        return PreparedCall(self._executables[kind, plan.shape], batch, sp, source)
+
+    def launch(self, call: PreparedCall, previous: SampleOutput | None = None) -> SampleOutput:
+        """Dispatch a prepared call: one step (prefill) or ``decode_steps`` steps (decode); returns
+        the device outputs, already on their way to the host. A chained call (``call.source``)
+        takes ``previous``, the device outputs of the call still in flight before it: the tokens it
+        last sampled for the rows it carries are their inputs, never leaving the device. Touches
+        no scheduler state, so it may run on another thread while the engine thread takes results."""
+        batch = jax.device_put(call.batch)
+        if call.source is not None:
+            batch.token_ids = _feed_tokens(batch.token_ids, previous.token, call.source)
+        self.cache, out = call.executable(self.model.params, self.cache, batch, jax.device_put(call.sp))
+        if not call.sp.want_logprobs.any():          # only the tokens cross to the host
             out = SampleOutput(out.token, None, None, None)
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
