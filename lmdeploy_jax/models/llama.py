@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
@@ -39,9 +38,6 @@ from .step_batch import StepBatch
 from .weights import FusedLayout
 
 KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
-# A fused projection's output [B, F]: its rows are laid out shard by shard (weights.FusedLayout), so
-# splitting the last axis gives each device its own [q | k | v].
-FUSED_OUTPUT = P(None, rules.TP)
 
 
 def linear(x: jax.Array, p: dict) -> jax.Array:
@@ -106,7 +102,7 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, layout: FusedLayout, layer: d
     paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
     if t == 1:
         attend = _per_device(functools.partial(_decode_step, d ** -0.5), mesh,
-                             in_specs=(FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
+                             in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
                              out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
         out, k_pages, v_pages = attend(qkv[:, 0], cos[:, 0], sin[:, 0], *kv, *paging)
     else:

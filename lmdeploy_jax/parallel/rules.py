@@ -27,6 +27,8 @@ REPLICATED = P()
 KV_PAGES = P(None, TP)                 # [layers, kv_heads, num_blocks, block_size, head_dim]
 Q_HEADS = P(None, None, TP)            # q / attention output [B, T, heads, head_dim]
 NEW_KV_HEADS = P(None, TP)             # this step's k/v [B * T, kv_heads, head_dim]
+FUSED_OUTPUT = P(None, TP)             # a fused projection's output [B, F]: rows laid out shard by shard
+                                       # (models/weights.py), so each device's slice is its own q|k|v
 
 
 @dataclass(frozen=True)
