@@ -99,19 +99,16 @@ def make_pages(args, batch, context, seed):
 
 # ---- decode ---------------------------------------------------------------------------------
 
-def decode_impls(args):
-    """name -> (config label, fn(q, k, v, tables, lens)) for every implementation asked for."""
-    scale = args.head_dim ** -0.5
+def op_impls(args, reference, pallas, config_class, sweep):
+    """name -> [(config label, fn)] for every implementation asked for: ``reference`` as is, and
+    ``pallas(..., config=, interpret=)`` for each launch config (``configs``)."""
     impls = {}
     for name in args.impls:
         if name == 'reference':
-            impls[name] = [(None, lambda q, k, v, t, l: paged_decode_attention(
-                q, k, v, t, l, scale, impl='reference'))]
+            impls[name] = [(None, reference)]
         elif name in ('pallas', 'pallas_interpret'):
-            impls[name] = [(cfg, _pallas_decode(cfg, scale, name == 'pallas_interpret'))
-                           for cfg in configs(args, decode_gpu.DecodeConfig, DECODE_SWEEP)]
-        elif name == 'jax_ops':
-            impls[name] = [(None, _jax_ops_decode(scale))]
+            impls[name] = [(cfg, functools.partial(pallas, config=cfg, interpret=name == 'pallas_interpret'))
+                           for cfg in configs(args, config_class, sweep)]
     return impls
 
 
@@ -122,9 +119,19 @@ def configs(args, config_class, sweep):
     return [config_class(**dict(zip(sweep, values))) for values in itertools.product(*sweep.values())]
 
 
-def _pallas_decode(config, scale, interpret):
-    return lambda q, k, v, t, l: decode_gpu.paged_decode_attention_pallas(
-        q, k[None], v[None], jnp.int32(0), t, l, scale, config=config, interpret=interpret)
+def decode_impls(args):
+    """fn(q, k, v, tables, lens) of every implementation asked for (``jax_ops``: JAX's own kernel)."""
+    scale = args.head_dim ** -0.5
+    impls = op_impls(args, functools.partial(paged_decode_attention, scale=scale, impl='reference'),
+                     functools.partial(_pallas_decode, scale=scale), decode_gpu.DecodeConfig, DECODE_SWEEP)
+    if 'jax_ops' in args.impls:
+        impls['jax_ops'] = [(None, _jax_ops_decode(scale))]
+    return impls
+
+
+def _pallas_decode(q, k, v, tables, lens, *, scale, config, interpret):
+    return decode_gpu.paged_decode_attention_pallas(q, k[None], v[None], jnp.int32(0), tables, lens, scale,
+                                                    config=config, interpret=interpret)
 
 
 def _jax_ops_decode(scale):
@@ -158,20 +165,13 @@ def decode_check_rows(fn, case):
 
 def prefill_impls(args):
     scale = args.head_dim ** -0.5
-    impls = {}
-    for name in args.impls:
-        if name == 'reference':
-            impls[name] = [(None, lambda q, k, v, t, c, n: paged_prefill_attention(
-                q, k, v, t, c, n, scale, impl='reference'))]
-        elif name in ('pallas', 'pallas_interpret'):
-            impls[name] = [(cfg, _pallas_prefill(cfg, scale, name == 'pallas_interpret'))
-                           for cfg in configs(args, prefill_gpu.PrefillConfig, PREFILL_SWEEP)]
-    return impls
+    return op_impls(args, functools.partial(paged_prefill_attention, scale=scale, impl='reference'),
+                    functools.partial(_pallas_prefill, scale=scale), prefill_gpu.PrefillConfig, PREFILL_SWEEP)
 
 
-def _pallas_prefill(config, scale, interpret):
-    return lambda q, k, v, t, c, n: prefill_gpu.paged_prefill_attention_pallas(
-        q, k[None], v[None], jnp.int32(0), t, c, n, scale, config=config, interpret=interpret)
+def _pallas_prefill(q, k, v, tables, lens, qlens, *, scale, config, interpret):
+    return prefill_gpu.paged_prefill_attention_pallas(q, k[None], v[None], jnp.int32(0), tables, lens, qlens, scale,
+                                                      config=config, interpret=interpret)
 
 
 def prefill_case(args, batch, chunk, seed):
@@ -209,15 +209,8 @@ def prefill_check_rows(fn, case):
 # ---- KV write -------------------------------------------------------------------------------
 
 def write_impls(args):
-    impls = {}
-    for name in args.impls:
-        if name == 'reference':
-            impls[name] = [(None, functools.partial(write_kv, impl='reference'))]
-        elif name in ('pallas', 'pallas_interpret'):
-            impls[name] = [(cfg, functools.partial(write_gpu.write_kv_pallas, config=cfg,
-                                                   interpret=name == 'pallas_interpret'))
-                           for cfg in configs(args, write_gpu.WriteConfig, WRITE_SWEEP)]
-    return impls
+    return op_impls(args, functools.partial(write_kv, impl='reference'), write_gpu.write_kv_pallas,
+                    write_gpu.WriteConfig, WRITE_SWEEP)
 
 
 def write_case(args, tokens, _context, seed):
@@ -289,15 +282,9 @@ def time_in_place_calls(fn, case, call, args):
 
 def step_impls(args):
     scale = args.head_dim ** -0.5
-    impls = {}
-    for name in args.impls:
-        if name == 'reference':
-            impls[name] = [(None, functools.partial(decode_step_attention, scale=scale, impl='reference'))]
-        elif name in ('pallas', 'pallas_interpret'):
-            impls[name] = [(cfg, functools.partial(step_gpu.decode_step_attention_pallas, scale=scale, config=cfg,
-                                                   interpret=name == 'pallas_interpret'))
-                           for cfg in configs(args, decode_gpu.DecodeConfig, DECODE_SWEEP)]
-    return impls
+    return op_impls(args, functools.partial(decode_step_attention, scale=scale, impl='reference'),
+                    functools.partial(step_gpu.decode_step_attention_pallas, scale=scale),
+                    decode_gpu.DecodeConfig, DECODE_SWEEP)
 
 
 def step_case(args, batch, context, seed):
@@ -337,15 +324,8 @@ def step_check_rows(fn, case):
 # ---- RMSNorm --------------------------------------------------------------------------------
 
 def norm_impls(args):
-    impls = {}
-    for name in args.impls:
-        if name == 'reference':
-            impls[name] = [(None, functools.partial(rms_norm, eps=NORM_EPS, impl='reference'))]
-        elif name in ('pallas', 'pallas_interpret'):
-            impls[name] = [(cfg, functools.partial(norm_gpu.rms_norm_pallas, eps=NORM_EPS, config=cfg,
-                                                   interpret=name == 'pallas_interpret'))
-                           for cfg in configs(args, norm_gpu.NormConfig, NORM_SWEEP)]
-    return impls
+    return op_impls(args, functools.partial(rms_norm, eps=NORM_EPS, impl='reference'),
+                    functools.partial(norm_gpu.rms_norm_pallas, eps=NORM_EPS), norm_gpu.NormConfig, NORM_SWEEP)
 
 
 def norm_hidden(args) -> int:
