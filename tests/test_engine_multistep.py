@@ -3,9 +3,11 @@ as one step per call for greedy and seeded sampled requests (penalty, min_new_to
 rows finishing inside a call, preemption, and the vectorized host arrays against the per-row ones."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
-from test_engine_helpers import run_all
+from test_engine_helpers import TIMEOUT, Result, run_all
 from test_engine_serving import BUCKETS, SESSION, VOCAB, hf_greedy, ids, tiny  # noqa: F401 - tiny is a fixture
 
 from lmdeploy_jax.engine import JaxEngine
@@ -111,11 +113,11 @@ def test_a_failed_chained_launch_fails_its_requests_and_the_engine_goes_on(engin
     runner, failures = four._runner, []
     real_launch = runner.launch
 
-    def launch(call, previous=None):
-        if call.source is not None and not failures:
+    def launch(call):
+        if call.rows.from_device.any() and not failures:
             failures.append(call)
             raise RuntimeError('injected launch failure')
-        return real_launch(call, previous)
+        return real_launch(call)
     monkeypatch.setattr(runner, 'launch', launch)
     prompts = [ids(rng, n) for n in (7, 12)]
     results = run_all(four, [EngineRequest(100 + i, p, GenerationConfig(max_new_tokens=12))
@@ -125,3 +127,21 @@ def test_a_failed_chained_launch_fails_its_requests_and_the_engine_goes_on(engin
     (again,) = run_all(four, [EngineRequest(200, prompt, GenerationConfig(max_new_tokens=12))])
     assert (again.finish_reason, again.tokens) == ('length', hf_greedy(tiny[1], prompt, 12))
     assert four.num_free_blocks() == four.num_total_blocks()
+
+
+def test_a_prompt_joining_running_decodes_gets_its_tokens(engines, tiny, rng):  # noqa: F811
+    """A prompt arriving while another request decodes: its prefill runs, and the decode call
+    chained behind it feeds the new row from the prefill's token (on the device) and the running
+    row from the host; both get the transformers tokens."""
+    _, four = engines
+    prompts = [ids(rng, 6), ids(rng, 11)]
+    want = [hf_greedy(tiny[1], p, 40) for p in prompts]
+    first, second = Result(), Result()
+    four.submit(EngineRequest(300, prompts[0], GenerationConfig(max_new_tokens=40)), first)
+    deadline = time.monotonic() + TIMEOUT
+    while len(first.tokens) < 5 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    chained_before = four.stats()['chained_calls']
+    four.submit(EngineRequest(301, prompts[1], GenerationConfig(max_new_tokens=40)), second)
+    assert first.wait().tokens == want[0] and second.wait().tokens == want[1]
+    assert four.stats()['chained_calls'] > chained_before

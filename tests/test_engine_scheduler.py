@@ -41,6 +41,14 @@ def check_plan(plan, budget):
         assert len(seq.blocks) * BS >= seq.num_cached + k + n
 
 
+def check_slots(sched):
+    """Every running sequence holds its own row slot; the others hold none; none is lost."""
+    slots = [seq.slot for seq in sched.running]
+    assert len(set(slots)) == len(slots) and all(0 <= s < sched.max_batch_size for s in slots)
+    assert all(seq.slot is None for seq in sched.waiting)
+    assert sorted(slots + sched._free_slots) == list(range(sched.max_batch_size))
+
+
 def check_carry(plan, chained):
     """A chained call runs every running row; those of the call in flight continue from it."""
     carry = chained.carry
@@ -74,6 +82,7 @@ def run_to_end(sched, rng, max_steps=2000, chain=False, low=10, budget=32):
             check_carry(plan, in_flight)
             check_plan(in_flight, budget)
         sched.complete(plan, random_output(rng, plan, low))
+        check_slots(sched)
     raise AssertionError('the scheduler did not finish')
 
 

@@ -75,8 +75,8 @@ class JaxEngine(ThreadedEngine):
         buckets = make_buckets(self.max_batch_size, config.max_prefill_token_num, self.session_len, block_size,
                                decode_batch, prefill_tokens, prefill_batch,
                                growth=BUCKET_GROWTH.get(device.platform, 2))
-        self._runner = ModelRunner(model, cache_state_spec(spec, num_blocks, block_size, mesh), buckets, block_size,
-                                   config.compilation_cache_dir, decode_steps)
+        self._runner = ModelRunner(model, cache_state_spec(spec, num_blocks, block_size, self.max_batch_size, mesh),
+                                   buckets, block_size, config.compilation_cache_dir, decode_steps)
         self._runner.warmup()
         self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
                                     self.session_len, self.max_batch_size, spec.vocab_size, decode_steps)
@@ -149,7 +149,7 @@ class JaxEngine(ThreadedEngine):
         self._take_commands(block=False)
         with self._timed('schedule'):
             chained = self._scheduler.chain(plan) if not self._deferred else None
-        launched = self._dispatch(chained, out) if chained is not None else None
+        launched = self._dispatch(chained, background=True) if chained is not None else None
         self._take_commands(block=False)           # host work while the device runs
         results, error = self._fetch(out)
         if error is None:
@@ -162,16 +162,16 @@ class JaxEngine(ThreadedEngine):
             following = None
         return following
 
-    def _dispatch(self, plan: StepPlan, previous=None) -> tuple | Future | None:
-        """Prepare the call's host arrays and launch it: here, returning (plan, device outputs), or,
-        chained behind ``previous``, on the launcher thread, returning the launch's future."""
+    def _dispatch(self, plan: StepPlan, background: bool = False) -> tuple | Future | None:
+        """Prepare the call's host arrays and launch it: here, returning (plan, device outputs), or
+        (a call chained behind the one in flight) on the launcher thread, returning its future."""
         self._calls += 1
-        self._chained_calls += previous is not None
+        self._chained_calls += background
         try:
             with self._timed('dispatch'):
                 call = self._runner.prepare(plan)
-                if previous is not None:
-                    return self._launcher.submit(self._runner.launch, call, previous)
+                if background:
+                    return self._launcher.submit(self._runner.launch, call)
                 return plan, self._runner.launch(call)
         except Exception as exc:  # noqa: BLE001 - the step's requests fail, the engine goes on
             self._fail(plan, exc)

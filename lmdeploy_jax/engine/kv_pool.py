@@ -2,7 +2,9 @@
 
 Besides every layer's K and V pages, the pool keeps the token id written at each KV slot, so the
 on-device repetition penalty can read a session's history through its block table without the
-host sending it every step.
+host sending it every step; and the token last sampled for each running sequence, by the
+sequence's row slot (``Sequence.slot``), so a call queued behind another one reads its inputs
+there, on the device, in device order, without the host passing the earlier call's outputs on.
 """
 from __future__ import annotations
 
@@ -29,6 +31,17 @@ HOST_DEFAULT_TOKENS = 8192
 class CacheState:
     kv: tuple[jax.Array, jax.Array]         # K and V stacks, each [layers, kv_heads, num_blocks, block_size, head_dim]
     tokens: jax.Array                       # int32 [num_blocks * block_size]  token id at each KV slot
+    last: jax.Array                         # int32 [row slots + 1]  last token sampled per row slot (the
+                                            # extra entry takes the padding rows' writes)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class RowSlots:
+    """Where a call's rows keep their last sampled token in ``CacheState.last`` (padding rows: the
+    spare last entry), and which rows take their input token from there instead of the batch."""
+    slot: jax.Array                         # int32 [B]
+    from_device: jax.Array                  # bool  [B]
 
 
 def free_device_bytes(device: jax.Device) -> int | None:
@@ -66,14 +79,17 @@ def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_ma
     return num_blocks
 
 
-def cache_state_spec(spec: ModelSpec, num_blocks: int, block_size: int, mesh: Mesh | None = None) -> CacheState:
-    """The pool's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves): the steps compile
-    against these before the pool takes the device memory their compilation (autotuning) needs.
-    With a mesh, KV splits over its heads and the token ids are replicated."""
+def cache_state_spec(spec: ModelSpec, num_blocks: int, block_size: int, row_slots: int,
+                     mesh: Mesh | None = None) -> CacheState:
+    """The pool's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves) for ``row_slots``
+    running sequences at most: the steps compile against these before the pool takes the device
+    memory their compilation (autotuning) needs. With a mesh, KV splits over its heads and the
+    token ids are replicated."""
     kv_sharding = NamedSharding(mesh, rules.KV_PAGES) if mesh is not None else None
     token_sharding = NamedSharding(mesh, rules.REPLICATED) if mesh is not None else None
     kv = jax.ShapeDtypeStruct(kv_cache_shape(spec, num_blocks, block_size), spec.dtype, sharding=kv_sharding)
-    return CacheState((kv, kv), jax.ShapeDtypeStruct((num_blocks * block_size,), jnp.int32, sharding=token_sharding))
+    return CacheState((kv, kv), jax.ShapeDtypeStruct((num_blocks * block_size,), jnp.int32, sharding=token_sharding),
+                      jax.ShapeDtypeStruct((row_slots + 1,), jnp.int32, sharding=token_sharding))
 
 
 def allocate_cache_state(state_spec: CacheState) -> CacheState:

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..models import StepBatch
-from .kv_pool import CacheState
+from .kv_pool import CacheState, RowSlots
 from .sampler import MAX_LOGPROBS, SampleOutput, SamplingParams
 from .scheduler import Carry
 from .sequence import Sequence
 
-StepFn = Callable[[object, CacheState, StepBatch, SamplingParams], tuple[CacheState, SampleOutput]]
+StepFn = Callable[[object, CacheState, StepBatch, SamplingParams, RowSlots], tuple[CacheState, SampleOutput]]
 
 
 def host_decode_batch(seqs: list[Sequence], num_rows: int, max_blocks: int, block_size: int,
@@ -36,7 +36,7 @@ def host_decode_batch(seqs: list[Sequence], num_rows: int, max_blocks: int, bloc
     """Numpy first-step batch ([num_rows, 1]) of decoding sequences (one pending token each), or,
     with ``carry``, of the call chained behind one still in flight: each row's positions start
     ``carry.cached`` further, and the input tokens of rows fed by that call (``carry.source`` >= 0)
-    are left 0 here (the runner takes them from that call's outputs on the device).
+    are left 0 here (the call reads them from ``CacheState.last`` on the device).
 
     Vectorized over rows: the block tables are filled with one fancy-indexed assignment, not a
     Python loop per row (at batch 256 the loop costs milliseconds per step)."""
@@ -77,8 +77,9 @@ def _advance(batch: StepBatch, k: jax.Array, tokens: jax.Array, block_size: int)
 
 
 def decode_steps(step: StepFn, block_size: int, num_steps: int, params, cache: CacheState, batch: StepBatch,
-                 sp: SamplingParams) -> tuple[CacheState, SampleOutput]:
-    """Run ``num_steps`` decode steps; the outputs gain a leading [num_steps] axis."""
+                 sp: SamplingParams, rows: RowSlots) -> tuple[CacheState, SampleOutput]:
+    """Run ``num_steps`` decode steps; the outputs gain a leading [num_steps] axis. The first
+    step's input token of a row ``rows.from_device`` is the one last sampled for its slot."""
     b = batch.num_rows
     outs = SampleOutput(jnp.zeros((num_steps, b), jnp.int32), jnp.zeros((num_steps, b), jnp.float32),
                         jnp.zeros((num_steps, b, MAX_LOGPROBS), jnp.float32),
@@ -87,9 +88,10 @@ def decode_steps(step: StepFn, block_size: int, num_steps: int, params, cache: C
     def body(k, carry):
         cache, tokens, outs = carry
         cache, out = step(params, cache, _advance(batch, k, tokens, block_size),
-                          dataclasses.replace(sp, step=sp.step + k))
+                          dataclasses.replace(sp, step=sp.step + k), rows)
         outs = jax.tree.map(lambda buf, x: buf.at[k].set(x), outs, out)
         return cache, out.token, outs
 
-    cache, _, outs = jax.lax.fori_loop(0, num_steps, body, (cache, batch.token_ids[:, 0], outs))
+    first = jnp.where(rows.from_device, cache.last[rows.slot], batch.token_ids[:, 0])
+    cache, _, outs = jax.lax.fori_loop(0, num_steps, body, (cache, first, outs))
     return cache, outs

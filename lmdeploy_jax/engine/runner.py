@@ -1,9 +1,10 @@
 """The compiled steps: one executable per bucket shape, built at start-up, the KV pool donated.
 
 Prefill shapes run one step; decode shapes run ``decode_steps`` steps per call (``multistep.py``),
-their outputs carrying a leading [steps] axis. Each decode shape has two executables: one with
+their outputs carrying a leading [steps] axis. Every step also keeps its rows' sampled tokens in
+the pool (``CacheState.last``, by row slot), where a decode call queued behind it reads them. Each decode shape has two executables: one with
 the general sampler and a greedy-only one, taken when no row of the call samples or asks for
-logprobs (``sampler.needs_general``; the sampler says why this is chosen on the host). ``step`` is the pure function ``(params, cache, batch, sampling) -> (cache, sampled)``: it writes
+logprobs (``sampler.needs_general``; the sampler says why this is chosen on the host). ``step`` is the pure function ``(params, cache, batch, sampling, rows) -> (cache, sampled)``: it writes
 the batch's tokens and KV into the pool, runs the model, takes each row's last-position logits in
 float32 and samples on the device. Executables are compiled ahead of time (``lower().compile()``)
 for every shape in the bucket set, so serving calls them directly and can never compile; a shape
@@ -17,8 +18,8 @@ import contextlib
 import functools
 import logging
 import os
+import dataclasses
 import time
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..models import LoadedModel, StepBatch
 from .buckets import Buckets
-from .kv_pool import CacheState, allocate_cache_state
+from .kv_pool import CacheState, RowSlots, allocate_cache_state
 from . import multistep
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
@@ -71,15 +72,6 @@ def host_step_batch(rows: list[tuple[list[int], int, list[int]]], shape: tuple[i
     return batch
 
 
-@jax.jit
-def _feed_tokens(host_tokens: jax.Array, previous: jax.Array, source: jax.Array) -> jax.Array:
-    """A chained call's input tokens ``[B, 1]``: where ``source`` >= 0, the last token sampled for
-    that row of the call before it (``previous``: a decode call's ``[steps, B']`` or a prefill's
-    ``[B']``), else the host's token."""
-    last = previous.reshape(-1, previous.shape[-1])[-1]
-    return jnp.where(source[:, None] >= 0, last[jnp.maximum(source, 0)][:, None], host_tokens)
-
-
 def _abstract(tree):
     """Shapes, dtypes and, for device arrays, shardings (a tensor-parallel cache stays sharded)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
@@ -87,17 +79,18 @@ def _abstract(tree):
 
 
 def _step(model: LoadedModel, block_size: int, general: bool, params, cache: CacheState, batch: StepBatch,
-          sp: SamplingParams) -> tuple[CacheState, SampleOutput]:
+          sp: SamplingParams, rows: RowSlots) -> tuple[CacheState, SampleOutput]:
     tokens = cache.tokens.at[batch.slot_mapping.reshape(-1)].set(batch.token_ids.reshape(-1))
     hidden, kv = model.forward(params, cache.kv, batch)
-    rows = jnp.arange(batch.num_rows)
-    logits = model.compute_logits(params, hidden[rows, jnp.maximum(batch.query_lens - 1, 0)])
+    last_position = jnp.maximum(batch.query_lens - 1, 0)
+    logits = model.compute_logits(params, hidden[jnp.arange(batch.num_rows), last_position])
 
     def history():
         slots = (batch.block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(batch.num_rows, -1)
         return tokens[slots], jnp.arange(slots.shape[1])[None, :] < batch.context_lens[:, None]
 
-    return CacheState(kv, tokens), sample(logits.astype(jnp.float32), history, sp, general)
+    out = sample(logits.astype(jnp.float32), history, sp, general)
+    return CacheState(kv, tokens, cache.last.at[rows.slot].set(out.token)), out
 
 
 def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, targets: jax.Array,
@@ -107,17 +100,16 @@ def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, 
     logits = model.compute_logits(params, hidden).astype(jnp.float32)
     lp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
-    return CacheState(kv, cache.tokens), jnp.sum(jnp.where(valid, nll, 0.0))
+    return dataclasses.replace(cache, kv=kv), jnp.sum(jnp.where(valid, nll, 0.0))
 
 
-@dataclass
+@dataclasses.dataclass
 class PreparedCall:
-    """A call ready to launch: its executable and host arrays (``source``: for a chained call, the
-    row of the call before it that feeds each row, -1 where the host's token is in ``batch``)."""
+    """A call ready to launch: its executable and host arrays."""
     executable: jax.stages.Compiled
     batch: StepBatch
     sp: SamplingParams
-    source: np.ndarray | None
+    rows: RowSlots
 
 
 class ModelRunner:
@@ -130,6 +122,7 @@ class ModelRunner:
         enable_compilation_cache(compilation_cache_dir)
         self.model, self.cache_spec, self.buckets, self.block_size = model, cache_spec, buckets, block_size
         self.cache: CacheState | None = None
+        self.row_slots = cache_spec.last.shape[0] - 1     # running sequences at most; the last entry is padding's
         self.decode_steps = decode_steps
         def decode(general: bool):
             step = functools.partial(_step, model, block_size, general)
@@ -160,9 +153,8 @@ class ModelRunner:
             for key in shapes:
                 kind, shape = key
                 batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
-                sp = host_sampling_params([], shape[0])
-                lowered[key] = self._functions[kind].lower(self.model.params, self.cache_spec, _abstract(batch),
-                                                           _abstract(sp))
+                inputs = (batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0]))
+                lowered[key] = self._functions[kind].lower(self.model.params, self.cache_spec, *_abstract(inputs))
         traced = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             compiled = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
@@ -183,9 +175,17 @@ class ModelRunner:
         self.cache = allocate_cache_state(self.cache_spec)
         return True
 
+    def _row_slots(self, plan_rows: list, num_rows: int, from_device: list[bool] | None = None) -> RowSlots:
+        slots = np.full(num_rows, self.row_slots, np.int32)
+        slots[:len(plan_rows)] = [seq.slot for seq, _, _ in plan_rows]
+        device = np.zeros(num_rows, bool)
+        device[:len(plan_rows)] = from_device or False
+        return RowSlots(slots, device)
+
     def prepare(self, plan: StepPlan) -> PreparedCall:
         """The host arrays of a plan's call, read from the sequences' state: on the engine thread,
-        which alone changes that state."""
+        which alone changes that state. A chained decode plan (``plan.carry``) takes the input
+        token of each row the call before it feeds from that call's outputs on the device."""
         if plan.prefill:
             rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                     for seq, n, _ in plan.rows]
@@ -193,26 +193,21 @@ class ModelRunner:
         else:
             batch = multistep.host_decode_batch([seq for seq, _, _ in plan.rows], plan.shape[0],
                                                 self.buckets.max_blocks, self.block_size, plan.carry)
-        sampled = plan.carry.sampled if plan.carry is not None else [0] * len(plan.rows)
+        carry = plan.carry
+        sampled = carry.sampled if carry is not None else [0] * len(plan.rows)
         sp = host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated + k)
                                    for (seq, _, _), k in zip(plan.rows, sampled)], plan.shape[0])
-        source = None
-        if plan.carry is not None:
-            source = np.full(plan.shape[0], -1, np.int32)
-            source[:len(plan.rows)] = plan.carry.source
+        from_device = [src >= 0 for src in carry.source] if carry is not None else None
         kind = 'prefill' if plan.prefill else 'decode' if needs_general(sp) else 'greedy_decode'
-        return PreparedCall(self._executables[kind, plan.shape], batch, sp, source)
+        return PreparedCall(self._executables[kind, plan.shape], batch, sp,
+                            self._row_slots(plan.rows, plan.shape[0], from_device))
 
-    def launch(self, call: PreparedCall, previous: SampleOutput | None = None) -> SampleOutput:
+    def launch(self, call: PreparedCall) -> SampleOutput:
         """Dispatch a prepared call: one step (prefill) or ``decode_steps`` steps (decode); returns
-        the device outputs, already on their way to the host. A chained call (``call.source``)
-        takes ``previous``, the device outputs of the call still in flight before it: the tokens it
-        last sampled for the rows it carries are their inputs, never leaving the device. Touches
-        no scheduler state, so it may run on another thread while the engine thread takes results."""
-        batch = jax.device_put(call.batch)
-        if call.source is not None:
-            batch.token_ids = _feed_tokens(batch.token_ids, previous.token, call.source)
-        self.cache, out = call.executable(self.model.params, self.cache, batch, jax.device_put(call.sp))
+        the device outputs, already on their way to the host. Touches no scheduler state, so it
+        may run on another thread while the engine thread takes earlier results."""
+        batch, sp, rows = jax.device_put((call.batch, call.sp, call.rows))
+        self.cache, out = call.executable(self.model.params, self.cache, batch, sp, rows)
         if not call.sp.want_logprobs.any():          # only the tokens cross to the host
             out = SampleOutput(out.token, None, None, None)
         for leaf in jax.tree.leaves(out):

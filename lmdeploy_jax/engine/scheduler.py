@@ -66,6 +66,7 @@ class Scheduler:
         self.sessions: dict[int, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []                  # oldest admitted first
+        self._free_slots = list(range(max_batch_size))[::-1]   # row slots (Sequence.slot), lowest popped first
         self.idle: OrderedDict[int, Sequence] = OrderedDict()  # sessions keeping KV between requests, LRU first
         self.decode_steps = decode_steps
         self._prefill_streak = 0                           # prefill steps since the last decode call
@@ -135,7 +136,7 @@ class Scheduler:
                 logprobs: list | None = None, error: str | None = None) -> None:
         """End the sequence's request: free its slot (and its session when it ends), then report."""
         if seq in self.running:
-            self.running.remove(seq)
+            self._stop_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         on_output, request = seq.on_output, seq.request
@@ -170,8 +171,19 @@ class Scheduler:
             self._drop_kv(seq)
         return self.blocks.num_free() >= needed
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _start_running(self, seq: Sequence) -> None:
+        seq.slot = self._free_slots.pop()
+        self.running.append(seq)
+
+    def _stop_running(self, seq: Sequence) -> None:
+        """Out of the batch; its row slot is free for the next sequence admitted. (A call still
+        in flight may write its slot; device order puts the next owner's first write after it.)"""
         self.running.remove(seq)
+        self._free_slots.append(seq.slot)
+        seq.slot = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._stop_running(seq)
         self._drop_kv(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -214,7 +226,7 @@ class Scheduler:
                 if matched_now:     # a waiting sequence must not pin cached blocks the runners need
                     self._drop_kv(seq)
                 break
-            self.running.append(self.waiting.popleft())
+            self._start_running(self.waiting.popleft())
 
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or None when nothing can run."""

@@ -26,6 +26,7 @@ class Sequence:
     on_output: OutputCallback | None = None
     num_generated: int = 0
     seed: int = 0
+    slot: int | None = None                            # its row slot while running (kv_pool.CacheState.last)
 
     @property
     def pending(self) -> int:
