@@ -145,3 +145,25 @@ def test_a_prompt_joining_running_decodes_gets_its_tokens(engines, tiny, rng):  
     four.submit(EngineRequest(301, prompts[1], GenerationConfig(max_new_tokens=40)), second)
     assert first.wait().tokens == want[0] and second.wait().tokens == want[1]
     assert four.stats()['chained_calls'] > chained_before
+
+
+def test_more_requests_than_slots_get_their_tokens(engines, tiny, rng, monkeypatch):  # noqa: F811
+    """12 requests on 8 slots: the waiting prompts' prefill steps are chained behind running decode
+    calls as rows finish, decode calls behind them; every request gets the transformers tokens."""
+    _, four = engines
+    scheduler, kinds = four._scheduler, []
+    real_chain = scheduler.chain
+
+    def chain(plan):
+        chained = real_chain(plan)
+        kinds.append((plan.prefill, chained.prefill if chained is not None else None))
+        return chained
+    monkeypatch.setattr(scheduler, 'chain', chain)
+    prompts = [ids(rng, int(rng.integers(3, 40))) for _ in range(12)]
+    lengths = [int(rng.integers(2, 25)) for _ in prompts]
+    results = run_all(four, [EngineRequest(400 + i, p, GenerationConfig(max_new_tokens=n))
+                             for i, (p, n) in enumerate(zip(prompts, lengths))])
+    for p, n, r in zip(prompts, lengths, results):
+        assert (r.finish_reason, r.tokens) == ('length', hf_greedy(tiny[1], p, n))
+    assert four.num_free_blocks() == four.num_total_blocks()
+    assert (False, True) in kinds and (True, False) in kinds     # prefill behind decode, decode behind prefill

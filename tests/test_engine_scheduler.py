@@ -50,9 +50,13 @@ def check_slots(sched):
 
 
 def check_carry(plan, chained):
-    """A chained call runs every running row; those of the call in flight continue from it."""
+    """A chained prefill step feeds none of the rows in flight; a chained decode call's rows of
+    the call in flight continue from it."""
+    if chained.prefill:
+        assert chained.carry is None and not {id(r[0]) for r in chained.rows} & {id(r[0]) for r in plan.rows}
+        return
     carry = chained.carry
-    assert len(carry.source) == len(chained.rows) and not chained.prefill
+    assert len(carry.source) == len(chained.rows)
     for (seq, _, _), src, cached, sampled in zip(chained.rows, carry.source, carry.cached, carry.sampled):
         if src < 0:
             assert seq not in [r[0] for r in plan.rows] and (cached, sampled) == (0, 0) and seq.pending == 1
@@ -65,10 +69,11 @@ def check_carry(plan, chained):
 def run_to_end(sched, rng, max_steps=2000, chain=False, low=10, budget=32):
     """Step until idle with random tokens (none below ``low``: 10 keeps clear of stop ids below
     it); checks each plan's invariants. With ``chain``, as the engine does: a call's chained
-    successor is planned before the call's results are taken. Returns how many calls were chained
-    behind a prefill step and behind a decode call."""
+    successor is planned before the call's results are taken. Returns how many calls were chained,
+    by (kind of the call in flight, kind of the chained one): (True, False) is a decode call behind
+    a prefill step."""
     in_flight = None
-    chained = {True: 0, False: 0}
+    chained = {(a, b): 0 for a in (True, False) for b in (True, False)}
     for _ in range(max_steps):
         if in_flight is None:
             in_flight = sched.schedule()
@@ -78,7 +83,7 @@ def run_to_end(sched, rng, max_steps=2000, chain=False, low=10, budget=32):
         plan = in_flight
         in_flight = sched.chain(plan) if chain else None
         if in_flight is not None:
-            chained[plan.prefill] += 1
+            chained[plan.prefill, in_flight.prefill] += 1
             check_carry(plan, in_flight)
             check_plan(in_flight, budget)
         sched.complete(plan, random_output(rng, plan, low))
@@ -141,7 +146,7 @@ def test_chained_decode_calls_complete_everything_and_stops_drop_the_rest(rng, p
         sched.submit(EngineRequest(sid, prompt, GenerationConfig(max_new_tokens=new, stop_token_ids=stops)), c)
         reqs.append((c, stops, new))
     chained = run_to_end(sched, rng, chain=True, budget=128)
-    assert chained[True] > 0 and chained[False] > 0           # behind prefill steps and decode calls
+    assert chained[True, False] > 0 and chained[False, False] > 0   # decode behind prefill and behind decode
     for c, stops, new in reqs:
         if c.final.finish_reason == 'length':
             assert len(c.tokens) == new
@@ -149,6 +154,20 @@ def test_chained_decode_calls_complete_everything_and_stops_drop_the_rest(rng, p
             assert c.final.finish_reason == 'stop' and len(c.tokens) < new
         assert not set(c.tokens) & set(stops)
     assert sched.blocks.num_free() == 79 and not sched.sessions
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_prompts_waiting_for_slots_are_prefilled_behind_running_calls(rng, prefix):
+    """More requests than slots: as rows finish, the waiting prompts' prefill steps are chained
+    behind the calls in flight, and decode calls behind those; every request gets exactly its
+    tokens and every block and slot comes back."""
+    sched = make(num_blocks=80, decode_steps=4, prefix=prefix, session_len=128, max_batch=4, prefill=64)
+    reqs = [submit(sched, rng, sid, int(rng.integers(3, 30)), int(rng.integers(1, 30))) for sid in range(12)]
+    chained = run_to_end(sched, rng, chain=True, budget=64)
+    assert chained[False, True] > 0 and chained[True, False] > 0      # prefill behind decode, decode behind prefill
+    for c, _ in reqs:
+        assert c.final.finish_reason == 'length' and len(c.tokens) == c.new
+    assert sched.blocks.num_free() == 79 and not sched.sessions and len(sched._free_slots) == 4
 
 
 def test_chain_waits_for_prompts_lengths_and_blocks(rng):
@@ -159,7 +178,8 @@ def test_chain_waits_for_prompts_lengths_and_blocks(rng):
     plan = sched.schedule()
     assert not plan.prefill and sched.chain(plan) is not None
     submit(sched, rng, 2, 5, 12)
-    assert sched.chain(plan) is None                   # a prompt waits for a free slot: results first
+    chained = sched.chain(plan)                        # a prompt waits and a slot is free: its prefill
+    assert chained.prefill and [r[0].session_id for r in chained.rows] == [2]
     full = make(num_blocks=64, decode_steps=4, session_len=64, max_batch=1)
     submit(full, rng, 1, 5, 12)
     plan = full.schedule()

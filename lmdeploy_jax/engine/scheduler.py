@@ -295,11 +295,29 @@ class Scheduler:
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self.decode_steps)
 
     def chain(self, plan: StepPlan) -> StepPlan | None:
-        """The decode call to dispatch right behind ``plan`` (still in flight), each row fed by
-        ``plan``'s last sampled token for it on the device (``Carry``); or None when the host must
-        see ``plan``'s results first: a waiting prompt could take a free slot, a row still has
-        prompt to feed after ``plan``, or the blocks for the call's positions are not free.
-        (Prompts waiting for a slot while the batch is full do not stop it.)
+        """The call to dispatch right behind ``plan`` (still in flight), planned before its results
+        reach the host; or None when the host must see them first.
+
+        Prompts come first, as in ``schedule``: while a waiting prompt can take a free slot (or
+        an admitted one still has prompt to feed), the chained call is a prefill step for the
+        sequences outside ``plan`` (``plan``'s own rows change when its results are taken),
+        within ``PREFILL_STREAK``. Otherwise it is a decode call (``_chain_decode``)."""
+        if self.waiting and len(self.running) < self.max_batch_size:
+            self._admit()
+        in_plan = {id(seq) for seq, _, _ in plan.rows}
+        prompts = [s for s in self.running if s.pending > 1 and id(s) not in in_plan]
+        decoding = any(s.pending == 1 or id(s) in in_plan for s in self.running)
+        if prompts and (not decoding or self._prefill_streak < PREFILL_STREAK):
+            chained = self._plan_prefill(prompts)
+            if chained is not None:
+                self._prefill_streak += 1
+            return chained
+        return self._chain_decode(plan)
+
+    def _chain_decode(self, plan: StepPlan) -> StepPlan | None:
+        """The decode call behind ``plan``, each row fed by ``plan``'s last sampled token for it on
+        the device (``Carry``); or None: a running row still has prompt to feed after ``plan``,
+        or the blocks for the call's positions are not free.
 
         Behind a decode call the rows are its rows; behind a prefill step, the rows whose prompt
         it completes start decoding from the token it samples, and the others continue from
@@ -309,13 +327,13 @@ class Scheduler:
         chained call's work for them; their results are dropped, and their KV writes land in
         their own blocks past their end (``multistep.py``), which device order keeps ahead of any
         later owner's writes."""
-        if self.waiting and len(self.running) < self.max_batch_size:
-            return None
         in_flight = {id(seq): (i, fed, request) for i, (seq, fed, request) in enumerate(plan.rows)}
         steps, bs = self.decode_steps, self.block_size
         rows, carry = [], Carry([], [], [])
         for seq in self.running:
             i, fed, request = in_flight.get(id(seq), (-1, 0, seq.request))
+            if 0 <= i and not plan.prefill and fed < steps and self._reaches_limit(seq, fed):
+                continue                                   # it ends inside ``plan``
             if i < 0:
                 cached = sampled = 0                       # not in ``plan``: decoding already
                 ready = seq.pending == 1
@@ -345,6 +363,11 @@ class Scheduler:
                 seq.blocks += self.blocks.allocate(n)
         self._prefill_streak = 0
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), steps, carry)
+
+    def _reaches_limit(self, seq: Sequence, tokens: int) -> bool:
+        """Whether ``tokens`` more generated tokens take ``seq`` to its length limit."""
+        return (seq.num_generated + tokens >= seq.gen_config.max_new_tokens
+                or len(seq.tokens) + tokens >= self.session_len)
 
     # ---- results ----
 
