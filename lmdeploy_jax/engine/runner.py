@@ -113,7 +113,8 @@ class PreparedCall:
 
 
 class ModelRunner:
-    """Owns the params, the device KV pool and the compiled steps; runs on the engine thread."""
+    """Owns the params, the device KV pool and the compiled steps. Used from the engine thread;
+    ``launch`` (device work only) also from the engine's launcher thread, one call at a time."""
 
     def __init__(self, model: LoadedModel, cache_spec: CacheState, buckets: Buckets, block_size: int,
                  compilation_cache_dir: str | None = None, decode_steps: int = 1):
@@ -184,8 +185,9 @@ class ModelRunner:
 
     def prepare(self, plan: StepPlan) -> PreparedCall:
         """The host arrays of a plan's call, read from the sequences' state: on the engine thread,
-        which alone changes that state. A chained decode plan (``plan.carry``) takes the input
-        token of each row the call before it feeds from that call's outputs on the device."""
+        which alone changes that state. A chained decode plan (``plan.carry``) marks the rows
+        whose input token the call reads on the device (``CacheState.last``), where the call
+        before it leaves it."""
         if plan.prefill:
             rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                     for seq, n, _ in plan.rows]
