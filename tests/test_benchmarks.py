@@ -68,3 +68,26 @@ def test_bench_kernels_checks_and_times_every_op_in_interpret_mode():
     for r in records:
         assert 'failed' not in r, r
         assert r['time_us'] > 0 and (r['impl'] == 'reference' or r['rel_error'] < 1e-4)
+
+
+def test_trace_summary_counts_busy_time_and_attributes_idle_gaps():
+    """``device_gaps`` on a hand-made trace: overlapping kernels on two streams count once, a gap
+    of at least ``min_gap_us`` is attributed to the modules around it, shorter ones are summed."""
+    sys.path.insert(0, str(ROOT / 'benchmark'))
+    import trace_summary
+    from types import SimpleNamespace as NS
+
+    def kernel(start_ms, length_ms, module):
+        return NS(name='k', start_ns=int(start_ms * 1e6), duration_ns=int(length_ms * 1e6),
+                  stats=[('hlo_module', module)] if module else [])
+    stream_a = [kernel(0, 10, 'decode'), kernel(11, 4, 'decode'), kernel(40, 10, 'prefill')]
+    stream_b = [kernel(2, 6, 'decode'), kernel(100, 1, '')]            # inside the first kernel
+    data = NS(planes=[NS(name='/device:GPU:0', lines=[NS(name='Stream #1', events=stream_a),
+                                                      NS(name='Stream #2', events=stream_b)]),
+                      NS(name='/host:CPU', lines=[])])
+    gaps = trace_summary.device_gaps(data, min_gap_us=2000)
+    # busy [0, 10], [11, 15], [40, 50], [100, 101]: 25 ms of a 101 ms span
+    assert (gaps['span_ms'], gaps['busy_ms'], gaps['idle_ms']) == (101.0, 25.0, 76.0)
+    assert gaps['gaps'] == {'prefill -> ': [1, 50.0], 'decode -> prefill': [1, 25.0]}
+    assert gaps['small_gaps_ms'] == 1.0                     # [10, 11]: under min_gap_us
+    assert trace_summary.device_gaps(NS(planes=[])) == {}
