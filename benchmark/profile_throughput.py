@@ -97,8 +97,9 @@ def main() -> None:
                   total_tok_per_s=round((n_in + n_out) / seconds, 1),
                   ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
                   startup_s=round(startup, 1), traced=args.trace,
-                  engine_counters={k: round(after[k] - before[k], 3) for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s',
-                                                                     'result_wait_s', 'complete_s')
+                  engine_counters={k: round(after[k] - before[k], 3)
+                                   for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s', 'result_wait_s',
+                                             'complete_s')
                                    if k in after})
     print(f"{record['req_per_s']} req/s, {record['output_tok_per_s']} output tok/s, "
           f"TTFT p50 {record['ttft_ms']['p50']} ms, TPOT p50 {record['tpot_ms']['p50']} ms, start-up {startup:.1f} s")

@@ -187,7 +187,8 @@ def test_decode_step_matches_dense(group):
     step = DecodeStep(rng, lens, 16, group)
     out, k_out, v_out = map(np.asarray, jax.jit(decode_step_attention, static_argnums=9)(*step.args()))
     parts = step.qkv.reshape(len(lens), -1, HEAD_DIM).astype(np.float64)
-    q, k_new, v_new = parts[:, :step.heads], parts[:, step.heads:step.heads + KV_HEADS], parts[:, step.heads + KV_HEADS:]
+    q, k_new = parts[:, :step.heads], parts[:, step.heads:step.heads + KV_HEADS]
+    v_new = parts[:, step.heads + KV_HEADS:]
     for b, n in enumerate(lens):
         angles = np.concatenate([step.inv_freq, step.inv_freq]) * max(n - 1, 0)
         k = np.concatenate([step.seqs.k[b][:n - 1], rope_numpy(k_new[b], angles)[None]]) if n else None
@@ -240,7 +241,8 @@ def test_api_rejects_mismatched_inputs():
         paged_decode_attention(q, pages, pages, tables, lens, 1.0, 2)
     with pytest.raises(ValueError, match='same shape'):
         write_kv(pages, pages[:, :2], jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.int32))
-    qkv, rope_table, slots = jnp.ones((3, 10 * 32), jnp.float32), jnp.ones((3, 32), jnp.float32), jnp.zeros((3,), jnp.int32)
+    qkv, rope_table = jnp.ones((3, 10 * 32), jnp.float32), jnp.ones((3, 32), jnp.float32)
+    slots = jnp.zeros((3,), jnp.int32)
     with pytest.raises(ValueError, match='qkv width'):
         decode_step_attention(qkv[:, :-32], rope_table, rope_table, pages, pages, None, slots, tables, lens, 1.0)
     with pytest.raises(ValueError, match='cos must be float32'):

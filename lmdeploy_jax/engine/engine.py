@@ -3,10 +3,10 @@
 Other threads only put commands on a queue. The engine thread takes them between steps, asks the
 scheduler for a plan and dispatches the compiled step. While the device runs it, the thread
 prepares the call the scheduler chains behind it (if any, ``Scheduler.chain``: a prefill step for
-waiting prompts or a decode call) and hands it to the launcher thread, takes the commands that arrived, then waits for the first call's
-sampled tokens (already on their way to the host) and hands them to the scheduler, which reports
-them through the request callbacks. The chained call, still in flight, is the next one whose
-results it takes.
+waiting prompts or a decode call) and hands it to the launcher thread, takes the commands that
+arrived, then waits for the first call's sampled tokens (already on their way to the host) and
+hands them to the scheduler, which reports them through the request callbacks. The chained call,
+still in flight, is the next one whose results it takes.
 
 Why a launcher thread: launching a compiled call keeps the calling thread busy until XLA has
 queued all of its work (on an H100, ~4 ms of host time per decode step of Llama-3-8B: its loops
@@ -143,7 +143,7 @@ class JaxEngine(ThreadedEngine):
                 in_flight = None
 
     def _advance(self, plan: StepPlan, out) -> tuple | None:
-        """While ``plan`` runs: launch the decode call chained behind it if the scheduler allows
+        """While ``plan`` runs: launch the call chained behind it if the scheduler plans one
         (queued before ``plan``'s results reach the host), take the commands that arrived, then
         take ``plan``'s results. Returns the chained call, now in flight."""
         self._take_commands(block=False)

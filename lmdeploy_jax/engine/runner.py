@@ -1,24 +1,25 @@
 """The compiled steps: one executable per bucket shape, built at start-up, the KV pool donated.
 
 Prefill shapes run one step; decode shapes run ``decode_steps`` steps per call (``multistep.py``),
-their outputs carrying a leading [steps] axis. Every step also keeps its rows' sampled tokens in
-the pool (``CacheState.last``, by row slot), where a decode call queued behind it reads them. Each decode shape has two executables: one with
-the general sampler and a greedy-only one, taken when no row of the call samples or asks for
-logprobs (``sampler.needs_general``; the sampler says why this is chosen on the host). ``step`` is the pure function ``(params, cache, batch, sampling, rows) -> (cache, sampled)``: it writes
-the batch's tokens and KV into the pool, runs the model, takes each row's last-position logits in
-float32 and samples on the device. Executables are compiled ahead of time (``lower().compile()``)
-for every shape in the bucket set, so serving calls them directly and can never compile; a shape
-outside the set is a bug and raises. ``get_ppl`` has its own function, compiled on first use per
-chunk shape: it is not on the serving path.
+their outputs carrying a leading [steps] axis. Each decode shape has two executables: one with the
+general sampler and a greedy-only one, taken when no row of the call samples or asks for logprobs
+(``sampler.needs_general``; the sampler says why this is chosen on the host). ``step`` is the pure
+function ``(params, cache, batch, sampling, rows) -> (cache, sampled)``: it writes the batch's
+tokens and KV into the pool, runs the model, takes each row's last-position logits in float32,
+samples on the device, and keeps each row's sampled token in the pool (``CacheState.last``, by row
+slot), where a decode call queued behind it reads its inputs. Executables are compiled ahead of
+time (``lower().compile()``) for every shape in the bucket set, so serving calls them directly and
+can never compile; a shape outside the set is a bug and raises. ``get_ppl`` has its own function,
+compiled on first use per chunk shape: it is not on the serving path.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
-import dataclasses
 import time
 
 import jax
@@ -125,9 +126,11 @@ class ModelRunner:
         self.cache: CacheState | None = None
         self.row_slots = cache_spec.last.shape[0] - 1     # running sequences at most; the last entry is padding's
         self.decode_steps = decode_steps
+
         def decode(general: bool):
             step = functools.partial(_step, model, block_size, general)
-            return jax.jit(functools.partial(multistep.decode_steps, step, block_size, decode_steps), donate_argnums=(1,))
+            return jax.jit(functools.partial(multistep.decode_steps, step, block_size, decode_steps),
+                           donate_argnums=(1,))
 
         # by kind: prefill and decode run the general sampler, greedy_decode the greedy-only one
         self._functions = {'prefill': jax.jit(functools.partial(_step, model, block_size, True), donate_argnums=(1,)),

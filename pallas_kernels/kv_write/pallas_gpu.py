@@ -8,9 +8,10 @@ head_dim elements (K and V read from ``k_new``/``v_new``, written to the pools),
 
 Layout: the pools are viewed as token rows ``[layers * kv_heads, num_blocks * block_size,
 head_dim]`` (``pool_rows``, a free reshape), so slot ``s`` of (layer, KV head ``h``) is row ``s`` of
-pool row ``layer * kv_heads + h``, computed in the kernel (``layer_head``). One program owns ``block_tokens`` tokens of one KV head: it loads their slots
-and their ``[block_tokens, head_dim]`` K and V rows (contiguous ``head_dim`` rows: 16-byte,
-coalesced) and stores each row at its slot, K and V in the same program (one launch per layer).
+pool row ``layer * kv_heads + h``, computed in the kernel (``layer_head``). One program owns
+``block_tokens`` tokens of one KV head: it loads their slots and their ``[block_tokens, head_dim]``
+K and V rows (contiguous ``head_dim`` rows: 16-byte, coalesced) and stores each row at its slot, K
+and V in the same program (one launch per layer).
 Padding tokens sharing a slot in block 0 race; which row (or mix of rows) lands there is
 unspecified, and no sequence reads block 0.
 
