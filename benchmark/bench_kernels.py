@@ -9,6 +9,14 @@
     python benchmark/bench_kernels.py --ops kv_write --tokens 1 256 8192   # the paged KV write
     python benchmark/bench_kernels.py --ops decode_step --batches 1 8     # rope + KV write + decode
     python benchmark/bench_kernels.py --ops rms_norm --tokens 1 256 8192   # RMSNorm of 4096-wide rows
+    PYTHONPATH=/tmp/jt-site python benchmark/bench_kernels.py --batches 1 64 --contexts 2048 \
+        --impls reference pallas mosaic jax_triton     # decode alternatives (jax_triton: see below)
+
+Decode alternatives (``--ops decode`` only): ``mosaic`` is the Pallas Mosaic GPU kernel
+(``paged_attention/mosaic_gpu.py``), ``jax_triton`` a plain Triton kernel through jax_triton
+(``paged_attention/triton_jax.py``; install it first: ``pip install --no-deps --target /tmp/jt-site
+.whl/jax_triton-0.3.1-py3-none-any.whl``), ``jax_ops`` JAX's own Pallas paged attention. With
+``--sweep`` each kernel's own launch knobs are swept.
 
 Each case first runs every implementation once on the same inputs and compares its first rows
 with the reference (relative L2 error). Then it times ``--calls`` back-to-back calls inside one
@@ -55,17 +63,21 @@ from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu  # noqa:
 from pallas_kernels.decode_step_attention.api import decode_step_attention  # noqa: E402
 from pallas_kernels.kv_write import pallas_gpu as write_gpu  # noqa: E402
 from pallas_kernels.kv_write.api import write_kv  # noqa: E402
+from pallas_kernels.paged_attention import mosaic_gpu as decode_mosaic  # noqa: E402
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
+from pallas_kernels.paged_attention import triton_jax as decode_triton  # noqa: E402
 from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu  # noqa: E402
 from pallas_kernels.prefill_attention.api import paged_prefill_attention  # noqa: E402
 from pallas_kernels.rms_norm import pallas_gpu as norm_gpu  # noqa: E402
 from pallas_kernels.rms_norm.api import rms_norm  # noqa: E402
 
-IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops')   # jax_ops: decode only
+IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops', 'mosaic', 'jax_triton')   # the last three: decode only
 CHECK_ROWS = 8
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
 DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[3, 5, 7])
+MOSAIC_SWEEP = dict(stages=[2, 3, 4])
+TRITON_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 5])
 PREFILL_SWEEP = dict(block_rows=[64, 128], tile_tokens=[32, 64], num_warps=[4, 8],
                      num_stages=[3, 4])
 WRITE_SWEEP = {'block_tokens': [8, 32, 128], 'num_warps': [2, 4, 8]}
@@ -120,13 +132,28 @@ def configs(args, config_class, sweep):
 
 
 def decode_impls(args):
-    """fn(q, k, v, tables, lens) of every implementation asked for (``jax_ops``: JAX's own kernel)."""
+    """fn(q, k, v, tables, lens) of every implementation asked for (``jax_ops``: JAX's own kernel;
+    ``mosaic`` and ``jax_triton``: the alternatives in ``paged_attention``, for each of their
+    launch configs)."""
     scale = args.head_dim ** -0.5
     impls = op_impls(args, functools.partial(paged_decode_attention, scale=scale, impl='reference'),
                      functools.partial(_pallas_decode, scale=scale), decode_gpu.DecodeConfig, DECODE_SWEEP)
     if 'jax_ops' in args.impls:
         impls['jax_ops'] = [(None, _jax_ops_decode(scale))]
+    if 'mosaic' in args.impls:
+        impls['mosaic'] = [(cfg, functools.partial(_stacked_decode, decode_mosaic.paged_decode_attention_mosaic,
+                                                   scale=scale, config=cfg))
+                           for cfg in configs(args, decode_mosaic.MosaicConfig, MOSAIC_SWEEP)]
+    if 'jax_triton' in args.impls:
+        impls['jax_triton'] = [(cfg, functools.partial(_stacked_decode, decode_triton.paged_decode_attention_triton,
+                                                       scale=scale, config=cfg))
+                               for cfg in configs(args, decode_triton.TritonConfig, TRITON_SWEEP)]
     return impls
+
+
+def _stacked_decode(kernel, q, k, v, tables, lens, *, scale, config):
+    """A decode kernel of ``paged_attention`` on one layer's pools, as a stack of one."""
+    return kernel(q, k[None], v[None], jnp.int32(0), tables, lens, scale, config=config)
 
 
 def _pallas_decode(q, k, v, tables, lens, *, scale, config, interpret):
@@ -489,7 +516,8 @@ def print_table(results):
             continue
         cfg = r.get('config') or {}
         cfg = ','.join(f'{k}={v}' for k, v in cfg.items()
-                       if k in DECODE_SWEEP or k in PREFILL_SWEEP or k in WRITE_SWEEP or k in NORM_SWEEP)
+                       if any(k in sweep for sweep in (DECODE_SWEEP, MOSAIC_SWEEP, TRITON_SWEEP, PREFILL_SWEEP,
+                                                       WRITE_SWEEP, NORM_SWEEP)))
         if 'failed' in r:
             print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7}  FAILED "
                   f"{r['failed'][:80]}")

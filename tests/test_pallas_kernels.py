@@ -32,7 +32,9 @@ from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write import pallas_gpu as write_gpu
 from pallas_kernels.kv_write.api import write_kv
+from pallas_kernels.paged_attention import mosaic_gpu as decode_mosaic
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu
+from pallas_kernels.paged_attention import triton_jax as decode_triton
 from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
@@ -50,12 +52,12 @@ class Pools:
     is the same with NaN in every slot outside the rows' cached positions: their contexts, or
     only the first ``cached_lens`` positions of them (a decode step's token is not cached yet)."""
 
-    def __init__(self, rng, context_lens, block_size, dtype, spare_blocks=3, cached_lens=None):
+    def __init__(self, rng, context_lens, block_size, dtype, spare_blocks=3, cached_lens=None, head_dim=HEAD_DIM):
         self.context_lens = np.asarray(context_lens, np.int32)
         self.block_size = block_size
         max_blocks = max(1, -(-int(self.context_lens.max()) // block_size))
         num_blocks = 1 + len(context_lens) * max_blocks + spare_blocks
-        shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM)
+        shape = (KV_HEADS, num_blocks, block_size, head_dim)
         k, v = (rng.standard_normal(shape, np.float32) for _ in range(2))
         self.block_tables = rng.permutation(np.arange(1, num_blocks))[
             :len(context_lens) * max_blocks].reshape(len(context_lens), max_blocks).astype(np.int32)
@@ -444,6 +446,90 @@ def test_decode_ops_lower_to_their_kernels_alone():
     text = lower(lambda q, k, v, t, n, layer: paged_decode_attention(q, k, v, t, n, SCALE, layer, impl='pallas'),
                  q, pools, pools, *step[7:], step[5])
     assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
+
+
+# ---- decode alternatives: Mosaic GPU (interpreter + CUDA lowering) and Triton (sm_90 compile) ----------------
+
+def mosaic_interpreter():
+    """JAX's Mosaic GPU interpreter (private; 0.10) with its race detector, or a skip."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:
+        pytest.skip(f'no Mosaic GPU interpreter in this JAX: {e}')
+    return InterpretGPUParams(detect_races=True), interpret_pallas_call
+
+
+@pytest.mark.parametrize('block_size,group,num_splits,dtype', [
+    (16, 4, None, jnp.bfloat16), (32, 3, 3, jnp.float16), (64, 4, 1, jnp.bfloat16), (128, 8, 2, jnp.bfloat16)])
+def test_mosaic_decode_matches_reference(rng, block_size, group, num_splits, dtype):
+    """The Mosaic GPU kernel in JAX's Mosaic GPU interpreter (TMA copies, barriers and shared memory
+    simulated, races detected; the two wgmmas there are jnp.dots of the same tiles): layer 1 of a
+    poisoned stack; rows of length 0, mid-page, whole pages, 40 positions of 16-position pages (a
+    64-row step past the table's end); splits with no steps."""
+    params, interpreter = mosaic_interpreter()
+    lens = [1, 0, block_size + 3, 2 * block_size, 40 if block_size == 16 else 5 * block_size - 7]
+    pools = Pools(rng, lens, block_size, dtype, head_dim=128)
+    q = jnp.asarray(rng.standard_normal((len(lens), KV_HEADS * group, 128)), dtype)
+    ref = paged_decode_attention(q, *pools.clean, *pools.tables(), SCALE, impl='reference')
+    config = decode_mosaic.MosaicConfig(num_splits=num_splits, stages=2)
+    assert decode_mosaic.supports(q, pools.stacked(1, 2)[0])
+    out = decode_mosaic.paged_decode_attention_mosaic(q, *pools.stacked(1, 2), jnp.int32(1), *pools.tables(), SCALE,
+                                                      config=config, interpret=params)
+    assert not interpreter.get_races().races_found
+    assert out.dtype == dtype
+    assert_matches(out, ref, dtype, np.asarray(lens) == 0)
+
+
+def lower_for_cuda(fn, *args):
+    try:
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+    except Exception as e:      # noqa: BLE001 - a jaxlib that cannot lower for CUDA here
+        if 'cuda' in str(e).lower() and 'platform' in str(e).lower():
+            pytest.skip(f'cannot lower for CUDA on this machine: {type(e).__name__}: {e}')
+        raise
+
+
+@pytest.mark.parametrize('batch,block_size,num_splits,launches', [(64, 64, None, 1), (1, 64, None, 2), (3, 16, 1, 1),
+                                                                  (2, 128, 4, 2)])
+def test_mosaic_decode_lowers_for_cuda(batch, block_size, num_splits, launches):
+    """Lowered for CUDA without a GPU, Mosaic GPU checks what the interpreter does not: wgmma operand
+    shapes and layouts, tiling of every copy, the shared-memory budget. Llama3-8b heads, bf16;
+    batch 1 splits the sequence (the kernel, then ``combine_splits``), batch 64 does not."""
+    shape = jax.ShapeDtypeStruct
+    pools = shape((2, 8, 4 * batch * 2048 // block_size, block_size, 128), jnp.bfloat16)
+    args = (shape((batch, 32, 128), jnp.bfloat16), pools, pools, shape((), jnp.int32),
+            shape((batch, 2048 // block_size), jnp.int32), shape((batch,), jnp.int32))
+    config = decode_mosaic.MosaicConfig(num_splits=num_splits)
+    text = lower_for_cuda(functools.partial(decode_mosaic.paged_decode_attention_mosaic, scale=SCALE, config=config),
+                          *args)
+    assert text.count('@mosaic_gpu') == 1
+    assert text.count('stablehlo.custom_call') == launches
+
+
+@pytest.mark.parametrize('dtype,block_size,group,num_splits,tile_tokens', [
+    (jnp.bfloat16, 64, 4, 1, 64), (jnp.bfloat16, 64, 4, 8, 64), (jnp.bfloat16, 16, 3, 1, 64),
+    (jnp.float32, 128, 1, 2, 64), (jnp.float16, 32, 8, 1, 128)])
+def test_triton_decode_compiles_for_sm90(dtype, block_size, group, num_splits, tile_tokens):
+    """The jax_triton kernel through Triton's whole pipeline to an sm_90 cubin, without a GPU (triton
+    is optional: skipped where it is not installed; jax_triton itself needs a CUDA jaxlib)."""
+    triton = pytest.importorskip('triton')
+    from triton.backends.compiler import GPUTarget
+    q = jax.ShapeDtypeStruct((4, 8 * group, 128), dtype)
+    pools = jax.ShapeDtypeStruct((2, 8, 100, block_size, 128), dtype)
+    tables = jax.ShapeDtypeStruct((4, 2048 // block_size), jnp.int32)
+    config = decode_triton.TritonConfig(tile_tokens=tile_tokens, num_splits=num_splits)
+    consts = decode_triton.kernel_constants(q, pools, tables, SCALE, config)
+    types = {jnp.bfloat16: 'bf16', jnp.float16: 'fp16', jnp.float32: 'fp32'}
+    out = types[dtype] if num_splits == 1 else 'fp32'
+    signature = dict(layer_ptr='*i32', lens_ptr='*i32', tables_ptr='*i32', q_ptr=f'*{types[dtype]}',
+                     k_ptr=f'*{types[dtype]}', v_ptr=f'*{types[dtype]}', o_ptr=f'*{out}', m_ptr='*fp32', l_ptr='*fp32',
+                     **dict.fromkeys(consts, 'constexpr'))
+    source = triton.compiler.ASTSource(decode_triton.triton_kernel(), signature, constexprs=consts)
+    compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    assert consts['NUM_SPLITS'] == num_splits
+    assert compiled.asm['cubin'] and '.target sm_90' in compiled.asm['ptx']
 
 
 def test_choose_num_splits_fills_the_device():
