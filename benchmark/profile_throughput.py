@@ -61,9 +61,10 @@ def main() -> None:
                         help='lengths drawn uniformly from [ratio * len, len]; 1.0 = fixed lengths')
     parser.add_argument('--dataset', default=None, help='a ShareGPT-format JSON file instead of random prompts')
     parser.add_argument('--warmup', type=int, default=8, help='requests run before timing')
-    parser.add_argument('--trace', action='store_true',
+    parser.add_argument('--trace', nargs='?', const='', default=None, metavar='DIR',
                         help='run the timed requests under jax.profiler and print the device idle gaps and '
-                             'the host threads (trace_summary.py); the figures then include the tracing cost')
+                             'the host threads (trace_summary.py); the figures then include the tracing cost. '
+                             'With DIR the trace is kept there (trace_summary.py DIR reads it again)')
     args = parser.parse_args()
 
     pipe, startup = build_pipeline(args)
@@ -79,10 +80,11 @@ def main() -> None:
     if args.warmup:
         run_requests(pipe, requests[:args.warmup], progress=False, session_base=10_000_000)
     before = _engine_stats(pipe)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with _traced(trace_dir) if args.trace else contextlib.nullcontext():
+    traced = args.trace is not None
+    with contextlib.nullcontext(args.trace) if args.trace else tempfile.TemporaryDirectory() as trace_dir:
+        with _traced(trace_dir) if traced else contextlib.nullcontext():
             timings, seconds = run_requests(pipe, requests)
-        if args.trace:
+        if traced:
             import trace_summary
             trace_summary.print_gaps_and_threads(trace_summary.load(trace_dir))
     after = _engine_stats(pipe)
@@ -96,7 +98,7 @@ def main() -> None:
                   input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
                   total_tok_per_s=round((n_in + n_out) / seconds, 1),
                   ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
-                  startup_s=round(startup, 1), traced=args.trace,
+                  startup_s=round(startup, 1), traced=traced,
                   engine_counters={k: round(after[k] - before[k], 3)
                                    for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s', 'result_wait_s',
                                              'complete_s')

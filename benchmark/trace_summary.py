@@ -130,3 +130,24 @@ def print_gaps_and_threads(data, top: int = 12) -> None:
         print(f'-- host thread {thread}')
         for event, n, ms in events:
             print(f'   {ms:10.1f} ms {n:7d}x  {event}')
+
+
+def main() -> None:
+    import argparse
+    parser = argparse.ArgumentParser(description='Summarise a kept jax.profiler trace (profile_throughput.py '
+                                                 '--trace DIR): device idle gaps, host threads, kernels.')
+    parser.add_argument('trace_dir')
+    parser.add_argument('--top', type=int, default=12, help='entries per host thread and per kernel group')
+    parser.add_argument('--kernels', action='store_true', help='also the kernels with the most device time')
+    args = parser.parse_args()
+    data = load(args.trace_dir)
+    print_gaps_and_threads(data, args.top)
+    if args.kernels:
+        for group, entry in kernel_totals(data, args.top).items():
+            print(f"-- {group}: busy {entry['busy_us'] / 1e3:.1f} ms")
+            for name, n, us in entry['top']:
+                print(f'   {us / 1e3:10.1f} ms {n:7d}x  {name}')
+
+
+if __name__ == '__main__':
+    main()
