@@ -12,6 +12,8 @@ Three views of one trace directory, used by ``profile_kernels.py`` and ``profile
   execute, thunk and wait events show where a thread blocks).
 
 GPU only in practice: on a CPU the trace has no device plane (the functions then return nothing).
+As a command, it reads a trace kept by ``profile_throughput.py --trace DIR`` (e.g. one copied back
+from the GPU machine): ``python benchmark/trace_summary.py DIR --top 40 --kernels``.
 """
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL_ENGINE = ['--max-batch-size', '4', '--session-len', '256', '--max-prefill-token-num', '64']
 
 
-def run_benchmark(*args: str, timeout: int = 600) -> str:
-    """What a benchmark script prints, run as a user runs it; it must succeed."""
+def run_benchmark(*args: str, timeout: int = 600, env: dict[str, str] | None = None) -> str:
+    """What a benchmark script prints, run as a user runs it (``env``: added variables); it must succeed."""
     out = subprocess.run([sys.executable, *args], cwd=ROOT / 'benchmark', capture_output=True, text=True,
-                         timeout=timeout, check=False, env={**os.environ, 'PYTHONPATH': str(ROOT)})
+                         timeout=timeout, check=False, env={**os.environ, 'PYTHONPATH': str(ROOT), **(env or {})})
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -40,12 +40,29 @@ def test_profile_throughput_reports_rates_latencies_and_engine_counters():
     assert counters['result_wait_s'] > 0
 
 
-def test_profile_throughput_trace_names_the_host_threads_busiest_events():
-    """On a CPU the trace has no device plane, so only the host part of the summary prints."""
+def test_profile_throughput_trace_names_the_host_threads_busiest_events(tmp_path):
+    """On a CPU the trace has no device plane, so only the host part of the summary prints; a
+    kept trace (``--trace DIR``) reads the same through ``trace_summary.py DIR``."""
     out = run_benchmark('profile_throughput.py', '--num-prompts', '2', '--input-len', '12', '--output-len', '4',
-                        '--warmup', '0', '--trace', *SMALL_ENGINE)
+                        '--warmup', '0', '--trace', str(tmp_path), *SMALL_ENGINE)
     assert '-- host thread' in out and 'ThunkExecutor::Execute' in out
     assert json.loads(out[out.index('RESULT ') + 7:].splitlines()[0])['traced'] is True
+    summary = run_benchmark('trace_summary.py', str(tmp_path), '--top', '40')
+    assert '-- host thread' in summary and 'ThunkExecutor::Execute' in summary
+
+
+def test_bench_allreduce_sums_across_devices_under_each_variant():
+    """Two simulated CPU devices: every variant's all-reduces give the mean over devices plus the
+    step count (the GPU-only XLA options are ignored here), and the timing fields are filled."""
+    out = run_benchmark('bench_allreduce.py', '--tp', '2', '--sizes', '64', '8192', '--reps', '4', '--iters', '1',
+                        '--variants', 'default', 'nccl_sync_graph',
+                        env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+    records = [json.loads(line) for line in out.splitlines() if line.startswith('{')]
+    assert [(r['size'], r['variant']) for r in records] == [(64, 'default'), (64, 'nccl_sync_graph'),
+                                                            (8192, 'default'), (8192, 'nccl_sync_graph')]
+    for r in records:
+        assert 'failed' not in r, r
+        assert r['rel_error'] < 0.02 and r['call_us'] > 0 and r['loop_only_us'] > 0
 
 
 def test_profile_generation_reports_each_batch_and_length():
