@@ -16,7 +16,9 @@ Decode alternatives (``--ops decode`` only): ``mosaic`` is the Pallas Mosaic GPU
 (``paged_attention/mosaic_gpu.py``), ``jax_triton`` a plain Triton kernel through jax_triton
 (``paged_attention/triton_jax.py``; install it first: ``pip install --no-deps --target /tmp/jt-site
 .whl/jax_triton-0.3.1-py3-none-any.whl``), ``jax_ops`` JAX's own Pallas paged attention. With
-``--sweep`` each kernel's own launch knobs are swept.
+``--sweep`` each kernel's own launch knobs are swept; the Pallas decode and decode-step grids
+include ``page_tiles`` (one page number per tile, as the jax_triton kernel reads pages; a no-op
+where the tile is longer than a page, e.g. tile_tokens 128 with --block-size 64).
 
 Each case first runs every implementation once on the same inputs and compares its first rows
 with the reference (relative L2 error). Then it times ``--calls`` back-to-back calls inside one
@@ -75,7 +77,8 @@ from pallas_kernels.rms_norm.api import rms_norm  # noqa: E402
 IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops', 'mosaic', 'jax_triton')   # the last three: decode only
 CHECK_ROWS = 8
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
-DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[3, 5, 7])
+DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[3, 5, 7],
+                    page_tiles=[False, True])     # also the decode step's
 MOSAIC_SWEEP = dict(stages=[2, 3, 4])
 TRITON_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3, 5])
 PREFILL_SWEEP = dict(block_rows=[64, 128], tile_tokens=[32, 64], num_warps=[4, 8],

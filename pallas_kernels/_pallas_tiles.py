@@ -58,12 +58,21 @@ def layer_head(layer_ref, kv_heads: int, h):
     return layer_ref[0] * kv_heads + h
 
 
-def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size):
+def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size, start=None):
     """K and V rows ``[len(pos), head_dim]`` of row ``b``, KV head ``h`` at positions ``pos``
-    (non-negative); rows where ``valid`` is False are zeros and are not read."""
+    (non-negative); rows where ``valid`` is False are zeros and are not read. Each position's page
+    number is gathered from the table, unless the caller passes ``start``: then ``pos`` must be
+    ``start + arange(len(pos))`` inside one page (``start`` a position the table covers: that
+    load is unmasked), and the tile reads one page number, as a scalar, and its rows as one
+    contiguous run, so no vector gather sits before the K/V loads (the jax_triton kernel's
+    addressing)."""
     # pos >= 0, so C division (lax.div/rem) is floor division without the sign fix-ups.
-    page = plgpu.load(tables_ref.at[b, lax.div(pos, block_size)], mask=valid, other=0)
-    rows = (page * block_size + lax.rem(pos, block_size))[:, None]
+    if start is None:
+        page = plgpu.load(tables_ref.at[b, lax.div(pos, block_size)], mask=valid, other=0)
+        rows = (page * block_size + lax.rem(pos, block_size))[:, None]
+    else:
+        page = tables_ref[b, lax.div(start, block_size)]
+        rows = (page * block_size + lax.rem(start, block_size) + jnp.arange(pos.shape[0]))[:, None]
     cols = jnp.arange(k_ref.shape[-1])[None, :]
     k = plgpu.load(k_ref.at[h, rows, cols], mask=valid[:, None], other=0)
     v = plgpu.load(v_ref.at[h, rows, cols], mask=valid[:, None], other=0)
@@ -113,13 +122,19 @@ def split_tiles(s, positions, tile: int, num_splits: int):
 
 
 def attend_pages(state, q, tables_ref, k_ref, v_ref, b, pool_head, tiles, end, block_size, tile,
-                 scale_log2):
+                 scale_log2, page_tiles=False):
     """Fold tiles ``tiles = (first, last)`` of row ``b``'s cached positions below ``end`` (pool row
-    ``pool_head``) into the online-softmax state of the queries ``q``."""
+    ``pool_head``) into the online-softmax state of the queries ``q``. ``page_tiles``: address
+    each tile by its one page (``load_kv_tile``'s ``start``) where every tile lies inside a page
+    (``block_size`` a multiple of ``tile``); else, or when off, per position."""
+    one_page = page_tiles and block_size % tile == 0
+
     def body(t, state):
-        pos = t * tile + jnp.arange(tile)
+        start = t * tile
+        pos = start + jnp.arange(tile)
         valid = pos < end
-        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size)
+        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size,
+                            start if one_page else None)
         return softmax_step(state, q, k, v, valid[None, :], scale_log2)
 
     return lax.fori_loop(*tiles, body, state)

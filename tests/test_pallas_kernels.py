@@ -141,6 +141,23 @@ def test_decode_split_over_the_sequence(num_splits, tile_tokens):
     assert_matches(out, ref, jnp.float32, np.asarray(lens) == 0)
 
 
+# (block_size, tile_tokens, dtype, num_splits): tiles of a quarter page (f32 halves tile_tokens), of a
+# whole page, and over two pages (page_tiles falls back to per-position addressing).
+PAGE_TILE_CASES = [(64, 32, jnp.float32, 3), (32, 32, jnp.bfloat16, 2), (16, 64, jnp.float32, 4)]
+
+
+@pytest.mark.parametrize('block_size,tile_tokens,dtype,num_splits', PAGE_TILE_CASES)
+def test_decode_page_tiles(block_size, tile_tokens, dtype, num_splits):
+    """``page_tiles`` (one page number per tile): rows ending mid-tile, mid-page and at the
+    table's end, an empty row, splits with no tiles; layer 1 of a poisoned stack."""
+    lens = [3 * block_size, 1, block_size + 3, 0, 2 * block_size - 5]
+    pools, q, ref = decode_case(block_size + num_splits, block_size, 2, lens, dtype)
+    config = decode_gpu.DecodeConfig(tile_tokens=tile_tokens, num_splits=num_splits, page_tiles=True)
+    out = decode_gpu.paged_decode_attention_pallas(q, *pools.stacked(1, 2), jnp.int32(1), *pools.tables(), SCALE,
+                                                   config=config, interpret=True)
+    assert_matches(out, ref, dtype, np.asarray(lens) == 0)
+
+
 def prefill_case(seed, block_size, group, context_lens, query_lens, tokens, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     pools = Pools(rng, context_lens, block_size, dtype)
@@ -370,6 +387,19 @@ def test_decode_step_matches_reference(block_size, group, dtype, num_splits):
     assert_step_written(out_pools, ref_pools, rest[1], block_size, dtype)
 
 
+@pytest.mark.parametrize('block_size,tile_tokens,dtype,num_splits', PAGE_TILE_CASES)
+def test_decode_step_page_tiles(block_size, tile_tokens, dtype, num_splits):
+    """``page_tiles`` in the decode step: caches ending at the table's end, mid-tile, mid-page,
+    empty (only the new token), and an empty row."""
+    lens = [3 * block_size, 1, block_size + 2, 0, 2 * block_size - 5]
+    pools, step, rest, ref_out, ref_pools = decode_step_case(block_size - num_splits, block_size, 3, lens, dtype)
+    config = decode_gpu.DecodeConfig(tile_tokens=tile_tokens, num_splits=num_splits, page_tiles=True)
+    out, *out_pools = step_gpu.decode_step_attention_pallas(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS), *rest,
+                                                            config=config, interpret=True)
+    assert_matches(out, ref_out, dtype, np.asarray(lens) == 0)
+    assert_step_written(out_pools, ref_pools, rest[1], block_size, dtype)
+
+
 def test_decode_step_in_a_scan_over_layers(rng):
     """As the model calls it: the pools carried through a jitted ``lax.scan`` whose index is the
     layer (traced), each layer its own qkv, writing the same slots of its own layer."""
@@ -422,7 +452,8 @@ def test_decode_ops_lower_to_their_kernels_alone():
     """Lowered for CUDA (Triton IR, checked without a GPU): around the kernels only free
     reshapes, nothing XLA must launch (the layer's pool row is computed in the kernels); the
     decode step is two launches (the step and the split combine), or one with one split, and it
-    aliases the pools to its outputs."""
+    aliases the pools to its outputs; ``page_tiles`` (16-position tiles of 16-position pages)
+    lowers too."""
     shape = jax.ShapeDtypeStruct
     pools = shape((4, KV_HEADS, 8, 16, HEAD_DIM), jnp.bfloat16)
     step = (shape((1, 6 * KV_HEADS * HEAD_DIM), jnp.bfloat16), shape((1, HEAD_DIM), jnp.float32),
@@ -435,8 +466,8 @@ def test_decode_ops_lower_to_their_kernels_alone():
         except Exception as e:      # noqa: BLE001 - a jaxlib that cannot lower for CUDA here
             pytest.skip(f'cannot lower for CUDA on this machine: {type(e).__name__}: {e}')
 
-    for num_splits, launches in ((None, 2), (1, 1)):
-        config = decode_gpu.DecodeConfig(num_splits=num_splits)
+    for config, launches in ((decode_gpu.DecodeConfig(), 2), (decode_gpu.DecodeConfig(num_splits=1), 1),
+                             (decode_gpu.DecodeConfig(tile_tokens=16, page_tiles=True), 2)):
         text = lower(functools.partial(step_gpu.decode_step_attention_pallas, scale=SCALE, config=config), *step)
         assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
         assert text.count('stablehlo.custom_call') == launches

@@ -45,7 +45,7 @@ def _new_token_state(q, k_new, v_new, present, scale_log2: float):
 
 def _step_kernel(layer_ref, lens_ref, tables_ref, slots_ref, cos_ref, sin_ref, qkv_ref, k_in, v_in,
                  k_ref, v_ref, *out_refs, kv_heads, group, group_pad, block_size, tile, num_splits,
-                 scale_log2):
+                 scale_log2, page_tiles):
     """One (row b, kv head h, split s) of layer ``layer_ref[0]``. ``qkv_ref`` is ``[B, heads +
     2 * kv_heads, head_dim]``. The pools are read through ``k_in``/``v_in`` and written through
     ``k_ref``/``v_ref``: the same buffers, and no position read is written."""
@@ -69,7 +69,7 @@ def _step_kernel(layer_ref, lens_ref, tables_ref, slots_ref, cos_ref, sin_ref, q
 
     state = _new_token_state(q, k_new, v_new, (s == 0) & (length > 0), scale_log2)
     state = attend_pages(state, q, tables_ref, k_in, v_in, b, pool_head, split_tiles(s, cached, tile, num_splits),
-                         cached, block_size, tile, scale_log2)
+                         cached, block_size, tile, scale_log2, page_tiles)
     store_split(out_refs, state, b, s, heads, cols, head_ok)
 
 
@@ -86,7 +86,7 @@ def decode_step_attention_pallas(qkv, cos, sin, k_pages, v_pages, layer, slots, 
     k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
         _step_kernel, kv_heads=kv_heads, group=group, group_pad=group_pad(group), block_size=block_size,
-        tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E)
+        tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E, page_tiles=config.page_tiles)
     k_rows, v_rows, *outs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),

@@ -43,12 +43,19 @@ class DecodeConfig:
     stages over that chain: 3 or 4 stages give one K/V buffer (the next tile is requested only
     after the current one is used), 5 give two (one tile in flight while one is used), 7 three.
     Seen by compiling for sm_90 offline: tile 64, 5 stages: 72 KB shared memory, 118 registers
-    (three programs per SM)."""
+    (three programs per SM).
+
+    ``page_tiles``: a tile inside one page (``block_size`` a multiple of the tile) loads one page
+    number, as a scalar, and its rows as one contiguous run, instead of gathering a page number
+    per position (tiles that span pages still do); the jax_triton kernel, which addresses so,
+    beat this kernel at batch 64 x 2048 on an H100 (221.6 vs 243.5 us, at 3 stages) but not at
+    batch 1. Off until swept on a GPU (``bench_kernels.py --sweep``)."""
     tile_tokens: int = 64
     num_warps: int = 4
     num_stages: int = 5
     target_programs: int | None = None
     num_splits: int | None = None
+    page_tiles: bool = False
 
 
 def supports(q, k_pages) -> bool:
@@ -94,7 +101,7 @@ def split_out_shapes(batch: int, num_splits: int, num_heads: int, head_dim: int,
 
 
 def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, kv_heads, group,
-                   group_pad, block_size, tile, num_splits, scale_log2):
+                   group_pad, block_size, tile, num_splits, scale_log2, page_tiles):
     """One (row b, kv head h, split s) of layer ``layer_ref[0]``: the split's share of the row's
     tiles."""
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -104,7 +111,7 @@ def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_re
     q = plgpu.load(q_ref.at[b, heads, cols], mask=head_ok, other=0)
     state = attend_pages(init_state(group_pad, q.shape[-1]), q, tables_ref, k_ref, v_ref, b,
                          layer_head(layer_ref, kv_heads, h), split_tiles(s, length, tile, num_splits),
-                         length, block_size, tile, scale_log2)
+                         length, block_size, tile, scale_log2, page_tiles)
     store_split(out_refs, state, b, s, heads, cols, head_ok)
 
 
@@ -157,7 +164,8 @@ def paged_decode_attention_pallas(q, k_pages, v_pages, layer, block_tables, cont
     k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
         _decode_kernel, kv_heads=kv_heads, group=group, group_pad=group_pad(group),
-        block_size=block_size, tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E)
+        block_size=block_size, tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E,
+        page_tiles=config.page_tiles)
     outs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
