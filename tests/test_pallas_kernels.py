@@ -521,17 +521,20 @@ def lower_for_cuda(fn, *args):
         raise
 
 
+@pytest.mark.parametrize('semantics', [None, 'warpgroup'])
 @pytest.mark.parametrize('batch,block_size,num_splits,launches', [(64, 64, None, 1), (1, 64, None, 2), (3, 16, 1, 1),
                                                                   (2, 128, 4, 2)])
-def test_mosaic_decode_lowers_for_cuda(batch, block_size, num_splits, launches):
+def test_mosaic_decode_lowers_for_cuda(batch, block_size, num_splits, launches, semantics):
     """Lowered for CUDA without a GPU, Mosaic GPU checks what the interpreter does not: wgmma operand
     shapes and layouts, tiling of every copy, the shared-memory budget. Llama3-8b heads, bf16;
-    batch 1 splits the sequence (the kernel, then ``combine_splits``), batch 64 does not."""
+    batch 1 splits the sequence (the kernel, then ``combine_splits``), batch 64 does not. Warpgroup
+    semantics run Mosaic GPU's constraint-based layout and transform inference (which found a query
+    copy from any row into the swizzled tiles unsatisfiable: the failure on JAX 0.11)."""
     shape = jax.ShapeDtypeStruct
     pools = shape((2, 8, 4 * batch * 2048 // block_size, block_size, 128), jnp.bfloat16)
     args = (shape((batch, 32, 128), jnp.bfloat16), pools, pools, shape((), jnp.int32),
             shape((batch, 2048 // block_size), jnp.int32), shape((batch,), jnp.int32))
-    config = decode_mosaic.MosaicConfig(num_splits=num_splits)
+    config = decode_mosaic.MosaicConfig(num_splits=num_splits, semantics=semantics)
     text = lower_for_cuda(functools.partial(decode_mosaic.paged_decode_attention_mosaic, scale=SCALE, config=config),
                           *args)
     assert text.count('@mosaic_gpu') == 1

@@ -8,18 +8,22 @@ TMA on the slot's barrier while earlier steps are computed, and a slot is refill
 step is done. Scores and the weighted values are two wgmmas (Q K^T with K transposed in shared
 memory, then P V with P in registers) inside an online softmax in the log2 domain.
 
-The query group is padded to the 64 rows of a wgmma: the copy brings ``round_up(group, 8)`` rows
-(TMA boxes of a tiled buffer come in 8-row tiles) of the flattened ``[B * heads, head_dim]``
-queries, starting at the group's first row or, for the last groups of the array, up to 7 rows
-earlier (``_query_rows``); the other rows of the buffer are never written and never stored. A
-matmul row depends only on its own query row, so the extra rows cost tensor-core work (free in a
-memory-bound decode) and nothing else. The last step of a row masks positions past its length in
+The query group is padded to the 64 rows of a wgmma: the copy brings whole 8-row tiles of the
+flattened ``[B * heads, head_dim]`` queries that hold the group (``_copied_rows``: 8 rows for
+llama's groups of 4), starting at the 8-row boundary at or before the group's first row, or for the
+last groups of the array at a boundary further back (``_query_rows``); the other rows of the
+buffer are never written and never stored. The start must be a multiple of 8 that Mosaic GPU can
+see as one: its layout inference (JAX 0.11; Warpgroup semantics in 0.10) requires the TMA source
+offset of each tiled dimension to be a multiple of the destination's tile. A matmul row depends
+only on its own query row, so the extra rows cost tensor-core work (free in a memory-bound
+decode) and nothing else. The last step of a row masks positions past its length in
 the scores and zeroes them in V (a page's tail may hold anything, NaN included).
 
 Splits (flash-decoding, for small batches) write float32 partials and their log2-domain max and
 sum, merged by ``pallas_gpu.combine_splits``; one split writes the output itself.
 
-Mosaic GPU API relied on (checked against JAX 0.10.2; the parts JAX's own FA3 kernel uses):
+Mosaic GPU API relied on (checked against JAX 0.10.2, in Lane and Warpgroup semantics; the parts
+JAX's own FA3 kernel uses):
 ``plgpu.kernel`` with ``grid``/``grid_names``/``out_type``/``scratch_types``, ``plgpu.SMEM`` with
 ``TilingTransform``/``SwizzleTransform``, ``plgpu.Barrier(num_arrivals=, num_barriers=)``,
 ``copy_gmem_to_smem``/``barrier_wait``/``copy_smem_to_gmem``/``wait_smem_to_gmem``/``commit_smem``,
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -56,18 +61,23 @@ SMEM_BYTES = 227 * 1024      # shared memory of one H100 block
 class MosaicConfig:
     """``stages``: shared-memory slots of K and V steps (the TMA ring; a 64-position bf16 step of
     head_dim 128 is 32 KB, so 2 slots leave room for two blocks per SM, each computing one step
-    while the next arrives); ``target_programs`` / ``num_splits``: as ``pallas_gpu.DecodeConfig``."""
+    while the next arrives); ``target_programs`` / ``num_splits``: as ``pallas_gpu.DecodeConfig``;
+    ``semantics``: Mosaic GPU's lowering semantics, ``'lane'`` or ``'warpgroup'`` (the one that runs
+    Mosaic GPU's layout inference), or None for JAX's default."""
     stages: int = 2
     target_programs: int | None = None
     num_splits: int | None = None
+    semantics: str | None = None
 
 
 def supports(q, k_pages) -> bool:
     """16-bit floats (wgmma operands), head_dim a multiple of the 64-element swizzle tile, pages
-    of 16..128 positions that tile a step, at most 64 query heads per KV head."""
+    of 16..128 positions that tile a step, a query copy (the group and its tile's other rows, at
+    most 64 query heads per KV head) that fits the 64 rows of a wgmma."""
     *_, kv_heads, _, block_size, head_dim = k_pages.shape
     return (q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 64 == 0 and head_dim <= 256
-            and block_size in (16, 32, 64, 128) and q.shape[-2] // kv_heads <= ROWS)
+            and block_size in (16, 32, 64, 128)
+            and _copied_rows(q.shape[-2], q.shape[-2] // kv_heads) <= ROWS)
 
 
 def _interpretable(interpret):
@@ -84,16 +94,35 @@ def _interpretable(interpret):
     return interpret if isinstance(interpret, InterpretGPUParams) else InterpretGPUParams()
 
 
+def _compiler_params(semantics: str | None, interpret) -> dict:
+    """``compiler_params`` for ``plgpu.kernel`` naming the lowering semantics, or nothing (JAX's
+    default; and in the interpreter, which has no use for them)."""
+    if semantics is None or interpret:
+        return {}
+    name = {'lane': 'Lane', 'warpgroup': 'Warpgroup'}[semantics]
+    return dict(compiler_params=plgpu.CompilerParams(lowering_semantics=getattr(plgpu.LoweringSemantics, name)))
+
+
 def _padded(rows: int) -> int:
     """``rows`` rounded up to the 8-row tile of the query buffer."""
     return -(-rows // 8) * 8
 
 
-def _query_rows(b, h, num_heads: int, group: int, padded: int, total_rows: int):
-    """``(start, offset)``: the ``padded`` rows copied from the flattened queries start at
-    ``start`` (inside the array), the group's own rows at ``offset`` within them."""
+def _copied_rows(num_heads: int, group: int) -> int:
+    """Rows of the query copy: whole 8-row tiles from an 8-aligned start that hold the group's
+    rows (a group starts at a multiple of ``gcd(8, num_heads, group)``, so up to ``8 - that`` rows
+    past a tile boundary)."""
+    return _padded(group + 8 - math.gcd(8, num_heads, group))
+
+
+def _query_rows(b, h, num_heads: int, group: int, copied: int, total_rows: int):
+    """``(start, offset)``: the ``copied`` rows copied from the flattened queries start at
+    ``start`` (inside the array), the group's own rows at ``offset`` within them. ``start`` is
+    built as a product by 8 (and the minimum of two multiples of 8) so that Mosaic GPU's layout
+    inference (JAX >= 0.11, and Warpgroup semantics) can prove the TMA source row a multiple of
+    the 8-row tile of the swizzled destination; an arbitrary row fails it as unsatisfiable."""
     first = b * num_heads + h * group
-    start = jnp.minimum(first, total_rows - padded)
+    start = jnp.minimum(lax.div(first, 8) * 8, total_rows - copied)
     return start, first - start
 
 
@@ -157,9 +186,9 @@ def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *refs, 
     first, end = s * per_split, jnp.minimum((s + 1) * per_split, n_steps)
     pool_row = layer_ref[0] * kv_heads + h
 
-    padded = _padded(group)
-    start, offset = _query_rows(b, h, kv_heads * group, group, padded, q_ref.shape[0])
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(start, padded)], q_smem.at[pl.ds(0, padded)], q_barrier)
+    copied = _copied_rows(kv_heads * group, group)
+    start, offset = _query_rows(b, h, kv_heads * group, group, copied, q_ref.shape[0])
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(start, copied)], q_smem.at[pl.ds(0, copied)], q_barrier)
 
     def fetch(step, slot):
         for j in range(pages_per_step):       # pages past the row's end repeat its last page
@@ -242,7 +271,7 @@ def paged_decode_attention_mosaic(q, k_pages, v_pages, layer, block_tables, cont
     max_steps = pl.cdiv(block_tables.shape[1] * block_size, max(block_size, STEP_ROWS))
     num_splits = choose_num_splits(batch, kv_heads, max_steps, config)
     q_rows = q.reshape(batch * num_heads, head_dim)
-    rows = max(_padded(batch * num_heads), _padded(group))   # TMA needs whole 8-row tiles (llama: no pad)
+    rows = max(_padded(batch * num_heads), _copied_rows(num_heads, group))   # whole 8-row tiles (llama: no pad)
     q_rows = jnp.pad(q_rows, ((0, rows - q_rows.shape[0]), (0, 0))) if rows > q_rows.shape[0] else q_rows
     shape = (layers * kv_heads, num_blocks, block_size, head_dim)
     kernel = functools.partial(
@@ -255,6 +284,7 @@ def paged_decode_attention_mosaic(q, k_pages, v_pages, layer, block_tables, cont
         grid_names=('b', 'h', 's'),
         scratch_types=_scratch(q.dtype, head_dim, block_size, config.stages, num_splits),
         interpret=_interpretable(interpret),
+        **_compiler_params(config.semantics, interpret),
     )(layer.astype(jnp.int32).reshape(1), context_lens, block_tables, q_rows,
       k_pages.reshape(shape), v_pages.reshape(shape))
     return finish_splits(outs, q.dtype, bool(interpret))
