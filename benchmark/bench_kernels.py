@@ -354,8 +354,12 @@ def step_check_rows(fn, case):
 # ---- RMSNorm --------------------------------------------------------------------------------
 
 def norm_impls(args):
-    return op_impls(args, functools.partial(rms_norm, eps=NORM_EPS, impl='reference'),
-                    functools.partial(norm_gpu.rms_norm_pallas, eps=NORM_EPS), norm_gpu.NormConfig, NORM_SWEEP)
+    return op_impls(args, functools.partial(rms_norm, eps=NORM_EPS, impl='reference'), _pallas_norm,
+                    norm_gpu.NormConfig, NORM_SWEEP)
+
+
+def _pallas_norm(x, weight, *, config, interpret):
+    return norm_gpu.rms_norm_pallas(x, weight[None], jnp.int32(0), NORM_EPS, config=config, interpret=interpret)
 
 
 def norm_hidden(args) -> int:

@@ -253,7 +253,11 @@ def test_api_rejects_mismatched_inputs():
     x = jnp.ones((2, 3, 96), jnp.bfloat16)
     with pytest.raises(ValueError, match=r'weight must have shape \(96,\)'):
         rms_norm(x, jnp.ones((95,), jnp.bfloat16), 1e-5)
-    with pytest.raises(ValueError, match='weight must have shape'):
-        rms_norm(x, jnp.ones((1, 96), jnp.bfloat16), 1e-5)
+    with pytest.raises(ValueError, match='need the layer to use'):
+        rms_norm(x, jnp.ones((2, 96), jnp.bfloat16), 1e-5)
+    with pytest.raises(ValueError, match=r'weight must be \[96\] or stacked'):
+        rms_norm(x, jnp.ones((2, 95), jnp.bfloat16), 1e-5, jnp.int32(1))
+    with pytest.raises(ValueError, match='given for a single weight'):
+        rms_norm(x, jnp.ones((96,), jnp.bfloat16), 1e-5, jnp.int32(1))
     with pytest.raises(ValueError, match='x must be a float array'):
         rms_norm(x.astype(jnp.int32), jnp.ones((96,), jnp.bfloat16), 1e-5)

@@ -624,8 +624,19 @@ def test_rms_norm_launch_configs(rng, tile_elems, num_warps):
     leave the last program's rows partly past the end."""
     x, weight = norm_case(rng, (37, 96), jnp.bfloat16)
     config = norm_gpu.NormConfig(tile_elems=tile_elems, num_warps=num_warps)
-    out = norm_gpu.rms_norm_pallas(x, weight, NORM_EPS, config=config, interpret=True)
+    out = norm_gpu.rms_norm_pallas(x, weight[None], jnp.int32(0), NORM_EPS, config=config, interpret=True)
     assert_norm_matches(out, x, weight, jnp.bfloat16)
+
+
+@pytest.mark.parametrize('layer', [0, 2])
+def test_rms_norm_reads_its_layer_of_stacked_weights(rng, layer):
+    """Every layer's weights stacked ``[layers, hidden]`` plus the layer (as in the models' layer
+    loop): the kernel scales by that layer's row, the first and one further in, not the first."""
+    x, _ = norm_case(rng, (5, 96), jnp.bfloat16)
+    stack = jnp.asarray(1 + 0.5 * rng.standard_normal((3, 96)), jnp.bfloat16)
+    out = rms_norm(x, stack, NORM_EPS, jnp.int32(layer), impl='pallas_interpret')
+    assert_norm_matches(out, x, stack[layer], jnp.bfloat16)
+    assert relative_error(out.astype(jnp.float32), rms_norm(x, stack[layer - 1], NORM_EPS).astype(jnp.float32)) > 0.1
 
 
 def test_rms_norm_promotes_like_the_reference(rng):
@@ -648,12 +659,14 @@ def test_rms_norm_supports_rows_up_to_max_hidden(monkeypatch):
 
 def test_rms_norm_lowers_to_its_kernel_alone():
     """A decode step's norm ``[B=1, T=1, 4096]`` and a prefill's of a hidden size that is not a
-    power of two, lowered for CUDA (Triton IR, checked without a GPU): one launch and free
-    reshapes, nothing XLA must launch."""
+    power of two, each reading its layer of stacked weights as in the models' layer loop, lowered
+    for CUDA (Triton IR, checked without a GPU): one launch and free reshapes, nothing XLA must
+    launch (no slice of the weights)."""
     for shape in ((1, 1, 4096), (3, 17, 3584)):
-        x, weight = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct(shape[-1:], jnp.bfloat16)
+        x, stack = jax.ShapeDtypeStruct(shape, jnp.bfloat16), jax.ShapeDtypeStruct((4, shape[-1]), jnp.bfloat16)
+        layer = jax.ShapeDtypeStruct((), jnp.int32)
         try:
-            text = jax.jit(functools.partial(rms_norm, eps=NORM_EPS, impl='pallas')).trace(x, weight).lower(
+            text = jax.jit(lambda x, w, i: rms_norm(x, w, NORM_EPS, i, impl='pallas')).trace(x, stack, layer).lower(
                 lowering_platforms=('cuda',)).as_text()
         except Exception as e:      # noqa: BLE001 - a jaxlib that cannot lower for CUDA here
             pytest.skip(f'cannot lower for CUDA on this machine: {type(e).__name__}: {e}')

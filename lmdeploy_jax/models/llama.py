@@ -2,10 +2,11 @@
 params pytree (layout in ``weights.py``: layers stacked, q/k/v and gate/up fused) and a paged KV
 cache stacked the same way (``kv_cache.py``).
 
-The layers run as a ``lax.scan``: a step traces and compiles one layer rather than L, which is
-what keeps start-up short. The KV stacks ride in the scan's carry, so XLA updates them in place;
-each layer's KV write and attention take the layer index and address their layer inside the stack
-(slicing a layer out would copy it).
+The layers run as a loop (``fori_loop``, a scan): a step traces and compiles one layer rather
+than L, which is what keeps start-up short. The KV stacks ride in the loop's carry, so XLA updates
+them in place; each layer's KV write, attention and RMSNorms take the loop index and address
+their layer inside the stack (slicing a layer out would copy it: on a GPU a small copy per norm
+and one for the index itself when it came from a scanned ``arange``).
 
 A decode step (one token per row) hands the fused qkv projection to one op that applies rope,
 writes the token's K/V and attends (``decode_step_attention``: on a GPU one kernel, plus one that
@@ -35,7 +36,7 @@ from ..parallel import rules
 from .rope import apply_rope, cos_sin
 from .spec import ModelSpec
 from .step_batch import StepBatch
-from .weights import FusedLayout
+from .weights import NORMS, FusedLayout
 
 KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
 
@@ -73,13 +74,18 @@ def _per_device(fn, mesh: Mesh | None, in_specs: tuple, out_specs: tuple):
     return jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=in_specs, out_specs=out_specs)
 
 
-def _norm(spec: ModelSpec, mesh: Mesh | None, x: jax.Array, weight: jax.Array) -> jax.Array:
+def _norm(spec: ModelSpec, mesh: Mesh | None, x: jax.Array, weight: jax.Array,
+          layer: jax.Array | None = None) -> jax.Array:
     """RMSNorm of the (replicated) hidden states: one op, on a GPU one kernel instead of XLA's two.
-    Under ``shard_map`` with a mesh, each device normalising its own full copy, since XLA cannot
-    partition the kernel's custom call."""
+    ``weight``: ``[hidden]``, or every layer's ``[layers, hidden]`` with ``layer`` the one to use
+    (the kernel reads its row in place; a slice would be a copy per norm). Under ``shard_map``
+    with a mesh, each device normalising its own full copy, since XLA cannot partition the
+    kernel's custom call."""
+    if layer is None:
+        weight, layer = weight[None], jnp.zeros((), jnp.int32)
     r = rules.REPLICATED
-    norm = _per_device(functools.partial(rms_norm, eps=spec.rms_norm_eps), mesh, in_specs=(r, r), out_specs=r)
-    return norm(x, weight)
+    norm = _per_device(lambda x, w, i: rms_norm(x, w, spec.rms_norm_eps, i), mesh, in_specs=(r, r, r), out_specs=r)
+    return norm(x, weight, layer)
 
 
 def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
@@ -133,19 +139,26 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     # spec counts the KV heads as stored, so each shard's parts are plain 1/tp of them
     layout = FusedLayout(spec, mesh.size if mesh is not None else 1)
 
-    def layer_step(carry, layer_and_index):
-        x, kv = carry
-        layer, index = layer_and_index
-        h, kv = _attention(spec, mesh, layout, layer, index, _norm(spec, mesh, x, layer['input_norm']), kv, batch,
-                           cos, sin)
-        x = x + h
-        x = x + _mlp(layout, layer, _norm(spec, mesh, x, layer['post_norm']))
-        return (x, kv), None
+    layers = params['layers']
 
-    (x, kv_caches), _ = jax.lax.scan(layer_step, (x, tuple(kv_caches)),
-                                     (params['layers'], jnp.arange(spec.num_layers, dtype=jnp.int32)),
-                                     unroll=unroll)
+    def layer_step(index, carry):
+        x, kv = carry
+        layer = _projections(layers, index)
+        h, kv = _attention(spec, mesh, layout, layer, index, _norm(spec, mesh, x, layers['input_norm'], index), kv,
+                           batch, cos, sin)
+        x = x + h
+        x = x + _mlp(layout, layer, _norm(spec, mesh, x, layers['post_norm'], index))
+        return x, kv
+
+    x, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, tuple(kv_caches)), unroll=unroll)
     return _norm(spec, mesh, x, params['norm']), kv_caches
+
+
+def _projections(layers: dict, index: jax.Array) -> dict:
+    """Layer ``index``'s projection weights, sliced out of their stacks (XLA's cuBLAS calls read
+    such a slice in place); the norms are not sliced: their kernel reads its row of the stack."""
+    return {key: jax.tree.map(lambda stack: jax.lax.dynamic_index_in_dim(stack, index, keepdims=False), value)
+            for key, value in layers.items() if key not in NORMS}
 
 
 def compute_logits(params: dict, hidden: jax.Array) -> jax.Array:

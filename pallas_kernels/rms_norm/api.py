@@ -10,18 +10,39 @@ from .._dispatch import choose_impl
 from .reference import rms_norm_reference
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, impl: str | None = None) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, layer: jax.Array | int | None = None, *,
+             impl: str | None = None) -> jax.Array:
     """Each row of ``x [..., hidden]`` divided by its root mean square (computed in float32, plus
     ``eps``), cast back to ``x``'s dtype, then multiplied by ``weight [hidden]``: Hugging Face's
     order, so the result has the dtype ``x * weight`` promotes to. ``eps``: a Python float.
+
+    ``weight`` may also be every layer's weights stacked, ``[layers, hidden]``, with ``layer`` (an
+    int32 scalar) the one to use: inside the models' layer loop the kernel then reads its row in
+    place, where slicing it out first would cost a copy per norm.
     ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU)."""
     require(x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating),
             f'x must be a float array [..., hidden], got {x.dtype} {tuple(x.shape)}')
-    require(tuple(weight.shape) == x.shape[-1:],
-            f'weight must have shape ({x.shape[-1]},) to match x [..., {x.shape[-1]}], got {tuple(weight.shape)}')
+    weight, layer = _stacked_weight(weight, layer, x.shape[-1])
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
     chosen = choose_impl(impl, pallas_gpu.supports(x, weight))
     if chosen != 'reference':
-        return pallas_gpu.rms_norm_pallas(x, weight, float(eps), interpret=chosen == 'pallas_interpret')
-    return rms_norm_reference(x, weight, eps)
+        return pallas_gpu.rms_norm_pallas(x, weight, layer, float(eps), interpret=chosen == 'pallas_interpret')
+    return rms_norm_reference(x, weight[layer], eps)
+
+
+def _stacked_weight(weight: jax.Array, layer, hidden: int) -> tuple[jax.Array, jax.Array]:
+    """``weight`` as ``[layers, hidden]`` and the int32 layer to use (one layer's weight: a stack of one)."""
+    if weight.ndim == 1:
+        require(tuple(weight.shape) == (hidden,),
+                f'weight must have shape ({hidden},) to match x [..., {hidden}], got {tuple(weight.shape)}')
+        require(layer is None or (isinstance(layer, int) and layer == 0),
+                f'layer={layer!r} given for a single weight [hidden]')
+        return weight[None], jnp.zeros((), jnp.int32)
+    require(weight.ndim == 2 and weight.shape[1] == hidden,
+            f'weight must be [{hidden}] or stacked [layers, {hidden}] to match x [..., {hidden}], '
+            f'got {tuple(weight.shape)}')
+    require(layer is not None, 'stacked weights [layers, hidden] need the layer to use')
+    layer = jnp.asarray(layer, jnp.int32) if isinstance(layer, int) else layer
+    require(layer.shape == () and layer.dtype == jnp.int32, f'layer must be an int32 scalar, got {layer!r}')
+    return weight, layer

@@ -53,8 +53,9 @@ def block_rows_for(rows: int, hidden: int, config: NormConfig) -> int:
     return min(next_pow2(rows), max(1, config.tile_elems // next_pow2(hidden)))
 
 
-def _norm_kernel(x_ref, w_ref, o_ref, *, block_rows, eps):
-    """Rows ``[i * block_rows, (i + 1) * block_rows)`` of ``x [rows, hidden]``."""
+def _norm_kernel(layer_ref, x_ref, w_ref, o_ref, *, block_rows, eps):
+    """Rows ``[i * block_rows, (i + 1) * block_rows)`` of ``x [rows, hidden]``, scaled by row
+    ``layer_ref[0]`` of the stacked weights ``w_ref [layers * hidden]`` (flat: one scalar offset)."""
     rows, hidden = x_ref.shape
     row = pl.program_id(0) * block_rows + jnp.arange(block_rows)
     col = jnp.arange(next_pow2(hidden))
@@ -64,13 +65,14 @@ def _norm_kernel(x_ref, w_ref, o_ref, *, block_rows, eps):
     x = plgpu.load(x_ref.at[index], mask=mask, other=0).astype(jnp.float32)
     inv_rms = lax.rsqrt((x * x).sum(axis=1) / hidden + eps)
     normed = (x * inv_rms[:, None]).astype(x_ref.dtype).astype(o_ref.dtype)
-    weight = plgpu.load(w_ref.at[col], mask=col_ok, other=0).astype(o_ref.dtype)
+    weight = plgpu.load(w_ref.at[layer_ref[0] * hidden + col], mask=col_ok, other=0).astype(o_ref.dtype)
     plgpu.store(o_ref.at[index], weight[None, :] * normed, mask=mask)
 
 
 @functools.partial(jax.jit, static_argnames=('eps', 'config', 'interpret'))
-def rms_norm_pallas(x, weight, eps: float, config: NormConfig = NormConfig(), interpret: bool = False):
-    """Same contract as ``api.rms_norm`` (inputs already validated there)."""
+def rms_norm_pallas(x, weight, layer, eps: float, config: NormConfig = NormConfig(), interpret: bool = False):
+    """Same contract as ``api.rms_norm`` (inputs validated there; ``weight [layers, hidden]``,
+    ``layer`` an int32 scalar)."""
     hidden = x.shape[-1]
     rows = x.size // hidden
     block_rows = block_rows_for(rows, hidden, config)
@@ -82,5 +84,5 @@ def rms_norm_pallas(x, weight, eps: float, config: NormConfig = NormConfig(), in
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name='rms_norm',
-    )(x.reshape(rows, hidden), weight)
+    )(layer.reshape(1), x.reshape(rows, hidden), weight.reshape(-1))
     return out.reshape(x.shape)
