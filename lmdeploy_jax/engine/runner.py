@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -30,6 +31,7 @@ from ..models import LoadedModel, StepBatch
 from .buckets import Buckets
 from .kv_pool import CacheState, RowSlots, allocate_cache_state
 from . import multistep
+from .executable_store import ExecutableStore, compile_tracked, describe_inputs, environment_key
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
 
@@ -138,6 +140,7 @@ class ModelRunner:
         self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
         # (kind, shape) -> executable: a decode shape may equal a one-token prefill shape
         self._executables: dict[tuple[str, tuple[int, int]], jax.stages.Compiled] = {}
+        self.store_counts = {'loaded': 0, 'saved': 0}      # executables the last warmup took from / put in the store
 
     def _precision(self):
         """float32 models compute in float32: a GPU would otherwise run their dots as TF32."""
@@ -147,26 +150,57 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Compile every bucket shape now, so serving never compiles, then allocate the pool (not
-        before: compiling autotunes on scratch device memory). Tracing is sequential; XLA compiles
-        the shapes in parallel threads (it releases the GIL)."""
+        before: compiling autotunes on scratch device memory). Shapes found in the executable
+        store (``executable_store.py``) are loaded, not traced; the others are traced one after
+        another, compiled in parallel threads (XLA releases the GIL) and stored."""
         start = time.perf_counter()
-        lowered = {}
         shapes = ([(kind, (b, 1)) for b in self.buckets.decode_batch for kind in ('decode', 'greedy_decode')]
                   + [('prefill', s) for s in self.buckets.prefill])
+        inputs = {key: _abstract(self._example_inputs(key[1])) for key in shapes}
+        descriptions = {key: self._describe(key, inputs[key]) for key in shapes}
+        store = self._store()
+        if store is not None:
+            stored = {key: store.load(descriptions[key]) for key in shapes}
+            self._executables.update({key: ex for key, ex in stored.items() if ex is not None})
+        lowered = {}
         with self._precision():
             for key in shapes:
-                kind, shape = key
-                batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
-                inputs = (batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0]))
-                lowered[key] = self._functions[kind].lower(self.model.params, self.cache_spec, *_abstract(inputs))
+                if key not in self._executables:
+                    lowered[key] = self._functions[key[0]].lower(self.model.params, self.cache_spec, *inputs[key])
         traced = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-            compiled = pool.map(lambda item: (item[0], item[1].compile()), lowered.items())
-            self._executables.update(compiled)
+            compiled = dict(zip(lowered, pool.map(compile_tracked, lowered.values())))
+        self._executables.update({key: executable for key, (executable, _) in compiled.items()})
+        self.store_counts = {'loaded': len(shapes) - len(lowered), 'saved': 0}
+        if store is not None:
+            for key, (executable, fresh) in compiled.items():
+                if fresh:
+                    store.save(descriptions[key], executable)
+                    self.store_counts['saved'] += 1
         self.cache = allocate_cache_state(self.cache_spec)
-        logger.info('compiled %d step shapes in %.1f s (%.1f s tracing): decode batches %s (%d steps a call), '
-                    'prefill (rows, tokens) %s', len(self._executables), time.perf_counter() - start, traced - start,
-                    list(self.buckets.decode_batch), self.decode_steps, list(self.buckets.prefill))
+        logger.info('%d step shapes ready in %.1f s (%d loaded from the executable store; loading and tracing '
+                    '%.1f s): decode batches %s (%d steps a call), prefill (rows, tokens) %s',
+                    len(self._executables), time.perf_counter() - start, self.store_counts['loaded'],
+                    traced - start, list(self.buckets.decode_batch), self.decode_steps, list(self.buckets.prefill))
+
+    def _example_inputs(self, shape: tuple[int, int]) -> tuple:
+        """Host inputs of a call of ``shape`` (batch, sampling, row slots): what the shape is traced with."""
+        batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
+        return batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0])
+
+    def _describe(self, key: tuple[str, tuple[int, int]], inputs: tuple) -> str:
+        """Everything a step executable's lowering depends on besides the environment (its key in the store)."""
+        model = self.model
+        rope = hashlib.sha256(np.ascontiguousarray(model.inv_freq).tobytes()).hexdigest()
+        return repr((key, self.block_size, self.decode_steps, model.spec, rope, model.layer_unroll,
+                     describe_inputs((model.params, self.cache_spec, *inputs))))
+
+    def _store(self) -> ExecutableStore | None:
+        """The executable store inside JAX's compilation cache directory, for a single-process engine."""
+        cache_dir = getattr(jax.config, 'jax_compilation_cache_dir', None)
+        if not cache_dir or jax.process_count() > 1:
+            return None
+        return ExecutableStore(os.path.join(cache_dir, 'lmdeploy_jax_executables'), environment_key(jax.devices()))
 
     def recover_cache(self) -> bool:
         """After a failed step: if its donated cache is gone, allocate a fresh (empty) one; True if so."""

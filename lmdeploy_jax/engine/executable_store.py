@@ -1,0 +1,146 @@
+"""Compiled step executables kept on disk, found again without tracing.
+
+JAX's persistent compilation cache spares a second start XLA's compile, but it finds an executable
+by a hash of the lowered module, so every start still traces and lowers each bucket shape: about
+10 s of a ~30 s warm start for llama3-8b on an H100, most of what is left once the weights load.
+This store finds a serialized executable (``jax.experimental.serialize_executable``) by a key
+computed before tracing, from everything the lowering depends on:
+
+- the code that traces it: a digest of every source file of ``lmdeploy_jax`` and ``pallas_kernels``;
+- the software and hardware: JAX and jaxlib versions, the backend's platform version, the devices
+  the executable runs on, ``XLA_FLAGS``, the ``LMDEPLOY_JAX_*`` variables (kernel choices), JAX's
+  precision and x64 settings;
+- the caller's description of the function: the model spec, the rope frequencies, the step
+  kind and its static settings, and the shapes, dtypes and shardings of every input.
+
+Weight values are not in the key: an executable takes the params as an argument. A file that fails
+to load (truncated, from another build) is removed and is a miss: the shape is compiled again.
+Only executables XLA compiled in this process are stored: one JAX took from its own persistent
+cache may not serialize whole again (on a CPU its functions are then missing when it runs), so
+``compile_tracked`` tells them apart. The store keeps under ``MAX_BYTES``, least recently used
+files going first. Only a single-process engine uses it; with several processes each would have
+to take the same branch for every shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import threading
+from pathlib import Path
+
+import jax
+
+logger = logging.getLogger('lmdeploy_jax')
+
+SOURCE_PACKAGES = ('lmdeploy_jax', 'pallas_kernels')
+ENV_PREFIX = 'LMDEPLOY_JAX_'
+JAX_CACHE_HIT = '/jax/compilation_cache/cache_hits'
+MAX_BYTES = 4 << 30      # the store's size bound: least recently used files go first
+
+_compiling = threading.local()       # per compiling thread: did JAX's persistent cache answer?
+_listener_lock = threading.Lock()
+_listening = False
+
+
+def _on_jax_event(event: str, **_) -> None:
+    if event == JAX_CACHE_HIT:
+        _compiling.from_jax_cache = True
+
+
+def compile_tracked(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """``lowered.compile()``, and whether XLA compiled it here (False: JAX's persistent cache had
+    it). JAX reports a cache hit as a monitoring event in the compiling thread."""
+    global _listening
+    with _listener_lock:
+        if not _listening:
+            jax.monitoring.register_event_listener(_on_jax_event)
+            _listening = True
+    _compiling.from_jax_cache = False
+    compiled = lowered.compile()
+    return compiled, not _compiling.from_jax_cache
+
+
+def _source_digest() -> str:
+    """Digest of the source files of the packages that trace a step."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[2]
+    for package in SOURCE_PACKAGES:
+        for path in sorted((root / package).rglob('*.py')):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def environment_key(devices) -> str:
+    """What the executables depend on outside the engine's own description (see the module doc)."""
+    import jaxlib
+    backend = devices[0].client
+    parts = [_source_digest(), jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
+             repr([(d.id, d.device_kind) for d in devices]), os.environ.get('XLA_FLAGS', ''),
+             repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX))),
+             repr((jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision))]
+    return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
+
+
+def describe_inputs(tree) -> str:
+    """Shapes, dtypes and shardings of a lowering's inputs, as text for a key."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return repr((str(treedef), [(tuple(x.shape), str(x.dtype), repr(getattr(x, 'sharding', None))) for x in leaves]))
+
+
+class ExecutableStore:
+    """``load`` / ``save`` compiled executables under ``directory``, by a key from
+    ``environment`` plus each executable's own description."""
+
+    def __init__(self, directory: str, environment: str, max_bytes: int = MAX_BYTES):
+        self.directory = Path(directory)
+        self.environment = environment
+        self.max_bytes = max_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, description: str) -> Path:
+        key = hashlib.sha256(f'{self.environment}\n{description}'.encode()).hexdigest()
+        return self.directory / f'{key}.executable'
+
+    def load(self, description: str) -> jax.stages.Compiled | None:
+        """The stored executable for ``description``, or None (not stored, or unreadable)."""
+        from jax.experimental.serialize_executable import deserialize_and_load
+        path = self._path(description)
+        if not path.exists():
+            return None
+        try:
+            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+            executable = deserialize_and_load(payload, in_tree, out_tree)
+            os.utime(path)          # recently used: kept longest by ``_trim``
+            return executable
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a miss
+            logger.warning('removing unreadable stored executable %s (%s: %s)', path.name, type(e).__name__, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, description: str, compiled: jax.stages.Compiled) -> None:
+        """Store ``compiled`` (written to a temporary file, then renamed: a reader never sees half)."""
+        from jax.experimental.serialize_executable import serialize
+        path = self._path(description)
+        try:
+            blob = pickle.dumps(serialize(compiled))
+        except Exception as e:  # noqa: BLE001 - an executable JAX cannot serialize is compiled each start
+            logger.info('cannot store executable (%s: %s)', type(e).__name__, e)
+            return
+        partial = path.with_suffix(f'.{os.getpid()}.tmp')
+        partial.write_bytes(blob)
+        partial.replace(path)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Remove the least recently used files while the store holds more than ``max_bytes``
+        (each code change adds a new set of executables)."""
+        files = sorted(self.directory.glob('*.executable'), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files:
+            if total <= self.max_bytes:
+                break
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
