@@ -20,7 +20,9 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +30,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lmdeploy_jax.engine.xla_flags import SMALL_BATCH_TP_OPTIONS  # noqa: E402
+
 AXIS = 'tp'
-COMMAND_BUFFERS = 'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL,COLLECTIVES'
 VARIANTS = {      # name -> XLA options; GPU-only options are ignored by the CPU backend
     'default': {},
     'oneshot': {'xla_gpu_unsupported_use_all_reduce_one_shot_kernel': True},
     'nccl': {'xla_gpu_unsupported_use_all_reduce_one_shot_kernel': False},
-    'nccl_sync_graph': {'xla_gpu_unsupported_use_all_reduce_one_shot_kernel': False,
-                        'xla_gpu_disable_async_collectives': 'ALLREDUCE',
-                        'xla_gpu_enable_command_buffer': COMMAND_BUFFERS},
+    'nccl_sync_graph': SMALL_BATCH_TP_OPTIONS,      # what the engine gives its small-batch decode calls
     'oneshot_sync': {'xla_gpu_unsupported_use_all_reduce_one_shot_kernel': True,
                      'xla_gpu_disable_async_collectives': 'ALLREDUCE'},
 }

@@ -1,10 +1,12 @@
 """The XLA flags the engine adds before JAX starts its backend (``engine/xla_flags.py``): added
-when missing, a user's own setting of one kept as the user set it, nothing added twice."""
+when missing, a user's own setting of one kept as the user set it, nothing added twice; and the
+per-executable options: which executables take them, and a compile that survives XLA rejecting them."""
 from __future__ import annotations
 
 import os
 
-from lmdeploy_jax.engine.xla_flags import DEFAULT_XLA_FLAGS, apply_default_xla_flags
+from lmdeploy_jax.engine.xla_flags import (DEFAULT_XLA_FLAGS, SMALL_BATCH_TP_OPTIONS, SMALL_DECODE_ROWS,
+                                           apply_default_xla_flags, executable_options)
 
 
 def test_missing_flags_are_added_and_the_users_are_kept(monkeypatch):
@@ -22,3 +24,24 @@ def test_all_defaults_when_nothing_is_set(monkeypatch):
     monkeypatch.delenv('XLA_FLAGS', raising=False)
     apply_default_xla_flags()
     assert sorted(os.environ['XLA_FLAGS'].split()) == sorted(f'--{n}={v}' for n, v in DEFAULT_XLA_FLAGS.items())
+
+
+def test_only_small_decode_calls_of_a_tensor_parallel_engine_get_their_own_options():
+    small = executable_options('greedy_decode', (SMALL_DECODE_ROWS, 1), tp=2)
+    assert small == SMALL_BATCH_TP_OPTIONS and small is not SMALL_BATCH_TP_OPTIONS
+    assert executable_options('decode', (1, 1), tp=4) == SMALL_BATCH_TP_OPTIONS
+    assert executable_options('decode', (SMALL_DECODE_ROWS * 2, 1), tp=2) == {}
+    assert executable_options('prefill', (1, 32), tp=2) == {}
+    assert executable_options('decode', (1, 1), tp=1) == {}
+
+
+def test_options_xla_rejects_fall_back_to_the_defaults():
+    """A compile with options XLA does not know still yields a working executable (XLA's defaults)."""
+    import jax
+    import jax.numpy as jnp
+    from lmdeploy_jax.engine.executable_store import compile_tracked
+    lowered = jax.jit(lambda x: x * 3 + 1).lower(jnp.arange(4.0))
+    compiled, _ = compile_tracked(lowered, {'xla_no_such_option': True})
+    assert compiled(jnp.arange(4.0)).tolist() == [1.0, 4.0, 7.0, 10.0]
+    compiled, _ = compile_tracked(lowered, SMALL_BATCH_TP_OPTIONS)      # GPU options: accepted on a CPU too
+    assert compiled(jnp.arange(4.0)).tolist() == [1.0, 4.0, 7.0, 10.0]

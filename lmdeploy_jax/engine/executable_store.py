@@ -49,16 +49,25 @@ def _on_jax_event(event: str, **_) -> None:
         _compiling.from_jax_cache = True
 
 
-def compile_tracked(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
-    """``lowered.compile()``, and whether XLA compiled it here (False: JAX's persistent cache had
-    it). JAX reports a cache hit as a monitoring event in the compiling thread."""
+def compile_tracked(lowered: jax.stages.Lowered, options: dict | None = None) -> tuple[jax.stages.Compiled, bool]:
+    """``lowered.compile(options)``, and whether XLA compiled it here (False: JAX's persistent
+    cache had it). JAX reports a cache hit as a monitoring event in the compiling thread. Options
+    XLA rejects are dropped with a warning: an executable with XLA's defaults serves the same."""
     global _listening
     with _listener_lock:
         if not _listening:
             jax.monitoring.register_event_listener(_on_jax_event)
             _listening = True
     _compiling.from_jax_cache = False
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile(compiler_options=options or None)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        if not options:
+            raise
+        logger.warning('compiling with XLA options %s failed (%s: %s); compiling with the defaults',
+                       options, type(e).__name__, e)
+        _compiling.from_jax_cache = False
+        compiled = lowered.compile()
     return compiled, not _compiling.from_jax_cache
 
 

@@ -34,6 +34,7 @@ from . import multistep
 from .executable_store import ExecutableStore, compile_tracked, describe_inputs, environment_key
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
+from .xla_flags import executable_options
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -169,7 +170,8 @@ class ModelRunner:
                     lowered[key] = self._functions[key[0]].lower(self.model.params, self.cache_spec, *inputs[key])
         traced = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-            compiled = dict(zip(lowered, pool.map(compile_tracked, lowered.values())))
+            compiled = dict(zip(lowered, pool.map(lambda key: compile_tracked(lowered[key], self._options(key)),
+                                                  lowered)))
         self._executables.update({key: executable for key, (executable, _) in compiled.items()})
         self.store_counts = {'loaded': len(shapes) - len(lowered), 'saved': 0}
         if store is not None:
@@ -188,12 +190,16 @@ class ModelRunner:
         batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
         return batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0])
 
+    def _options(self, key: tuple[str, tuple[int, int]]) -> dict:
+        """This executable's own XLA options (``xla_flags.executable_options``)."""
+        return executable_options(key[0], key[1], self.model.mesh.size if self.model.mesh is not None else 1)
+
     def _describe(self, key: tuple[str, tuple[int, int]], inputs: tuple) -> str:
         """Everything a step executable's lowering depends on besides the environment (its key in the store)."""
         model = self.model
         rope = hashlib.sha256(np.ascontiguousarray(model.inv_freq).tobytes()).hexdigest()
-        return repr((key, self.block_size, self.decode_steps, model.spec, rope, model.layer_unroll,
-                     describe_inputs((model.params, self.cache_spec, *inputs))))
+        return repr((key, self._options(key), self.block_size, self.decode_steps, model.spec, rope,
+                     model.layer_unroll, describe_inputs((model.params, self.cache_spec, *inputs))))
 
     def _store(self) -> ExecutableStore | None:
         """The executable store inside JAX's compilation cache directory, for a single-process engine."""

@@ -6,6 +6,14 @@ them once, then). A flag the user already set is left as they set it.
   layer's weights on every step (measured on an H100: batch-1 decode at 61 tok/s instead of ~120).
 - ``xla_gpu_enable_triton_gemm=false``: XLA's own Triton matmuls cannot read a slice in place
   (they get the copy); cuBLAS can, and reads the weights at ~2.8 TB/s at batch 1.
+
+``executable_options`` gives one executable its own XLA options (``Lowered.compile(
+compiler_options=...)``), for what must not apply process-wide: a tensor-parallel engine's
+small-batch decode calls take synchronous NCCL collectives inside command buffers, so the whole
+call becomes one CUDA graph instead of ~250 us of host time per layer (measured on 4 x H100,
+llama3-8b, batch 1: tp=2 145.3 -> 161.3 tok/s, tp=4 165.8 -> 172.5, tp=1 unchanged; the same
+flags process-wide cut tp=2 throughput at batch 256 from ~10,000 to 3,383 tok/s, so larger
+batches and prefill keep XLA's defaults). See benchmark/NOTES.md v5.
 """
 from __future__ import annotations
 
@@ -29,3 +37,18 @@ def apply_default_xla_flags() -> None:
     if xla_bridge.backends_are_initialized() and jax.default_backend() == 'gpu':
         logger.warning('JAX started before the engine, so XLA runs without %s; set them in XLA_FLAGS before '
                        'using JAX for full decode speed on a GPU', ', '.join(f'--{n}={v}' for n, v in missing.items()))
+
+
+SMALL_DECODE_ROWS = 4        # decode calls of at most this many rows take SMALL_BATCH_TP_OPTIONS
+COMMAND_BUFFERS = 'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL,COLLECTIVES'
+SMALL_BATCH_TP_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS,
+                          'xla_gpu_unsupported_use_all_reduce_one_shot_kernel': False,
+                          'xla_gpu_disable_async_collectives': 'ALLREDUCE,ALLGATHER'}
+
+
+def executable_options(kind: str, shape: tuple[int, int], tp: int) -> dict:
+    """XLA options for one step executable (``kind`` 'prefill' or a decode kind, ``shape`` (rows,
+    tokens)) of an engine on ``tp`` devices; empty: XLA's defaults."""
+    if tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS:
+        return dict(SMALL_BATCH_TP_OPTIONS)
+    return {}
