@@ -9,7 +9,7 @@ computed before tracing, from everything the lowering depends on:
 - the code that traces it: a digest of every source file of ``lmdeploy_jax`` and ``pallas_kernels``;
 - the software and hardware: JAX and jaxlib versions, the backend's platform version, the devices
   the executable runs on, ``XLA_FLAGS``, the ``LMDEPLOY_JAX_*`` variables (kernel choices), JAX's
-  precision and x64 settings;
+  settings that change tracing (x64, precision, RNG and the others its jit cache keys on);
 - the caller's description of the function: the model spec, the rope frequencies, the step
   kind and its static settings, and the shapes, dtypes and shardings of every input.
 
@@ -23,6 +23,7 @@ to take the same branch for every shape.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import os
@@ -88,9 +89,20 @@ def environment_key(devices) -> str:
     backend = devices[0].client
     parts = [_source_digest(), jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
              repr([(d.id, d.device_kind) for d in devices]), os.environ.get('XLA_FLAGS', ''),
-             repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX))),
-             repr((jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision))]
+             repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX))), _trace_settings()]
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
+
+
+def _trace_settings() -> str:
+    """JAX's settings that change what tracing produces: the ones its own jit cache keys on (a
+    private function; x64 and the matmul precision where it is missing), plain values only (one
+    entry is an object whose repr differs per process)."""
+    try:
+        from jax._src import config as jax_config
+        values = jax_config.trace_context()
+    except (ImportError, AttributeError):
+        values = (jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
+    return repr([v for v in values if v is None or isinstance(v, (bool, int, float, str, tuple, enum.Enum))])
 
 
 def describe_inputs(tree) -> str:
