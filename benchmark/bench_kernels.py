@@ -140,28 +140,24 @@ def decode_impls(args):
     launch configs)."""
     scale = args.head_dim ** -0.5
     impls = op_impls(args, functools.partial(paged_decode_attention, scale=scale, impl='reference'),
-                     functools.partial(_pallas_decode, scale=scale), decode_gpu.DecodeConfig, DECODE_SWEEP)
+                     functools.partial(_stacked_decode, decode_gpu.paged_decode_attention_pallas, scale=scale),
+                     decode_gpu.DecodeConfig, DECODE_SWEEP)
     if 'jax_ops' in args.impls:
         impls['jax_ops'] = [(None, _jax_ops_decode(scale))]
-    if 'mosaic' in args.impls:
-        impls['mosaic'] = [(cfg, functools.partial(_stacked_decode, decode_mosaic.paged_decode_attention_mosaic,
-                                                   scale=scale, config=cfg))
-                           for cfg in configs(args, decode_mosaic.MosaicConfig, MOSAIC_SWEEP)]
-    if 'jax_triton' in args.impls:
-        impls['jax_triton'] = [(cfg, functools.partial(_stacked_decode, decode_triton.paged_decode_attention_triton,
-                                                       scale=scale, config=cfg))
-                               for cfg in configs(args, decode_triton.TritonConfig, TRITON_SWEEP)]
+    alternatives = (('mosaic', decode_mosaic.paged_decode_attention_mosaic, decode_mosaic.MosaicConfig, MOSAIC_SWEEP),
+                    ('jax_triton', decode_triton.paged_decode_attention_triton, decode_triton.TritonConfig,
+                     TRITON_SWEEP))
+    for name, kernel, config_class, sweep in alternatives:
+        if name in args.impls:
+            impls[name] = [(cfg, functools.partial(_stacked_decode, kernel, scale=scale, config=cfg))
+                           for cfg in configs(args, config_class, sweep)]
     return impls
 
 
-def _stacked_decode(kernel, q, k, v, tables, lens, *, scale, config):
-    """A decode kernel of ``paged_attention`` on one layer's pools, as a stack of one."""
-    return kernel(q, k[None], v[None], jnp.int32(0), tables, lens, scale, config=config)
-
-
-def _pallas_decode(q, k, v, tables, lens, *, scale, config, interpret):
-    return decode_gpu.paged_decode_attention_pallas(q, k[None], v[None], jnp.int32(0), tables, lens, scale,
-                                                    config=config, interpret=interpret)
+def _stacked_decode(kernel, q, k, v, tables, lens, **launch):
+    """A decode kernel of ``paged_attention`` on one layer's pools, as a stack of one (``launch``:
+    its scale and launch arguments)."""
+    return kernel(q, k[None], v[None], jnp.int32(0), tables, lens, **launch)
 
 
 def _jax_ops_decode(scale):

@@ -28,13 +28,21 @@ def stacked(k_pages, v_pages, layer) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The pools as layer-stacked ``[layers, ...]`` and the layer to use, int32: one layer's pools
     become a stack of one (``layer`` must then be None or 0)."""
     if k_pages.ndim == 4:
-        require(layer is None or (isinstance(layer, int) and layer == 0),
-                f'layer={layer!r} given for single-layer pages [kv_heads, num_blocks, block_size, head_dim]')
-        return k_pages[None], v_pages[None], jnp.zeros((), jnp.int32)
-    require(layer is not None, 'layer-stacked pages [layers, kv_heads, ...] need the layer to use')
+        layer = layer_index(layer, False, 'single-layer pages [kv_heads, num_blocks, block_size, head_dim]')
+        return k_pages[None], v_pages[None], layer
+    return k_pages, v_pages, layer_index(layer, True, 'layer-stacked pages [layers, kv_heads, ...]')
+
+
+def layer_index(layer, is_stack: bool, what: str) -> jax.Array:
+    """The int32 scalar layer to read of an input ``what``: 0 for one layer given alone (``layer``
+    then None or 0), else ``layer`` itself, required."""
+    if not is_stack:
+        require(layer is None or (isinstance(layer, int) and layer == 0), f'layer={layer!r} given for {what}')
+        return jnp.zeros((), jnp.int32)
+    require(layer is not None, f'{what} need the layer to use')
     layer = jnp.asarray(layer, jnp.int32) if isinstance(layer, int) else layer
     require(layer.shape == () and layer.dtype == jnp.int32, f'layer must be an int32 scalar, got {layer!r}')
-    return k_pages, v_pages, layer
+    return layer
 
 
 def check_int32(name: str, x, shape: tuple[int, ...] | None = None) -> None:

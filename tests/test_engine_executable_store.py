@@ -73,12 +73,12 @@ def test_unreadable_or_differently_keyed_executables_are_misses(tmp_path):
 
 
 def test_store_keeps_its_size_bound_dropping_the_least_recently_used(tmp_path):
-    """``_trim`` on plain files: the oldest go first, until the rest fit."""
+    """``trim`` on plain files: the oldest go first, until the rest fit."""
     from lmdeploy_jax.engine.executable_store import ExecutableStore
     store = ExecutableStore(str(tmp_path), 'env', max_bytes=250)
     for age, name in enumerate(['c', 'b', 'a']):          # a is the oldest
         path = tmp_path / f'{name}.executable'
         path.write_bytes(b'x' * 100)
         os.utime(path, (1000 - age * 100, 1000 - age * 100))
-    store._trim()
+    store.trim()
     assert sorted(p.stem for p in tmp_path.glob('*.executable')) == ['b', 'c']

@@ -134,7 +134,7 @@ class ExecutableStore:
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
             executable = deserialize_and_load(payload, in_tree, out_tree)
-            os.utime(path)          # recently used: kept longest by ``_trim``
+            os.utime(path)          # recently used: kept longest by ``trim``
             return executable
         except Exception as e:  # noqa: BLE001 - any unreadable file is a miss
             logger.warning('removing unreadable stored executable %s (%s: %s)', path.name, type(e).__name__, e)
@@ -153,11 +153,10 @@ class ExecutableStore:
         partial = path.with_suffix(f'.{os.getpid()}.tmp')
         partial.write_bytes(blob)
         partial.replace(path)
-        self._trim()
 
-    def _trim(self) -> None:
+    def trim(self) -> None:
         """Remove the least recently used files while the store holds more than ``max_bytes``
-        (each code change adds a new set of executables)."""
+        (each code change adds a new set of executables); once after a warmup's saves."""
         files = sorted(self.directory.glob('*.executable'), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in files)
         for path in files:

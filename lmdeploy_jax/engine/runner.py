@@ -179,6 +179,8 @@ class ModelRunner:
                 if fresh:
                     store.save(descriptions[key], executable)
                     self.store_counts['saved'] += 1
+            if self.store_counts['saved']:
+                store.trim()
         self.cache = allocate_cache_state(self.cache_spec)
         logger.info('%d step shapes ready in %.1f s (%d loaded from the executable store; loading and tracing '
                     '%.1f s): decode batches %s (%d steps a call), prefill (rows, tokens) %s',

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .._pallas_tiles import LOG2E, tile_for, triton_supports
+from .._pallas_tiles import LOG2E, tile_for
 from .pallas_gpu import choose_num_splits, finish_splits, group_pad, split_out_shapes
 
 tl = None      # triton.language, bound by ``triton_kernel`` (triton is imported lazily)
@@ -37,10 +37,6 @@ class TritonConfig:
     num_stages: int = 3
     target_programs: int | None = None
     num_splits: int | None = None
-
-
-def supports(q, k_pages) -> bool:
-    return triton_supports(q.dtype, k_pages.shape[-1])
 
 
 def _decode_kernel(layer_ptr, lens_ptr, tables_ptr, q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, l_ptr,

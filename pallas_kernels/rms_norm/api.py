@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._checks import require
+from .._checks import layer_index, require
 from .._dispatch import choose_impl
 from .reference import rms_norm_reference
 
@@ -36,13 +36,8 @@ def _stacked_weight(weight: jax.Array, layer, hidden: int) -> tuple[jax.Array, j
     if weight.ndim == 1:
         require(tuple(weight.shape) == (hidden,),
                 f'weight must have shape ({hidden},) to match x [..., {hidden}], got {tuple(weight.shape)}')
-        require(layer is None or (isinstance(layer, int) and layer == 0),
-                f'layer={layer!r} given for a single weight [hidden]')
-        return weight[None], jnp.zeros((), jnp.int32)
+        return weight[None], layer_index(layer, False, 'a single weight [hidden]')
     require(weight.ndim == 2 and weight.shape[1] == hidden,
             f'weight must be [{hidden}] or stacked [layers, {hidden}] to match x [..., {hidden}], '
             f'got {tuple(weight.shape)}')
-    require(layer is not None, 'stacked weights [layers, hidden] need the layer to use')
-    layer = jnp.asarray(layer, jnp.int32) if isinstance(layer, int) else layer
-    require(layer.shape == () and layer.dtype == jnp.int32, f'layer must be an int32 scalar, got {layer!r}')
-    return weight, layer
+    return weight, layer_index(layer, True, 'stacked weights [layers, hidden]')
