@@ -35,6 +35,13 @@ def test_only_small_decode_calls_of_a_tensor_parallel_engine_get_their_own_optio
     assert executable_options('decode', (1, 1), tp=1) == {}
 
 
+def test_small_batch_options_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '0')
+    assert executable_options('greedy_decode', (1, 1), tp=2) == {}
+    monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '1')
+    assert executable_options('greedy_decode', (1, 1), tp=2) == SMALL_BATCH_TP_OPTIONS
+
+
 def test_options_xla_rejects_fall_back_to_the_defaults():
     """A compile with options XLA does not know still yields a working executable (XLA's defaults)."""
     import jax

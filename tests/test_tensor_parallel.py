@@ -128,3 +128,31 @@ def test_heads_that_cannot_be_split_are_a_clear_error(checkpoints, tmp_path):
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.stdout.splitlines() == ['tp=3 cannot split 8 attention heads evenly',
                                         'tp=8 cannot split 9 attention heads evenly'], proc.stderr[-4000:]
+
+
+def test_sampler_scatters_over_whole_vocabulary_rows(checkpoints, tmp_path):
+    """The general sampler's scatters (penalties, masks) must not run on the lm_head's vocabulary
+    shards: XLA's GPU backend ran the partitioned general sampler as a serial loop of small kernels
+    (a llama3-8b prefill step at tp=2 took ~3 s on an H100), so the general steps (prefill and
+    sampled decode) sample whole rows. The greedy decode step keeps the shards (its all-gather of
+    [256, vocab] logits would cost more than its scatters)."""
+    code = ('import re, sys\n'
+            'from lmdeploy_jax.checkpoint.source import resolve_model\n'
+            'from lmdeploy_jax.engine.engine import JaxEngine\n'
+            'from lmdeploy_jax.messages import TurbomindEngineConfig\n'
+            'config = TurbomindEngineConfig(dtype="float32", tp=2, session_len=128, max_batch_size=4,\n'
+            '                               num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)\n'
+            'engine = JaxEngine(resolve_model(sys.argv[1]), config, decode_batch=[4], prefill_tokens=[32],\n'
+            '                   prefill_batch=[4])\n'
+            'for (kind, _), executable in engine._runner._executables.items():\n'
+            '    for shape in re.findall(r"= f32\\[([0-9,]+)\\]\\S* scatter\\(", executable.as_text()):\n'
+            '        print(kind, shape)\n'
+            'engine.close()\n')
+    proc = subprocess.run([sys.executable, '-c', code, checkpoints['llama-kv8']], env=_env(tmp_path, 2),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    scatters = [line.split() for line in proc.stdout.splitlines()]
+    vocab_scatters = [(kind, shape) for kind, shape in scatters if shape.endswith(',1024')]
+    assert {kind for kind, _ in vocab_scatters} == {'prefill', 'decode'}, scatters
+    assert not [(kind, shape) for kind, shape in scatters if kind != 'greedy_decode' and shape.endswith(',512')], \
+        scatters

@@ -48,7 +48,11 @@ SMALL_BATCH_TP_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS,
 
 def executable_options(kind: str, shape: tuple[int, int], tp: int) -> dict:
     """XLA options for one step executable (``kind`` 'prefill' or a decode kind, ``shape`` (rows,
-    tokens)) of an engine on ``tp`` devices; empty: XLA's defaults."""
+    tokens)) of an engine on ``tp`` devices; empty: XLA's defaults, which
+    ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS=0`` gives every executable (to compare, or to step around
+    an XLA that mishandles the options)."""
+    if os.environ.get('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '1') == '0':
+        return {}
     if tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS:
         return dict(SMALL_BATCH_TP_OPTIONS)
     return {}
