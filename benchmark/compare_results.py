@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Pair LMDeploy's and our ``RESULT`` lines from one log and print the ratios (ours / theirs)."""
+"""Pair LMDeploy's and our ``RESULT`` lines from one log and print the ratios (ours / theirs);
+with ``--by-tp``, our lines of each tensor-parallel size against tp=1 of the same log."""
 from __future__ import annotations
 
 import json
@@ -27,5 +28,28 @@ def main(path: str) -> None:
             print(f'{"":10s} start-up ours {a["startup_s"]} s, LMDeploy {b["startup_s"]} s')
 
 
+def by_tp(path: str) -> None:
+    """Per model and tp: throughput and batch-1 tok/s, and their ratio to the same model at tp=1."""
+    table = {}
+    for r in load(path):
+        if not r['engine'].startswith('lmdeploy_jax'):
+            continue
+        if r['bench'] == 'throughput':
+            table.setdefault((r['model'], r['tp']), {})['throughput'] = r['output_tok_per_s']
+        elif r['bench'] == 'generation' and r.get('batch_size') == 1:
+            table.setdefault((r['model'], r['tp']), {})['batch1'] = r['decode_tok_per_s_per_request']
+    for (model, tp), values in sorted(table.items()):
+        base = table.get((model, 1), {})
+        cells = []
+        for bench in ('throughput', 'batch1'):
+            value, ref = values.get(bench), base.get(bench)
+            ratio = f' ({value / ref:.2f} x tp=1)' if value and ref and tp != 1 else ''
+            cells.append(f'{bench} {value} tok/s{ratio}')
+        print(f'{model} tp={tp}: ' + ', '.join(cells))
+
+
 if __name__ == '__main__':
-    main(sys.argv[1])
+    if sys.argv[1] == '--by-tp':
+        by_tp(sys.argv[2])
+    else:
+        main(sys.argv[1])

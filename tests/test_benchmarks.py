@@ -108,3 +108,22 @@ def test_trace_summary_counts_busy_time_and_attributes_idle_gaps():
     assert gaps['gaps'] == {'prefill -> ': [1, 50.0], 'decode -> prefill': [1, 25.0]}
     assert gaps['small_gaps_ms'] == 1.0                     # [10, 11]: under min_gap_us
     assert trace_summary.device_gaps(NS(planes=[])) == {}
+
+
+def test_compare_results_by_tp_sets_each_size_against_tp1_of_the_same_model(tmp_path):
+    """The summary ``run_tensor_parallel.sh`` prints: ratios to tp=1 of the same model only."""
+    def line(model, tp, bench, value):
+        record = dict(engine='lmdeploy_jax-turbomind', bench=bench, model=model, tp=tp)
+        if bench == 'throughput':
+            record['output_tok_per_s'] = value
+        else:
+            record.update(batch_size=1, decode_tok_per_s_per_request=value)
+        return 'RESULT ' + json.dumps(record)
+    log = tmp_path / 'run.log'
+    log.write_text('\n'.join(['noise', line('/m', 1, 'throughput', 100.0), line('/m', 1, 'generation', 10.0),
+                              line('/m', 2, 'throughput', 150.0), line('/m', 2, 'generation', 16.0),
+                              line('/big', 4, 'throughput', 70.0)]) + '\n')
+    out = run_benchmark('compare_results.py', '--by-tp', str(log)).splitlines()
+    assert out == ['/big tp=4: throughput 70.0 tok/s, batch1 None tok/s',
+                   '/m tp=1: throughput 100.0 tok/s, batch1 10.0 tok/s',
+                   '/m tp=2: throughput 150.0 tok/s (1.50 x tp=1), batch1 16.0 tok/s (1.60 x tp=1)']
