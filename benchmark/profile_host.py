@@ -5,7 +5,8 @@ Runs the real scheduler on ``--batch`` decoding requests and, per decode call, t
 (``Scheduler.schedule``), building the call's host arrays (``host_decode_batch`` and
 ``host_sampling_params``, as ``ModelRunner.step`` does) and taking its results
 (``Scheduler.complete``, fed random tokens). Prints one JSON line: microseconds per call and per
-decode step (a call runs ``--decode-steps`` steps), medians over the calls. Device transfers and dispatch are not counted.
+decode step (a call runs ``--decode-steps`` steps), medians over the calls. Device transfers and
+dispatch are not counted.
 """
 from __future__ import annotations
 

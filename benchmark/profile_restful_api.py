@@ -65,7 +65,8 @@ async def one_request(client: httpx.AsyncClient, args, prompt: str) -> Outcome:
                     out.error = chunk['error']['message']
                     return out
                 if chunk.get('usage'):
-                    out.prompt_tokens, out.output_tokens = chunk['usage']['prompt_tokens'], chunk['usage']['completion_tokens']
+                    usage = chunk['usage']
+                    out.prompt_tokens, out.output_tokens = usage['prompt_tokens'], usage['completion_tokens']
                 for choice in chunk.get('choices', []):
                     if (choice.get('delta') or {}).get('content') or choice.get('text'):
                         out.chunk_times.append(time.perf_counter())
@@ -81,7 +82,8 @@ async def run_load(args, prompts: list[str]) -> tuple[list[Outcome], float]:
     limits = httpx.Limits(max_connections=args.concurrency or len(prompts))
     gate = asyncio.Semaphore(args.concurrency or len(prompts))
     rng = np.random.default_rng(args.seed)
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits, timeout=args.timeout) as client:
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits,
+                                 timeout=args.timeout) as client:
         async def gated(prompt):
             async with gate:
                 return await one_request(client, args, prompt)
@@ -98,7 +100,8 @@ def _summary(values_s: list[float]) -> dict:
     if not values_s:
         return {}
     ms = np.asarray(values_s) * 1000
-    return {'mean': round(float(ms.mean()), 3), **{f'p{q}': round(float(np.percentile(ms, q)), 3) for q in (50, 90, 99)}}
+    percentiles = {f'p{q}': round(float(np.percentile(ms, q)), 3) for q in (50, 90, 99)}
+    return {'mean': round(float(ms.mean()), 3), **percentiles}
 
 
 def report(args, outcomes: list[Outcome], duration: float) -> dict:

@@ -131,7 +131,8 @@ class TurbomindEngineConfig:
                  self.quant_policy)
         _require(isinstance(self.max_prefill_token_num, int) and self.max_prefill_token_num >= 1,
                  'max_prefill_token_num', 'an integer >= 1', self.max_prefill_token_num)
-        _require(self.num_cache_blocks is None or (isinstance(self.num_cache_blocks, int) and self.num_cache_blocks >= 2),
+        blocks = self.num_cache_blocks
+        _require(blocks is None or (isinstance(blocks, int) and blocks >= 2),
                  'num_cache_blocks', 'an integer >= 2 or None', self.num_cache_blocks)
 
 

@@ -1,4 +1,5 @@
-"""The ``lmdeploy_jax`` command: help texts, ``list``, ``check_env``, and the real model through ``run`` and ``chat``."""
+"""The ``lmdeploy_jax`` command: help texts, ``list``, ``check_env``, and the real model through ``run``
+and ``chat``."""
 from __future__ import annotations
 
 import re

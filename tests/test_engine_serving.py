@@ -133,7 +133,8 @@ def test_no_compilation_after_warmup(engine, rng):
         assert compiles
         compiles.clear()
         requests = [EngineRequest(1000 + i, ids(rng, int(rng.integers(1, SESSION - 10))),
-                                  greedy(int(rng.integers(1, 9)), logprobs=int(rng.choice([0, 3])) if i % 3 == 0 else None))
+                                  greedy(int(rng.integers(1, 9)),
+                                         logprobs=int(rng.choice([0, 3])) if i % 3 == 0 else None))
                     for i in range(100)]
         results = run_all(engine, requests)
     finally:

@@ -16,7 +16,8 @@ import jax
 class StepBatch:
     token_ids: jax.Array      # int32 [B, T]   input tokens, left-aligned in each row
     positions: jax.Array      # int32 [B, T]   absolute position of each token in its sequence
-    slot_mapping: jax.Array   # int32 [B, T]   KV slot (block * block_size + offset) each token writes; padding -> block 0
+    slot_mapping: jax.Array   # int32 [B, T]   KV slot (block * block_size + offset) each token writes;
+                              #                padding -> block 0
     block_tables: jax.Array   # int32 [B, M]   the blocks of each sequence, in order; unused entries 0
     context_lens: jax.Array   # int32 [B]      tokens in the cache once this step's writes are done
     query_lens: jax.Array     # int32 [B]      valid tokens of the row (decode: 1; padding rows: 0)

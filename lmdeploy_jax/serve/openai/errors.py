@@ -38,7 +38,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     loc = [str(p) for p in first.get('loc', ()) if p != 'body']
     param = '.'.join(loc) or None
     if first.get('type') == 'json_invalid':
-        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None, 'json_invalid'
+        reason = first.get('ctx', {}).get('error', first.get('msg'))
+        return f'the body is not valid JSON: {reason}', None, 'json_invalid'
     return (f'{param}: {first.get("msg")}' if param else first.get('msg', 'invalid request')), param, first.get('type')
 
 
