@@ -107,6 +107,17 @@ def test_two_processes_equal_one(checkpoints, tmp_path):
     assert not any(line.startswith('{') for line in outputs[1][0].splitlines())   # only process 0 reports
 
 
+def _run_engine_code(code: str, model: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``code`` in a child process with ``env``, after the imports that build an engine;
+    ``sys.argv[1]`` is ``model``."""
+    imports = ('import sys\n'
+               'from lmdeploy_jax.checkpoint.source import resolve_model\n'
+               'from lmdeploy_jax.engine.engine import JaxEngine\n'
+               'from lmdeploy_jax.messages import TurbomindEngineConfig\n')
+    return subprocess.run([sys.executable, '-c', imports + code, model], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
 def test_tp_beyond_the_devices_is_a_clear_error():
     """This process has one CPU device."""
     with pytest.raises(ValueError, match=r'tp=2 needs 2 devices but only 1 cpu device'):
@@ -115,17 +126,12 @@ def test_tp_beyond_the_devices_is_a_clear_error():
 
 def test_heads_that_cannot_be_split_are_a_clear_error(checkpoints, tmp_path):
     """tp=3 over 8 heads; tp=8 over the default model's 9 heads (its 3 KV heads would allow neither)."""
-    code = ('import sys\n'
-            'from lmdeploy_jax.checkpoint.source import resolve_model\n'
-            'from lmdeploy_jax.engine.engine import JaxEngine\n'
-            'from lmdeploy_jax.messages import TurbomindEngineConfig\n'
-            'for model, tp in ((sys.argv[1], 3), (None, 8)):\n'
+    code = ('for model, tp in ((sys.argv[1], 3), (None, 8)):\n'
             '    try:\n'
             '        JaxEngine(resolve_model(model), TurbomindEngineConfig(tp=tp))\n'
             '    except ValueError as exc:\n'
             '        print(exc)\n')
-    proc = subprocess.run([sys.executable, '-c', code, checkpoints['llama-kv8']], env=_env(tmp_path, 8),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = _run_engine_code(code, checkpoints['llama-kv8'], _env(tmp_path, 8))
     assert proc.stdout.splitlines() == ['tp=3 cannot split 8 attention heads evenly',
                                         'tp=8 cannot split 9 attention heads evenly'], proc.stderr[-4000:]
 
@@ -136,10 +142,7 @@ def test_sampler_scatters_over_whole_vocabulary_rows(checkpoints, tmp_path):
     (a llama3-8b prefill step at tp=2 took ~3 s on an H100), so the general steps (prefill and
     sampled decode) sample whole rows. The greedy decode step keeps the shards (its all-gather of
     [256, vocab] logits would cost more than its scatters)."""
-    code = ('import re, sys\n'
-            'from lmdeploy_jax.checkpoint.source import resolve_model\n'
-            'from lmdeploy_jax.engine.engine import JaxEngine\n'
-            'from lmdeploy_jax.messages import TurbomindEngineConfig\n'
+    code = ('import re\n'
             'config = TurbomindEngineConfig(dtype="float32", tp=2, session_len=128, max_batch_size=4,\n'
             '                               num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)\n'
             'engine = JaxEngine(resolve_model(sys.argv[1]), config, decode_batch=[4], prefill_tokens=[32],\n'
@@ -148,8 +151,7 @@ def test_sampler_scatters_over_whole_vocabulary_rows(checkpoints, tmp_path):
             '    for shape in re.findall(r"= f32\\[([0-9,]+)\\]\\S* scatter\\(", executable.as_text()):\n'
             '        print(kind, shape)\n'
             'engine.close()\n')
-    proc = subprocess.run([sys.executable, '-c', code, checkpoints['llama-kv8']], env=_env(tmp_path, 2),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = _run_engine_code(code, checkpoints['llama-kv8'], _env(tmp_path, 2))
     assert proc.returncode == 0, proc.stderr[-4000:]
     scatters = [line.split() for line in proc.stdout.splitlines()]
     vocab_scatters = [(kind, shape) for kind, shape in scatters if shape.endswith(',1024')]
