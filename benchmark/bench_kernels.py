@@ -9,6 +9,7 @@
     python benchmark/bench_kernels.py --ops kv_write --tokens 1 256 8192   # the paged KV write
     python benchmark/bench_kernels.py --ops decode_step --batches 1 8     # rope + KV write + decode
     python benchmark/bench_kernels.py --ops rms_norm --tokens 1 256 8192   # RMSNorm of 4096-wide rows
+    python benchmark/bench_kernels.py --ops add_rms_norm --tokens 1 8192   # residual add + RMSNorm
     PYTHONPATH=/tmp/jt-site python benchmark/bench_kernels.py --batches 1 64 --contexts 2048 \
         --impls reference pallas mosaic jax_triton     # decode alternatives (jax_triton: see below)
 
@@ -36,7 +37,8 @@ the rope tables read, the new K and V written and the output; its calls carry th
 RMSNorm (``--ops rms_norm``: ``--tokens`` rows of ``--hidden``, default heads x head_dim) counts
 its rows read and written and the weight read; each call normalises the previous call's output,
 as a layer's norm reads what the layer before it wrote (so rows that fit in L2 are read from it,
-as in the model).
+as in the model). ``--ops add_rms_norm`` is the op the models call: the residual add before the
+norm in the same kernel (x and the residual read, the sum and the norm written).
 The ratio is to the card's copy bandwidth (2.91 TB/s measured on an H100 on 2026-11-26,
 ``--copy-tbps``) and to the copy this run measures itself.
 One JSON line per case; a failing implementation prints its error and the run goes on; a table
@@ -72,7 +74,7 @@ from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu  # noqa: E402
 from pallas_kernels.prefill_attention.api import paged_prefill_attention  # noqa: E402
 from pallas_kernels.rms_norm import pallas_gpu as norm_gpu  # noqa: E402
-from pallas_kernels.rms_norm.api import rms_norm  # noqa: E402
+from pallas_kernels.rms_norm.api import add_rms_norm, rms_norm  # noqa: E402
 
 IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops', 'mosaic', 'jax_triton')   # the last three: decode only
 CHECK_ROWS = 8
@@ -379,6 +381,35 @@ def norm_check_rows(fn, case):
     return fn(case['x'][:CHECK_ROWS], case['weight'])
 
 
+def add_norm_impls(args):
+    return op_impls(args, functools.partial(add_rms_norm, eps=NORM_EPS, impl='reference'), _pallas_add_norm,
+                    norm_gpu.NormConfig, NORM_SWEEP)
+
+
+def _pallas_add_norm(x, residual, weight, *, config, interpret):
+    return norm_gpu.rms_norm_pallas(x, weight[None], jnp.int32(0), NORM_EPS, config=config, interpret=interpret,
+                                    residual=residual)
+
+
+def add_norm_case(args, rows, context, seed):
+    """``norm_case`` plus a random residual; bytes: x and the residual read, the sum and the norm
+    written, the weight read."""
+    case = norm_case(args, rows, context, seed)
+    case['residual'] = jax.random.normal(jax.random.key(seed + 1), case['x'].shape, args.dtype)
+    case['bytes'] = (4 * rows + 1) * norm_hidden(args) * jnp.dtype(args.dtype).itemsize
+    return case
+
+
+def add_norm_call(fn, case):
+    """The norm only: what a chained call feeds the next (the sum is written all the same)."""
+    return fn(case['x'], case['residual'], case['weight'])[1]
+
+
+def add_norm_check_rows(fn, case):
+    total, normed = fn(case['x'][:CHECK_ROWS], case['residual'][:CHECK_ROWS], case['weight'])
+    return jnp.concatenate([total.reshape(-1), normed.reshape(-1)])
+
+
 # ---- timing ---------------------------------------------------------------------------------
 
 def median_seconds(run, inputs, args):
@@ -451,10 +482,11 @@ OPS = {'decode': (decode_impls, decode_case, decode_call, decode_check_rows),
        'prefill': (prefill_impls, prefill_case, prefill_call, prefill_check_rows),
        'kv_write': (write_impls, write_case, write_call, write_check_rows),
        'decode_step': (step_impls, step_case, step_call, step_check_rows),
-       'rms_norm': (norm_impls, norm_case, norm_call, norm_check_rows)}
+       'rms_norm': (norm_impls, norm_case, norm_call, norm_check_rows),
+       'add_rms_norm': (add_norm_impls, add_norm_case, add_norm_call, add_norm_check_rows)}
 TIMERS = {'kv_write': time_in_place_calls, 'decode_step': time_in_place_calls,
-          'rms_norm': time_chained_calls}   # the others: time_calls
-ROW_OPS = ('kv_write', 'rms_norm')          # cases from --tokens, not batches x contexts
+          'rms_norm': time_chained_calls, 'add_rms_norm': time_chained_calls}   # the others: time_calls
+ROW_OPS = ('kv_write', 'rms_norm', 'add_rms_norm')      # cases from --tokens, not batches x contexts
 
 
 def run_case(op, args, batch, context, seed, copy_tbps, results):
@@ -462,7 +494,8 @@ def run_case(op, args, batch, context, seed, copy_tbps, results):
     base = dict(op=op, batch=batch, context=context, block_size=args.block_size, dtype=args.dtype,
                 heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                 ragged=args.ragged, prefix=args.prefix if op == 'prefill' else None,
-                hidden=norm_hidden(args) if op == 'rms_norm' else None, device=str(jax.devices()[0].device_kind),
+                hidden=norm_hidden(args) if op in ('rms_norm', 'add_rms_norm') else None,
+                device=str(jax.devices()[0].device_kind),
                 jax=jax.__version__)
     try:
         case = make_case(args, batch, context, seed)
@@ -513,7 +546,7 @@ def emit(record, results):
 def print_table(results):
     """Decode rates against the copy ceiling, prefill rates against the matmul ceiling."""
     print('\n op      impl              batch context   time_us  TB/s|TF/s ratio  err      config'
-          '\n (kv_write: batch = new tokens; TB/s of the new K/V read and written; rms_norm: batch = rows)')
+          '\n (kv_write: batch = new tokens; TB/s of the new K/V read and written; (add_)rms_norm: batch = rows)')
     for r in results:
         if r.get('op') == 'copy':
             continue
@@ -540,8 +573,9 @@ def main() -> None:
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 8, 64, 256])
     parser.add_argument('--contexts', type=int, nargs='+', default=[512, 2048, 8192])
     parser.add_argument('--tokens', type=int, nargs='+', default=[1, 256, 8192],
-                        help='kv_write: new tokens per call; rms_norm: rows per call')
-    parser.add_argument('--hidden', type=int, default=None, help='rms_norm: row width (default: heads x head_dim)')
+                        help='kv_write: new tokens per call; rms_norm, add_rms_norm: rows per call')
+    parser.add_argument('--hidden', type=int, default=None,
+                        help='(add_)rms_norm: row width (default: heads x head_dim)')
     parser.add_argument('--block-size', type=int, default=64)
     parser.add_argument('--dtype', default='bfloat16', choices=sorted(TOLERANCE))
     parser.add_argument('--heads', type=int, default=32, help='query heads (llama3-8b: 32)')

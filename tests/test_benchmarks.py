@@ -75,7 +75,7 @@ def test_profile_generation_reports_each_batch_and_length():
 
 
 def test_bench_kernels_checks_and_times_every_op_in_interpret_mode():
-    ops = ('decode', 'prefill', 'kv_write', 'decode_step', 'rms_norm')
+    ops = ('decode', 'prefill', 'kv_write', 'decode_step', 'rms_norm', 'add_rms_norm')
     records = run_script('bench_kernels.py', '--ops', *ops, '--impls', 'reference',
                          'pallas_interpret', '--batches', '2', '--contexts', '96', '--tokens', '5', '--heads', '4',
                          '--kv-heads', '2', '--head-dim', '32', '--block-size', '16', '--iters', '2', '--calls', '2',

@@ -39,7 +39,7 @@ from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
 from pallas_kernels.rms_norm import pallas_gpu as norm_gpu
-from pallas_kernels.rms_norm.api import rms_norm
+from pallas_kernels.rms_norm.api import add_rms_norm, rms_norm
 from pallas_kernels.rms_norm.reference import rms_norm_reference
 
 KV_HEADS, HEAD_DIM = 2, 32
@@ -657,6 +657,30 @@ def test_rms_norm_supports_rows_up_to_max_hidden(monkeypatch):
         rms_norm(wide, wide[0], NORM_EPS, impl='pallas_interpret')
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape', [(1, 1, 576), (37, 96), (2, 50, 128)])
+def test_add_rms_norm_returns_the_sum_and_its_norm(rng, shape, dtype):
+    """The residual add and the norm after it as one kernel: the sum exactly as ``x + residual``
+    in ``x``'s dtype (the residual stream the next layer adds to), the norm as the reference's
+    of that sum; one row (batch-1 decode) and many, stacked weights read at a layer."""
+    x, _ = norm_case(rng, shape, dtype)
+    residual, _ = norm_case(rng, shape, dtype)
+    stack = jnp.asarray(1 + 0.5 * rng.standard_normal((3, shape[-1])), dtype)
+    total, normed = add_rms_norm(x, residual, stack, NORM_EPS, jnp.int32(2), impl='pallas_interpret')
+    want_total, want_normed = add_rms_norm(x, residual, stack, NORM_EPS, jnp.int32(2), impl='reference')
+    assert total.dtype == dtype and total.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(total.astype(jnp.float32)), np.asarray((x + residual).astype(jnp.float32)))
+    np.testing.assert_array_equal(np.asarray(want_total), np.asarray(total))
+    assert_norm_matches(normed, want_total, stack[2], dtype)
+    assert relative_error(normed.astype(jnp.float32), want_normed.astype(jnp.float32)) < TOLERANCE[dtype]
+
+
+def test_add_rms_norm_refuses_a_residual_unlike_x(rng):
+    x, weight = norm_case(rng, (2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r'residual must match x bfloat16 \(2, 64\), got float32'):
+        add_rms_norm(x, x.astype(jnp.float32), weight, NORM_EPS)
+
+
 def test_rms_norm_lowers_to_its_kernel_alone():
     """A decode step's norm ``[B=1, T=1, 4096]`` and a prefill's of a hidden size that is not a
     power of two, each reading its layer of stacked weights as in the models' layer loop, lowered
@@ -670,5 +694,9 @@ def test_rms_norm_lowers_to_its_kernel_alone():
                 lowering_platforms=('cuda',)).as_text()
         except Exception as e:      # noqa: BLE001 - a jaxlib that cannot lower for CUDA here
             pytest.skip(f'cannot lower for CUDA on this machine: {type(e).__name__}: {e}')
+        assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
+        assert text.count('stablehlo.custom_call') == 1
+        text = jax.jit(lambda x, w, i: add_rms_norm(x, x, w, NORM_EPS, i, impl='pallas')).trace(x, stack, layer).lower(
+            lowering_platforms=('cuda',)).as_text()
         assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
         assert text.count('stablehlo.custom_call') == 1

@@ -73,6 +73,22 @@ def test_greedy_tokens_equal_tp1(name, checkpoints, tmp_path):
         assert out[tp] == out[1], f'tp={tp}'
 
 
+def test_pallas_kernels_in_the_engine_give_the_reference_kernels_tokens(tmp_path):
+    """Every Pallas kernel the model calls (interpret mode: the fused decode step, prefill
+    attention, KV write, add + RMSNorm), inside the engine and under ``shard_map`` at tp=2, gives
+    the greedy tokens of the XLA reference kernels. Head size 32: the attention kernels' smallest."""
+    torch.manual_seed(0)
+    path = tmp_path / 'llama-d32'
+    LlamaForCausalLM(LlamaConfig(**{**TINY, 'hidden_size': 128, 'head_dim': 32, 'num_attention_heads': 4},
+                                 num_key_value_heads=2)).save_pretrained(path)
+    kernels = {impl: _run_worker(_env(tmp_path / impl, 2, LMDEPLOY_JAX_KERNELS=impl), '--model', str(path),
+                                 '--tp', '1', '2')
+               for impl in ('reference', 'pallas_interpret')}
+    assert all(len(tokens) == 6 for tokens in kernels['reference'][1])
+    assert kernels['pallas_interpret'] == kernels['reference']
+    assert kernels['reference'][2] == kernels['reference'][1]
+
+
 def test_default_model_tp3_equals_tp1(tmp_path):
     """9 heads over 3 KV heads, 30 layers, tied embeddings: tp=3, one KV head a device."""
     out = _run_worker(_env(tmp_path, 8), '--tp', '1', '3', '--new-tokens', '4')

@@ -12,7 +12,9 @@ A decode step (one token per row) hands the fused qkv projection to one op that 
 writes the token's K/V and attends (``decode_step_attention``: on a GPU one kernel, plus one that
 combines its sequence splits), since at small batches a step is bound by kernel launches; prefill
 splits q/k/v, applies rope in XLA, writes the chunk's K/V, then attends. For the same reason each
-RMSNorm is one op (``pallas_kernels.rms_norm``: one kernel on a GPU, XLA's two launches before).
+RMSNorm is one op together with the residual add before it (``pallas_kernels.rms_norm.add_rms_norm``:
+one kernel on a GPU, where XLA launched the add, the mean of squares and the scaling); the loop
+carries each layer's MLP output to the next layer's first norm, which adds it.
 
 Given a tensor-parallel mesh, XLA partitions the projections from the params' shardings, and the
 KV write and attention run under ``shard_map``, each device on its own heads and pages: XLA cannot
@@ -30,7 +32,7 @@ from jax.sharding import Mesh
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
-from pallas_kernels.rms_norm.api import rms_norm
+from pallas_kernels.rms_norm.api import add_rms_norm
 
 from ..parallel import rules
 from .rope import apply_rope, cos_sin
@@ -74,18 +76,20 @@ def _per_device(fn, mesh: Mesh | None, in_specs: tuple, out_specs: tuple):
     return jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=in_specs, out_specs=out_specs)
 
 
-def _norm(spec: ModelSpec, mesh: Mesh | None, x: jax.Array, weight: jax.Array,
-          layer: jax.Array | None = None) -> jax.Array:
-    """RMSNorm of the (replicated) hidden states: one op, on a GPU one kernel instead of XLA's two.
-    ``weight``: ``[hidden]``, or every layer's ``[layers, hidden]`` with ``layer`` the one to use
-    (the kernel reads its row in place; a slice would be a copy per norm). Under ``shard_map``
-    with a mesh, each device normalising its own full copy, since XLA cannot partition the
-    kernel's custom call."""
+def _add_norm(spec: ModelSpec, mesh: Mesh | None, x: jax.Array, residual: jax.Array, weight: jax.Array,
+              layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The residual add ``x + residual`` and the RMSNorm of the sum, both returned: one op (on a
+    GPU one kernel instead of XLA's add plus the norm's). ``weight``: ``[hidden]``, or every
+    layer's ``[layers, hidden]`` with ``layer`` the one to use (the kernel reads its row in place;
+    a slice would be a copy per norm). Under ``shard_map`` with a mesh, each device on its own
+    full copy of the (replicated) hidden states, since XLA cannot partition the kernel's custom
+    call."""
     if layer is None:
         weight, layer = weight[None], jnp.zeros((), jnp.int32)
     r = rules.REPLICATED
-    norm = _per_device(lambda x, w, i: rms_norm(x, w, spec.rms_norm_eps, i), mesh, in_specs=(r, r, r), out_specs=r)
-    return norm(x, weight, layer)
+    add_norm = _per_device(lambda x, res, w, i: add_rms_norm(x, res, w, spec.rms_norm_eps, i), mesh,
+                           in_specs=(r, r, r, r), out_specs=(r, r))
+    return add_norm(x, residual, weight, layer)
 
 
 def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
@@ -142,16 +146,18 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     layers = params['layers']
 
     def layer_step(index, carry):
-        x, kv = carry
+        # ``mlp_out``: the previous layer's MLP output, added to the residual stream by this
+        # layer's first norm (and the last layer's by the final norm)
+        x, mlp_out, kv = carry
         layer = _projections(layers, index)
-        h, kv = _attention(spec, mesh, layout, layer, index, _norm(spec, mesh, x, layers['input_norm'], index), kv,
-                           batch, cos, sin)
-        x = x + h
-        x = x + _mlp(layout, layer, _norm(spec, mesh, x, layers['post_norm'], index))
-        return x, kv
+        x, normed = _add_norm(spec, mesh, x, mlp_out, layers['input_norm'], index)
+        h, kv = _attention(spec, mesh, layout, layer, index, normed, kv, batch, cos, sin)
+        x, normed = _add_norm(spec, mesh, x, h, layers['post_norm'], index)
+        return x, _mlp(layout, layer, normed), kv
 
-    x, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, tuple(kv_caches)), unroll=unroll)
-    return _norm(spec, mesh, x, params['norm']), kv_caches
+    x, mlp_out, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, jnp.zeros_like(x), tuple(kv_caches)),
+                                              unroll=unroll)
+    return _add_norm(spec, mesh, x, mlp_out, params['norm'])[1], kv_caches
 
 
 def _projections(layers: dict, index: jax.Array) -> dict:
