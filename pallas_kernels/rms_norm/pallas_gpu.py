@@ -3,7 +3,9 @@
 Why a kernel: XLA runs an RMSNorm as two launches (a reduction for the mean of squares, then a
 loop applying rsqrt and the weight), and a batch-1 decode step, bound by launches, has two norms
 per layer. Here one program normalises a block of whole rows: it loads them once, reduces each in
-registers and stores the result, one launch per norm.
+registers and stores the result, one launch per norm. The models call the variant with the
+residual add before the norm (``add_rms_norm``): the same program also loads the residual, adds it
+(rounded to ``x``'s dtype, as the residual stream is) and stores the sum, so the add costs no launch.
 
 Tiles: ``[block_rows, next_pow2(hidden)]`` (Triton tiles have power-of-two extents), so a hidden
 size like 576 or 3584 is loaded under a mask over its tail; the masked columns load as zeros and
