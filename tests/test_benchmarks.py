@@ -127,3 +127,32 @@ def test_compare_results_by_tp_sets_each_size_against_tp1_of_the_same_model(tmp_
     assert out == ['/big tp=4: throughput 70.0 tok/s, batch1 None tok/s',
                    '/m tp=1: throughput 100.0 tok/s, batch1 10.0 tok/s',
                    '/m tp=2: throughput 150.0 tok/s (1.50 x tp=1), batch1 16.0 tok/s (1.60 x tp=1)']
+
+
+def test_executable_report_counts_ops_inside_command_buffers():
+    """On a synthetic optimized HLO (a CPU compiles no command buffers): a while loop inside a
+    ``command_buffer`` computation and an async all-reduce outside it."""
+    sys.path.insert(0, str(ROOT / 'benchmark'))
+    from executable_report import summarize
+    hlo = '\n'.join([
+        'HloModule step', '',
+        '%body (p: (s32[])) -> (s32[]) {', '  ROOT %p = (s32[]) parameter(0)', '}', '',
+        '%command_buffer.2 (p0: f32[4], t: (s32[])) -> f32[4] {',
+        '  %p0 = f32[4]{0} parameter(0)',
+        '  %w = (s32[]) while((s32[]) %t), condition=%cond, body=%body',
+        '  ROOT %f = f32[4]{0} fusion(f32[4]{0} %p0), kind=kLoop, calls=%fused', '}', '',
+        'ENTRY %main (a: f32[4]) -> f32[4] {',
+        '  %a = f32[4]{0} parameter(0)',
+        '  %s = f32[4]{0} all-reduce-start(f32[4]{0} %a), replica_groups={{0,1}}, to_apply=%sum',
+        '  %d = f32[4]{0} all-reduce-done(f32[4]{0} %s)',
+        '  ROOT %c = f32[4]{0} call(f32[4]{0} %d), to_apply=%command_buffer.2', '}'])
+    counts = summarize(hlo)
+    assert counts == dict(computations=3, command_buffers=1, whiles=1, whiles_in_command_buffers=1,
+                          all_reduce_sync=0, all_reduce_async=1, all_gather_sync=0, all_gather_async=0,
+                          custom_calls=0, fusions=1)
+
+
+def test_executable_report_describes_every_step_executable():
+    records = run_script('executable_report.py', *SMALL_ENGINE, '--dtype', 'float32')
+    assert {(r['kind'], r['rows']) for r in records} >= {('prefill', 1), ('decode', 1), ('greedy_decode', 1)}
+    assert all(r['whiles'] >= 1 and r['command_buffers'] == 0 and r['options'] == [] for r in records), records

@@ -163,7 +163,7 @@ def test_sampler_scatters_over_whole_vocabulary_rows(checkpoints, tmp_path):
             '                               num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)\n'
             'engine = JaxEngine(resolve_model(sys.argv[1]), config, decode_batch=[4], prefill_tokens=[32],\n'
             '                   prefill_batch=[4])\n'
-            'for (kind, _), executable in engine._runner._executables.items():\n'
+            'for (kind, _), (executable, _) in engine.compiled_steps().items():\n'
             '    for shape in re.findall(r"= f32\\[([0-9,]+)\\]\\S* scatter\\(", executable.as_text()):\n'
             '        print(kind, shape)\n'
             'engine.close()\n')

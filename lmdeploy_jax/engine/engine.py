@@ -97,6 +97,10 @@ class JaxEngine(ThreadedEngine):
 
     # ---- introspection (approximate while the engine runs) ----
 
+    def compiled_steps(self) -> dict:
+        """The compiled step executables and their XLA options (``ModelRunner.compiled_steps``)."""
+        return self._runner.compiled_steps()
+
     def num_free_blocks(self) -> int:
         return self._scheduler.blocks.num_free()
 

@@ -199,6 +199,11 @@ class ModelRunner:
         batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
         return batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0])
 
+    def compiled_steps(self) -> dict[tuple[str, tuple[int, int]], tuple[jax.stages.Compiled, dict]]:
+        """Every compiled step executable by (kind, (rows, tokens)), with the XLA options it was
+        compiled with (for inspecting what XLA made of a step, e.g. ``executable_report.py``)."""
+        return {key: (executable, self._options(key)) for key, executable in self._executables.items()}
+
     def _options(self, key: tuple[str, tuple[int, int]]) -> dict:
         """This executable's own XLA options (``xla_flags.executable_options``)."""
         return executable_options(key[0], key[1], self.model.mesh.size if self.model.mesh is not None else 1)
