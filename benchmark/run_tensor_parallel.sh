@@ -8,16 +8,9 @@
 #   TPS="4" bash benchmark/run_tensor_parallel.sh llama3-70b-8l
 # PROMPTS / INPUT_LEN / OUTPUT_LEN change the throughput workload. Both benchmarks of a tp use the
 # same engine settings, so the batch-1 run loads the throughput run's compiled executables.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-shape=${1:-llama3-8b}
-model=/tmp/$shape
-log=${OUT:-/tmp}/run_tensor_parallel.log
-prompts=${PROMPTS:-1000}; input_len=${INPUT_LEN:-512}; output_len=${OUTPUT_LEN:-256}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source "$(dirname "$0")/device_workload.sh" run_tensor_parallel "$@"
+export PYTHONPATH=$PWD
 engine=(--max-batch-size 256 --session-len 4096)
-: > "$log"
-[ -f "$model/config.json" ] || python3 .peer/make_random_model.py "$shape" "$model" 2>&1 | tee -a "$log"
 for tp in ${TPS:-1 2 4}; do
     python3 benchmark/profile_throughput.py "$model" --tp "$tp" --num-prompts "$prompts" --input-len "$input_len" \
         --output-len "$output_len" "${engine[@]}" 2>&1 | grep -vE 'requests:' | tee -a "$log"

@@ -5,15 +5,7 @@
 # Here (once):  bash ../shared/peers/prepare_lmdeploy.sh .peer && cp ../shared/peers/*.py .peer/
 # On the GPU machine (device tool, carry .peer):  bash benchmark/run_vs_lmdeploy.sh [SHAPE]
 # SKIP_PEER=1 runs ours only; PROMPTS / INPUT_LEN / OUTPUT_LEN change the workload.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-shape=${1:-llama3-8b}
-model=/tmp/$shape
-log=${OUT:-/tmp}/run_vs_lmdeploy.log
-prompts=${PROMPTS:-1000}; input_len=${INPUT_LEN:-512}; output_len=${OUTPUT_LEN:-256}
-export PYTHONUNBUFFERED=1
-: > "$log"
-[ -f "$model/config.json" ] || python3 .peer/make_random_model.py "$shape" "$model" 2>&1 | tee -a "$log"
+source "$(dirname "$0")/device_workload.sh" run_vs_lmdeploy "$@"
 if [ -z "${SKIP_PEER:-}" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peer-site .peer/whl/*.whl
     PYTHONPATH=/tmp/peer-site:$PWD/.peer/pkg python3 .peer/lmdeploy_bench.py "$model" --num-prompts "$prompts" \
