@@ -9,11 +9,13 @@ them once, then). A flag the user already set is left as they set it.
 
 ``executable_options`` gives one executable its own XLA options (``Lowered.compile(
 compiler_options=...)``), for what must not apply process-wide: a tensor-parallel engine's
-small-batch decode calls take synchronous NCCL collectives inside command buffers, so the whole
-call becomes one CUDA graph instead of ~250 us of host time per layer (measured on 4 x H100,
-llama3-8b, batch 1: tp=2 145.3 -> 161.3 tok/s, tp=4 165.8 -> 172.5, tp=1 unchanged; the same
-flags process-wide cut tp=2 throughput at batch 256 from ~10,000 to 3,383 tok/s, so larger
-batches and prefill keep XLA's defaults). See benchmark/NOTES.md v5.
+small-batch decode calls take synchronous NCCL collectives inside command buffers. Set as
+process-wide ``XLA_FLAGS`` these made the whole call one CUDA graph instead of ~250 us of host
+time per layer (4 x H100, llama3-8b, batch 1: tp=2 145.3 -> 161.3 tok/s, tp=4 165.8 -> 172.5, tp=1
+unchanged) but cut tp=2 throughput at batch 256 from ~10,000 to 3,383 tok/s, hence per executable:
+larger batches and prefill keep XLA's defaults. Whether the per-executable form also gives one
+graph is not confirmed (a tp=2 trace with it still showed per-layer command buffers; tp=2 batch 1
+160.1 tok/s): ``benchmark/executable_report.py`` shows it. See benchmark/NOTES.md v5 and v6.
 """
 from __future__ import annotations
 
