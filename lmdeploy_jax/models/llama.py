@@ -84,8 +84,6 @@ def _add_norm(spec: ModelSpec, mesh: Mesh | None, x: jax.Array, residual: jax.Ar
     a slice would be a copy per norm). Under ``shard_map`` with a mesh, each device on its own
     full copy of the (replicated) hidden states, since XLA cannot partition the kernel's custom
     call."""
-    if layer is None:
-        weight, layer = weight[None], jnp.zeros((), jnp.int32)
     r = rules.REPLICATED
     add_norm = _per_device(lambda x, res, w, i: add_rms_norm(x, res, w, spec.rms_norm_eps, i), mesh,
                            in_specs=(r, r, r, r), out_specs=(r, r))
