@@ -11,9 +11,7 @@ a trace. Reads the optimized HLO (``Compiled.as_text()``), where XLA's command-b
 pass has already moved ops into ``command_buffer`` computations. One JSON line per executable:
 its kind, shape and options, and counts of command-buffer computations, ``while`` loops (and how
 many of them inside command buffers), all-reduces and all-gathers (synchronous or async
-start/done), custom calls, and the fusions that read a weight's slice of its layer stack in place
-(XLA's dynamic-slice fusion; without them every layer's weights are copied on every step). On a
-CPU there are no command buffers (the counts are 0).
+start/done) and custom calls. On a CPU there are no command buffers (the counts are 0).
 """
 from __future__ import annotations
 
@@ -53,8 +51,7 @@ def summarize(hlo: str) -> dict:
                 whiles=count('while'), whiles_in_command_buffers=count('while', in_buffers),
                 all_reduce_sync=count('all-reduce'), all_reduce_async=count('all-reduce-start'),
                 all_gather_sync=count('all-gather'), all_gather_async=count('all-gather-start'),
-                custom_calls=count('custom-call'), fusions=count('fusion'),
-                in_place_slices=hlo.count('"address_computation"') + hlo.count('"dynamic_address_computation"'))
+                custom_calls=count('custom-call'), fusions=count('fusion'))
 
 
 def main() -> None:

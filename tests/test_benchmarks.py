@@ -149,7 +149,7 @@ def test_executable_report_counts_ops_inside_command_buffers():
     counts = summarize(hlo)
     assert counts == dict(computations=3, command_buffers=1, whiles=1, whiles_in_command_buffers=1,
                           all_reduce_sync=0, all_reduce_async=1, all_gather_sync=0, all_gather_async=0,
-                          custom_calls=0, fusions=1, in_place_slices=0)
+                          custom_calls=0, fusions=1)
 
 
 def test_executable_report_describes_every_step_executable():

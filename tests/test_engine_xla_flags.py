@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from lmdeploy_jax.engine.xla_flags import (DEFAULT_XLA_FLAGS, SMALL_BATCH_TP_OPTIONS, SMALL_DECODE_ROWS,
-                                           apply_default_xla_flags, executable_options, is_small_batch_tp_decode)
+                                           apply_default_xla_flags, executable_options)
 
 
 def test_missing_flags_are_added_and_the_users_are_kept(monkeypatch):
@@ -33,14 +33,11 @@ def test_only_small_decode_calls_of_a_tensor_parallel_engine_get_their_own_optio
     assert executable_options('decode', (SMALL_DECODE_ROWS * 2, 1), tp=2) == {}
     assert executable_options('prefill', (1, 32), tp=2) == {}
     assert executable_options('decode', (1, 1), tp=1) == {}
-    assert is_small_batch_tp_decode('greedy_decode', (SMALL_DECODE_ROWS, 1), tp=2)
-    assert not is_small_batch_tp_decode('greedy_decode', (SMALL_DECODE_ROWS * 2, 1), tp=2)
 
 
 def test_small_batch_options_can_be_turned_off(monkeypatch):
     monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '0')
     assert executable_options('greedy_decode', (1, 1), tp=2) == {}
-    assert not is_small_batch_tp_decode('greedy_decode', (1, 1), tp=2)
     monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '1')
     assert executable_options('greedy_decode', (1, 1), tp=2) == SMALL_BATCH_TP_OPTIONS
 

@@ -174,21 +174,3 @@ def test_sampler_scatters_over_whole_vocabulary_rows(checkpoints, tmp_path):
     assert {kind for kind, _ in vocab_scatters} == {'prefill', 'decode'}, scatters
     assert not [(kind, shape) for kind, shape in scatters if kind != 'greedy_decode' and shape.endswith(',512')], \
         scatters
-
-
-def test_small_batch_decode_calls_run_the_layers_as_straight_line_code(checkpoints, tmp_path):
-    """A small-batch decode call of a tensor-parallel engine unrolls its layers (fixed weight
-    addresses for the command buffers XLA launches on a GPU): its only loop is the decode steps'.
-    A larger decode call keeps the layer loop inside the steps' loop."""
-    code = ('import re\n'
-            'config = TurbomindEngineConfig(dtype="float32", tp=2, session_len=128, max_batch_size=8,\n'
-            '                               num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)\n'
-            'engine = JaxEngine(resolve_model(sys.argv[1]), config, decode_batch=[4, 8], prefill_tokens=[32],\n'
-            '                   prefill_batch=[4])\n'
-            'for (kind, (rows, _)), (executable, _) in engine.compiled_steps().items():\n'
-            '    if kind == "greedy_decode":\n'
-            '        print(rows, len(re.findall(r" while\\(", executable.as_text())))\n'
-            'engine.close()\n')
-    proc = _run_engine_code(code, checkpoints['llama-kv8'], _env(tmp_path, 2))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert sorted(proc.stdout.splitlines()) == ['4 1', '8 2']

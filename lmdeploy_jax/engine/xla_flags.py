@@ -48,17 +48,13 @@ SMALL_BATCH_TP_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS,
                           'xla_gpu_disable_async_collectives': 'ALLREDUCE,ALLGATHER'}
 
 
-def is_small_batch_tp_decode(kind: str, shape: tuple[int, int], tp: int) -> bool:
-    """Whether a step executable (``kind`` 'prefill' or a decode kind, ``shape`` (rows, tokens)) of
-    an engine on ``tp`` devices is a small-batch tensor-parallel decode call: compiled with
-    ``SMALL_BATCH_TP_OPTIONS`` and its layers unrolled (the runner), so that every command buffer's
-    pointers stay fixed from one layer and one call to the next. ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS=0``
-    makes it False for every executable (to compare, or to step around an XLA that mishandles it)."""
-    if os.environ.get('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '1') == '0':
-        return False
-    return tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS
-
-
 def executable_options(kind: str, shape: tuple[int, int], tp: int) -> dict:
-    """XLA options for one step executable; empty: XLA's defaults."""
-    return dict(SMALL_BATCH_TP_OPTIONS) if is_small_batch_tp_decode(kind, shape, tp) else {}
+    """XLA options for one step executable (``kind`` 'prefill' or a decode kind, ``shape`` (rows,
+    tokens)) of an engine on ``tp`` devices; empty: XLA's defaults, which
+    ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS=0`` gives every executable (to compare, or to step around
+    an XLA that mishandles the options)."""
+    if os.environ.get('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '1') == '0':
+        return {}
+    if tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS:
+        return dict(SMALL_BATCH_TP_OPTIONS)
+    return {}
