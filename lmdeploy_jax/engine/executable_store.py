@@ -115,9 +115,13 @@ class ExecutableStore:
     """``load`` / ``save`` compiled executables under ``directory``, by a key from
     ``environment`` plus each executable's own description."""
 
-    def __init__(self, directory: str, environment: str, max_bytes: int = MAX_BYTES):
+    def __init__(self, directory: str, devices: list, max_bytes: int = MAX_BYTES):
+        """``devices``: the engine's own, in its executables' device order; a loaded executable
+        runs on these (by default JAX would load it onto every device of the host, and a tp=1 or
+        tp=2 engine's calls on a 4-GPU host then fail)."""
         self.directory = Path(directory)
-        self.environment = environment
+        self.devices = list(devices)
+        self.environment = environment_key(self.devices)
         self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -133,7 +137,7 @@ class ExecutableStore:
             return None
         try:
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            executable = deserialize_and_load(payload, in_tree, out_tree)
+            executable = deserialize_and_load(payload, in_tree, out_tree, execution_devices=self.devices)
             os.utime(path)          # recently used: kept longest by ``trim``
             return executable
         except Exception as e:  # noqa: BLE001 - any unreadable file is a miss

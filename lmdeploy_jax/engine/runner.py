@@ -33,7 +33,7 @@ from ..parallel import rules
 from .buckets import Buckets
 from .kv_pool import CacheState, RowSlots, allocate_cache_state
 from . import multistep
-from .executable_store import ExecutableStore, compile_tracked, describe_inputs, environment_key
+from .executable_store import ExecutableStore, compile_tracked, describe_inputs
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
 from .xla_flags import executable_options
@@ -220,7 +220,13 @@ class ModelRunner:
         cache_dir = getattr(jax.config, 'jax_compilation_cache_dir', None)
         if not cache_dir or jax.process_count() > 1:
             return None
-        return ExecutableStore(os.path.join(cache_dir, 'lmdeploy_jax_executables'), environment_key(jax.devices()))
+        return ExecutableStore(os.path.join(cache_dir, 'lmdeploy_jax_executables'), self._devices())
+
+    def _devices(self) -> list:
+        """The engine's devices in its executables' order: the mesh's, or the one the params are on."""
+        if self.model.mesh is not None:
+            return list(self.model.mesh.devices.flat)
+        return list(jax.tree.leaves(self.model.params)[0].devices())
 
     def recover_cache(self) -> bool:
         """After a failed step: if its donated cache is gone, allocate a fresh (empty) one; True if so."""
