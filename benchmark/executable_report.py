@@ -1,68 +1,97 @@
 #!/usr/bin/env python3
-"""What XLA made of each compiled step: command buffers, loops and collectives, per executable.
+"""What XLA made of each compiled step: its thunks (command buffers, collectives, loops) and the
+XLA options in effect, per executable.
 
     python3 benchmark/executable_report.py /tmp/m --tp 2 --max-batch-size 4 --session-len 512
     python benchmark/executable_report.py --max-batch-size 4 --session-len 256     # CPU smoke run
 
 Why: at tp > 1 a small-batch decode call is fast only if XLA runs it as few command buffers
-(CUDA graphs) as possible, with the layer loop and the collectives inside them; the executable's
-own XLA options (``engine/xla_flags.py``) ask for that, and this shows whether XLA did it without
-a trace. Reads the optimized HLO (``Compiled.as_text()``), where XLA's command-buffer scheduling
-pass has already moved ops into ``command_buffer`` computations. One JSON line per executable:
-its kind, shape and options, and counts of command-buffer computations, ``while`` loops (and how
-many of them inside command buffers), all-reduces and all-gathers (synchronous or async
-start/done) and custom calls. On a CPU there are no command buffers (the counts are 0).
+(CUDA graphs) as possible, with the collectives inside them; the executable's own XLA options
+(``engine/xla_flags.py``) ask for that. On a GPU, XLA forms command buffers from the thunk
+sequence, after the optimized HLO, so the HLO cannot show them; this script has XLA dump every
+module it compiles and reads, per step executable (matched to its module by the optimized HLO
+text): the thunk kinds of ``*.thunk_sequence_after_thunk_passes.txt`` (``kCommandBuffer``,
+``kCollectiveKernel`` for XLA's one-shot all-reduce, ``kAllReduce`` for NCCL's, ``kAsyncStart``,
+``kWhile``, ...; GPU only) and ``*.debug_options`` (the options that differ from XLA's defaults:
+whether an executable's own options took effect). It compiles everything afresh (a temporary
+compilation cache), since a loaded executable leaves no dump. One JSON line per executable.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import glob
 import json
+import os
 import re
+import shutil
+import tempfile
 
-from bench_common import add_engine_args, build_pipeline
-
-COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$')
-
-
-def computations(hlo: str) -> dict[str, str]:
-    """Computation name -> its body, from HLO text (a computation opens with a line ending in ``{``
-    at column 0 and closes with a ``}`` line)."""
-    bodies, name, lines = {}, None, []
-    for line in hlo.splitlines():
-        match = COMPUTATION.match(line) if not line.startswith(' ') else None
-        if match:
-            name, lines = match.group(1), []
-        elif line.startswith('}') and name is not None:
-            bodies[name], name = '\n'.join(lines), None
-        elif name is not None:
-            lines.append(line)
-    return bodies
+THUNK_KIND = re.compile(r'\bk[A-Z][A-Za-z]+')
+MODULE_PREFIX = re.compile(r'^(.*module_\d+\.[\w\-]+)\.')      # .../module_0012.jit_decode_steps
+OWN_OPTIONS = {'xla_dump_to', 'xla_gpu_per_fusion_autotune_cache_dir'}      # set by the dump and the temporary cache
+BACKEND_CONFIG = re.compile(r', backend_config=.*$', re.MULTILINE)
 
 
-def summarize(hlo: str) -> dict:
-    """Counts of the ops that decide how a step runs (see the module doc)."""
-    bodies = computations(hlo)
-    in_buffers = [body for name, body in bodies.items() if 'command_buffer' in name]
-    everything = list(bodies.values())
+def normalized(hlo: str) -> str:
+    """HLO text without the instructions' backend configs, whose JSON keys the dump and
+    ``Compiled.as_text()`` print in different orders."""
+    return BACKEND_CONFIG.sub('', hlo).strip()
 
-    def count(op: str, texts: list[str] = everything) -> int:
-        return sum(len(re.findall(rf' {re.escape(op)}\(', text)) for text in texts)
-    return dict(computations=len(bodies), command_buffers=len(in_buffers),
-                whiles=count('while'), whiles_in_command_buffers=count('while', in_buffers),
-                all_reduce_sync=count('all-reduce'), all_reduce_async=count('all-reduce-start'),
-                all_gather_sync=count('all-gather'), all_gather_async=count('all-gather-start'),
-                custom_calls=count('custom-call'), fusions=count('fusion'))
+
+def thunk_kinds(thunk_sequence: str) -> dict[str, int]:
+    """Count of each thunk kind (``kCommandBuffer``, ``kAllReduce``, ...) named in a thunk-sequence dump."""
+    return dict(collections.Counter(THUNK_KIND.findall(thunk_sequence)).most_common())
+
+
+def dumped_modules(dump_dir: str) -> dict[str, str]:
+    """``normalized`` optimized HLO -> the dump file prefix of its module (``.../module_0012.jit_decode_steps``)."""
+    modules = {}
+    for path in glob.glob(os.path.join(dump_dir, '*_after_optimizations.txt')):
+        prefix = MODULE_PREFIX.match(path).group(1)
+        with open(path) as f:
+            modules[normalized(f.read())] = prefix
+    return modules
+
+
+def module_report(prefix: str | None) -> dict:
+    """The thunk kinds and non-default XLA options of one dumped module (empty where not dumped),
+    less the options this script sets for itself."""
+    def read(suffix: str) -> str:
+        if prefix is None or not os.path.exists(prefix + suffix):
+            return ''
+        with open(prefix + suffix) as f:
+            return f.read()
+    options = collections.defaultdict(list)        # a repeated option takes a line per value
+    for line in read('.debug_options').splitlines():
+        if ': ' in line:
+            name, value = line.split(': ', 1)
+            options[name].append(value.strip('"'))
+    return dict(module=os.path.basename(prefix) if prefix else None,
+                thunks=thunk_kinds(read('.thunk_sequence_after_thunk_passes.txt')),
+                xla_options={name: ','.join(values) for name, values in options.items() if name not in OWN_OPTIONS})
 
 
 def main() -> None:
+    from bench_common import add_engine_args
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(parser)
     args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix='executable_report.')
+    # before JAX starts: XLA reads its flags, and JAX its cache directory, once
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/dump".strip()
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = f'{work}/cache'
+    from bench_common import build_pipeline
     pipe, _ = build_pipeline(args)
-    with pipe:
+    with pipe, contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
+        modules = dumped_modules(f'{work}/dump')
         for (kind, (rows, tokens)), (executable, options) in sorted(pipe.engine.compiled_steps().items()):
-            record = dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp,
-                          options=sorted(options), **summarize(executable.as_text()))
+            hlo = executable.as_text()
+            record = dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
+                          all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
+                          **module_report(modules.get(normalized(hlo))))
             print('RESULT ' + json.dumps(record), flush=True)
 
 

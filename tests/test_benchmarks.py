@@ -129,30 +129,32 @@ def test_compare_results_by_tp_sets_each_size_against_tp1_of_the_same_model(tmp_
                    '/m tp=2: throughput 150.0 tok/s (1.50 x tp=1), batch1 16.0 tok/s (1.60 x tp=1)']
 
 
-def test_executable_report_counts_ops_inside_command_buffers():
-    """On a synthetic optimized HLO (a CPU compiles no command buffers): a while loop inside a
-    ``command_buffer`` computation and an async all-reduce outside it."""
+def test_executable_report_counts_the_thunk_kinds_of_a_dumped_thunk_sequence():
+    """On a synthetic thunk-sequence dump (a CPU compiles no thunks): each kind counted."""
     sys.path.insert(0, str(ROOT / 'benchmark'))
-    from executable_report import summarize
-    hlo = '\n'.join([
-        'HloModule step', '',
-        '%body (p: (s32[])) -> (s32[]) {', '  ROOT %p = (s32[]) parameter(0)', '}', '',
-        '%command_buffer.2 (p0: f32[4], t: (s32[])) -> f32[4] {',
-        '  %p0 = f32[4]{0} parameter(0)',
-        '  %w = (s32[]) while((s32[]) %t), condition=%cond, body=%body',
-        '  ROOT %f = f32[4]{0} fusion(f32[4]{0} %p0), kind=kLoop, calls=%fused', '}', '',
-        'ENTRY %main (a: f32[4]) -> f32[4] {',
-        '  %a = f32[4]{0} parameter(0)',
-        '  %s = f32[4]{0} all-reduce-start(f32[4]{0} %a), replica_groups={{0,1}}, to_apply=%sum',
-        '  %d = f32[4]{0} all-reduce-done(f32[4]{0} %s)',
-        '  ROOT %c = f32[4]{0} call(f32[4]{0} %d), to_apply=%command_buffer.2', '}'])
-    counts = summarize(hlo)
-    assert counts == dict(computations=3, command_buffers=1, whiles=1, whiles_in_command_buffers=1,
-                          all_reduce_sync=0, all_reduce_async=1, all_gather_sync=0, all_gather_async=0,
-                          custom_calls=0, fusions=1)
+    from executable_report import thunk_kinds
+    sequence = '\n'.join(['000: kWhile  while.36', '  000: kCommandBuffer  command_buffer',
+                          '  001: kCollectiveKernel  all-reduce.1', '  002: kAsyncStart  all-reduce-start',
+                          '  003: kCommandBuffer  command_buffer.1', '001: kAllGather  all-gather'])
+    assert thunk_kinds(sequence) == {'kCommandBuffer': 2, 'kWhile': 1, 'kCollectiveKernel': 1, 'kAsyncStart': 1,
+                                     'kAllGather': 1}
 
 
-def test_executable_report_describes_every_step_executable():
-    records = run_script('executable_report.py', *SMALL_ENGINE, '--dtype', 'float32')
-    assert {(r['kind'], r['rows']) for r in records} >= {('prefill', 1), ('decode', 1), ('greedy_decode', 1)}
-    assert all(r['whiles'] >= 1 and r['command_buffers'] == 0 and r['options'] == [] for r in records), records
+def test_executable_report_shows_the_options_each_executable_was_compiled_with():
+    """tp=3 over 3 simulated CPU devices (the default model's 9 heads): the small-batch decode
+    executables were compiled with their own options (``engine/xla_flags.py``, read back from
+    XLA's dump of each module), the others with the engine's process-wide flags only."""
+    from lmdeploy_jax.engine.xla_flags import SMALL_DECODE_ROWS
+    records = [json.loads(line[line.index('{'):]) for line in run_benchmark(
+        'executable_report.py', '--tp', '3', '--max-batch-size', '8', '--session-len', '256',
+        '--max-prefill-token-num', '64', env={'XLA_FLAGS': '--xla_force_host_platform_device_count=3'}).splitlines()
+        if line.startswith('RESULT ')]
+    assert {(r['kind'], r['rows']) for r in records} >= {('prefill', 1), ('decode', 1), ('greedy_decode', 8)}
+    for r in records:
+        assert r['module'] is not None and r['thunks'] == {} and r['all_reduces'] > 0, r
+        assert r['xla_options']['xla_gpu_enable_dynamic_slice_fusion'] == 'true'
+        small = r['kind'] != 'prefill' and r['rows'] <= SMALL_DECODE_ROWS
+        assert bool(r['options']) == small, r
+        applied = r['xla_options'].get('xla_gpu_disable_async_collectives', '')
+        assert sorted(applied.split(',')) == (['ALLGATHER', 'ALLREDUCE'] if small else ['']), r
+        assert ('COLLECTIVES' in r['xla_options'].get('xla_gpu_enable_command_buffer', '')) == small, r
