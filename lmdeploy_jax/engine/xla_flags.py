@@ -13,9 +13,11 @@ small-batch decode calls take synchronous NCCL collectives inside command buffer
 process-wide ``XLA_FLAGS`` these made the whole call one CUDA graph instead of ~250 us of host
 time per layer (4 x H100, llama3-8b, batch 1: tp=2 145.3 -> 161.3 tok/s, tp=4 165.8 -> 172.5, tp=1
 unchanged) but cut tp=2 throughput at batch 256 from ~10,000 to 3,383 tok/s, hence per executable:
-larger batches and prefill keep XLA's defaults. Whether the per-executable form also gives one
-graph is not confirmed (a tp=2 trace with it still showed per-layer command buffers; tp=2 batch 1
-160.1 tok/s): ``benchmark/executable_report.py`` shows it. See benchmark/NOTES.md v5 and v6.
+larger batches and prefill keep XLA's defaults. In the per-executable form the command-buffer and
+synchronous-collective options take effect on a GPU but the one-shot kernel stays on (thunk dump,
+tp=2 on 4 x H100: 35 command buffers a step between one-shot all-reduce thunks; tp=2 batch 1 ~160 tok/s,
+against ~156 with the defaults). ``benchmark/executable_report.py`` shows per executable the
+options in effect and the thunks. See benchmark/NOTES.md v5-v7.
 """
 from __future__ import annotations
 
