@@ -112,8 +112,8 @@ def describe_inputs(tree) -> str:
 
 
 class ExecutableStore:
-    """``load`` / ``save`` compiled executables under ``directory``, by a key from
-    ``environment`` plus each executable's own description."""
+    """``load`` / ``save`` compiled executables under ``directory``, by a key from the
+    environment (``environment_key`` of the engine's devices) plus each executable's own description."""
 
     def __init__(self, directory: str, devices: list, max_bytes: int = MAX_BYTES):
         """``devices``: the engine's own, in its executables' device order; a loaded executable
