@@ -4,6 +4,8 @@ XLA options in effect, per executable.
 
     python3 benchmark/executable_report.py /tmp/m --tp 2 --max-batch-size 4 --session-len 512
     python benchmark/executable_report.py --max-batch-size 4 --session-len 256     # CPU smoke run
+    LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS='{...}' python3 benchmark/executable_report.py /tmp/m --tp 2 \
+        --max-batch-size 4 --session-len 1024 --batch-1-tokens 256   # other options, and their speed
 
 Why: at tp > 1 a small-batch decode call is fast only if XLA runs it as few command buffers
 (CUDA graphs) as possible, with the collectives inside them; the executable's own XLA options
@@ -11,10 +13,11 @@ Why: at tp > 1 a small-batch decode call is fast only if XLA runs it as few comm
 sequence, after the optimized HLO, so the HLO cannot show them; this script has XLA dump every
 module it compiles and reads, per step executable (matched to its module by the optimized HLO
 text): the thunk kinds of ``*.thunk_sequence_after_thunk_passes.txt`` (``kCommandBuffer``,
-``kCollectiveKernel`` for XLA's one-shot all-reduce, ``kAllReduce`` for NCCL's, ``kAsyncStart``,
+``kCollectiveKernel``, the thunk of XLA's one-shot all-reduce, ``kAllReduce`` NCCL's, ``kAsyncStart``,
 ``kWhile``, ...; GPU only) and ``*.debug_options`` (the options that differ from XLA's defaults:
 whether an executable's own options took effect). It compiles everything afresh (a temporary
-compilation cache), since a loaded executable leaves no dump. One JSON line per executable.
+compilation cache), since a loaded executable leaves no dump. One JSON line per executable, and
+with ``--batch-1-tokens`` one more for the timed request.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import os
 import re
 import shutil
 import tempfile
+
+import numpy as np
 
 THUNK_KIND = re.compile(r'\bk[A-Z][A-Za-z]+')
 MODULE_PREFIX = re.compile(r'^(.*module_\d+\.[\w\-]+)\.')      # .../module_0012.jit_decode_steps
@@ -77,6 +82,8 @@ def main() -> None:
     from bench_common import add_engine_args
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(parser)
+    parser.add_argument('--batch-1-tokens', type=int, default=0, metavar='N',
+                        help='then time one request of 128 prompt tokens and N new ones (profile_generation)')
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix='executable_report.')
     # before JAX starts: XLA reads its flags, and JAX its cache directory, once
@@ -93,6 +100,11 @@ def main() -> None:
                           all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
                           **module_report(modules.get(normalized(hlo))))
             print('RESULT ' + json.dumps(record), flush=True)
+        if args.batch_1_tokens:
+            from profile_generation import measure_generation
+            timing = measure_generation(pipe, np.random.default_rng(args.seed), 1, 128, args.batch_1_tokens)
+            print('RESULT ' + json.dumps(dict(bench='generation', tp=args.tp, batch_size=1, input_len=128,
+                                              output_len=args.batch_1_tokens, **timing)), flush=True)
 
 
 if __name__ == '__main__':

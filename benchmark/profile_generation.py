@@ -17,6 +17,19 @@ from bench_common import (add_engine_args, build_pipeline, device_description, p
                           print_result, random_prompt_ids, run_requests)
 
 
+def measure_generation(pipe, rng: np.random.Generator, batch: int, input_len: int, output_len: int) -> dict:
+    """``batch`` random prompts of ``input_len`` tokens at once, ``output_len`` tokens each (after
+    one warm-up request): first-token latency, decode tok/s per request and in total."""
+    vocab = pipe.tokenizer.vocab_size
+    requests = [(random_prompt_ids(rng, vocab, input_len), output_len) for _ in range(batch)]
+    run_requests(pipe, requests[:1], progress=False, session_base=10_000_000)   # warm path
+    timings, seconds = run_requests(pipe, requests, progress=False)
+    per_request = [(t.output_len - 1) / max(t.end - t.first_token, 1e-9) for t in timings]
+    return dict(first_token_ms=percentiles([t.ttft for t in timings]),
+                decode_tok_per_s_per_request=round(float(np.mean(per_request)), 1),
+                total_tok_per_s=round(sum(t.output_len for t in timings) / seconds, 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(parser)
@@ -27,19 +40,13 @@ def main() -> None:
 
     pipe, startup = build_pipeline(args)
     rng = np.random.default_rng(args.seed)
-    vocab = pipe.tokenizer.vocab_size
     print(f'start-up {startup:.1f} s')
     for input_len in args.input_lens:
         for batch in args.batch_sizes:
-            requests = [(random_prompt_ids(rng, vocab, input_len), args.output_len) for _ in range(batch)]
-            run_requests(pipe, requests[:1], progress=False, session_base=10_000_000)   # warm path
-            timings, seconds = run_requests(pipe, requests, progress=False)
-            per_request = [(t.output_len - 1) / max(t.end - t.first_token, 1e-9) for t in timings]
             record = dict(engine=f'lmdeploy_jax-{args.backend}', bench='generation', device=device_description(),
                           model=args.model_path or 'default', tp=args.tp, batch_size=batch, input_len=input_len,
-                          output_len=args.output_len, first_token_ms=percentiles([t.ttft for t in timings]),
-                          decode_tok_per_s_per_request=round(float(np.mean(per_request)), 1),
-                          total_tok_per_s=round(sum(t.output_len for t in timings) / seconds, 1),
+                          output_len=args.output_len,
+                          **measure_generation(pipe, rng, batch, input_len, args.output_len),
                           peak_device_bytes=peak_device_bytes(), startup_s=round(startup, 1))
             print(f'batch {batch:4d} input {input_len:5d}: first token {record["first_token_ms"]["p50"]:9.1f} ms, '
                   f'{record["decode_tok_per_s_per_request"]:8.1f} tok/s per request, '

@@ -147,8 +147,11 @@ def test_executable_report_shows_the_options_each_executable_was_compiled_with()
     from lmdeploy_jax.engine.xla_flags import SMALL_DECODE_ROWS
     records = [json.loads(line[line.index('{'):]) for line in run_benchmark(
         'executable_report.py', '--tp', '3', '--max-batch-size', '8', '--session-len', '256',
-        '--max-prefill-token-num', '64', env={'XLA_FLAGS': '--xla_force_host_platform_device_count=3'}).splitlines()
-        if line.startswith('RESULT ')]
+        '--max-prefill-token-num', '64', '--batch-1-tokens', '5',
+        env={'XLA_FLAGS': '--xla_force_host_platform_device_count=3'}).splitlines() if line.startswith('RESULT ')]
+    (timed,) = [r for r in records if r['bench'] == 'generation']
+    assert timed['output_len'] == 5 and timed['decode_tok_per_s_per_request'] > 0
+    records.remove(timed)
     assert {(r['kind'], r['rows']) for r in records} >= {('prefill', 1), ('decode', 1), ('greedy_decode', 8)}
     for r in records:
         assert r['module'] is not None and r['thunks'] == {} and r['all_reduces'] > 0, r

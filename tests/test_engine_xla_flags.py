@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from lmdeploy_jax.engine.xla_flags import (DEFAULT_XLA_FLAGS, SMALL_BATCH_TP_OPTIONS, SMALL_DECODE_ROWS,
                                            apply_default_xla_flags, executable_options)
 
@@ -40,6 +42,16 @@ def test_small_batch_options_can_be_turned_off(monkeypatch):
     assert executable_options('greedy_decode', (1, 1), tp=2) == {}
     monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '1')
     assert executable_options('greedy_decode', (1, 1), tp=2) == SMALL_BATCH_TP_OPTIONS
+
+
+def test_small_batch_options_can_be_replaced_for_an_experiment(monkeypatch):
+    monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '{"xla_gpu_enable_command_buffer": "FUSION,CUBLAS"}')
+    assert executable_options('decode', (1, 1), tp=2) == {'xla_gpu_enable_command_buffer': 'FUSION,CUBLAS'}
+    assert executable_options('decode', (1, 1), tp=1) == {}
+    for bad in ('yes', '["FUSION"]'):
+        monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', bad)
+        with pytest.raises(ValueError, match='LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS must be 0, 1 or a JSON object'):
+            executable_options('decode', (1, 1), tp=2)
 
 
 def test_options_xla_rejects_fall_back_to_the_defaults():

@@ -21,6 +21,7 @@ options in effect and the thunks. See benchmark/NOTES.md v5-v7.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -50,13 +51,29 @@ SMALL_BATCH_TP_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS,
                           'xla_gpu_disable_async_collectives': 'ALLREDUCE,ALLGATHER'}
 
 
+ENV_SMALL_BATCH_OPTIONS = 'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS'
+
+
 def executable_options(kind: str, shape: tuple[int, int], tp: int) -> dict:
     """XLA options for one step executable (``kind`` 'prefill' or a decode kind, ``shape`` (rows,
-    tokens)) of an engine on ``tp`` devices; empty: XLA's defaults, which
-    ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS=0`` gives every executable (to compare, or to step around
-    an XLA that mishandles the options)."""
-    if os.environ.get('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '1') == '0':
-        return {}
+    tokens)) of an engine on ``tp`` devices; empty: XLA's defaults. ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS``
+    '0' gives every executable the defaults (to compare, or to step around an XLA that mishandles
+    the options); a JSON object replaces ``SMALL_BATCH_TP_OPTIONS`` (to try other options without
+    a code change)."""
     if tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS:
-        return dict(SMALL_BATCH_TP_OPTIONS)
+        return small_batch_tp_options()
     return {}
+
+
+def small_batch_tp_options() -> dict:
+    """``SMALL_BATCH_TP_OPTIONS`` unless ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS`` says otherwise (see above)."""
+    value = os.environ.get(ENV_SMALL_BATCH_OPTIONS, '1').strip()
+    if value in ('0', '1'):
+        return dict(SMALL_BATCH_TP_OPTIONS) if value == '1' else {}
+    try:
+        options = json.loads(value)
+    except json.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict):
+        raise ValueError(f'{ENV_SMALL_BATCH_OPTIONS} must be 0, 1 or a JSON object of XLA options, got {value!r}')
+    return options
