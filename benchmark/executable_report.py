@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import glob
-import json
 import os
 import re
 import shutil
@@ -89,22 +87,23 @@ def main() -> None:
     # before JAX starts: XLA reads its flags, and JAX its cache directory, once
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/dump".strip()
     os.environ['JAX_COMPILATION_CACHE_DIR'] = f'{work}/cache'
-    from bench_common import build_pipeline
-    pipe, _ = build_pipeline(args)
-    with pipe, contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, work, ignore_errors=True)
-        modules = dumped_modules(f'{work}/dump')
-        for (kind, (rows, tokens)), (executable, options) in sorted(pipe.engine.compiled_steps().items()):
-            hlo = executable.as_text()
-            record = dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
-                          all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
-                          **module_report(modules.get(normalized(hlo))))
-            print('RESULT ' + json.dumps(record), flush=True)
-        if args.batch_1_tokens:
-            from profile_generation import measure_generation
-            timing = measure_generation(pipe, np.random.default_rng(args.seed), 1, 128, args.batch_1_tokens)
-            print('RESULT ' + json.dumps(dict(bench='generation', tp=args.tp, batch_size=1, input_len=128,
-                                              output_len=args.batch_1_tokens, **timing)), flush=True)
+    from bench_common import build_pipeline, print_result
+    try:
+        pipe, _ = build_pipeline(args)
+        with pipe:
+            modules = dumped_modules(f'{work}/dump')
+            for (kind, (rows, tokens)), (executable, options) in sorted(pipe.engine.compiled_steps().items()):
+                hlo = executable.as_text()
+                print_result(dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
+                                  all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
+                                  **module_report(modules.get(normalized(hlo)))))
+            if args.batch_1_tokens:
+                from profile_generation import measure_generation
+                timing = measure_generation(pipe, np.random.default_rng(args.seed), 1, 128, args.batch_1_tokens)
+                print_result(dict(bench='generation', tp=args.tp, batch_size=1, input_len=128,
+                                  output_len=args.batch_1_tokens, **timing))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -23,9 +23,10 @@ def run_benchmark(*args: str, timeout: int = 600, env: dict[str, str] | None = N
     return out.stdout
 
 
-def run_script(*args: str, prefix: str = 'RESULT ', timeout: int = 600) -> list[dict]:
+def run_script(*args: str, prefix: str = 'RESULT ', timeout: int = 600,
+               env: dict[str, str] | None = None) -> list[dict]:
     """The JSON records a benchmark script prints (lines starting with ``prefix``)."""
-    return [json.loads(line[line.index('{'):]) for line in run_benchmark(*args, timeout=timeout).splitlines()
+    return [json.loads(line[line.index('{'):]) for line in run_benchmark(*args, timeout=timeout, env=env).splitlines()
             if line.startswith(prefix)]
 
 
@@ -145,10 +146,9 @@ def test_executable_report_shows_the_options_each_executable_was_compiled_with()
     executables were compiled with their own options (``engine/xla_flags.py``, read back from
     XLA's dump of each module), the others with the engine's process-wide flags only."""
     from lmdeploy_jax.engine.xla_flags import SMALL_DECODE_ROWS
-    records = [json.loads(line[line.index('{'):]) for line in run_benchmark(
-        'executable_report.py', '--tp', '3', '--max-batch-size', '8', '--session-len', '256',
-        '--max-prefill-token-num', '64', '--batch-1-tokens', '5',
-        env={'XLA_FLAGS': '--xla_force_host_platform_device_count=3'}).splitlines() if line.startswith('RESULT ')]
+    records = run_script('executable_report.py', '--tp', '3', '--max-batch-size', '8', '--session-len', '256',
+                         '--max-prefill-token-num', '64', '--batch-1-tokens', '5',
+                         env={'XLA_FLAGS': '--xla_force_host_platform_device_count=3'})
     (timed,) = [r for r in records if r['bench'] == 'generation']
     assert timed['output_len'] == 5 and timed['decode_tok_per_s_per_request'] > 0
     records.remove(timed)
