@@ -8,16 +8,16 @@ XLA options in effect, per executable.
         --max-batch-size 4 --session-len 1024 --batch-1-tokens 256   # other options, and their speed
 
 Why: at tp > 1 a small-batch decode call is fast only if XLA runs it as few command buffers
-(CUDA graphs) as possible, with the collectives inside them; the executable's own XLA options
-(``engine/xla_flags.py``) ask for that. On a GPU, XLA forms command buffers from the thunk
+(CUDA graphs) as possible, with the sums over the devices inside them; the executable's own XLA
+options (``engine/xla_flags.py``) ask for that. On a GPU, XLA forms command buffers from the thunk
 sequence, after the optimized HLO, so the HLO cannot show them; this script has XLA dump every
-module it compiles and reads, per step executable (matched to its module by the optimized HLO
-text): the thunk kinds of ``*.thunk_sequence_after_thunk_passes.txt`` (``kCommandBuffer``,
-``kCollectiveKernel``, the thunk of XLA's one-shot all-reduce, ``kAllReduce`` NCCL's, ``kAsyncStart``,
-``kWhile``, ...; GPU only) and ``*.debug_options`` (the options that differ from XLA's defaults:
-whether an executable's own options took effect). It compiles everything afresh (a temporary
-compilation cache), since a loaded executable leaves no dump. One JSON line per executable, and
-with ``--batch-1-tokens`` one more for the timed request.
+step executable into a folder of its own (``LMDEPLOY_JAX_DUMP_EXECUTABLES``) and reads: the thunk kinds of
+``*.thunk_sequence_after_thunk_passes.txt`` (``kCommandBuffer``, ``kCollectiveKernel``, the thunk
+of XLA's one-shot all-reduce, ``kAllReduce`` NCCL's, ``kAsyncStart``, ``kWhile``, ...; GPU only)
+and ``*.debug_options`` (the options that differ from XLA's defaults: whether an executable's own
+options took effect). It compiles everything afresh (a temporary compilation cache), since a
+loaded executable leaves no dump. One JSON line per executable, and with ``--batch-1-tokens`` one
+more for the timed request.
 """
 from __future__ import annotations
 
@@ -32,15 +32,8 @@ import tempfile
 import numpy as np
 
 THUNK_KIND = re.compile(r'\bk[A-Z][A-Za-z]+')
-MODULE_PREFIX = re.compile(r'^(.*module_\d+\.[\w\-]+)\.')      # .../module_0012.jit_decode_steps
+MODULE_PREFIX = re.compile(r'^(.*module_\d+\.jit_[\w\-]+)\.')      # .../module_0012.jit_decode_steps
 OWN_OPTIONS = {'xla_dump_to', 'xla_gpu_per_fusion_autotune_cache_dir'}      # set by the dump and the temporary cache
-BACKEND_CONFIG = re.compile(r', backend_config=.*$', re.MULTILINE)
-
-
-def normalized(hlo: str) -> str:
-    """HLO text without the instructions' backend configs, whose JSON keys the dump and
-    ``Compiled.as_text()`` print in different orders."""
-    return BACKEND_CONFIG.sub('', hlo).strip()
 
 
 def thunk_kinds(thunk_sequence: str) -> dict[str, int]:
@@ -48,23 +41,22 @@ def thunk_kinds(thunk_sequence: str) -> dict[str, int]:
     return dict(collections.Counter(THUNK_KIND.findall(thunk_sequence)).most_common())
 
 
-def dumped_modules(dump_dir: str) -> dict[str, str]:
-    """``normalized`` optimized HLO -> the dump file prefix of its module (``.../module_0012.jit_decode_steps``)."""
-    modules = {}
-    for path in glob.glob(os.path.join(dump_dir, '*_after_optimizations.txt')):
-        prefix = MODULE_PREFIX.match(path).group(1)
-        with open(path) as f:
-            modules[normalized(f.read())] = prefix
-    return modules
+def step_module(dump_dir: str) -> str | None:
+    """The dump file prefix (``.../module_0012.jit_decode_steps``) of the step executable whose
+    modules XLA dumped into ``dump_dir`` (``LMDEPLOY_JAX_DUMP_EXECUTABLES`` gives each its own)."""
+    prefixes = {MODULE_PREFIX.match(path).group(1)
+                for path in glob.glob(os.path.join(dump_dir, 'module_*.jit_*after_optimizations.txt'))}
+    return max(prefixes) if prefixes else None
 
 
 def module_report(prefix: str | None) -> dict:
     """The thunk kinds and non-default XLA options of one dumped module (empty where not dumped),
     less the options this script sets for itself."""
-    def read(suffix: str) -> str:
-        if prefix is None or not os.path.exists(prefix + suffix):
+    def read(pattern: str) -> str:
+        paths = sorted(glob.glob(prefix + pattern)) if prefix else []
+        if not paths:
             return ''
-        with open(prefix + suffix) as f:
+        with open(paths[0]) as f:
             return f.read()
     options = collections.defaultdict(list)        # a repeated option takes a line per value
     for line in read('.debug_options').splitlines():
@@ -72,8 +64,34 @@ def module_report(prefix: str | None) -> dict:
             name, value = line.split(': ', 1)
             options[name].append(value.strip('"'))
     return dict(module=os.path.basename(prefix) if prefix else None,
-                thunks=thunk_kinds(read('.thunk_sequence_after_thunk_passes.txt')),
+                thunks=thunk_kinds(read('.*thunk_sequence_after_thunk_passes.txt')),
                 xla_options={name: ','.join(values) for name, values in options.items() if name not in OWN_OPTIONS})
+
+
+def greedy_tokens(pipe, rng: np.random.Generator, prompts: int, input_len: int, output_len: int) -> list[list[int]]:
+    """The greedy tokens of ``prompts`` random prompts of ``input_len`` tokens, one request at a time
+    (so the batch-1 executables make them): to compare engines built differently."""
+    from bench_common import random_prompt_ids
+    from lmdeploy_jax import GenerationConfig
+    config = GenerationConfig(max_new_tokens=output_len, ignore_eos=True)
+
+    async def one(session_id: int, ids: list[int]) -> list[int]:
+        tokens = []
+        async for out in pipe.generate(None, session_id, config, input_ids=ids, do_preprocess=False):
+            if out.finish_reason == 'error':
+                raise RuntimeError(out.response)
+            tokens.extend(out.token_ids)
+        return tokens
+    vocab = pipe.tokenizer.vocab_size
+    return [pipe._loop.run(one(20_000_000 + i, random_prompt_ids(rng, vocab, input_len))) for i in range(prompts)]
+
+
+def keep_dumps(prefix: str, directory: str) -> None:
+    """Copy the thunk sequence and options dumped for the module ``prefix`` into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    for pattern in ('.*thunk_sequence*.txt', '.debug_options'):
+        for path in glob.glob(prefix + pattern):
+            shutil.copy(path, directory)
 
 
 def main() -> None:
@@ -82,26 +100,37 @@ def main() -> None:
     add_engine_args(parser)
     parser.add_argument('--batch-1-tokens', type=int, default=0, metavar='N',
                         help='then time one request of 128 prompt tokens and N new ones (profile_generation)')
+    parser.add_argument('--greedy-tokens', type=int, default=0, metavar='N',
+                        help='then print the greedy tokens (N each) of 2 random prompts of 64 tokens')
+    parser.add_argument('--keep-dumps', metavar='DIR',
+                        help="copy each step executable's thunk sequence and options into DIR, to read them")
     args = parser.parse_args()
+    from lmdeploy_jax.engine.xla_flags import ENV_DUMP_EXECUTABLES
     work = tempfile.mkdtemp(prefix='executable_report.')
     # before JAX starts: XLA reads its flags, and JAX its cache directory, once
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work}/dump".strip()
+    os.environ[ENV_DUMP_EXECUTABLES] = f'{work}/dump'
     os.environ['JAX_COMPILATION_CACHE_DIR'] = f'{work}/cache'
     from bench_common import build_pipeline, print_result
+    from lmdeploy_jax.engine.xla_flags import executable_dump_dir
     try:
         pipe, _ = build_pipeline(args)
         with pipe:
-            modules = dumped_modules(f'{work}/dump')
             for (kind, (rows, tokens)), (executable, options) in sorted(pipe.engine.compiled_steps().items()):
                 hlo = executable.as_text()
+                prefix = step_module(executable_dump_dir(f'{work}/dump', kind, (rows, tokens)))
                 print_result(dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
                                   all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
-                                  **module_report(modules.get(normalized(hlo)))))
+                                  **module_report(prefix)))
+                if args.keep_dumps and prefix:
+                    keep_dumps(prefix, args.keep_dumps)
             if args.batch_1_tokens:
                 from profile_generation import measure_generation
                 timing = measure_generation(pipe, np.random.default_rng(args.seed), 1, 128, args.batch_1_tokens)
                 print_result(dict(bench='generation', tp=args.tp, batch_size=1, input_len=128,
                                   output_len=args.batch_1_tokens, **timing))
+            if args.greedy_tokens:
+                tokens = greedy_tokens(pipe, np.random.default_rng(args.seed), 2, 64, args.greedy_tokens)
+                print_result(dict(bench='greedy_tokens', tp=args.tp, tokens=tokens))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Small-batch tensor-parallel decode under several XLA settings, one run on one multi-GPU machine:
-# for each variant, what XLA built (thunk kinds and options in effect of every decode executable,
-# executable_report.py) and the batch-1 decode speed. tp=1 first, for the ratio.
+# Small-batch tensor-parallel decode under several settings, one run on one multi-GPU machine: the
+# reduce_add_rms_norm op's check and speed, then for each variant what XLA built (thunk kinds and
+# options in effect of every decode executable, executable_report.py), the batch-1 decode speed and
+# the greedy tokens of two prompts. tp=1 first, for the ratio and the tokens.
 #
 # On the GPU machine (device tool, carry .peer):
-#   bash benchmark/run_tp_decode_variants.sh [SHAPE]          # TP=2 (default), VARIANTS="engine nccl ..."
+#   bash benchmark/run_tp_decode_variants.sh [SHAPE]    # TPS="2" (default), VARIANTS="engine xla_all_reduce ..."
 # A variant is a name below; each sets XLA_FLAGS (process-wide) and/or LMDEPLOY_JAX_* variables.
 source "$(dirname "$0")/device_workload.sh" run_tp_decode_variants "$@"
 export PYTHONPATH=$PWD
@@ -14,10 +15,12 @@ SYNC='"xla_gpu_disable_async_collectives": "ALLREDUCE,ALLGATHER"'
 variant_env() {  # one VARIABLE=value a line
     case $1 in
         engine) ;;                                                    # the engine's own settings
+        xla_all_reduce) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0" ;;       # XLA's all-reduce, not the CUDA kernel
+        p2p_no_while) echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS={$CB_WITHOUT_COLLECTIVES}" ;;  # layer loop on the host
         xla_defaults) echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS=0" ;;
-        nccl) echo "$NCCL" ;;                                         # NCCL all-reduces inside the graphs
-        nccl_outside_graphs) echo "$NCCL"; echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS={$CB_WITHOUT_COLLECTIVES, $SYNC}" ;;
-        nccl_unrolled) echo "$NCCL"; echo "LMDEPLOY_JAX_LAYER_UNROLL=all"; echo "NCCL_DEBUG=WARN" ;;
+        nccl) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0"; echo "$NCCL" ;;  # NCCL all-reduces inside the graphs
+        nccl_outside_graphs) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0"; echo "$NCCL"
+                             echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS={$CB_WITHOUT_COLLECTIVES, $SYNC}" ;;
         *) echo "unknown variant $1" >&2; return 1 ;;
     esac
 }
@@ -26,13 +29,21 @@ run() {  # tp variant
     env_lines=$(variant_env "$2") || return
     echo "== tp=$1 $2" | tee -a "$log"
     [ -n "$env_lines" ] && mapfile -t env_args <<< "$env_lines"
-    env "${env_args[@]}" python3 benchmark/executable_report.py "$model" --tp "$1" --max-batch-size 4 \
-        --session-len 4096 --batch-1-tokens 256 > "$log.part" 2>&1
+    env "${env_args[@]}" timeout "${RUN_TIMEOUT:-200}" python3 benchmark/executable_report.py "$model" --tp "$1" \
+        --max-batch-size 4 --session-len 4096 --batch-1-tokens 256 --greedy-tokens 32 \
+        --keep-dumps "${OUT:-/tmp}/dumps/tp$1-$2" > "$log.part" 2>&1
+    echo "rc=$?" | tee -a "$log"
     grep -E '^RESULT' "$log.part" | grep -vE '"kind": "prefill"' | tee -a "$log"
+    grep -E 'small tensor-parallel steps' "$log.part" | cut -c1-300 | tee -a "$log"
     grep -qE '^Traceback|Error' "$log.part" && tail -3 "$log.part" | cut -c1-400 | tee -a "$log"
 }
 run 1 engine
-for variant in ${VARIANTS:-engine xla_defaults nccl nccl_outside_graphs nccl_unrolled}; do
-    run "${TP:-2}" "$variant"
+for tp in ${TPS:-2}; do
+    echo "== reduce_add_rms_norm tp=$tp" | tee -a "$log"
+    timeout 120 python3 benchmark/bench_reduce_add_rms_norm.py --tp "$tp" 2>&1 | grep -E '^RESULT|Error|error' \
+        | cut -c1-600 | tee -a "$log"
+    for variant in ${VARIANTS:-engine xla_all_reduce}; do
+        run "$tp" "$variant"
+    done
 done
 rm -f "$log.part"

@@ -45,6 +45,18 @@ def layer_index(layer, is_stack: bool, what: str) -> jax.Array:
     return layer
 
 
+def stacked_weight(weight: jax.Array, layer, hidden: int) -> tuple[jax.Array, jax.Array]:
+    """``weight`` as ``[layers, hidden]`` and the int32 layer to use (one layer's weight: a stack of one)."""
+    if weight.ndim == 1:
+        require(tuple(weight.shape) == (hidden,),
+                f'weight must have shape ({hidden},) to match x [..., {hidden}], got {tuple(weight.shape)}')
+        return weight[None], layer_index(layer, False, 'a single weight [hidden]')
+    require(weight.ndim == 2 and weight.shape[1] == hidden,
+            f'weight must be [{hidden}] or stacked [layers, {hidden}] to match x [..., {hidden}], '
+            f'got {tuple(weight.shape)}')
+    return weight, layer_index(layer, True, 'stacked weights [layers, hidden]')
+
+
 def check_int32(name: str, x, shape: tuple[int, ...] | None = None) -> None:
     require(x.dtype == jnp.int32, f'{name} must be int32, got {x.dtype}')
     require(shape is None or tuple(x.shape) == shape,

@@ -206,14 +206,15 @@ class ModelRunner:
 
     def _options(self, key: tuple[str, tuple[int, int]]) -> dict:
         """This executable's own XLA options (``xla_flags.executable_options``)."""
-        return executable_options(key[0], key[1], self.model.mesh.size if self.model.mesh is not None else 1)
+        return executable_options(key[0], key[1], self.model.mesh.size if self.model.mesh is not None else 1,
+                                  self.model.p2p_all_reduce)
 
     def _describe(self, key: tuple[str, tuple[int, int]], inputs: tuple) -> str:
         """Everything a step executable's lowering depends on besides the environment (its key in the store)."""
         model = self.model
         rope = hashlib.sha256(np.ascontiguousarray(model.inv_freq).tobytes()).hexdigest()
-        return repr((key, self._options(key), self.block_size, self.decode_steps, model.spec, rope,
-                     model.layer_unroll, describe_inputs((model.params, self.cache_spec, *inputs))))
+        return repr((key, self._options(key), self.block_size, self.decode_steps, model.spec, rope, model.layer_unroll,
+                     model.p2p_all_reduce, describe_inputs((model.params, self.cache_spec, *inputs))))
 
     def _store(self) -> ExecutableStore | None:
         """The executable store inside JAX's compilation cache directory, for a single-process engine."""

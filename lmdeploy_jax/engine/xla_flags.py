@@ -17,7 +17,10 @@ larger batches and prefill keep XLA's defaults. In the per-executable form the c
 synchronous-collective options take effect on a GPU but the one-shot kernel stays on (thunk dump,
 tp=2 on 4 x H100: 35 command buffers a step between one-shot all-reduce thunks; tp=2 batch 1 ~160 tok/s,
 against ~156 with the defaults). ``benchmark/executable_report.py`` shows per executable the
-options in effect and the thunks. See benchmark/NOTES.md v5-v7.
+options in effect and the thunks. Where the engine sums small steps with its own CUDA kernel
+(``models/row_parallel.py``), the rest of the step's collectives (the embedding's, the sampler's) stay
+out of the command buffers (``SMALL_BATCH_P2P_OPTIONS``): the layer loop is then one command
+buffer. See benchmark/NOTES.md v5-v8.
 """
 from __future__ import annotations
 
@@ -49,27 +52,39 @@ COMMAND_BUFFERS = 'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION
 SMALL_BATCH_TP_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS,
                           'xla_gpu_unsupported_use_all_reduce_one_shot_kernel': False,
                           'xla_gpu_disable_async_collectives': 'ALLREDUCE,ALLGATHER'}
+SMALL_BATCH_P2P_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS.replace(',COLLECTIVES', '')}
 
 
 ENV_SMALL_BATCH_OPTIONS = 'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS'
+ENV_DUMP_EXECUTABLES = 'LMDEPLOY_JAX_DUMP_EXECUTABLES'    # a folder: XLA dumps each step executable under it
 
 
-def executable_options(kind: str, shape: tuple[int, int], tp: int) -> dict:
+def executable_options(kind: str, shape: tuple[int, int], tp: int, p2p_all_reduce: bool = False) -> dict:
     """XLA options for one step executable (``kind`` 'prefill' or a decode kind, ``shape`` (rows,
-    tokens)) of an engine on ``tp`` devices; empty: XLA's defaults. ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS``
+    tokens)) of an engine on ``tp`` devices (``p2p_all_reduce``: summing small steps with its CUDA
+    kernel); empty: XLA's defaults. ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS``
     '0' gives every executable the defaults (to compare, or to step around an XLA that mishandles
     the options); a JSON object replaces ``SMALL_BATCH_TP_OPTIONS`` (to try other options without
-    a code change)."""
+    a code change). ``LMDEPLOY_JAX_DUMP_EXECUTABLES`` adds an ``xla_dump_to`` of the executable's own
+    (``executable_dump_dir``), so what XLA made of each can be read (``benchmark/executable_report.py``)."""
+    options = {}
     if tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS:
-        return small_batch_tp_options()
-    return {}
+        options = small_batch_tp_options(p2p_all_reduce)
+    if os.environ.get(ENV_DUMP_EXECUTABLES):
+        options['xla_dump_to'] = executable_dump_dir(os.environ[ENV_DUMP_EXECUTABLES], kind, shape)
+    return options
 
 
-def small_batch_tp_options() -> dict:
-    """``SMALL_BATCH_TP_OPTIONS`` unless ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS`` says otherwise (see above)."""
+def executable_dump_dir(root: str, kind: str, shape: tuple[int, int]) -> str:
+    return os.path.join(root, f'{kind}-{shape[0]}x{shape[1]}')
+
+
+def small_batch_tp_options(p2p_all_reduce: bool = False) -> dict:
+    """``SMALL_BATCH_P2P_OPTIONS`` or ``SMALL_BATCH_TP_OPTIONS`` unless ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS``
+    says otherwise (see above)."""
     value = os.environ.get(ENV_SMALL_BATCH_OPTIONS, '1').strip()
     if value in ('0', '1'):
-        return dict(SMALL_BATCH_TP_OPTIONS) if value == '1' else {}
+        return dict(SMALL_BATCH_P2P_OPTIONS if p2p_all_reduce else SMALL_BATCH_TP_OPTIONS) if value == '1' else {}
     try:
         options = json.loads(value)
     except json.JSONDecodeError:

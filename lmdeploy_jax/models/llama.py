@@ -16,9 +16,11 @@ RMSNorm is one op together with the residual add before it (``pallas_kernels.rms
 one kernel on a GPU, where XLA launched the add, the mean of squares and the scaling); the loop
 carries each layer's MLP output to the next layer's first norm, which adds it.
 
-Given a tensor-parallel mesh, XLA partitions the projections from the params' shardings, and the
-KV write and attention run under ``shard_map``, each device on its own heads and pages: XLA cannot
-partition the Pallas kernels' custom calls, and attention needs no communication across heads.
+Given a tensor-parallel mesh, XLA partitions the column-parallel projections from the params'
+shardings, and the KV write and attention run under ``shard_map``, each device on its own heads and
+pages: XLA cannot partition the Pallas kernels' custom calls, and attention needs no communication
+across heads. The row-parallel projections (o, down) and the sums over the devices after them take
+one of two forms, by the step's size (``row_parallel.py``).
 """
 from __future__ import annotations
 
@@ -32,20 +34,16 @@ from jax.sharding import Mesh
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
-from pallas_kernels.rms_norm.api import add_rms_norm
 
 from ..parallel import rules
+from .linear import linear
 from .rope import apply_rope, cos_sin
+from .row_parallel import PartialSums, ReducedSums, for_step, per_device
 from .spec import ModelSpec
 from .step_batch import StepBatch
 from .weights import NORMS, FusedLayout
 
 KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
-
-
-def linear(x: jax.Array, p: dict) -> jax.Array:
-    y = jnp.einsum('...i,oi->...o', x, p['w'])
-    return y + p['b'] if 'b' in p else y
 
 
 def _prefill_attention(scale: float, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
@@ -68,28 +66,6 @@ def _decode_step(scale: float, qkv: jax.Array, cos: jax.Array, sin: jax.Array, k
     return out[:, None], k_pages, v_pages
 
 
-def _per_device(fn, mesh: Mesh | None, in_specs: tuple, out_specs: tuple):
-    """``fn`` under ``shard_map`` over the tensor-parallel mesh (each device on its own heads and
-    pages), or as is without one."""
-    if mesh is None:
-        return fn
-    return jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=in_specs, out_specs=out_specs)
-
-
-def _add_norm(spec: ModelSpec, mesh: Mesh | None, x: jax.Array, residual: jax.Array, weight: jax.Array,
-              layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """The residual add ``x + residual`` and the RMSNorm of the sum, both returned: one op (on a
-    GPU one kernel instead of XLA's add plus the norm's). ``weight``: ``[hidden]``, or every
-    layer's ``[layers, hidden]`` with ``layer`` the one to use (the kernel reads its row in place;
-    a slice would be a copy per norm). Under ``shard_map`` with a mesh, each device on its own
-    full copy of the (replicated) hidden states, since XLA cannot partition the kernel's custom
-    call."""
-    r = rules.REPLICATED
-    add_norm = _per_device(lambda x, res, w, i: add_rms_norm(x, res, w, spec.rms_norm_eps, i), mesh,
-                           in_specs=(r, r, r, r), out_specs=(r, r))
-    return add_norm(x, residual, weight, layer)
-
-
 def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
     """Undo the shard-by-shard row grouping (``weights.FusedLayout``) of the fused projection
     ``key``'s output ``[..., tp * sum(sizes)]``: one ``[..., tp * size]`` per part (shard 0's piece
@@ -100,8 +76,9 @@ def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
     return [p.reshape(*y.shape[:-1], -1) for p in pieces]
 
 
-def _attention(spec: ModelSpec, mesh: Mesh | None, layout: FusedLayout, layer: dict, index: jax.Array,
-               x: jax.Array, kv: KVCache, batch: StepBatch, cos: jax.Array, sin: jax.Array):
+def _attention(spec: ModelSpec, mesh: Mesh | None, rows: ReducedSums | PartialSums, layout: FusedLayout,
+               layer: dict, index: jax.Array, x: jax.Array, kv: KVCache, batch: StepBatch, cos: jax.Array,
+               sin: jax.Array):
     """Project, rotate, write this step's K/V into the pages, attend over the pages."""
     b, t, _ = x.shape
     d = spec.head_dim
@@ -109,7 +86,7 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, layout: FusedLayout, layer: d
     r = rules.REPLICATED
     paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
     if t == 1:
-        attend = _per_device(functools.partial(_decode_step, d ** -0.5), mesh,
+        attend = per_device(functools.partial(_decode_step, d ** -0.5), mesh,
                              in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
                              out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
         out, k_pages, v_pages = attend(qkv[:, 0], cos[:, 0], sin[:, 0], *kv, *paging)
@@ -118,44 +95,47 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, layout: FusedLayout, layer: d
         q = apply_rope(q.reshape(b, t, spec.num_heads, d), cos, sin)
         k = apply_rope(k.reshape(b, t, spec.num_kv_heads, d), cos, sin).reshape(b * t, spec.num_kv_heads, d)
         v = v.reshape(b * t, spec.num_kv_heads, d)
-        attend = _per_device(functools.partial(_prefill_attention, d ** -0.5), mesh,
+        attend = per_device(functools.partial(_prefill_attention, d ** -0.5), mesh,
                              in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
                                        rules.KV_PAGES, r, r, r, r, r),
                              out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
         out, k_pages, v_pages = attend(q, k, v, *kv, *paging, batch.query_lens)
-    return linear(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
+    return rows.project(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
 
 
-def _mlp(layout: FusedLayout, layer: dict, x: jax.Array) -> jax.Array:
+def _mlp(rows: ReducedSums | PartialSums, layout: FusedLayout, layer: dict, x: jax.Array) -> jax.Array:
     gate, up = split_fused(linear(x, layer['gate_up']), layout, 'gate_up')
-    return linear(jax.nn.silu(gate) * up, layer['down'])
+    return rows.project(jax.nn.silu(gate) * up, layer['down'])
 
 
 def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCache,
-            batch: StepBatch, mesh: Mesh | None = None, unroll: int | bool = 1) -> tuple[jax.Array, KVCache]:
+            batch: StepBatch, mesh: Mesh | None = None, unroll: int | bool = 1,
+            p2p_all_reduce: bool = False) -> tuple[jax.Array, KVCache]:
     """Run the decoder over ``batch``; returns final-normed hidden ``[B, T, hidden]`` and the cache.
     ``mesh``: the tensor-parallel mesh the params and cache are sharded over, if any. ``unroll``:
-    layers per scan iteration (``True``: all, as straight-line code)."""
+    layers per scan iteration (``True``: all, as straight-line code). ``p2p_all_reduce``: the
+    ``reduce_add_rms_norm`` CUDA kernel is prepared for the mesh's GPUs (``row_parallel.py``)."""
     x = params['embed'][batch.token_ids]
     cos, sin = cos_sin(inv_freq, batch.positions)
     # spec counts the KV heads as stored, so each shard's parts are plain 1/tp of them
     layout = FusedLayout(spec, mesh.size if mesh is not None else 1)
 
     layers = params['layers']
+    rows = for_step(spec, mesh, x, p2p_all_reduce)
 
     def layer_step(index, carry):
-        # ``mlp_out``: the previous layer's MLP output, added to the residual stream by this
-        # layer's first norm (and the last layer's by the final norm)
+        # ``mlp_out``: the previous layer's MLP output (in ``rows``' form), added to the residual
+        # stream by this layer's first norm (and the last layer's by the final norm)
         x, mlp_out, kv = carry
         layer = _projections(layers, index)
-        x, normed = _add_norm(spec, mesh, x, mlp_out, layers['input_norm'], index)
-        h, kv = _attention(spec, mesh, layout, layer, index, normed, kv, batch, cos, sin)
-        x, normed = _add_norm(spec, mesh, x, h, layers['post_norm'], index)
-        return x, _mlp(layout, layer, normed), kv
+        x, normed = rows.add_norm(x, mlp_out, layers['input_norm'], index)
+        h, kv = _attention(spec, mesh, rows, layout, layer, index, normed, kv, batch, cos, sin)
+        x, normed = rows.add_norm(x, h, layers['post_norm'], index)
+        return x, _mlp(rows, layout, layer, normed), kv
 
-    x, mlp_out, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, jnp.zeros_like(x), tuple(kv_caches)),
+    x, mlp_out, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, rows.zeros(x), tuple(kv_caches)),
                                               unroll=unroll)
-    return _add_norm(spec, mesh, x, mlp_out, params['norm'])[1], kv_caches
+    return rows.add_norm(x, mlp_out, params['norm'])[1], kv_caches
 
 
 def _projections(layers: dict, index: jax.Array) -> dict:

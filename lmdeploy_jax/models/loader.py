@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
+
 from ..checkpoint.source import ModelSource
 from ..parallel import split_heads
 from . import llama
@@ -24,6 +26,7 @@ from .weights import load_params
 
 logger = logging.getLogger('lmdeploy_jax')
 ENV_LAYER_UNROLL = 'LMDEPLOY_JAX_LAYER_UNROLL'     # layers per scan iteration, or 'all'
+ENV_P2P_ALL_REDUCE = 'LMDEPLOY_JAX_P2P_ALL_REDUCE'   # '0': small tp steps keep XLA's all-reduce
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,13 +41,15 @@ class LoadedModel:
     inv_freq: np.ndarray = field(repr=False)   # rope inverse frequencies, a compile-time constant
     mesh: Mesh | None = None
     layer_unroll: int | bool = 1               # layers per scan iteration (True: straight-line code)
+    p2p_all_reduce: bool = False               # small tp steps sum with the CUDA kernel (row_parallel.py)
 
     init_kv_caches = staticmethod(init_kv_caches)
     kv_bytes_per_block = staticmethod(kv_bytes_per_block)
 
     def forward(self, params: dict, kv_caches: llama.KVCache, batch: StepBatch) -> tuple[jax.Array, llama.KVCache]:
         """``(hidden [B, T, hidden_size], kv_caches)``: attention by the decode op when T == 1."""
-        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch, self.mesh, self.layer_unroll)
+        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch, self.mesh, self.layer_unroll,
+                             self.p2p_all_reduce)
 
     def compute_logits(self, params: dict, hidden: jax.Array) -> jax.Array:
         """float32 ``[..., vocab]``."""
@@ -87,7 +92,22 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         params = load_params(ckpt, spec, mesh, split)
     if split is not None:
         spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
-    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh, _layer_unroll())
+    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh, _layer_unroll(),
+                       mesh is not None and _prepare_p2p_all_reduce(mesh))
+
+
+def _prepare_p2p_all_reduce(mesh: Mesh) -> bool:
+    """Ready the ``reduce_add_rms_norm`` CUDA kernel for a mesh of GPUs unless
+    ``LMDEPLOY_JAX_P2P_ALL_REDUCE=0``; says in the log what small tensor-parallel steps sum with."""
+    devices = list(mesh.devices.flat)
+    if devices[0].platform != 'gpu' or os.environ.get(ENV_P2P_ALL_REDUCE, '1') == '0':
+        return False
+    reason = prepare_kernel(devices)
+    if reason is not None:
+        logger.warning("small tensor-parallel steps use XLA's all-reduce: %s", reason)
+        return False
+    logger.info('small tensor-parallel steps sum over peer memory (reduce_add_rms_norm CUDA kernel)')
+    return True
 
 
 def _layer_unroll() -> int | bool:

@@ -29,6 +29,9 @@ Q_HEADS = P(None, None, TP)            # q / attention output [B, T, heads, head
 NEW_KV_HEADS = P(None, TP)             # this step's k/v [B * T, kv_heads, head_dim]
 FUSED_OUTPUT = P(None, TP)             # a fused projection's output [B, F]: rows laid out shard by shard
                                        # (models/weights.py), so each device's slice is its own q|k|v
+ROW_INPUT = P(None, None, TP)          # a row-parallel projection's input [B, T, F]: each device its columns
+ROW_WEIGHT = P(None, TP)               # a row-parallel weight [out, in], as param_spec places it
+PARTIAL_SUMS = P(TP)                   # per-device partial results stacked [tp, ...], not yet summed
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def param_spec(key: str, leaf: str | None, shape: tuple[int, ...], tp: int) -> P
     if key in COLUMN_PARALLEL:
         return P(TP, None) if leaf == 'w' else P(TP)
     if key in ROW_PARALLEL:
-        return P(None, TP) if leaf == 'w' else REPLICATED
+        return ROW_WEIGHT if leaf == 'w' else REPLICATED
     if key in VOCAB_PARALLEL and leaf != 'b' and shape[0] % tp == 0:
         return P(TP, None)
     return REPLICATED

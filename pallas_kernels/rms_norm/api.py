@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .._checks import layer_index, require
+from .._checks import require, stacked_weight
 from .._dispatch import choose_impl
 from .reference import rms_norm_reference
 
@@ -49,22 +49,10 @@ def _choose(x: jax.Array, weight: jax.Array, layer, impl: str | None):
     int32 layer to use."""
     require(x.ndim >= 1 and jnp.issubdtype(x.dtype, jnp.floating),
             f'x must be a float array [..., hidden], got {x.dtype} {tuple(x.shape)}')
-    weight, layer = _stacked_weight(weight, layer, x.shape[-1])
+    weight, layer = stacked_weight(weight, layer, x.shape[-1])
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
     chosen = choose_impl(impl, pallas_gpu.supports(x, weight))
     if chosen == 'reference':
         return None, weight, layer
     return functools.partial(pallas_gpu.rms_norm_pallas, interpret=chosen == 'pallas_interpret'), weight, layer
-
-
-def _stacked_weight(weight: jax.Array, layer, hidden: int) -> tuple[jax.Array, jax.Array]:
-    """``weight`` as ``[layers, hidden]`` and the int32 layer to use (one layer's weight: a stack of one)."""
-    if weight.ndim == 1:
-        require(tuple(weight.shape) == (hidden,),
-                f'weight must have shape ({hidden},) to match x [..., {hidden}], got {tuple(weight.shape)}')
-        return weight[None], layer_index(layer, False, 'a single weight [hidden]')
-    require(weight.ndim == 2 and weight.shape[1] == hidden,
-            f'weight must be [{hidden}] or stacked [layers, {hidden}] to match x [..., {hidden}], '
-            f'got {tuple(weight.shape)}')
-    return weight, layer_index(layer, True, 'stacked weights [layers, hidden]')

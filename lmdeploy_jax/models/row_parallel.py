@@ -1,0 +1,104 @@
+"""Where a decoder layer's row-parallel projections (o, down) meet the residual stream: the sum over
+the tensor-parallel devices, the residual add and the RMSNorm after each. ``for_step`` picks one of
+two forms per traced step; the layer loop carries the MLP's output in that form to the next layer's
+first norm (and the last layer's to the final norm).
+
+- ``ReducedSums`` (no mesh, or a large step): XLA partitions o/down from the params' shardings and
+  all-reduces their outputs; the add and norm (``add_rms_norm``) run on each device's full copy.
+- ``PartialSums`` (a mesh and a step of at most ``PARTIAL_SUMS_MAX_BYTES`` of hidden states a
+  device, e.g. a batch-1 decode step): o/down run under ``shard_map`` and leave each device's
+  partial product unsummed, stacked ``[tp, ...]``; the ``reduce_add_rms_norm`` op sums, adds and
+  normalises in one call. On the GPUs of one process that is one kernel a CUDA graph can hold,
+  where XLA's all-reduce thunks split a batch-1 step into ~200 host launches (NOTES.md v7, v8);
+  elsewhere it is XLA's all-reduce and ``add_rms_norm``, as in ``ReducedSums``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from pallas_kernels.reduce_add_rms_norm.api import reduce_add_rms_norm
+from pallas_kernels.reduce_add_rms_norm.p2p_cuda import MAX_BYTES
+from pallas_kernels.rms_norm.api import add_rms_norm
+
+from ..parallel import rules
+from .linear import linear
+from .spec import ModelSpec
+
+PARTIAL_SUMS_MAX_BYTES = MAX_BYTES        # what the kernel's staging slots hold
+
+
+def per_device(fn, mesh: Mesh | None, in_specs: tuple, out_specs: tuple):
+    """``fn`` under ``shard_map`` over the tensor-parallel mesh (each device on its own shards), or
+    as is without one."""
+    if mesh is None:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, check_vma=False, in_specs=in_specs, out_specs=out_specs)
+
+
+@dataclass(frozen=True)
+class ReducedSums:
+    spec: ModelSpec
+    mesh: Mesh | None
+
+    def project(self, x: jax.Array, p: dict) -> jax.Array:
+        return linear(x, p)
+
+    def zeros(self, x: jax.Array) -> jax.Array:
+        return jnp.zeros_like(x)
+
+    def add_norm(self, x: jax.Array, y: jax.Array, weight: jax.Array,
+                 layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``(x + y, its RMSNorm)`` in one op (one kernel on a GPU). ``weight``: ``[hidden]``, or every
+        layer's ``[layers, hidden]`` with ``layer`` the one to use (read in place: a slice would be a
+        copy per norm). With a mesh each device works on its full copy of the replicated hidden
+        states, under ``shard_map`` since XLA cannot partition the kernel's custom call."""
+        r = rules.REPLICATED
+        add_norm = per_device(lambda x, y, w, i: add_rms_norm(x, y, w, self.spec.rms_norm_eps, i), self.mesh,
+                              in_specs=(r, r, r, r), out_specs=(r, r))
+        return add_norm(x, y, weight, layer)
+
+
+@dataclass(frozen=True)
+class PartialSums:
+    spec: ModelSpec
+    mesh: Mesh
+    kernel_devices: tuple | None = None      # the mesh's devices where the CUDA kernel was prepared
+
+    def project(self, x: jax.Array, p: dict) -> jax.Array:
+        """Each device's partial product ``[1, B, T, out]`` of ``x [B, T, in]`` (its columns) and its
+        columns of the weight; a bias joins the first device's share, so the sum has it once."""
+        def partial(x, w, *b):
+            y = jnp.einsum('...i,oi->...o', x, w)
+            if b:
+                y = y + jnp.where(jax.lax.axis_index(rules.TP) == 0, b[0], jnp.zeros_like(b[0]))
+            return y[None]
+        r = rules.REPLICATED
+        biases = (p['b'],) if 'b' in p else ()
+        return per_device(partial, self.mesh, in_specs=(rules.ROW_INPUT, rules.ROW_WEIGHT, *(r for _ in biases)),
+                          out_specs=rules.PARTIAL_SUMS)(x, p['w'], *biases)
+
+    def zeros(self, x: jax.Array) -> jax.Array:
+        return jnp.zeros((self.mesh.size, *x.shape), x.dtype)
+
+    def add_norm(self, x: jax.Array, partial: jax.Array, weight: jax.Array,
+                 layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``ReducedSums.add_norm`` of ``x`` and the sum of ``partial``'s shares."""
+        r = rules.REPLICATED
+        def reduce(partial, x, weight, layer):
+            return reduce_add_rms_norm(partial[0], x, weight, self.spec.rms_norm_eps, layer, axis_name=rules.TP,
+                                       devices=self.kernel_devices)
+        fn = per_device(reduce, self.mesh, in_specs=(rules.PARTIAL_SUMS, r, r, r), out_specs=(r, r))
+        return fn(partial, x, weight, layer)
+
+
+def for_step(spec: ModelSpec, mesh: Mesh | None, hidden: jax.Array, kernel: bool) -> ReducedSums | PartialSums:
+    """``PartialSums`` for a tensor-parallel step whose hidden states ``[B, T, hidden]`` are small
+    enough, else ``ReducedSums``. ``kernel``: the CUDA kernel was prepared for the mesh's devices
+    (``models/loader.py``)."""
+    if mesh is not None and mesh.size > 1 and hidden.size * hidden.dtype.itemsize <= PARTIAL_SUMS_MAX_BYTES:
+        return PartialSums(spec, mesh, tuple(mesh.devices.flat) if kernel else None)
+    return ReducedSums(spec, mesh)

@@ -1,0 +1,285 @@
+// The sum of a row-parallel projection's partial results over the GPUs of one process, the residual
+// add after it and the RMSNorm after that, as one kernel that a CUDA graph can hold.
+//
+// Why: at batch 1 a tensor-parallel decode step all-reduces 8 KB twice a layer. XLA's all-reduce
+// thunks cannot sit inside its command buffers with its one-shot kernel, and NCCL's inside them
+// failed to instantiate, so the host launched ~200 pieces a step and became the bottleneck
+// (benchmark/NOTES.md v7). This kernel is an XLA FFI custom call marked command-buffer compatible.
+//
+// How (one-shot, as TensorRT-LLM's and vLLM's custom all-reduces): each rank owns a staging area
+// [2 parities][world][max_bytes] and a flag per rank, allocated once (lmdj_p2p_init) and reachable
+// from every peer through CUDA peer access. A call of epoch e (a per-rank counter in device memory)
+// writes the rank's partial into slot [e % 2][rank] of every rank's staging area, then raises its
+// flag on every rank to e with a release store; each rank waits for all flags to reach e (acquire
+// loads), sums the slots in rank order in float32 (so every rank computes the same bits), adds the
+// residual and normalises. Two parities suffice: a rank can only be at epoch e after every peer
+// signalled e - 1, i.e. finished reading the slots of epoch e - 2.
+//
+// One thread block per call: the payload is small (rows * hidden, a few tens of KB) and the call is
+// bound by NVLink latency, not bandwidth.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxRanks = 8;
+constexpr int kThreads = 512;
+constexpr unsigned long long kTimeoutNs = 30ull * 1000 * 1000 * 1000;   // a peer that never comes
+
+struct Peers {                      // by value in the kernel's parameters
+  char* staging[kMaxRanks];         // rank p's [2][world][max_bytes]
+  unsigned* flags[kMaxRanks];       // rank p's [world] epochs delivered to it, then its own epoch
+};
+
+struct Communicator {
+  int world = 0;
+  int ordinals[kMaxRanks] = {};
+  size_t max_bytes = 0;
+  Peers peers = {};
+};
+
+std::mutex g_mutex;
+std::map<std::string, Communicator> g_communicators;     // key: the ordinals in rank order, "0,1"
+
+std::string KeyOf(const int* ordinals, int world) {
+  std::string key;
+  for (int i = 0; i < world; ++i) key += (i ? "," : "") + std::to_string(ordinals[i]);
+  return key;
+}
+
+__device__ __forceinline__ unsigned LoadAcquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void StoreRelease(unsigned* p, unsigned v) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long GlobalTimerNs() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The sum over the block of one float per thread, returned to every thread.
+__device__ float BlockSum(float v, float* shared) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[threadIdx.x] : 0.f;
+  if (warp == 0) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+    if (lane == 0) shared[32] = v;
+  }
+  __syncthreads();
+  const float total = shared[32];
+  __syncthreads();    // shared is reused by the next call
+  return total;
+}
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half FromFloat(float v) { return __float2half(v); }
+template <>
+__device__ __forceinline__ float FromFloat(float v) { return v; }
+
+template <typename T>
+__device__ __forceinline__ float ToFloat(T v) { return static_cast<float>(v); }
+
+// partial, residual, sum_out, normed_out: [rows, hidden]; weights: [layers, hidden], row *layer used.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
+    const T* __restrict__ partial, const T* __restrict__ residual, const T* __restrict__ weights,
+    const int* __restrict__ layer, T* __restrict__ sum_out, T* __restrict__ normed_out, int rows, int hidden,
+    float eps, Peers peers, int rank, int world, size_t max_bytes) {
+  __shared__ float shared[33];
+  unsigned* own_flags = peers.flags[rank];
+  const unsigned epoch = own_flags[world] + 1;
+  const int parity = epoch & 1;
+  const size_t n = static_cast<size_t>(rows) * hidden;
+
+  // 1. this rank's partial into slot [parity][rank] of every rank, 16 bytes at a time
+  const int4* src = reinterpret_cast<const int4*>(partial);
+  const size_t vectors = n * sizeof(T) / sizeof(int4);
+  for (int p = 0; p < world; ++p) {
+    int4* dst = reinterpret_cast<int4*>(peers.staging[p] + (static_cast<size_t>(parity) * world + rank) * max_bytes);
+    for (size_t i = threadIdx.x; i < vectors; i += blockDim.x) dst[i] = src[i];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x < world) StoreRelease(peers.flags[threadIdx.x] + rank, epoch);
+
+  // 2. wait until every rank's partial has arrived here
+  if (threadIdx.x < world) {
+    const unsigned* flag = own_flags + threadIdx.x;
+    const unsigned long long start = GlobalTimerNs();
+    while (static_cast<int>(LoadAcquire(flag) - epoch) < 0) {
+      if (GlobalTimerNs() - start > kTimeoutNs) {
+        printf("lmdeploy_jax p2p all-reduce: rank %d waited 30 s for rank %d (epoch %u); trapping\n", rank,
+               static_cast<int>(threadIdx.x), epoch);
+        __trap();
+      }
+    }
+  }
+  __syncthreads();
+
+  // 3. per row: h = sum of the slots in rank order, s = residual + h, normed = weight * rms_norm(s)
+  const T* slots = reinterpret_cast<const T*>(peers.staging[rank] + static_cast<size_t>(parity) * world * max_bytes);
+  const size_t slot_elems = max_bytes / sizeof(T);
+  const T* weight = weights + static_cast<size_t>(*layer) * hidden;
+  for (int row = 0; row < rows; ++row) {
+    const size_t base = static_cast<size_t>(row) * hidden;
+    float squares = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+      float h = 0.f;
+      for (int p = 0; p < world; ++p) h += ToFloat(__ldcg(slots + p * slot_elems + base + i));
+      const T s = FromFloat<T>(ToFloat(residual[base + i]) + ToFloat(FromFloat<T>(h)));
+      sum_out[base + i] = s;
+      squares += ToFloat(s) * ToFloat(s);
+    }
+    const float inv_rms = rsqrtf(BlockSum(squares, shared) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+      const T normed = FromFloat<T>(ToFloat(sum_out[base + i]) * inv_rms);
+      normed_out[base + i] = FromFloat<T>(ToFloat(weight[i]) * ToFloat(normed));
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) own_flags[world] = epoch;
+}
+
+template <typename T>
+cudaError_t Launch(cudaStream_t stream, const Communicator& comm, int rank, ffi::AnyBuffer partial,
+                   ffi::AnyBuffer residual, ffi::AnyBuffer weights, ffi::Buffer<ffi::S32> layer,
+                   ffi::AnyBuffer sum_out, ffi::AnyBuffer normed_out, int rows, int hidden, float eps) {
+  ReduceAddNormKernel<T><<<1, kThreads, 0, stream>>>(
+      static_cast<const T*>(partial.untyped_data()), static_cast<const T*>(residual.untyped_data()),
+      static_cast<const T*>(weights.untyped_data()), layer.typed_data(), static_cast<T*>(sum_out.untyped_data()),
+      static_cast<T*>(normed_out.untyped_data()), rows, hidden, eps, comm.peers, rank, comm.world, comm.max_bytes);
+  return cudaGetLastError();
+}
+
+ffi::Error ReduceAddNorm(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer partial, ffi::AnyBuffer residual,
+                         ffi::AnyBuffer weights, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> sum_out,
+                         ffi::Result<ffi::AnyBuffer> normed_out, std::string_view devices, float eps) {
+  Communicator comm;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_communicators.find(std::string(devices));
+    if (it == g_communicators.end())
+      return ffi::Error::InvalidArgument("p2p all-reduce: no communicator for devices " + std::string(devices) +
+                                         " (lmdj_p2p_init was not called in this process)");
+    comm = it->second;
+  }
+  int rank = -1;
+  for (int i = 0; i < comm.world; ++i)
+    if (comm.ordinals[i] == ordinal) rank = i;
+  if (rank < 0) return ffi::Error::InvalidArgument("p2p all-reduce: device " + std::to_string(ordinal) +
+                                                   " is not one of " + std::string(devices));
+  const auto dims = partial.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("p2p all-reduce: partial must be [..., hidden]");
+  const int hidden = static_cast<int>(dims.back());
+  const int rows = static_cast<int>(partial.element_count() / (hidden ? hidden : 1));
+  const size_t bytes = partial.size_bytes();
+  if (bytes > comm.max_bytes || bytes % sizeof(int4) != 0)
+    return ffi::Error::InvalidArgument("p2p all-reduce: " + std::to_string(bytes) + " bytes; at most " +
+                                       std::to_string(comm.max_bytes) + " in whole 16-byte vectors");
+  cudaError_t status;
+  switch (partial.element_type()) {
+    case ffi::DataType::BF16:
+      status = Launch<__nv_bfloat16>(stream, comm, rank, partial, residual, weights, layer, *sum_out, *normed_out,
+                                     rows, hidden, eps);
+      break;
+    case ffi::DataType::F16:
+      status = Launch<__half>(stream, comm, rank, partial, residual, weights, layer, *sum_out, *normed_out, rows,
+                              hidden, eps);
+      break;
+    case ffi::DataType::F32:
+      status = Launch<float>(stream, comm, rank, partial, residual, weights, layer, *sum_out, *normed_out, rows,
+                             hidden, eps);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("p2p all-reduce: dtype must be bfloat16, float16 or float32");
+  }
+  if (status != cudaSuccess) return ffi::Error::Internal(std::string("p2p all-reduce: ") + cudaGetErrorString(status));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmdjP2pReduceAddRmsNorm, ReduceAddNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()          // partial [..., hidden]
+                                  .Arg<ffi::AnyBuffer>()          // residual, the same
+                                  .Arg<ffi::AnyBuffer>()          // weights [layers, hidden]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer [1]
+                                  .Ret<ffi::AnyBuffer>()          // residual + sum
+                                  .Ret<ffi::AnyBuffer>()          // its RMSNorm
+                                  .Attr<std::string_view>("devices")
+                                  .Attr<float>("eps"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+// Allocates every rank's staging area and flags and enables peer access between the GPUs
+// `ordinals` (in rank order); once per device set. 0 on success, else -1 with `error` filled in.
+extern "C" int lmdj_p2p_init(int world, const int* ordinals, size_t max_bytes, char* error, size_t error_len) {
+  auto fail = [&](const std::string& message) {
+    std::snprintf(error, error_len, "%s", message.c_str());
+    return -1;
+  };
+  if (world < 2 || world > kMaxRanks) return fail("world must be 2.." + std::to_string(kMaxRanks));
+  if (max_bytes % sizeof(int4) != 0) return fail("max_bytes must be a multiple of 16");
+  const std::string key = KeyOf(ordinals, world);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_communicators.count(key)) return 0;
+  int previous = 0;
+  cudaGetDevice(&previous);
+  Communicator comm;
+  comm.world = world;
+  comm.max_bytes = max_bytes;
+  for (int i = 0; i < world; ++i) {
+    comm.ordinals[i] = ordinals[i];
+    for (int j = 0; j < world; ++j) {
+      int can = 0;
+      if (i != j && (cudaDeviceCanAccessPeer(&can, ordinals[i], ordinals[j]) != cudaSuccess || !can))
+        return fail("GPU " + std::to_string(ordinals[i]) + " cannot access GPU " + std::to_string(ordinals[j]) +
+                    "'s memory (no peer access)");
+    }
+  }
+  for (int i = 0; i < world; ++i) {
+    cudaSetDevice(ordinals[i]);
+    for (int j = 0; j < world; ++j) {
+      if (i == j) continue;
+      const cudaError_t status = cudaDeviceEnablePeerAccess(ordinals[j], 0);
+      if (status == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
+      else if (status != cudaSuccess) return fail(std::string("cudaDeviceEnablePeerAccess: ") + cudaGetErrorString(status));
+    }
+    const size_t staging_bytes = 2 * world * max_bytes, flag_bytes = (world + 1) * sizeof(unsigned);
+    if (cudaMalloc(&comm.peers.staging[i], staging_bytes) != cudaSuccess ||
+        cudaMalloc(&comm.peers.flags[i], flag_bytes) != cudaSuccess ||
+        cudaMemset(comm.peers.flags[i], 0, flag_bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess)
+      return fail(std::string("allocating the staging area: ") + cudaGetErrorString(cudaGetLastError()));
+  }
+  cudaSetDevice(previous);
+  g_communicators[key] = comm;
+  return 0;
+}

@@ -1,0 +1,110 @@
+"""The CUDA implementation (``p2p_cuda.cu``): a one-shot all-reduce over peer memory fused with the
+residual add and RMSNorm, as an XLA FFI custom call that XLA may record into its command buffers.
+
+It is a departure from the design's Pallas-only kernels: the all-reduce has to reach the other GPUs'
+memory from inside a CUDA graph, which neither Pallas lowering offers in one process (Mosaic GPU's
+remote references hang in single-process mode; Triton has no peer pointers) and which XLA's own
+collectives do not do with its one-shot kernel (benchmark/NOTES.md v8).
+
+The library is compiled with ``nvcc`` on first use (cached under ``~/.cache/lmdeploy_jax``, keyed by
+the source, JAX's version and nvcc's), so a machine without nvcc, without peer access between its
+GPUs or running several processes keeps XLA's all-reduce; ``prepare`` says why."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+SOURCE = Path(__file__).with_name('p2p_cuda.cu')
+TARGET = 'lmdeploy_jax_p2p_reduce_add_rms_norm'
+MAX_BYTES = 64 * 1024          # per call and rank: 4 rows of hidden 8192 in bfloat16
+FLOATS = (jax.numpy.bfloat16, jax.numpy.float16, jax.numpy.float32)
+_prepared: set[str] = set()
+
+
+def device_key(devices) -> str:
+    """The CUDA ordinals of ``devices`` in rank order, as the kernel's ``devices`` attribute names
+    its communicator: the same in every process that uses these GPUs (so stored executables hold)."""
+    return ','.join(str(d.local_hardware_id) for d in devices)
+
+
+def prepare(devices) -> str | None:
+    """Build and load the library, register the custom call and allocate the staging areas for
+    ``devices`` (a mesh's, in axis order); None when the kernel is ready, else why it is not."""
+    if any(d.platform != 'gpu' for d in devices):
+        return 'the devices are not GPUs'
+    if jax.process_count() > 1:
+        return 'the mesh spans several processes (peer memory is per process)'
+    key = device_key(devices)
+    if key in _prepared:
+        return None
+    try:
+        library = _library()
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        return f'the CUDA kernel could not be built: {e}'
+    ordinals = (ctypes.c_int * len(devices))(*(d.local_hardware_id for d in devices))
+    error = ctypes.create_string_buffer(512)
+    if library.lmdj_p2p_init(len(devices), ordinals, ctypes.c_size_t(MAX_BYTES), error, len(error)) != 0:
+        return error.value.decode()
+    _prepared.add(key)
+    return None
+
+
+def is_prepared(devices) -> bool:
+    return device_key(devices) in _prepared
+
+
+def supports(partial, residual, weight) -> bool:
+    """Same-dtype float inputs whose payload fits the staging slots in whole 16-byte vectors."""
+    nbytes = partial.size * partial.dtype.itemsize
+    return (partial.dtype in FLOATS and residual.dtype == partial.dtype and weight.dtype == partial.dtype
+            and 0 < nbytes <= MAX_BYTES and nbytes % 16 == 0)
+
+
+def reduce_add_rms_norm_p2p(partial, residual, weight, layer, eps: float, devices_key: str):
+    """Inside ``shard_map``: ``(residual + sum of partial over the ranks, its RMSNorm)`` (contract of
+    ``api.reduce_add_rms_norm``; ``weight [layers, hidden]``, ``layer`` an int32 scalar)."""
+    out = jax.ShapeDtypeStruct(partial.shape, partial.dtype)
+    return jax.ffi.ffi_call(TARGET, (out, out))(partial, residual, weight, layer.reshape(1),
+                                                devices=devices_key, eps=np.float32(eps))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    library = ctypes.CDLL(str(_build()))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmdjP2pReduceAddRmsNorm), platform='CUDA')
+    library.lmdj_p2p_init.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_size_t, ctypes.c_char_p,
+                                      ctypes.c_size_t]
+    return library
+
+
+def _build() -> Path:
+    """The compiled library, from the cache or built now (written under a temporary name, then
+    renamed, so concurrent builds never load a half-written file)."""
+    nvcc = shutil.which('nvcc') or os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc')
+    if not os.path.exists(nvcc):
+        raise RuntimeError('nvcc not found (set CUDA_HOME or put nvcc on PATH)')
+    version = subprocess.run([nvcc, '--version'], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode() + version.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'lmdeploy_jax' / 'kernels'
+    library = cache / f'p2p_cuda-{digest}.so'
+    if library.exists():
+        return library
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        built = Path(work) / library.name
+        result = subprocess.run([nvcc, '-O3', '-std=c++17', '-shared', '-Xcompiler', '-fPIC', '-arch=sm_90',
+                                 f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(built)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f'nvcc failed: {result.stderr.strip()[-2000:]}')
+        os.replace(built, library)
+    return library
