@@ -8,7 +8,8 @@ Correctness: one call, each of ``s`` and the norm against the reference, and eve
 of the (replicated) result bit-equal to device 0's; then a chain of ``--calls`` calls inside one
 jitted loop (each call's outputs feeding the next, as in a decode step's layers), which exercises
 the kernel's epochs and parities, against the same chain through the reference. Speed: the chain's
-time per call, for both; a batch-1 llama3-8b decode step makes 64 such calls at hidden 4096.
+time per call (the loop compiled as one CUDA graph, with two small fusions a call besides the op),
+for both; a batch-1 llama3-8b decode step makes 64 such calls at hidden 4096.
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel, reduce_add_rm
 
 EPS = 1e-5
 LAYERS = 4
+# the chain's loop as one CUDA graph (on a GPU), so its time is the devices' and not the host's
+# launches; XLA's all-reduce joins the graph only with COLLECTIVES
+IN_ONE_GRAPH = {'xla_gpu_enable_command_buffer': 'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL,COLLECTIVES'}
 
 
 def chain(mesh: Mesh, devices, calls: int):
@@ -95,7 +99,9 @@ def main() -> None:
                                   NamedSharding(mesh, P()))
         inputs = (partial, residual, weight)
         (s, normed), (s_ref, normed_ref) = (one_call(mesh, d)(*inputs) for d in (tuple(devices), None))
-        chained, chained_ref = (chain(mesh, d, args.calls) for d in (tuple(devices), None))
+        options = IN_ONE_GRAPH if devices[0].platform == 'gpu' else {}
+        chained, chained_ref = (chain(mesh, d, args.calls).lower(*inputs).compile(compiler_options=options)
+                                for d in (tuple(devices), None))
         (p_out, x_out), (p_ref, x_ref) = chained(*inputs), chained_ref(*inputs)
         print_result(dict(
             bench='reduce_add_rms_norm', kernel=reason is None, tp=args.tp, rows=rows, hidden=args.hidden,

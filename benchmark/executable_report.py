@@ -89,7 +89,7 @@ def greedy_tokens(pipe, rng: np.random.Generator, prompts: int, input_len: int, 
 def keep_dumps(prefix: str, directory: str) -> None:
     """Copy the thunk sequence and options dumped for the module ``prefix`` into ``directory``."""
     os.makedirs(directory, exist_ok=True)
-    for pattern in ('.*thunk_sequence*.txt', '.debug_options'):
+    for pattern in ('.*thunk_sequence_after_thunk_passes.txt', '.debug_options'):
         for path in glob.glob(prefix + pattern):
             shutil.copy(path, directory)
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument('--greedy-tokens', type=int, default=0, metavar='N',
                         help='then print the greedy tokens (N each) of 2 random prompts of 64 tokens')
     parser.add_argument('--keep-dumps', metavar='DIR',
-                        help="copy each step executable's thunk sequence and options into DIR, to read them")
+                        help="copy the batch-1 decode executables' thunk sequences and options into DIR")
     args = parser.parse_args()
     from lmdeploy_jax.engine.xla_flags import ENV_DUMP_EXECUTABLES
     work = tempfile.mkdtemp(prefix='executable_report.')
@@ -121,7 +121,7 @@ def main() -> None:
                 print_result(dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
                                   all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
                                   **module_report(prefix)))
-                if args.keep_dumps and prefix:
+                if args.keep_dumps and prefix and kind != 'prefill' and rows == 1:
                     keep_dumps(prefix, args.keep_dumps)
             if args.batch_1_tokens:
                 from profile_generation import measure_generation
