@@ -36,7 +36,7 @@ from . import multistep
 from .executable_store import ExecutableStore, compile_tracked, describe_inputs
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
-from .xla_flags import executable_options
+from .xla_flags import executable_options, is_small_batch_tp_decode
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -137,14 +137,18 @@ class ModelRunner:
         self.row_slots = cache_spec.last.shape[0] - 1     # running sequences at most; the last entry is padding's
         self.decode_steps = decode_steps
 
-        def decode(general: bool):
-            step = functools.partial(_step, model, block_size, general)
+        def decode(general: bool, unrolled: bool):
+            step = functools.partial(_step, dataclasses.replace(model, layer_unroll=True) if unrolled else model,
+                                     block_size, general)
             return jax.jit(functools.partial(multistep.decode_steps, step, block_size, decode_steps),
                            donate_argnums=(1,))
 
-        # by kind: prefill and decode run the general sampler, greedy_decode the greedy-only one
-        self._functions = {'prefill': jax.jit(functools.partial(_step, model, block_size, True), donate_argnums=(1,)),
-                           'decode': decode(True), 'greedy_decode': decode(False)}
+        # by (kind, layers unrolled): prefill and decode run the general sampler, greedy_decode the
+        # greedy-only one; some small-batch tensor-parallel decode calls unroll (``_unrolled``)
+        self._functions = {('prefill', False): jax.jit(functools.partial(_step, model, block_size, True),
+                                                       donate_argnums=(1,))}
+        self._functions.update({(kind, unrolled): decode(kind == 'decode', unrolled)
+                                for kind in ('decode', 'greedy_decode') for unrolled in (False, True)})
         self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
         # (kind, shape) -> executable: a decode shape may equal a one-token prefill shape
         self._executables: dict[tuple[str, tuple[int, int]], jax.stages.Compiled] = {}
@@ -174,7 +178,8 @@ class ModelRunner:
         with self._precision():
             for key in shapes:
                 if key not in self._executables:
-                    lowered[key] = self._functions[key[0]].lower(self.model.params, self.cache_spec, *inputs[key])
+                    function = self._functions[key[0], self._unrolled(key)]
+                    lowered[key] = function.lower(self.model.params, self.cache_spec, *inputs[key])
         traced = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
             compiled = dict(zip(lowered, pool.map(lambda key: compile_tracked(lowered[key], self._options(key)),
@@ -204,17 +209,29 @@ class ModelRunner:
         compiled with (for inspecting what XLA made of a step, e.g. ``executable_report.py``)."""
         return {key: (executable, self._options(key)) for key, executable in self._executables.items()}
 
+    def _tp(self) -> int:
+        return self.model.mesh.size if self.model.mesh is not None else 1
+
     def _options(self, key: tuple[str, tuple[int, int]]) -> dict:
         """This executable's own XLA options (``xla_flags.executable_options``)."""
-        return executable_options(key[0], key[1], self.model.mesh.size if self.model.mesh is not None else 1,
-                                  self.model.p2p_all_reduce)
+        return executable_options(key[0], key[1], self._tp(), self.model.p2p_all_reduce)
+
+    def _unrolled(self, key: tuple[str, tuple[int, int]]) -> bool:
+        """Whether this executable runs the layers as straight-line code: a small-batch decode call
+        of an engine that sums them with its CUDA kernel (``models/row_parallel.py``). Its layers
+        then hold no XLA collective, so XLA can make them one command buffer (CUDA graph) a step;
+        inside a layer loop XLA launched one per layer from the host, updated for the layer's
+        weight addresses first (~100 us of host time a layer on an H100 host, longer than the
+        device's work at tp=2; NOTES.md v8)."""
+        return self.model.p2p_all_reduce and is_small_batch_tp_decode(key[0], key[1], self._tp())
 
     def _describe(self, key: tuple[str, tuple[int, int]], inputs: tuple) -> str:
         """Everything a step executable's lowering depends on besides the environment (its key in the store)."""
         model = self.model
         rope = hashlib.sha256(np.ascontiguousarray(model.inv_freq).tobytes()).hexdigest()
-        return repr((key, self._options(key), self.block_size, self.decode_steps, model.spec, rope, model.layer_unroll,
-                     model.p2p_all_reduce, describe_inputs((model.params, self.cache_spec, *inputs))))
+        return repr((key, self._options(key), self.block_size, self.decode_steps, model.spec, rope,
+                     True if self._unrolled(key) else model.layer_unroll, model.p2p_all_reduce,
+                     describe_inputs((model.params, self.cache_spec, *inputs))))
 
     def _store(self) -> ExecutableStore | None:
         """The executable store inside JAX's compilation cache directory, for a single-process engine."""

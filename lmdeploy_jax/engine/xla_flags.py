@@ -68,11 +68,15 @@ def executable_options(kind: str, shape: tuple[int, int], tp: int, p2p_all_reduc
     a code change). ``LMDEPLOY_JAX_DUMP_EXECUTABLES`` adds an ``xla_dump_to`` of the executable's own
     (``executable_dump_dir``), so what XLA made of each can be read (``benchmark/executable_report.py``)."""
     options = {}
-    if tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS:
+    if is_small_batch_tp_decode(kind, shape, tp):
         options = small_batch_tp_options(p2p_all_reduce)
     if os.environ.get(ENV_DUMP_EXECUTABLES):
         options['xla_dump_to'] = executable_dump_dir(os.environ[ENV_DUMP_EXECUTABLES], kind, shape)
     return options
+
+
+def is_small_batch_tp_decode(kind: str, shape: tuple[int, int], tp: int) -> bool:
+    return tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS
 
 
 def executable_dump_dir(root: str, kind: str, shape: tuple[int, int]) -> str:
