@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from lmdeploy_jax.engine.xla_flags import (DEFAULT_XLA_FLAGS, SMALL_BATCH_TP_OPTIONS, SMALL_DECODE_ROWS,
-                                           apply_default_xla_flags, executable_options)
+from lmdeploy_jax.engine.xla_flags import (DEFAULT_XLA_FLAGS, SMALL_BATCH_P2P_OPTIONS, SMALL_BATCH_TP_OPTIONS,
+                                           SMALL_DECODE_ROWS, apply_default_xla_flags, executable_options)
 
 
 def test_missing_flags_are_added_and_the_users_are_kept(monkeypatch):
@@ -35,6 +35,21 @@ def test_only_small_decode_calls_of_a_tensor_parallel_engine_get_their_own_optio
     assert executable_options('decode', (SMALL_DECODE_ROWS * 2, 1), tp=2) == {}
     assert executable_options('prefill', (1, 32), tp=2) == {}
     assert executable_options('decode', (1, 1), tp=1) == {}
+
+
+def test_an_engine_summing_with_its_cuda_kernel_leaves_xla_collectives_out_of_the_command_buffers():
+    options = executable_options('greedy_decode', (1, 1), tp=2, p2p_all_reduce=True)
+    assert options == SMALL_BATCH_P2P_OPTIONS
+    assert 'COLLECTIVES' not in options['xla_gpu_enable_command_buffer']
+    assert 'WHILE' in options['xla_gpu_enable_command_buffer']
+    assert executable_options('prefill', (1, 32), tp=2, p2p_all_reduce=True) == {}
+
+
+def test_each_executable_can_dump_into_a_folder_of_its_own(monkeypatch, tmp_path):
+    monkeypatch.setenv('LMDEPLOY_JAX_DUMP_EXECUTABLES', str(tmp_path))
+    assert executable_options('prefill', (2, 64), tp=1) == {'xla_dump_to': str(tmp_path / 'prefill-2x64')}
+    small = executable_options('decode', (1, 1), tp=2)
+    assert small == {**SMALL_BATCH_TP_OPTIONS, 'xla_dump_to': str(tmp_path / 'decode-1x1')}
 
 
 def test_small_batch_options_can_be_turned_off(monkeypatch):

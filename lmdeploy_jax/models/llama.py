@@ -115,17 +115,18 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     ``mesh``: the tensor-parallel mesh the params and cache are sharded over, if any. ``unroll``:
     layers per scan iteration (``True``: all, as straight-line code). ``p2p_all_reduce``: the
     ``reduce_add_rms_norm`` CUDA kernel is prepared for the mesh's GPUs (``row_parallel.py``)."""
-    x = params['embed'][batch.token_ids]
+    rows = for_step(spec, mesh, batch.token_ids.shape, params['embed'].dtype, p2p_all_reduce)
+    x, mlp_out = rows.embed(params['embed'], batch.token_ids)
     cos, sin = cos_sin(inv_freq, batch.positions)
     # spec counts the KV heads as stored, so each shard's parts are plain 1/tp of them
     layout = FusedLayout(spec, mesh.size if mesh is not None else 1)
 
     layers = params['layers']
-    rows = for_step(spec, mesh, x, p2p_all_reduce)
 
     def layer_step(index, carry):
-        # ``mlp_out``: the previous layer's MLP output (in ``rows``' form), added to the residual
-        # stream by this layer's first norm (and the last layer's by the final norm)
+        # ``mlp_out``: the previous layer's MLP output (the first layer's: the embeddings' share),
+        # in ``rows``' form, added to the residual stream by this layer's first norm (and the last
+        # layer's by the final norm)
         x, mlp_out, kv = carry
         layer = _projections(layers, index)
         x, normed = rows.add_norm(x, mlp_out, layers['input_norm'], index)
@@ -133,7 +134,7 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
         x, normed = rows.add_norm(x, h, layers['post_norm'], index)
         return x, _mlp(rows, layout, layer, normed), kv
 
-    x, mlp_out, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, rows.zeros(x), tuple(kv_caches)),
+    x, mlp_out, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, mlp_out, tuple(kv_caches)),
                                               unroll=unroll)
     return rows.add_norm(x, mlp_out, params['norm'])[1], kv_caches
 

@@ -1,7 +1,8 @@
 """Where a decoder layer's row-parallel projections (o, down) meet the residual stream: the sum over
 the tensor-parallel devices, the residual add and the RMSNorm after each. ``for_step`` picks one of
-two forms per traced step; the layer loop carries the MLP's output in that form to the next layer's
-first norm (and the last layer's to the final norm).
+two forms per traced step; the token embeddings enter in that form (added by the first layer's first
+norm), and the layer loop carries the MLP's output in it to the next layer's first norm (and the
+last layer's to the final norm).
 
 - ``ReducedSums`` (no mesh, or a large step): XLA partitions o/down from the params' shardings and
   all-reduces their outputs; the add and norm (``add_rms_norm``) run on each device's full copy.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import reduce_add_rms_norm
@@ -44,11 +46,13 @@ class ReducedSums:
     spec: ModelSpec
     mesh: Mesh | None
 
+    def embed(self, table: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The token embeddings as ``(x, y)`` for the first layer's ``add_norm`` to add."""
+        x = table[ids]
+        return x, jnp.zeros_like(x)
+
     def project(self, x: jax.Array, p: dict) -> jax.Array:
         return linear(x, p)
-
-    def zeros(self, x: jax.Array) -> jax.Array:
-        return jnp.zeros_like(x)
 
     def add_norm(self, x: jax.Array, y: jax.Array, weight: jax.Array,
                  layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -68,6 +72,25 @@ class PartialSums:
     mesh: Mesh
     kernel_devices: tuple | None = None      # the mesh's devices where the CUDA kernel was prepared
 
+    def embed(self, table: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The token embeddings as ``(zeros, partial)``: with the table split over the vocabulary
+        each device looks the ids up in its own rows (zeros for the others'), and the first layer's
+        norm sums the shares, exactly (one is nonzero). XLA's own partitioning of the lookup
+        all-gathered the whole table inside the decode loop (0.5 GB a step at tp=2; NOTES.md v8)."""
+        tp = self.mesh.size
+        if table.shape[0] % tp:             # a replicated table (rules.param_spec)
+            x = table[ids]
+            return x, jnp.zeros((tp, *x.shape), x.dtype)
+        rows = table.shape[0] // tp
+
+        def lookup(shard, ids):
+            local = ids - jax.lax.axis_index(rules.TP) * rows
+            mine = (local >= 0) & (local < rows)
+            return jnp.where(mine[..., None], shard[jnp.clip(local, 0, rows - 1)], jnp.zeros((), shard.dtype))[None]
+        partial = per_device(lookup, self.mesh, in_specs=(rules.VOCAB_ROWS, rules.REPLICATED),
+                             out_specs=rules.PARTIAL_SUMS)(table, ids)
+        return jnp.zeros(partial.shape[1:], table.dtype), partial
+
     def project(self, x: jax.Array, p: dict) -> jax.Array:
         """Each device's partial product ``[1, B, T, out]`` of ``x [B, T, in]`` (its columns) and its
         columns of the weight; a bias joins the first device's share, so the sum has it once."""
@@ -81,9 +104,6 @@ class PartialSums:
         return per_device(partial, self.mesh, in_specs=(rules.ROW_INPUT, rules.ROW_WEIGHT, *(r for _ in biases)),
                           out_specs=rules.PARTIAL_SUMS)(x, p['w'], *biases)
 
-    def zeros(self, x: jax.Array) -> jax.Array:
-        return jnp.zeros((self.mesh.size, *x.shape), x.dtype)
-
     def add_norm(self, x: jax.Array, partial: jax.Array, weight: jax.Array,
                  layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``ReducedSums.add_norm`` of ``x`` and the sum of ``partial``'s shares."""
@@ -95,10 +115,12 @@ class PartialSums:
         return fn(partial, x, weight, layer)
 
 
-def for_step(spec: ModelSpec, mesh: Mesh | None, hidden: jax.Array, kernel: bool) -> ReducedSums | PartialSums:
-    """``PartialSums`` for a tensor-parallel step whose hidden states ``[B, T, hidden]`` are small
-    enough, else ``ReducedSums``. ``kernel``: the CUDA kernel was prepared for the mesh's devices
-    (``models/loader.py``)."""
-    if mesh is not None and mesh.size > 1 and hidden.size * hidden.dtype.itemsize <= PARTIAL_SUMS_MAX_BYTES:
+def for_step(spec: ModelSpec, mesh: Mesh | None, tokens: tuple[int, ...], dtype,
+             kernel: bool) -> ReducedSums | PartialSums:
+    """``PartialSums`` for a tensor-parallel step of ``tokens`` (the ids' shape) whose hidden states
+    in ``dtype`` are small enough, else ``ReducedSums``. ``kernel``: the CUDA kernel was prepared
+    for the mesh's devices (``models/loader.py``)."""
+    nbytes = int(np.prod(tokens)) * spec.hidden_size * jnp.dtype(dtype).itemsize
+    if mesh is not None and mesh.size > 1 and nbytes <= PARTIAL_SUMS_MAX_BYTES:
         return PartialSums(spec, mesh, tuple(mesh.devices.flat) if kernel else None)
     return ReducedSums(spec, mesh)

@@ -32,6 +32,7 @@ FUSED_OUTPUT = P(None, TP)             # a fused projection's output [B, F]: row
 ROW_INPUT = P(None, None, TP)          # a row-parallel projection's input [B, T, F]: each device its columns
 ROW_WEIGHT = P(None, TP)               # a row-parallel weight [out, in], as param_spec places it
 PARTIAL_SUMS = P(TP)                   # per-device partial results stacked [tp, ...], not yet summed
+VOCAB_ROWS = P(TP, None)               # an embedding / lm_head [vocab, hidden] split over the vocabulary
 
 
 @dataclass(frozen=True)
@@ -67,5 +68,5 @@ def param_spec(key: str, leaf: str | None, shape: tuple[int, ...], tp: int) -> P
     if key in ROW_PARALLEL:
         return ROW_WEIGHT if leaf == 'w' else REPLICATED
     if key in VOCAB_PARALLEL and leaf != 'b' and shape[0] % tp == 0:
-        return P(TP, None)
+        return VOCAB_ROWS
     return REPLICATED

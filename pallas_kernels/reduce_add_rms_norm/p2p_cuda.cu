@@ -37,6 +37,7 @@ namespace {
 
 constexpr int kMaxRanks = 8;
 constexpr int kThreads = 512;
+constexpr int kMaxVectors = 4;           // 16-byte vectors of a row per thread: hidden <= 4 * 512 * 16 bytes
 constexpr unsigned long long kTimeoutNs = 30ull * 1000 * 1000 * 1000;   // a peer that never comes
 
 struct Peers {                      // by value in the kernel's parameters
@@ -105,12 +106,22 @@ __device__ __forceinline__ float FromFloat(float v) { return v; }
 template <typename T>
 __device__ __forceinline__ float ToFloat(T v) { return static_cast<float>(v); }
 
+// 16 bytes of T, the unit every load and store of the kernel moves.
+template <typename T>
+union Vector {
+  int4 v;
+  T e[16 / sizeof(T)];
+  __device__ Vector() {}
+  __device__ explicit Vector(int4 raw) : v(raw) {}
+};
+
 // partial, residual, sum_out, normed_out: [rows, hidden]; weights: [layers, hidden], row *layer used.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
     const T* __restrict__ partial, const T* __restrict__ residual, const T* __restrict__ weights,
     const int* __restrict__ layer, T* __restrict__ sum_out, T* __restrict__ normed_out, int rows, int hidden,
     float eps, Peers peers, int rank, int world, size_t max_bytes) {
+  constexpr int kVec = 16 / sizeof(T);
   __shared__ float shared[33];
   unsigned* own_flags = peers.flags[rank];
   const unsigned epoch = own_flags[world] + 1;
@@ -121,7 +132,8 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
   const int4* src = reinterpret_cast<const int4*>(partial);
   const size_t vectors = n * sizeof(T) / sizeof(int4);
   for (int p = 0; p < world; ++p) {
-    int4* dst = reinterpret_cast<int4*>(peers.staging[p] + (static_cast<size_t>(parity) * world + rank) * max_bytes);
+    int4* dst =
+        reinterpret_cast<int4*>(peers.staging[p] + (static_cast<size_t>(parity) * world + rank) * max_bytes);
     for (size_t i = threadIdx.x; i < vectors; i += blockDim.x) dst[i] = src[i];
   }
   __threadfence_system();
@@ -142,24 +154,48 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
   }
   __syncthreads();
 
-  // 3. per row: h = sum of the slots in rank order, s = residual + h, normed = weight * rms_norm(s)
-  const T* slots = reinterpret_cast<const T*>(peers.staging[rank] + static_cast<size_t>(parity) * world * max_bytes);
-  const size_t slot_elems = max_bytes / sizeof(T);
+  // 3. per row: h = sum of the slots in rank order, s = residual + h, normed = weight * rms_norm(s).
+  // Each thread owns up to kMaxVectors 16-byte vectors of the row and issues all of its loads before
+  // any store (so they are in flight together), then keeps s in registers for the norm.
+  const char* own_staging = peers.staging[rank] + static_cast<size_t>(parity) * world * max_bytes;
   const T* weight = weights + static_cast<size_t>(*layer) * hidden;
+  const int row_vectors = hidden / kVec;
   for (int row = 0; row < rows; ++row) {
-    const size_t base = static_cast<size_t>(row) * hidden;
+    const size_t row_vector0 = static_cast<size_t>(row) * row_vectors;
+    float s[kMaxVectors][kVec];
     float squares = 0.f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-      float h = 0.f;
-      for (int p = 0; p < world; ++p) h += ToFloat(__ldcg(slots + p * slot_elems + base + i));
-      const T s = FromFloat<T>(ToFloat(residual[base + i]) + ToFloat(FromFloat<T>(h)));
-      sum_out[base + i] = s;
-      squares += ToFloat(s) * ToFloat(s);
+#pragma unroll
+    for (int k = 0; k < kMaxVectors; ++k) {
+      const int v = threadIdx.x + k * blockDim.x;
+      if (v >= row_vectors) break;
+      float h[kVec] = {};
+      for (int p = 0; p < world; ++p) {
+        const int4* slot_vectors = reinterpret_cast<const int4*>(own_staging + p * max_bytes);
+        const Vector<T> slot{__ldcg(slot_vectors + row_vector0 + v)};
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) h[j] += ToFloat(slot.e[j]);
+      }
+      const Vector<T> res{reinterpret_cast<const int4*>(residual)[row_vector0 + v]};
+      Vector<T> sum;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        sum.e[j] = FromFloat<T>(ToFloat(res.e[j]) + ToFloat(FromFloat<T>(h[j])));
+        s[k][j] = ToFloat(sum.e[j]);
+        squares += s[k][j] * s[k][j];
+      }
+      reinterpret_cast<int4*>(sum_out)[row_vector0 + v] = sum.v;
     }
     const float inv_rms = rsqrtf(BlockSum(squares, shared) / hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-      const T normed = FromFloat<T>(ToFloat(sum_out[base + i]) * inv_rms);
-      normed_out[base + i] = FromFloat<T>(ToFloat(weight[i]) * ToFloat(normed));
+#pragma unroll
+    for (int k = 0; k < kMaxVectors; ++k) {
+      const int v = threadIdx.x + k * blockDim.x;
+      if (v >= row_vectors) break;
+      const Vector<T> w{reinterpret_cast<const int4*>(weight)[v]};
+      Vector<T> out;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        out.e[j] = FromFloat<T>(ToFloat(w.e[j]) * ToFloat(FromFloat<T>(s[k][j] * inv_rms)));
+      reinterpret_cast<int4*>(normed_out)[row_vector0 + v] = out.v;
     }
   }
   __syncthreads();
@@ -199,6 +235,11 @@ ffi::Error ReduceAddNorm(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer pa
   const int hidden = static_cast<int>(dims.back());
   const int rows = static_cast<int>(partial.element_count() / (hidden ? hidden : 1));
   const size_t bytes = partial.size_bytes();
+  const size_t row_bytes = static_cast<size_t>(hidden) * ffi::ByteWidth(partial.element_type());
+  if (row_bytes % sizeof(int4) != 0 || row_bytes > kMaxVectors * kThreads * sizeof(int4))
+    return ffi::Error::InvalidArgument("p2p all-reduce: a row of " + std::to_string(row_bytes) +
+                                       " bytes; it must be whole 16-byte vectors, at most " +
+                                       std::to_string(kMaxVectors * kThreads * sizeof(int4)));
   if (bytes > comm.max_bytes || bytes % sizeof(int4) != 0)
     return ffi::Error::InvalidArgument("p2p all-reduce: " + std::to_string(bytes) + " bytes; at most " +
                                        std::to_string(comm.max_bytes) + " in whole 16-byte vectors");
@@ -271,7 +312,8 @@ extern "C" int lmdj_p2p_init(int world, const int* ordinals, size_t max_bytes, c
       if (i == j) continue;
       const cudaError_t status = cudaDeviceEnablePeerAccess(ordinals[j], 0);
       if (status == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError();
-      else if (status != cudaSuccess) return fail(std::string("cudaDeviceEnablePeerAccess: ") + cudaGetErrorString(status));
+      else if (status != cudaSuccess)
+        return fail(std::string("cudaDeviceEnablePeerAccess: ") + cudaGetErrorString(status));
     }
     const size_t staging_bytes = 2 * world * max_bytes, flag_bytes = (world + 1) * sizeof(unsigned);
     if (cudaMalloc(&comm.peers.staging[i], staging_bytes) != cudaSuccess ||

@@ -26,6 +26,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name('p2p_cuda.cu')
 TARGET = 'lmdeploy_jax_p2p_reduce_add_rms_norm'
 MAX_BYTES = 64 * 1024          # per call and rank: 4 rows of hidden 8192 in bfloat16
+MAX_ROW_BYTES = 4 * 512 * 16   # a row is at most 4 16-byte vectors for each of the kernel's 512 threads
 FLOATS = (jax.numpy.bfloat16, jax.numpy.float16, jax.numpy.float32)
 _prepared: set[str] = set()
 
@@ -63,10 +64,12 @@ def is_prepared(devices) -> bool:
 
 
 def supports(partial, residual, weight) -> bool:
-    """Same-dtype float inputs whose payload fits the staging slots in whole 16-byte vectors."""
-    nbytes = partial.size * partial.dtype.itemsize
+    """Same-dtype float inputs whose rows are whole 16-byte vectors, at most ``MAX_ROW_BYTES``, and
+    whose payload fits the staging slots."""
+    row_bytes = partial.shape[-1] * partial.dtype.itemsize
     return (partial.dtype in FLOATS and residual.dtype == partial.dtype and weight.dtype == partial.dtype
-            and 0 < nbytes <= MAX_BYTES and nbytes % 16 == 0)
+            and 0 < partial.size * partial.dtype.itemsize <= MAX_BYTES and row_bytes % 16 == 0
+            and row_bytes <= MAX_ROW_BYTES)
 
 
 def reduce_add_rms_norm_p2p(partial, residual, weight, layer, eps: float, devices_key: str):
