@@ -7,13 +7,14 @@
 // (benchmark/NOTES.md v7). This kernel is an XLA FFI custom call marked command-buffer compatible.
 //
 // How (one-shot, as TensorRT-LLM's and vLLM's custom all-reduces): each rank owns a staging area
-// [2 parities][world][max_bytes] and a flag per rank, allocated once (lmdj_p2p_init) and reachable
-// from every peer through CUDA peer access. A call of epoch e (a per-rank counter in device memory)
-// writes the rank's partial into slot [e % 2][rank] of every rank's staging area, then raises its
-// flag on every rank to e with a release store; each rank waits for all flags to reach e (acquire
-// loads), sums the slots in rank order in float32 (so every rank computes the same bits), adds the
-// residual and normalises. Two parities suffice: a rank can only be at epoch e after every peer
-// signalled e - 1, i.e. finished reading the slots of epoch e - 2.
+// [2 parities][max_bytes] and a flag per rank, allocated once (lmdj_p2p_init) and readable by every
+// peer through CUDA peer access. A call of epoch e (a per-rank counter in device memory) copies the
+// rank's partial into its own slot [e % 2] (local writes), then raises its flag on every rank to e
+// with a release store; each rank waits for all its flags to reach e (acquire loads), reads every
+// rank's slot over NVLink, sums them in rank order in float32 (so every rank computes the same
+// bits), adds the residual and normalises. Pulling rather than pushing keeps the peers' memory out
+// of every write and fence. Two parities suffice: a rank reaches epoch e only after every peer
+// signalled e - 1, i.e. finished the call that read the slots of epoch e - 2.
 //
 // One thread block per call: the payload is small (rows * hidden, a few tens of KB) and the call is
 // bound by NVLink latency, not bandwidth.
@@ -41,7 +42,7 @@ constexpr int kMaxVectors = 4;           // 16-byte vectors of a row per thread:
 constexpr unsigned long long kTimeoutNs = 30ull * 1000 * 1000 * 1000;   // a peer that never comes
 
 struct Peers {                      // by value in the kernel's parameters
-  char* staging[kMaxRanks];         // rank p's [2][world][max_bytes]
+  char* staging[kMaxRanks];         // rank p's [2][max_bytes]
   unsigned* flags[kMaxRanks];       // rank p's [world] epochs delivered to it, then its own epoch
 };
 
@@ -128,19 +129,15 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
   const int parity = epoch & 1;
   const size_t n = static_cast<size_t>(rows) * hidden;
 
-  // 1. this rank's partial into slot [parity][rank] of every rank, 16 bytes at a time
+  // 1. this rank's partial into its own slot [parity], 16 bytes at a time; then its flag on every rank
   const int4* src = reinterpret_cast<const int4*>(partial);
   const size_t vectors = n * sizeof(T) / sizeof(int4);
-  for (int p = 0; p < world; ++p) {
-    int4* dst =
-        reinterpret_cast<int4*>(peers.staging[p] + (static_cast<size_t>(parity) * world + rank) * max_bytes);
-    for (size_t i = threadIdx.x; i < vectors; i += blockDim.x) dst[i] = src[i];
-  }
-  __threadfence_system();
+  int4* own_slot = reinterpret_cast<int4*>(peers.staging[rank] + static_cast<size_t>(parity) * max_bytes);
+  for (size_t i = threadIdx.x; i < vectors; i += blockDim.x) own_slot[i] = src[i];
   __syncthreads();
   if (threadIdx.x < world) StoreRelease(peers.flags[threadIdx.x] + rank, epoch);
 
-  // 2. wait until every rank's partial has arrived here
+  // 2. wait until every rank's partial is in its slot
   if (threadIdx.x < world) {
     const unsigned* flag = own_flags + threadIdx.x;
     const unsigned long long start = GlobalTimerNs();
@@ -154,10 +151,9 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
   }
   __syncthreads();
 
-  // 3. per row: h = sum of the slots in rank order, s = residual + h, normed = weight * rms_norm(s).
+  // 3. per row: h = sum of the ranks' slots in rank order, s = residual + h, normed = weight * rms_norm(s).
   // Each thread owns up to kMaxVectors 16-byte vectors of the row and issues all of its loads before
   // any store (so they are in flight together), then keeps s in registers for the norm.
-  const char* own_staging = peers.staging[rank] + static_cast<size_t>(parity) * world * max_bytes;
   const T* weight = weights + static_cast<size_t>(*layer) * hidden;
   const int row_vectors = hidden / kVec;
   for (int row = 0; row < rows; ++row) {
@@ -170,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
       if (v >= row_vectors) break;
       float h[kVec] = {};
       for (int p = 0; p < world; ++p) {
-        const int4* slot_vectors = reinterpret_cast<const int4*>(own_staging + p * max_bytes);
-        const Vector<T> slot{__ldcg(slot_vectors + row_vector0 + v)};
+        const int4* slot_vectors = reinterpret_cast<const int4*>(peers.staging[p] + parity * max_bytes);
+        const Vector<T> slot{__ldcv(slot_vectors + row_vector0 + v)};
 #pragma unroll
         for (int j = 0; j < kVec; ++j) h[j] += ToFloat(slot.e[j]);
       }
@@ -315,7 +311,7 @@ extern "C" int lmdj_p2p_init(int world, const int* ordinals, size_t max_bytes, c
       else if (status != cudaSuccess)
         return fail(std::string("cudaDeviceEnablePeerAccess: ") + cudaGetErrorString(status));
     }
-    const size_t staging_bytes = 2 * world * max_bytes, flag_bytes = (world + 1) * sizeof(unsigned);
+    const size_t staging_bytes = 2 * max_bytes, flag_bytes = (world + 1) * sizeof(unsigned);
     if (cudaMalloc(&comm.peers.staging[i], staging_bytes) != cudaSuccess ||
         cudaMalloc(&comm.peers.flags[i], flag_bytes) != cudaSuccess ||
         cudaMemset(comm.peers.flags[i], 0, flag_bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess)
