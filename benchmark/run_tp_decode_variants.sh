@@ -11,12 +11,15 @@ source "$(dirname "$0")/device_workload.sh" run_tp_decode_variants "$@"
 export PYTHONPATH=$PWD
 NCCL="XLA_FLAGS=${XLA_FLAGS:-} --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
 CB_WITHOUT_COLLECTIVES='"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"'
+CB_WHILE='"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL'
 SYNC='"xla_gpu_disable_async_collectives": "ALLREDUCE,ALLGATHER"'
 variant_env() {  # one VARIABLE=value a line
     case $1 in
         engine) ;;                                                    # the engine's own settings
         xla_all_reduce) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0" ;;       # XLA's all-reduce, not the CUDA kernel
         p2p_no_while) echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS={$CB_WITHOUT_COLLECTIVES}" ;;  # layer loop on the host
+        p2p_sync) echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS={$CB_WHILE\", $SYNC}" ;;   # the sampler's collectives
+        p2p_collectives_in_graphs) echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS={$CB_WHILE,COLLECTIVES\", $SYNC}" ;;
         xla_defaults) echo "LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS=0" ;;
         nccl) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0"; echo "$NCCL" ;;  # NCCL all-reduces inside the graphs
         nccl_outside_graphs) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0"; echo "$NCCL"
