@@ -47,8 +47,11 @@ class ReducedSums:
     mesh: Mesh | None
 
     def embed(self, table: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The token embeddings as ``(x, y)`` for the first layer's ``add_norm`` to add."""
-        x = table[ids]
+        """The token embeddings as ``(x, zeros)``; a table split over the vocabulary is looked up
+        shard by shard and the shares summed (an all-reduce of the embeddings, not an all-gather
+        of the table; see ``vocab_shard_lookup``)."""
+        partial = vocab_shard_lookup(self.mesh, table, ids)
+        x = table[ids] if partial is None else partial.sum(axis=0)
         return x, jnp.zeros_like(x)
 
     def project(self, x: jax.Array, p: dict) -> jax.Array:
@@ -73,22 +76,12 @@ class PartialSums:
     kernel_devices: tuple | None = None      # the mesh's devices where the CUDA kernel was prepared
 
     def embed(self, table: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The token embeddings as ``(zeros, partial)``: with the table split over the vocabulary
-        each device looks the ids up in its own rows (zeros for the others'), and the first layer's
-        norm sums the shares, exactly (one is nonzero). XLA's own partitioning of the lookup
-        all-gathered the whole table inside the decode loop (0.5 GB a step at tp=2; NOTES.md v8)."""
-        tp = self.mesh.size
-        if table.shape[0] % tp:             # a replicated table (rules.param_spec)
+        """The token embeddings as ``(zeros, partial)``: each device's share of the lookup
+        (``vocab_shard_lookup``), summed by the first layer's first norm."""
+        partial = vocab_shard_lookup(self.mesh, table, ids)
+        if partial is None:
             x = table[ids]
-            return x, jnp.zeros((tp, *x.shape), x.dtype)
-        rows = table.shape[0] // tp
-
-        def lookup(shard, ids):
-            local = ids - jax.lax.axis_index(rules.TP) * rows
-            mine = (local >= 0) & (local < rows)
-            return jnp.where(mine[..., None], shard[jnp.clip(local, 0, rows - 1)], jnp.zeros((), shard.dtype))[None]
-        partial = per_device(lookup, self.mesh, in_specs=(rules.VOCAB_ROWS, rules.REPLICATED),
-                             out_specs=rules.PARTIAL_SUMS)(table, ids)
+            return x, jnp.zeros((self.mesh.size, *x.shape), x.dtype)
         return jnp.zeros(partial.shape[1:], table.dtype), partial
 
     def project(self, x: jax.Array, p: dict) -> jax.Array:
@@ -113,6 +106,24 @@ class PartialSums:
                                        devices=self.kernel_devices)
         fn = per_device(reduce, self.mesh, in_specs=(rules.PARTIAL_SUMS, r, r, r), out_specs=(r, r))
         return fn(partial, x, weight, layer)
+
+
+def vocab_shard_lookup(mesh: Mesh | None, table: jax.Array, ids: jax.Array) -> jax.Array | None:
+    """Each device's share of ``table[ids]``, stacked ``[tp, *ids.shape, hidden]``, when the table
+    is split over the vocabulary (``rules.param_spec``; None otherwise): its own rows' embeddings
+    and zeros for the other devices' ids, so the shares sum exactly to the embeddings. XLA's own
+    partitioning of the lookup all-gathered the whole table inside the decode loop (0.5 GB a step
+    for llama3-8b at tp=2: 1.9 ms on H100s; NOTES.md v8)."""
+    if mesh is None or table.shape[0] % mesh.size:
+        return None
+    rows = table.shape[0] // mesh.size
+
+    def lookup(shard, ids):
+        local = ids - jax.lax.axis_index(rules.TP) * rows
+        mine = (local >= 0) & (local < rows)
+        return jnp.where(mine[..., None], shard[jnp.clip(local, 0, rows - 1)], jnp.zeros((), shard.dtype))[None]
+    return per_device(lookup, mesh, in_specs=(rules.VOCAB_ROWS, rules.REPLICATED), out_specs=rules.PARTIAL_SUMS)(
+        table, ids)
 
 
 def for_step(spec: ModelSpec, mesh: Mesh | None, tokens: tuple[int, ...], dtype,

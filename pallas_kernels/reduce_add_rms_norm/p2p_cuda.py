@@ -2,13 +2,14 @@
 residual add and RMSNorm, as an XLA FFI custom call that XLA may record into its command buffers.
 
 It is a departure from the design's Pallas-only kernels: the all-reduce has to reach the other GPUs'
-memory from inside a CUDA graph, which neither Pallas lowering offers in one process (Mosaic GPU's
-remote references hang in single-process mode; Triton has no peer pointers) and which XLA's own
-collectives do not do with its one-shot kernel (benchmark/NOTES.md v8).
+memory from inside a CUDA graph, which neither Pallas lowering offers in one process (JAX's own
+tests skip Mosaic GPU's remote references in single-process mode, for hanging; Triton has no peer
+pointers) and which XLA's own collectives do not do with its one-shot kernel (benchmark/NOTES.md v8).
 
 The library is compiled with ``nvcc`` on first use (cached under ``~/.cache/lmdeploy_jax``, keyed by
-the source, JAX's version and nvcc's), so a machine without nvcc, without peer access between its
-GPUs or running several processes keeps XLA's all-reduce; ``prepare`` says why."""
+the source, the GPU architecture, JAX's version and nvcc's), so a machine without nvcc, without
+peer access between its GPUs or running several processes keeps XLA's all-reduce; ``prepare`` says
+why."""
 from __future__ import annotations
 
 import ctypes
@@ -48,7 +49,7 @@ def prepare(devices) -> str | None:
     if key in _prepared:
         return None
     try:
-        library = _library()
+        library = _library(_architecture(devices[0]))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         return f'the CUDA kernel could not be built: {e}'
     ordinals = (ctypes.c_int * len(devices))(*(d.local_hardware_id for d in devices))
@@ -80,23 +81,29 @@ def reduce_add_rms_norm_p2p(partial, residual, weight, layer, eps: float, device
                                                 devices=devices_key, eps=np.float32(eps))
 
 
+def _architecture(device) -> str:
+    """nvcc's name of the device's architecture, e.g. ``sm_90`` for an H100 (compute capability 9.0)."""
+    return 'sm_' + str(getattr(device, 'compute_capability', '9.0')).replace('.', '')
+
+
 @functools.cache
-def _library() -> ctypes.CDLL:
-    library = ctypes.CDLL(str(_build()))
+def _library(architecture: str) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(_build(architecture)))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.LmdjP2pReduceAddRmsNorm), platform='CUDA')
     library.lmdj_p2p_init.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.c_size_t, ctypes.c_char_p,
                                       ctypes.c_size_t]
     return library
 
 
-def _build() -> Path:
-    """The compiled library, from the cache or built now (written under a temporary name, then
-    renamed, so concurrent builds never load a half-written file)."""
+def _build(architecture: str = 'sm_90') -> Path:
+    """The library compiled for ``architecture``, from the cache or built now (written under a
+    temporary name, then renamed, so concurrent builds never load a half-written file)."""
     nvcc = shutil.which('nvcc') or os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc')
     if not os.path.exists(nvcc):
         raise RuntimeError('nvcc not found (set CUDA_HOME or put nvcc on PATH)')
     version = subprocess.run([nvcc, '--version'], capture_output=True, text=True, check=True).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode() + version.encode()).hexdigest()[:16]
+    key = SOURCE.read_bytes() + f'{jax.__version__} {architecture} {version}'.encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     cache = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'lmdeploy_jax' / 'kernels'
     library = cache / f'p2p_cuda-{digest}.so'
     if library.exists():
@@ -104,7 +111,7 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         built = Path(work) / library.name
-        result = subprocess.run([nvcc, '-O3', '-std=c++17', '-shared', '-Xcompiler', '-fPIC', '-arch=sm_90',
+        result = subprocess.run([nvcc, '-O3', '-std=c++17', '-shared', '-Xcompiler', '-fPIC', f'-arch={architecture}',
                                  f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(built)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
