@@ -1,6 +1,7 @@
 """The ``reduce_add_rms_norm`` op (``pallas_kernels/reduce_add_rms_norm``): its reference on the CPU
 over simulated devices, against a sum and ``add_rms_norm`` written out; what its CUDA kernel takes;
-the kernel refusing a CPU mesh with its reason; and the CUDA source compiling with nvcc.
+the kernel refusing a CPU mesh with its reason, and a second engine's claim on GPUs in use; and the
+CUDA source compiling with nvcc.
 
 The kernel itself needs two GPUs of one process with peer access: it is checked on the GPU machine
 against this reference by ``benchmark/bench_reduce_add_rms_norm.py`` (RESULTS.md), and in the
@@ -8,6 +9,7 @@ engine by the tp=2 / tp=4 greedy tokens of ``benchmark/run_tp_decode_variants.sh
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -86,3 +88,16 @@ def test_the_cuda_source_compiles(tmp_path, monkeypatch):
     assert 'LmdjP2pReduceAddRmsNorm' in symbols and 'lmdj_p2p_init' in symbols
     assert p2p_cuda._build() == library                                # the second call takes the cached build
 
+
+
+def test_a_second_engine_on_claimed_gpus_is_refused_until_the_first_lets_go():
+    """Two engines' kernels on one GPU could wait on each other for ever, so the second keeps XLA's
+    all-reduce; once the first model (holding the claim) is gone, the GPUs are free again."""
+    first = p2p_cuda.claim((90, 91))
+    assert isinstance(first, p2p_cuda.Claim)
+    refused = p2p_cuda.claim((91, 92))
+    assert isinstance(refused, str) and 'GPU 91' in refused
+    assert isinstance(p2p_cuda.claim((93, 94)), p2p_cuda.Claim)          # other GPUs: free
+    del first
+    gc.collect()
+    assert isinstance(p2p_cuda.claim((91, 92)), p2p_cuda.Claim)

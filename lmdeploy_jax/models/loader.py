@@ -42,6 +42,7 @@ class LoadedModel:
     mesh: Mesh | None = None
     layer_unroll: int | bool = 1               # layers per scan iteration (True: straight-line code)
     p2p_all_reduce: bool = False               # small tp steps sum with the CUDA kernel (row_parallel.py)
+    p2p_claim: object = field(default=None, repr=False)     # held while the kernel sums over these GPUs
 
     init_kv_caches = staticmethod(init_kv_caches)
     kv_bytes_per_block = staticmethod(kv_bytes_per_block)
@@ -92,22 +93,24 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         params = load_params(ckpt, spec, mesh, split)
     if split is not None:
         spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
+    claim = _prepare_p2p_all_reduce(mesh) if mesh is not None else None
     return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh, _layer_unroll(),
-                       mesh is not None and _prepare_p2p_all_reduce(mesh))
+                       claim is not None, claim)
 
 
-def _prepare_p2p_all_reduce(mesh: Mesh) -> bool:
+def _prepare_p2p_all_reduce(mesh: Mesh):
     """Ready the ``reduce_add_rms_norm`` CUDA kernel for a mesh of GPUs unless
-    ``LMDEPLOY_JAX_P2P_ALL_REDUCE=0``; says in the log what small tensor-parallel steps sum with."""
+    ``LMDEPLOY_JAX_P2P_ALL_REDUCE=0``: its claim on the GPUs, or None; says in the log what small
+    tensor-parallel steps sum with."""
     devices = list(mesh.devices.flat)
     if devices[0].platform != 'gpu' or os.environ.get(ENV_P2P_ALL_REDUCE, '1') == '0':
-        return False
-    reason = prepare_kernel(devices)
-    if reason is not None:
-        logger.warning("small tensor-parallel steps use XLA's all-reduce: %s", reason)
-        return False
+        return None
+    claim = prepare_kernel(devices)
+    if isinstance(claim, str):
+        logger.warning("small tensor-parallel steps use XLA's all-reduce: %s", claim)
+        return None
     logger.info('small tensor-parallel steps sum over peer memory (reduce_add_rms_norm CUDA kernel)')
-    return True
+    return claim
 
 
 def _layer_unroll() -> int | bool:

@@ -9,9 +9,10 @@ from . import p2p_cuda
 from .reference import reduce_add_rms_norm_reference
 
 
-def prepare_kernel(devices) -> str | None:
-    """Make the CUDA kernel ready for ``devices`` (a mesh's GPUs, in axis order): None when it is,
-    else why not (not GPUs, several processes, no nvcc, no peer access)."""
+def prepare_kernel(devices) -> p2p_cuda.Claim | str:
+    """Make the CUDA kernel ready for ``devices`` (a mesh's GPUs, in axis order): a claim on them to
+    keep while using it, else why not (not GPUs, several processes, no nvcc, no peer access, another
+    engine's claim)."""
     return p2p_cuda.prepare(devices)
 
 

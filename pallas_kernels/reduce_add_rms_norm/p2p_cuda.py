@@ -8,8 +8,8 @@ pointers) and which XLA's own collectives do not do with its one-shot kernel (be
 
 The library is compiled with ``nvcc`` on first use (cached under ``~/.cache/lmdeploy_jax``, keyed by
 the source, the GPU architecture, JAX's version and nvcc's), so a machine without nvcc, without
-peer access between its GPUs or running several processes keeps XLA's all-reduce; ``prepare`` says
-why."""
+peer access between its GPUs or running several processes keeps XLA's all-reduce, as does a second
+engine on GPUs another one sums over (``Claim``); ``prepare`` says why."""
 from __future__ import annotations
 
 import ctypes
@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
 
 import jax
@@ -30,6 +31,28 @@ MAX_BYTES = 64 * 1024          # per call and rank: 4 rows of hidden 8192 in bfl
 MAX_ROW_BYTES = 4 * 512 * 16   # a row is at most 4 16-byte vectors for each of the kernel's 512 threads
 FLOATS = (jax.numpy.bfloat16, jax.numpy.float16, jax.numpy.float32)
 _prepared: set[str] = set()
+_claims: dict[int, weakref.ref] = {}      # CUDA ordinal -> the live Claim on it
+
+
+class Claim:
+    """Held by the one model that sums over some GPUs with the kernel, for as long as it lives. The
+    kernel's calls must reach every GPU of a set in the same order; two engines driving the same
+    GPUs from two threads would not keep that, and their kernels could wait on each other for ever."""
+
+    def __init__(self, ordinals: tuple[int, ...]):
+        self.ordinals = ordinals
+
+
+def claim(ordinals: tuple[int, ...]) -> Claim | str:
+    """A ``Claim`` on ``ordinals``, or why not: one of them is claimed by a live ``Claim``."""
+    for ordinal in ordinals:
+        held = _claims.get(ordinal)
+        if held is not None and held() is not None:
+            return (f"GPU {ordinal} is already summed over by another engine in this process (two engines' "
+                    f"kernels could wait on each other)")
+    new = Claim(tuple(ordinals))
+    _claims.update({ordinal: weakref.ref(new) for ordinal in ordinals})
+    return new
 
 
 def device_key(devices) -> str:
@@ -38,26 +61,28 @@ def device_key(devices) -> str:
     return ','.join(str(d.local_hardware_id) for d in devices)
 
 
-def prepare(devices) -> str | None:
+def prepare(devices) -> Claim | str:
     """Build and load the library, register the custom call and allocate the staging areas for
-    ``devices`` (a mesh's, in axis order); None when the kernel is ready, else why it is not."""
+    ``devices`` (a mesh's, in axis order). A ``Claim`` on them when the kernel is ready (keep it
+    while using the kernel), else why it is not."""
     if any(d.platform != 'gpu' for d in devices):
         return 'the devices are not GPUs'
     if jax.process_count() > 1:
         return 'the mesh spans several processes (peer memory is per process)'
     key = device_key(devices)
+    ordinals = tuple(d.local_hardware_id for d in devices)
     if key in _prepared:
-        return None
+        return claim(ordinals)
     try:
         library = _library(_architecture(devices[0]))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         return f'the CUDA kernel could not be built: {e}'
-    ordinals = (ctypes.c_int * len(devices))(*(d.local_hardware_id for d in devices))
     error = ctypes.create_string_buffer(512)
-    if library.lmdj_p2p_init(len(devices), ordinals, ctypes.c_size_t(MAX_BYTES), error, len(error)) != 0:
+    if library.lmdj_p2p_init(len(devices), (ctypes.c_int * len(devices))(*ordinals), ctypes.c_size_t(MAX_BYTES),
+                             error, len(error)) != 0:
         return error.value.decode()
     _prepared.add(key)
-    return None
+    return claim(ordinals)
 
 
 def is_prepared(devices) -> bool:
