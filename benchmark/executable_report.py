@@ -105,13 +105,12 @@ def main() -> None:
     parser.add_argument('--keep-dumps', metavar='DIR',
                         help="copy the batch-1 decode executables' thunk sequences and options into DIR")
     args = parser.parse_args()
-    from lmdeploy_jax.engine.xla_flags import ENV_DUMP_EXECUTABLES
-    work = tempfile.mkdtemp(prefix='executable_report.')
-    # before JAX starts: XLA reads its flags, and JAX its cache directory, once
-    os.environ[ENV_DUMP_EXECUTABLES] = f'{work}/dump'
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = f'{work}/cache'
+    import jax
     from bench_common import build_pipeline, print_result
-    from lmdeploy_jax.engine.xla_flags import executable_dump_dir
+    from lmdeploy_jax.engine.xla_flags import ENV_DUMP_EXECUTABLES, executable_dump_dir
+    work = tempfile.mkdtemp(prefix='executable_report.')
+    os.environ[ENV_DUMP_EXECUTABLES] = f'{work}/dump'               # read at each compile
+    jax.config.update('jax_compilation_cache_dir', f'{work}/cache')   # the engine keeps a directory already set
     try:
         pipe, _ = build_pipeline(args)
         with pipe:
