@@ -76,9 +76,9 @@ def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
     return [p.reshape(*y.shape[:-1], -1) for p in pieces]
 
 
-def _attention(spec: ModelSpec, mesh: Mesh | None, rows: ReducedSums | PartialSums, layout: FusedLayout,
-               layer: dict, index: jax.Array, x: jax.Array, kv: KVCache, batch: StepBatch, cos: jax.Array,
-               sin: jax.Array):
+def _attention(spec: ModelSpec, mesh: Mesh | None, row_parallel: ReducedSums | PartialSums,
+               layout: FusedLayout, layer: dict, index: jax.Array, x: jax.Array, kv: KVCache, batch: StepBatch,
+               cos: jax.Array, sin: jax.Array):
     """Project, rotate, write this step's K/V into the pages, attend over the pages."""
     b, t, _ = x.shape
     d = spec.head_dim
@@ -87,8 +87,8 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, rows: ReducedSums | PartialSu
     paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
     if t == 1:
         attend = per_device(functools.partial(_decode_step, d ** -0.5), mesh,
-                             in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
-                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
+                            in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
+                            out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
         out, k_pages, v_pages = attend(qkv[:, 0], cos[:, 0], sin[:, 0], *kv, *paging)
     else:
         q, k, v = split_fused(qkv, layout, 'qkv')
@@ -96,16 +96,17 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, rows: ReducedSums | PartialSu
         k = apply_rope(k.reshape(b, t, spec.num_kv_heads, d), cos, sin).reshape(b * t, spec.num_kv_heads, d)
         v = v.reshape(b * t, spec.num_kv_heads, d)
         attend = per_device(functools.partial(_prefill_attention, d ** -0.5), mesh,
-                             in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
-                                       rules.KV_PAGES, r, r, r, r, r),
-                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
+                            in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
+                                      rules.KV_PAGES, r, r, r, r, r),
+                            out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
         out, k_pages, v_pages = attend(q, k, v, *kv, *paging, batch.query_lens)
-    return rows.project(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
+    return row_parallel.project(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
 
 
-def _mlp(rows: ReducedSums | PartialSums, layout: FusedLayout, layer: dict, x: jax.Array) -> jax.Array:
+def _mlp(row_parallel: ReducedSums | PartialSums, layout: FusedLayout, layer: dict,
+         x: jax.Array) -> jax.Array:
     gate, up = split_fused(linear(x, layer['gate_up']), layout, 'gate_up')
-    return rows.project(jax.nn.silu(gate) * up, layer['down'])
+    return row_parallel.project(jax.nn.silu(gate) * up, layer['down'])
 
 
 def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCache,
@@ -115,8 +116,8 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     ``mesh``: the tensor-parallel mesh the params and cache are sharded over, if any. ``unroll``:
     layers per scan iteration (``True``: all, as straight-line code). ``p2p_all_reduce``: the
     ``reduce_add_rms_norm`` CUDA kernel is prepared for the mesh's GPUs (``row_parallel.py``)."""
-    rows = for_step(spec, mesh, batch.token_ids.shape, params['embed'].dtype, p2p_all_reduce)
-    x, mlp_out = rows.embed(params['embed'], batch.token_ids)
+    row_parallel = for_step(spec, mesh, batch.token_ids.shape, params['embed'].dtype, p2p_all_reduce)
+    x, mlp_out = row_parallel.embed(params['embed'], batch.token_ids)
     cos, sin = cos_sin(inv_freq, batch.positions)
     # spec counts the KV heads as stored, so each shard's parts are plain 1/tp of them
     layout = FusedLayout(spec, mesh.size if mesh is not None else 1)
@@ -125,18 +126,18 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
 
     def layer_step(index, carry):
         # ``mlp_out``: the previous layer's MLP output (the first layer's: the embeddings' share),
-        # in ``rows``' form, added to the residual stream by this layer's first norm (and the last
-        # layer's by the final norm)
+        # in ``row_parallel``'s form, added to the residual stream by this layer's first norm (and
+        # the last layer's by the final norm)
         x, mlp_out, kv = carry
         layer = _projections(layers, index)
-        x, normed = rows.add_norm(x, mlp_out, layers['input_norm'], index)
-        h, kv = _attention(spec, mesh, rows, layout, layer, index, normed, kv, batch, cos, sin)
-        x, normed = rows.add_norm(x, h, layers['post_norm'], index)
-        return x, _mlp(rows, layout, layer, normed), kv
+        x, normed = row_parallel.add_norm(x, mlp_out, layers['input_norm'], index)
+        h, kv = _attention(spec, mesh, row_parallel, layout, layer, index, normed, kv, batch, cos, sin)
+        x, normed = row_parallel.add_norm(x, h, layers['post_norm'], index)
+        return x, _mlp(row_parallel, layout, layer, normed), kv
 
     x, mlp_out, kv_caches = jax.lax.fori_loop(0, spec.num_layers, layer_step, (x, mlp_out, tuple(kv_caches)),
                                               unroll=unroll)
-    return rows.add_norm(x, mlp_out, params['norm'])[1], kv_caches
+    return row_parallel.add_norm(x, mlp_out, params['norm'])[1], kv_caches
 
 
 def _projections(layers: dict, index: jax.Array) -> dict:

@@ -41,8 +41,12 @@ class LoadedModel:
     inv_freq: np.ndarray = field(repr=False)   # rope inverse frequencies, a compile-time constant
     mesh: Mesh | None = None
     layer_unroll: int | bool = 1               # layers per scan iteration (True: straight-line code)
-    p2p_all_reduce: bool = False               # small tp steps sum with the CUDA kernel (row_parallel.py)
     p2p_claim: object = field(default=None, repr=False)     # held while the kernel sums over these GPUs
+
+    @property
+    def p2p_all_reduce(self) -> bool:
+        """Small tensor-parallel steps sum with the CUDA kernel (``row_parallel.py``)."""
+        return self.p2p_claim is not None
 
     init_kv_caches = staticmethod(init_kv_caches)
     kv_bytes_per_block = staticmethod(kv_bytes_per_block)
@@ -93,9 +97,8 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         params = load_params(ckpt, spec, mesh, split)
     if split is not None:
         spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
-    claim = _prepare_p2p_all_reduce(mesh) if mesh is not None else None
     return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh, _layer_unroll(),
-                       claim is not None, claim)
+                       _prepare_p2p_all_reduce(mesh) if mesh is not None else None)
 
 
 def _prepare_p2p_all_reduce(mesh: Mesh):

@@ -24,11 +24,9 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 

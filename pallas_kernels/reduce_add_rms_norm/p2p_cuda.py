@@ -55,10 +55,14 @@ def claim(ordinals: tuple[int, ...]) -> Claim | str:
     return new
 
 
+def _ordinals(devices) -> tuple[int, ...]:
+    return tuple(d.local_hardware_id for d in devices)
+
+
 def device_key(devices) -> str:
     """The CUDA ordinals of ``devices`` in rank order, as the kernel's ``devices`` attribute names
     its communicator: the same in every process that uses these GPUs (so stored executables hold)."""
-    return ','.join(str(d.local_hardware_id) for d in devices)
+    return ','.join(map(str, _ordinals(devices)))
 
 
 def prepare(devices) -> Claim | str:
@@ -69,8 +73,7 @@ def prepare(devices) -> Claim | str:
         return 'the devices are not GPUs'
     if jax.process_count() > 1:
         return 'the mesh spans several processes (peer memory is per process)'
-    key = device_key(devices)
-    ordinals = tuple(d.local_hardware_id for d in devices)
+    key, ordinals = device_key(devices), _ordinals(devices)
     if key in _prepared:
         return claim(ordinals)
     try:
