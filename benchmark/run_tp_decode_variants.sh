@@ -5,7 +5,8 @@
 # the greedy tokens of two prompts. tp=1 first, for the ratio and the tokens.
 #
 # On the GPU machine (device tool, carry .peer):
-#   bash benchmark/run_tp_decode_variants.sh [SHAPE]    # TPS="2" (default), VARIANTS="engine xla_all_reduce ..."
+#   bash benchmark/run_tp_decode_variants.sh [SHAPE]    # TPS="2" (default), VARIANTS="engine xla_all_reduce ...",
+#                                                       # DUMPS=dir for the thunk dumps (default $OUT/dumps)
 # A variant is a name below; each sets XLA_FLAGS (process-wide) and/or LMDEPLOY_JAX_* variables.
 source "$(dirname "$0")/device_workload.sh" run_tp_decode_variants "$@"
 export PYTHONPATH=$PWD
@@ -34,7 +35,7 @@ run() {  # tp variant
     [ -n "$env_lines" ] && mapfile -t env_args <<< "$env_lines"
     env "${env_args[@]}" timeout "${RUN_TIMEOUT:-200}" python3 benchmark/executable_report.py "$model" --tp "$1" \
         --max-batch-size 4 --session-len 4096 --batch-1-tokens 256 --greedy-tokens 32 \
-        --keep-dumps "${OUT:-/tmp}/dumps/tp$1-$2" > "$log.part" 2>&1
+        --keep-dumps "${DUMPS:-${OUT:-/tmp}/dumps}/tp$1-$2" > "$log.part" 2>&1
     echo "rc=$?" | tee -a "$log"
     grep -E '^RESULT' "$log.part" | grep -vE '"kind": "prefill"' | tee -a "$log"
     grep -E 'small tensor-parallel steps' "$log.part" | cut -c1-300 | tee -a "$log"

@@ -6,15 +6,21 @@
 // failed to instantiate, so the host launched ~200 pieces a step and became the bottleneck
 // (benchmark/NOTES.md v7). This kernel is an XLA FFI custom call marked command-buffer compatible.
 //
-// How (one-shot, as TensorRT-LLM's and vLLM's custom all-reduces): each rank owns a staging area
-// [2 parities][max_bytes] and a flag per rank, allocated once (lmdj_p2p_init) and readable by every
-// peer through CUDA peer access. A call of epoch e (a per-rank counter in device memory) copies the
-// rank's partial into its own slot [e % 2] (local writes), then raises its flag on every rank to e
-// with a release store; each rank waits for all its flags to reach e (acquire loads), reads every
-// rank's slot over NVLink, sums them in rank order in float32 (so every rank computes the same
-// bits), adds the residual and normalises. Pulling rather than pushing keeps the peers' memory out
-// of every write and fence. Two parities suffice: a rank reaches epoch e only after every peer
-// signalled e - 1, i.e. finished the call that read the slots of epoch e - 2.
+// How (one-shot, as TensorRT-LLM's "Lamport" all-reduce): every rank owns mailboxes
+// [3 buffers][world slots][max_bytes], allocated once (lmdj_p2p_init), filled with the EMPTY pattern
+// and writable by every peer through CUDA peer access. Calls take the buffers in turn (the last one's
+// index is kept in device memory). A call stores the rank's partial straight into slot [rank] of the
+// current buffer on every peer (remote writes, no flag), then polls its own current buffer until every
+// peer's words have replaced EMPTY: the data is its own flag, so a call costs one NVLink crossing
+// instead of a flag's plus a read's. The shares are summed in rank order in float32 (every rank
+// computes the same bits), the residual added and the sum normalised. Each rank then refills the
+// previous call's buffer with EMPTY: a peer can be at most one call ahead (it needs this rank's next
+// share to finish it), so the next writes into that buffer come two calls on, after this kernel.
+//
+// EMPTY is the 32-bit word 0x80008000, which a share never holds: before sending, a 16-bit -0.0 is
+// sent as +0.0 (the sum is the same, since it starts at +0.0) and a float32 word of exactly that
+// pattern (a denormal, -4.6e-41) as -0.0; a rank applies the same to its own share, so every rank
+// still sums the same values.
 //
 // One thread block per call: the payload is small (rows * hidden, a few tens of KB) and the call is
 // bound by NVLink latency, not bandwidth.
@@ -39,9 +45,12 @@ constexpr int kThreads = 512;
 constexpr int kMaxVectors = 4;           // 16-byte vectors of a row per thread: hidden <= 4 * 512 * 16 bytes
 constexpr unsigned long long kTimeoutNs = 30ull * 1000 * 1000 * 1000;   // a peer that never comes
 
+constexpr int kBuffers = 3;
+constexpr unsigned kEmpty = 0x80008000u;  // a mailbox word no share holds (see the top)
+
 struct Peers {                      // by value in the kernel's parameters
-  char* staging[kMaxRanks];         // rank p's [2][max_bytes]
-  unsigned* flags[kMaxRanks];       // rank p's [world] epochs delivered to it, then its own epoch
+  char* mailboxes[kMaxRanks];       // rank p's [kBuffers][world][max_bytes]: slot q of a buffer from rank q
+  unsigned* last_buffer[kMaxRanks]; // rank p's buffer of its last call (0, 1, 2), in its memory
 };
 
 struct Communicator {
@@ -60,14 +69,19 @@ std::string KeyOf(const int* ordinals, int world) {
   return key;
 }
 
-__device__ __forceinline__ unsigned LoadAcquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+// 16 bytes of the rank's own memory as they are now: past L1, which does not see the peers' writes.
+__device__ __forceinline__ int4 LoadVolatile(const int4* p) {
+  int4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
   return v;
 }
 
-__device__ __forceinline__ void StoreRelease(unsigned* p, unsigned v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+__device__ __forceinline__ bool Arrived(int4 v) {
+  return static_cast<unsigned>(v.x) != kEmpty && static_cast<unsigned>(v.y) != kEmpty &&
+         static_cast<unsigned>(v.z) != kEmpty && static_cast<unsigned>(v.w) != kEmpty;
 }
 
 __device__ __forceinline__ unsigned long long GlobalTimerNs() {
@@ -114,6 +128,37 @@ union Vector {
   __device__ explicit Vector(int4 raw) : v(raw) {}
 };
 
+// A share's 16 bytes as sent: no word may read as kEmpty (see the top).
+template <typename T>
+__device__ __forceinline__ int4 Clean(int4 v) {
+  unsigned* words = reinterpret_cast<unsigned*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 2) {
+      if ((words[i] & 0xffffu) == 0x8000u) words[i] &= 0xffff0000u;   // -0.0 -> +0.0
+      if ((words[i] >> 16) == 0x8000u) words[i] &= 0x0000ffffu;
+    } else if (words[i] == kEmpty) {
+      words[i] = 0x80000000u;                                           // the denormal -> -0.0
+    }
+  }
+  return v;
+}
+
+// Rank `from`'s share of vector v, polled from this rank's buffer until it has arrived.
+__device__ __forceinline__ int4 Receive(const int4* slot, size_t v, int rank, int from) {
+  int4 value = LoadVolatile(slot + v);
+  if (Arrived(value)) return value;
+  const unsigned long long start = GlobalTimerNs();
+  do {
+    if (GlobalTimerNs() - start > kTimeoutNs) {
+      printf("lmdeploy_jax p2p all-reduce: rank %d waited 30 s for rank %d; trapping\n", rank, from);
+      __trap();
+    }
+    value = LoadVolatile(slot + v);
+  } while (!Arrived(value));
+  return value;
+}
+
 // partial, residual, sum_out, normed_out: [rows, hidden]; weights: [layers, hidden], row *layer used.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
@@ -122,38 +167,26 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
     float eps, Peers peers, int rank, int world, size_t max_bytes) {
   constexpr int kVec = 16 / sizeof(T);
   __shared__ float shared[33];
-  unsigned* own_flags = peers.flags[rank];
-  const unsigned epoch = own_flags[world] + 1;
-  const int parity = epoch & 1;
-  const size_t n = static_cast<size_t>(rows) * hidden;
-
-  // 1. this rank's partial into its own slot [parity], 16 bytes at a time; then its flag on every rank
-  const int4* src = reinterpret_cast<const int4*>(partial);
-  const size_t vectors = n * sizeof(T) / sizeof(int4);
-  int4* own_slot = reinterpret_cast<int4*>(peers.staging[rank] + static_cast<size_t>(parity) * max_bytes);
-  for (size_t i = threadIdx.x; i < vectors; i += blockDim.x) own_slot[i] = src[i];
-  __syncthreads();
-  if (threadIdx.x < world) StoreRelease(peers.flags[threadIdx.x] + rank, epoch);
-
-  // 2. wait until every rank's partial is in its slot
-  if (threadIdx.x < world) {
-    const unsigned* flag = own_flags + threadIdx.x;
-    const unsigned long long start = GlobalTimerNs();
-    while (static_cast<int>(LoadAcquire(flag) - epoch) < 0) {
-      if (GlobalTimerNs() - start > kTimeoutNs) {
-        printf("lmdeploy_jax p2p all-reduce: rank %d waited 30 s for rank %d (epoch %u); trapping\n", rank,
-               static_cast<int>(threadIdx.x), epoch);
-        __trap();
-      }
-    }
-  }
-  __syncthreads();
-
-  // 3. per row: h = sum of the ranks' slots in rank order, s = residual + h, normed = weight * rms_norm(s).
-  // Each thread owns up to kMaxVectors 16-byte vectors of the row and issues all of its loads before
-  // any store (so they are in flight together), then keeps s in registers for the norm.
-  const T* weight = weights + static_cast<size_t>(*layer) * hidden;
+  const unsigned previous = *peers.last_buffer[rank], current = (previous + 1) % kBuffers;
+  const size_t buffer_bytes = world * max_bytes;
   const int row_vectors = hidden / kVec;
+  const int4* own_share = reinterpret_cast<const int4*>(partial);
+  auto slot = [&](int owner, unsigned buffer, int from) {
+    return reinterpret_cast<int4*>(peers.mailboxes[owner] + buffer * buffer_bytes + from * max_bytes);
+  };
+
+  // 1. this rank's share into its slot of the current buffer on every peer, before any wait (so no peer
+  // waits on this block's later rows)
+  for (size_t v = threadIdx.x; v < static_cast<size_t>(rows) * row_vectors; v += blockDim.x) {
+    const int4 share = Clean<T>(own_share[v]);
+    for (int p = 0; p < world; ++p)
+      if (p != rank) slot(p, current, rank)[v] = share;
+  }
+
+  // 2. per row: h = the shares summed in rank order, s = residual + h, normed = weight * rms_norm(s);
+  // each thread owns up to kMaxVectors 16-byte vectors of the row and keeps s in registers for the
+  // norm. The slots read are refilled with kEmpty in the previous call's buffer.
+  const T* weight = weights + static_cast<size_t>(*layer) * hidden;
   for (int row = 0; row < rows; ++row) {
     const size_t row_vector0 = static_cast<size_t>(row) * row_vectors;
     float s[kMaxVectors][kVec];
@@ -164,10 +197,11 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
       if (v >= row_vectors) break;
       float h[kVec] = {};
       for (int p = 0; p < world; ++p) {
-        const int4* slot_vectors = reinterpret_cast<const int4*>(peers.staging[p] + parity * max_bytes);
-        const Vector<T> slot{__ldcv(slot_vectors + row_vector0 + v)};
+        const Vector<T> share{p == rank ? Clean<T>(own_share[row_vector0 + v])
+                                        : Receive(slot(rank, current, p), row_vector0 + v, rank, p)};
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) h[j] += ToFloat(slot.e[j]);
+        for (int j = 0; j < kVec; ++j) h[j] += ToFloat(share.e[j]);
+        if (p != rank) slot(rank, previous, p)[row_vector0 + v] = make_int4(kEmpty, kEmpty, kEmpty, kEmpty);
       }
       const Vector<T> res{reinterpret_cast<const int4*>(residual)[row_vector0 + v]};
       Vector<T> sum;
@@ -192,8 +226,13 @@ __global__ void __launch_bounds__(kThreads) ReduceAddNormKernel(
       reinterpret_cast<int4*>(normed_out)[row_vector0 + v] = out.v;
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0) own_flags[world] = epoch;
+  __syncthreads();    // every thread has read the last buffer
+  if (threadIdx.x == 0) *peers.last_buffer[rank] = current;
+}
+
+// Fills n words at p with kEmpty (lmdj_p2p_init's, once per mailbox).
+__global__ void FillEmpty(unsigned* p, size_t n) {
+  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) p[i] = kEmpty;
 }
 
 template <typename T>
@@ -309,11 +348,14 @@ extern "C" int lmdj_p2p_init(int world, const int* ordinals, size_t max_bytes, c
       else if (status != cudaSuccess)
         return fail(std::string("cudaDeviceEnablePeerAccess: ") + cudaGetErrorString(status));
     }
-    const size_t staging_bytes = 2 * max_bytes, flag_bytes = (world + 1) * sizeof(unsigned);
-    if (cudaMalloc(&comm.peers.staging[i], staging_bytes) != cudaSuccess ||
-        cudaMalloc(&comm.peers.flags[i], flag_bytes) != cudaSuccess ||
-        cudaMemset(comm.peers.flags[i], 0, flag_bytes) != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess)
-      return fail(std::string("allocating the staging area: ") + cudaGetErrorString(cudaGetLastError()));
+    const size_t mailbox_bytes = kBuffers * world * max_bytes;
+    if (cudaMalloc(&comm.peers.mailboxes[i], mailbox_bytes) != cudaSuccess ||
+        cudaMalloc(&comm.peers.last_buffer[i], sizeof(unsigned)) != cudaSuccess ||
+        cudaMemset(comm.peers.last_buffer[i], 0, sizeof(unsigned)) != cudaSuccess)
+      return fail(std::string("allocating the mailboxes: ") + cudaGetErrorString(cudaGetLastError()));
+    FillEmpty<<<64, 256>>>(reinterpret_cast<unsigned*>(comm.peers.mailboxes[i]), mailbox_bytes / sizeof(unsigned));
+    if (cudaDeviceSynchronize() != cudaSuccess)
+      return fail(std::string("filling the mailboxes: ") + cudaGetErrorString(cudaGetLastError()));
   }
   cudaSetDevice(previous);
   g_communicators[key] = comm;
