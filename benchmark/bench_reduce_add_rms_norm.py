@@ -7,7 +7,7 @@ reference (XLA's all-reduce, then ``add_rms_norm``) on fresh random inputs, and 
 Correctness: one call, each of ``s`` and the norm against the reference, and every device's copy
 of the (replicated) result bit-equal to device 0's; then a chain of ``--calls`` calls inside one
 jitted loop (each call's outputs feeding the next, as in a decode step's layers), which exercises
-the kernel's epochs and parities, against the same chain through the reference. Speed: the chain's
+the kernel's mailboxes taken in turn, against the same chain through the reference. Speed: the chain's
 time per call (the loop compiled as one CUDA graph, with two small fusions a call besides the op),
 for both; a batch-1 llama3-8b decode step makes 64 such calls at hidden 4096.
 """
