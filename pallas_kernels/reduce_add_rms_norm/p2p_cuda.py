@@ -66,7 +66,7 @@ def device_key(devices) -> str:
 
 
 def prepare(devices) -> Claim | str:
-    """Build and load the library, register the custom call and allocate the staging areas for
+    """Build and load the library, register the custom call and allocate the mailboxes for
     ``devices`` (a mesh's, in axis order). A ``Claim`` on them when the kernel is ready (keep it
     while using the kernel), else why it is not."""
     if any(d.platform != 'gpu' for d in devices):
@@ -94,7 +94,7 @@ def is_prepared(devices) -> bool:
 
 def supports(partial, residual, weight) -> bool:
     """Same-dtype float inputs whose rows are whole 16-byte vectors, at most ``MAX_ROW_BYTES``, and
-    whose payload fits the staging slots."""
+    whose payload fits a mailbox slot."""
     row_bytes = partial.shape[-1] * partial.dtype.itemsize
     return (partial.dtype in FLOATS and residual.dtype == partial.dtype and weight.dtype == partial.dtype
             and 0 < partial.size * partial.dtype.itemsize <= MAX_BYTES and row_bytes % 16 == 0
