@@ -152,25 +152,41 @@ def test_heads_that_cannot_be_split_are_a_clear_error(checkpoints, tmp_path):
                                         'tp=8 cannot split 9 attention heads evenly'], proc.stderr[-4000:]
 
 
-def test_sampler_scatters_over_whole_vocabulary_rows(checkpoints, tmp_path):
-    """The general sampler's scatters (penalties, masks) must not run on the lm_head's vocabulary
-    shards: XLA's GPU backend ran the partitioned general sampler as a serial loop of small kernels
-    (a llama3-8b prefill step at tp=2 took ~3 s on an H100), so the general steps (prefill and
-    sampled decode) sample whole rows. The greedy decode step keeps the shards (its all-gather of
-    [256, vocab] logits would cost more than its scatters)."""
+@pytest.fixture(scope='module')
+def step_ops(checkpoints, tmp_path_factory) -> list[tuple[str, str, str]]:
+    """(step kind, op, result shape) of every scatter and all-gather in the compiled steps of a
+    tp=2 engine on ``llama-kv8`` (vocabulary 1024, hidden 64; a device's vocabulary shard is 512)."""
     code = ('import re\n'
             'config = TurbomindEngineConfig(dtype="float32", tp=2, session_len=128, max_batch_size=4,\n'
             '                               num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)\n'
             'engine = JaxEngine(resolve_model(sys.argv[1]), config, decode_batch=[4], prefill_tokens=[32],\n'
             '                   prefill_batch=[4])\n'
             'for (kind, _), (executable, _) in engine.compiled_steps().items():\n'
-            '    for shape in re.findall(r"= f32\\[([0-9,]+)\\]\\S* scatter\\(", executable.as_text()):\n'
-            '        print(kind, shape)\n'
+            '    for shape, op in re.findall(r"= \\w+\\[([0-9,]*)\\]\\S* (scatter|all-gather)\\(", executable.as_text()):\n'
+            '        print(kind, op, shape)\n'
             'engine.close()\n')
-    proc = _run_engine_code(code, checkpoints['llama-kv8'], _env(tmp_path, 2))
+    proc = _run_engine_code(code, checkpoints['llama-kv8'], _env(tmp_path_factory.mktemp('step_ops'), 2))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    scatters = [line.split() for line in proc.stdout.splitlines()]
+    return [tuple(line.split()) for line in proc.stdout.splitlines()]
+
+
+def test_sampler_scatters_over_whole_vocabulary_rows(step_ops):
+    """The general sampler's scatters (penalties, masks) must not run on the lm_head's vocabulary
+    shards: XLA's GPU backend ran the partitioned general sampler as a serial loop of small kernels
+    (a llama3-8b prefill step at tp=2 took ~3 s on an H100), so the general steps (prefill and
+    sampled decode) sample whole rows. The greedy decode step keeps the shards (its all-gather of
+    [256, vocab] logits would cost more than its scatters)."""
+    scatters = [(kind, shape) for kind, op, shape in step_ops if op == 'scatter']
     vocab_scatters = [(kind, shape) for kind, shape in scatters if shape.endswith(',1024')]
     assert {kind for kind, _ in vocab_scatters} == {'prefill', 'decode'}, scatters
     assert not [(kind, shape) for kind, shape in scatters if kind != 'greedy_decode' and shape.endswith(',512')], \
         scatters
+
+
+def test_general_steps_gather_logits_not_the_lm_head(step_ops):
+    """The general steps make whole logit rows by all-gathering the [rows, vocab] logits. Pinning
+    only the replicated result let XLA's CPU partitioning all-gather the lm_head weight [vocab,
+    hidden] instead, every step (on an H100, llama3-8b at tp=2, XLA gathered the logits either way)."""
+    gathers = [(kind, shape) for kind, op, shape in step_ops if op == 'all-gather']
+    assert ('prefill', '4,1024') in gathers and ('decode', '4,1024') in gathers, gathers
+    assert not [g for g in gathers if g[1] == '1024,64'], gathers

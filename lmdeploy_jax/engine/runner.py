@@ -99,6 +99,10 @@ def _step(model: LoadedModel, block_size: int, general: bool, params, cache: Cac
         # The general sampler scatters penalties and masks into the vocabulary, which the lm_head
         # shards over the mesh; XLA's GPU backend runs such a partitioned scatter as a serial loop
         # of small kernels (~3 s a prefill step of llama3-8b at tp=2), so it samples whole rows.
+        # The logits are pinned to the lm_head's vocabulary split first, so what is gathered is the
+        # [B, vocab] logits: the replicated constraint alone reached back into the matmul, and XLA's
+        # CPU partitioning all-gathered the whole lm_head weight instead (the GPU's did not).
+        logits = jax.lax.with_sharding_constraint(logits, NamedSharding(model.mesh, rules.VOCAB_LOGITS))
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(model.mesh, rules.REPLICATED))
     out = sample(logits.astype(jnp.float32), history, sp, general)
     return CacheState(kv, tokens, cache.last.at[rows.slot].set(out.token)), out

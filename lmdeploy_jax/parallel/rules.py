@@ -33,6 +33,7 @@ ROW_INPUT = P(None, None, TP)          # a row-parallel projection's input [B, T
 ROW_WEIGHT = P(None, TP)               # a row-parallel weight [out, in], as param_spec places it
 PARTIAL_SUMS = P(TP)                   # per-device partial results stacked [tp, ...], not yet summed
 VOCAB_ROWS = P(TP, None)               # an embedding / lm_head [vocab, hidden] split over the vocabulary
+VOCAB_LOGITS = P(None, TP)             # logits [B, vocab] as the vocabulary-split lm_head computes them
 
 
 @dataclass(frozen=True)
