@@ -61,9 +61,12 @@ class RequestTiming:
         return (self.end - self.first_token) / max(self.output_len - 1, 1)
 
 
-async def timed_request(pipe, session_id: int, input_ids: list[int], output_len: int) -> RequestTiming:
+async def timed_request(pipe, session_id: int, input_ids: list[int], output_len: int,
+                        do_sample: bool = False) -> RequestTiming:
+    """One request; ``do_sample`` samples with ``GenerationConfig``'s defaults (top-k 50, top-p 1.0,
+    temperature 0.8) instead of decoding greedily."""
     from lmdeploy_jax import GenerationConfig
-    config = GenerationConfig(max_new_tokens=output_len, ignore_eos=True)
+    config = GenerationConfig(max_new_tokens=output_len, ignore_eos=True, do_sample=do_sample)
     start = time.perf_counter()
     first = None
     async for out in pipe.generate(None, session_id, config, stream_response=False, input_ids=input_ids,
@@ -77,7 +80,7 @@ async def timed_request(pipe, session_id: int, input_ids: list[int], output_len:
 
 
 def run_requests(pipe, requests: list[tuple[list[int], int]], progress: bool = True,
-                 session_base: int = 1_000_000) -> tuple[list[RequestTiming], float]:
+                 session_base: int = 1_000_000, do_sample: bool = False) -> tuple[list[RequestTiming], float]:
     """Submit all requests at once (the engine batches them); timings and wall seconds."""
     from tqdm import tqdm
 
@@ -85,7 +88,7 @@ def run_requests(pipe, requests: list[tuple[list[int], int]], progress: bool = T
         bar = tqdm(total=len(requests), disable=not progress or len(requests) < 32, desc='requests')
 
         async def one(i, ids, n):
-            timing = await timed_request(pipe, session_base + i, ids, n)
+            timing = await timed_request(pipe, session_base + i, ids, n, do_sample)
             bar.update(1)
             return timing
         try:
