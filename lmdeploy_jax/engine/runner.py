@@ -120,11 +120,12 @@ def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, 
 
 @dataclasses.dataclass
 class PreparedCall:
-    """A call ready to launch: its executable and host arrays."""
+    """A call ready to launch: its executable, host arrays and where the executable takes them."""
     executable: jax.stages.Compiled
     batch: StepBatch
     sp: SamplingParams
     rows: RowSlots
+    host_shardings: tuple | None
 
 
 class ModelRunner:
@@ -156,6 +157,7 @@ class ModelRunner:
         self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
         # (kind, shape) -> executable: a decode shape may equal a one-token prefill shape
         self._executables: dict[tuple[str, tuple[int, int]], jax.stages.Compiled] = {}
+        self._host_shardings: dict[tuple[str, tuple[int, int]], tuple] = {}
         self.store_counts = {'loaded': 0, 'saved': 0}      # executables the last warmup took from / put in the store
 
     def _precision(self):
@@ -287,13 +289,26 @@ class ModelRunner:
         from_device = [src >= 0 for src in carry.source] if carry is not None else None
         kind = 'prefill' if plan.prefill else 'decode' if needs_general(sp) else 'greedy_decode'
         return PreparedCall(self._executables[kind, plan.shape], batch, sp,
-                            self._row_slots(plan.rows, plan.shape[0], from_device))
+                            self._row_slots(plan.rows, plan.shape[0], from_device),
+                            self._host_input_shardings((kind, plan.shape)))
+
+    def _host_input_shardings(self, key: tuple[str, tuple[int, int]]) -> tuple | None:
+        """The shardings the executable takes its host inputs (batch, sampling params, rows) in,
+        so that they are put there directly: put on one device, the call then copied them to the
+        others after that device had finished the call before (at tp=2, ~3 ms of idle devices a
+        decode call). None across processes: JAX would compare every process's arrays on each
+        put (and each process's call copies to its own devices only)."""
+        if jax.process_count() > 1:
+            return None
+        if key not in self._host_shardings:
+            self._host_shardings[key] = self._executables[key].input_shardings[0][2:]
+        return self._host_shardings[key]
 
     def launch(self, call: PreparedCall) -> SampleOutput:
         """Dispatch a prepared call: one step (prefill) or ``decode_steps`` steps (decode); returns
         the device outputs, already on their way to the host. Touches no scheduler state, so it
         may run on another thread while the engine thread takes earlier results."""
-        batch, sp, rows = jax.device_put((call.batch, call.sp, call.rows))
+        batch, sp, rows = jax.device_put((call.batch, call.sp, call.rows), call.host_shardings)
         self.cache, out = call.executable(self.model.params, self.cache, batch, sp, rows)
         if not call.sp.want_logprobs.any():          # only the tokens cross to the host
             out = SampleOutput(out.token, None, None, None)
