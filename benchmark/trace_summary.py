@@ -63,11 +63,12 @@ def device_gaps(data, min_gap_us: float = 20.0) -> dict:
     """Wall span, busy time (union over every stream of the first device) and idle gaps.
 
     ``gaps``: {'module before -> module after': [count, total_ms]}, gaps of at least
-    ``min_gap_us``; shorter ones (launch latency inside a call) are summed in ``small_gaps_ms``."""
+    ``min_gap_us``; shorter ones (launch latency inside a call) are summed in ``small_gaps_ms``. A
+    kernel the trace gives no module (those of command buffers) is named by itself instead."""
     events = []
     for plane_name, line in _device_lines(data):
         if plane_name.startswith('/device:GPU:0') and line.name.startswith('Stream'):
-            events.extend((e.start_ns, e.start_ns + e.duration_ns, module_of(e)) for e in line.events)
+            events.extend((e.start_ns, e.start_ns + e.duration_ns, module_of(e) or e.name[:48]) for e in line.events)
     if not events:
         return {}
     events.sort()
@@ -120,6 +121,37 @@ def host_threads(data, top: int = 12, min_share: float = 0.02) -> dict:
     return out
 
 
+def around_a_gap(data, min_gap_us: float = 100.0, context: int = 10) -> dict:
+    """What surrounds one idle gap of GPU 0 of at least ``min_gap_us`` (the middle one of the
+    trace): the ``context`` kernels before and after it on any stream, and the host events of at
+    most 1 ms that overlap it, each as (start us from the gap's start, duration us, line, name). Says
+    whether the device waited for the host (a launch ending at the gap's end) or for a stream."""
+    kernels, host = [], []
+    for plane in data.planes:
+        for line in plane.lines:
+            if plane.name.startswith('/device:GPU:0') and line.name.startswith('Stream'):
+                kernels.extend((e.start_ns, e.start_ns + e.duration_ns, line.name, e.name) for e in line.events)
+            elif plane.name == '/host:CPU':
+                host.extend((e.start_ns, e.start_ns + e.duration_ns, line.name, e.name) for e in line.events
+                            if e.duration_ns <= 1e6)
+    kernels.sort()
+    gaps, end = [], None
+    for i, (start, stop, _, _) in enumerate(kernels):
+        if end is not None and start - end >= min_gap_us * 1e3:
+            gaps.append((i, end, start))
+        end = stop if end is None else max(end, stop)
+    if not gaps:
+        return {}
+    index, gap_start, gap_end = gaps[len(gaps) // 2]
+
+    def row(event):
+        return (round((event[0] - gap_start) / 1e3, 1), round((event[1] - event[0]) / 1e3, 1), event[2],
+                event[3][:70])
+    return {'gap_us': round((gap_end - gap_start) / 1e3, 1), 'gaps': len(gaps),
+            'kernels': [row(k) for k in kernels[max(index - context, 0):index + context]],
+            'host': [row(h) for h in sorted(host) if h[1] >= gap_start - 50e3 and h[0] <= gap_end + 10e3][:40]}
+
+
 def print_gaps_and_threads(data, top: int = 12) -> None:
     """The idle-gap summary and the host threads, as ``profile_*`` scripts print them."""
     gaps = device_gaps(data)
@@ -128,6 +160,12 @@ def print_gaps_and_threads(data, top: int = 12) -> None:
               f"(gaps under 20 us: {gaps['small_gaps_ms']} ms)")
         for pair, (n, ms) in list(gaps['gaps'].items())[:top]:
             print(f'   {ms:10.1f} ms {n:6d}x  {pair}')
+    around = around_a_gap(data)
+    if around:
+        print(f"one of {around['gaps']} gaps >= 100 us ({around['gap_us']} us), from its start (us, duration):")
+        for label, rows in (('kernel', around['kernels']), ('host', around['host'])):
+            for offset, duration, line, name in rows:
+                print(f'   {label:6s} {offset:9.1f} {duration:8.1f}  {line[:28]:28s} {name}')
     for thread, events in host_threads(data, top).items():
         print(f'-- host thread {thread}')
         for event, n, ms in events:

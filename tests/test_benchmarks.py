@@ -90,13 +90,14 @@ def test_bench_kernels_checks_and_times_every_op_in_interpret_mode():
 
 def test_trace_summary_counts_busy_time_and_attributes_idle_gaps():
     """``device_gaps`` on a hand-made trace: overlapping kernels on two streams count once, a gap
-    of at least ``min_gap_us`` is attributed to the modules around it, shorter ones are summed."""
+    of at least ``min_gap_us`` is attributed to the modules around it (a kernel without one by its
+    name), shorter ones are summed."""
     sys.path.insert(0, str(ROOT / 'benchmark'))
     import trace_summary
     from types import SimpleNamespace as NS
 
     def kernel(start_ms, length_ms, module):
-        return NS(name='k', start_ns=int(start_ms * 1e6), duration_ns=int(length_ms * 1e6),
+        return NS(name='graph_kernel', start_ns=int(start_ms * 1e6), duration_ns=int(length_ms * 1e6),
                   stats=[('hlo_module', module)] if module else [])
     stream_a = [kernel(0, 10, 'decode'), kernel(11, 4, 'decode'), kernel(40, 10, 'prefill')]
     stream_b = [kernel(2, 6, 'decode'), kernel(100, 1, '')]            # inside the first kernel
@@ -106,9 +107,13 @@ def test_trace_summary_counts_busy_time_and_attributes_idle_gaps():
     gaps = trace_summary.device_gaps(data, min_gap_us=2000)
     # busy [0, 10], [11, 15], [40, 50], [100, 101]: 25 ms of a 101 ms span
     assert (gaps['span_ms'], gaps['busy_ms'], gaps['idle_ms']) == (101.0, 25.0, 76.0)
-    assert gaps['gaps'] == {'prefill -> ': [1, 50.0], 'decode -> prefill': [1, 25.0]}
+    assert gaps['gaps'] == {'prefill -> graph_kernel': [1, 50.0], 'decode -> prefill': [1, 25.0]}
     assert gaps['small_gaps_ms'] == 1.0                     # [10, 11]: under min_gap_us
     assert trace_summary.device_gaps(NS(planes=[])) == {}
+    around = trace_summary.around_a_gap(data, min_gap_us=20000, context=1)   # the second of two: [50, 100]
+    assert (around['gaps'], around['gap_us']) == (2, 50000.0)
+    assert around['kernels'] == [(-10000.0, 10000.0, 'Stream #1', 'graph_kernel'),
+                                 (50000.0, 1000.0, 'Stream #2', 'graph_kernel')]
 
 
 def test_compare_results_by_tp_sets_each_size_against_tp1_of_the_same_model(tmp_path):
