@@ -161,9 +161,10 @@ def step_ops(checkpoints, tmp_path_factory) -> list[tuple[str, str, str]]:
             '                               num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)\n'
             'engine = JaxEngine(resolve_model(sys.argv[1]), config, decode_batch=[4], prefill_tokens=[32],\n'
             '                   prefill_batch=[4])\n'
+            'op = re.compile(r"= \\w+\\[([0-9,]*)\\]\\S* (scatter|all-gather)\\(")\n'
             'for (kind, _), (executable, _) in engine.compiled_steps().items():\n'
-            '    for shape, op in re.findall(r"= \\w+\\[([0-9,]*)\\]\\S* (scatter|all-gather)\\(", executable.as_text()):\n'
-            '        print(kind, op, shape)\n'
+            '    for shape, name in op.findall(executable.as_text()):\n'
+            '        print(kind, name, shape)\n'
             'engine.close()\n')
     proc = _run_engine_code(code, checkpoints['llama-kv8'], _env(tmp_path_factory.mktemp('step_ops'), 2))
     assert proc.returncode == 0, proc.stderr[-4000:]
