@@ -88,10 +88,10 @@ class PartialSums:
         """Each device's partial product ``[1, B, T, out]`` of ``x [B, T, in]`` (its columns) and its
         columns of the weight; a bias joins the first device's share, so the sum has it once."""
         def partial(x, w, *b):
-            y = jnp.einsum('...i,oi->...o', x, w)
+            own = {'w': w}
             if b:
-                y = y + jnp.where(jax.lax.axis_index(rules.TP) == 0, b[0], jnp.zeros_like(b[0]))
-            return y[None]
+                own['b'] = jnp.where(jax.lax.axis_index(rules.TP) == 0, b[0], jnp.zeros_like(b[0]))
+            return linear(x, own)[None]
         r = rules.REPLICATED
         biases = (p['b'],) if 'b' in p else ()
         return per_device(partial, self.mesh, in_specs=(rules.ROW_INPUT, rules.ROW_WEIGHT, *(r for _ in biases)),
