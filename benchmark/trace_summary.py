@@ -59,36 +59,46 @@ def kernel_totals(data, top: int) -> dict:
     return out
 
 
+def _gpu0_events(data) -> list[tuple]:
+    """GPU 0's kernels and copies on every stream as (start_ns, end_ns, stream line, event), by start."""
+    return sorted(((e.start_ns, e.start_ns + e.duration_ns, line.name, e) for plane_name, line in _device_lines(data)
+                   if plane_name.startswith('/device:GPU:0') and line.name.startswith('Stream') for e in line.events),
+                  key=lambda event: event[:2])
+
+
+def _idle_gaps(events: list[tuple]) -> list[tuple]:
+    """The stretches no event of ``events`` (``_gpu0_events``) covers, as (index of the event after
+    the stretch, its start ns, its end ns, the event that ended last before it)."""
+    gaps, end, last = [], events[0][1], events[0]
+    for i, event in enumerate(events[1:], 1):
+        if event[0] > end:
+            gaps.append((i, end, event[0], last))
+        if event[1] >= end:
+            end, last = event[1], event
+    return gaps
+
+
 def device_gaps(data, min_gap_us: float = 20.0) -> dict:
     """Wall span, busy time (union over every stream of the first device) and idle gaps.
 
     ``gaps``: {'module before -> module after': [count, total_ms]}, gaps of at least
     ``min_gap_us``; shorter ones (launch latency inside a call) are summed in ``small_gaps_ms``. A
     kernel the trace gives no module (those of command buffers) is named by itself instead."""
-    events = []
-    for plane_name, line in _device_lines(data):
-        if plane_name.startswith('/device:GPU:0') and line.name.startswith('Stream'):
-            events.extend((e.start_ns, e.start_ns + e.duration_ns, module_of(e) or e.name[:48]) for e in line.events)
+    events = _gpu0_events(data)
     if not events:
         return {}
-    events.sort()
-    busy = small = 0.0
+
+    def label(event):
+        return module_of(event[3]) or event[3].name[:48]
+    idle = _idle_gaps(events)
+    small = sum(stop - start for _, start, stop, _ in idle if stop - start < min_gap_us * 1e3) / 1e6
     gaps = collections.defaultdict(lambda: [0, 0.0])
-    start, end, module = events[0]
-    for s, e, m in events[1:]:
-        if s > end:
-            busy += end - start
-            idle = s - end
-            if idle >= min_gap_us * 1e3:
-                entry = gaps[f'{module} -> {m}']
-                entry[0] += 1
-                entry[1] += idle / 1e6
-            else:
-                small += idle / 1e6
-            start = s
-        if e >= end:
-            end, module = e, m
-    busy += end - start
+    for i, start, stop, before in idle:
+        if stop - start >= min_gap_us * 1e3:
+            entry = gaps[f'{label(before)} -> {label(events[i])}']
+            entry[0] += 1
+            entry[1] += (stop - start) / 1e6
+    busy = max(e[1] for e in events) - events[0][0] - sum(stop - start for _, start, stop, _ in idle)
     span = events[-1][1] - events[0][0]
     return {'span_ms': round(span / 1e6, 1), 'busy_ms': round(busy / 1e6, 1),
             'idle_ms': round((span - busy) / 1e6, 1), 'small_gaps_ms': round(small, 1),
@@ -126,30 +136,21 @@ def around_a_gap(data, min_gap_us: float = 100.0, context: int = 10) -> dict:
     trace): the ``context`` kernels before and after it on any stream, and the host events of at
     most 1 ms that overlap it, each as (start us from the gap's start, duration us, line, name). Says
     whether the device waited for the host (a launch ending at the gap's end) or for a stream."""
-    kernels, host = [], []
-    for plane in data.planes:
-        for line in plane.lines:
-            if plane.name.startswith('/device:GPU:0') and line.name.startswith('Stream'):
-                kernels.extend((e.start_ns, e.start_ns + e.duration_ns, line.name, e.name) for e in line.events)
-            elif plane.name == '/host:CPU':
-                host.extend((e.start_ns, e.start_ns + e.duration_ns, line.name, e.name) for e in line.events
-                            if e.duration_ns <= 1e6)
-    kernels.sort()
-    gaps, end = [], None
-    for i, (start, stop, _, _) in enumerate(kernels):
-        if end is not None and start - end >= min_gap_us * 1e3:
-            gaps.append((i, end, start))
-        end = stop if end is None else max(end, stop)
+    kernels = _gpu0_events(data)
+    gaps = [gap for gap in _idle_gaps(kernels) if gap[2] - gap[1] >= min_gap_us * 1e3] if kernels else []
     if not gaps:
         return {}
-    index, gap_start, gap_end = gaps[len(gaps) // 2]
+    index, gap_start, gap_end, _ = gaps[len(gaps) // 2]
+    host = [(e.start_ns, e.start_ns + e.duration_ns, line.name, e) for plane in data.planes
+            if plane.name == '/host:CPU' for line in plane.lines for e in line.events if e.duration_ns <= 1e6]
 
     def row(event):
         return (round((event[0] - gap_start) / 1e3, 1), round((event[1] - event[0]) / 1e3, 1), event[2],
-                event[3][:70])
+                event[3].name[:70])
     return {'gap_us': round((gap_end - gap_start) / 1e3, 1), 'gaps': len(gaps),
             'kernels': [row(k) for k in kernels[max(index - context, 0):index + context]],
-            'host': [row(h) for h in sorted(host) if h[1] >= gap_start - 50e3 and h[0] <= gap_end + 10e3][:40]}
+            'host': [row(h) for h in sorted(host, key=lambda event: event[:2])
+                     if h[1] >= gap_start - 50e3 and h[0] <= gap_end + 10e3][:40]}
 
 
 def print_gaps_and_threads(data, top: int = 12) -> None:
