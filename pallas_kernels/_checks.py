@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ._dispatch import choose_impl
 
 
 def require(ok: bool, message: str) -> None:
@@ -108,3 +111,36 @@ def check_rope_tables(cos, sin, batch: int, head_dim: int) -> None:
     for name, x in (('cos', cos), ('sin', sin)):
         require(x.dtype == jnp.float32 and tuple(x.shape) == (batch, head_dim),
                 f'{name} must be float32 [{batch}, {head_dim}], got {x.dtype} {tuple(x.shape)}')
+
+
+def check_window_and_cap(sliding_window, logits_soft_cap) -> tuple[jax.Array | None, float | None]:
+    """The attention ops' ``sliding_window`` and ``logits_soft_cap``, checked; returns the window
+    as an int32 scalar array (None: no window) and the cap as a float (None: no cap).
+
+    ``sliding_window``: None or 0 for none; a positive int, or an int32 scalar array (traced, e.g.
+    a per-layer value inside a scan over layers, where values <= 0 mean no window): a query at
+    position ``p`` sees keys at ``p - sliding_window < k <= p``, Hugging Face's convention.
+    ``logits_soft_cap``: None, or a positive number: the scaled scores become
+    ``cap * tanh(scores / cap)`` before the mask and the softmax (Gemma 2's soft-capping)."""
+    window = sliding_window
+    if window is None or isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+        require(window is None or window >= 0,
+                f'sliding_window must be None, 0 (no window) or a positive int, got {window!r}')
+        window = jnp.asarray(window, jnp.int32) if window else None
+    else:
+        require(isinstance(window, jax.Array) and window.shape == () and jnp.issubdtype(window.dtype, jnp.integer),
+                f'sliding_window must be an int or an integer scalar array, got {window!r}')
+        window = window.astype(jnp.int32)
+    cap = logits_soft_cap
+    require(cap is None or isinstance(cap, (int, float, np.floating)) and not isinstance(cap, bool) and cap > 0,
+            f'logits_soft_cap must be None or a positive float, got {cap!r}')
+    return window, None if cap is None else float(cap)
+
+
+def choose_kernel(impl: str | None, why_not: str | None) -> str:
+    """``_dispatch.choose_impl`` for a kernel that cannot take these inputs when ``why_not`` (the
+    reason) is given: the error of naming it then says why."""
+    try:
+        return choose_impl(impl, why_not is None)
+    except ValueError as e:
+        raise ValueError(f'{e}: {why_not}' if why_not else str(e)) from None

@@ -16,16 +16,33 @@ def gather_pages(pages: jax.Array, block_tables: jax.Array, layer: jax.Array) ->
     return rows.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_blocks * block_size, d)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def causal_window_mask(q_pos: jax.Array, num_keys: int, window: jax.Array | None) -> jax.Array:
+    """Which of key positions ``0 .. num_keys - 1`` the queries at positions ``q_pos`` int32
+    ``[B, T]`` see -> bool ``[B, T, num_keys]``: ``k <= p``, and with a ``window`` (int32 scalar;
+    values <= 0: none) also ``k > p - window``, Hugging Face's ``sliding_window`` convention."""
+    k = jnp.arange(num_keys)[None, None, :]
+    p = q_pos[:, :, None]
+    mask = k <= p
+    if window is None:
+        return mask
+    return mask & ((window <= 0) | (k > p - window))
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                     soft_cap: float | None = None) -> jax.Array:
     """Softmax attention with grouped-query heads; rows whose mask is all False return zeros.
 
     q ``[B, T, heads, d]``; k, v ``[B, kv_heads, S, d]``; mask bool ``[B, T, S]`` -> ``[B, T, heads, d]``
     in q's dtype. Query head ``h`` reads KV head ``h // (heads // kv_heads)``, as in Hugging Face.
+    Scores are ``q.k * scale``, then with ``soft_cap`` ``soft_cap * tanh(scores / soft_cap)``
+    (Gemma 2's attention soft-capping), before the mask and the softmax.
     """
     batch, tokens, heads, d = q.shape
     kv_heads = k.shape[1]
     qg = q.reshape(batch, tokens, kv_heads, heads // kv_heads, d).astype(jnp.float32)
     scores = jnp.einsum('btkgd,bksd->bkgts', qg, k.astype(jnp.float32)) * scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     m = mask[:, None, None]                              # [B, 1, 1, T, S]
     probs = jax.nn.softmax(jnp.where(m, scores, jnp.finfo(jnp.float32).min), axis=-1)
     probs = jnp.where(m.any(axis=-1, keepdims=True), probs, 0.0)

@@ -5,12 +5,17 @@ walk over its share of a row's tiles and its output, and loading a head rotated 
 A pool is viewed as ``[kv_heads, num_blocks * block_size, head_dim]``: position ``p`` of a row lives
 at token row ``table[p // block_size] * block_size + p % block_size``. Each tile reads whole
 ``head_dim`` rows (16-byte vectors, coalesced within a page) and only the positions a mask allows,
-so no byte outside a sequence's context is read. Scores stay in the log2 domain (pre-multiplied by
-``scale * log2(e)``) so the exponentials are ``exp2``.
+so no byte outside a sequence's context (or outside a query's sliding window) is read. Scores stay
+in the log2 domain (``Logits.log2``) so the exponentials are ``exp2``.
+
+A sliding window reaches the kernels as an int32 ``[1]`` input (``window_of``; values <= 0: no
+window): a query at position ``p`` sees keys ``window_start(window, p) <= k <= p``, and the tiles
+wholly before the window are never visited.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
@@ -37,10 +42,59 @@ def triton_supports(dtype, head_dim: int) -> bool:
             and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0)
 
 
-def tile_for(tile_tokens: int, dtype) -> int:
-    """KV positions per tile: ``tile_tokens`` counts 16-bit positions; float32 tiles hold half as
-    many, so a tile's bytes (and the pipeline's shared memory) stay the same."""
-    return max(MIN_DOT, tile_tokens * 2 // jnp.dtype(dtype).itemsize)
+WIDEST_TUNED_HEAD = 128          # launch knobs count positions of heads up to this wide
+
+
+MAX_HEAD_DIM = 256              # the attention kernels' widest head (Gemma): registers and shared memory
+
+
+def attention_unsupported(dtype, head_dim: int) -> str | None:
+    """Why the attention kernels cannot take heads of ``dtype`` and ``head_dim``, or None if they
+    can: ``triton_supports``, and at most ``MAX_HEAD_DIM`` wide."""
+    if triton_supports(dtype, head_dim) and head_dim <= MAX_HEAD_DIM:
+        return None
+    return (f'{jnp.dtype(dtype).name} heads of {head_dim} elements: the attention kernels take bfloat16, '
+            f'float16 or float32 heads whose head_dim is a power of two from {MIN_DOT} to {MAX_HEAD_DIM}')
+
+
+def tile_for(tile_tokens: int, dtype, head_dim: int = WIDEST_TUNED_HEAD) -> int:
+    """KV positions per tile: ``tile_tokens`` counts 16-bit positions of heads up to 128 wide;
+    float32 tiles hold half as many, and wider heads (Gemma's 256) proportionally fewer, so a
+    tile's bytes (and the pipeline's shared memory: ``num_stages`` K and V tiles) never exceed a
+    16-bit 128-wide tile's."""
+    narrow = min(1.0, WIDEST_TUNED_HEAD / head_dim)
+    return max(MIN_DOT, int(tile_tokens * 2 // jnp.dtype(dtype).itemsize * narrow))
+
+
+class Logits(NamedTuple):
+    """How dot products ``q.k`` become the log2-domain scores of the online softmax: times
+    ``scale``, then with ``soft_cap`` ``soft_cap * tanh(x / soft_cap)`` (Gemma 2), times log2(e)."""
+    scale: float
+    soft_cap: float | None = None
+
+    def log2(self, dots):
+        if self.soft_cap is None:
+            return dots * (self.scale * LOG2E)
+        return jnp.tanh(dots * (self.scale / self.soft_cap)) * (self.soft_cap * LOG2E)
+
+
+def window_of(window_ref):
+    """Inside a kernel: the sliding window of an int32 ``[1]`` input, or None without one."""
+    return None if window_ref is None else window_ref[0]
+
+
+def window_start(window, q_pos):
+    """The first key position a query at ``q_pos`` (scalar or array) sees: 0, or with a window
+    (int32 scalar, <= 0: none) ``q_pos - window + 1`` if that is positive."""
+    if window is None:
+        return 0
+    return jnp.where(window > 0, jnp.maximum(q_pos - window + 1, 0), 0)
+
+
+def in_span(pos, begin, end):
+    """``begin <= pos < end`` (``begin`` the int 0 costs nothing)."""
+    inside = pos < end
+    return inside if isinstance(begin, int) and begin == 0 else inside & (pos >= begin)
 
 
 def pool_rows(k_pages, v_pages, layer):
@@ -86,15 +140,17 @@ def init_state(rows: int, head_dim: int):
             jnp.zeros((rows,), jnp.float32))
 
 
-def softmax_step(state, q, k, v, mask, scale_log2: float):
-    """Fold one tile into the state. Every row must see at least one unmasked position in its
-    first tile (else its max stays -inf and the next step makes NaN)."""
+def softmax_step(state, q, k, v, mask, logits: Logits):
+    """Fold one tile into the state. A row may see no position of the tile (a window's edge):
+    while its max is still -inf, its exponentials are taken from 0 instead, so they are 0, not
+    NaN."""
     acc, m, l = state
-    scores = plgpu.dot(q, k, trans_b=True, precision=EXACT) * scale_log2     # f32 [rows, tile]
+    scores = logits.log2(plgpu.dot(q, k, trans_b=True, precision=EXACT))      # f32 [rows, tile]
     scores = jnp.where(mask, scores, -jnp.inf)
     m_new = jnp.maximum(m, scores.max(axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(scores - m_new[:, None])
+    m_from = jnp.where(m_new > -jnp.inf, m_new, 0.0)
+    alpha = jnp.exp2(m - m_from)
+    p = jnp.exp2(scores - m_from[:, None])
     l_new = l * alpha + p.sum(axis=1)
     acc_new = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=EXACT)
     return acc_new, m_new, l_new
@@ -112,30 +168,34 @@ def group_heads(h, group: int, group_pad: int):
     return (h * group + lane)[:, None], (lane < group)[:, None]
 
 
-def split_tiles(s, positions, tile: int, num_splits: int):
-    """``(first, last)``: split ``s``'s share of the ``cdiv(positions, tile)`` tiles of a row, the
-    tiles dealt out evenly in order; trailing splits of a short row get none (``first >= last``)."""
-    n_tiles = pl.cdiv(positions, tile)
+def split_tiles(s, span, tile: int, num_splits: int):
+    """``(first, last)``: split ``s``'s share of the tiles that hold a row's positions
+    ``span = (begin, end)``, dealt out evenly in order; trailing splits of a short row get none
+    (``first >= last``)."""
+    begin, end = span
+    first_tile = lax.div(begin, tile) if not isinstance(begin, int) else begin // tile
+    n_tiles = jnp.maximum(pl.cdiv(end, tile) - first_tile, 0)
     per_split = pl.cdiv(n_tiles, num_splits)
-    first = s * per_split
-    return first, jnp.minimum(first + per_split, n_tiles)
+    first = first_tile + s * per_split
+    return first, jnp.minimum(first + per_split, first_tile + n_tiles)
 
 
-def attend_pages(state, q, tables_ref, k_ref, v_ref, b, pool_head, tiles, end, block_size, tile,
-                 scale_log2, page_tiles=False):
-    """Fold tiles ``tiles = (first, last)`` of row ``b``'s cached positions below ``end`` (pool row
-    ``pool_head``) into the online-softmax state of the queries ``q``. ``page_tiles``: address
-    each tile by its one page (``load_kv_tile``'s ``start``) where every tile lies inside a page
-    (``block_size`` a multiple of ``tile``); else, or when off, per position."""
+def attend_pages(state, q, tables_ref, k_ref, v_ref, b, pool_head, span, tiles, block_size, tile,
+                 logits: Logits, page_tiles=False):
+    """Fold tiles ``tiles = (first, last)`` of row ``b``'s cached positions ``span = (begin, end)``
+    (``begin <= pos < end``; pool row ``pool_head``) into the online-softmax state of the queries
+    ``q``. ``page_tiles``: address each tile by its one page (``load_kv_tile``'s ``start``) where
+    every tile lies inside a page (``block_size`` a multiple of ``tile``); else, or when off, per
+    position."""
     one_page = page_tiles and block_size % tile == 0
 
     def body(t, state):
         start = t * tile
         pos = start + jnp.arange(tile)
-        valid = pos < end
+        valid = in_span(pos, *span)
         k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size,
                             start if one_page else None)
-        return softmax_step(state, q, k, v, valid[None, :], scale_log2)
+        return softmax_step(state, q, k, v, valid[None, :], logits)
 
     return lax.fori_loop(*tiles, body, state)
 

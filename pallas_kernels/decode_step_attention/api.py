@@ -5,14 +5,14 @@ from __future__ import annotations
 import jax
 
 from .._checks import (check_fused_qkv, check_int32, check_pages, check_paged_attention_inputs,
-                       check_rope_tables, stacked)
-from .._dispatch import choose_impl
+                       check_rope_tables, check_window_and_cap, choose_kernel, stacked)
 from .reference import decode_step_attention_reference
 
 
 def decode_step_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
                           v_pages: jax.Array, layer: jax.Array | int | None, slots: jax.Array,
                           block_tables: jax.Array, context_lens: jax.Array, scale: float, *,
+                          sliding_window: int | jax.Array | None = None, logits_soft_cap: float | None = None,
                           impl: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One decode token per row: rope on its q and k, its K/V written at its slot, its q heads
     attending over the row's cache, itself included.
@@ -24,7 +24,9 @@ def decode_step_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_page
     ``[B]``; block_tables int32 ``[B, M]``; context_lens int32 ``[B]`` (this token included).
     Returns ``(out [B, heads, head_dim], k_pages, v_pages)``, the pools shaped as given. Rows with
     context_len 0 are padding: zeros out, their K/V written at their slot (block 0, which no
-    sequence reads). ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a
+    sequence reads). ``scale``, ``sliding_window`` and ``logits_soft_cap`` as
+    ``paged_attention.api.paged_decode_attention`` (the token sits at position context_len - 1).
+    ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a
     GPU, which updates the pools in place when the caller's pools are dead afterwards).
     """
     kv_heads, _, _, head_dim = check_pages(k_pages, v_pages)
@@ -34,16 +36,17 @@ def decode_step_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_page
                                  block_tables, context_lens, '[B, heads, head_dim]')
     check_rope_tables(cos, sin, batch, head_dim)
     check_int32('slots', slots, (batch,))
+    window, soft_cap = check_window_and_cap(sliding_window, logits_soft_cap)
     single_layer = k_pages.ndim == 4
     k_pages, v_pages, layer = stacked(k_pages, v_pages, layer)
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
-    chosen = choose_impl(impl, pallas_gpu.supports(qkv, k_pages))
+    chosen = choose_kernel(impl, pallas_gpu.unsupported(qkv, k_pages))
     if chosen != 'reference':
         out, k_pages, v_pages = pallas_gpu.decode_step_attention_pallas(
-            qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens, float(scale),
-            interpret=chosen == 'pallas_interpret')
+            qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens, float(scale), window,
+            soft_cap, interpret=chosen == 'pallas_interpret')
     else:
         out, k_pages, v_pages = decode_step_attention_reference(
-            qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens, scale)
+            qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens, scale, window, soft_cap)
     return (out, k_pages[0], v_pages[0]) if single_layer else (out, k_pages, v_pages)

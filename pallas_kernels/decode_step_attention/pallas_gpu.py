@@ -13,7 +13,8 @@ head) loads its k (rotated) and v, stores them at the row's slot (the pools are 
 outputs, updated in place as the KV write kernel does), and starts its online softmax from the
 token's own score. Every split reads only positions ``< context_len - 1``, so no program reads the
 slot being written and no ordering between programs is needed. Padding rows (context_len 0) still
-write at their slot (block 0, which no sequence reads) and attend to nothing (zeros).
+write at their slot (block 0, which no sequence reads) and attend to nothing (zeros). A sliding
+window starts the cached positions read at the window's first (the new token is always inside).
 """
 from __future__ import annotations
 
@@ -24,36 +25,39 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import (LOG2E, attend_pages, group_heads, init_state, layer_head, load_rotated,
-                             pool_rows, split_tiles, store_split, triton_supports)
-from ..paged_attention.pallas_gpu import DecodeConfig, finish_splits, group_pad, plan_splits, split_out_shapes
+from .._pallas_tiles import (Logits, attend_pages, attention_unsupported, group_heads, init_state, layer_head,
+                             load_rotated, pool_rows, split_tiles, store_split, window_of, window_start)
+from ..paged_attention.pallas_gpu import (DecodeConfig, finish_splits, group_pad, plan_splits, split_out_shapes,
+                                          split_refs, window_input)
 
 
-def supports(qkv, k_pages) -> bool:
-    """Shapes and dtypes this kernel handles (Triton needs power-of-two tile extents)."""
-    return triton_supports(qkv.dtype, k_pages.shape[-1])
+def unsupported(qkv, k_pages) -> str | None:
+    """Why this kernel cannot take these inputs, or None (``attention_unsupported``)."""
+    return attention_unsupported(qkv.dtype, k_pages.shape[-1])
 
 
-def _new_token_state(q, k_new, v_new, present, scale_log2: float):
+def _new_token_state(q, k_new, v_new, present, logits: Logits):
     """The online-softmax state of the new token alone (max = its score, sum = 1, acc = its v),
     or the empty state where it is not ``present``. ``q [rows, d]``, ``k_new``/``v_new [1, d]``."""
-    score = (q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1) * scale_log2
+    score = logits.log2((q.astype(jnp.float32) * k_new.astype(jnp.float32)).sum(axis=1))
     empty_acc, empty_m, empty_l = init_state(*q.shape)
     acc = jnp.where(present, jnp.broadcast_to(v_new.astype(jnp.float32), empty_acc.shape), empty_acc)
     return acc, jnp.where(present, score, empty_m), jnp.where(present, 1.0, empty_l)
 
 
 def _step_kernel(layer_ref, lens_ref, tables_ref, slots_ref, cos_ref, sin_ref, qkv_ref, k_in, v_in,
-                 k_ref, v_ref, *out_refs, kv_heads, group, group_pad, block_size, tile, num_splits,
-                 scale_log2, page_tiles):
+                 *refs, windowed, kv_heads, group, group_pad, block_size, tile, num_splits, logits, page_tiles):
     """One (row b, kv head h, split s) of layer ``layer_ref[0]``. ``qkv_ref`` is ``[B, heads +
     2 * kv_heads, head_dim]``. The pools are read through ``k_in``/``v_in`` and written through
-    ``k_ref``/``v_ref``: the same buffers, and no position read is written."""
+    ``k_ref``/``v_ref`` (the first two outputs): the same buffers, and no position read is
+    written."""
+    window_ref, (k_ref, v_ref, *out_refs) = split_refs(refs, windowed)
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_heads = kv_heads * group
     pool_head = layer_head(layer_ref, kv_heads, h)
     length = jnp.minimum(lens_ref[b], tables_ref.shape[1] * block_size)
     cached = jnp.maximum(length - 1, 0)                     # positions before the new token
+    span = (window_start(window_of(window_ref), length - 1), cached)
     cols = jnp.arange(qkv_ref.shape[-1])[None, :]
     cos = plgpu.load(cos_ref.at[b, cols]).astype(qkv_ref.dtype)
     sin = plgpu.load(sin_ref.at[b, cols]).astype(qkv_ref.dtype)
@@ -67,26 +71,29 @@ def _step_kernel(layer_ref, lens_ref, tables_ref, slots_ref, cos_ref, sin_ref, q
     plgpu.store(k_ref.at[pool_head, slot, cols], k_new, mask=owner)
     plgpu.store(v_ref.at[pool_head, slot, cols], v_new, mask=owner)
 
-    state = _new_token_state(q, k_new, v_new, (s == 0) & (length > 0), scale_log2)
-    state = attend_pages(state, q, tables_ref, k_in, v_in, b, pool_head, split_tiles(s, cached, tile, num_splits),
-                         cached, block_size, tile, scale_log2, page_tiles)
+    state = _new_token_state(q, k_new, v_new, (s == 0) & (length > 0), logits)
+    state = attend_pages(state, q, tables_ref, k_in, v_in, b, pool_head, span, split_tiles(s, span, tile, num_splits),
+                         block_size, tile, logits, page_tiles)
     store_split(out_refs, state, b, s, heads, cols, head_ok)
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
+@functools.partial(jax.jit, static_argnames=('scale', 'soft_cap', 'config', 'interpret'))
 def decode_step_attention_pallas(qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens,
-                                 scale: float, config: DecodeConfig = DecodeConfig(), interpret: bool = False):
+                                 scale: float, window=None, soft_cap: float | None = None,
+                                 config: DecodeConfig = DecodeConfig(), interpret: bool = False):
     """Same contract as ``api.decode_step_attention`` (inputs already validated there; pools
-    layer-stacked); returns ``(out, k_pages, v_pages)``."""
+    layer-stacked; ``window`` an int32 scalar or None, ``soft_cap`` a float or None); returns
+    ``(out, k_pages, v_pages)``."""
     batch, width = qkv.shape
     _, kv_heads, _, block_size, head_dim = k_pages.shape
     num_heads = width // head_dim - 2 * kv_heads
     group = num_heads // kv_heads
-    tile, num_splits = plan_splits(batch, kv_heads, block_tables, block_size, qkv.dtype, config)
+    tile, num_splits = plan_splits(batch, kv_heads, block_tables, block_size, qkv.dtype, head_dim, config)
     k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
-        _step_kernel, kv_heads=kv_heads, group=group, group_pad=group_pad(group), block_size=block_size,
-        tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E, page_tiles=config.page_tiles)
+        _step_kernel, windowed=window is not None, kv_heads=kv_heads, group=group, group_pad=group_pad(group),
+        block_size=block_size, tile=tile, num_splits=num_splits, logits=Logits(scale, soft_cap),
+        page_tiles=config.page_tiles)
     k_rows, v_rows, *outs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
@@ -97,6 +104,7 @@ def decode_step_attention_pallas(qkv, cos, sin, k_pages, v_pages, layer, slots, 
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name='decode_step_attention',
-    )(layer, context_lens, block_tables, slots, cos, sin, qkv.reshape(batch, -1, head_dim), k_rows, v_rows)
+    )(layer, context_lens, block_tables, slots, cos, sin, qkv.reshape(batch, -1, head_dim), k_rows, v_rows,
+      *window_input(window))
     out = finish_splits(outs, qkv.dtype, interpret)
     return out, k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape)

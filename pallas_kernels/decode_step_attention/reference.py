@@ -20,10 +20,12 @@ def split_qkv(qkv: jax.Array, kv_heads: int, head_dim: int) -> tuple[jax.Array, 
 
 
 def decode_step_attention_reference(qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens,
-                                    scale):
-    """Layer ``layer`` of the stacked pools; returns ``(out, k_pages, v_pages)``."""
+                                    scale, window=None, soft_cap=None):
+    """Layer ``layer`` of the stacked pools; returns ``(out, k_pages, v_pages)``. ``window`` and
+    ``soft_cap`` as ``paged_decode_attention_reference``."""
     q, k, v = split_qkv(qkv, k_pages.shape[1], k_pages.shape[-1])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k_pages, v_pages = write_kv_reference(k_pages, v_pages, k, v, slots, layer)
-    out = paged_decode_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens, scale)
+    out = paged_decode_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens, scale,
+                                           window, soft_cap)
     return out, k_pages, v_pages

@@ -1,5 +1,6 @@
 """Paged decode attention as a Pallas kernel on the Mosaic GPU backend (Hopper TMA + wgmma), a
-benchmark alternative to ``pallas_gpu`` (same contract as ``paged_decode_attention_pallas``).
+benchmark alternative to ``pallas_gpu`` (same contract as ``paged_decode_attention_pallas``, without
+its sliding window and soft cap).
 
 Design: one warpgroup per (row, kv_head, split). It copies its query group into shared memory
 once, then walks the row's pages with a ring of ``stages`` shared-memory slots: each step's pages

@@ -15,7 +15,10 @@ Flash-decoding: when ``batch * kv_heads`` programs would leave SMs idle (small b
 tiles are divided among ``num_splits`` programs; each writes an unnormalised partial output with
 its running max and sum, and a second small Pallas kernel (``combine_splits``, one launch)
 combines them. With one split the kernel writes the normalised output itself and no second pass
-runs. The decode-step op (``decode_step_attention``) launches the same way, through the pieces
+runs.
+
+A sliding window starts the row's tiles at the window's first position, so a long context costs
+only its window's bytes; the splits share the window's tiles. The decode-step op (``decode_step_attention``) launches the same way, through the pieces
 here.
 """
 from __future__ import annotations
@@ -28,8 +31,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import (LOG2E, MIN_DOT, attend_pages, group_heads, init_state, layer_head, next_pow2,
-                             pool_rows, split_tiles, store_split, tile_for, triton_supports)
+from .._pallas_tiles import (MIN_DOT, Logits, attend_pages, attention_unsupported, group_heads, init_state,
+                             layer_head, next_pow2, pool_rows, split_tiles, store_split, tile_for, window_of,
+                             window_start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +62,9 @@ class DecodeConfig:
     page_tiles: bool = False
 
 
-def supports(q, k_pages) -> bool:
-    """Shapes and dtypes this kernel handles (Triton needs power-of-two tile extents)."""
-    return triton_supports(q.dtype, k_pages.shape[-1])
+def unsupported(q, k_pages) -> str | None:
+    """Why this kernel cannot take these inputs, or None (``attention_unsupported``)."""
+    return attention_unsupported(q.dtype, k_pages.shape[-1])
 
 
 def _sm_count() -> int:
@@ -76,11 +80,11 @@ def choose_num_splits(batch: int, kv_heads: int, max_tiles: int, config: DecodeC
     return max(1, min(max_tiles, -(-target // (batch * kv_heads))))
 
 
-def plan_splits(batch: int, kv_heads: int, block_tables, block_size: int, dtype,
+def plan_splits(batch: int, kv_heads: int, block_tables, block_size: int, dtype, head_dim: int,
                 config: DecodeConfig) -> tuple[int, int]:
-    """``(tile, num_splits)`` of a decode launch: KV positions per tile for ``dtype``, and the
-    programs per (row, kv_head)."""
-    tile = tile_for(config.tile_tokens, dtype)
+    """``(tile, num_splits)`` of a decode launch: KV positions per tile for ``dtype`` and
+    ``head_dim``, and the programs per (row, kv_head)."""
+    tile = tile_for(config.tile_tokens, dtype, head_dim)
     max_tiles = pl.cdiv(block_tables.shape[1] * block_size, tile)
     return tile, choose_num_splits(batch, kv_heads, max_tiles, config)
 
@@ -100,18 +104,30 @@ def split_out_shapes(batch: int, num_splits: int, num_heads: int, head_dim: int,
             jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32)]
 
 
-def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *out_refs, kv_heads, group,
-                   group_pad, block_size, tile, num_splits, scale_log2, page_tiles):
-    """One (row b, kv head h, split s) of layer ``layer_ref[0]``: the split's share of the row's
-    tiles."""
+def window_input(window):
+    """The kernels' optional last input: the window as int32 ``[1]`` (a free reshape), or none."""
+    return [] if window is None else [window.reshape(1)]
+
+
+def split_refs(refs, windowed: bool):
+    """A kernel's trailing refs as ``(window_ref or None, out_refs)`` (``window_input`` last)."""
+    return (refs[0], refs[1:]) if windowed else (None, refs)
+
+
+def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *refs, windowed, kv_heads, group,
+                   group_pad, block_size, tile, num_splits, logits, page_tiles):
+    """One (row b, kv head h, split s) of layer ``layer_ref[0]``: the split's share of the tiles
+    of the row's positions in its query's window."""
+    window_ref, out_refs = split_refs(refs, windowed)
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = jnp.minimum(lens_ref[b], tables_ref.shape[1] * block_size)
+    span = (window_start(window_of(window_ref), length - 1), length)
     heads, head_ok = group_heads(h, group, group_pad)
     cols = jnp.arange(q_ref.shape[-1])[None, :]
     q = plgpu.load(q_ref.at[b, heads, cols], mask=head_ok, other=0)
     state = attend_pages(init_state(group_pad, q.shape[-1]), q, tables_ref, k_ref, v_ref, b,
-                         layer_head(layer_ref, kv_heads, h), split_tiles(s, length, tile, num_splits),
-                         length, block_size, tile, scale_log2, page_tiles)
+                         layer_head(layer_ref, kv_heads, h), span, split_tiles(s, span, tile, num_splits),
+                         block_size, tile, logits, page_tiles)
     store_split(out_refs, state, b, s, heads, cols, head_ok)
 
 
@@ -152,19 +168,20 @@ def finish_splits(outs, dtype, interpret: bool):
     return outs[0] if len(outs) == 1 else combine_splits(*outs, dtype, interpret)
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
+@functools.partial(jax.jit, static_argnames=('scale', 'soft_cap', 'config', 'interpret'))
 def paged_decode_attention_pallas(q, k_pages, v_pages, layer, block_tables, context_lens, scale: float,
+                                  window=None, soft_cap: float | None = None,
                                   config: DecodeConfig = DecodeConfig(), interpret: bool = False):
     """Same contract as ``api.paged_decode_attention`` (inputs already validated there; pools
-    layer-stacked)."""
+    layer-stacked; ``window`` an int32 scalar or None, ``soft_cap`` a float or None)."""
     batch, num_heads, head_dim = q.shape
     layers, kv_heads, num_blocks, block_size, _ = k_pages.shape
     group = num_heads // kv_heads
-    tile, num_splits = plan_splits(batch, kv_heads, block_tables, block_size, q.dtype, config)
+    tile, num_splits = plan_splits(batch, kv_heads, block_tables, block_size, q.dtype, head_dim, config)
     k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(
-        _decode_kernel, kv_heads=kv_heads, group=group, group_pad=group_pad(group),
-        block_size=block_size, tile=tile, num_splits=num_splits, scale_log2=scale * LOG2E,
+        _decode_kernel, windowed=window is not None, kv_heads=kv_heads, group=group, group_pad=group_pad(group),
+        block_size=block_size, tile=tile, num_splits=num_splits, logits=Logits(scale, soft_cap),
         page_tiles=config.page_tiles)
     outs = pl.pallas_call(
         kernel,
@@ -174,5 +191,5 @@ def paged_decode_attention_pallas(q, k_pages, v_pages, layer, block_tables, cont
                                              num_stages=config.num_stages),
         interpret=interpret,
         name='paged_decode_attention',
-    )(layer, context_lens, block_tables, q, k_rows, v_rows)
+    )(layer, context_lens, block_tables, q, k_rows, v_rows, *window_input(window))
     return finish_splits(outs, q.dtype, interpret)

@@ -1,5 +1,6 @@
 """Paged decode attention as a hand-written Triton kernel launched through ``jax_triton``: a
-benchmark alternative to ``pallas_gpu`` (same contract as ``paged_decode_attention_pallas``).
+benchmark alternative to ``pallas_gpu`` (same contract as ``paged_decode_attention_pallas``, without
+its sliding window and soft cap).
 
 Same algorithm as the Pallas kernel (one program per (row, kv_head, split); the query group padded
 to a 16-row ``tl.dot``; an online softmax in the log2 domain over tiles of positions; flash-decoding
@@ -117,7 +118,7 @@ def kernel_constants(q, k_pages, block_tables, scale: float, config: TritonConfi
     """The kernel's constexpr arguments for these inputs (``NUM_SPLITS`` included)."""
     batch, num_heads, head_dim = q.shape
     _, kv_heads, num_blocks, block_size, _ = k_pages.shape
-    tile = tile_for(config.tile_tokens, q.dtype)
+    tile = tile_for(config.tile_tokens, q.dtype, head_dim)
     max_pages = block_tables.shape[1]
     return dict(KV_HEADS=kv_heads, GROUP=num_heads // kv_heads, GROUP_PAD=group_pad(num_heads // kv_heads),
                 HEAD_DIM=head_dim, BLOCK_SIZE=block_size, MAX_PAGES=max_pages,

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .._dense import gather_pages, masked_attention
+from .._dense import causal_window_mask, gather_pages, masked_attention
 
 
 def paged_prefill_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens, query_lens,
-                                      scale):
+                                      scale, window=None, soft_cap=None):
     """Layer ``layer`` of the stacked pools. Query token ``i < query_lens[b]`` of row ``b`` sits at position
-    ``context_lens[b] - query_lens[b] + i`` and attends to every cached position up to its own."""
+    ``p = context_lens[b] - query_lens[b] + i`` and attends to every cached position up to its own,
+    only ``p - window < k`` of them with a ``window`` (int32 scalar, <= 0: none); ``soft_cap`` as
+    ``_dense.masked_attention``."""
     k = gather_pages(k_pages, block_tables, layer)
     v = gather_pages(v_pages, block_tables, layer)
     tokens = jnp.arange(q.shape[1])
     q_pos = (context_lens - query_lens)[:, None] + tokens[None, :]                   # [B, T]
-    causal = jnp.arange(k.shape[2])[None, None, :] <= q_pos[:, :, None]            # [B, T, S]
     valid = (tokens[None, :] < query_lens[:, None])[:, :, None]                   # [B, T, 1]
-    return masked_attention(q, k, v, causal & valid, scale)
+    return masked_attention(q, k, v, causal_window_mask(q_pos, k.shape[2], window) & valid, scale, soft_cap)
