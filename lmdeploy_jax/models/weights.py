@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from ..checkpoint.errors import CheckpointError
 from ..parallel import HeadSplit, param_spec
 from .safetensors_file import SafetensorsCheckpoint
 from .spec import ModelSpec
@@ -92,6 +93,38 @@ def _read_fused(ckpt: SafetensorsCheckpoint, prefix: str, segments, leaf: str, i
             pieces.append(view[(slice(start + a - offset, start + b - offset), *rest)])
         offset += n
     return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def expected_shapes(ckpt: SafetensorsCheckpoint, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor ``load_params`` reads, by name, as ``spec`` implies. A module's
+    bias is expected in every layer when layer 0 has it (one fused part's bias: every part's)."""
+    d, hidden, inter = spec.head_dim, spec.hidden_size, spec.intermediate_size
+    rows = {'self_attn.q_proj': spec.num_heads * d, 'self_attn.k_proj': spec.num_kv_heads * d,
+            'self_attn.v_proj': spec.num_kv_heads * d, 'mlp.gate_proj': inter, 'mlp.up_proj': inter}
+    cols = {'self_attn.o_proj': spec.num_heads * d, 'mlp.down_proj': inter}
+    layer = {f'{m}.weight': (n, hidden) for m, n in rows.items()}
+    layer.update({f'{m}.weight': (hidden, n) for m, n in cols.items()})
+    layer.update({f'{m}.weight': (hidden,) for m in NORMS.values()})
+    for parts in FUSED.values():
+        if f'model.layers.0.{parts[0]}.bias' in ckpt:
+            layer.update({f'{m}.bias': (rows[m],) for m in parts})
+    layer.update({f'{m}.bias': (hidden,) for m in PLAIN.values() if f'model.layers.0.{m}.bias' in ckpt})
+    shapes = {f'model.layers.{i}.{name}': shape for i in range(spec.num_layers) for name, shape in layer.items()}
+    shapes.update({'model.embed_tokens.weight': (spec.vocab_size, hidden), 'model.norm.weight': (hidden,)})
+    if not spec.tie_word_embeddings:
+        shapes['lm_head.weight'] = (spec.vocab_size, hidden)
+    return shapes
+
+
+def check_tensors(ckpt: SafetensorsCheckpoint, spec: ModelSpec, config_path: str) -> None:
+    """CheckpointError naming the weights file when a tensor the config (``config_path``) implies
+    is missing or has another shape."""
+    for name, shape in expected_shapes(ckpt, spec).items():
+        if name not in ckpt:
+            raise CheckpointError(ckpt.location, f'tensor {name!r} is missing (expected from {config_path})')
+        if ckpt.shape(name) != shape:
+            raise CheckpointError(ckpt.file_of(name), f'tensor {name!r} has shape {ckpt.shape(name)}, but '
+                                                      f'{config_path} implies {shape}')
 
 
 @functools.partial(jax.jit, donate_argnums=0)
