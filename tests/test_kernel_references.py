@@ -1,6 +1,8 @@
 """The ops' XLA references (through their ``api.py``) against a dense float64 numpy computation:
 each sequence's KV contiguous, a plain masked softmax per query. Random inputs, random
-non-contiguous block tables, ragged lengths, several block sizes and GQA ratios. The decode step's
+non-contiguous block tables, ragged lengths, several block sizes and GQA ratios; sliding windows
+(Hugging Face's mask, written out) shorter than a page, longer than a page, of one position, and
+soft-capped scores (Gemma 2's formula), on contexts longer than the window. The decode step's
 reference must also be, bit for bit, the path the model took before it (rope, KV write, decode
 attention, each op's own reference). RMSNorm's reference against the float64 formula, rounded where
 Hugging Face's rounds."""
@@ -53,12 +55,18 @@ class PagedSequences:
         return tuple(map(jnp.asarray, (self.k_pages, self.v_pages, self.block_tables, self.context_lens)))
 
 
-def dense_attention(q, k, v):
-    """q ``[heads, d]`` over k, v ``[n, kv_heads, d]`` (n >= 1) in float64 -> ``[heads, d]``."""
+def dense_attention(q, k, v, mask=None, soft_cap=None):
+    """q ``[heads, d]`` over the keys of k, v ``[n, kv_heads, d]`` where ``mask`` bool ``[n]``
+    (default: all; at least one) in float64 -> ``[heads, d]``. With ``soft_cap``, Gemma 2's
+    eager attention: scores ``q.k * scale``, divided by the cap, tanh, times the cap, then masked."""
     group = q.shape[0] // k.shape[1]
+    mask = np.ones(len(k), bool) if mask is None else mask
     out = np.zeros(q.shape)
     for h in range(q.shape[0]):
         s = (k[:, h // group].astype(np.float64) @ q[h].astype(np.float64)) * SCALE
+        if soft_cap is not None:
+            s = np.tanh(s / soft_cap) * soft_cap
+        s = np.where(mask, s, -np.inf)
         p = np.exp(s - s.max())
         out[h] = (p / p.sum()) @ v[:, h // group]
     return out
@@ -66,6 +74,20 @@ def dense_attention(q, k, v):
 
 def assert_close(ours, expected):
     np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=2e-5)
+
+
+def hf_mask(num_keys, q_idx, sliding_window):
+    """Hugging Face's mask of a query at ``q_idx`` over keys ``0 .. num_keys - 1``: causal
+    (``kv_idx <= q_idx``), and with a window ``kv_idx > q_idx - sliding_window``
+    (``masking_utils.sliding_window_causal_mask_function``)."""
+    kv_idx = np.arange(num_keys)
+    causal = kv_idx <= q_idx
+    return causal if sliding_window is None else causal & (kv_idx > q_idx - sliding_window)
+
+
+# (block_size, group, sliding_window, logits_soft_cap): a window shorter than a page, one longer than
+# a page, a window of one position (only the query's own), and one longer than most contexts.
+WINDOW_CASES = [(16, 1, 7, None), (32, 4, 37, 1.5), (16, 3, 1, 0.7), (64, 2, 100, None)]
 
 
 @pytest.mark.parametrize('block_size', [16, 32, 64])
@@ -178,14 +200,14 @@ def rope_numpy(x, angles):
     return x * np.cos(angles) + rotated * np.sin(angles)
 
 
-@pytest.mark.parametrize('group', [1, 4, 8])
-def test_decode_step_matches_dense(group):
+@pytest.mark.parametrize('group,window,soft_cap', [(1, None, None), (4, 9, 2.0), (8, 1, None), (3, 30, 0.5)])
+def test_decode_step_matches_dense(rng, group, window, soft_cap):
     """The new token's K/V land at its slot of layer 1 only, and its q attends over the cached
-    positions and itself."""
-    rng = np.random.default_rng(group)
+    positions and itself (those in its window, scores soft-capped)."""
     lens = [1, 21, 0, 50]
     step = DecodeStep(rng, lens, 16, group)
-    out, k_out, v_out = map(np.asarray, jax.jit(decode_step_attention, static_argnums=9)(*step.args()))
+    op = functools.partial(decode_step_attention, sliding_window=window, logits_soft_cap=soft_cap)
+    out, k_out, v_out = map(np.asarray, jax.jit(op, static_argnums=9)(*step.args()))
     parts = step.qkv.reshape(len(lens), -1, HEAD_DIM).astype(np.float64)
     q, k_new = parts[:, :step.heads], parts[:, step.heads:step.heads + KV_HEADS]
     v_new = parts[:, step.heads + KV_HEADS:]
@@ -193,7 +215,8 @@ def test_decode_step_matches_dense(group):
         angles = np.concatenate([step.inv_freq, step.inv_freq]) * max(n - 1, 0)
         k = np.concatenate([step.seqs.k[b][:n - 1], rope_numpy(k_new[b], angles)[None]]) if n else None
         v = np.concatenate([step.seqs.v[b][:n - 1], v_new[b][None]]) if n else None
-        expected = dense_attention(rope_numpy(q[b], angles), k, v) if n else np.zeros(q[b].shape)
+        expected = (dense_attention(rope_numpy(q[b], angles), k, v, hf_mask(n, n - 1, window), soft_cap) if n
+                    else np.zeros(q[b].shape))
         assert_close(out[b], expected)
         block, offset = divmod(int(step.slots[b]), 16)
         assert_close(k_out[1, :, block, offset], rope_numpy(k_new[b], angles))
@@ -261,3 +284,81 @@ def test_api_rejects_mismatched_inputs():
         rms_norm(x, jnp.ones((96,), jnp.bfloat16), 1e-5, jnp.int32(1))
     with pytest.raises(ValueError, match='x must be a float array'):
         rms_norm(x.astype(jnp.int32), jnp.ones((96,), jnp.bfloat16), 1e-5)
+
+
+def decode_expected(q, seqs, window, soft_cap):
+    """Each row's query, at position context_len - 1, over its keys: the dense oracle."""
+    return [dense_attention(q[b], seqs.k[b], seqs.v[b], hf_mask(n, n - 1, window), soft_cap) if n
+            else np.zeros(q[b].shape) for b, n in enumerate(seqs.context_lens)]
+
+
+@pytest.mark.parametrize('block_size,group,window,soft_cap', WINDOW_CASES)
+def test_windowed_soft_capped_decode_matches_dense(rng, block_size, group, window, soft_cap):
+    """Contexts of one position, past a page, empty, over several pages (longer than the window),
+    and one longer than the window by one."""
+    seqs = PagedSequences(rng, [1, block_size + 3, 0, 3 * block_size - 1, window + 1], block_size)
+    q = rng.standard_normal((5, KV_HEADS * group, HEAD_DIM)).astype(np.float32)
+    op = functools.partial(paged_decode_attention, scale=SCALE, sliding_window=window, logits_soft_cap=soft_cap)
+    out = np.asarray(jax.jit(op)(jnp.asarray(q), *seqs.args()))
+    for ours, expected in zip(out, decode_expected(q, seqs, window, soft_cap)):
+        assert_close(ours, expected)
+
+
+def prefill_expected(q, seqs, query_lens, window, soft_cap):
+    """Token ``i`` of row ``b``, at position context_len - query_len + i, over the row's keys."""
+    out = np.zeros(q.shape)
+    for b, (n, m) in enumerate(zip(seqs.context_lens, query_lens)):
+        for i in range(m):
+            out[b, i] = dense_attention(q[b, i], seqs.k[b], seqs.v[b], hf_mask(n, n - m + i, window), soft_cap)
+    return out
+
+
+@pytest.mark.parametrize('block_size,group,window,soft_cap', WINDOW_CASES)
+def test_windowed_soft_capped_prefill_matches_dense(rng, block_size, group, window, soft_cap):
+    """A chunk after a cached prefix longer than the window, a whole prompt, an empty row, a long
+    chunk whose first tokens' windows reach back into the prefix."""
+    context_lens = [2 * block_size + 5, 9, 0, 3 * block_size + 1]
+    query_lens = [9, 9, 0, 2 * block_size - 2]
+    seqs = PagedSequences(rng, context_lens, block_size)
+    q = rng.standard_normal((4, max(query_lens), KV_HEADS * group, HEAD_DIM)).astype(np.float32)
+    op = functools.partial(paged_prefill_attention, scale=SCALE, sliding_window=window, logits_soft_cap=soft_cap)
+    k_pages, v_pages, tables, ctx = seqs.args()
+    out = np.asarray(jax.jit(op)(jnp.asarray(q), k_pages, v_pages, tables, ctx, jnp.asarray(query_lens, jnp.int32)))
+    assert_close(out, prefill_expected(q, seqs, query_lens, window, soft_cap))
+
+
+def test_traced_window_is_a_per_layer_value(rng):
+    """Inside the models' scan over layers a layer's window is a traced int32 scalar, 0 for the
+    global layers: one compiled function gives each layer's mask."""
+    seqs = PagedSequences(rng, [40, 3, 0, 17], 16)
+    q = rng.standard_normal((4, 8, KV_HEADS * 2, HEAD_DIM)).astype(np.float32)
+    query_lens = [8, 3, 0, 5]
+    prefill = jax.jit(lambda q, k, v, t, c, n, w: paged_prefill_attention(q, k, v, t, c, n, SCALE, sliding_window=w))
+    decode = jax.jit(lambda q, k, v, t, c, w: paged_decode_attention(q, k, v, t, c, SCALE, sliding_window=w))
+    for window in (5, 0):
+        w = jnp.int32(window)
+        out = prefill(jnp.asarray(q), *seqs.args(), jnp.asarray(query_lens, jnp.int32), w)
+        assert_close(np.asarray(out), prefill_expected(q, seqs, query_lens, window or None, None))
+        out = decode(jnp.asarray(q[:, 0]), *seqs.args(), w)
+        for ours, expected in zip(np.asarray(out), decode_expected(q[:, 0], seqs, window or None, None)):
+            assert_close(ours, expected)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(sliding_window=-1), 'sliding_window must be None, 0'),
+    (dict(sliding_window=True), 'sliding_window must be an int'),
+    (dict(sliding_window=4.0), 'sliding_window must be an int'),
+    (dict(sliding_window=jnp.ones((2,), jnp.int32)), 'sliding_window must be an int'),
+    (dict(logits_soft_cap=0.0), 'logits_soft_cap must be None or a positive float'),
+    (dict(logits_soft_cap='50'), 'logits_soft_cap must be None or a positive float')])
+def test_attention_ops_refuse_bad_window_or_cap(kwargs, message):
+    pages = jnp.ones((2, 4, 16, 32), jnp.float32)
+    tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
+    q = jnp.ones((3, 4, 32), jnp.float32)
+    qkv, rope_table = jnp.ones((3, 8 * 32), jnp.float32), jnp.ones((3, 32), jnp.float32)
+    with pytest.raises(ValueError, match=message):
+        paged_decode_attention(q, pages, pages, tables, lens, 1.0, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        paged_prefill_attention(q[:, None], pages, pages, tables, lens, lens, 1.0, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        decode_step_attention(qkv, rope_table, rope_table, pages, pages, None, lens, tables, lens, 1.0, **kwargs)
