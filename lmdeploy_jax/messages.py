@@ -109,6 +109,9 @@ class TurbomindEngineConfig:
 
     ``cache_max_entry_count`` is the fraction of free device memory, after the weights, given to
     the paged KV cache; ``num_cache_blocks`` (ours) fixes the pool size instead, for tests.
+    ``rope_scaling_factor`` (LMDeploy's): when not 0, the model's rope becomes dynamic NTK scaling
+    by that factor above the config's ``max_position_embeddings`` (its base and rotated dims kept),
+    for sessions longer than the model was trained on.
     """
     dtype: str = 'auto'
     tp: int = 1
@@ -118,6 +121,7 @@ class TurbomindEngineConfig:
     cache_block_seq_len: int = 64
     enable_prefix_caching: bool = False
     quant_policy: int = 0
+    rope_scaling_factor: float = 0.0
     max_prefill_token_num: int = 8192
     num_cache_blocks: int | None = None
     compilation_cache_dir: str | None = None
@@ -129,6 +133,9 @@ class TurbomindEngineConfig:
                  'cache_block_seq_len', 'a power of two', self.cache_block_seq_len)
         _require(self.quant_policy in (0,), 'quant_policy', '0 (KV quantization is not supported yet)',
                  self.quant_policy)
+        _require(isinstance(self.rope_scaling_factor, (int, float)) and not isinstance(self.rope_scaling_factor, bool)
+                 and 0.0 <= self.rope_scaling_factor <= 1e6, 'rope_scaling_factor', 'a finite number in [0.0, 1000000.0]',
+                 self.rope_scaling_factor)
         _require(isinstance(self.max_prefill_token_num, int) and self.max_prefill_token_num >= 1,
                  'max_prefill_token_num', 'an integer >= 1', self.max_prefill_token_num)
         blocks = self.num_cache_blocks

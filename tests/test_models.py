@@ -155,8 +155,8 @@ def test_rope_config_old_and_new_styles_agree():
     assert rope_from_config(old, 'LlamaForCausalLM') == rope_from_config(new, 'LlamaForCausalLM')
     assert rope_from_config(new, 'LlamaForCausalLM').factor == 8.0
     assert rope_from_config({'rope_theta': 5e5}, 'LlamaForCausalLM').theta == 5e5
-    with pytest.raises(UnsupportedArchitectureError, match="rope type 'yarn'"):
-        rope_from_config({'rope_scaling': {'type': 'yarn', 'factor': 4.0}}, 'Qwen2ForCausalLM')
+    with pytest.raises(UnsupportedArchitectureError, match="rope type 'mrope'"):
+        rope_from_config({'rope_scaling': {'type': 'mrope'}}, 'Qwen2ForCausalLM')
 
 
 def test_unsupported_architecture_is_named(tmp_path):

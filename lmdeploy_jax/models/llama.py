@@ -86,10 +86,13 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, row_parallel: ReducedSums | P
     r = rules.REPLICATED
     paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
     if t == 1:
+        qkv, cos, sin = qkv[:, 0], cos[:, 0], sin[:, 0]
+        if cos.shape[-1] < d:
+            qkv, cos, sin = _rotate_partial(spec, layout, qkv, cos, sin)
         attend = per_device(functools.partial(_decode_step, d ** -0.5), mesh,
                             in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
-        out, k_pages, v_pages = attend(qkv[:, 0], cos[:, 0], sin[:, 0], *kv, *paging)
+        out, k_pages, v_pages = attend(qkv, cos, sin, *kv, *paging)
     else:
         q, k, v = split_fused(qkv, layout, 'qkv')
         q = apply_rope(q.reshape(b, t, spec.num_heads, d), cos, sin)
@@ -101,6 +104,26 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, row_parallel: ReducedSums | P
                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
         out, k_pages, v_pages = attend(q, k, v, *kv, *paging, batch.query_lens)
     return row_parallel.project(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
+
+
+def _rotate_partial(spec: ModelSpec, layout: FusedLayout, qkv: jax.Array, cos: jax.Array,
+                    sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Partial rotary dims at decode: the decode-step op rotates whole heads, so q and k of the
+    fused ``qkv [B, F]`` are rotated here by ``cos``/``sin [B, rotary_dim]``, and the op is given
+    tables that leave them as they are (cos 1, sin 0: ``x * 1 + r * 0`` is ``x`` exactly)."""
+    b, d = qkv.shape[0], spec.head_dim
+    q, k, v = split_fused(qkv, layout, 'qkv')
+    q = apply_rope(q.reshape(b, spec.num_heads, d), cos, sin).reshape(b, -1)
+    k = apply_rope(k.reshape(b, spec.num_kv_heads, d), cos, sin).reshape(b, -1)
+    identity = jnp.ones((b, d), jnp.float32), jnp.zeros((b, d), jnp.float32)
+    return join_fused([q, k, v], layout, 'qkv'), *identity
+
+
+def join_fused(parts: list[jax.Array], layout: FusedLayout, key: str) -> jax.Array:
+    """``split_fused``'s inverse: the parts ``[..., tp * size]`` back in the shard-by-shard layout."""
+    grouped = [p.reshape(*p.shape[:-1], layout.tp, -1) for p in parts]
+    joined = jnp.concatenate(grouped, axis=-1)
+    return joined.reshape(*joined.shape[:-2], -1)
 
 
 def _mlp(row_parallel: ReducedSums | PartialSums, layout: FusedLayout, layer: dict,
@@ -118,7 +141,7 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     ``reduce_add_rms_norm`` CUDA kernel is prepared for the mesh's GPUs (``row_parallel.py``)."""
     row_parallel = for_step(spec, mesh, batch.token_ids.shape, params['embed'].dtype, p2p_all_reduce)
     x, mlp_out = row_parallel.embed(params['embed'], batch.token_ids)
-    cos, sin = cos_sin(inv_freq, batch.positions)
+    cos, sin = cos_sin(inv_freq, batch.positions, spec.rope)
     # spec counts the KV heads as stored, so each shard's parts are plain 1/tp of them
     layout = FusedLayout(spec, mesh.size if mesh is not None else 1)
 

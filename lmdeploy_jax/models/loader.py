@@ -19,7 +19,7 @@ from . import llama
 from .kv_cache import init_kv_caches, kv_bytes_per_block
 from .registry import UnsupportedArchitectureError, is_supported
 from .rope import inv_frequencies
-from .spec import DTYPES, ModelSpec, spec_from_config
+from .spec import DTYPES, ModelSpec, dynamic_ntk, spec_from_config
 from .step_batch import StepBatch
 from .safetensors_file import SafetensorsCheckpoint
 from .weights import check_tensors, load_params
@@ -95,16 +95,21 @@ def check_checkpoint(source: ModelSource) -> None:
         check_tensors(ckpt, model_spec(source, ckpt), source.config_path)
 
 
-def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None) -> LoadedModel:
+def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
+               rope_scaling_factor: float = 0.0) -> LoadedModel:
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
     UnsupportedArchitectureError first when its architecture has no JAX model, CheckpointError
     naming the file when the files are broken or disagree with the config, ValueError when the
-    mesh cannot split its heads."""
+    mesh cannot split its heads. ``rope_scaling_factor``: ``TurbomindEngineConfig``'s (not 0: dynamic
+    NTK rope, ``spec.dynamic_ntk``)."""
     architecture = source.architecture
     if not is_supported(architecture):
         raise UnsupportedArchitectureError(architecture)
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = model_spec(source, ckpt, dtype)
+        if rope_scaling_factor:
+            spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor,
+                                                              spec.max_position_embeddings))
         check_tensors(ckpt, spec, source.config_path)
         _warn_if_sliding_window(source.config_dict(), spec)
         split = None

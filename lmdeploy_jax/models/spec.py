@@ -4,6 +4,7 @@ Frozen and hashable, so it can be closed over by (or passed statically to) jitte
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -16,13 +17,33 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """Rotary embedding parameters: ``rope_type`` 'default' or 'llama3' (Llama 3.1 frequency scaling)."""
+    """Rotary embedding parameters as transformers' ``ROPE_INIT_FUNCTIONS`` read them, every
+    optional one resolved (``rope_from_config``). ``rope_type`` is one of ``ROPE_TYPES``; the
+    rotation covers the first ``int(head_dim * partial_rotary_factor)`` dims of each head. Fields by
+    the types that read them:
+
+    - every type: ``theta``, ``partial_rotary_factor``; ``attention_factor`` multiplies cos and sin
+      (1.0 unless yarn or longrope)
+    - linear, dynamic, yarn, llama3, longrope: ``factor``
+    - dynamic: ``max_position_embeddings``, the length above which the base grows
+    - llama3, yarn, longrope: ``original_max_position_embeddings``
+    - llama3: ``low_freq_factor``, ``high_freq_factor``; yarn: ``beta_fast``, ``beta_slow``,
+      ``truncate``; longrope: ``short_factor``, ``long_factor`` (one per rotated pair)
+    """
     rope_type: str = 'default'
     theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
     factor: float = 1.0
+    attention_factor: float = 1.0
+    max_position_embeddings: int = 2048
+    original_max_position_embeddings: int = 8192
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -44,23 +65,106 @@ class ModelSpec:
     rope: RopeSpec
 
 
-SUPPORTED_ROPE_TYPES = ('default', 'llama3')
+ROPE_TYPES = ('default', 'linear', 'dynamic', 'yarn', 'llama3', 'longrope')
 
 
-def rope_from_config(config: dict, architecture: str) -> RopeSpec:
-    """Read rope settings from either transformers-5 ``rope_parameters`` or the older
-    ``rope_theta`` + ``rope_scaling`` pair; another rope type makes the model unsupported."""
-    params = dict(config.get('rope_parameters') or config.get('rope_scaling') or {})
+def rope_from_config(config: dict, architecture: str, partial_rotary: bool = False) -> RopeSpec:
+    """The rope of a Hugging Face config dict, read as transformers 5 reads it: the parameters are
+    the older ``rope_scaling`` dict when present (it wins, as in ``convert_rope_params_to_dict``),
+    else ``rope_parameters``, with ``rope_theta`` and ``partial_rotary_factor`` taken from the top
+    level where the dict lacks them, and ``original_max_position_embeddings`` defaulting to
+    ``max_position_embeddings``.
+
+    ``partial_rotary``: the family's transformers model rotates only the first ``rotary_dim`` dims
+    (Phi-3, StableLM); the others (Llama, Mistral, Qwen2) rotate the whole head whatever
+    ``partial_rotary_factor`` says in the default type, and cannot run it in the scaled ones.
+
+    Raises UnsupportedArchitectureError for a rope type outside ``ROPE_TYPES``, per-layer rope
+    parameters, or a partial factor the family's model cannot run; ValueError naming the field for
+    a missing or malformed parameter."""
+    params = config.get('rope_scaling') or config.get('rope_parameters') or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise UnsupportedArchitectureError(architecture, f'rope parameters {params!r}')
     rope_type = params.get('rope_type') or params.get('type') or 'default'
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if rope_type not in ROPE_TYPES:
         raise UnsupportedArchitectureError(architecture, f'rope type {rope_type!r}')
-    theta = float(params.get('rope_theta', config.get('rope_theta', 10000.0)))
+    max_positions = int(config.get('max_position_embeddings', 2048))
+    theta = _rope_number(params, 'rope_theta', config.get('rope_theta', 10000.0))
+    partial = _rope_number(params, 'partial_rotary_factor', config.get('partial_rotary_factor', 1.0))
+    if not 0.0 < partial <= 1.0:
+        raise ValueError(f'rope_parameters: partial_rotary_factor must be in (0, 1], got {partial!r}')
+    if partial != 1.0 and not partial_rotary:
+        if rope_type != 'default':
+            raise UnsupportedArchitectureError(
+                architecture, f'partial_rotary_factor {partial} and rope type {rope_type!r} (its transformers '
+                              'model rotates whole heads)')
+        partial = 1.0
+    common = dict(rope_type=rope_type, theta=theta, partial_rotary_factor=partial)
     if rope_type == 'default':
-        return RopeSpec(theta=theta)
-    return RopeSpec(rope_type=rope_type, theta=theta, factor=float(params['factor']),
-                    low_freq_factor=float(params['low_freq_factor']),
-                    high_freq_factor=float(params['high_freq_factor']),
-                    original_max_position_embeddings=int(params['original_max_position_embeddings']))
+        return RopeSpec(**common)
+    original = int(_rope_number(params, 'original_max_position_embeddings', max_positions))
+    if rope_type == 'linear':
+        return RopeSpec(**common, factor=_rope_number(params, 'factor'))
+    if rope_type == 'dynamic':
+        return RopeSpec(**common, factor=_rope_number(params, 'factor'), max_position_embeddings=max_positions)
+    if rope_type == 'llama3':
+        return RopeSpec(**common, factor=_rope_number(params, 'factor'), original_max_position_embeddings=original,
+                        low_freq_factor=_rope_number(params, 'low_freq_factor'),
+                        high_freq_factor=_rope_number(params, 'high_freq_factor'))
+    factor = params.get('factor')
+    factor = max_positions / original if factor is None else _rope_number(params, 'factor')
+    if rope_type == 'yarn':
+        return RopeSpec(**common, factor=factor, original_max_position_embeddings=original,
+                        attention_factor=_yarn_attention_factor(params, factor),
+                        beta_fast=float(params.get('beta_fast') or 32), beta_slow=float(params.get('beta_slow') or 1),
+                        truncate=bool(params.get('truncate', True)))
+    attention = params.get('attention_factor')
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeSpec(**common, factor=factor, original_max_position_embeddings=original,
+                    attention_factor=float(attention), short_factor=_rope_factors(params, 'short_factor'),
+                    long_factor=_rope_factors(params, 'long_factor'))
+
+
+def dynamic_ntk(rope: RopeSpec, factor: float, max_position_embeddings: int) -> RopeSpec:
+    """LMDeploy's ``TurbomindEngineConfig.rope_scaling_factor``: the model's rope replaced by
+    dynamic NTK scaling with ``factor`` above ``max_position_embeddings``, keeping its base and its
+    rotated dims."""
+    return RopeSpec(rope_type='dynamic', theta=rope.theta, partial_rotary_factor=rope.partial_rotary_factor,
+                    factor=float(factor), max_position_embeddings=max_position_embeddings)
+
+
+def _rope_number(params: dict, key: str, default=None) -> float:
+    """``params[key]`` (else ``default``) as a float; ValueError naming the key when missing or not a number."""
+    value = params.get(key, default)
+    if value is None:
+        raise ValueError(f'rope_parameters: rope type {params.get("rope_type") or params.get("type")!r} '
+                         f'needs {key!r}')
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f'rope_parameters: {key!r} must be a number, got {value!r}')
+    return float(value)
+
+
+def _rope_factors(params: dict, key: str) -> tuple[float, ...]:
+    value = params.get(key)
+    if not isinstance(value, list) or not value or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        raise ValueError(f'rope_parameters: {key!r} must be a list of numbers, got {value!r}')
+    return tuple(float(x) for x in value)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_attention_factor(params: dict, factor: float) -> float:
+    """YaRN's cos/sin scale: ``attention_factor`` if given, else from ``mscale``/``mscale_all_dim``."""
+    if params.get('attention_factor') is not None:
+        return _rope_number(params, 'attention_factor')
+    mscale, mscale_all_dim = params.get('mscale'), params.get('mscale_all_dim')
+    if mscale and mscale_all_dim:
+        return float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+    return _yarn_mscale(factor)
 
 
 def _config_int(config: dict, name: str, path: str, default: int | None = None) -> int:
