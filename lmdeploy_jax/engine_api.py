@@ -44,6 +44,28 @@ class EngineOutput:
 OutputCallback = Callable[[EngineOutput], None]
 
 
+def token_ids_error(ids, vocab_size: int, name: str = 'input_ids') -> str | None:
+    """Why ``ids`` is not a list of token ids in ``[0, vocab_size)`` (naming the first bad one), or None."""
+    if not isinstance(ids, (list, tuple)):
+        return f'{name} must be a list of token ids, got {type(ids).__name__}'
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or not 0 <= token < vocab_size:
+            return f'{name}[{i}] must be a token id in [0, {vocab_size}) (the vocabulary), got {token!r}'
+    return None
+
+
+def gen_config_error(gen_config, vocab_size: int) -> str | None:
+    """Why a request's ``GenerationConfig`` cannot run (its field and fault), or None. Checked again
+    by the backends, as a config may have been changed after it was built and validated."""
+    if not isinstance(gen_config, GenerationConfig):
+        return f'gen_config must be a GenerationConfig, got {type(gen_config).__name__}'
+    try:
+        gen_config.validate(vocab_size)
+    except ValueError as exc:
+        return f'gen_config: {exc}'
+    return None
+
+
 def request_refusal(request: EngineRequest, *, vocab_size: int, session_len: int, busy: bool,
                     held: int) -> str | None:
     """Why a backend must refuse ``request`` (finish it with 'error'), or None; the rules every
@@ -52,8 +74,9 @@ def request_refusal(request: EngineRequest, *, vocab_size: int, session_len: int
     ids = request.input_ids
     if not ids:
         return 'input_ids is empty'
-    if not all(isinstance(i, numbers.Integral) and 0 <= i < vocab_size for i in ids):
-        return f'input_ids must be token ids in [0, {vocab_size})'
+    error = token_ids_error(ids, vocab_size) or gen_config_error(request.gen_config, vocab_size)
+    if error is not None:
+        return error
     if busy:
         return f'session {request.session_id} is busy with another request'
     if held + len(ids) > session_len:
@@ -69,6 +92,8 @@ class InferenceEngine(abc.ABC):
     session_len: int
     #: most requests run together
     max_batch_size: int
+    #: rows of the model's embedding: every token id must be below it
+    vocab_size: int
 
     @abc.abstractmethod
     def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
@@ -88,7 +113,9 @@ class InferenceEngine(abc.ABC):
 
     @abc.abstractmethod
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
-        """Mean cross-entropy of each sequence's tokens 1..n given their prefixes (LMDeploy's get_ppl)."""
+        """Mean cross-entropy of each sequence's tokens 1..n given their prefixes (LMDeploy's get_ppl).
+        A sequence shorter than 2 tokens, or with an id outside the vocabulary, raises ``ValueError``
+        before anything runs."""
 
     def stats(self) -> dict[str, int]:
         """Load figures for metrics: 'running', 'waiting', and where there is a paged cache

@@ -12,7 +12,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from .engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback
+from .engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback, token_ids_error
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -63,7 +63,10 @@ class ThreadedEngine(InferenceEngine):
         self._command('end', session_id)
 
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
-        for ids in input_ids:
+        for i, ids in enumerate(input_ids):
+            error = token_ids_error(ids, self.vocab_size, f'input_ids[{i}]')
+            if error is not None:
+                raise ValueError(f'get_ppl: {error}')
             if len(ids) < 2:
                 raise ValueError(f'get_ppl needs sequences of at least 2 tokens, got {len(ids)}')
         result: Future = Future()

@@ -1,19 +1,29 @@
 """User-facing configuration and result types, with LMDeploy's names and defaults.
 
 Every config validates itself in ``__post_init__`` so a bad value fails at the call that made it,
-with a ``ValueError`` naming the field and what is allowed.
+with a ``ValueError`` naming the field and what is allowed. The kinds are strict: an integer field
+takes an ``int`` (not a bool or a float), a boolean field takes ``True`` or ``False`` only (not
+``0``/``1`` or a string, which would be read by truthiness), a number field takes a finite ``int``
+or ``float``. Integers the engine packs into int32 arrays are bounded by ``INT32_MAX``.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
+
+from .text_checks import require_utf8
 
 logger = logging.getLogger('lmdeploy_jax')
 
 FinishReason = Literal['stop', 'length', 'abort', 'error']
 _DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+INT32_MAX = 2 ** 31 - 1
+MAX_BATCH_SIZE = 2 ** 16       # more rows than any step runs; larger values only allocate per-row state
+_SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)   # what a 64-bit seed can hold, signed or not
 
 
 def _require(ok: bool, name: str, allowed: str, value) -> None:
@@ -21,16 +31,44 @@ def _require(ok: bool, name: str, allowed: str, value) -> None:
         raise ValueError(f'{name} must be {allowed}, got {value!r}')
 
 
-def _optional_int_ids(name: str, ids) -> None:
-    if ids is not None:
-        _require(isinstance(ids, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in ids),
-                 name, 'a list of non-negative token ids', ids)
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(name: str, value, low: int, high: int = INT32_MAX, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    _require(_is_int(value) and low <= value <= high, name,
+             f'an integer in [{low}, {high}]' + (' or None' if optional else ''), value)
+
+
+def _number_field(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and value <= high)
+    _require(ok, name, f'a finite number in {"(" if low_open else "["}{low}, {high}]', value)
+
+
+def _bool_field(name: str, value) -> None:
+    _require(isinstance(value, bool), name, 'True or False', value)
+
+
+def _optional_int_ids(name: str, ids, vocab_size: int | None) -> None:
+    if ids is None:
+        return
+    high = INT32_MAX if vocab_size is None else vocab_size - 1
+    what = 'token ids' if vocab_size is None else f'token ids below the vocabulary size {vocab_size}'
+    _require(isinstance(ids, (list, tuple)), name, f'a list of {what}', ids)
+    for i, token in enumerate(ids):
+        _require(_is_int(token) and 0 <= token <= high, f'{name}[{i}]', f'a token id in [0, {high}]', token)
 
 
 def _optional_words(name: str, words) -> None:
-    if words is not None:
-        _require(isinstance(words, (list, tuple)) and all(isinstance(w, str) and w for w in words),
-                 name, 'a list of non-empty strings', words)
+    if words is None:
+        return
+    _require(isinstance(words, (list, tuple)), name, 'a list of non-empty strings', words)
+    for i, word in enumerate(words):
+        _require(isinstance(word, str) and word, f'{name}[{i}]', 'a non-empty string', word)
+        require_utf8(word, f'{name}[{i}]')
 
 
 @dataclass
@@ -59,29 +97,33 @@ class GenerationConfig:
     logprobs: int | None = None
 
     def __post_init__(self):
-        _require(isinstance(self.n, int) and self.n >= 1, 'n', 'an integer >= 1', self.n)
-        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0, 'max_new_tokens',
-                 'an integer >= 0', self.max_new_tokens)
-        _require(isinstance(self.top_p, (int, float)) and 0.0 <= self.top_p <= 1.0, 'top_p', 'in [0, 1]',
-                 self.top_p)
-        _require(isinstance(self.top_k, int) and self.top_k >= 0, 'top_k', 'an integer >= 0 (0 disables it)',
-                 self.top_k)
-        _require(isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0, 'min_p', 'in [0, 1]',
-                 self.min_p)
-        _require(isinstance(self.temperature, (int, float)) and self.temperature >= 0.0, 'temperature',
-                 '>= 0', self.temperature)
-        _require(isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0.0,
-                 'repetition_penalty', '> 0', self.repetition_penalty)
-        _require(self.random_seed is None or isinstance(self.random_seed, int), 'random_seed',
-                 'an integer or None', self.random_seed)
-        _require(self.min_new_tokens is None or (isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0),
-                 'min_new_tokens', 'an integer >= 0 or None', self.min_new_tokens)
-        _require(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-                 'logprobs', 'an integer in [0, 20] or None', self.logprobs)
+        self.validate()
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first bad field. ``vocab_size`` (the engines and the
+        AsyncEngine know it) also bounds the token ids and ``top_k``.
+
+        Run at construction, and again by the engines on every request they receive, so a
+        config changed after it was built is refused alone instead of failing the step that
+        packs it beside other requests."""
+        _require(_is_int(self.n) and self.n == 1, 'n',
+                 '1 (one answer per prompt; repeat the prompt for more, or use the server\'s n)', self.n)
+        _int_field('max_new_tokens', self.max_new_tokens, 0)
+        _bool_field('do_sample', self.do_sample)
+        _number_field('top_p', self.top_p, 0.0, 1.0)
+        _int_field('top_k', self.top_k, 0, INT32_MAX if vocab_size is None else vocab_size)
+        _number_field('min_p', self.min_p, 0.0, 1.0)
+        _number_field('temperature', self.temperature, 0.0, 2.0)
+        _number_field('repetition_penalty', self.repetition_penalty, 0.0, 1e4, low_open=True)
+        _bool_field('ignore_eos', self.ignore_eos)
+        _int_field('random_seed', self.random_seed, *_SEED_RANGE, optional=True)
         _optional_words('stop_words', self.stop_words)
         _optional_words('bad_words', self.bad_words)
-        _optional_int_ids('stop_token_ids', self.stop_token_ids)
-        _optional_int_ids('bad_token_ids', self.bad_token_ids)
+        _optional_int_ids('stop_token_ids', self.stop_token_ids, vocab_size)
+        _optional_int_ids('bad_token_ids', self.bad_token_ids, vocab_size)
+        _int_field('min_new_tokens', self.min_new_tokens, 0, optional=True)
+        _bool_field('skip_special_tokens', self.skip_special_tokens)
+        _int_field('logprobs', self.logprobs, 0, 20, optional=True)
 
     @property
     def greedy(self) -> bool:
@@ -93,14 +135,12 @@ class GenerationConfig:
 
 
 def _check_engine_common(cfg) -> None:
-    _require(cfg.dtype in _DTYPES, 'dtype', f'one of {_DTYPES}', cfg.dtype)
-    _require(isinstance(cfg.tp, int) and cfg.tp >= 1, 'tp', 'an integer >= 1', cfg.tp)
-    _require(cfg.session_len is None or (isinstance(cfg.session_len, int) and cfg.session_len >= 1),
-             'session_len', 'an integer >= 1 or None', cfg.session_len)
-    _require(cfg.max_batch_size is None or (isinstance(cfg.max_batch_size, int) and cfg.max_batch_size >= 1),
-             'max_batch_size', 'an integer >= 1 or None', cfg.max_batch_size)
-    _require(isinstance(cfg.cache_max_entry_count, (int, float)) and 0.0 < cfg.cache_max_entry_count <= 1.0,
-             'cache_max_entry_count', 'in (0, 1]', cfg.cache_max_entry_count)
+    _require(isinstance(cfg.dtype, str) and cfg.dtype in _DTYPES, 'dtype', f'one of {_DTYPES}', cfg.dtype)
+    _int_field('tp', cfg.tp, 1)
+    _int_field('session_len', cfg.session_len, 1, optional=True)
+    _int_field('max_batch_size', cfg.max_batch_size, 1, MAX_BATCH_SIZE, optional=True)
+    _number_field('cache_max_entry_count', cfg.cache_max_entry_count, 0.0, 1.0, low_open=True)
+    _bool_field('enable_prefix_caching', cfg.enable_prefix_caching)
 
 
 @dataclass
@@ -128,19 +168,16 @@ class TurbomindEngineConfig:
 
     def __post_init__(self):
         _check_engine_common(self)
-        _require(isinstance(self.cache_block_seq_len, int) and self.cache_block_seq_len >= 1
-                 and self.cache_block_seq_len & (self.cache_block_seq_len - 1) == 0,
-                 'cache_block_seq_len', 'a power of two', self.cache_block_seq_len)
-        _require(self.quant_policy in (0,), 'quant_policy', '0 (KV quantization is not supported yet)',
-                 self.quant_policy)
-        _require(isinstance(self.rope_scaling_factor, (int, float)) and not isinstance(self.rope_scaling_factor, bool)
-                 and 0.0 <= self.rope_scaling_factor <= 1e6, 'rope_scaling_factor', 'a finite number in [0.0, 1000000.0]',
-                 self.rope_scaling_factor)
-        _require(isinstance(self.max_prefill_token_num, int) and self.max_prefill_token_num >= 1,
-                 'max_prefill_token_num', 'an integer >= 1', self.max_prefill_token_num)
-        blocks = self.num_cache_blocks
-        _require(blocks is None or (isinstance(blocks, int) and blocks >= 2),
-                 'num_cache_blocks', 'an integer >= 2 or None', self.num_cache_blocks)
+        block = self.cache_block_seq_len
+        _require(_is_int(block) and 1 <= block <= INT32_MAX and block & (block - 1) == 0,
+                 'cache_block_seq_len', 'a power of two', block)
+        _require(_is_int(self.quant_policy) and self.quant_policy == 0, 'quant_policy',
+                 '0 (KV quantization is not supported yet)', self.quant_policy)
+        _number_field('rope_scaling_factor', self.rope_scaling_factor, 0.0, 1e6)
+        _int_field('max_prefill_token_num', self.max_prefill_token_num, 1)
+        _int_field('num_cache_blocks', self.num_cache_blocks, 2, optional=True)
+        _require(self.compilation_cache_dir is None or isinstance(self.compilation_cache_dir, (str, os.PathLike)),
+                 'compilation_cache_dir', 'a path or None', self.compilation_cache_dir)
 
 
 @dataclass
@@ -157,9 +194,9 @@ class PytorchEngineConfig:
 
     def __post_init__(self):
         _check_engine_common(self)
-        _require(self.device_type in ('cuda', 'cpu'), 'device_type', "'cuda' or 'cpu'", self.device_type)
-        _require(isinstance(self.block_size, int) and self.block_size >= 1, 'block_size', 'an integer >= 1',
-                 self.block_size)
+        _require(isinstance(self.device_type, str) and self.device_type in ('cuda', 'cpu'), 'device_type',
+                 "'cuda' or 'cpu'", self.device_type)
+        _int_field('block_size', self.block_size, 1)
 
 
 @dataclass

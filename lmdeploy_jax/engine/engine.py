@@ -24,7 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 
 from ..checkpoint.source import ModelSource
-from ..engine_thread import ThreadedEngine
+from ..engine_api import EngineOutput, EngineRequest, OutputCallback
+from ..engine_thread import ThreadedEngine, emit
 from ..messages import TurbomindEngineConfig
 from ..models import load_model
 from ..parallel import agree_min, init_distributed, local_devices, make_tp_mesh
@@ -67,6 +68,7 @@ class JaxEngine(ThreadedEngine):
         model = load_model(source, config.dtype, mesh, config.rope_scaling_factor)
         logger.info('loaded the weights in %.1f s', time.perf_counter() - start)
         spec = model.spec
+        self.vocab_size = spec.vocab_size
         self.session_len = config.session_len or spec.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE.get(device.platform, 256)
         block_size = config.cache_block_seq_len
@@ -236,11 +238,20 @@ class JaxEngine(ThreadedEngine):
             if kind in _DEFERRED:
                 self._deferred.append((kind, payload))
             elif kind == 'submit':
-                self._scheduler.submit(*payload)
+                self._submit(*payload)
             elif kind == 'cancel':
                 self._scheduler.cancel(payload)
             elif kind == 'end':
                 self._scheduler.end_session(payload)
+
+    def _submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
+        """Queue a request with the scheduler; one that breaks it fails alone, never the engine loop
+        (which would drop the call in flight)."""
+        try:
+            self._scheduler.submit(request, on_output)
+        except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
+            logger.exception('jax engine: could not accept a request')
+            emit(on_output, EngineOutput([], finish_reason='error', error=f'{type(exc).__name__}: {exc}'))
 
     def _perplexity(self, seqs: list[list[int]], result: Future) -> None:
         try:

@@ -69,6 +69,9 @@ def id_list_error(gen: GenerationConfig) -> str | None:
 def host_sampling_params(rows: list[tuple[GenerationConfig, int, int]], num_rows: int) -> SamplingParams:
     """Numpy settings for ``num_rows`` rows from (gen_config, seed, generated so far) of the real ones.
 
+    Every row's config has passed ``GenerationConfig.validate(vocab_size)`` (the scheduler refuses
+    any other request alone when it arrives), which keeps each packed value inside its array's
+    dtype and each id inside the vocabulary: packing a step's rows cannot fail on one of them.
     Built column by column from Python lists (one ``np.array`` per field), not element by element:
     at batch 256 the per-element writes cost milliseconds of host time per step."""
     n = len(rows)

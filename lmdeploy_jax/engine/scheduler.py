@@ -101,7 +101,9 @@ class Scheduler:
             self.waiting.append(seq)
 
     def _refusal(self, request: EngineRequest) -> str | None:
-        """Why a request cannot run, or None; a refused request leaves its session as it was."""
+        """Why a request cannot run, or None; a refused request leaves its session as it was.
+        Its generation config is validated again here (``request_refusal``), so settings that
+        could not be packed beside other rows (``host_sampling_params``) are refused alone."""
         seq = self.sessions.get(request.session_id)
         held = 0 if seq is None or request.sequence_start else len(seq.tokens)
         return (request_refusal(request, vocab_size=self.vocab_size, session_len=self.session_len,

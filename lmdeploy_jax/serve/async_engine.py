@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import time
@@ -17,9 +18,10 @@ from typing import AsyncIterator, Iterator
 from ..backends import BACKENDS, check_supported, create_backend
 from ..chat_template import get_chat_template
 from ..checkpoint.source import resolve_model
-from ..engine_api import EngineOutput, EngineRequest
+from ..engine_api import EngineOutput, EngineRequest, token_ids_error
 from ..messages import GenerationConfig, PytorchEngineConfig, Response, TurbomindEngineConfig
 from ..models.registry import is_supported
+from ..text_checks import require_utf8
 from ..tokenizer import DetokenizeState, Tokenizer
 from .event_loop import BackgroundLoop, merge
 from .request_config import merge_gen_config, resolve_stops
@@ -42,7 +44,7 @@ class GenOut:
 
 
 def _check_prompts(prompts) -> tuple[list, bool]:
-    """Normalize to a list of prompts; reject what cannot be a prompt, naming it."""
+    """Normalize to a list of prompts; reject what cannot be a prompt (or text that is not UTF-8), naming it."""
     single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
     items = [prompts] if single else prompts
     if not isinstance(items, list) or not items:
@@ -55,6 +57,7 @@ def _check_prompts(prompts) -> tuple[list, bool]:
             raise ValueError(f'prompt {i} is an empty message list')
         if not isinstance(p, (str, list)):
             raise ValueError(f'prompt {i} must be a str or a message list, got {type(p).__name__}')
+        require_utf8(p, f'prompts[{i}]')
     return items, single
 
 
@@ -67,13 +70,22 @@ def _timed(what: str, fn, *args):
 
 
 class AsyncEngine:
-    """The object ``pipeline()`` returns."""
+    """The object ``pipeline()`` returns.
+
+    Bad input raises ``ValueError`` naming the field before anything is queued: prompts and
+    messages (text must encode as UTF-8), generation settings (``GenerationConfig.validate``
+    against the model's vocabulary), token ids. After ``close()`` every call raises
+    ``RuntimeError('the pipeline is closed')``; ``close()`` itself may be repeated.
+    """
 
     def __init__(self, model_path: str | None, model_name: str | None = None, backend: str = 'turbomind',
                  backend_config: TurbomindEngineConfig | PytorchEngineConfig | None = None,
                  chat_template_config=None, **kwargs):
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        if dataclasses.is_dataclass(chat_template_config):
+            require_utf8(dataclasses.asdict(chat_template_config), 'chat_template_config')
+        self._closed = False
         self.source = resolve_model(model_path)
         check_supported(self.source)
         self.model_name = model_name or self.source.given
@@ -93,6 +105,7 @@ class AsyncEngine:
                 self.engine.close()
                 raise
         self.session_len = self.engine.session_len
+        self.vocab_size = self.engine.vocab_size
         self._eos_ids = sorted(set(self.source.generation_eos_ids())
                                | ({self.tokenizer.eos_token_id} - {None}))
         self._session_ids = itertools.count(1)
@@ -100,9 +113,23 @@ class AsyncEngine:
         self._sync_loop: BackgroundLoop | None = None
 
     # ---- the async core ------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError('the pipeline is closed')
+
+    def _gen_config(self, gen_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+        """The request's settings (legacy keyword arguments applied), checked against the vocabulary."""
+        config = merge_gen_config(gen_config, **kwargs)
+        config.validate(self.vocab_size)
+        return config
+
     def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids) -> list[int]:
         if input_ids is not None:
+            error = token_ids_error(input_ids, self.vocab_size)
+            if error is not None:
+                raise ValueError(error)
             return list(input_ids)
+        require_utf8(messages, 'messages')
         if do_preprocess:
             prompt = self.chat_template.messages2prompt(messages, sequence_start)
         elif isinstance(messages, str):
@@ -115,8 +142,11 @@ class AsyncEngine:
                        stream_response: bool = True, sequence_start: bool = True, sequence_end: bool = True,
                        step: int = 0, do_preprocess: bool = True, input_ids: list[int] | None = None,
                        **kwargs) -> AsyncIterator[GenOut]:
-        """Run one request of a session; yields text and token deltas, the last with finish_reason."""
-        config = merge_gen_config(gen_config, **kwargs)
+        """Run one request of a session; yields text and token deltas, the last with finish_reason.
+        Bad input raises ``ValueError`` (naming the field) at the first iteration, before anything
+        is queued; a closed pipeline raises ``RuntimeError``."""
+        self._check_open()
+        config = self._gen_config(gen_config, kwargs)
         history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
         ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids)
         if not ids:
@@ -188,10 +218,12 @@ class AsyncEngine:
     # ---- session control --------------------------------------------------------------------
     def stop_session(self, session_id: int) -> None:
         """Abort the session's running request; it finishes with 'abort'."""
+        self._check_open()
         self.engine.cancel(session_id)
 
     def end_session(self, session_id: int) -> None:
         """Forget the session: its history and cached KV are freed."""
+        self._check_open()
         self._history_len.pop(session_id, None)
         self.engine.end_session(session_id)
 
@@ -204,6 +236,8 @@ class AsyncEngine:
     # ---- the synchronous API ------------------------------------------------------------------
     @property
     def _loop(self) -> BackgroundLoop:
+        """The thread that runs the synchronous API's coroutines, started on first use."""
+        self._check_open()
         if self._sync_loop is None:
             self._sync_loop = BackgroundLoop()
         return self._sync_loop
@@ -221,19 +255,20 @@ class AsyncEngine:
             resp.finish_reason = out.finish_reason
         return resp
 
-    @staticmethod
-    def _configs(gen_config, n: int) -> list:
+    def _configs(self, gen_config, n: int, kwargs: dict) -> list[GenerationConfig]:
+        """One checked config per prompt, so a bad one is refused before any prompt runs."""
+        self._check_open()
         if isinstance(gen_config, list):
             if len(gen_config) != n:
                 raise ValueError(f'gen_config has {len(gen_config)} entries for {n} prompts')
-            return gen_config
-        return [gen_config] * n
+            return [self._gen_config(c, kwargs) for c in gen_config]
+        return [self._gen_config(gen_config, kwargs)] * n
 
     def batch_infer(self, prompts, gen_config=None, do_preprocess: bool = True, use_tqdm: bool = False,
                     **kwargs) -> Response | list[Response]:
         """Generate for one prompt or a list of them, together; results in input order."""
         items, single = _check_prompts(prompts)
-        configs = self._configs(gen_config, len(items))
+        configs = self._configs(gen_config, len(items), kwargs)
 
         async def run_all():
             return await asyncio.gather(*(self._collect(p, i, c, do_preprocess, kwargs)
@@ -246,7 +281,7 @@ class AsyncEngine:
     def stream_infer(self, prompts, gen_config=None, do_preprocess: bool = True, **kwargs) -> Iterator[Response]:
         """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by ``index``."""
         items, _ = _check_prompts(prompts)
-        configs = self._configs(gen_config, len(items))
+        configs = self._configs(gen_config, len(items), kwargs)
 
         async def one(i, prompt, config):
             session_id = next(self._session_ids)
@@ -257,6 +292,7 @@ class AsyncEngine:
 
     def session(self) -> Session:
         """A new multi-turn session (LMDeploy's ``pipe.session()``), to pass to ``chat``."""
+        self._check_open()
         return Session(next(self._session_ids), self)
 
     def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
@@ -266,6 +302,8 @@ class AsyncEngine:
         Returns the session (its ``response`` is this turn's), or with ``stream_response`` an
         iterator of incremental ``Response``s that updates the session at its end.
         """
+        self._check_open()
+        require_utf8(prompt, 'prompt')
         session = session or Session(next(self._session_ids), self)
         turn = self._chat_turn(prompt, session, gen_config, kwargs)
         if stream_response:
@@ -288,7 +326,9 @@ class AsyncEngine:
         session.record_turn(prompt, total, self._history_len.get(session.session_id, 0))
 
     def get_ppl(self, input_ids: list[int] | list[list[int]]) -> list[float]:
-        """Mean cross-entropy of each sequence (LMDeploy's get_ppl); a flat list is one sequence."""
+        """Mean cross-entropy of each sequence (LMDeploy's get_ppl); a flat list is one sequence.
+        Ids outside the vocabulary raise ``ValueError`` before anything runs."""
+        self._check_open()
         if not input_ids:
             raise ValueError('input_ids is empty')
         batch = [input_ids] if isinstance(input_ids[0], int) else input_ids
@@ -300,6 +340,10 @@ class AsyncEngine:
         return self.engine.get_ppl([list(s) for s in batch])
 
     def close(self) -> None:
+        """Stop the engine and free its devices; every later call raises ``RuntimeError``."""
+        if self._closed:
+            return
+        self._closed = True
         self.engine.close()
         if self._sync_loop is not None:
             self._sync_loop.close()

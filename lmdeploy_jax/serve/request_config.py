@@ -20,11 +20,14 @@ _LEGACY_KWARGS = {
 
 
 def merge_gen_config(gen_config: GenerationConfig | None, ignore_eos: bool = False, **legacy) -> GenerationConfig:
-    """``gen_config`` (or the default) with LMDeploy's legacy keyword arguments applied."""
+    """``gen_config`` (or the default) with LMDeploy's legacy keyword arguments applied; a bad
+    value raises ``ValueError`` naming it."""
+    if gen_config is not None and not isinstance(gen_config, GenerationConfig):
+        raise ValueError(f'gen_config must be a GenerationConfig or None, got {type(gen_config).__name__}')
     config = gen_config if gen_config is not None else GenerationConfig()
     changes = {_LEGACY_KWARGS[k]: v for k, v in legacy.items() if k in _LEGACY_KWARGS and v is not None}
-    if ignore_eos:
-        changes['ignore_eos'] = True
+    if ignore_eos is not None and ignore_eos is not False:
+        changes['ignore_eos'] = ignore_eos       # validated by ``replace``: True, or refused
     return config.replace(**changes) if changes else config
 
 
