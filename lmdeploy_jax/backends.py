@@ -28,18 +28,27 @@ def _convert_config(config, target_cls):
     if isinstance(config, PytorchEngineConfig):
         values['cache_block_seq_len'] = config.block_size
     elif isinstance(config, TurbomindEngineConfig):
+        if config.rope_scaling_factor:     # it changes the outputs: refused, not dropped
+            raise ValueError(f'rope_scaling_factor={config.rope_scaling_factor} cannot be applied by the pytorch '
+                             "backend, which runs the checkpoint's own rope (set rope_scaling in its config.json)")
         values['block_size'] = config.cache_block_seq_len
     return target_cls(**values)
 
 
 def _jax_engine_or_none(source: ModelSource, config: TurbomindEngineConfig) -> InferenceEngine | None:
-    from .models import is_supported
+    """The JAX engine, or None (with one warning naming the reason) when it cannot run the
+    checkpoint: its architecture, or a feature of its config (a rope type), has no JAX model."""
+    from .models import UnsupportedArchitectureError, is_supported
     if not is_supported(source.architecture):
         logger.warning('the turbomind (JAX) engine does not support architecture %s; falling back to '
                        "the pytorch reference backend", source.architecture)
         return None
     from .engine import JaxEngine
-    return JaxEngine(source, config)
+    try:
+        return JaxEngine(source, config)
+    except UnsupportedArchitectureError as e:     # a feature of its config, e.g. a rope type
+        logger.warning('%s; falling back to the pytorch reference backend', e)
+        return None
 
 
 def check_supported(source: ModelSource) -> None:
@@ -50,14 +59,16 @@ def check_supported(source: ModelSource) -> None:
     neither engine knows it. The tensors are checked against the config where the JAX engine knows
     the architecture. transformers' model table (whose import pulls in torch, seconds of start-up)
     is read only for architectures the JAX engine lacks."""
-    from .models import is_supported
+    from .models import UnsupportedArchitectureError, is_supported
     from .models.loader import check_checkpoint
     from .models.safetensors_file import check_files
     from .tokenizer import check_tokenizer_files
     architecture = source.architecture
-    if is_supported(architecture):
+    try:     # the JAX engine's checks; a feature of the config it lacks (a rope type) leaves it to transformers
+        if not is_supported(architecture):
+            raise UnsupportedArchitectureError(architecture)
         check_checkpoint(source)
-    else:
+    except UnsupportedArchitectureError:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
         if architecture not in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
             raise ValueError(f'architecture {architecture!r} is not supported: neither the JAX engine nor '

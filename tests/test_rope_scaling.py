@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import shutil
 
 import jax.numpy as jnp
@@ -25,7 +26,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_apply_rotary_pos_emb
 
-from lmdeploy_jax.checkpoint.source import ModelSource
+from lmdeploy_jax.backends import check_supported, create_backend
+from lmdeploy_jax.checkpoint.source import ModelSource, resolve_model
 from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
@@ -282,18 +284,22 @@ def default_llama(tmp_path_factory):
     return path, prompts, rng, reference_tokens(ModelSource(str(path), 'default'), prompts)
 
 
-def with_rope(path, tmp_path, rope_type: str, rng) -> ModelSource:
-    """A copy of the checkpoint at ``path`` whose config has ``rope_type``'s rope_scaling."""
-    params = {'rope_type': rope_type, **E2E_ROPES.get(rope_type, {})}
-    if rope_type == 'longrope':
-        params.update(short_factor=rng.uniform(1, 1.5, 8).tolist(), long_factor=rng.uniform(2, 12, 8).tolist())
-    target = tmp_path / rope_type
+def with_rope(path, tmp_path, params: dict) -> ModelSource:
+    """A copy of the checkpoint at ``path`` whose config's rope_scaling is ``params``."""
+    target = tmp_path / params['rope_type']
     shutil.copytree(path, target)
     config = json.loads((target / 'config.json').read_text())
     config.pop('rope_parameters', None)
     config['rope_scaling'] = params
     (target / 'config.json').write_text(json.dumps(config))
-    return ModelSource(str(target), rope_type)
+    return ModelSource(str(target), params['rope_type'])
+
+
+def e2e_rope(rope_type: str, rng) -> dict:
+    params = {'rope_type': rope_type, **E2E_ROPES[rope_type]}
+    if rope_type == 'longrope':
+        params.update(short_factor=rng.uniform(1, 1.5, 8).tolist(), long_factor=rng.uniform(2, 12, 8).tolist())
+    return params
 
 
 def reference_tokens(source: ModelSource, prompts) -> list[list[int]]:
@@ -329,10 +335,42 @@ def test_engine_greedy_tokens_match_the_reference(default_llama, tmp_path, rope_
         rope_type = 'dynamic'
     else:
         ours = None
-    source = with_rope(path, tmp_path, rope_type, rng)
+    source = with_rope(path, tmp_path, e2e_rope(rope_type, rng))
     expected = reference_tokens(source, prompts)
     ours = ours or jax_tokens(source, prompts)
     assert ours == expected
     assert all(len(t) == NEW_TOKENS for t in expected)
     # the scaling changes the tokens (for dynamic and longrope past their thresholds only)
     assert expected != unscaled
+
+
+def test_a_rope_type_without_a_jax_model_falls_back_with_one_warning(default_llama, tmp_path, caplog):
+    """transformers' Llama runs 'proportional' rope; the JAX engine has none: the pytorch backend
+    serves it, after one warning naming the rope type. The engine option that changes the rope is
+    refused there rather than dropped."""
+    try:
+        tokenizer_dir = resolve_model(None).hf_dir
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    path, prompts, _, _ = default_llama
+    source = with_rope(path, tmp_path, {'rope_type': 'proportional', 'rope_theta': 1e4, 'partial_rotary_factor': 0.5})
+    shutil.copy(f'{tokenizer_dir}/tokenizer.json', source.hf_dir)
+    check_supported(source)
+    with caplog.at_level(logging.WARNING, logger='lmdeploy_jax'):
+        engine = create_backend(source, 'turbomind', TurbomindEngineConfig(session_len=SESSION))
+    try:
+        assert isinstance(engine, PytorchEngine)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [w for w in warnings if 'falling back' in w] == [
+            "architecture 'LlamaForCausalLM' with rope type 'proportional' is not supported by the JAX engine "
+            "(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM); falling back to the pytorch "
+            "reference backend"]
+        hf = LlamaForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        result = run_all(engine, [EngineRequest(0, prompts[0], GenerationConfig(max_new_tokens=4))])[0]
+        assert result.tokens == expected[0, len(prompts[0]):].tolist()
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match='rope_scaling_factor=2.0 cannot be applied by the pytorch backend'):
+        create_backend(source, 'turbomind', TurbomindEngineConfig(rope_scaling_factor=2.0))
