@@ -31,9 +31,11 @@ from lmdeploy_jax.checkpoint.source import ModelSource, resolve_model
 from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
-from lmdeploy_jax.models import StepBatch, UnsupportedArchitectureError, load_model
+from lmdeploy_jax.models import UnsupportedArchitectureError, load_model
+from lmdeploy_jax.models.llama import _rotate_partial, join_fused, split_fused
 from lmdeploy_jax.models.rope import apply_rope, cos_sin, inv_frequencies, rotary_dim
-from lmdeploy_jax.models.spec import dynamic_ntk, rope_from_config
+from lmdeploy_jax.models.spec import ModelSpec, RopeSpec, dynamic_ntk, rope_from_config
+from lmdeploy_jax.models.weights import FusedLayout
 from lmdeploy_jax.pytorch.engine import PytorchEngine
 
 SCALED_TYPES = ('linear', 'dynamic', 'yarn', 'llama3', 'longrope')
@@ -184,6 +186,26 @@ def test_rope_scaling_factor_is_lmdeploys_dynamic_ntk():
         rope_from_config({'rope_scaling': {'type': 'dynamic', 'factor': 2.5, 'partial_rotary_factor': 0.5},
                           'rope_theta': 321.0, 'max_position_embeddings': 128}, 'Phi3ForCausalLM',
                          partial_rotary=True))
+
+
+@pytest.mark.parametrize('tp', [1, 2])
+def test_partial_rotation_at_decode_keeps_the_fused_layout(rng, tp):
+    """The decode path rotates q and k inside the fused qkv (tensor-parallel shards' pieces in
+    turn) and hands the op identity tables; the same as rotating q and k apart."""
+    heads, kv_heads, head_dim, rows = 4, 2, 16, 3
+    spec = ModelSpec('Phi3ForCausalLM', 1, heads, kv_heads, head_dim, 64, 128, 64, jnp.float32, (), 96, 1e-5, False,
+                     RopeSpec(partial_rotary_factor=0.5))
+    layout = FusedLayout(spec, tp)
+    q, k, v = (rng.standard_normal((rows, n * head_dim)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
+    qkv = join_fused([jnp.asarray(x) for x in (q, k, v)], layout, 'qkv')
+    assert [np.asarray(x).tolist() for x in split_fused(qkv, layout, 'qkv')] == [x.tolist() for x in (q, k, v)]
+    angles = rng.uniform(-20, 20, (rows, 4)).astype(np.float32)
+    cos, sin = (jnp.asarray(np.concatenate([f(angles)] * 2, -1)) for f in (np.cos, np.sin))
+    rotated, one, zero = _rotate_partial(spec, layout, qkv, cos, sin)
+    assert np.all(np.asarray(one) == 1) and np.all(np.asarray(zero) == 0) and one.shape == (rows, head_dim)
+    expected = [apply_rope(jnp.asarray(x).reshape(rows, -1, head_dim), cos, sin).reshape(rows, -1) for x in (q, k)]
+    for ours, ref in zip(split_fused(rotated, layout, 'qkv'), expected + [v]):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
 
 
 # ---- the decoder: a Phi-3 with longrope and partial rotary dims, through the Llama layers ----
