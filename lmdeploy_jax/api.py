@@ -31,8 +31,11 @@ def pipeline(model_path: str | None = None, model_name: str | None = None, backe
     """
     from .serve.async_engine import AsyncEngine
     set_log_level(log_level)
-    if not isinstance(instance_num, int) or instance_num < 1:
+    if not isinstance(instance_num, int) or isinstance(instance_num, bool) or instance_num < 1:
         raise ValueError(f'instance_num must be an integer >= 1, got {instance_num!r}')
+    if not isinstance(backend_config, (TurbomindEngineConfig, PytorchEngineConfig, type(None))):
+        raise ValueError('backend_config must be a TurbomindEngineConfig, a PytorchEngineConfig or None, got '
+                         f'{type(backend_config).__name__}')
     if backend_config is None:
         backend_config = (PytorchEngineConfig if backend == 'pytorch' else TurbomindEngineConfig)(tp=tp)
     elif tp != 1 and backend_config.tp == 1:

@@ -90,6 +90,14 @@ def test_engine_configs_refuse_out_of_bounds_values(cls, field, value):
         cls(**{field: value})
 
 
+@pytest.mark.parametrize('field,kwargs', [
+    ('backend_config', dict(backend_config={'session_len': 64})),
+    ('instance_num', dict(instance_num=True, backend_config={'session_len': 64}))])
+def test_pipeline_refuses_arguments_of_the_wrong_kind(field, kwargs):
+    with pytest.raises(ValueError, match=rf'^{field}\b'):
+        pipeline(**kwargs)
+
+
 # ---- isolation inside the engines ----
 
 def _poisoned(field: str, value, **settings) -> GenerationConfig:
