@@ -289,9 +289,9 @@ E2E_ROPES = {
 
 @pytest.fixture(scope='module')
 def default_llama(tmp_path_factory):
-    """A tiny random Llama (default rope) saved to a directory, its prompts (one whose generation
-    crosses ORIGINAL, one whose prompt is longer than MAX_POSITIONS), a generator, and the
-    reference's greedy tokens for the prompts with the default rope."""
+    """A tiny random Llama (default rope) saved to a directory, its prompts (generations that cross
+    ORIGINAL and MAX_POSITIONS, a prompt longer than both), a generator, and the reference's greedy
+    tokens for the prompts with the default rope."""
     seed = int(np.random.default_rng().integers(1 << 30))
     print(f'e2e seed {seed}')
     torch.manual_seed(seed)
@@ -302,7 +302,7 @@ def default_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp('default_rope')
     LlamaForCausalLM(config).float().eval().save_pretrained(path)
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, 256, n).tolist() for n in (ORIGINAL - 10, MAX_POSITIONS + 9)]
+    prompts = [rng.integers(0, 256, n).tolist() for n in (ORIGINAL - 10, MAX_POSITIONS - 10, MAX_POSITIONS + 9)]
     return path, prompts, rng, reference_tokens(ModelSource(str(path), 'default'), prompts)
 
 
@@ -337,9 +337,9 @@ def reference_tokens(source: ModelSource, prompts) -> list[list[int]]:
 
 def jax_tokens(source: ModelSource, prompts, **config) -> list[list[int]]:
     """The JAX engine's greedy tokens, all prompts at once, each prefilled in one chunk."""
-    engine = JaxEngine(source, TurbomindEngineConfig(dtype='float32', session_len=SESSION, max_batch_size=2,
-                                                     cache_block_seq_len=16, num_cache_blocks=16, **config),
-                       decode_batch=[2], prefill_tokens=[64], prefill_batch=[2])
+    engine = JaxEngine(source, TurbomindEngineConfig(dtype='float32', session_len=SESSION, max_batch_size=4,
+                                                     cache_block_seq_len=16, num_cache_blocks=24, **config),
+                       decode_batch=[4], prefill_tokens=[64], prefill_batch=[4])
     try:
         results = run_all(engine, [EngineRequest(i, p, GenerationConfig(max_new_tokens=NEW_TOKENS))
                                    for i, p in enumerate(sorted(prompts, key=len))])
