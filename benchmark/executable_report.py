@@ -107,9 +107,9 @@ def main() -> None:
     args = parser.parse_args()
     import jax
     from bench_common import build_pipeline, print_result
-    from lmdeploy_jax.engine.xla_flags import ENV_DUMP_EXECUTABLES, executable_dump_dir
+    from lmdeploy_jax.engine.xla_flags import executable_dump_dir
     work = tempfile.mkdtemp(prefix='executable_report.')
-    os.environ[ENV_DUMP_EXECUTABLES] = f'{work}/dump'               # read at each compile
+    os.environ['LMDEPLOY_JAX_DUMP_EXECUTABLES'] = f'{work}/dump'    # read at each compile (settings.current())
     jax.config.update('jax_compilation_cache_dir', f'{work}/cache')   # the engine keeps a directory already set
     try:
         pipe, _ = build_pipeline(args)

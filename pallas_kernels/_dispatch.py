@@ -4,19 +4,16 @@ everywhere else. Tests and benchmarks name one explicitly (the ``impl`` argument
 CPU and compared with the reference on the same GPU."""
 from __future__ import annotations
 
-import os
-
 import jax
 
-ENV_VAR = 'LMDEPLOY_JAX_KERNELS'
-IMPLS = ('auto', 'reference', 'pallas', 'pallas_interpret')
+from lmdeploy_jax.settings import KERNEL_IMPLS as IMPLS, current as current_settings
 
 
 def choose_impl(impl: str | None, supported: bool) -> str:
     """Resolve ``impl`` (None: the environment variable, else ``'auto'``) to ``'reference'``,
     ``'pallas'`` or ``'pallas_interpret'``. ``'auto'`` takes the kernel only on a GPU and for
     inputs it supports; naming a kernel for inputs it does not support is an error."""
-    impl = impl or os.environ.get(ENV_VAR, 'auto')
+    impl = impl or current_settings().kernels
     if impl not in IMPLS:
         raise ValueError(f'unknown kernel implementation {impl!r}; expected one of {IMPLS}')
     if impl == 'auto':

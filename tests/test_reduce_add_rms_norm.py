@@ -82,7 +82,7 @@ def test_a_cpu_mesh_keeps_the_reference_and_says_why():
 @pytest.mark.skipif(shutil.which('nvcc') is None, reason='needs nvcc (the GPU machines have it)')
 def test_the_cuda_source_compiles(tmp_path, monkeypatch):
     """The library builds against this JAX's FFI headers and exports what ``p2p_cuda`` loads."""
-    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    monkeypatch.setenv('LMDEPLOY_JAX_CACHE', str(tmp_path))
     library = p2p_cuda._build()
     symbols = subprocess.run(['nm', '-D', str(library)], capture_output=True, text=True, check=True).stdout
     assert 'LmdjP2pReduceAddRmsNorm' in symbols and 'lmdj_p2p_init' in symbols

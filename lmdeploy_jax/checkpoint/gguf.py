@@ -2,28 +2,19 @@
 
 ``transformers`` reads GGUF (weights dequantized to float32, tokenizer and chat template from the
 metadata) but takes tens of seconds to do it; the result is written once to a cache directory keyed
-by the file's name, size and modification time, and every later start loads that directory.
+by the file's path, size and modification time (``conversion_cache.py``), and every later start
+loads that directory.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import tempfile
 
+from . import conversion_cache
 from .errors import CheckpointError
 
 logger = logging.getLogger('lmdeploy_jax')
-
-
-def cache_root() -> str:
-    return os.environ.get('LMDEPLOY_JAX_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'lmdeploy_jax'))
-
-
-def _cache_dir_for(path: str) -> str:
-    st = os.stat(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(cache_root(), 'gguf', f'{stem}-{st.st_size}-{st.st_mtime_ns}')
 
 
 GGUF_MAGIC = b'GGUF'
@@ -92,19 +83,17 @@ def _convert(path: str, out_dir: str) -> None:
 
 
 def gguf_to_hf_dir(path: str) -> str:
-    """The cached HF directory of a GGUF file, converting it on first use."""
-    out_dir = _cache_dir_for(path)
+    """The cached HF directory of a GGUF file, converting it on first use (and then removing the
+    conversions of the file's earlier versions)."""
+    out_dir = conversion_cache.conversion_dir(path)
     if os.path.exists(os.path.join(out_dir, 'config.json')):
         return out_dir
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix='.converting-')
+    work = conversion_cache.work_dir(path)
     try:
-        _convert(path, tmp)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+        _convert(path, work)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         raise
+    conversion_cache.publish(work, out_dir)
+    conversion_cache.remove_replaced(path)
     return out_dir

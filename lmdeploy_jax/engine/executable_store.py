@@ -8,8 +8,9 @@ computed before tracing, from everything the lowering depends on:
 
 - the code that traces it: a digest of every source file of ``lmdeploy_jax`` and ``pallas_kernels``;
 - the software and hardware: JAX and jaxlib versions, the backend's platform version, the devices
-  the executable runs on, ``XLA_FLAGS``, the ``LMDEPLOY_JAX_*`` variables (kernel choices), JAX's
-  settings that change tracing (x64, precision, RNG and the others its jit cache keys on);
+  the executable runs on, the library's settings (``settings.current()``: kernel choices,
+  ``XLA_FLAGS`` and the rest), JAX's settings that change tracing (x64, precision, RNG and the
+  others its jit cache keys on);
 - the caller's description of the function: the model spec, the rope frequencies, the step
   kind and its static settings, and the shapes, dtypes and shardings of every input.
 
@@ -33,10 +34,11 @@ from pathlib import Path
 
 import jax
 
+from .. import settings
+
 logger = logging.getLogger('lmdeploy_jax')
 
 SOURCE_PACKAGES = ('lmdeploy_jax', 'pallas_kernels')
-ENV_PREFIX = 'LMDEPLOY_JAX_'
 JAX_CACHE_HIT = '/jax/compilation_cache/cache_hits'
 MAX_BYTES = 4 << 30      # the store's size bound: least recently used files go first
 
@@ -88,8 +90,7 @@ def environment_key(devices) -> str:
     import jaxlib
     backend = devices[0].client
     parts = [_source_digest(), jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
-             repr([(d.id, d.device_kind) for d in devices]), os.environ.get('XLA_FLAGS', ''),
-             repr(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX))), _trace_settings()]
+             repr([(d.id, d.device_kind) for d in devices]), repr(settings.current()), _trace_settings()]
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from .. import settings
 from ..models import LoadedModel, StepBatch
 from ..parallel import rules
 from .buckets import Buckets
@@ -40,18 +41,18 @@ from .xla_flags import executable_options, is_small_batch_tp_decode
 
 logger = logging.getLogger('lmdeploy_jax')
 
-DEFAULT_COMPILATION_CACHE = os.path.join('~', '.cache', 'lmdeploy_jax', 'jax_compilation_cache')
 PPL_MAX_CHUNK = 512      # tokens per get_ppl chunk: bounds its [T, vocab] float32 logits
 
 
 def enable_compilation_cache(path: str | None) -> None:
     """Turn on JAX's persistent compilation cache so the second start skips compiling.
 
-    A directory the process already set (e.g. by the user) is kept unless ``path`` names one.
+    A directory the process already set (e.g. by the user) is kept unless ``path`` names one;
+    the default is ``jax_compilation_cache`` under ``LMDEPLOY_JAX_CACHE`` (``settings.py``).
     """
     if path is None and getattr(jax.config, 'jax_compilation_cache_dir', None):
         return
-    path = os.path.expanduser(path or DEFAULT_COMPILATION_CACHE)
+    path = os.path.expanduser(path or settings.current().compilation_cache_dir)
     os.makedirs(path, exist_ok=True)
     jax.config.update('jax_compilation_cache_dir', path)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -24,9 +24,10 @@ buffer. See benchmark/NOTES.md v5-v8.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+
+from .. import settings
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -34,8 +35,10 @@ DEFAULT_XLA_FLAGS = {'xla_gpu_enable_dynamic_slice_fusion': 'true', 'xla_gpu_ena
 
 
 def apply_default_xla_flags() -> None:
-    """Add the flags above to ``XLA_FLAGS`` unless set; warn if a GPU backend already started."""
-    flags = os.environ.get('XLA_FLAGS', '')
+    """Add the flags above to ``XLA_FLAGS`` unless set; warn if a GPU backend already started.
+    This is the one place the library writes an environment variable: XLA reads its flags from
+    there when JAX starts its backend."""
+    flags = settings.current().xla_flags
     missing = {name: value for name, value in DEFAULT_XLA_FLAGS.items() if f'--{name}=' not in flags}
     if not missing:
         return
@@ -55,10 +58,6 @@ SMALL_BATCH_TP_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS,
 SMALL_BATCH_P2P_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS.replace(',COLLECTIVES', '')}
 
 
-ENV_SMALL_BATCH_OPTIONS = 'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS'
-ENV_DUMP_EXECUTABLES = 'LMDEPLOY_JAX_DUMP_EXECUTABLES'    # a folder: XLA dumps each step executable under it
-
-
 def executable_options(kind: str, shape: tuple[int, int], tp: int, p2p_all_reduce: bool = False) -> dict:
     """XLA options for one step executable (``kind`` 'prefill' or a decode kind, ``shape`` (rows,
     tokens)) of an engine on ``tp`` devices (``p2p_all_reduce``: summing small steps with its CUDA
@@ -70,8 +69,9 @@ def executable_options(kind: str, shape: tuple[int, int], tp: int, p2p_all_reduc
     options = {}
     if is_small_batch_tp_decode(kind, shape, tp):
         options = small_batch_tp_options(p2p_all_reduce)
-    if os.environ.get(ENV_DUMP_EXECUTABLES):
-        options['xla_dump_to'] = executable_dump_dir(os.environ[ENV_DUMP_EXECUTABLES], kind, shape)
+    dump = settings.current().dump_executables
+    if dump:
+        options['xla_dump_to'] = executable_dump_dir(dump, kind, shape)
     return options
 
 
@@ -86,13 +86,7 @@ def executable_dump_dir(root: str, kind: str, shape: tuple[int, int]) -> str:
 def small_batch_tp_options(p2p_all_reduce: bool = False) -> dict:
     """``SMALL_BATCH_P2P_OPTIONS`` or ``SMALL_BATCH_TP_OPTIONS`` unless ``LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS``
     says otherwise (see above)."""
-    value = os.environ.get(ENV_SMALL_BATCH_OPTIONS, '1').strip()
-    if value in ('0', '1'):
-        return dict(SMALL_BATCH_P2P_OPTIONS if p2p_all_reduce else SMALL_BATCH_TP_OPTIONS) if value == '1' else {}
-    try:
-        options = json.loads(value)
-    except json.JSONDecodeError:
-        options = None
-    if not isinstance(options, dict):
-        raise ValueError(f'{ENV_SMALL_BATCH_OPTIONS} must be 0, 1 or a JSON object of XLA options, got {value!r}')
-    return options
+    value = settings.current().tp_small_batch_options
+    if isinstance(value, dict):
+        return dict(value)
+    return dict(SMALL_BATCH_P2P_OPTIONS if p2p_all_reduce else SMALL_BATCH_TP_OPTIONS) if value else {}

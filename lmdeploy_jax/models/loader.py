@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 
 import jax
@@ -13,6 +12,7 @@ from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 
+from .. import settings
 from ..checkpoint.source import ModelSource
 from ..parallel import split_heads
 from . import llama
@@ -25,8 +25,6 @@ from .safetensors_file import SafetensorsCheckpoint
 from .weights import check_tensors, load_params
 
 logger = logging.getLogger('lmdeploy_jax')
-ENV_LAYER_UNROLL = 'LMDEPLOY_JAX_LAYER_UNROLL'     # layers per scan iteration, or 'all'
-ENV_P2P_ALL_REDUCE = 'LMDEPLOY_JAX_P2P_ALL_REDUCE'   # '0': small tp steps keep XLA's all-reduce
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,8 +116,8 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         params = load_params(ckpt, spec, mesh, split)
     if split is not None:
         spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
-    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh, _layer_unroll(),
-                       _prepare_p2p_all_reduce(mesh) if mesh is not None else None)
+    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh,
+                       settings.current().layer_unroll, _prepare_p2p_all_reduce(mesh) if mesh is not None else None)
 
 
 def _prepare_p2p_all_reduce(mesh: Mesh):
@@ -127,7 +125,7 @@ def _prepare_p2p_all_reduce(mesh: Mesh):
     ``LMDEPLOY_JAX_P2P_ALL_REDUCE=0``: its claim on the GPUs, or None; says in the log what small
     tensor-parallel steps sum with."""
     devices = list(mesh.devices.flat)
-    if devices[0].platform != 'gpu' or os.environ.get(ENV_P2P_ALL_REDUCE, '1') == '0':
+    if devices[0].platform != 'gpu' or not settings.current().p2p_all_reduce:
         return None
     claim = prepare_kernel(devices)
     if isinstance(claim, str):
@@ -135,13 +133,3 @@ def _prepare_p2p_all_reduce(mesh: Mesh):
         return None
     logger.info('small tensor-parallel steps sum over peer memory (reduce_add_rms_norm CUDA kernel)')
     return claim
-
-
-def _layer_unroll() -> int | bool:
-    """``LMDEPLOY_JAX_LAYER_UNROLL``: a positive count of layers per scan iteration, or 'all'."""
-    value = os.environ.get(ENV_LAYER_UNROLL, '1')
-    if value == 'all':
-        return True
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{ENV_LAYER_UNROLL} must be a positive integer or 'all', got {value!r}")
-    return int(value)

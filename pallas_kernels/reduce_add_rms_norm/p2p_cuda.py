@@ -6,7 +6,7 @@ memory from inside a CUDA graph, which neither Pallas lowering offers in one pro
 tests skip Mosaic GPU's remote references in single-process mode, for hanging; Triton has no peer
 pointers) and which XLA's own collectives do not do with its one-shot kernel (benchmark/NOTES.md v8).
 
-The library is compiled with ``nvcc`` on first use (cached under ``~/.cache/lmdeploy_jax``, keyed by
+The library is compiled with ``nvcc`` on first use (cached under ``LMDEPLOY_JAX_CACHE``, keyed by
 the source, the GPU architecture, JAX's version and nvcc's), so a machine without nvcc, without
 peer access between its GPUs or running several processes keeps XLA's all-reduce, as does a second
 engine on GPUs another one sums over (``Claim``); ``prepare`` says why."""
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from lmdeploy_jax.settings import current as current_settings
 
 SOURCE = Path(__file__).with_name('p2p_cuda.cu')
 TARGET = 'lmdeploy_jax_p2p_reduce_add_rms_norm'
@@ -126,13 +128,14 @@ def _library(architecture: str) -> ctypes.CDLL:
 def _build(architecture: str = 'sm_90') -> Path:
     """The library compiled for ``architecture``, from the cache or built now (written under a
     temporary name, then renamed, so concurrent builds never load a half-written file)."""
-    nvcc = shutil.which('nvcc') or os.path.join(os.environ.get('CUDA_HOME', '/usr/local/cuda'), 'bin', 'nvcc')
+    env = current_settings()
+    nvcc = shutil.which('nvcc') or os.path.join(env.cuda_home, 'bin', 'nvcc')
     if not os.path.exists(nvcc):
         raise RuntimeError('nvcc not found (set CUDA_HOME or put nvcc on PATH)')
     version = subprocess.run([nvcc, '--version'], capture_output=True, text=True, check=True).stdout
     key = SOURCE.read_bytes() + f'{jax.__version__} {architecture} {version}'.encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
-    cache = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'lmdeploy_jax' / 'kernels'
+    cache = Path(env.cache_dir) / 'kernels'
     library = cache / f'p2p_cuda-{digest}.so'
     if library.exists():
         return library

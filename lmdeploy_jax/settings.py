@@ -1,0 +1,166 @@
+"""Every environment variable that ``lmdeploy_jax`` and ``pallas_kernels`` read, declared once: its
+type, default and meaning. Nothing else in the two packages reads ``os.environ``
+(``engine/xla_flags.py`` writes ``XLA_FLAGS`` before JAX starts its backend, reading it here).
+
+``current()`` parses the environment each time it is called (a handful of variables), so a variable
+that a test or a benchmark sets before the engine's next use takes effect. A variable set to the
+empty string counts as unset. A value that does not parse raises ``ValueError`` naming the variable,
+the value and what is allowed.
+
+Settings a user chooses per engine belong in ``TurbomindEngineConfig``; these are process-wide:
+where caches live, how several processes join, and switches for kernels and XLA experiments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+KERNEL_IMPLS = ('auto', 'reference', 'pallas', 'pallas_interpret')
+_TRUE, _FALSE = ('1', 'true', 'yes', 'on'), ('0', 'false', 'no', 'off')
+
+
+def _variable(name: str, parse: Callable[[str, str], Any], default: Any, meaning: str, factory: Callable = None):
+    """A settings field read from ``name`` by ``parse(name, value)``; when unset, ``default`` (or
+    ``factory()``, for a default that depends on the process, such as the home directory)."""
+    metadata = {'env': name, 'parse': parse, 'meaning': meaning}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _default_cache_dir() -> str:
+    return os.path.join(os.path.expanduser('~'), '.cache', 'lmdeploy_jax')
+
+
+def _text(name: str, value: str) -> str:
+    return value
+
+
+def _path(name: str, value: str) -> str:
+    return os.path.expanduser(value)
+
+
+def _bool(name: str, value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError(f'{name} must be one of {", ".join(_TRUE + _FALSE)}, got {value!r}')
+
+
+def _hf_bool(name: str, value: str) -> bool:
+    """As ``huggingface_hub`` reads its own switches: true for 1/ON/YES/TRUE, false for anything else."""
+    return value.upper() in ('1', 'ON', 'YES', 'TRUE')
+
+
+def _count(name: str, value: str, minimum: int = 1) -> int:
+    if not value.strip().isdigit() or int(value) < minimum:
+        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
+    return int(value)
+
+
+def _index(name: str, value: str) -> int:
+    return _count(name, value, minimum=0)
+
+
+def _device_ids(name: str, value: str) -> tuple[int, ...]:
+    ids = value.split(',')
+    if not all(i.strip().isdigit() for i in ids):
+        raise ValueError(f'{name} must be comma-separated device ids such as 0,1, got {value!r}')
+    return tuple(int(i) for i in ids)
+
+
+def _kernels(name: str, value: str) -> str:
+    if value not in KERNEL_IMPLS:
+        raise ValueError(f'{name} must be one of {", ".join(KERNEL_IMPLS)}, got {value!r}')
+    return value
+
+
+def _layer_unroll(name: str, value: str) -> int | bool:
+    if value == 'all':
+        return True
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer or 'all', got {value!r}")
+    return int(value)
+
+
+def _xla_options(name: str, value: str) -> bool | dict:
+    if value.strip() in ('0', '1'):
+        return value.strip() == '1'
+    try:
+        options = json.loads(value)
+    except json.JSONDecodeError:
+        options = None
+    if not isinstance(options, dict):
+        raise ValueError(f'{name} must be 0, 1 or a JSON object of XLA options, got {value!r}')
+    return options
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The process's settings, one field per variable (see ``describe()`` for the table)."""
+    cache_dir: str = _variable(
+        'LMDEPLOY_JAX_CACHE', _path, None,
+        "root of the caches: GGUF conversions, JAX's compilation cache with the executable store, CUDA kernels",
+        factory=_default_cache_dir)
+    kernels: str = _variable(
+        'LMDEPLOY_JAX_KERNELS', _kernels, 'auto',
+        "which implementation every kernel op runs: auto (Pallas on a GPU, else the XLA reference), "
+        "reference, pallas or pallas_interpret")
+    layer_unroll: int | bool = _variable(
+        'LMDEPLOY_JAX_LAYER_UNROLL', _layer_unroll, 1,
+        "layers per iteration of the model's layer scan, or 'all' (straight-line code)")
+    p2p_all_reduce: bool = _variable(
+        'LMDEPLOY_JAX_P2P_ALL_REDUCE', _bool, True,
+        "small tensor-parallel decode steps sum with the CUDA peer-memory kernel (0: XLA's all-reduce)")
+    tp_small_batch_options: bool | dict = _variable(
+        'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', _xla_options, True,
+        "XLA options of small tensor-parallel decode executables: 1 the built-in ones, 0 none, "
+        "or a JSON object that replaces them")
+    dump_executables: str | None = _variable(
+        'LMDEPLOY_JAX_DUMP_EXECUTABLES', _path, None,
+        'a folder: XLA dumps each step executable into a subfolder of its own')
+    coordinator: str | None = _variable(
+        'LMDEPLOY_JAX_COORDINATOR', _text, None,
+        "host:port of process 0 when several processes (hosts) join one JAX runtime")
+    num_processes: int | None = _variable(
+        'LMDEPLOY_JAX_NUM_PROCESSES', _count, None, 'how many processes join (with a coordinator)')
+    process_id: int | None = _variable(
+        'LMDEPLOY_JAX_PROCESS_ID', _index, None, "this process's index, 0 on the coordinator's host")
+    local_devices: tuple[int, ...] | None = _variable(
+        'LMDEPLOY_JAX_LOCAL_DEVICES', _device_ids, None,
+        "comma-separated ids of the host's devices this process uses (default: all)")
+    cuda_home: str = _variable(
+        'CUDA_HOME', _path, '/usr/local/cuda', "CUDA toolkit whose nvcc builds the kernel when nvcc is not on PATH")
+    hf_hub_offline: bool = _variable(
+        'HF_HUB_OFFLINE', _hf_bool, False,
+        "huggingface_hub's switch: resolve a model id from the local hub cache only")
+    xla_flags: str = _variable(
+        'XLA_FLAGS', _text, '', "XLA's own flags; on a GPU the engine adds DEFAULT_XLA_FLAGS (engine/xla_flags.py)")
+
+    @property
+    def compilation_cache_dir(self) -> str:
+        """JAX's persistent compilation cache (the executable store lives inside it)."""
+        return os.path.join(self.cache_dir, 'jax_compilation_cache')
+
+
+def current(environ: dict[str, str] | None = None) -> Settings:
+    """The settings ``environ`` (default: ``os.environ``) gives; ValueError naming a variable whose
+    value does not parse."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(f.metadata['env'], '')
+        if raw != '':
+            values[f.name] = f.metadata['parse'](f.metadata['env'], raw)
+    return Settings(**values)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) of every variable, in declaration order (for docs and ``check_env``)."""
+    defaults = Settings()
+    return [(f.metadata['env'], repr(getattr(defaults, f.name)), f.metadata['meaning'])
+            for f in dataclasses.fields(Settings)]
