@@ -36,8 +36,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*flags: str, backend: str = BACKEND):
-    """``lmdeploy_jax serve api_server`` in a subprocess on a free port; yields its base URL once /health answers."""
+def server_process(*flags: str, backend: str = BACKEND):
+    """``lmdeploy_jax serve api_server`` in a subprocess on a free port; yields (base URL, process)
+    once /health answers, and stops the process (if still running) after."""
     port = _free_port()
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, '-m', 'lmdeploy_jax.cli.main', 'serve', 'api_server',
@@ -54,7 +55,7 @@ def running_server(*flags: str, backend: str = BACKEND):
                 if httpx.get(f'{base}/health', timeout=2).status_code == 200:
                     break
             time.sleep(0.5)
-        yield base
+        yield base, proc
     finally:
         proc.terminate()
         try:
@@ -64,9 +65,16 @@ def running_server(*flags: str, backend: str = BACKEND):
         log.close()
 
 
-def scrape(base: str) -> dict[str, float]:
+@contextlib.contextmanager
+def running_server(*flags: str, backend: str = BACKEND):
+    """``server_process``'s base URL alone."""
+    with server_process(*flags, backend=backend) as (base, _):
+        yield base
+
+
+def scrape(base: str, headers: dict | None = None) -> dict[str, float]:
     """``/metrics`` as {sample name with labels: value}."""
-    text = httpx.get(f'{base}/metrics').text
+    text = httpx.get(f'{base}/metrics', headers=headers).text
     return {m.group(1): float(m.group(2)) for m in re.finditer(r'^(\w+(?:\{[^}]*\})?) (\S+)$', text, re.M)}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..serve.openai import limits
 from .engine_args import add_engine_args, add_model_arg, pipeline_kwargs
 
 
@@ -18,7 +19,12 @@ def add_parser(subparsers) -> None:
                      help='accepted keys; clients send "Authorization: Bearer KEY" (all but /health)')
     api.add_argument('--allow-origins', nargs='+', default=None, help='CORS origins allowed')
     api.add_argument('--max-concurrent-requests', type=int, default=None,
-                     help='most requests served at once; more wait their turn')
+                     help='most requests served at once (their bodies read first); more wait their turn')
+    api.add_argument('--body-timeout', type=float, default=limits.BODY_TIMEOUT_S,
+                     help="seconds a request's body may take to arrive; slower ones get 408")
+    api.add_argument('--shutdown-timeout', type=float, default=limits.SHUTDOWN_TIMEOUT_S,
+                     help='seconds running requests get to finish on SIGTERM (vLLM\'s flag); then, or at '
+                          'once with 0, they are aborted and the server exits')
     add_engine_args(api)
     api.set_defaults(func=main)
 
@@ -27,5 +33,5 @@ def main(args: argparse.Namespace) -> int:
     from ..serve.openai import serve
     serve(args.model_path, server_name=args.server_name, server_port=args.server_port, api_keys=args.api_keys,
           allow_origins=args.allow_origins, max_concurrent_requests=args.max_concurrent_requests,
-          **pipeline_kwargs(args))
+          body_timeout=args.body_timeout, shutdown_timeout=args.shutdown_timeout, **pipeline_kwargs(args))
     return 0

@@ -1,6 +1,7 @@
 """The FastAPI application around one AsyncEngine: routes, error shapes, and the middleware stack."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -10,12 +11,12 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .errors import install_error_handlers
 from .generation import ClientDisconnected, Runner
+from .limits import BODY_TIMEOUT_S, MAX_BODY_BYTES
 from .metrics import Metrics
-from .middleware import APIKeyMiddleware, BodyLimitMiddleware, ConcurrencyLimitMiddleware
+from .middleware import (APIKeyMiddleware, BufferedBodyMiddleware, ConcurrencyLimitMiddleware, ServerErrorMiddleware,
+                         usable_api_keys)
 from .routes_native import router as native_router
 from .routes_openai import router as openai_router
-
-DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
 @dataclass
@@ -25,15 +26,30 @@ class ServerState:
     runner: Runner
     model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
-    open_sessions: set[int] = field(default_factory=set)   # /generate sessions kept by interactive mode
+    open_sessions: set[int] = field(default_factory=set)   # engine ids of /generate sessions kept by interactive mode
+
+
+def served_model_name(engine) -> str:
+    """The model id clients see: the name given (``--model-name``) or hub id as it is; for a model
+    on this machine its directory's or GGUF file's name, never its path."""
+    name, given = engine.model_name, engine.source.given
+    path = os.path.expanduser(given)
+    if name != given or not os.path.exists(path):
+        return name
+    return os.path.basename(os.path.normpath(path)).removesuffix('.gguf')
 
 
 def create_app(engine, api_keys: list[str] | None = None, allow_origins: list[str] | None = None,
-               max_concurrent_requests: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               close_engine: bool = True) -> FastAPI:
-    """An app serving ``engine``; it closes the engine when the server shuts down unless told not to."""
+               max_concurrent_requests: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               body_timeout_s: float = BODY_TIMEOUT_S, close_engine: bool = True) -> FastAPI:
+    """An app serving ``engine``; it closes the engine when the server shuts down unless told not to.
+
+    Empty ``api_keys`` are dropped (ValueError when none remain); ``max_body_bytes`` and
+    ``body_timeout_s`` bound each request's body (413, 408), which is read in full before the
+    request takes one of the ``max_concurrent_requests`` slots."""
+    api_keys = usable_api_keys(api_keys)
     metrics = Metrics(engine.engine)
-    state = ServerState(engine, metrics, Runner(engine, metrics), engine.model_name)
+    state = ServerState(engine, metrics, Runner(engine, metrics), served_model_name(engine))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -51,14 +67,16 @@ def create_app(engine, api_keys: list[str] | None = None, allow_origins: list[st
 
     app.include_router(openai_router)
     app.include_router(native_router)
-    # the last added runs first: count, then authenticate, then bound the body and the concurrency
+    # the last added runs first: count; answer CORS preflights (they carry no key) and mark every
+    # answer for the browser; authenticate; read the body; take a concurrency slot; shape failures
+    app.add_middleware(ServerErrorMiddleware)
     if max_concurrent_requests:
         app.add_middleware(ConcurrencyLimitMiddleware, limit=max_concurrent_requests)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BufferedBodyMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
+    if api_keys:
+        app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
     if allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allow_origins, allow_credentials=True,
                            allow_methods=['*'], allow_headers=['*'])
-    if api_keys:
-        app.add_middleware(APIKeyMiddleware, api_keys=api_keys)
     app.add_middleware(metrics.middleware)
     return app

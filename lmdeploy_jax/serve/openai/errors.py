@@ -32,10 +32,21 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
+_UNION_TAGS = frozenset({'str', 'int', 'float', 'bool', 'none', 'list', 'dict'})
+
+
+def _is_field(part) -> bool:
+    """Whether a pydantic error location part names a field or an index, not a union member
+    (pydantic tags those by type: 'str', 'list[ContentPart]', 'function-after[...]', 'ContentPart')."""
+    return isinstance(part, int) or (part.isidentifier() and part not in _UNION_TAGS and not part[:1].isupper())
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str | None]:
-    """The first problem, as 'body.messages.0.role: Input should be ...', its parameter and its kind."""
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get('loc', ()) if p != 'body']
+    """The most specific problem (the deepest location: a union's members each report one), as
+    'messages.0.role: Input should be ...', its parameter and its kind."""
+    errors = exc.errors()
+    first = max(errors, key=lambda e: len(e.get('loc', ())))
+    loc = [str(p) for p in first.get('loc', ()) if p != 'body' and _is_field(p)]
     param = '.'.join(loc) or None
     if first.get('type') == 'json_invalid':
         reason = first.get('ctx', {}).get('error', first.get('msg'))

@@ -8,7 +8,6 @@ their KV blocks (the AsyncEngine aborts a request whose caller stops listening).
 from __future__ import annotations
 
 import asyncio
-import itertools
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -19,8 +18,7 @@ from ..async_engine import GenOut
 from ..event_loop import merge
 from .errors import APIError
 from .metrics import Metrics
-
-FIRST_SERVER_SESSION_ID = 1 << 32   # above the ids clients give /generate
+from .sessions import anonymous_session_id
 
 
 @dataclass
@@ -28,12 +26,10 @@ class Job:
     """One generation: a choice of a request."""
     index: int
     config: GenerationConfig
-    input_ids: list[int] | None = None      # tokenized already (OpenAI routes)
-    prompt: str | list | None = None        # or for the AsyncEngine to render (/generate)
-    session_id: int | None = None           # None: a fresh one
+    input_ids: list[int]                    # tokenized before the request is answered
+    session_id: int | None = None           # the engine session (sessions.py); None: a fresh anonymous one
     sequence_start: bool = True
     sequence_end: bool = True
-    do_preprocess: bool = False
 
 
 @dataclass
@@ -58,16 +54,14 @@ class Result:
 class Runner:
     def __init__(self, engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
-        self._session_ids = itertools.count(FIRST_SERVER_SESSION_ID)
 
     async def _run(self, job: Job) -> AsyncIterator[tuple[int, GenOut]]:
-        session_id = job.session_id if job.session_id is not None else next(self._session_ids)
+        session_id = job.session_id if job.session_id is not None else anonymous_session_id()
         self.metrics.generations.inc()
         self.metrics.running.inc()
         try:
-            async for out in self.engine.generate(job.prompt, session_id, job.config,
-                                                  sequence_start=job.sequence_start, sequence_end=job.sequence_end,
-                                                  do_preprocess=job.do_preprocess, input_ids=job.input_ids):
+            async for out in self.engine.generate(None, session_id, job.config, sequence_start=job.sequence_start,
+                                                  sequence_end=job.sequence_end, input_ids=job.input_ids):
                 self.metrics.generation_tokens.inc(len(out.token_ids))
                 if out.finish_reason is not None:
                     self.metrics.prompt_tokens.inc(out.input_token_len)

@@ -1,24 +1,39 @@
 """Start the server: build the pipeline, then serve its app with uvicorn (LMDeploy's ``serve``)."""
 from __future__ import annotations
 
+from .app import create_app
+from .limits import BODY_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
+from .middleware import usable_api_keys
+
 _UVICORN_LEVELS = {'warn': 'warning', 'fatal': 'critical', 'notset': 'trace'}
 
 
 def serve(model_path: str | None = None, server_name: str = '0.0.0.0', server_port: int = 23333,
           api_keys: list[str] | str | None = None, allow_origins: list[str] | None = None,
-          max_concurrent_requests: int | None = None, log_level: str = 'ERROR', **pipeline_kwargs) -> None:
-    """Serve ``model_path`` until interrupted. ``pipeline_kwargs`` go to ``pipeline()`` (backend, configs)."""
+          max_concurrent_requests: int | None = None, body_timeout: float = BODY_TIMEOUT_S,
+          shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, log_level: str = 'ERROR', **pipeline_kwargs) -> None:
+    """Serve ``model_path`` until interrupted. ``pipeline_kwargs`` go to ``pipeline()`` (backend, configs).
+
+    On SIGTERM/SIGINT new connections are refused; running requests get ``shutdown_timeout``
+    seconds (vLLM's ``--shutdown-timeout``; 0 aborts them at once), then are cancelled, which aborts
+    their generations and frees their KV, and the engine is closed. ``body_timeout``: seconds a
+    request's body may take to arrive (408 after). Raises ValueError, before loading anything,
+    when ``api_keys`` were given but all are empty.
+    """
     import uvicorn
 
     from ...api import pipeline
-    from .app import create_app
     if isinstance(api_keys, str):
         api_keys = api_keys.split(',')
+    api_keys = usable_api_keys(api_keys)
+    if shutdown_timeout < 0 or body_timeout <= 0:
+        raise ValueError(f'shutdown_timeout must be >= 0 and body_timeout > 0, got {shutdown_timeout} and '
+                         f'{body_timeout}')
     engine = pipeline(model_path, log_level=log_level, **pipeline_kwargs)
     app = create_app(engine, api_keys=api_keys, allow_origins=allow_origins,
-                     max_concurrent_requests=max_concurrent_requests)
-    print(f'HINT: serving {engine.model_name!r}; the API is documented at http://{server_name}:{server_port}/docs',
-          flush=True)
+                     max_concurrent_requests=max_concurrent_requests, body_timeout_s=body_timeout)
+    name = app.state.server.model_name
+    print(f'HINT: serving {name!r}; the API is documented at http://{server_name}:{server_port}/docs', flush=True)
     level = log_level.lower()
     uvicorn.run(app, host=server_name, port=server_port, timeout_keep_alive=5,
-                log_level=_UVICORN_LEVELS.get(level, level))
+                timeout_graceful_shutdown=shutdown_timeout, log_level=_UVICORN_LEVELS.get(level, level))

@@ -1,16 +1,39 @@
 """Request and response bodies of the server (OpenAI's shapes, plus LMDeploy's extra sampling fields).
 
 Requests are validated by pydantic, so a bad field is refused before anything reaches the engine;
-the error handlers turn the refusal into an OpenAI-shaped 400. Unknown fields are ignored, as
-OpenAI-compatible servers do (clients send fields this server does not use).
+the error handlers turn the refusal into an OpenAI-shaped 400 naming the field. Every number is
+bounded where it is declared (floats finite, integers within what the engine packs into int32),
+booleans must be JSON booleans, and text must encode to UTF-8 (JSON can carry lone surrogates,
+which no tokenizer takes). Unknown fields are ignored, as OpenAI-compatible servers do (clients
+send fields this server does not use).
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, ValidationInfo, model_validator
+
+from ...text_checks import require_utf8
+
+from .limits import MAX_COMPLETION_CHOICES
+from .sessions import CLIENT_SESSION_IDS
+
+INT32_MAX = (1 << 31) - 1
+
+
+def _utf8(text: str, info: ValidationInfo) -> str:
+    require_utf8(text, info.field_name)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]     # a str that encodes to UTF-8
+
+
+def Real(default, **bounds):  # noqa: N802 - a field type, as pydantic's own
+    """A finite float field."""
+    return Field(default, allow_inf_nan=False, **bounds)
 
 
 def random_id(prefix: str) -> str:
@@ -18,72 +41,80 @@ def random_id(prefix: str) -> str:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
     """Fields every generating endpoint shares; defaults are LMDeploy's server defaults."""
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, ge=0.0, le=1.0)
-    top_k: int = Field(40, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
+    temperature: float = Real(0.7, ge=0.0, le=2.0)
+    top_p: float = Real(1.0, ge=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=INT32_MAX)     # 0 disables it; over the vocabulary keeps every token
+    min_p: float = Real(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Real(1.0, gt=0.0)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
 
 
 class OpenAIRequest(SamplingFields):
-    model: str
+    model: Text
     n: int = Field(1, ge=1, le=64)
-    max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
 
 class ContentPart(BaseModel):
     type: Literal['text']
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal['system', 'user', 'assistant']
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)   # OpenAI's default for completions
+    prompt: Text | list[Text] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)   # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode='after')
+    def _bounded_choices(self):
+        prompts = 1 if isinstance(self.prompt, str) else len(self.prompt)
+        if prompts * self.n > MAX_COMPLETION_CHOICES:
+            raise ValueError(f'{prompts} prompts x n={self.n} is over the limit of {MAX_COMPLETION_CHOICES} '
+                             'choices a request')
+        return self
 
 
 class GenerateRequest(SamplingFields):
     """LMDeploy's native ``/generate``: a session of its own id, kept between requests in interactive mode."""
-    prompt: str | list[ChatMessage]
-    session_id: int = -1
-    interactive_mode: bool = False
-    stream: bool = False
-    request_output_len: int | None = Field(None, ge=1)
-    do_preprocess: bool = True
-    cancel: bool = False
-    temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_p: float = Field(0.8, ge=0.0, le=1.0)
+    prompt: Text | list[ChatMessage]
+    session_id: int = Field(-1, ge=-1, lt=CLIENT_SESSION_IDS)   # -1: a session of the request alone
+    interactive_mode: StrictBool = False
+    stream: StrictBool = False
+    request_output_len: int | None = Field(None, ge=1, le=INT32_MAX)
+    do_preprocess: StrictBool = True
+    cancel: StrictBool = False
+    temperature: float = Real(0.8, ge=0.0, le=2.0)
+    top_p: float = Real(0.8, ge=0.0, le=1.0)
 
 
 class EncodeRequest(BaseModel):
-    input: str | list[str]
-    do_preprocess: bool = False
-    add_bos: bool = True
+    input: Text | list[Text]
+    do_preprocess: StrictBool = False
+    add_bos: StrictBool = True
 
 
 class UsageInfo(BaseModel):

@@ -2,26 +2,33 @@
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import aclosing
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .errors import APIError
 from .generation import Job, Result
+from .middleware import request_owner
 from .protocol import EncodeRequest, GenerateRequest
-from .sampling import generation_config
+from .sampling import generation_config, max_new_tokens, session_prompt_ids
+from .sessions import owned_session_id
 from .streaming import ClosingStreamingResponse
 
+logger = logging.getLogger('lmdeploy_jax')
 router = APIRouter()
 
 
 @router.get('/health')
+@router.head('/health', include_in_schema=False)   # HEAD wherever GET (probes use it), out of the schema
 async def health():
     return Response(status_code=200)
 
 
 @router.get('/metrics')
+@router.head('/metrics', include_in_schema=False)
 async def metrics(request: Request):
     return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -46,18 +53,23 @@ def _reply(result: Result) -> dict:
 @router.post('/generate')
 async def generate(body: GenerateRequest, request: Request):
     """One request of a session. In interactive mode the session keeps its history (and KV) for the
-    next request of the same ``session_id``; ``interactive_mode=false`` ends it; ``cancel`` aborts it."""
+    next request of the same ``session_id``; ``interactive_mode=false`` ends it; ``cancel`` aborts it.
+    A ``session_id`` names a session of the request's API key only (``sessions.py``)."""
     server = request.app.state.server
     if body.session_id == -1 and (body.interactive_mode or body.cancel):
         raise APIError(400, 'interactive_mode and cancel need the session_id of the session', 'session_id')
+    session_id = None if body.session_id == -1 else owned_session_id(request_owner(request), body.session_id)
     if body.cancel:
-        server.engine.stop_session(body.session_id)
+        server.engine.stop_session(session_id)
         return {'text': '', 'tokens': 0, 'input_tokens': 0, 'history_tokens': 0, 'finish_reason': 'abort'}
-    session_id = None if body.session_id == -1 else body.session_id
+    sequence_start = session_id not in server.open_sessions
     prompt = body.prompt if isinstance(body.prompt, str) else [m.model_dump(exclude_none=True) for m in body.prompt]
+    ids = session_prompt_ids(server.engine, prompt, sequence_start, body.do_preprocess)
+    if sequence_start:
+        max_new_tokens(None, len(ids), server.engine.session_len, prompt_param='prompt')
     config = generation_config(body, body.request_output_len or server.engine.session_len)
-    job = Job(0, config, prompt=prompt, session_id=session_id, do_preprocess=body.do_preprocess,
-              sequence_start=session_id not in server.open_sessions, sequence_end=not body.interactive_mode)
+    job = Job(0, config, input_ids=ids, session_id=session_id, sequence_start=sequence_start,
+              sequence_end=not body.interactive_mode)
 
     def record(result: Result) -> None:
         if result.finish_reason != 'error' and session_id is not None:
@@ -68,11 +80,20 @@ async def generate(body: GenerateRequest, request: Request):
         record(result)
         return _reply(result)
 
-    async def lines():
-        result = Result(0)
-        async with aclosing(server.runner.stream([job])) as outs:
+    return ClosingStreamingResponse(_lines(server.runner, job, record), media_type='application/x-ndjson')
+
+
+async def _lines(runner, job: Job, record) -> AsyncIterator[str]:
+    """/generate's stream: a JSON line per increment, the last with ``finish_reason``; ``record``
+    gets the whole result at a normal end. A failure after the 200 is a last line of its own."""
+    result = Result(0)
+    try:
+        async with aclosing(runner.stream([job])) as outs:
             async for _, out in outs:
                 result.add(out)
                 yield json.dumps({**_reply(result), 'text': out.response}) + '\n'
-        record(result)
-    return ClosingStreamingResponse(lines(), media_type='application/x-ndjson')
+    except Exception as exc:  # noqa: BLE001 - the 200 is sent: the error is the stream's last line
+        logger.exception('/generate failed after its stream started')
+        yield json.dumps({**_reply(result), 'text': '', 'finish_reason': 'error', 'error': str(exc)}) + '\n'
+        return
+    record(result)

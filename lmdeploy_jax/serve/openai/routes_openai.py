@@ -1,6 +1,7 @@
 """OpenAI's routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (JSON or SSE)."""
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import aclosing
 
@@ -13,10 +14,12 @@ from .sampling import chat_prompt_ids, generation_config, max_new_tokens, text_p
 from .shapes import ChatShape, CompletionShape
 from .streaming import ClosingStreamingResponse, sse
 
+logger = logging.getLogger('lmdeploy_jax')
 router = APIRouter()
 
 
 @router.get('/v1/models')
+@router.head('/v1/models', include_in_schema=False)
 async def list_models(request: Request):
     name = request.app.state.server.model_name
     return {'object': 'list', 'data': [{'id': name, 'object': 'model', 'created': request.app.state.server.created,
@@ -49,8 +52,9 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     jobs, prompt_tokens = [], 0
     for p, prompt in enumerate(prompts):
-        ids = text_prompt_ids(server.engine, prompt, f'prompt.{p}' if len(prompts) > 1 else 'prompt')
-        new = max_new_tokens(body.max_tokens, len(ids), server.engine.session_len)
+        param = f'prompt.{p}' if len(prompts) > 1 else 'prompt'
+        ids = text_prompt_ids(server.engine, prompt, param)
+        new = max_new_tokens(body.max_tokens, len(ids), server.engine.session_len, prompt_param=param)
         prompt_tokens += len(ids)
         jobs += [Job(p * body.n + i, generation_config(body, new, body.logprobs, i), input_ids=ids)
                  for i in range(body.n)]
@@ -87,16 +91,21 @@ async def _events(server, jobs: list[Job], shape, prompt_tokens: int, include_us
             yield chunk([opening])
     offsets = {job.index: 0 for job in jobs}
     completion_tokens, failed = 0, False
-    async with aclosing(server.runner.stream(jobs)) as outs:
-        async for index, out in outs:
-            if out.finish_reason == 'error':
-                yield sse(error_body(400, out.response.removeprefix('error: ')))
-                failed = True
-                break
-            completion_tokens += len(out.token_ids)
-            yield chunk([shape.delta(index, out.response, out.token_ids, out.logprobs or [], out.finish_reason,
-                                     offsets[index])])
-            offsets[index] += len(out.response)
+    try:
+        async with aclosing(server.runner.stream(jobs)) as outs:
+            async for index, out in outs:
+                if out.finish_reason == 'error':
+                    yield sse(error_body(400, out.response.removeprefix('error: ')))
+                    failed = True
+                    break
+                completion_tokens += len(out.token_ids)
+                yield chunk([shape.delta(index, out.response, out.token_ids, out.logprobs or [], out.finish_reason,
+                                         offsets[index])])
+                offsets[index] += len(out.response)
+    except Exception as exc:  # noqa: BLE001 - the 200 is sent: the error is an event, then the stream's end
+        logger.exception('a stream failed after it started')
+        yield sse(error_body(500, f'the server failed while streaming: {exc}'))
+        failed = True
     if include_usage and not failed:
         yield chunk([], _usage(prompt_tokens, completion_tokens))
     yield sse('[DONE]')

@@ -25,23 +25,39 @@ def generation_config(req: SamplingFields, max_new_tokens: int, logprobs: int | 
                             logprobs=logprobs)
 
 
-def max_new_tokens(requested: int | None, prompt_len: int, session_len: int, param: str = 'max_tokens') -> int:
-    """``requested`` when it fits the context after the prompt; all the room left when None."""
+def max_new_tokens(requested: int | None, prompt_len: int, session_len: int, param: str = 'max_tokens',
+                   prompt_param: str = 'messages') -> int:
+    """``requested`` when it fits the context after the prompt; all the room left when None. A 400
+    names ``prompt_param`` when the prompt alone fills the context, else ``param``."""
     room = session_len - prompt_len
     if room <= 0 or (requested is not None and requested > room):
         asked = prompt_len + (requested or 0)
         raise APIError(400, f"This model's maximum context length is {session_len} tokens. However, you "
                             f'requested {asked} tokens ({prompt_len} in the prompt, {requested or 0} in the '
                             'completion). Please reduce the length of the prompt or the completion.',
-                       param if room > 0 else 'messages', 'context_length_exceeded')
+                       param if room > 0 else prompt_param, 'context_length_exceeded')
     return room if requested is None else requested
+
+
+def session_prompt_ids(engine, prompt: str | list[dict], sequence_start: bool, do_preprocess: bool) -> list[int]:
+    """A prompt's token ids as LMDeploy's ``/generate`` renders it: through the chat template when
+    ``do_preprocess`` (a str is one user turn; the system prompt only at a session's start), else
+    the str as it is; with BOS at a session's start. Refusals are 400s naming ``prompt``."""
+    if do_preprocess:
+        text = engine.chat_template.messages2prompt(prompt, sequence_start)
+    elif isinstance(prompt, str):
+        text = prompt
+    else:
+        raise APIError(400, 'prompt must be a str when do_preprocess is false', 'prompt')
+    ids = engine.tokenizer.encode(text, add_bos=sequence_start) if text else []
+    if not ids:
+        raise APIError(400, 'prompt is empty' if not text else 'prompt encodes to no tokens', 'prompt')
+    return ids
 
 
 def chat_prompt_ids(engine, req: ChatCompletionRequest) -> list[int]:
     """The conversation rendered by the model's chat template, then tokenized (with BOS where the model has one)."""
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    prompt = engine.chat_template.messages2prompt(messages, True)
-    return engine.tokenizer.encode(prompt, add_bos=True)
+    return session_prompt_ids(engine, [m.model_dump(exclude_none=True) for m in req.messages], True, True)
 
 
 def text_prompt_ids(engine, prompt: str, param: str = 'prompt') -> list[int]:
