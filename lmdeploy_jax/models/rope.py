@@ -29,9 +29,11 @@ any length above it, for dynamic):
 
 transformers' dynamic rope also keeps its grown frequencies from one call to the next until a call
 shorter than ``max_position_embeddings`` resets them, so the reference's output for a request can
-depend on the requests served before it; the engine computes every request as a freshly loaded
-transformers model serves it alone. The other types' frequencies do not depend on the length, and
-the engine agrees with the reference however it chunks.
+depend on the requests served before it or beside it (it steps them in turn through one model); the
+engine computes every request as a freshly loaded transformers model serves it alone. The other
+types' frequencies do not depend on the length, and the engine agrees with the reference however it
+chunks. "Agrees" is up to float32 rounding: numpy's, XLA's and torch's ``pow`` may differ in the
+last bit of a frequency.
 """
 from __future__ import annotations
 
