@@ -212,3 +212,11 @@ def test_an_untied_checkpoint_without_its_lm_head_is_named(model_dir):
     # the tied form of the same checkpoint is fine
     _edit_config(model_dir, lambda config: config.update(tie_word_embeddings=True))
     check_supported(ModelSource(model_dir, model_dir))
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_rope_parameter_missing_from_the_config_names_the_file(backend, model_dir):
+    path = _edit_config(model_dir, lambda config: config.update(
+        rope_scaling={'rope_type': 'llama3', 'low_freq_factor': 1.0, 'high_freq_factor': 4.0}))
+    error = _refused(model_dir, backend)
+    assert error.path == path and "'factor'" in str(error)
