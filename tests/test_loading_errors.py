@@ -220,3 +220,23 @@ def test_a_rope_parameter_missing_from_the_config_names_the_file(backend, model_
         rope_scaling={'rope_type': 'llama3', 'low_freq_factor': 1.0, 'high_freq_factor': 4.0}))
     error = _refused(model_dir, backend)
     assert error.path == path and "'factor'" in str(error)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_missing_shard_of_a_sharded_checkpoint_names_the_index(backend, model_dir, rng):
+    from safetensors.torch import load_file, save_file
+    whole = os.path.join(model_dir, 'model.safetensors')
+    tensors = load_file(whole)
+    os.remove(whole)
+    names = sorted(tensors)
+    shards = {f'model-0000{i + 1}-of-00002.safetensors': names[i::2] for i in range(2)}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, os.path.join(model_dir, shard), metadata={'format': 'pt'})
+    index = os.path.join(model_dir, 'model.safetensors.index.json')
+    with open(index, 'w') as f:
+        json.dump({'metadata': {}, 'weight_map': {n: s for s, ns in shards.items() for n in ns}}, f)
+    check_supported(ModelSource(model_dir, model_dir))       # whole: fine
+    gone = sorted(shards)[int(rng.integers(0, 2))]
+    os.remove(os.path.join(model_dir, gone))
+    error = _refused(model_dir, backend)
+    assert error.path == index and f'lists shards that are missing: {gone}' in str(error)

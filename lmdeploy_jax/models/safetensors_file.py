@@ -16,7 +16,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from ..checkpoint.errors import CheckpointError
+from ..checkpoint.errors import CheckpointError, read_json_object
 
 _DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype(np.float16)}
 _DTYPE_NAMES = {'F32': 'float32', 'BF16': 'bfloat16', 'F16': 'float16'}
@@ -52,10 +52,28 @@ def read_header(path: str) -> tuple[dict, int]:
     return header, data_start
 
 
+INDEX_FILE = 'model.safetensors.index.json'
+
+
+def weight_files(hf_dir: str) -> list[str]:
+    """The directory's ``*.safetensors`` files, sorted; CheckpointError naming the index file
+    (``INDEX_FILE``, a sharded checkpoint's) when a shard it lists is missing."""
+    index = os.path.join(hf_dir, INDEX_FILE)
+    if os.path.exists(index):
+        weight_map = read_json_object(index).get('weight_map')
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(index, "has no 'weight_map' object")
+        missing = sorted({f for f in weight_map.values() if not os.path.exists(os.path.join(hf_dir, str(f)))})
+        if missing:
+            raise CheckpointError(index, f'lists shards that are missing: {", ".join(map(str, missing))}')
+    return sorted(glob.glob(os.path.join(glob.escape(hf_dir), '*.safetensors')))
+
+
 def check_files(hf_dir: str) -> None:
     """``read_header`` of every ``*.safetensors`` file in ``hf_dir`` (none is fine: the weights
-    may be in another format): CheckpointError naming the first broken one."""
-    for path in sorted(glob.glob(os.path.join(glob.escape(hf_dir), '*.safetensors'))):
+    may be in another format), after ``weight_files``' check of the index: CheckpointError naming
+    the first broken file."""
+    for path in weight_files(hf_dir):
         read_header(path)
 
 
@@ -84,7 +102,7 @@ class SafetensorsCheckpoint:
 
     def __init__(self, hf_dir: str):
         self.hf_dir = hf_dir
-        self.files = sorted(glob.glob(os.path.join(glob.escape(hf_dir), '*.safetensors')))
+        self.files = weight_files(hf_dir)
         if not self.files:
             raise FileNotFoundError(f'no *.safetensors weights in {hf_dir!r}')
         self._maps: list[np.memmap] = []
