@@ -99,12 +99,16 @@ def test_abandoned_work_is_removed_and_work_in_progress_kept(cache, tmp_path, rn
     path = tmp_path / 'tiny.gguf'
     write_tiny_llama_gguf(path, rng)
     dead, alive = conversion_cache.work_dir(str(path)), conversion_cache.work_dir(str(path))
+    dead_elsewhere = cache / f'{conversion_cache.WORK_PREFIX}of-another-file'
+    dead_elsewhere.mkdir()
     old = os.stat(dead).st_mtime - conversion_cache.ABANDONED_SECONDS - 60
-    os.utime(dead, (old, old))
+    for folder in (dead, dead_elsewhere):
+        os.utime(folder, (old, old))
     half_removed = cache / f'{conversion_cache.TRASH_PREFIX}x'
     half_removed.mkdir()
     done = gguf_to_hf_dir(str(path))
-    assert not os.path.exists(dead) and os.path.isdir(alive) and not half_removed.exists()
+    assert not os.path.exists(dead) and not dead_elsewhere.exists() and not half_removed.exists()
+    assert os.path.isdir(alive)
     assert sorted(os.listdir(cache)) == sorted(os.path.basename(p) for p in (done, alive))
 
 

@@ -4,8 +4,8 @@ A conversion is ``<LMDEPLOY_JAX_CACHE>/gguf/<stem>-<path digest>-<size>-<mtime n
 the file's real path tells apart files of the same name in different folders, the size and
 modification time tell apart versions of one file. Once a version is converted, the directories of
 the file's other versions are removed, as are those of the earlier ``<stem>-<size>-<mtime ns>``
-naming (which nothing reads any more) and the work directories of conversions that died more than
-``ABANDONED_SECONDS`` ago.
+naming (which nothing reads any more) and any work directory older than ``ABANDONED_SECONDS`` (its
+conversion died).
 
 Safe with concurrent processes: a conversion is written in a work directory and renamed into
 place, and a directory is removed by renaming it out of the way first, so no process finds half of
@@ -69,12 +69,11 @@ def remove_replaced(path: str) -> None:
     keep = os.path.basename(conversion_dir(path))
     file_id, stem = _file_id(path), os.path.splitext(os.path.basename(path))[0]
     replaced = re.compile(rf'({re.escape(file_id)}|{re.escape(stem)})-\d+-\d+')
-    abandoned = re.compile(rf'{re.escape(WORK_PREFIX + file_id)}-.*')
     for name in os.listdir(folder):
         entry = os.path.join(folder, name)
         if name != keep and replaced.fullmatch(name):
             _remove(entry)
-        elif abandoned.fullmatch(name) and _age(entry) > ABANDONED_SECONDS:
+        elif name.startswith(WORK_PREFIX) and _age(entry) > ABANDONED_SECONDS:
             _remove(entry)
         elif name.startswith(TRASH_PREFIX):      # a removal that died half-way
             shutil.rmtree(entry, ignore_errors=True)
