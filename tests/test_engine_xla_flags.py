@@ -1,31 +1,53 @@
 """The XLA flags the engine adds before JAX starts its backend (``engine/xla_flags.py``): added
-when missing, a user's own setting of one kept as the user set it, nothing added twice; and the
+when missing, a user's own setting of one kept as the user set it, nothing added twice, nothing
+written once JAX has started (in fresh processes: this one's JAX has long started); and the
 per-executable options: which executables take them, and a compile that survives XLA rejecting them."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from lmdeploy_jax.engine.xla_flags import (DEFAULT_XLA_FLAGS, SMALL_BATCH_P2P_OPTIONS, SMALL_BATCH_TP_OPTIONS,
-                                           SMALL_DECODE_ROWS, apply_default_xla_flags, executable_options)
+                                           SMALL_DECODE_ROWS, executable_options)
+
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
-def test_missing_flags_are_added_and_the_users_are_kept(monkeypatch):
-    monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_enable_triton_gemm=true --xla_force_host_platform_device_count=2')
-    apply_default_xla_flags()
-    flags = os.environ['XLA_FLAGS'].split()
+def _apply_in_a_fresh_process(xla_flags: str | None, start_jax_first: bool = False) -> list[str]:
+    """``XLA_FLAGS`` after ``apply_default_xla_flags`` (twice) in a new process, whose JAX has not
+    started its backend unless ``start_jax_first``."""
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **({'XLA_FLAGS': xla_flags} if xla_flags is not None else {}))
+    script = ('import os, jax\nfrom lmdeploy_jax.engine.xla_flags import apply_default_xla_flags\n'
+              f'{"jax.devices()" if start_jax_first else "pass"}\n'
+              'apply_default_xla_flags()\nfirst = os.environ.get("XLA_FLAGS")\napply_default_xla_flags()\n'
+              'assert os.environ.get("XLA_FLAGS") == first\nprint(repr(first))')
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    value = eval(out.stdout.strip().splitlines()[-1])      # noqa: S307 - the repr of a str or None
+    return value.split() if value is not None else []
+
+
+def test_missing_flags_are_added_and_the_users_are_kept():
+    flags = _apply_in_a_fresh_process('--xla_gpu_enable_triton_gemm=true --xla_force_host_platform_device_count=2')
     assert '--xla_gpu_enable_triton_gemm=true' in flags and '--xla_gpu_enable_triton_gemm=false' not in flags
     assert '--xla_force_host_platform_device_count=2' in flags
     assert '--xla_gpu_enable_dynamic_slice_fusion=true' in flags
-    apply_default_xla_flags()
-    assert os.environ['XLA_FLAGS'].split() == flags
 
 
-def test_all_defaults_when_nothing_is_set(monkeypatch):
-    monkeypatch.delenv('XLA_FLAGS', raising=False)
-    apply_default_xla_flags()
-    assert sorted(os.environ['XLA_FLAGS'].split()) == sorted(f'--{n}={v}' for n, v in DEFAULT_XLA_FLAGS.items())
+def test_all_defaults_when_nothing_is_set():
+    assert sorted(_apply_in_a_fresh_process(None)) == sorted(f'--{n}={v}' for n, v in DEFAULT_XLA_FLAGS.items())
+
+
+def test_once_jax_has_started_the_programs_xla_flags_are_left_alone():
+    assert _apply_in_a_fresh_process(None, start_jax_first=True) == []
+    assert _apply_in_a_fresh_process('--xla_cpu_use_thunk_runtime=true', start_jax_first=True) == [
+        '--xla_cpu_use_thunk_runtime=true']
 
 
 def test_only_small_decode_calls_of_a_tensor_parallel_engine_get_their_own_options():

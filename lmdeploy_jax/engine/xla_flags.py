@@ -35,19 +35,23 @@ DEFAULT_XLA_FLAGS = {'xla_gpu_enable_dynamic_slice_fusion': 'true', 'xla_gpu_ena
 
 
 def apply_default_xla_flags() -> None:
-    """Add the flags above to ``XLA_FLAGS`` unless set; warn if a GPU backend already started.
-    This is the one place the library writes an environment variable: XLA reads its flags from
-    there when JAX starts its backend."""
+    """Add the flags above that ``XLA_FLAGS`` lacks (a flag the user set is kept as set), saying so
+    in the log: the one place the library writes an environment variable, since XLA reads its flags
+    from there once, when JAX starts its backend. Once JAX has started, ``XLA_FLAGS`` is left as the
+    program set it (a write could no longer reach XLA), with a warning on a GPU."""
     flags = settings.current().xla_flags
-    missing = {name: value for name, value in DEFAULT_XLA_FLAGS.items() if f'--{name}=' not in flags}
+    missing = ' '.join(f'--{name}={value}' for name, value in DEFAULT_XLA_FLAGS.items() if f'--{name}=' not in flags)
     if not missing:
         return
-    os.environ['XLA_FLAGS'] = ' '.join([flags, *(f'--{n}={v}' for n, v in missing.items())]).strip()
     import jax
     from jax._src import xla_bridge
-    if xla_bridge.backends_are_initialized() and jax.default_backend() == 'gpu':
-        logger.warning('JAX started before the engine, so XLA runs without %s; set them in XLA_FLAGS before '
-                       'using JAX for full decode speed on a GPU', ', '.join(f'--{n}={v}' for n, v in missing.items()))
+    if xla_bridge.backends_are_initialized():
+        if jax.default_backend() == 'gpu':
+            logger.warning('JAX started before the engine, so XLA runs without %s; set them in XLA_FLAGS before '
+                           'using JAX for full decode speed on a GPU', missing)
+        return
+    os.environ['XLA_FLAGS'] = f'{flags} {missing}'.strip()
+    logger.info('added %s to XLA_FLAGS before JAX starts its backend (lmdeploy_jax/engine/xla_flags.py)', missing)
 
 
 SMALL_DECODE_ROWS = 4        # decode calls of at most this many rows take SMALL_BATCH_TP_OPTIONS
