@@ -63,12 +63,8 @@ def model(client):
     return entry.id
 
 
-def _scrape(base: str) -> dict[str, float]:
-    return scrape(base, headers=AUTH_A)
-
-
 def _generations(base: str) -> int:
-    return int(_scrape(base)['lmdeploy_jax_generations_total'])
+    return int(scrape(base, headers=AUTH_A)['lmdeploy_jax_generations_total'])
 
 
 # ---- sessions belong to their owner ------------------------------------------------------------
@@ -190,6 +186,15 @@ def test_bad_input_is_a_400_naming_the_field(base, model, path, body, param):
         conn.close()
 
 
+@pytest.mark.parametrize('path', ['/v1/completions', '/generate'])
+def test_top_k_past_the_vocabulary_is_refused_before_the_stream(base, model, path):
+    """Within int32 (the request model's bound) but past the model's vocabulary."""
+    body = {'model': model, 'prompt': 'hi', 'top_k': 1_000_000, 'stream': True}
+    r = httpx.post(f'{base}{path}', json=body, headers=AUTH_A, timeout=60)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()['error']['message'].startswith('top_k must be')
+
+
 async def _failing_stream(jobs):
     """A runner's stream that fails after its first increment (fault injection: no request can make
     the real engine fail mid-stream)."""
@@ -223,6 +228,27 @@ def test_a_generate_stream_that_fails_ends_with_an_error_line():
     assert lines[0]['text'] == 'Par' and lines[0]['finish_reason'] is None
     assert lines[-1]['finish_reason'] == 'error' and 'the device went away' in lines[-1]['error']
     assert lines[-1]['tokens'] == 1 and recorded == []
+
+
+def test_an_unexpected_failure_is_an_openai_500_and_the_app_does_not_raise():
+    """Fault injection: a route that fails unexpectedly. An exception that reaches uvicorn closes
+    the keep-alive connection and answers plain text; the middleware answers instead."""
+    from lmdeploy_jax.serve.openai.middleware import ServerErrorMiddleware
+
+    async def broken(scope, receive, send):
+        raise KeyError('a bug')
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {'type': 'http.request', 'body': b'', 'more_body': False}
+    asyncio.run(ServerErrorMiddleware(broken)({'type': 'http', 'method': 'GET', 'path': '/x', 'headers': []},
+                                              receive, send))
+    assert sent[0]['status'] == 500 and (b'connection', b'close') not in sent[0]['headers']
+    error = json.loads(sent[1]['body'])['error']
+    assert error['type'] == 'server_error' and 'a bug' in error['message'] and error['param'] is None
 
 
 # ---- connection hygiene ------------------------------------------------------------------------

@@ -67,7 +67,7 @@ async def generate(body: GenerateRequest, request: Request):
     ids = session_prompt_ids(server.engine, prompt, sequence_start, body.do_preprocess)
     if sequence_start:
         max_new_tokens(None, len(ids), server.engine.session_len, prompt_param='prompt')
-    config = generation_config(body, body.request_output_len or server.engine.session_len)
+    config = generation_config(body, body.request_output_len or server.engine.session_len, server.engine.vocab_size)
     job = Job(0, config, input_ids=ids, session_id=session_id, sequence_start=sequence_start,
               sequence_end=not body.interactive_mode)
 

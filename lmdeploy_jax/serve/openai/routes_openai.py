@@ -41,7 +41,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     new = max_new_tokens(asked, len(ids), server.engine.session_len,
                          'max_completion_tokens' if body.max_completion_tokens else 'max_tokens')
     top = (body.top_logprobs or 0) if body.logprobs else None
-    jobs = [Job(i, generation_config(body, new, top, i), input_ids=ids) for i in range(body.n)]
+    vocab = server.engine.vocab_size
+    jobs = [Job(i, generation_config(body, new, vocab, top, i), input_ids=ids) for i in range(body.n)]
     return await _respond(request, body, jobs, ChatShape(server.engine.tokenizer, top), len(ids))
 
 
@@ -56,7 +57,8 @@ async def completions(body: CompletionRequest, request: Request):
         ids = text_prompt_ids(server.engine, prompt, param)
         new = max_new_tokens(body.max_tokens, len(ids), server.engine.session_len, prompt_param=param)
         prompt_tokens += len(ids)
-        jobs += [Job(p * body.n + i, generation_config(body, new, body.logprobs, i), input_ids=ids)
+        jobs += [Job(p * body.n + i, generation_config(body, new, server.engine.vocab_size, body.logprobs, i),
+                     input_ids=ids)
                  for i in range(body.n)]
     return await _respond(request, body, jobs, CompletionShape(server.engine.tokenizer, body.logprobs), prompt_tokens)
 

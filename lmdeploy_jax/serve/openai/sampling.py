@@ -10,19 +10,23 @@ from .errors import APIError
 from .protocol import ChatCompletionRequest, SamplingFields
 
 
-def generation_config(req: SamplingFields, max_new_tokens: int, logprobs: int | None = None,
+def generation_config(req: SamplingFields, max_new_tokens: int, vocab_size: int, logprobs: int | None = None,
                       seed_offset: int = 0) -> GenerationConfig:
     """LMDeploy's server mapping: sampling on (temperature 0 is greedy), stop strings as stop words.
 
-    ``seed_offset`` makes the n choices of one seeded request independent yet reproducible.
+    ``seed_offset`` makes the n choices of one seeded request independent yet reproducible. The
+    config is checked against the model's ``vocab_size`` too (``top_k``), so that a bad one is
+    refused (ValueError naming the field: a 400) before any stream starts.
     """
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=req.temperature,
-                            top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                            repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
-                            random_seed=None if req.seed is None else req.seed + seed_offset,
-                            stop_words=stop or None, skip_special_tokens=req.skip_special_tokens,
-                            logprobs=logprobs)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=req.temperature,
+                              top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                              repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
+                              random_seed=None if req.seed is None else req.seed + seed_offset,
+                              stop_words=stop or None, skip_special_tokens=req.skip_special_tokens,
+                              logprobs=logprobs)
+    config.validate(vocab_size)
+    return config
 
 
 def max_new_tokens(requested: int | None, prompt_len: int, session_len: int, param: str = 'max_tokens',
