@@ -233,7 +233,7 @@ def test_a_generate_stream_that_fails_ends_with_an_error_line():
 def test_an_unexpected_failure_is_an_openai_500_and_the_app_does_not_raise():
     """Fault injection: a route that fails unexpectedly. An exception that reaches uvicorn closes
     the keep-alive connection and answers plain text; the middleware answers instead."""
-    from lmdeploy_jax.serve.openai.middleware import ServerErrorMiddleware
+    from lmdeploy_jax.serve.openai.middleware import UnexpectedErrorMiddleware
 
     async def broken(scope, receive, send):
         raise KeyError('a bug')
@@ -244,8 +244,8 @@ def test_an_unexpected_failure_is_an_openai_500_and_the_app_does_not_raise():
 
     async def receive():
         return {'type': 'http.request', 'body': b'', 'more_body': False}
-    asyncio.run(ServerErrorMiddleware(broken)({'type': 'http', 'method': 'GET', 'path': '/x', 'headers': []},
-                                              receive, send))
+    asyncio.run(UnexpectedErrorMiddleware(broken)({'type': 'http', 'method': 'GET', 'path': '/x', 'headers': []},
+                                                   receive, send))
     assert sent[0]['status'] == 500 and (b'connection', b'close') not in sent[0]['headers']
     error = json.loads(sent[1]['body'])['error']
     assert error['type'] == 'server_error' and 'a bug' in error['message'] and error['param'] is None

@@ -13,8 +13,8 @@ from .errors import install_error_handlers
 from .generation import ClientDisconnected, Runner
 from .limits import BODY_TIMEOUT_S, MAX_BODY_BYTES
 from .metrics import Metrics
-from .middleware import (APIKeyMiddleware, BufferedBodyMiddleware, ConcurrencyLimitMiddleware, ServerErrorMiddleware,
-                         usable_api_keys)
+from .middleware import (APIKeyMiddleware, BufferedBodyMiddleware, ConcurrencyLimitMiddleware,
+                         UnexpectedErrorMiddleware, usable_api_keys)
 from .routes_native import router as native_router
 from .routes_openai import router as openai_router
 
@@ -69,7 +69,7 @@ def create_app(engine, api_keys: list[str] | None = None, allow_origins: list[st
     app.include_router(native_router)
     # the last added runs first: count; answer CORS preflights (they carry no key) and mark every
     # answer for the browser; authenticate; read the body; take a concurrency slot; shape failures
-    app.add_middleware(ServerErrorMiddleware)
+    app.add_middleware(UnexpectedErrorMiddleware)
     if max_concurrent_requests:
         app.add_middleware(ConcurrencyLimitMiddleware, limit=max_concurrent_requests)
     app.add_middleware(BufferedBodyMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s)

@@ -1,4 +1,5 @@
-"""ASGI middleware in front of every route: API keys, a body size limit, a concurrency limit.
+"""ASGI middleware in front of every route: API keys, the body read whole (bounded in size and time),
+a concurrency limit, and OpenAI-shaped 500s for unexpected failures.
 
 Plain ASGI (not ``BaseHTTPMiddleware``) so streamed responses and client disconnects pass through
 untouched: a disconnect must still reach the route that aborts the request.
@@ -121,7 +122,7 @@ class ConcurrencyLimitMiddleware:
             await self.app(scope, receive, send)
 
 
-class ServerErrorMiddleware:
+class UnexpectedErrorMiddleware:
     """An unexpected exception before the answer has started becomes an OpenAI-shaped 500, and the
     connection stays open for the client's next request (an exception reaching uvicorn closes it).
     Streams report their own failures as events (their answer has started)."""
