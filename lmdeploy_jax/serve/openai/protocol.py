@@ -15,12 +15,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StrictBool, ValidationInfo, model_validator
 
+from ...messages import INT32_MAX
 from ...text_checks import require_utf8
-
 from .limits import MAX_COMPLETION_CHOICES
 from .sessions import CLIENT_SESSION_IDS
-
-INT32_MAX = (1 << 31) - 1
 
 
 def _utf8(text: str, info: ValidationInfo) -> str:
@@ -31,8 +29,8 @@ def _utf8(text: str, info: ValidationInfo) -> str:
 Text = Annotated[str, AfterValidator(_utf8)]     # a str that encodes to UTF-8
 
 
-def Real(default, **bounds):  # noqa: N802 - a field type, as pydantic's own
-    """A finite float field."""
+def finite(default, **bounds):
+    """A float field refusing NaN and infinities (JSON parsers take ``NaN``, ``Infinity``, ``1e999``)."""
     return Field(default, allow_inf_nan=False, **bounds)
 
 
@@ -46,11 +44,11 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields every generating endpoint shares; defaults are LMDeploy's server defaults."""
-    temperature: float = Real(0.7, ge=0.0, le=2.0)
-    top_p: float = Real(1.0, ge=0.0, le=1.0)
-    top_k: int = Field(40, ge=0, le=INT32_MAX)     # 0 disables it; over the vocabulary keeps every token
-    min_p: float = Real(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Real(1.0, gt=0.0)
+    temperature: float = finite(0.7, ge=0.0, le=2.0)
+    top_p: float = finite(1.0, ge=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=INT32_MAX)     # 0 disables it; the vocabulary bounds it too (sampling.py)
+    min_p: float = finite(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = finite(1.0, gt=0.0)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
     ignore_eos: StrictBool = False
@@ -107,8 +105,8 @@ class GenerateRequest(SamplingFields):
     request_output_len: int | None = Field(None, ge=1, le=INT32_MAX)
     do_preprocess: StrictBool = True
     cancel: StrictBool = False
-    temperature: float = Real(0.8, ge=0.0, le=2.0)
-    top_p: float = Real(0.8, ge=0.0, le=1.0)
+    temperature: float = finite(0.8, ge=0.0, le=2.0)
+    top_p: float = finite(0.8, ge=0.0, le=1.0)
 
 
 class EncodeRequest(BaseModel):
