@@ -23,8 +23,8 @@ def add_parser(subparsers) -> None:
     api.add_argument('--body-timeout', type=float, default=limits.BODY_TIMEOUT_S,
                      help="seconds a request's body may take to arrive; slower ones get 408")
     api.add_argument('--shutdown-timeout', type=float, default=limits.SHUTDOWN_TIMEOUT_S,
-                     help='seconds running requests get to finish on SIGTERM (vLLM\'s flag); then, or at '
-                          'once with 0, they are aborted and the server exits')
+                     help="seconds running generations get to finish on SIGTERM (vLLM's flag); then they "
+                          "are aborted (finish_reason 'abort') and the server exits")
     add_engine_args(api)
     api.set_defaults(func=main)
 

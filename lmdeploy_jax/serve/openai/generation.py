@@ -8,6 +8,7 @@ their KV blocks (the AsyncEngine aborts a request whose caller stops listening).
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -54,11 +55,19 @@ class Result:
 class Runner:
     def __init__(self, engine, metrics: Metrics):
         self.engine, self.metrics = engine, metrics
+        self._running: Counter[int] = Counter()     # generations in flight by engine session
+
+    def abort_all(self) -> None:
+        """Abort every generation in flight (shutdown): each finishes with 'abort', so its request
+        ends as usual (a stream with its last chunk and [DONE]) and its KV is freed."""
+        for session_id in list(+self._running):
+            self.engine.stop_session(session_id)
 
     async def _run(self, job: Job) -> AsyncIterator[tuple[int, GenOut]]:
         session_id = job.session_id if job.session_id is not None else anonymous_session_id()
         self.metrics.generations.inc()
         self.metrics.running.inc()
+        self._running[session_id] += 1
         try:
             async for out in self.engine.generate(None, session_id, job.config, sequence_start=job.sequence_start,
                                                   sequence_end=job.sequence_end, input_ids=job.input_ids):
@@ -67,6 +76,7 @@ class Runner:
                     self.metrics.prompt_tokens.inc(out.input_token_len)
                 yield job.index, out
         finally:
+            self._running[session_id] -= 1
             self.metrics.running.dec()
 
     def stream(self, jobs: list[Job]) -> AsyncIterator[tuple[int, GenOut]]:
