@@ -1,4 +1,5 @@
-"""The Pallas GPU kernels against the XLA references, in interpret mode on the CPU.
+"""The Pallas GPU kernels against the XLA references, in interpret mode on the CPU; with
+``LMDEPLOY_JAX_KERNELS=pallas`` compiled and run on the GPU instead (``benchmark/check_kernels_gpu.sh``).
 
 Every case draws fresh random inputs: random non-contiguous block tables, ragged lengths (0, ends
 mid-page, whole pages, several tiles), several block sizes and GQA ratios. The pools the kernel
@@ -20,6 +21,7 @@ row counts that leave a program's last rows masked.
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import jax
@@ -42,6 +44,9 @@ from pallas_kernels.rms_norm import pallas_gpu as norm_gpu
 from pallas_kernels.rms_norm.api import add_rms_norm, rms_norm
 from pallas_kernels.rms_norm.reference import rms_norm_reference
 
+# The kernels as the tests run them: interpreted on the CPU, or compiled for the GPU when asked.
+ON_GPU = os.environ.get('LMDEPLOY_JAX_KERNELS') == 'pallas'
+KERNEL, INTERPRET = ('pallas', False) if ON_GPU else ('pallas_interpret', True)
 KV_HEADS, HEAD_DIM = 2, 32
 SCALE = HEAD_DIM ** -0.5
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
@@ -50,9 +55,11 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 class Pools:
     """Random pools behind random tables. ``clean`` has random values everywhere; ``poisoned``
     is the same with NaN in every slot outside the rows' cached positions: their contexts, or
-    only the first ``cached_lens`` positions of them (a decode step's token is not cached yet)."""
+    only the first ``cached_lens`` positions of them (a decode step's token is not cached yet),
+    and none before ``starts`` (the first position a sliding window lets any query see)."""
 
-    def __init__(self, rng, context_lens, block_size, dtype, spare_blocks=3, cached_lens=None, head_dim=HEAD_DIM):
+    def __init__(self, rng, context_lens, block_size, dtype, spare_blocks=3, cached_lens=None, head_dim=HEAD_DIM,
+                 starts=None):
         self.context_lens = np.asarray(context_lens, np.int32)
         self.block_size = block_size
         max_blocks = max(1, -(-int(self.context_lens.max()) // block_size))
@@ -62,8 +69,9 @@ class Pools:
         self.block_tables = rng.permutation(np.arange(1, num_blocks))[
             :len(context_lens) * max_blocks].reshape(len(context_lens), max_blocks).astype(np.int32)
         owned = np.zeros((num_blocks, block_size), bool)
-        for row, n in zip(self.block_tables, self.context_lens if cached_lens is None else cached_lens):
-            pos = np.arange(n)
+        ends = self.context_lens if cached_lens is None else cached_lens
+        for row, n, first in zip(self.block_tables, ends, np.zeros_like(ends) if starts is None else starts):
+            pos = np.arange(first, n)
             owned[row[pos // block_size], pos % block_size] = True
         self.dtype = dtype
         self.clean = (jnp.asarray(k, dtype), jnp.asarray(v, dtype))
@@ -93,12 +101,21 @@ def relative_error(ours, ref) -> float:
     return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def decode_case(seed, block_size, group, context_lens, dtype=jnp.float32):
+def window_starts(first_query_pos, options):
+    """Each row's first position its first query sees under ``options``' sliding window (None
+    without one): the pools are poisoned before it."""
+    window = options.get('sliding_window')
+    return None if window is None else np.maximum(np.asarray(first_query_pos) - window + 1, 0)
+
+
+def decode_case(seed, block_size, group, context_lens, dtype=jnp.float32, head_dim=HEAD_DIM, **options):
+    """``seed``: an int or a Generator; ``options``: the ops' ``sliding_window``/``logits_soft_cap``."""
     rng = np.random.default_rng(seed)
-    pools = Pools(rng, context_lens, block_size, dtype)
-    q = jnp.asarray(rng.standard_normal((len(context_lens), KV_HEADS * group, HEAD_DIM)), dtype)
+    pools = Pools(rng, context_lens, block_size, dtype, head_dim=head_dim,
+                  starts=window_starts(np.asarray(context_lens) - 1, options))
+    q = jnp.asarray(rng.standard_normal((len(context_lens), KV_HEADS * group, head_dim)), dtype)
     tables, lens = pools.tables()
-    ref = paged_decode_attention(q, *pools.clean, tables, lens, SCALE, impl='reference')
+    ref = paged_decode_attention(q, *pools.clean, tables, lens, SCALE, impl='reference', **options)
     return pools, q, ref
 
 
@@ -116,7 +133,7 @@ def test_decode_matches_reference(block_size, group):
     """Through the op's API with its default launch configuration."""
     lens = [1, block_size + 3, 0, 2 * block_size, 5 * block_size - 7]
     pools, q, ref = decode_case(block_size + group, block_size, group, lens)
-    out = paged_decode_attention(q, *pools.poisoned, *pools.tables(), SCALE, impl='pallas_interpret')
+    out = paged_decode_attention(q, *pools.poisoned, *pools.tables(), SCALE, impl=KERNEL)
     assert_matches(out, ref, jnp.float32, np.asarray(lens) == 0)
 
 
@@ -124,7 +141,7 @@ def test_decode_matches_reference(block_size, group):
 def test_decode_half_precision(dtype):
     lens = [70, 0, 33, 128]
     pools, q, ref = decode_case(7, 32, 4, lens, dtype)
-    out = paged_decode_attention(q, *pools.poisoned, *pools.tables(), SCALE, impl='pallas_interpret')
+    out = paged_decode_attention(q, *pools.poisoned, *pools.tables(), SCALE, impl=KERNEL)
     assert out.dtype == dtype
     assert_matches(out, ref, dtype, np.asarray(lens) == 0)
 
@@ -137,7 +154,7 @@ def test_decode_split_over_the_sequence(num_splits, tile_tokens):
     pools, q, ref = decode_case(num_splits, 64, 4, lens)
     config = decode_gpu.DecodeConfig(tile_tokens=tile_tokens, num_splits=num_splits)
     out = decode_gpu.paged_decode_attention_pallas(q, *pools.stacked(0, 1), jnp.int32(0), *pools.tables(), SCALE,
-                                                   config=config, interpret=True)
+                                                   config=config, interpret=INTERPRET)
     assert_matches(out, ref, jnp.float32, np.asarray(lens) == 0)
 
 
@@ -154,17 +171,20 @@ def test_decode_page_tiles(block_size, tile_tokens, dtype, num_splits):
     pools, q, ref = decode_case(block_size + num_splits, block_size, 2, lens, dtype)
     config = decode_gpu.DecodeConfig(tile_tokens=tile_tokens, num_splits=num_splits, page_tiles=True)
     out = decode_gpu.paged_decode_attention_pallas(q, *pools.stacked(1, 2), jnp.int32(1), *pools.tables(), SCALE,
-                                                   config=config, interpret=True)
+                                                   config=config, interpret=INTERPRET)
     assert_matches(out, ref, dtype, np.asarray(lens) == 0)
 
 
-def prefill_case(seed, block_size, group, context_lens, query_lens, tokens, dtype=jnp.float32):
+def prefill_case(seed, block_size, group, context_lens, query_lens, tokens, dtype=jnp.float32, head_dim=HEAD_DIM,
+                 **options):
+    """As ``decode_case``; the query tokens of row ``b`` are the last ``query_lens[b]`` of its context."""
     rng = np.random.default_rng(seed)
-    pools = Pools(rng, context_lens, block_size, dtype)
-    q = jnp.asarray(rng.standard_normal((len(context_lens), tokens, KV_HEADS * group, HEAD_DIM)),
+    pools = Pools(rng, context_lens, block_size, dtype, head_dim=head_dim,
+                  starts=window_starts(np.asarray(context_lens) - np.asarray(query_lens), options))
+    q = jnp.asarray(rng.standard_normal((len(context_lens), tokens, KV_HEADS * group, head_dim)),
                     dtype)
     qlens = jnp.asarray(query_lens, jnp.int32)
-    ref = paged_prefill_attention(q, *pools.clean, *pools.tables(), qlens, SCALE, impl='reference')
+    ref = paged_prefill_attention(q, *pools.clean, *pools.tables(), qlens, SCALE, impl='reference', **options)
     padding = np.arange(tokens)[None, :] >= np.asarray(query_lens)[:, None]
     return pools, q, qlens, ref, padding
 
@@ -178,7 +198,7 @@ def test_prefill_matches_reference(block_size, group):
     pools, q, qlens, ref, padding = prefill_case(block_size * group, block_size, group,
                                                  context_lens, query_lens, tokens)
     out = paged_prefill_attention(q, *pools.poisoned, *pools.tables(), qlens, SCALE,
-                                  impl='pallas_interpret')
+                                  impl=KERNEL)
     assert_matches(out, ref, jnp.float32, padding)
 
 
@@ -190,11 +210,11 @@ def test_prefill_many_query_blocks_and_tiles_bf16():
                                                  jnp.bfloat16)
     config = prefill_gpu.PrefillConfig(block_rows=16, tile_tokens=16)
     out = prefill_gpu.paged_prefill_attention_pallas(q, *pools.stacked(0, 1), jnp.int32(0), *pools.tables(), qlens,
-                                                     SCALE, config=config, interpret=True)
+                                                     SCALE, config=config, interpret=INTERPRET)
     assert_matches(out, ref, jnp.bfloat16, padding)
 
 
-@pytest.mark.parametrize('impl', ['pallas_interpret', 'reference'])
+@pytest.mark.parametrize('impl', [KERNEL, 'reference'])
 def test_layer_stacked_pools_read_only_their_layer(impl):
     """The engine's pools stack every layer; each op reads only the layer it is given (an int32
     scalar, traced inside the model's scan over layers). The reference reads clean pools (it
@@ -249,7 +269,7 @@ def test_kv_write_matches_reference(rng, block_size, kv_heads, dtype, layers):
     k_pages, v_pages, k_new, v_new, slots, pad = kv_write_case(rng, block_size, kv_heads, dtype, n, layers)
     layer = None if layers is None else jnp.int32(1)
     ref = write_kv(k_pages, v_pages, k_new, v_new, slots, layer, impl='reference')
-    out = jax.jit(functools.partial(write_kv, impl='pallas_interpret'))(k_pages, v_pages, k_new, v_new,
+    out = jax.jit(functools.partial(write_kv, impl=KERNEL))(k_pages, v_pages, k_new, v_new,
                                                                        slots, layer)
     for o, r, new in zip(out, ref, (k_new, v_new)):
         assert o.shape == r.shape and o.dtype == dtype
@@ -262,13 +282,13 @@ def test_kv_write_one_token_and_small_token_blocks(rng):
     k_pages, v_pages, k_new, v_new, _, _ = kv_write_case(rng, 16, 2, jnp.bfloat16, 1, padding=0)
     last = jnp.asarray([k_pages.shape[1] * 16 - 1], jnp.int32)
     ref = write_kv(k_pages, v_pages, k_new, v_new, last, impl='reference')
-    out = write_kv(k_pages, v_pages, k_new, v_new, last, impl='pallas_interpret')
+    out = write_kv(k_pages, v_pages, k_new, v_new, last, impl=KERNEL)
     for o, r, new in zip(out, ref, (k_new, v_new)):
         assert_written(o, r, new, [], 0)
     k_pages, v_pages, k_new, v_new, slots, pad = kv_write_case(rng, 16, 3, jnp.float32, 13, layers=2)
     ref = write_kv(k_pages, v_pages, k_new, v_new, slots, 0, impl='reference')
     out = write_gpu.write_kv_pallas(k_pages, v_pages, k_new, v_new, slots, jnp.int32(0),
-                                    config=write_gpu.WriteConfig(block_tokens=4), interpret=True)
+                                    config=write_gpu.WriteConfig(block_tokens=4), interpret=INTERPRET)
     for o, r, new in zip(out, ref, (k_new, v_new)):
         assert_written(o, r, new, pad, 0)
 
@@ -287,7 +307,7 @@ def test_kv_write_in_a_scan_over_layers(rng):
         return jax.jit(lambda pools: jax.lax.scan(step, pools, (k_new, v_new, jnp.arange(layers, dtype=jnp.int32)))[0])(
             (k_pages, v_pages))
 
-    out, ref = run('pallas_interpret'), run('reference')
+    out, ref = run(KERNEL), run('reference')
     for o, r, new in zip(out, ref, (k_new, v_new)):
         for layer in range(layers):
             assert_written(o[layer], r[layer], new[layer], pad, 0)
@@ -316,7 +336,7 @@ def test_kv_write_supports_power_of_two_head_dims():
     assert write_gpu.supports(jnp.zeros((3, 2, 64), jnp.bfloat16), jnp.zeros((1, 2, 4, 16, 64), jnp.bfloat16))
     with pytest.raises(ValueError, match='does not support'):
         write_kv(pages[0], pages[0], jnp.zeros((3, 2, 48)), jnp.zeros((3, 2, 48)), jnp.zeros((3,), jnp.int32),
-                 impl='pallas_interpret')
+                 impl=KERNEL)
 
 
 # ---- the decode step: rope, KV write and attention in one kernel ----------------------------
@@ -324,27 +344,30 @@ def test_kv_write_supports_power_of_two_head_dims():
 STEP_LAYER, STEP_LAYERS = 1, 3
 
 
-def rope_tables(rng, batch):
-    """float32 cos/sin ``[batch, HEAD_DIM]`` of random angles, halves repeated (HF layout)."""
-    angles = rng.uniform(-np.pi, np.pi, (batch, HEAD_DIM // 2)).astype(np.float32)
+def rope_tables(rng, batch, head_dim=HEAD_DIM):
+    """float32 cos/sin ``[batch, head_dim]`` of random angles, halves repeated (HF layout)."""
+    angles = rng.uniform(-np.pi, np.pi, (batch, head_dim // 2)).astype(np.float32)
     angles = np.concatenate([angles, angles], axis=-1)
     return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
 
 
-def decode_step_case(seed, block_size, group, context_lens, dtype):
-    """Pools cached up to each row's new token (its slot poisoned), as layer ``STEP_LAYER`` of a
-    NaN stack; the step's inputs ``(qkv, cos, sin)`` and the rest ``(layer, slots, tables, lens,
-    scale)``; the reference's output over clean pools, and its pools written from the poisoned
-    ones (what the kernel must leave). At most one empty row, so no two rows race for slot 0."""
+def decode_step_case(seed, block_size, group, context_lens, dtype, head_dim=HEAD_DIM, **options):
+    """Pools cached up to each row's new token (its slot poisoned, and every position before the
+    row's sliding window), as layer ``STEP_LAYER`` of a NaN stack; the step's inputs ``(qkv, cos,
+    sin)`` and the rest ``(layer, slots, tables, lens, scale)``; the reference's output over clean
+    pools, and its pools written from the poisoned ones (what the kernel must leave). At most one
+    empty row, so no two rows race for slot 0. ``seed`` and ``options`` as ``decode_case``."""
     rng = np.random.default_rng(seed)
     lens = np.asarray(context_lens, np.int32)
-    pools = Pools(rng, lens, block_size, dtype, cached_lens=np.maximum(lens - 1, 0))
-    qkv = jnp.asarray(rng.standard_normal((len(lens), KV_HEADS * (group + 2) * HEAD_DIM)), dtype)
-    step = (qkv, *rope_tables(rng, len(lens)))
+    pools = Pools(rng, lens, block_size, dtype, cached_lens=np.maximum(lens - 1, 0), head_dim=head_dim,
+                  starts=window_starts(lens - 1, options))
+    qkv = jnp.asarray(rng.standard_normal((len(lens), KV_HEADS * (group + 2) * head_dim)), dtype)
+    step = (qkv, *rope_tables(rng, len(lens), head_dim))
     rest = (jnp.int32(STEP_LAYER), pools.last_slots(), *pools.tables(), SCALE)
     ref_out, *_ = decode_step_attention(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS, clean=True), *rest,
-                                        impl='reference')
-    _, *ref_pools = decode_step_attention(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS), *rest, impl='reference')
+                                        impl='reference', **options)
+    _, *ref_pools = decode_step_attention(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS), *rest, impl='reference',
+                                          **options)
     return pools, step, rest, ref_out, ref_pools
 
 
@@ -377,11 +400,11 @@ def test_decode_step_matches_reference(block_size, group, dtype, num_splits):
     pools, step, rest, ref_out, ref_pools = decode_step_case(block_size * group, block_size, group, lens, dtype)
     stacked = pools.stacked(STEP_LAYER, STEP_LAYERS)
     if num_splits is None:
-        out, *out_pools = decode_step_attention(*step, *stacked, *rest, impl='pallas_interpret')
+        out, *out_pools = decode_step_attention(*step, *stacked, *rest, impl=KERNEL)
     else:
         config = decode_gpu.DecodeConfig(tile_tokens=16, num_splits=num_splits)
         out, *out_pools = step_gpu.decode_step_attention_pallas(*step, *stacked, *rest, config=config,
-                                                                interpret=True)
+                                                                interpret=INTERPRET)
     assert out.dtype == dtype
     assert_matches(out, ref_out, dtype, np.asarray(lens) == 0)
     assert_step_written(out_pools, ref_pools, rest[1], block_size, dtype)
@@ -395,7 +418,7 @@ def test_decode_step_page_tiles(block_size, tile_tokens, dtype, num_splits):
     pools, step, rest, ref_out, ref_pools = decode_step_case(block_size - num_splits, block_size, 3, lens, dtype)
     config = decode_gpu.DecodeConfig(tile_tokens=tile_tokens, num_splits=num_splits, page_tiles=True)
     out, *out_pools = step_gpu.decode_step_attention_pallas(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS), *rest,
-                                                            config=config, interpret=True)
+                                                            config=config, interpret=INTERPRET)
     assert_matches(out, ref_out, dtype, np.asarray(lens) == 0)
     assert_step_written(out_pools, ref_pools, rest[1], block_size, dtype)
 
@@ -417,11 +440,85 @@ def test_decode_step_in_a_scan_over_layers(rng):
             return tuple(kv), out
         return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, jnp.arange(layers, dtype=jnp.int32))))(stack)
 
-    (k_out, v_out), out = run('pallas_interpret')
+    (k_out, v_out), out = run(KERNEL)
     (k_ref, v_ref), ref = run('reference')
     assert_matches(out, ref, jnp.bfloat16, np.broadcast_to(np.asarray(lens) == 0, out.shape[:2]))
     np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(v_ref, np.float32))
     assert relative_error(np.asarray(k_out, np.float32), np.asarray(k_ref, np.float32)) < TOLERANCE[jnp.bfloat16]
+
+
+# ---- sliding windows and soft-capped scores -------------------------------------------------
+
+# (block_size, group, sliding_window, logits_soft_cap, dtype, head_dim, launch): a window over two
+# pages whose tiles splits share, one inside a page through the op's API (its default launch), the
+# query's own position alone, and Gemma's 256-wide heads. Rows: one position, empty, as long as
+# the window, one longer, and several pages longer (the tiles before the window never visited:
+# the pools hold NaN there).
+WINDOW_DECODE_CASES = [(16, 4, 20, 1.0, jnp.float32, HEAD_DIM, decode_gpu.DecodeConfig(num_splits=3)),
+                       (32, 3, 7, None, jnp.bfloat16, HEAD_DIM, None),
+                       (16, 1, 1, 0.5, jnp.float16, HEAD_DIM, decode_gpu.DecodeConfig(tile_tokens=16, num_splits=2,
+                                                                                      page_tiles=True)),
+                       (16, 2, 40, 2.0, jnp.bfloat16, 256, decode_gpu.DecodeConfig(num_splits=1))]
+
+
+def window_lens(block_size, window):
+    return np.asarray([1, 0, window, window + 1, 4 * block_size + 5], np.int32)
+
+
+@pytest.mark.parametrize('block_size,group,window,soft_cap,dtype,head_dim,config', WINDOW_DECODE_CASES)
+def test_decode_window_and_soft_cap(rng, block_size, group, window, soft_cap, dtype, head_dim, config):
+    lens = window_lens(block_size, window)
+    options = dict(sliding_window=window, logits_soft_cap=soft_cap)
+    pools, q, ref = decode_case(rng, block_size, group, lens, dtype, head_dim, **options)
+    if config is None:
+        out = paged_decode_attention(q, *pools.poisoned, *pools.tables(), SCALE, impl=KERNEL, **options)
+    else:
+        out = decode_gpu.paged_decode_attention_pallas(q, *pools.stacked(0, 1), jnp.int32(0), *pools.tables(), SCALE,
+                                                       jnp.int32(window), soft_cap, config=config, interpret=INTERPRET)
+    assert out.dtype == dtype
+    assert_matches(out, ref, dtype, lens == 0)
+
+
+@pytest.mark.parametrize('block_size,group,window,soft_cap,dtype,head_dim,config', [
+    (16, 4, 20, 1.0, jnp.float32, HEAD_DIM, decode_gpu.DecodeConfig(tile_tokens=16, num_splits=3, page_tiles=True)),
+    (32, 2, 33, 2.0, jnp.bfloat16, 256, None)])
+def test_decode_step_window_and_soft_cap(rng, block_size, group, window, soft_cap, dtype, head_dim, config):
+    """The new token (always inside its window) and the cached positions in the window; the rows
+    as ``test_decode_window_and_soft_cap``'s."""
+    lens = window_lens(block_size, window)
+    options = dict(sliding_window=window, logits_soft_cap=soft_cap)
+    pools, step, rest, ref_out, ref_pools = decode_step_case(rng, block_size, group, lens, dtype, head_dim, **options)
+    stacked = pools.stacked(STEP_LAYER, STEP_LAYERS)
+    if config is None:
+        out, *out_pools = decode_step_attention(*step, *stacked, *rest, impl=KERNEL, **options)
+    else:
+        out, *out_pools = step_gpu.decode_step_attention_pallas(*step, *stacked, *rest, jnp.int32(window), soft_cap,
+                                                                config=config, interpret=INTERPRET)
+    assert_matches(out, ref_out, dtype, lens == 0)
+    assert_step_written(out_pools, ref_pools, rest[1], block_size, dtype)
+
+
+@pytest.mark.parametrize('block_size,group,window,soft_cap,dtype,head_dim,config', [
+    (16, 4, 20, 1.0, jnp.float32, HEAD_DIM, prefill_gpu.PrefillConfig(block_rows=16, tile_tokens=16)),
+    (32, 1, 7, None, jnp.bfloat16, HEAD_DIM, None),
+    (16, 2, 24, 2.0, jnp.bfloat16, 256, None)])
+def test_prefill_window_and_soft_cap(rng, block_size, group, window, soft_cap, dtype, head_dim, config):
+    """A chunk after a prefix longer than the window, a whole prompt, an empty row, and a whole
+    prompt longer than the window over several query blocks (each block's first token's window
+    starts its walk; later tokens mask more)."""
+    context_lens = [3 * block_size + 5, 19, 0, 2 * block_size + 1]
+    query_lens = [9, 19, 0, 2 * block_size + 1]
+    options = dict(sliding_window=window, logits_soft_cap=soft_cap)
+    pools, q, qlens, ref, padding = prefill_case(rng, block_size, group, context_lens, query_lens, max(query_lens),
+                                                 dtype, head_dim, **options)
+    if config is None:
+        out = paged_prefill_attention(q, *pools.poisoned, *pools.tables(), qlens, SCALE, impl=KERNEL,
+                                      **options)
+    else:
+        out = prefill_gpu.paged_prefill_attention_pallas(q, *pools.stacked(0, 1), jnp.int32(0), *pools.tables(),
+                                                         qlens, SCALE, jnp.int32(window), soft_cap, config=config,
+                                                         interpret=INTERPRET)
+    assert_matches(out, ref, dtype, padding)
 
 
 def xla_combine(o, m, l):
@@ -443,7 +540,7 @@ def test_combine_splits_matches_the_xla_formula(rng, num_splits, dtype):
     empty = rng.random(m.shape) < 0.3
     empty[1] = True
     m[empty], l[empty], o[empty] = -np.inf, 0.0, 0.0
-    out = decode_gpu.combine_splits(*map(jnp.asarray, (o, m, l)), dtype, interpret=True)
+    out = decode_gpu.combine_splits(*map(jnp.asarray, (o, m, l)), dtype, interpret=INTERPRET)
     assert out.dtype == dtype
     assert_matches(out, xla_combine(o, m, l), dtype, empty=np.arange(batch) == 1)
 
@@ -498,7 +595,7 @@ def test_mosaic_decode_matches_reference(rng, block_size, group, num_splits, dty
     simulated, races detected; the two wgmmas there are jnp.dots of the same tiles): layer 1 of a
     poisoned stack; rows of length 0, mid-page, whole pages, 40 positions of 16-position pages (a
     64-row step past the table's end); splits with no steps."""
-    params, interpreter = mosaic_interpreter()
+    params, interpreter = (False, None) if ON_GPU else mosaic_interpreter()
     lens = [1, 0, block_size + 3, 2 * block_size, 40 if block_size == 16 else 5 * block_size - 7]
     pools = Pools(rng, lens, block_size, dtype, head_dim=128)
     q = jnp.asarray(rng.standard_normal((len(lens), KV_HEADS * group, 128)), dtype)
@@ -507,7 +604,7 @@ def test_mosaic_decode_matches_reference(rng, block_size, group, num_splits, dty
     assert decode_mosaic.supports(q, pools.stacked(1, 2)[0])
     out = decode_mosaic.paged_decode_attention_mosaic(q, *pools.stacked(1, 2), jnp.int32(1), *pools.tables(), SCALE,
                                                       config=config, interpret=params)
-    assert not interpreter.get_races().races_found
+    assert interpreter is None or not interpreter.get_races().races_found
     assert out.dtype == dtype
     assert_matches(out, ref, dtype, np.asarray(lens) == 0)
 
@@ -567,6 +664,78 @@ def test_triton_decode_compiles_for_sm90(dtype, block_size, group, num_splits, t
     assert compiled.asm['cubin'] and '.target sm_90' in compiled.asm['ptx']
 
 
+def compile_for_sm90(monkeypatch, tmp_path, fn, *args) -> tuple[str, dict[str, int]]:
+    """``fn``'s Pallas (Triton) kernels lowered for CUDA, then each compiled by Triton to an sm_90
+    cubin, without a GPU (JAX's Triton IR taken from its private lowering, as the GPU plugin
+    would compile it): the lowered text, and each kernel's shared memory in bytes."""
+    triton = pytest.importorskip('triton')
+    from triton.backends.compiler import GPUTarget
+    lowering = pytest.importorskip('jax._src.pallas.triton.lowering')
+    modules, lower = {}, lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = lower(*a, **k)
+        text = result.module.operation.get_asm(enable_debug_info=False)
+        modules[re.search(r'tt\.func public @(\w+)', text).group(1)] = text
+        return result
+
+    monkeypatch.setattr(lowering, 'lower_jaxpr_to_triton_module', capture)
+    text = lower_for_cuda(fn, *args)
+    if '__gpu$xla.gpu.triton' not in text:
+        pytest.skip('this jaxlib compiles its Triton kernels while lowering: the test reads the Triton IR it passes on')
+    shared = {}
+    for name, stages, warps in re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text):
+        path = tmp_path / f'{name}.ttir'
+        path.write_text(modules[name])
+        compiled = triton.compile(str(path), target=GPUTarget('cuda', 90, 32),
+                                  options=dict(num_warps=int(warps), num_stages=int(stages)))
+        shared[name] = compiled.metadata.shared
+    return text, shared
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_windowed_soft_capped_kernels_fit_sm90_at_head_dim_256(monkeypatch, tmp_path, dtype):
+    """Gemma's 256-wide heads, a traced sliding window and a soft cap, through each op's API at
+    its default launch: every kernel compiles for sm_90 within an H100/H200 block's shared memory,
+    and the window adds no XLA op around the kernels (it is passed by a free reshape)."""
+    shape, hd = jax.ShapeDtypeStruct, 256
+    pools, layer, window = shape((2, 8, 256, 64, hd), dtype), shape((), jnp.int32), shape((), jnp.int32)
+    tables, lens = shape((4, 64), jnp.int32), shape((4,), jnp.int32)
+    options = dict(logits_soft_cap=50.0, impl='pallas')
+    cases = [
+        (lambda q, k, v, l, t, n, w: paged_decode_attention(q, k, v, t, n, SCALE, l, sliding_window=w, **options),
+         (shape((4, 16, hd), dtype), pools, pools, layer, tables, lens, window)),
+        (lambda x, c, s_, k, v, l, sl, t, n, w: decode_step_attention(x, c, s_, k, v, l, sl, t, n, SCALE,
+                                                                     sliding_window=w, **options),
+         (shape((4, 32 * hd), dtype), shape((4, hd), jnp.float32), shape((4, hd), jnp.float32), pools, pools, layer,
+          lens, tables, lens, window)),
+        (lambda q, k, v, l, t, n, m, w: paged_prefill_attention(q, k, v, t, n, m, SCALE, l, sliding_window=w,
+                                                                **options),
+         (shape((4, 128, 16, hd), dtype), pools, pools, layer, tables, lens, lens, window))]
+    for fn, args in cases:
+        text, shared = compile_for_sm90(monkeypatch, tmp_path, fn, *args)
+        assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
+        assert shared and max(shared.values()) <= decode_mosaic.SMEM_BYTES, shared
+
+
+def test_attention_kernels_refuse_unsupported_heads_with_the_reason():
+    """Head dims the kernels cannot take run on the reference under ``auto``; naming the kernel
+    says why."""
+    tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
+    for head_dim in (96, 512, 8):
+        pages = jnp.ones((2, 4, 16, head_dim), jnp.bfloat16)
+        q = jnp.ones((3, 4, head_dim), jnp.bfloat16)
+        with pytest.raises(ValueError, match=f'does not support.*heads of {head_dim} elements.*from 16 to 256'):
+            paged_decode_attention(q, pages, pages, tables, lens, SCALE, impl=KERNEL)
+        with pytest.raises(ValueError, match=f'heads of {head_dim} elements'):
+            paged_prefill_attention(q[:, None], pages, pages, tables, lens, lens, SCALE, impl=KERNEL)
+    assert paged_decode_attention(q, pages, pages, tables, lens, SCALE, impl='auto').shape == q.shape  # the reference
+    pages = jnp.ones((1, 4, 16, 32), jnp.float32)
+    with pytest.raises(ValueError, match='128 query heads per KV head: the prefill kernel takes at most 64'):
+        paged_prefill_attention(jnp.ones((3, 1, 128, 32)), pages, pages, tables, lens, lens, SCALE,
+                                impl=KERNEL)
+
+
 def test_choose_num_splits_fills_the_device():
     config = decode_gpu.DecodeConfig(target_programs=264)
     assert decode_gpu.choose_num_splits(64, 8, max_tiles=32, config=config) == 1
@@ -575,6 +744,7 @@ def test_choose_num_splits_fills_the_device():
     assert decode_gpu.choose_num_splits(8, 8, max_tiles=32, config=config) == 5
 
 
+@pytest.mark.skipif(ON_GPU, reason='the CPU\'s dispatch')
 def test_dispatch_takes_the_reference_on_cpu_and_rejects_unknown_names(monkeypatch):
     monkeypatch.delenv('LMDEPLOY_JAX_KERNELS', raising=False)
     assert choose_impl(None, supported=True) == 'reference'
@@ -615,7 +785,7 @@ def test_rms_norm_matches_reference(rng, shape, dtype):
     576, 3584: a masked tile tail) and one that is; ``[N, hidden]`` and ``[B, T, hidden]``; one
     row (a batch-1 decode step) and hundreds (several rows per program, the last partly masked)."""
     x, weight = norm_case(rng, shape, dtype)
-    assert_norm_matches(rms_norm(x, weight, NORM_EPS, impl='pallas_interpret'), x, weight, dtype)
+    assert_norm_matches(rms_norm(x, weight, NORM_EPS, impl=KERNEL), x, weight, dtype)
 
 
 @pytest.mark.parametrize('tile_elems,num_warps', [(128, 2), (256, None), (8192, 8)])
@@ -624,7 +794,7 @@ def test_rms_norm_launch_configs(rng, tile_elems, num_warps):
     leave the last program's rows partly past the end."""
     x, weight = norm_case(rng, (37, 96), jnp.bfloat16)
     config = norm_gpu.NormConfig(tile_elems=tile_elems, num_warps=num_warps)
-    out = norm_gpu.rms_norm_pallas(x, weight[None], jnp.int32(0), NORM_EPS, config=config, interpret=True)
+    out = norm_gpu.rms_norm_pallas(x, weight[None], jnp.int32(0), NORM_EPS, config=config, interpret=INTERPRET)
     assert_norm_matches(out, x, weight, jnp.bfloat16)
 
 
@@ -634,7 +804,7 @@ def test_rms_norm_reads_its_layer_of_stacked_weights(rng, layer):
     loop): the kernel scales by that layer's row, the first and one further in, not the first."""
     x, _ = norm_case(rng, (5, 96), jnp.bfloat16)
     stack = jnp.asarray(1 + 0.5 * rng.standard_normal((3, 96)), jnp.bfloat16)
-    out = rms_norm(x, stack, NORM_EPS, jnp.int32(layer), impl='pallas_interpret')
+    out = rms_norm(x, stack, NORM_EPS, jnp.int32(layer), impl=KERNEL)
     assert_norm_matches(out, x, stack[layer], jnp.bfloat16)
     assert relative_error(out.astype(jnp.float32), rms_norm(x, stack[layer - 1], NORM_EPS).astype(jnp.float32)) > 0.1
 
@@ -642,7 +812,7 @@ def test_rms_norm_reads_its_layer_of_stacked_weights(rng, layer):
 def test_rms_norm_promotes_like_the_reference(rng):
     """A float32 weight on bfloat16 ``x``: normalised in bfloat16, then scaled in float32."""
     x, weight = norm_case(rng, (4, 3, 160), jnp.bfloat16, jnp.float32)
-    assert_norm_matches(rms_norm(x, weight, NORM_EPS, impl='pallas_interpret'), x, weight, jnp.float32)
+    assert_norm_matches(rms_norm(x, weight, NORM_EPS, impl=KERNEL), x, weight, jnp.float32)
 
 
 def test_rms_norm_supports_rows_up_to_max_hidden(monkeypatch):
@@ -654,7 +824,7 @@ def test_rms_norm_supports_rows_up_to_max_hidden(monkeypatch):
     assert not norm_gpu.supports(jnp.ones((0, 64), jnp.float32), jnp.ones((64,), jnp.float32))
     np.testing.assert_array_equal(rms_norm(wide, wide[0], NORM_EPS), rms_norm_reference(wide, wide[0], NORM_EPS))
     with pytest.raises(ValueError, match='does not support'):
-        rms_norm(wide, wide[0], NORM_EPS, impl='pallas_interpret')
+        rms_norm(wide, wide[0], NORM_EPS, impl=KERNEL)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -666,7 +836,7 @@ def test_add_rms_norm_returns_the_sum_and_its_norm(rng, shape, dtype):
     x, _ = norm_case(rng, shape, dtype)
     residual, _ = norm_case(rng, shape, dtype)
     stack = jnp.asarray(1 + 0.5 * rng.standard_normal((3, shape[-1])), dtype)
-    total, normed = add_rms_norm(x, residual, stack, NORM_EPS, jnp.int32(2), impl='pallas_interpret')
+    total, normed = add_rms_norm(x, residual, stack, NORM_EPS, jnp.int32(2), impl=KERNEL)
     want_total, want_normed = add_rms_norm(x, residual, stack, NORM_EPS, jnp.int32(2), impl='reference')
     assert total.dtype == dtype and total.shape == x.shape
     np.testing.assert_array_equal(np.asarray(total.astype(jnp.float32)), np.asarray((x + residual).astype(jnp.float32)))
