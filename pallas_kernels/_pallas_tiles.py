@@ -29,6 +29,8 @@ MIN_DOT = 16                      # the smallest M, N and K of a Triton dot
 # It changes nothing for 16-bit inputs.
 EXACT = lax.Precision.HIGHEST
 TRITON_FLOATS = (jnp.bfloat16, jnp.float16, jnp.float32)    # the input dtypes every kernel here takes
+MAX_HEAD_DIM = 256              # the attention kernels' widest head (Gemma's): registers and shared memory
+WIDEST_TUNED_HEAD = 128         # the launch knobs count positions of heads up to this wide
 
 
 def next_pow2(n: int) -> int:
@@ -40,12 +42,6 @@ def triton_supports(dtype, head_dim: int) -> bool:
     of at least ``MIN_DOT`` (Triton tiles have power-of-two extents)."""
     return (dtype in TRITON_FLOATS
             and head_dim >= MIN_DOT and head_dim & (head_dim - 1) == 0)
-
-
-WIDEST_TUNED_HEAD = 128          # launch knobs count positions of heads up to this wide
-
-
-MAX_HEAD_DIM = 256              # the attention kernels' widest head (Gemma): registers and shared memory
 
 
 def attention_unsupported(dtype, head_dim: int) -> str | None:
@@ -76,6 +72,18 @@ class Logits(NamedTuple):
         if self.soft_cap is None:
             return dots * (self.scale * LOG2E)
         return jnp.tanh(dots * (self.scale / self.soft_cap)) * (self.soft_cap * LOG2E)
+
+
+def window_input(window):
+    """A kernel's optional last input: the window (int32 scalar) as ``[1]`` (a free reshape), or
+    nothing without one."""
+    return [] if window is None else [window.reshape(1)]
+
+
+def split_refs(refs, windowed: bool):
+    """A kernel's refs after its fixed inputs as ``(window_ref or None, the rest)``: the
+    ``window_input`` when ``windowed``, then the outputs."""
+    return (refs[0], refs[1:]) if windowed else (None, refs)
 
 
 def window_of(window_ref):

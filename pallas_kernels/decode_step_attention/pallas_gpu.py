@@ -26,9 +26,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .._pallas_tiles import (Logits, attend_pages, attention_unsupported, group_heads, init_state, layer_head,
-                             load_rotated, pool_rows, split_tiles, store_split, window_of, window_start)
-from ..paged_attention.pallas_gpu import (DecodeConfig, finish_splits, group_pad, plan_splits, split_out_shapes,
-                                          split_refs, window_input)
+                             load_rotated, pool_rows, split_refs, split_tiles, store_split, window_input, window_of,
+                             window_start)
+from ..paged_attention.pallas_gpu import DecodeConfig, finish_splits, group_pad, plan_splits, split_out_shapes
 
 
 def unsupported(qkv, k_pages) -> str | None:

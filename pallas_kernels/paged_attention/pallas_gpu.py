@@ -15,11 +15,11 @@ Flash-decoding: when ``batch * kv_heads`` programs would leave SMs idle (small b
 tiles are divided among ``num_splits`` programs; each writes an unnormalised partial output with
 its running max and sum, and a second small Pallas kernel (``combine_splits``, one launch)
 combines them. With one split the kernel writes the normalised output itself and no second pass
-runs.
+runs. The decode-step op (``decode_step_attention``) launches the same way, through the pieces
+here.
 
 A sliding window starts the row's tiles at the window's first position, so a long context costs
-only its window's bytes; the splits share the window's tiles. The decode-step op (``decode_step_attention``) launches the same way, through the pieces
-here.
+only its window's bytes; the splits share the window's tiles.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .._pallas_tiles import (MIN_DOT, Logits, attend_pages, attention_unsupported, group_heads, init_state,
-                             layer_head, next_pow2, pool_rows, split_tiles, store_split, tile_for, window_of,
-                             window_start)
+                             layer_head, next_pow2, pool_rows, split_refs, split_tiles, store_split, tile_for,
+                             window_input, window_of, window_start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +102,6 @@ def split_out_shapes(batch: int, num_splits: int, num_heads: int, head_dim: int,
     return [jax.ShapeDtypeStruct((batch, num_splits, num_heads, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32),
             jax.ShapeDtypeStruct((batch, num_splits, num_heads), jnp.float32)]
-
-
-def window_input(window):
-    """The kernels' optional last input: the window as int32 ``[1]`` (a free reshape), or none."""
-    return [] if window is None else [window.reshape(1)]
-
-
-def split_refs(refs, windowed: bool):
-    """A kernel's trailing refs as ``(window_ref or None, out_refs)`` (``window_input`` last)."""
-    return (refs[0], refs[1:]) if windowed else (None, refs)
 
 
 def _decode_kernel(layer_ref, lens_ref, tables_ref, q_ref, k_ref, v_ref, *refs, windowed, kv_heads, group,

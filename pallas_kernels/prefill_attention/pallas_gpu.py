@@ -25,9 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .._pallas_tiles import (MIN_DOT, WIDEST_TUNED_HEAD, Logits, attention_unsupported, in_span, init_state,
-                             layer_head, load_kv_tile, next_pow2, normalise, pool_rows, softmax_step, tile_for,
-                             window_of, window_start)
-from ..paged_attention.pallas_gpu import split_refs, window_input
+                             layer_head, load_kv_tile, next_pow2, normalise, pool_rows, softmax_step, split_refs,
+                             tile_for, window_input, window_of, window_start)
 
 
 @dataclasses.dataclass(frozen=True)
