@@ -10,6 +10,8 @@
     python benchmark/bench_kernels.py --ops decode_step --batches 1 8     # rope + KV write + decode
     python benchmark/bench_kernels.py --ops rms_norm --tokens 1 256 8192   # RMSNorm of 4096-wide rows
     python benchmark/bench_kernels.py --ops add_rms_norm --tokens 1 8192   # residual add + RMSNorm
+    python benchmark/bench_kernels.py --ops decode decode_step --head-dim 256 --heads 16 \
+        --contexts 8192 --sliding-window 4096 --soft-cap 50 --impls reference pallas   # Gemma 2's local layers
     PYTHONPATH=/tmp/jt-site python benchmark/bench_kernels.py --batches 1 64 --contexts 2048 \
         --impls reference pallas mosaic jax_triton     # decode alternatives (jax_triton: see below)
 
@@ -39,6 +41,9 @@ its rows read and written and the weight read; each call normalises the previous
 as a layer's norm reads what the layer before it wrote (so rows that fit in L2 are read from it,
 as in the model). ``--ops add_rms_norm`` is the op the models call: the residual add before the
 norm in the same kernel (x and the residual read, the sum and the norm written).
+``--sliding-window`` and ``--soft-cap`` pass the attention ops' ``sliding_window`` and
+``logits_soft_cap`` (decode, decode_step and prefill; the Pallas kernels and the reference only),
+and the bytes and FLOPs count only the positions inside each query's window.
 The ratio is to the card's copy bandwidth (2.91 TB/s measured on an H100 on 2026-11-26,
 ``--copy-tbps``) and to the copy this run measures itself.
 One JSON line per case; a failing implementation prints its error and the run goes on; a table
@@ -77,6 +82,7 @@ from pallas_kernels.rms_norm import pallas_gpu as norm_gpu  # noqa: E402
 from pallas_kernels.rms_norm.api import add_rms_norm, rms_norm  # noqa: E402
 
 IMPLS = ('reference', 'pallas', 'pallas_interpret', 'jax_ops', 'mosaic', 'jax_triton')   # the last three: decode only
+WINDOWLESS = ('jax_ops', 'mosaic', 'jax_triton')       # no sliding window or soft cap
 CHECK_ROWS = 8
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
 DECODE_SWEEP = dict(tile_tokens=[32, 64, 128], num_warps=[4, 8], num_stages=[3, 5, 7],
@@ -116,6 +122,25 @@ def make_pages(args, batch, context, seed):
 
 # ---- decode ---------------------------------------------------------------------------------
 
+def attention_options(args) -> dict:
+    """The attention ops' sliding window and soft cap from ``--sliding-window`` / ``--soft-cap``."""
+    return dict(sliding_window=args.sliding_window, logits_soft_cap=args.soft_cap)
+
+
+def kernel_options(args) -> dict:
+    """``attention_options`` as the Pallas kernels take them (the window an int32 scalar)."""
+    window = None if args.sliding_window is None else jnp.int32(args.sliding_window)
+    return dict(window=window, soft_cap=args.soft_cap)
+
+
+def keys_seen(first, last, window):
+    """Sum, per row, over the query positions ``first .. last`` (int arrays, inclusive) of the
+    keys each query sees: ``p + 1``, or at most ``window`` of them (None: no window)."""
+    a, b = np.asarray(first, np.int64) + 1, np.asarray(last, np.int64) + 1       # keys of the first, last
+    c = b if window is None else np.clip(window, a - 1, b)       # the last query count below the window
+    return (c * (c + 1) - (a - 1) * a) // 2 + (b - c) * (0 if window is None else window)
+
+
 def op_impls(args, reference, pallas, config_class, sweep):
     """name -> [(config label, fn)] for every implementation asked for: ``reference`` as is, and
     ``pallas(..., config=, interpret=)`` for each launch config (``configs``)."""
@@ -141,8 +166,10 @@ def decode_impls(args):
     ``mosaic`` and ``jax_triton``: the alternatives in ``paged_attention``, for each of their
     launch configs)."""
     scale = args.head_dim ** -0.5
-    impls = op_impls(args, functools.partial(paged_decode_attention, scale=scale, impl='reference'),
-                     functools.partial(_stacked_decode, decode_gpu.paged_decode_attention_pallas, scale=scale),
+    impls = op_impls(args, functools.partial(paged_decode_attention, scale=scale, impl='reference',
+                                             **attention_options(args)),
+                     functools.partial(_stacked_decode, decode_gpu.paged_decode_attention_pallas, scale=scale,
+                                       **kernel_options(args)),
                      decode_gpu.DecodeConfig, DECODE_SWEEP)
     if 'jax_ops' in args.impls:
         impls['jax_ops'] = [(None, _jax_ops_decode(scale))]
@@ -173,9 +200,10 @@ def decode_case(args, batch, context, seed):
     k, v, tables, lens = make_pages(args, batch, context, seed)
     q = jax.random.normal(jax.random.key(seed + 1), (batch, args.heads, args.head_dim), args.dtype)
     itemsize = jnp.dtype(args.dtype).itemsize
-    kv_bytes = 2 * int(np.asarray(lens).sum()) * args.kv_heads * args.head_dim * itemsize
+    keys = int(keys_seen(np.asarray(lens) - 1, np.asarray(lens) - 1, args.sliding_window).sum())
+    kv_bytes = 2 * keys * args.kv_heads * args.head_dim * itemsize
     io_bytes = 2 * batch * args.heads * args.head_dim * itemsize
-    flops = 4 * int(np.asarray(lens).sum()) * args.heads * args.head_dim
+    flops = 4 * keys * args.heads * args.head_dim
     return dict(q=q, k=k, v=v, tables=tables, lens=lens, bytes=kv_bytes + io_bytes, flops=flops)
 
 
@@ -193,13 +221,15 @@ def decode_check_rows(fn, case):
 
 def prefill_impls(args):
     scale = args.head_dim ** -0.5
-    return op_impls(args, functools.partial(paged_prefill_attention, scale=scale, impl='reference'),
-                    functools.partial(_pallas_prefill, scale=scale), prefill_gpu.PrefillConfig, PREFILL_SWEEP)
+    return op_impls(args, functools.partial(paged_prefill_attention, scale=scale, impl='reference',
+                                            **attention_options(args)),
+                    functools.partial(_pallas_prefill, scale=scale, **kernel_options(args)), prefill_gpu.PrefillConfig,
+                    PREFILL_SWEEP)
 
 
-def _pallas_prefill(q, k, v, tables, lens, qlens, *, scale, config, interpret):
+def _pallas_prefill(q, k, v, tables, lens, qlens, *, scale, window, soft_cap, config, interpret):
     return prefill_gpu.paged_prefill_attention_pallas(q, k[None], v[None], jnp.int32(0), tables, lens, qlens, scale,
-                                                      config=config, interpret=interpret)
+                                                      window, soft_cap, config=config, interpret=interpret)
 
 
 def prefill_case(args, batch, chunk, seed):
@@ -215,9 +245,12 @@ def prefill_case(args, batch, chunk, seed):
                           args.dtype)
     itemsize = jnp.dtype(args.dtype).itemsize
     ctx_np, qlen_np = np.asarray(ctx, np.int64), np.asarray(qlens, np.int64)
-    # query i of a row attends to start + i + 1 positions
-    attended = int((qlen_np * (ctx_np - qlen_np) + qlen_np * (qlen_np + 1) // 2).sum())
-    kv_bytes = 2 * int(ctx_np.sum()) * args.kv_heads * args.head_dim * itemsize
+    # query i of a row attends to start + i + 1 positions, or the window's; the first one's window
+    # starts the positions read
+    start, window = ctx_np - qlen_np, args.sliding_window
+    attended = int(keys_seen(start, ctx_np - 1, window).sum())
+    first_key = 0 if window is None else np.maximum(start - window + 1, 0)
+    kv_bytes = 2 * int((ctx_np - first_key).sum()) * args.kv_heads * args.head_dim * itemsize
     io_bytes = 2 * int(qlen_np.sum()) * args.heads * args.head_dim * itemsize
     return dict(q=q, k=k, v=v, tables=tables, lens=ctx, qlens=qlens, bytes=kv_bytes + io_bytes,
                 flops=4 * attended * args.heads * args.head_dim)
@@ -310,8 +343,9 @@ def time_in_place_calls(fn, case, call, args):
 
 def step_impls(args):
     scale = args.head_dim ** -0.5
-    return op_impls(args, functools.partial(decode_step_attention, scale=scale, impl='reference'),
-                    functools.partial(step_gpu.decode_step_attention_pallas, scale=scale),
+    return op_impls(args, functools.partial(decode_step_attention, scale=scale, impl='reference',
+                                            **attention_options(args)),
+                    functools.partial(step_gpu.decode_step_attention_pallas, scale=scale, **kernel_options(args)),
                     decode_gpu.DecodeConfig, DECODE_SWEEP)
 
 
@@ -326,12 +360,13 @@ def step_case(args, batch, context, seed):
     qkv = jax.random.normal(jax.random.key(seed + 1), (batch, width), args.dtype)
     inv_freq = 1.0 / 10000 ** (np.arange(0, args.head_dim, 2) / args.head_dim)
     angles = np.concatenate([pos[:, None] * inv_freq] * 2, axis=-1).astype(np.float32)
-    kv_bytes = 2 * int(pos.sum()) * args.kv_heads * args.head_dim * itemsize
+    keys = keys_seen(pos, pos, args.sliding_window)                # the new token's among them
+    kv_bytes = 2 * int((keys - 1).sum()) * args.kv_heads * args.head_dim * itemsize
     io_bytes = (width + 2 * args.kv_heads * args.head_dim + args.heads * args.head_dim) * batch * itemsize
     return dict(qkv=qkv, cos=jnp.asarray(np.cos(angles)), sin=jnp.asarray(np.sin(angles)), k=k[None], v=v[None],
                 tables=tables, lens=lens, slots=jnp.asarray(slots, jnp.int32),
                 bytes=kv_bytes + io_bytes + 2 * batch * args.head_dim * 4,
-                flops=4 * int(np.asarray(lens).sum()) * args.heads * args.head_dim)
+                flops=4 * int(keys.sum()) * args.heads * args.head_dim)
 
 
 def step_call(fn, case, table_set):
@@ -588,6 +623,8 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--min-pool-mb', type=int, default=256)
     parser.add_argument('--prefix', type=int, default=0, help='prefill: cached tokens before the chunk')
+    parser.add_argument('--sliding-window', type=int, default=None, help='attention ops: keys p - window < k <= p')
+    parser.add_argument('--soft-cap', type=float, default=None, help='attention ops: scores cap * tanh(scores / cap)')
     parser.add_argument('--max-prefill-tokens', type=int, default=65536)
     parser.add_argument('--copy-tbps', type=float, default=2.91)
     parser.add_argument('--matmul-tflops', type=float, default=726.0)
@@ -597,6 +634,8 @@ def main() -> None:
     unknown = set(args.impls) - set(IMPLS)
     if unknown:
         parser.error(f'unknown implementations {sorted(unknown)}; known: {IMPLS}')
+    if (args.sliding_window is not None or args.soft_cap is not None) and set(args.impls) & set(WINDOWLESS):
+        parser.error(f'{sorted(set(args.impls) & set(WINDOWLESS))} take no --sliding-window or --soft-cap')
 
     results = []
     copy_tbps = None
