@@ -425,8 +425,9 @@ def test_decode_step_page_tiles(block_size, tile_tokens, dtype, num_splits):
 
 def test_decode_step_in_a_scan_over_layers(rng):
     """As the model calls it: the pools carried through a jitted ``lax.scan`` whose index is the
-    layer (traced), each layer its own qkv, writing the same slots of its own layer."""
-    layers, lens = 3, [30, 0, 9]
+    layer (traced), each layer its own qkv and sliding window (traced; 0: a global layer, as
+    Gemma's alternate), writing the same slots of its own layer."""
+    layers, lens, windows = 3, [30, 0, 9], jnp.asarray([7, 0, 20], jnp.int32)
     pools = Pools(rng, lens, 16, jnp.bfloat16, cached_lens=np.maximum(np.asarray(lens) - 1, 0))
     qkv = jnp.asarray(rng.standard_normal((layers, 3, KV_HEADS * 6 * HEAD_DIM)), jnp.bfloat16)
     cos, sin = rope_tables(rng, 3)
@@ -434,11 +435,12 @@ def test_decode_step_in_a_scan_over_layers(rng):
 
     def run(impl):
         def step(kv, xs):
-            x, layer = xs
+            x, layer, window = xs
             out, *kv = decode_step_attention(x, cos, sin, *kv, layer, pools.last_slots(), *pools.tables(), SCALE,
-                                             impl=impl)
+                                             sliding_window=window, impl=impl)
             return tuple(kv), out
-        return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, jnp.arange(layers, dtype=jnp.int32))))(stack)
+        layer_index = jnp.arange(layers, dtype=jnp.int32)
+        return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, layer_index, windows)))(stack)
 
     (k_out, v_out), out = run(KERNEL)
     (k_ref, v_ref), ref = run('reference')
