@@ -7,18 +7,12 @@
 #
 # On the GPU machine (device tool), from the repository root:
 #     bash benchmark/check_kernels_gpu.sh [PYTEST ARGS]        # e.g. -k window: the windowed cases only
-# The log: $OUT/check_kernels_gpu.log. pytest comes from the image, else from wheels carried in
-# .whl/pytest (here, once: .venv/bin/pip download -d .whl/pytest pytest; then carry .whl/pytest).
+# The log: $OUT/check_kernels_gpu.log. The image's python3 has JAX, Triton and pytest.
 # Float32 matmuls of the references run at full precision (not TF32), as the kernels' do.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${OUT:-/tmp}/check_kernels_gpu.log
 export PYTHONUNBUFFERED=1 JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_PREALLOCATE=false
-if ! python3 -c 'import pytest' 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --target /tmp/pytest-site .whl/pytest/*.whl ||
-        { echo 'pytest is missing: carry its wheels in .whl/pytest' | tee "$log"; exit 2; }
-    export PYTHONPATH=/tmp/pytest-site${PYTHONPATH:+:$PYTHONPATH}
-fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c 'import jax, triton; print("jax", jax.__version__, "triton", triton.__version__, jax.devices())' 2>&1 |
     tee "$log"
