@@ -190,11 +190,11 @@ def test_pipeline_bounds_ids_and_top_k_by_the_vocabulary(pipe, field, settings):
 
 
 def test_generate_refuses_input_ids_outside_the_vocabulary(pipe):
-    async def first(**kwargs):
-        return await anext(pipe.generate(None, 4321, GenerationConfig(max_new_tokens=2), **kwargs))
-    with pytest.raises(ValueError, match=r'input_ids\[1\]'):
-        asyncio.run(first(input_ids=[1, 49152]))
-    assert asyncio.run(first(input_ids=[1, 2, 3])).generate_token_len >= 1
+    async def run(ids):
+        return [out async for out in pipe.generate(None, 4321, GenerationConfig(max_new_tokens=2), input_ids=ids)]
+    with pytest.raises(ValueError, match=r'^input_ids\[1\]'):
+        asyncio.run(run([1, 49152]))
+    assert asyncio.run(run([1, 2, 3]))[-1].generate_token_len == 2
 
 
 @pytest.mark.parametrize('call,field', [
@@ -212,7 +212,7 @@ def test_generate_refuses_input_ids_outside_the_vocabulary(pipe):
 def test_text_that_is_not_utf8_is_refused_naming_the_field(pipe, call, field):
     with pytest.raises(ValueError, match=rf'^{field} is not valid UTF-8'):
         call(pipe)
-    assert pipe.engine.stats()['running'] == 0
+    assert pipe.engine.stats()['running'] == 0                # nothing was queued
     assert pipe('Hi', gen_config=GenerationConfig(max_new_tokens=2)).generate_token_len == 2
 
 
