@@ -158,11 +158,15 @@ def test_a_poisoned_request_fails_alone_beside_good_ones(engine, rng):
     assert engine.stats()['running'] == 0
 
 
-def test_a_request_without_a_generation_config_fails_alone(engine, rng):
+def test_malformed_requests_fail_alone(engine, rng):
+    """No generation config, and a session id that cannot key a session (the JAX engine's scheduler
+    raises on it): each finishes with 'error', the request beside them runs."""
     results = _submit_together(engine, [EngineRequest(400, _prompt(rng, 6), None),
-                                        EngineRequest(401, _prompt(rng, 6), GenerationConfig(max_new_tokens=3))])
+                                        EngineRequest([401], _prompt(rng, 6), GenerationConfig(max_new_tokens=3)),
+                                        EngineRequest(402, _prompt(rng, 6), GenerationConfig(max_new_tokens=3))])
     assert results[0].finish_reason == 'error' and 'gen_config' in results[0].error
-    assert results[1].finish_reason == 'length' and len(results[1].tokens) == 3
+    assert results[1].finish_reason == 'error' and 'unhashable' in results[1].error
+    assert results[2].finish_reason == 'length' and len(results[2].tokens) == 3
 
 
 @pytest.mark.parametrize('seqs', [[[1, 2 ** 40]], [[5, 6, 7], [1, 49152]], [[-1, 5]], [[3, 4.0]]])
