@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5, SmolLM2) as pure functions over a
+"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3, SmolLM2) as pure functions over a
 params pytree (layout in ``weights.py``: layers stacked, q/k/v and gate/up fused) and a paged KV
 cache stacked the same way (``kv_cache.py``).
 
@@ -15,6 +15,11 @@ splits q/k/v, applies rope in XLA, writes the chunk's K/V, then attends. For the
 RMSNorm is one op together with the residual add before it (``pallas_kernels.rms_norm.add_rms_norm``:
 one kernel on a GPU, where XLA launched the add, the mean of squares and the scaling); the loop
 carries each layer's MLP output to the next layer's first norm, which adds it.
+
+Sliding windows (``spec.sliding_windows``) are per-layer data: the loop reads its layer's window
+from an int32 ``[layers]`` array (0: global) and hands it to the attention ops, which mask the keys
+outside it; every block of the context stays in the cache. Qwen3's q/k norms normalize each head
+before the rotary embedding.
 
 Given a tensor-parallel mesh, XLA partitions the column-parallel projections from the params'
 shardings, and the KV write and attention run under ``shard_map``, each device on its own heads and
@@ -48,21 +53,24 @@ KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, nu
 
 def _prefill_attention(scale: float, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array,
                        v_pages: jax.Array, layer: jax.Array, slots: jax.Array, block_tables: jax.Array,
-                       context_lens: jax.Array, query_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                       context_lens: jax.Array, query_lens: jax.Array,
+                       *window: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Write this step's K/V ``[B * T, kv_heads, head_dim]`` into layer ``layer`` of the stacks,
-    attend with ``q [B, T, heads, head_dim]`` over them."""
+    attend with ``q [B, T, heads, head_dim]`` over them; ``window``: the layer's sliding window
+    (an int32 scalar, 0: none), absent when no layer of the model has one."""
     k_pages, v_pages = write_kv(k_pages, v_pages, k, v, slots, layer)
-    out = paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, scale, layer)
+    out = paged_prefill_attention(q, k_pages, v_pages, block_tables, context_lens, query_lens, scale, layer,
+                                  sliding_window=window[0] if window else None)
     return out, k_pages, v_pages
 
 
 def _decode_step(scale: float, qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pages: jax.Array,
                  v_pages: jax.Array, layer: jax.Array, slots: jax.Array, block_tables: jax.Array,
-                 context_lens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 context_lens: jax.Array, *window: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row from the fused projection ``qkv [B, F]``: rope, KV write and attention in
-    one op; the output as ``[B, T=1, heads, head_dim]``."""
+    one op; the output as ``[B, T=1, heads, head_dim]``. ``window`` as in ``_prefill_attention``."""
     out, k_pages, v_pages = decode_step_attention(qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables,
-                                                  context_lens, scale)
+                                                  context_lens, scale, sliding_window=window[0] if window else None)
     return out[:, None], k_pages, v_pages
 
 
@@ -78,32 +86,59 @@ def split_fused(y: jax.Array, layout: FusedLayout, key: str) -> list[jax.Array]:
 
 def _attention(spec: ModelSpec, mesh: Mesh | None, row_parallel: ReducedSums | PartialSums,
                layout: FusedLayout, layer: dict, index: jax.Array, x: jax.Array, kv: KVCache, batch: StepBatch,
-               cos: jax.Array, sin: jax.Array):
-    """Project, rotate, write this step's K/V into the pages, attend over the pages."""
+               cos: jax.Array, sin: jax.Array, window: jax.Array | None):
+    """Project, (q/k-norm,) rotate, write this step's K/V into the pages, attend over the pages
+    within the layer's ``window`` (int32 scalar, 0: none; None: the model has no windows)."""
     b, t, _ = x.shape
     d = spec.head_dim
     qkv = linear(x, layer['qkv'])
     r = rules.REPLICATED
     paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
+    windowed = () if window is None else (window,)
     if t == 1:
         qkv, cos, sin = qkv[:, 0], cos[:, 0], sin[:, 0]
+        if spec.qk_norm:
+            qkv = _norm_fused_qk(spec, layout, layer, qkv)
         if cos.shape[-1] < d:
             qkv, cos, sin = _rotate_partial(spec, layout, qkv, cos, sin)
         attend = per_device(functools.partial(_decode_step, d ** -0.5), mesh,
-                            in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r),
+                            in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r,
+                                      *(r for _ in windowed)),
                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
-        out, k_pages, v_pages = attend(qkv, cos, sin, *kv, *paging)
+        out, k_pages, v_pages = attend(qkv, cos, sin, *kv, *paging, *windowed)
     else:
         q, k, v = split_fused(qkv, layout, 'qkv')
-        q = apply_rope(q.reshape(b, t, spec.num_heads, d), cos, sin)
-        k = apply_rope(k.reshape(b, t, spec.num_kv_heads, d), cos, sin).reshape(b * t, spec.num_kv_heads, d)
+        q, k = q.reshape(b, t, spec.num_heads, d), k.reshape(b, t, spec.num_kv_heads, d)
+        if spec.qk_norm:
+            q, k = head_rms_norm(q, layer['q_norm'], spec.rms_norm_eps), head_rms_norm(k, layer['k_norm'],
+                                                                                        spec.rms_norm_eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin).reshape(b * t, spec.num_kv_heads, d)
         v = v.reshape(b * t, spec.num_kv_heads, d)
         attend = per_device(functools.partial(_prefill_attention, d ** -0.5), mesh,
                             in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
-                                      rules.KV_PAGES, r, r, r, r, r),
+                                      rules.KV_PAGES, r, r, r, r, r, *(r for _ in windowed)),
                             out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
-        out, k_pages, v_pages = attend(q, k, v, *kv, *paging, batch.query_lens)
+        out, k_pages, v_pages = attend(q, k, v, *kv, *paging, batch.query_lens, *windowed)
     return row_parallel.project(out.reshape(b, t, spec.num_heads * d), layer['o']), (k_pages, v_pages)
+
+
+def head_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm of each head ``x [..., head_dim]`` with ``weight [head_dim]``, as Qwen3's q/k norms:
+    the statistics in float32, the normalized heads cast back to ``x``'s dtype before the weight."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight * normed.astype(x.dtype)).astype(x.dtype)
+
+
+def _norm_fused_qk(spec: ModelSpec, layout: FusedLayout, layer: dict, qkv: jax.Array) -> jax.Array:
+    """The q/k norms at decode, on q and k of the fused ``qkv [B, F]`` (the decode-step op then
+    rotates them)."""
+    b, d = qkv.shape[0], spec.head_dim
+    q, k, v = split_fused(qkv, layout, 'qkv')
+    q = head_rms_norm(q.reshape(b, spec.num_heads, d), layer['q_norm'], spec.rms_norm_eps).reshape(b, -1)
+    k = head_rms_norm(k.reshape(b, spec.num_kv_heads, d), layer['k_norm'], spec.rms_norm_eps).reshape(b, -1)
+    return join_fused([q, k, v], layout, 'qkv')
 
 
 def _rotate_partial(spec: ModelSpec, layout: FusedLayout, qkv: jax.Array, cos: jax.Array,
@@ -146,6 +181,8 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
     layout = FusedLayout(spec, mesh.size if mesh is not None else 1)
 
     layers = params['layers']
+    # each layer's sliding window (0: global), read by the loop index; None: no layer has one
+    windows = jnp.asarray(spec.sliding_windows, jnp.int32) if any(spec.sliding_windows) else None
 
     def layer_step(index, carry):
         # ``mlp_out``: the previous layer's MLP output (the first layer's: the embeddings' share),
@@ -154,7 +191,8 @@ def forward(spec: ModelSpec, inv_freq: np.ndarray, params: dict, kv_caches: KVCa
         x, mlp_out, kv = carry
         layer = _projections(layers, index)
         x, normed = row_parallel.add_norm(x, mlp_out, layers['input_norm'], index)
-        h, kv = _attention(spec, mesh, row_parallel, layout, layer, index, normed, kv, batch, cos, sin)
+        window = None if windows is None else windows[index]
+        h, kv = _attention(spec, mesh, row_parallel, layout, layer, index, normed, kv, batch, cos, sin, window)
         x, normed = row_parallel.add_norm(x, h, layers['post_norm'], index)
         return x, _mlp(row_parallel, layout, layer, normed), kv
 

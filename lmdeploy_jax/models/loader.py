@@ -69,15 +69,6 @@ def _resolve_dtype(dtype: str, config: dict, ckpt: SafetensorsCheckpoint) -> str
     return declared if declared in DTYPES else ckpt.dtype_name('model.embed_tokens.weight')
 
 
-def _warn_if_sliding_window(config: dict, spec: ModelSpec) -> None:
-    """Sliding-window attention is not implemented: say so where a config would use it."""
-    window = config.get('sliding_window')
-    if (isinstance(window, int) and window and config.get('use_sliding_window', True)
-            and window < spec.max_position_embeddings):
-        logger.warning('%s: sliding_window=%d is ignored; the JAX engine attends over the full context, '
-                       'so outputs differ from the reference beyond %d tokens', spec.architecture, window, window)
-
-
 def model_spec(source: ModelSource, ckpt: SafetensorsCheckpoint, dtype: str = 'auto') -> ModelSpec:
     """The spec of ``source``'s config; CheckpointError naming config.json when a field is missing or bad."""
     config = source.config_dict()
@@ -109,7 +100,6 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
             spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor,
                                                               spec.max_position_embeddings))
         check_tensors(ckpt, spec, source.config_path)
-        _warn_if_sliding_window(source.config_dict(), spec)
         split = None
         if mesh is not None:
             split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)

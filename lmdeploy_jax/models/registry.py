@@ -1,8 +1,32 @@
-"""Which Hugging Face ``architectures`` the JAX engine runs. All of them share the Llama decoder
-(``llama.py``); they differ only in config keys and optional biases, which the loader reads."""
+"""Which Hugging Face ``architectures`` the JAX engine runs, and what sets each family apart. All of
+them share the Llama decoder (``llama.py``); they differ in config keys, optional biases (read from
+the checkpoint), sliding windows and q/k norms (read from ``FAMILIES``)."""
 from __future__ import annotations
 
-SUPPORTED_ARCHITECTURES = ('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM')
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """What an architecture adds to the Llama decoder, as its transformers model does.
+
+    ``sliding_window``: how config.json gives the attention windows (``spec.sliding_windows``):
+    None (no window), ``'all_layers'`` (Mistral: ``sliding_window`` in every layer, ``layer_types``
+    ignored) or ``'per_layer'`` (Qwen2, Qwen3: ``sliding_window`` when ``use_sliding_window``, in the
+    layers ``layer_types`` marks ``sliding_attention``, by default those from ``max_window_layers``
+    on). ``qk_norm``: q and k are RMS-normed per head before the rotary embedding (Qwen3's
+    ``q_norm``/``k_norm``)."""
+    sliding_window: str | None = None
+    qk_norm: bool = False
+
+
+FAMILIES = {
+    'LlamaForCausalLM': Family(),
+    'MistralForCausalLM': Family(sliding_window='all_layers'),
+    'Qwen2ForCausalLM': Family(sliding_window='per_layer'),
+    'Qwen3ForCausalLM': Family(sliding_window='per_layer', qk_norm=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -17,4 +41,4 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def is_supported(architecture: str) -> bool:
-    return architecture in SUPPORTED_ARCHITECTURES
+    return architecture in FAMILIES

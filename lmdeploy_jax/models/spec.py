@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from ..checkpoint.errors import CheckpointError
-from .registry import UnsupportedArchitectureError
+from .registry import FAMILIES, UnsupportedArchitectureError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -48,7 +48,10 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A Llama-family decoder's shape and numerics; ``dtype`` is that of params and KV cache."""
+    """A Llama-family decoder's shape and numerics; ``dtype`` is that of params and KV cache.
+    ``sliding_windows``: each layer's attention window (0: global; empty: no layer has one), a
+    query at position ``p`` seeing keys ``p - window < k <= p`` as in transformers; ``qk_norm``:
+    q and k RMS-normed per head before the rotary embedding (Qwen3)."""
     architecture: str
     num_layers: int
     num_heads: int
@@ -63,6 +66,8 @@ class ModelSpec:
     rms_norm_eps: float
     tie_word_embeddings: bool
     rope: RopeSpec
+    sliding_windows: tuple[int, ...] = ()
+    qk_norm: bool = False
 
 
 ROPE_TYPES = ('default', 'linear', 'dynamic', 'yarn', 'llama3', 'longrope')
@@ -188,9 +193,10 @@ def _config_float(config: dict, name: str, path: str, default: float) -> float:
 
 
 def spec_from_config(config: dict, architecture: str, dtype, eos_token_ids, path: str = 'config.json') -> ModelSpec:
-    """Build the spec of a Llama-family config (Llama, Mistral, Qwen2 share these keys).
-    CheckpointError naming ``path`` (the config's file) when a required field is missing or a
-    size is not a positive integer, or the KV heads do not divide the attention heads."""
+    """Build the spec of a Llama-family config (Llama, Mistral, Qwen2, Qwen3 share these keys; the
+    windows and q/k norms follow ``registry.FAMILIES``). CheckpointError naming ``path`` (the
+    config's file) when a required field is missing or a size is not a positive integer, the KV
+    heads do not divide the attention heads, or the sliding-window fields are malformed."""
     num_heads = _config_int(config, 'num_attention_heads', path)
     hidden = _config_int(config, 'hidden_size', path)
     num_kv_heads = _config_int(config, 'num_key_value_heads', path, num_heads)
@@ -200,9 +206,13 @@ def spec_from_config(config: dict, architecture: str, dtype, eos_token_ids, path
     tie = config.get('tie_word_embeddings') or False
     if not isinstance(tie, bool):
         raise CheckpointError(path, f"field 'tie_word_embeddings' must be true or false, got {tie!r}")
+    num_layers = _config_int(config, 'num_hidden_layers', path)
+    family = FAMILIES.get(architecture)
+    if family is None:
+        raise UnsupportedArchitectureError(architecture)
     return ModelSpec(
         architecture=architecture,
-        num_layers=_config_int(config, 'num_hidden_layers', path),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=_config_int(config, 'head_dim', path, max(1, hidden // num_heads)),
@@ -215,7 +225,45 @@ def spec_from_config(config: dict, architecture: str, dtype, eos_token_ids, path
         rms_norm_eps=_config_float(config, 'rms_norm_eps', path, 1e-6),
         tie_word_embeddings=tie,
         rope=_rope(config, architecture, path),
+        sliding_windows=sliding_windows(config, family.sliding_window, num_layers, path),
+        qk_norm=family.qk_norm,
     )
+
+
+# transformers' defaults where config.json leaves a field out (MistralConfig, Qwen2Config, Qwen3Config)
+DEFAULT_SLIDING_WINDOW, DEFAULT_MAX_WINDOW_LAYERS = 4096, 28
+LAYER_TYPES = ('full_attention', 'sliding_attention')
+
+
+def sliding_windows(config: dict, style: str | None, num_layers: int, path: str) -> tuple[int, ...]:
+    """Each layer's window (0: global) as the family's transformers model reads ``config``, or
+    ``()`` when no layer slides; ``style`` as ``registry.Family.sliding_window``. CheckpointError
+    naming ``path`` for a window that is not a positive integer or null, a ``layer_types`` of
+    another length or with another value, or sliding layers without a window (transformers refuses
+    those too)."""
+    if style is None:
+        return ()
+    window = config.get('sliding_window', DEFAULT_SLIDING_WINDOW)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise CheckpointError(path, f"field 'sliding_window' must be a positive integer or null, got {window!r}")
+    if style == 'all_layers':
+        return (window,) * num_layers if window else ()
+    if not config.get('use_sliding_window', False):
+        window = None
+    types = config.get('layer_types')
+    if types is None:
+        first = config.get('max_window_layers', DEFAULT_MAX_WINDOW_LAYERS)
+        if not isinstance(first, int) or isinstance(first, bool):
+            raise CheckpointError(path, f"field 'max_window_layers' must be an integer, got {first!r}")
+        types = [LAYER_TYPES[window is not None and i >= first] for i in range(num_layers)]
+    if not isinstance(types, list) or len(types) != num_layers or any(t not in LAYER_TYPES for t in types):
+        raise CheckpointError(path, f"field 'layer_types' must list one of {LAYER_TYPES} for each of the "
+                                    f"{num_layers} layers, got {types!r}")
+    sliding = [t == 'sliding_attention' for t in types]
+    if any(sliding) and window is None:
+        raise CheckpointError(path, "field 'layer_types' has sliding_attention layers, but there is no window "
+                                    "('sliding_window' null or 'use_sliding_window' false)")
+    return tuple(window if s else 0 for s in sliding) if any(sliding) else ()
 
 
 def _rope(config: dict, architecture: str, path: str) -> RopeSpec:

@@ -2,10 +2,10 @@
 gate/up fused, every weight put straight onto its device(s) in the target dtype, layer by layer.
 
 Layout (Hugging Face ``[out, in]`` orientation, ``L`` layers; a ``'b'`` entry only where the
-checkpoint has a bias, e.g. Qwen2's q/k/v)::
+checkpoint has a bias, e.g. Qwen2's q/k/v; ``q_norm``/``k_norm`` only where ``spec.qk_norm``)::
 
     {'embed': [vocab, hidden], 'norm': [hidden], 'lm_head': {'w': [vocab, hidden]} (untied only),
-     'layers': {'input_norm', 'post_norm': [L, hidden],
+     'layers': {'input_norm', 'post_norm': [L, hidden], 'q_norm', 'k_norm': [L, head_dim],
                 'qkv': {'w': [L, (heads + 2 * kv_heads) * head_dim, hidden], 'b'?},
                 'o': {'w': [L, hidden, heads * head_dim]},
                 'gate_up': {'w': [L, 2 * intermediate, hidden]}, 'down': {'w': [L, hidden, intermediate]}}}
@@ -40,6 +40,7 @@ FUSED = {'qkv': ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'),
          'gate_up': ('mlp.gate_proj', 'mlp.up_proj')}
 PLAIN = {'o': 'self_attn.o_proj', 'down': 'mlp.down_proj'}
 NORMS = {'input_norm': 'input_layernorm', 'post_norm': 'post_attention_layernorm'}
+QK_NORMS = {'q_norm': 'self_attn.q_norm', 'k_norm': 'self_attn.k_norm'}     # per head, [head_dim] (Qwen3)
 PREFETCH_LAYERS = 4      # layers read from disk and sent to the device ahead of the one being placed
 
 ReadFn = Callable[[tuple[slice, ...]], np.ndarray]
@@ -105,6 +106,8 @@ def expected_shapes(ckpt: SafetensorsCheckpoint, spec: ModelSpec) -> dict[str, t
     layer = {f'{m}.weight': (n, hidden) for m, n in rows.items()}
     layer.update({f'{m}.weight': (hidden, n) for m, n in cols.items()})
     layer.update({f'{m}.weight': (hidden,) for m in NORMS.values()})
+    if spec.qk_norm:
+        layer.update({f'{m}.weight': (d,) for m in QK_NORMS.values()})
     for parts in FUSED.values():
         if f'model.layers.0.{parts[0]}.bias' in ckpt:
             layer.update({f'{m}.bias': (rows[m],) for m in parts})
@@ -199,8 +202,10 @@ def load_params(ckpt: SafetensorsCheckpoint, spec: ModelSpec, mesh: Mesh | None 
                 if name in ckpt:
                     read = lambda i, index, m=module, leaf=leaf: ckpt.view(f'model.layers.{i}.{m}.{leaf}')[index]  # noqa: E731
                     layers.setdefault(key, {})[leaf[0]] = stacked(key, leaf[0], ckpt.shape(name), read)
-        for key, module in NORMS.items():
-            layers[key] = stacked(key, None, (hidden,),
+        norms = {**NORMS, **(QK_NORMS if spec.qk_norm else {})}
+        for key, module in norms.items():
+            size = spec.head_dim if key in QK_NORMS else hidden
+            layers[key] = stacked(key, None, (size,),
                                   lambda i, index, m=module: ckpt.view(f'model.layers.{i}.{m}.weight')[index])
         params = {'embed': whole('embed', 'model.embed_tokens.weight'), 'layers': layers,
                   'norm': whole('norm', 'model.norm.weight')}

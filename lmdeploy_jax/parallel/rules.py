@@ -5,7 +5,8 @@ on the rows, laid out shard by shard (``models/weights.py``), so each device com
 a slice of the MLP), o/down are row-parallel (split on the columns; XLA all-reduces their partial
 sums), the KV pool splits on its KV-head axis, and the
 embedding/lm_head split over the vocabulary where it divides (logits come out vocab-sharded; the
-sampler's reductions gather them). Norms and the step's small inputs are replicated.
+sampler's reductions gather them). Norms (Qwen3's per-head q/k norms too: ``param_spec``'s default)
+and the step's small inputs, the layers' sliding windows among them, are replicated.
 
 Where ``tp`` exceeds the KV heads, each KV head is repeated ``tp // kv_heads`` times at load time
 (k/v rows and the pool), so every device holds exactly one KV head and the q heads that read it.
