@@ -31,7 +31,7 @@ from lmdeploy_jax.checkpoint.source import ModelSource, resolve_model
 from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
-from lmdeploy_jax.models import UnsupportedArchitectureError, load_model
+from lmdeploy_jax.models import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, load_model
 from lmdeploy_jax.models.llama import _rotate_partial, join_fused, split_fused
 from lmdeploy_jax.models.rope import apply_rope, cos_sin, inv_frequencies, rotary_dim
 from lmdeploy_jax.models.spec import ModelSpec, RopeSpec, dynamic_ntk, rope_from_config
@@ -385,8 +385,7 @@ def test_a_rope_type_without_a_jax_model_falls_back_with_one_warning(default_lla
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert [w for w in warnings if 'falling back' in w] == [
             "architecture 'LlamaForCausalLM' with rope type 'proportional' is not supported by the JAX engine "
-            "(supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM); falling back to the pytorch "
-            "reference backend"]
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); falling back to the pytorch reference backend"]
         hf = LlamaForCausalLM.from_pretrained(source.hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             expected = hf.generate(torch.tensor([prompts[0]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
