@@ -24,6 +24,7 @@ _DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 INT32_MAX = 2 ** 31 - 1
 MAX_BATCH_SIZE = 2 ** 16       # more rows than any step runs; larger values only allocate per-row state
 _SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)   # what a 64-bit seed can hold, signed or not
+GREEDY_TEMPERATURE = 1e-5
 
 
 def _require(ok: bool, name: str, allowed: str, value) -> None:
@@ -127,8 +128,11 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        """Greedy when sampling is off, or when the settings leave one candidate."""
-        return not self.do_sample or self.temperature == 0.0 or self.top_k == 1
+        """Greedy when sampling is off, or when the settings leave one candidate: top_k 1, or a
+        temperature under ``GREEDY_TEMPERATURE`` (vLLM's threshold). Such a temperature leaves the
+        top logit alone in practice, and the smallest ones overflow float32 when the logits are
+        divided by them."""
+        return not self.do_sample or self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     def replace(self, **changes) -> 'GenerationConfig':
         return dataclasses.replace(self, **changes)

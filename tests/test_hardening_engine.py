@@ -158,6 +158,18 @@ def test_a_poisoned_request_fails_alone_beside_good_ones(engine, rng):
     assert engine.stats()['running'] == 0
 
 
+def test_a_vanishing_temperature_decodes_greedily(engine, rng):
+    """A temperature too small to divide the logits by in float32 gives the greedy tokens, not
+    tokens drawn from overflowed logits."""
+    prompt = _prompt(rng, 12)
+    greedy = run_all(engine, [EngineRequest(500, prompt, GenerationConfig(max_new_tokens=8))])[0]
+    tiny = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1e-38,
+                            random_seed=int(rng.integers(1 << 30)))
+    assert tiny.greedy
+    sampled = run_all(engine, [EngineRequest(501, prompt, tiny)])[0]
+    assert sampled.finish_reason == 'length' and sampled.tokens == greedy.tokens
+
+
 def test_malformed_requests_fail_alone(engine, rng):
     """No generation config, and a session id that cannot key a session (the JAX engine's scheduler
     raises on it): each finishes with 'error', the request beside them runs."""
