@@ -10,7 +10,8 @@ import pexpect
 import pytest
 
 from lmdeploy_jax.cli.chat import PROMPT
-from lmdeploy_jax.cli.main import SUBCOMMANDS, main
+from lmdeploy_jax.cli.engine_args import engine_config
+from lmdeploy_jax.cli.main import SUBCOMMANDS, build_parser, main
 from test_server import BACKEND, CHILD_ENV
 
 COMMAND = [sys.executable, '-m', 'lmdeploy_jax.cli.main']
@@ -35,7 +36,17 @@ def test_engine_flags_are_shared(capsys):
         out = capsys.readouterr().out
         assert all(flag in out for flag in ('--backend', '--tp', '--session-len', '--max-batch-size',
                                             '--cache-max-entry-count', '--enable-prefix-caching',
-                                            '--chat-template', '--model-name', '--log-level')), args
+                                            '--chat-template', '--model-name', '--log-level',
+                                            '--rope-scaling-factor')), args
+
+
+def test_rope_scaling_factor_reaches_the_turbomind_config_and_is_refused_for_pytorch():
+    parser = build_parser()
+    args = parser.parse_args(['run', 'hi', '--rope-scaling-factor', '2.5'])
+    assert engine_config(args).rope_scaling_factor == 2.5
+    args = parser.parse_args(['run', 'hi', '--backend', 'pytorch', '--rope-scaling-factor', '2.5'])
+    with pytest.raises(ValueError, match='--rope-scaling-factor'):
+        engine_config(args)
 
 
 def test_list_prints_the_chat_templates(capsys):

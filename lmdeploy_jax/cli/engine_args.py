@@ -21,6 +21,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--cache-max-entry-count', type=float, default=0.8,
                        help='fraction of free device memory for the KV cache')
     group.add_argument('--enable-prefix-caching', action='store_true')
+    group.add_argument('--rope-scaling-factor', type=float, default=0.0,
+                       help='dynamic NTK rope scaling by this factor past the model\'s context (turbomind only)')
     group.add_argument('--chat-template', default=None, help='builtin template name or a JSON file')
     group.add_argument('--model-name', default=None)
     group.add_argument('--log-level', default='ERROR')
@@ -29,7 +31,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace):
     common = dict(dtype=args.dtype, tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
                   cache_max_entry_count=args.cache_max_entry_count, enable_prefix_caching=args.enable_prefix_caching)
-    return PytorchEngineConfig(**common) if args.backend == 'pytorch' else TurbomindEngineConfig(**common)
+    if args.backend == 'pytorch':
+        if args.rope_scaling_factor:
+            raise ValueError('--rope-scaling-factor is applied by the turbomind backend only; the pytorch '
+                             "backend runs the checkpoint's own rope (set rope_scaling in its config.json)")
+        return PytorchEngineConfig(**common)
+    return TurbomindEngineConfig(**common, rope_scaling_factor=args.rope_scaling_factor)
 
 
 def chat_template_config(args: argparse.Namespace):
