@@ -197,6 +197,19 @@ def test_a_tensor_of_another_shape_than_the_config_is_named(backend, model_dir, 
     assert f"tensor '{name}' has shape (16, 64), but {model_dir}/config.json implies (32, 64)" in str(error)
 
 
+def test_a_tensor_missing_from_a_checkpoint_only_the_reference_runs_is_named(tmp_path, rng):
+    """GPT-2 runs on the pytorch backend alone: transformers would initialise the missing tensor
+    at random, the engine refuses the checkpoint instead."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    path = str(tmp_path / 'gpt2')
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64)).save_pretrained(path)
+    _save_tokenizer(path)
+    name = f'transformer.h.{int(rng.integers(0, 2))}.mlp.c_fc.weight'
+    _rewrite_tensors(path, lambda t: t.pop(name))
+    error = _refused(path, 'pytorch')
+    assert error.path == path and f'tensors missing from the checkpoint: {name}' in str(error)
+
+
 def test_the_jax_loader_checks_the_tensors_before_reading_them(model_dir):
     """Built directly (as the benchmarks build a JaxEngine), the loader refuses the same checkpoint."""
     _edit_config(model_dir, lambda config: config.update(intermediate_size=128))

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from ..checkpoint.errors import CheckpointError
 from ..checkpoint.source import ModelSource
 from ..engine_thread import ThreadedEngine, emit
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
@@ -68,14 +69,27 @@ class _Run:
     num_generated: int = 0
 
 
+def _check_loading(hf_dir: str, loading: dict) -> None:
+    """CheckpointError naming ``hf_dir`` and the tensors when transformers' loading report lists
+    parameters missing from the checkpoint (it would have initialised them at random) or of another
+    shape."""
+    for key, fault in (('missing_keys', 'missing from the checkpoint'),
+                       ('mismatched_keys', 'of another shape than the config gives')):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get(key) or ())
+        if names:
+            raise CheckpointError(hf_dir, f'tensors {fault}: {", ".join(names)}')
+
+
 class PytorchEngine(ThreadedEngine):
     """``InferenceEngine`` over ``AutoModelForCausalLM``; see the module docstring."""
 
     def __init__(self, source: ModelSource, config: PytorchEngineConfig | None = None):
         config = config or PytorchEngineConfig()
         self.device = pick_device(config.device_type)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            source.hf_dir, dtype=pick_dtype(config.dtype, self.device)).to(self.device).eval()
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            source.hf_dir, dtype=pick_dtype(config.dtype, self.device), output_loading_info=True)
+        _check_loading(source.hf_dir, loading)
+        self.model = model.to(self.device).eval()
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); support both spellings
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = 'cache' if 'cache' in params else 'past_key_values'
