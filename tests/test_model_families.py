@@ -2,9 +2,10 @@
 in every layer), Qwen2 (sliding layers from ``max_window_layers``), Qwen3 (q/k norms, explicit
 head_dim, sliding layers from ``layer_types``) and Llama 3.2 (tied embeddings, llama3 rope), each a
 tiny random float32 checkpoint made by transformers' own class, with prompts longer than the
-window. At tp=1 and tp=2 (simulated CPU devices): the engine's greedy tokens for 32 new tokens on 4
-prompts equal the reference's, a fifth request that reuses the prefix cache past the window too,
-and the decoder's last-position logits are within 1e-4 of transformers'.
+window. At tp=1 with the XLA reference kernels and at tp=2 (simulated CPU devices) with the Pallas
+kernels in interpret mode (the GPU's kernels, each layer's window traced): the engine's greedy
+tokens for 32 new tokens on 4 prompts equal the reference's, a fifth request that reuses the prefix
+cache past the window too, and the decoder's last-position logits are within 1e-4 of transformers'.
 
 The JAX side runs in one child process (``python test_model_families.py SPEC OUT``: this module is
 its own worker), since the simulated device count is fixed when jax starts; see
@@ -32,11 +33,13 @@ from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, Turbomi
 from lmdeploy_jax.models.spec import sliding_windows
 from lmdeploy_jax.pytorch.engine import PytorchEngine
 
-WINDOW, NEW_TOKENS, SESSION, TPS = 8, 32, 80, (1, 2)
+WINDOW, NEW_TOKENS, SESSION = 8, 32, 80
+KERNELS = {1: 'reference', 2: 'pallas_interpret'}      # tp -> LMDEPLOY_JAX_KERNELS
 PROMPT_LENS = (5, 14, 27, 38)          # all but the first longer than the window
 PREFIX = 32                            # the fifth prompt: the last one's first 32 tokens (2 blocks), then new ones
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, initializer_range=0.2, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
+# head_dim 32: the attention kernels' narrowest heads
+TINY = dict(hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, initializer_range=0.15, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
             pad_token_id=None)
 LLAMA32_ROPE = {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 4.0, 'low_freq_factor': 1.0,
                 'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
@@ -46,8 +49,8 @@ FAMILIES = {
     # layers 1 and 2 slide, layer 0 is global; q/k/v biases
     'qwen2': (Qwen2Config, Qwen2ForCausalLM, dict(vocab_size=300, use_sliding_window=True, sliding_window=WINDOW,
                                                   max_window_layers=1)),
-    # head_dim 24 is not hidden / heads; layers 0 and 2 slide
-    'qwen3': (Qwen3Config, Qwen3ForCausalLM, dict(vocab_size=300, head_dim=24, use_sliding_window=True,
+    # head_dim 64 is not hidden / heads; layers 0 and 2 slide
+    'qwen3': (Qwen3Config, Qwen3ForCausalLM, dict(vocab_size=300, head_dim=64, use_sliding_window=True,
                                                   sliding_window=WINDOW, layer_types=[
                                                       'sliding_attention', 'full_attention', 'sliding_attention'])),
     # an odd vocabulary: tp=2 keeps the tied embedding whole
@@ -100,14 +103,14 @@ def jax_results(families, tmp_path_factory) -> dict:
     spec = {name: {k: f[k] for k in ('path', 'prompts', 'cached')} for name, f in families.items()}
     (tmp / 'spec.json').write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, __file__, str(tmp / 'spec.json'), str(tmp / 'out.json')],
-                          env=_env(tmp, max(TPS)), capture_output=True, text=True, timeout=900)
+                          env=_env(tmp, max(KERNELS)), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     print(proc.stderr[-2000:])
     return {name: {int(tp): r for tp, r in by_tp.items()}
             for name, by_tp in json.loads((tmp / 'out.json').read_text()).items()}
 
 
-@pytest.mark.parametrize('tp', TPS)
+@pytest.mark.parametrize('tp', KERNELS)
 @pytest.mark.parametrize('name', FAMILIES)
 def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
     expected, ours = families[name]['tokens'], jax_results[name][tp]
@@ -118,7 +121,7 @@ def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
     assert ours['cached_tokens'] == expected[-1]
 
 
-@pytest.mark.parametrize('tp', TPS)
+@pytest.mark.parametrize('tp', KERNELS)
 @pytest.mark.parametrize('name', FAMILIES)
 def test_last_position_logits_match_transformers(families, jax_results, name, tp):
     for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
@@ -176,9 +179,11 @@ def test_sliding_windows_are_read_as_transformers_reads_them(rng):
 # ---- the child process: the JAX engine and decoder at each tp ----
 
 def _jax_family(path: str, prompts: list[list[int]], cached: list[int], tp: int) -> dict:
+    import os
     from lmdeploy_jax.engine import JaxEngine
     from lmdeploy_jax.models import load_model
     from lmdeploy_jax.parallel.mesh import make_tp_mesh
+    os.environ['LMDEPLOY_JAX_KERNELS'] = KERNELS[tp]        # read when the steps are traced
     source = ModelSource(path, path)
     config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=SESSION, max_batch_size=4,
                                    cache_block_seq_len=16, num_cache_blocks=28, enable_prefix_caching=True)
@@ -201,7 +206,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     out = {}
     for name, f in spec.items():
-        for tp in TPS:
+        for tp in KERNELS:
             start = time.perf_counter()
             out.setdefault(name, {})[tp] = _jax_family(f['path'], f['prompts'], f['cached'], tp)
             print(f'{name} tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
