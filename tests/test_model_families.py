@@ -14,12 +14,14 @@ its own worker), since the simulated device count is fixed when jax starts; see
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file, save_file
 from test_engine_helpers import run_all
 from test_models import PagedRun, _assert_logits_close
 from test_tensor_parallel import _env
@@ -30,6 +32,8 @@ from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.source import ModelSource
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
+from lmdeploy_jax.models import load_model
+from lmdeploy_jax.models.loader import check_checkpoint
 from lmdeploy_jax.models.spec import sliding_windows
 from lmdeploy_jax.pytorch.engine import PytorchEngine
 
@@ -140,6 +144,24 @@ def test_the_window_changes_the_long_prompts_logits(families, name):
             assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
 
 
+def test_qwen3_q_k_norms_are_loaded_and_required(families, tmp_path):
+    """Qwen3's per-head norm weights are stacked ``[layers, head_dim]``; a checkpoint without one
+    is refused, naming the tensor."""
+    path = families['qwen3']['path']
+    model = load_model(ModelSource(path, path))
+    assert model.spec.qk_norm and model.spec.sliding_windows == (WINDOW, 0, WINDOW)
+    head_dim = FAMILIES['qwen3'][2]['head_dim']
+    layers = model.params['layers']
+    assert layers['q_norm'].shape == layers['k_norm'].shape == (TINY['num_hidden_layers'], head_dim)
+    tensors = load_file(f'{path}/model.safetensors')
+    np.testing.assert_array_equal(np.asarray(layers['k_norm'][1]), tensors['model.layers.1.self_attn.k_norm.weight'])
+    del tensors['model.layers.1.self_attn.k_norm.weight']
+    save_file(tensors, str(tmp_path / 'model.safetensors'))
+    shutil.copy(f'{path}/config.json', tmp_path)
+    with pytest.raises(CheckpointError, match="'model.layers.1.self_attn.k_norm.weight' is missing"):
+        check_checkpoint(ModelSource(str(tmp_path), str(tmp_path)))
+
+
 def _transformers_windows(config) -> tuple[int, ...]:
     windows = tuple(config.sliding_window if t == 'sliding_attention' else 0 for t in config.layer_types)
     return windows if any(windows) else ()
@@ -181,7 +203,6 @@ def test_sliding_windows_are_read_as_transformers_reads_them(rng):
 def _jax_family(path: str, prompts: list[list[int]], cached: list[int], tp: int) -> dict:
     import os
     from lmdeploy_jax.engine import JaxEngine
-    from lmdeploy_jax.models import load_model
     from lmdeploy_jax.parallel.mesh import make_tp_mesh
     os.environ['LMDEPLOY_JAX_KERNELS'] = KERNELS[tp]        # read when the steps are traced
     source = ModelSource(path, path)

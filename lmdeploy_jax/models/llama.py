@@ -110,8 +110,8 @@ def _attention(spec: ModelSpec, mesh: Mesh | None, row_parallel: ReducedSums | P
         q, k, v = split_fused(qkv, layout, 'qkv')
         q, k = q.reshape(b, t, spec.num_heads, d), k.reshape(b, t, spec.num_kv_heads, d)
         if spec.qk_norm:
-            q, k = head_rms_norm(q, layer['q_norm'], spec.rms_norm_eps), head_rms_norm(k, layer['k_norm'],
-                                                                                        spec.rms_norm_eps)
+            eps = spec.rms_norm_eps
+            q, k = head_rms_norm(q, layer['q_norm'], eps), head_rms_norm(k, layer['k_norm'], eps)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin).reshape(b * t, spec.num_kv_heads, d)
         v = v.reshape(b * t, spec.num_kv_heads, d)
