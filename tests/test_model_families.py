@@ -34,7 +34,7 @@ from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
 from lmdeploy_jax.models import load_model
 from lmdeploy_jax.models.loader import check_checkpoint
-from lmdeploy_jax.models.spec import sliding_windows
+from lmdeploy_jax.models.spec import LAYER_TYPES, sliding_windows
 from lmdeploy_jax.pytorch.engine import PytorchEngine
 
 WINDOW, NEW_TOKENS, SESSION = 8, 32, 80
@@ -177,7 +177,7 @@ def test_sliding_windows_are_read_as_transformers_reads_them(rng):
             fields = dict(num_hidden_layers=layers, use_sliding_window=bool(rng.random() < 0.7),
                           sliding_window=int(rng.integers(1, 64)), max_window_layers=int(rng.integers(0, 8)))
             if rng.random() < 0.5 and fields['use_sliding_window']:
-                fields['layer_types'] = [('full_attention', 'sliding_attention')[int(b)] for b in rng.random(layers) < 0.5]
+                fields['layer_types'] = [LAYER_TYPES[int(b)] for b in rng.random(layers) < 0.5]
             config = json.loads(config_cls(**fields).to_json_string())      # as save_pretrained writes it
             assert sliding_windows(config, 'per_layer', layers, 'c.json') == _transformers_windows(config_cls(**fields))
             # an older config.json without layer_types: max_window_layers decides, as in transformers
