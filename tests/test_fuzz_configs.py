@@ -168,7 +168,7 @@ SAMPLED = dict(max_new_tokens=4, do_sample=True, top_k=40, top_p=0.9, temperatur
 @given(PLAUSIBLE, st.none() | poisoned_field(GENERATION_FIELDS, extreme_only=True))
 @example(SAMPLED, ('top_k', 2**31, False))          # overflows a packed int32 row
 @example(SAMPLED, ('stop_token_ids', [2**40], False))
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 def test_a_fuzzed_config_runs_or_is_refused_and_never_hurts_its_neighbours(pipe, reference, plausible, poison):
     fields = dict(plausible)
     if poison is not None:
@@ -218,7 +218,7 @@ def holds_lone_surrogate(value) -> bool:
 
 
 @given(prompts())
-@settings(max_examples=40, **SETTINGS)
+@settings(max_examples=60, **SETTINGS)
 def test_a_fuzzed_prompt_runs_or_is_refused_by_name(pipe, prompt):
     try:
         result = pipe(prompt, gen_config=GenerationConfig(max_new_tokens=2))

@@ -2,13 +2,16 @@
 
 A real server on 127.0.0.1 (the JAX engine, the default model, API keys on) answers requests that
 schemathesis generates from ``/openapi.json``: fitting the schema (positive) and breaking it
-(negative), sent with the right key, a wrong one or none. Every answer must be below 500, every
+(negative), sent with the right key, a wrong one or none, some with a lone surrogate put into one
+of their documented text fields. Every answer must be below 500, a bad key must get a 401, every
 4xx must carry OpenAI's error shape (``errors.py``: ``{"error": {"message", "type", "param",
-"code"}}``), every stream must end normally, and afterwards the server still answers a known
-greedy question correctly through the official ``openai`` client.
+"code"}}``), every stream must end normally, text that is not UTF-8 must be refused, and
+afterwards the server still answers a known greedy question correctly through the official
+``openai`` client.
 
 Each generated request is made cheap before it is sent (few tokens, few choices) and, most of the
 time, names the served model, so the generating paths run rather than stopping at a 404.
+Schemathesis's coverage phase is off: it alone sends hundreds of requests per operation.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ LONE_SURROGATES = ('\ud800', '\udfff', '\udc80')   # valid JSON escapes, not enc
 OPEN_PATHS = {'/health'}
 OPERATIONS = [('GET', '/v1/models'), ('POST', '/v1/chat/completions'), ('POST', '/v1/completions'),
               ('GET', '/health'), ('GET', '/metrics'), ('POST', '/v1/encode'), ('POST', '/generate')]
-EXAMPLES = {'POST': 30, 'GET': 5}              # per operation and mode; a GET has nothing to vary but the key
+EXAMPLES = {'POST': 40, 'GET': 5}              # per operation and mode; a GET has nothing to vary but the key
 MAX_TOKENS, MAX_CHOICES = 6, 2
 TOKEN_FIELDS = {'/v1/chat/completions': 'max_tokens', '/v1/completions': 'max_tokens',
                 '/generate': 'request_output_len'}       # the field bounding a route's generation
