@@ -186,6 +186,24 @@ def test_a_fuzzed_config_runs_or_is_refused_and_never_hurts_its_neighbours(pipe,
     assert fuzzed.generate_token_len <= config.max_new_tokens
 
 
+LEGACY_KEYWORDS = {'request_output_len': 'max_new_tokens', 'top_k': 'top_k', 'top_p': 'top_p',
+                   'temperature': 'temperature', 'repetition_penalty': 'repetition_penalty', 'stop_words': 'stop_words'}
+
+
+@given(st.sampled_from(sorted(LEGACY_KEYWORDS)).flatmap(
+    lambda k: poisoned_field({k: GENERATION_FIELDS[LEGACY_KEYWORDS[k]]})))
+@settings(max_examples=30, **SETTINGS)
+def test_a_bad_legacy_keyword_is_refused_by_name(pipe, keyword):
+    name, value, must_refuse = keyword
+    try:
+        result = pipe(COMPLETION, gen_config=GenerationConfig(max_new_tokens=2), do_preprocess=False, **{name: value})
+    except Exception as exc:  # noqa: BLE001 - the kind is checked
+        assert_names(exc, name, LEGACY_KEYWORDS.get(name, name))
+        return
+    assert not must_refuse, f'{name}={value!r} was accepted'
+    assert result.finish_reason in ('stop', 'length', 'error'), result
+
+
 def with_lone_surrogate(text):
     return st.builds(lambda head, s, tail: head + s + tail, text, st.sampled_from(LONE_SURROGATES), text)
 
