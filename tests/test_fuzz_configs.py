@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of the Python API's edge: ``GenerationConfig``, the engine configs,
-the prompt forms and ``get_ppl``'s token ids.
+LMDeploy's legacy keywords of the call, the prompt forms and ``get_ppl``'s token ids.
 
 Each generated input either raises a ``ValueError``/``TypeError`` whose message names the field (or
 the prompt) at fault, or runs to completion on a real engine (the JAX engine, the default model)
@@ -191,9 +191,10 @@ LEGACY_KEYWORDS = {'request_output_len': 'max_new_tokens', 'top_k': 'top_k', 'to
 
 
 @given(st.sampled_from(sorted(LEGACY_KEYWORDS)).flatmap(
-    lambda k: poisoned_field({k: GENERATION_FIELDS[LEGACY_KEYWORDS[k]]})))
+    lambda k: poisoned_field({k: GENERATION_FIELDS[LEGACY_KEYWORDS[k]]})).filter(lambda kw: kw[1] is not None))
 @settings(max_examples=30, **SETTINGS)
 def test_a_bad_legacy_keyword_is_refused_by_name(pipe, keyword):
+    """LMDeploy's old keywords of the call (None among them means 'not given')."""
     name, value, must_refuse = keyword
     try:
         result = pipe(COMPLETION, gen_config=GenerationConfig(max_new_tokens=2), do_preprocess=False, **{name: value})
