@@ -8,7 +8,6 @@ others' generations from /metrics to cancel or occupy them, and one key cancelli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import os
@@ -286,6 +285,34 @@ def test_stalled_bodies_hold_no_slot_and_get_408(base, client, model):
         head, _, body = answer.partition(b'\r\n\r\n')
         assert head.startswith(b'HTTP/1.1 408') and b'connection: close' in head.lower(), answer[:300]
         assert json.loads(body)['error']['message'].startswith('the request body did not arrive')
+
+
+def test_an_oversized_body_gets_its_413_and_the_connection_serves_the_next_request(base, model):
+    """Answered before it was read, a 9 MiB body reset the connection under the asynchronous httpx
+    client, which never saw the 413; read to its end and dropped, it gets the 413 on a connection
+    that stays open."""
+    async def post_twice():
+        async with httpx.AsyncClient(base_url=base, headers=AUTH_A, timeout=60,
+                                     limits=httpx.Limits(max_connections=1)) as session:
+            big = await session.post('/v1/completions', content=b'{"pad": "' + b'x' * (9 << 20) + b'"}',
+                                     headers={'content-type': 'application/json'})
+            small = await session.post('/v1/completions', json={'model': model, 'prompt': 'The capital of France is',
+                                                                 'max_tokens': 2, 'temperature': 0})
+            return big, small
+    big, small = asyncio.run(post_twice())
+    assert big.status_code == 413 and 'over the limit' in big.json()['error']['message']
+    assert big.headers.get('connection') != 'close'
+    assert small.status_code == 200 and 'Paris' in small.json()['choices'][0]['text']
+
+
+def test_a_body_declared_far_over_the_limit_is_refused_unread(base):
+    url = urlsplit(base)
+    sock = socket.create_connection((url.hostname, url.port))
+    sock.sendall(f'POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {KEY_A}\r\n'
+                 f'Content-Type: application/json\r\nContent-Length: {1 << 40}\r\n\r\n{{"pad": "'.encode())
+    answer = _read_until_closed(sock, 10)
+    head = answer.partition(b'\r\n\r\n')[0]
+    assert head.startswith(b'HTTP/1.1 413') and b'connection: close' in head.lower(), answer[:300]
 
 
 @pytest.mark.parametrize('authorization', ['Bearer ', 'Bearer', 'Bearer  '])

@@ -67,9 +67,16 @@ class APIKeyMiddleware:
 class BufferedBodyMiddleware:
     """Read the whole body before the app sees the request: at most ``max_bytes`` (413) within
     ``timeout_s`` of the request's start (408). A client that stalls mid-body is dropped here,
-    before it can hold a concurrency slot. Both refusals close the connection, whose unread rest
-    of a body could not be told from the next request. The app receives the body in one message,
-    then the connection's own messages (a disconnect)."""
+    before it can hold a concurrency slot.
+
+    An oversized body of at most ``DRAIN_FACTOR * max_bytes`` is read to its end and dropped before
+    the 413, which then keeps the connection: a server that answers and closes while the client is
+    still sending resets the connection, and the client may never read the answer. A larger body,
+    and a 408, close the connection at once (its unread rest could not be told from the next
+    request). The app receives the body in one message, then the connection's own messages (a
+    disconnect)."""
+
+    DRAIN_FACTOR = 4
 
     def __init__(self, app, max_bytes: int, timeout_s: float):
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
@@ -79,7 +86,8 @@ class BufferedBodyMiddleware:
             return await self.app(scope, receive, send)
         length = dict(scope['headers']).get(b'content-length')
         too_big = f'the request body is over the limit of {self.max_bytes} bytes'
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        drain_limit = self.DRAIN_FACTOR * self.max_bytes
+        if length is not None and length.isdigit() and int(length) > drain_limit:
             return await _send_error(send, 413, too_big, [_CLOSE])
         chunks, size = [], 0
         try:
@@ -88,15 +96,19 @@ class BufferedBodyMiddleware:
                     message = await receive()
                     if message['type'] == 'http.disconnect':
                         return
-                    chunks.append(message.get('body', b''))
-                    size += len(chunks[-1])
-                    if size > self.max_bytes:
+                    chunk = message.get('body', b'')
+                    size += len(chunk)
+                    if size > drain_limit:
                         return await _send_error(send, 413, too_big, [_CLOSE])
+                    if size <= self.max_bytes:
+                        chunks.append(chunk)
                     if not message.get('more_body', False):
                         break
         except TimeoutError:
             return await _send_error(send, 408, f'the request body did not arrive within {self.timeout_s:g} s',
                                      [_CLOSE])
+        if size > self.max_bytes:
+            return await _send_error(send, 413, too_big)
         body = {'type': 'http.request', 'body': b''.join(chunks), 'more_body': False}
 
         async def replay():
