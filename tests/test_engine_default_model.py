@@ -7,13 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from test_engine_helpers import run_all
+from test_engine_helpers import run_all, small_default_engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdeploy_jax.checkpoint.source import resolve_model
-from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
-from lmdeploy_jax.messages import GenerationConfig, TurbomindEngineConfig
+from lmdeploy_jax.messages import GenerationConfig
 
 EOS = 2
 NEW = 64
@@ -38,9 +37,7 @@ def prompts(source):
 
 @pytest.fixture(scope='module')
 def engine(source):
-    config = TurbomindEngineConfig(dtype='float32', session_len=256, max_batch_size=8, num_cache_blocks=40,
-                                   max_prefill_token_num=512)
-    eng = JaxEngine(source, config, decode_batch=[8], prefill_tokens=[64], prefill_batch=[8])
+    eng = small_default_engine(source)
     yield eng
     eng.close()
 

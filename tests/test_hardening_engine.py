@@ -8,11 +8,10 @@ import math
 import threading
 
 import pytest
-from test_engine_helpers import Result, run_all
+from test_engine_helpers import Result, run_all, small_default_engine
 
 from lmdeploy_jax import ChatTemplateConfig, GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
 from lmdeploy_jax.checkpoint.source import resolve_model
-from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine.sampler import host_sampling_params
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import INT32_MAX, MAX_BATCH_SIZE
@@ -28,10 +27,7 @@ def source():
 
 @pytest.fixture(scope='module')
 def jax_engine(source):
-    # the configuration and buckets of test_engine_default_model: its compiled steps are reused
-    config = TurbomindEngineConfig(dtype='float32', session_len=256, max_batch_size=8, num_cache_blocks=40,
-                                   max_prefill_token_num=512)
-    eng = JaxEngine(source, config, decode_batch=[8], prefill_tokens=[64], prefill_batch=[8])
+    eng = small_default_engine(source)
     yield eng
     eng.close()
 
