@@ -107,16 +107,20 @@ def assert_names(exc: Exception, *names: str) -> None:
         f'the message does not name {" or ".join(names)}: {exc}'
 
 
-@given(poisoned_field(GENERATION_FIELDS))
-@settings(max_examples=300, **SETTINGS)
-def test_a_bad_generation_field_is_refused_by_name(poison):
-    name, value, must_refuse = poison
+def assert_refused_by_name(config_type, name: str, value, must_refuse: bool) -> None:
+    """``config_type(name=value)`` raises naming ``name``, or runs where the value is only extreme."""
     try:
-        GenerationConfig(**{name: value})
+        config_type(**{name: value})
     except Exception as exc:  # noqa: BLE001 - the kind is checked
         assert_names(exc, name)
     else:
-        assert not must_refuse, f'GenerationConfig({name}={value!r}) was accepted'
+        assert not must_refuse, f'{config_type.__name__}({name}={value!r}) was accepted'
+
+
+@given(poisoned_field(GENERATION_FIELDS))
+@settings(max_examples=300, **SETTINGS)
+def test_a_bad_generation_field_is_refused_by_name(poison):
+    assert_refused_by_name(GenerationConfig, *poison)
 
 
 @pytest.mark.parametrize('config_type', list(ENGINE_FIELDS), ids=lambda t: t.__name__)
@@ -124,13 +128,7 @@ def test_a_bad_engine_field_is_refused_by_name(config_type):
     @given(poisoned_field(ENGINE_FIELDS[config_type]))
     @settings(max_examples=150, **SETTINGS)
     def check(poison):
-        name, value, must_refuse = poison
-        try:
-            config_type(**{name: value})
-        except Exception as exc:  # noqa: BLE001 - the kind is checked
-            assert_names(exc, name)
-        else:
-            assert not must_refuse, f'{config_type.__name__}({name}={value!r}) was accepted'
+        assert_refused_by_name(config_type, *poison)
     check()
 
 
