@@ -118,8 +118,8 @@ def chat_body(ctx, rng: random.Random, stream: bool, max_tokens: int | None = No
     messages = [{'role': 'user', 'content': f'Write two sentences about {rng.choice(TOPICS)}.'}]
     if rng.random() < 0.5:
         messages.insert(0, {'role': 'system', 'content': rng.choice(ctx['system_prompts'])})
-    return {'model': ctx['model'], 'messages': messages, 'max_tokens': max_tokens or rng.randint(4, 40), 'stream': stream,
-            'temperature': rng.choice([0.0, 0.8])}
+    return {'model': ctx['model'], 'messages': messages, 'max_tokens': max_tokens or rng.randint(4, 40),
+            'stream': stream, 'temperature': rng.choice([0.0, 0.8])}
 
 
 def completion_body(ctx, rng: random.Random, stream: bool) -> dict:
@@ -229,7 +229,8 @@ def bad_requests(ctx, rng: random.Random) -> list[tuple[str, str, bytes]]:
 
 async def bad_request(client, ctx, rng):
     if rng.random() < 0.05:   # 9 MiB: rarely
-        path, what, body = '/v1/completions', 'an oversize body', raw({'model': ctx['model'], 'prompt': 'a' * OVERSIZE_BYTES})
+        path, what = '/v1/completions', 'an oversize body'
+        body = raw({'model': ctx['model'], 'prompt': 'a' * OVERSIZE_BYTES})
     else:
         path, what, body = rng.choice(bad_requests(ctx, rng))
     try:

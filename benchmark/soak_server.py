@@ -55,7 +55,8 @@ def started_server(args):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     log = tempfile.NamedTemporaryFile('w+b', prefix='soak_server_', suffix='.log', delete=False)
-    command = [sys.executable, '-m', 'lmdeploy_jax.cli.main', 'serve', 'api_server', *([args.model] if args.model else []),
+    command = [sys.executable, '-m', 'lmdeploy_jax.cli.main', 'serve', 'api_server',
+               *([args.model] if args.model else []),
                '--server-name', '127.0.0.1', '--server-port', str(port), '--enable-prefix-caching', *args.server_args]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f'http://127.0.0.1:{port}'

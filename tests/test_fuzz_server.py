@@ -138,7 +138,8 @@ def check_answer(response, path: str, auth: str, poisoned: tuple | None = None) 
 
 @pytest.mark.parametrize('method, path, mode', [
     (method, path, mode) for method, path in OPERATIONS
-    for mode in ([GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if method == 'POST' else [GenerationMode.POSITIVE])])
+    for mode in ([GenerationMode.POSITIVE, GenerationMode.NEGATIVE] if method == 'POST'
+                 else [GenerationMode.POSITIVE])])
 def test_fuzzed_requests_get_no_5xx_and_openai_shaped_refusals(api_schema, base, model, method, path, mode):
     operation = api_schema[path][method]
     documented_fields = {name for model in api_schema.raw_schema['components']['schemas'].values()
