@@ -698,7 +698,7 @@ def compile_for_sm90(monkeypatch, tmp_path, fn, *args) -> tuple[str, dict[str, i
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
 def test_windowed_soft_capped_kernels_fit_sm90_at_head_dim_256(monkeypatch, tmp_path, dtype):
     """Gemma's 256-wide heads, a traced sliding window and a soft cap, through each op's API at
-    its default launch: every kernel compiles for sm_90 within an H100/H200 block's shared memory,
+    its default launch: every kernel compiles for sm_90 within sm_90's shared memory per block,
     and the window adds no XLA op around the kernels (it is passed by a free reshape)."""
     shape, hd = jax.ShapeDtypeStruct, 256
     pools, layer, window = shape((2, 8, 256, 64, hd), dtype), shape((), jnp.int32), shape((), jnp.int32)
