@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from .checkpoint.quantization import check_not_quantized
 from .checkpoint.source import ModelSource
 from .engine_api import InferenceEngine
 from .messages import PytorchEngineConfig, TurbomindEngineConfig
@@ -53,16 +54,18 @@ def _jax_engine_or_none(source: ModelSource, config: TurbomindEngineConfig) -> I
 
 def check_supported(source: ModelSource) -> None:
     """Fail early, before any weight or the tokenizer is read, when no backend can run the model:
-    CheckpointError naming the file and the fault when its files are broken (invalid JSON, a
-    missing or bad config field, a truncated or corrupt safetensors file, a tensor missing or of
-    another shape than the config implies, no tokenizer), ValueError naming the architecture when
-    neither engine knows it. The tensors are checked against the config where the JAX engine knows
+    UnsupportedQuantizationError naming the method when config.json has a ``quantization_config``
+    (whichever backend was asked for: the fallback would fail too), CheckpointError naming the file
+    and the fault when its files are broken (invalid JSON, a missing or bad config field, a
+    truncated or corrupt safetensors file, a tensor missing or of another shape than the config
+    implies, no tokenizer), ValueError naming the architecture when neither engine knows it. The tensors are checked against the config where the JAX engine knows
     the architecture. transformers' model table (whose import pulls in torch, seconds of start-up)
     is read only for architectures the JAX engine lacks."""
     from .models import UnsupportedArchitectureError, is_supported
     from .models.loader import check_checkpoint
     from .models.safetensors_file import check_files
     from .tokenizer import check_tokenizer_files
+    check_not_quantized(source.config_path, source.config_dict())
     architecture = source.architecture
     try:     # the JAX engine's checks; a feature of the config it lacks (a rope type) leaves it to transformers
         if not is_supported(architecture):

@@ -23,7 +23,7 @@ VOCAB = 256
 BACKENDS = ('turbomind', 'pytorch')
 
 
-def _save_tokenizer(path: str) -> None:
+def save_word_tokenizer(path: str) -> None:
     """A word-level tokenizer of ``VOCAB`` ids (``t0`` ... ``t255``), saved as transformers saves one."""
     from tokenizers import Tokenizer as RawTokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -40,7 +40,7 @@ def intact(tmp_path_factory) -> str:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(path)
-    _save_tokenizer(path)
+    save_word_tokenizer(path)
     return path
 
 
@@ -203,7 +203,7 @@ def test_a_tensor_missing_from_a_checkpoint_only_the_reference_runs_is_named(tmp
     from transformers import GPT2Config, GPT2LMHeadModel
     path = str(tmp_path / 'gpt2')
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64)).save_pretrained(path)
-    _save_tokenizer(path)
+    save_word_tokenizer(path)
     name = f'transformer.h.{int(rng.integers(0, 2))}.mlp.c_fc.weight'
     _rewrite_tensors(path, lambda t: t.pop(name))
     error = _refused(path, 'pytorch')

@@ -1,0 +1,154 @@
+"""A quantized checkpoint (a ``quantization_config`` in config.json) is refused before anything loads,
+with an error naming the method, whichever backend is asked for and whether or not the JAX engine
+knows the architecture: never a missing ``q_proj.weight``, never a fallback to the pytorch backend
+that then fails. Each checkpoint is a tiny random model saved by transformers, its linear weights
+then rewritten in the method's own tensor layout and its method's config added to config.json."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_loading_errors import VOCAB, save_word_tokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lmdeploy_jax import pipeline
+from lmdeploy_jax.backends import check_supported
+from lmdeploy_jax.checkpoint.errors import CheckpointError
+from lmdeploy_jax.checkpoint.quantization import UnsupportedQuantizationError
+from lmdeploy_jax.checkpoint.source import ModelSource
+
+GROUP = 32
+LINEARS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'c_attn', 'c_proj', 'c_fc')
+
+
+def _ints(*shape):
+    return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32)
+
+
+# method -> (its quantization_config, the tensors that replace one linear's (out, in) ``weight``)
+METHODS = {
+    'awq': ({'quant_method': 'awq', 'bits': 4, 'group_size': GROUP, 'zero_point': True, 'version': 'gemm'},
+            lambda o, i: {'qweight': _ints(i, o // 8), 'qzeros': _ints(i // GROUP, o // 8),
+                          'scales': torch.rand(i // GROUP, o).half()}),
+    'gptq': ({'quant_method': 'gptq', 'bits': 4, 'group_size': GROUP, 'desc_act': False, 'sym': True},
+             lambda o, i: {'qweight': _ints(i // 8, o), 'qzeros': _ints(i // GROUP, o // 8),
+                           'scales': torch.rand(i // GROUP, o).half(),
+                           'g_idx': torch.arange(i, dtype=torch.int32) // GROUP}),
+    'fp8': ({'quant_method': 'fp8', 'activation_scheme': 'dynamic', 'weight_block_size': [GROUP, GROUP]},
+            lambda o, i: {'weight': torch.randn(o, i).to(torch.float8_e4m3fn),
+                          'weight_scale_inv': torch.rand(o // GROUP, i // GROUP)}),
+    'compressed-tensors': ({'quant_method': 'compressed-tensors', 'format': 'pack-quantized',
+                            'quantization_status': 'compressed', 'ignore': ['lm_head'],
+                            'config_groups': {'group_0': {'targets': ['Linear'], 'weights': {
+                                'num_bits': 4, 'type': 'int', 'symmetric': True, 'strategy': 'group',
+                                'group_size': GROUP}}}},
+                           lambda o, i: {'weight_packed': _ints(o, i // 8),
+                                         'weight_scale': torch.rand(o, i // GROUP).bfloat16(),
+                                         'weight_shape': torch.tensor([o, i])}),
+    # written by transformers before quant_method was saved: load_in_4bit names the method
+    'bitsandbytes': ({'load_in_4bit': True, 'bnb_4bit_quant_type': 'nf4', 'bnb_4bit_compute_dtype': 'bfloat16'},
+                     lambda o, i: {'weight': torch.randint(0, 255, (o * i // 2, 1), dtype=torch.uint8),
+                                   'weight.absmax': torch.rand(o * i // 64),
+                                   'weight.quant_map': torch.randn(16)}),
+}
+BACKENDS = ('turbomind', 'pytorch')
+
+
+def quantize_layout(path: str, method: str) -> str:
+    """Rewrite the checkpoint at ``path`` as ``method`` stores it (random quantized tensors in place
+    of each linear weight, its config in config.json); returns config.json's path."""
+    quant_config, layout = METHODS[method]
+    weights = os.path.join(path, 'model.safetensors')
+    tensors = {}
+    for name, tensor in load_file(weights).items():
+        module, _, leaf = name.rpartition('.')
+        linear = module.rpartition('.')[2]
+        if leaf == 'weight' and linear in LINEARS:
+            out_dim, in_dim = tensor.shape[::-1] if linear.startswith('c_') else tensor.shape  # GPT-2: (in, out)
+            tensors.update({f'{module}.{k}': v for k, v in layout(out_dim, in_dim).items()})
+        else:
+            tensors[name] = tensor
+    save_file(tensors, weights, metadata={'format': 'pt'})
+    return set_quantization_config(path, quant_config)
+
+
+def set_quantization_config(path: str, value) -> str:
+    """Put ``value`` in config.json's ``quantization_config``; returns config.json's path."""
+    config_path = os.path.join(path, 'config.json')
+    with open(config_path) as f:
+        config = json.load(f)
+    config['quantization_config'] = value
+    with open(config_path, 'w') as f:
+        json.dump(config, f)
+    return config_path
+
+
+@pytest.fixture(scope='module')
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """A tiny random Llama (the JAX engine's) and GPT-2 (the pytorch backend's alone), with tokenizers."""
+    root = tmp_path_factory.mktemp('tiny')
+    llama = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    gpt2 = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64)
+    paths = {}
+    for name, model in (('llama', LlamaForCausalLM(llama)), ('gpt2', GPT2LMHeadModel(gpt2))):
+        paths[name] = str(root / name)
+        model.save_pretrained(paths[name])
+        save_word_tokenizer(paths[name])
+    return paths
+
+
+@pytest.fixture
+def copy_of(tiny_models, tmp_path):
+    return lambda name: shutil.copytree(tiny_models[name], str(tmp_path / name))
+
+
+def _assert_names_the_method(error: UnsupportedQuantizationError, config_path: str, method: str) -> None:
+    assert isinstance(error, ValueError) and error.method == method and error.path == config_path
+    assert str(error).startswith(f"{config_path}: quantization method '{method}' is not supported yet")
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('method', METHODS)
+def test_a_quantized_checkpoint_is_refused_naming_its_method(method, backend, copy_of):
+    path = copy_of('llama')
+    config_path = quantize_layout(path, method)
+    with pytest.raises(UnsupportedQuantizationError) as caught:
+        pipeline(path, backend=backend)
+    _assert_names_the_method(caught.value, config_path, method)
+
+
+@pytest.mark.parametrize('method', ['awq', 'fp8'])
+def test_an_architecture_only_the_fallback_runs_is_refused_too(method, copy_of, caplog):
+    """GPT-2 on backend='turbomind' would fall back to the pytorch backend: refused before that."""
+    path = copy_of('gpt2')
+    config_path = quantize_layout(path, method)
+    with pytest.raises(UnsupportedQuantizationError) as caught:
+        pipeline(path, backend='turbomind')
+    _assert_names_the_method(caught.value, config_path, method)
+    assert 'falling back' not in caplog.text
+
+
+def test_quantization_settings_over_plain_weights_are_refused(copy_of):
+    """The method's config alone is enough: its settings would be ignored, not applied."""
+    path = copy_of('llama')
+    config_path = set_quantization_config(path, METHODS['awq'][0])
+    with pytest.raises(UnsupportedQuantizationError) as caught:
+        check_supported(ModelSource(path, path))
+    _assert_names_the_method(caught.value, config_path, 'awq')
+
+
+@pytest.mark.parametrize('value, fault', [('awq', "must be an object, got 'awq'"),
+                                          ({'bits': 4}, "names no 'quant_method'"),
+                                          ({'quant_method': ''}, "names no 'quant_method'")])
+def test_a_malformed_quantization_config_names_the_field(value, fault, copy_of):
+    path = copy_of('llama')
+    config_path = set_quantization_config(path, value)
+    with pytest.raises(CheckpointError) as caught:
+        pipeline(path, backend='pytorch')
+    assert caught.value.path == config_path
+    assert f"field 'quantization_config' {fault}" in str(caught.value)
