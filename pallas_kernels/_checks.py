@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dispatch import choose_impl
+from .kv_quant import QUANT_BITS, SCALE_ZERO_DTYPE, is_quantized
 
 
 def require(ok: bool, message: str) -> None:
@@ -17,23 +18,58 @@ def require(ok: bool, message: str) -> None:
 def check_pages(k_pages, v_pages) -> tuple[int, int, int, int]:
     """Check the two page pools agree; returns ``(kv_heads, num_blocks, block_size, head_dim)``.
     Pools are one layer's ``[kv_heads, num_blocks, block_size, head_dim]`` or every layer's,
-    stacked: ``[layers, kv_heads, num_blocks, block_size, head_dim]``."""
+    stacked: ``[layers, kv_heads, num_blocks, block_size, head_dim]``; either plain arrays, or
+    both ``kv_quant.QuantizedPages`` of the same bits (shapes then logical, head_dim unpacked)."""
+    require(is_quantized(k_pages) == is_quantized(v_pages),
+            f'k_pages and v_pages must both be quantized or both not, got {type(k_pages).__name__} and '
+            f'{type(v_pages).__name__}')
+    if is_quantized(k_pages):
+        for name, pages in (('k_pages', k_pages), ('v_pages', v_pages)):
+            check_quantized(name, pages)
+        require(k_pages.bits == v_pages.bits,
+                f'k_pages ({k_pages.bits} bits) and v_pages ({v_pages.bits} bits) must have the same bits')
     require(k_pages.ndim in (4, 5), f'k_pages must be [kv_heads, num_blocks, block_size, head_dim] or '
                                     f'[layers, kv_heads, num_blocks, block_size, head_dim], got shape {k_pages.shape}')
     require(k_pages.shape == v_pages.shape,
             f'k_pages {k_pages.shape} and v_pages {v_pages.shape} must have the same shape')
-    require(k_pages.dtype == v_pages.dtype,
-            f'k_pages ({k_pages.dtype}) and v_pages ({v_pages.dtype}) must have the same dtype')
+    if not is_quantized(k_pages):
+        require(k_pages.dtype == v_pages.dtype,
+                f'k_pages ({k_pages.dtype}) and v_pages ({v_pages.dtype}) must have the same dtype')
     return tuple(k_pages.shape[-4:])
+
+
+def check_quantized(name: str, pages) -> None:
+    """A ``QuantizedPages``' fields (``kv_quant``'s layout): uint8 codes, float32 ``scale_zero``
+    of the codes' shape but a last axis of 2, bits 8 or 4."""
+    require(pages.bits in QUANT_BITS, f'{name}.bits must be one of {QUANT_BITS}, got {pages.bits!r}')
+    require(pages.codes.dtype == jnp.uint8, f'{name}.codes must be uint8, got {pages.codes.dtype}')
+    expected = (*pages.codes.shape[:-1], 2)
+    require(pages.scale_zero.dtype == SCALE_ZERO_DTYPE and tuple(pages.scale_zero.shape) == expected,
+            f'{name}.scale_zero must be float32 {expected}, got {pages.scale_zero.dtype} '
+            f'{tuple(pages.scale_zero.shape)}')
+
+
+def check_values(name: str, x, pages) -> None:
+    """``x`` (new K/V, queries) must be of the pages' dtype, or, for quantized pages, of a float
+    dtype (the kernels dequantize to it)."""
+    if is_quantized(pages):
+        require(jnp.issubdtype(x.dtype, jnp.floating), f'{name} must be a float dtype, got {x.dtype}')
+    else:
+        require(x.dtype == pages.dtype, f'{name} dtype {x.dtype} does not match the pages\' dtype {pages.dtype}')
 
 
 def stacked(k_pages, v_pages, layer) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The pools as layer-stacked ``[layers, ...]`` and the layer to use, int32: one layer's pools
-    become a stack of one (``layer`` must then be None or 0)."""
+    become a stack of one (``layer`` must then be None or 0). Quantized pools likewise."""
     if k_pages.ndim == 4:
         layer = layer_index(layer, False, 'single-layer pages [kv_heads, num_blocks, block_size, head_dim]')
-        return k_pages[None], v_pages[None], layer
+        return jax.tree.map(lambda a: a[None], k_pages), jax.tree.map(lambda a: a[None], v_pages), layer
     return k_pages, v_pages, layer_index(layer, True, 'layer-stacked pages [layers, kv_heads, ...]')
+
+
+def unstacked(pages):
+    """``stacked``'s inverse for one layer's pools: the stack of one's only layer."""
+    return jax.tree.map(lambda a: a[0], pages)
 
 
 def layer_index(layer, is_stack: bool, what: str) -> jax.Array:
@@ -74,7 +110,7 @@ def check_query(q, k_pages, batch: int | None = None) -> None:
     require(d == head_dim, f'q head_dim {d} does not match the pages\' head_dim {head_dim}')
     require(heads % kv_heads == 0,
             f'q heads ({heads}) must be a multiple of the pages\' kv_heads ({kv_heads})')
-    require(q.dtype == k_pages.dtype, f'q dtype {q.dtype} does not match the pages\' dtype {k_pages.dtype}')
+    check_values('q', q, k_pages)
     if batch is not None:
         require(q.shape[0] == batch, f'q has {q.shape[0]} rows but block_tables has {batch}')
 
@@ -96,7 +132,7 @@ def check_fused_qkv(qkv, k_pages) -> int:
     pages' dtype, heads a positive multiple of the pages' kv_heads; returns heads."""
     kv_heads, _, _, head_dim = k_pages.shape[-4:]
     require(qkv.ndim == 2, f'qkv must be [B, (heads + 2 * kv_heads) * head_dim], got shape {qkv.shape}')
-    require(qkv.dtype == k_pages.dtype, f'qkv dtype {qkv.dtype} does not match the pages\' dtype {k_pages.dtype}')
+    check_values('qkv', qkv, k_pages)
     width = qkv.shape[1]
     heads = width // head_dim - 2 * kv_heads
     require(width % head_dim == 0 and heads > 0 and heads % kv_heads == 0,

@@ -17,10 +17,13 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from .kv_quant import from_codes, is_quantized, nibble_columns, pack_int4, row_params, to_codes
 
 LOG2E = math.log2(math.e)
 MIN_DOT = 16                      # the smallest M, N and K of a Triton dot
@@ -107,12 +110,33 @@ def in_span(pos, begin, end):
 
 def pool_rows(k_pages, v_pages, layer):
     """Layer-stacked pools ``[layers, kv_heads, num_blocks, block_size, d]`` as token rows
-    ``[layers * kv_heads, num_blocks * block_size, d]`` (a free, row-major reshape), and the layer
-    as int32 ``[1]`` (also free) for ``layer_head``: the kernels address (layer, KV head) themselves,
-    so no XLA op runs before them to compute the row."""
-    layers, kv_heads, num_blocks, block_size, d = k_pages.shape
-    shape = (layers * kv_heads, num_blocks * block_size, d)
-    return k_pages.reshape(shape), v_pages.reshape(shape), layer.astype(jnp.int32).reshape(1)
+    ``[layers * kv_heads, num_blocks * block_size, d]`` (a free, row-major reshape; a quantized
+    pool's codes and scale/zero each so), and the layer as int32 ``[1]`` (also free) for
+    ``layer_head``: the kernels address (layer, KV head) themselves, so no XLA op runs before them
+    to compute the row."""
+    layers, kv_heads, num_blocks, block_size, _ = k_pages.shape
+
+    def rows(pages):
+        return jax.tree.map(lambda a: a.reshape(layers * kv_heads, num_blocks * block_size, a.shape[-1]), pages)
+    return rows(k_pages), rows(v_pages), layer.astype(jnp.int32).reshape(1)
+
+
+def pool_stacks(rows, like):
+    """``pool_rows``' inverse for one pool: token rows back to the stacked shape of ``like``."""
+    return jax.tree.map(lambda a, b: a.reshape(b.shape), rows, like)
+
+
+def pool_outputs(*pools):
+    """``out_shape`` entries for pools a kernel returns (updated in place): one per pool, of its
+    shapes and dtypes (a ``QuantizedPages`` of them for a quantized pool)."""
+    return [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), pools_) for pools_ in pools]
+
+
+def pool_aliases(first_input: int, *pools) -> dict[int, int]:
+    """``input_output_aliases`` for ``pools`` passed as a kernel's inputs from flat input index
+    ``first_input`` on and returned as its first outputs (``pool_outputs``): each array (two per
+    quantized pool) to its output."""
+    return {first_input + i: i for i in range(len(jax.tree.leaves(pools)))}
 
 
 def layer_head(layer_ref, kv_heads: int, h):
@@ -120,14 +144,15 @@ def layer_head(layer_ref, kv_heads: int, h):
     return layer_ref[0] * kv_heads + h
 
 
-def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size, start=None):
+def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size, start=None, dtype=None):
     """K and V rows ``[len(pos), head_dim]`` of row ``b``, KV head ``h`` at positions ``pos``
     (non-negative); rows where ``valid`` is False are zeros and are not read. Each position's page
     number is gathered from the table, unless the caller passes ``start``: then ``pos`` must be
     ``start + arange(len(pos))`` inside one page (``start`` a position the table covers: that
     load is unmasked), and the tile reads one page number, as a scalar, and its rows as one
     contiguous run, so no vector gather sits before the K/V loads (the jax_triton kernel's
-    addressing)."""
+    addressing). Quantized pools come back dequantized to ``dtype`` (``load_dequantized``);
+    plain ones in their own dtype."""
     # pos >= 0, so C division (lax.div/rem) is floor division without the sign fix-ups.
     if start is None:
         page = plgpu.load(tables_ref.at[b, lax.div(pos, block_size)], mask=valid, other=0)
@@ -135,10 +160,49 @@ def load_kv_tile(tables_ref, k_ref, v_ref, b, h, pos, valid, block_size, start=N
     else:
         page = tables_ref[b, lax.div(start, block_size)]
         rows = (page * block_size + lax.rem(start, block_size) + jnp.arange(pos.shape[0]))[:, None]
+    if is_quantized(k_ref):
+        return (load_dequantized(k_ref, h, rows, valid[:, None], dtype),
+                load_dequantized(v_ref, h, rows, valid[:, None], dtype))
     cols = jnp.arange(k_ref.shape[-1])[None, :]
     k = plgpu.load(k_ref.at[h, rows, cols], mask=valid[:, None], other=0)
     v = plgpu.load(v_ref.at[h, rows, cols], mask=valid[:, None], other=0)
     return k, v
+
+
+def load_dequantized(pages, h, rows, row_ok, dtype):
+    """Rows ``rows [n, 1]`` of pool row ``h`` of a quantized pool (``pool_rows``), dequantized to
+    ``dtype``: ``[n, head_dim]``. 4-bit codes are read straight from their packed bytes
+    (``kv_quant.nibble_columns``). Rows where ``row_ok [n, 1]`` is False are zeros, not read."""
+    head_dim = pages.shape[-1]
+    if pages.bits == 4:
+        cols, shift = nibble_columns(head_dim)
+    else:
+        cols = jnp.arange(head_dim)[None, :]
+    codes = plgpu.load(pages.codes.at[h, rows, cols], mask=jnp.broadcast_to(row_ok, (rows.shape[0], head_dim)),
+                       other=0)
+    if pages.bits == 4:
+        codes = (codes >> shift) & 15
+    scale = plgpu.load(pages.scale_zero.at[h, rows, 0], mask=row_ok, other=0.0)
+    zero = plgpu.load(pages.scale_zero.at[h, rows, 1], mask=row_ok, other=0.0)
+    return from_codes(codes, scale, zero).astype(dtype)
+
+
+def store_quantized(pages, h, slots, x, row_ok=None):
+    """Quantize rows ``x [n, head_dim]`` (``kv_quant``'s arithmetic, in registers) and store
+    their codes and scale/zero at token rows ``slots [n, 1]`` of pool row ``h`` of a quantized
+    pool; only the rows where ``row_ok [n, 1]`` (None: all). Returns the rows as a read gives them
+    back, dequantized to ``x``'s dtype. 4-bit codes are packed with ``lax.split``'s halves."""
+    bits = pages.bits
+    x32 = x.astype(jnp.float32)
+    low, inv_scale, scale, zero = row_params(x32, bits)
+    codes = to_codes(x32, low, inv_scale, bits)
+    stored = pack_int4(codes) if bits == 4 else codes
+    cols = jnp.arange(stored.shape[-1])[None, :]
+    code_ok = None if row_ok is None else jnp.broadcast_to(row_ok, stored.shape)
+    plgpu.store(pages.codes.at[h, slots, cols], stored, mask=code_ok)
+    plgpu.store(pages.scale_zero.at[h, slots, 0], scale, mask=row_ok)
+    plgpu.store(pages.scale_zero.at[h, slots, 1], zero, mask=row_ok)
+    return from_codes(codes, scale, zero).astype(x.dtype)
 
 
 def init_state(rows: int, head_dim: int):
@@ -202,7 +266,7 @@ def attend_pages(state, q, tables_ref, k_ref, v_ref, b, pool_head, span, tiles, 
         pos = start + jnp.arange(tile)
         valid = in_span(pos, *span)
         k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size,
-                            start if one_page else None)
+                            start if one_page else None, q.dtype)
         return softmax_step(state, q, k, v, valid[None, :], logits)
 
     return lax.fori_loop(*tiles, body, state)

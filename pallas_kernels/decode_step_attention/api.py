@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from .._checks import (check_fused_qkv, check_int32, check_pages, check_paged_attention_inputs,
-                       check_rope_tables, check_window_and_cap, choose_kernel, stacked)
+                       check_rope_tables, check_window_and_cap, choose_kernel, stacked, unstacked)
 from .reference import decode_step_attention_reference
 
 
@@ -26,8 +26,11 @@ def decode_step_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_page
     context_len 0 are padding: zeros out, their K/V written at their slot (block 0, which no
     sequence reads). ``scale``, ``sliding_window`` and ``logits_soft_cap`` as
     ``paged_attention.api.paged_decode_attention`` (the token sits at position context_len - 1).
-    ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a
-    GPU, which updates the pools in place when the caller's pools are dead afterwards).
+    Quantized pools (``kv_quant.QuantizedPages``, K and V): the token's K/V are quantized as
+    ``kv_write.api.write_kv`` does, and the attention reads every position dequantized to qkv's dtype,
+    the new token's too (what a later step reads back). ``impl``: see ``pallas_kernels._dispatch``
+    (default: the Pallas kernel on a GPU, which updates the pools in place when the caller's pools
+    are dead afterwards).
     """
     kv_heads, _, _, head_dim = check_pages(k_pages, v_pages)
     batch = qkv.shape[0]
@@ -49,4 +52,4 @@ def decode_step_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_page
     else:
         out, k_pages, v_pages = decode_step_attention_reference(
             qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens, scale, window, soft_cap)
-    return (out, k_pages[0], v_pages[0]) if single_layer else (out, k_pages, v_pages)
+    return (out, unstacked(k_pages), unstacked(v_pages)) if single_layer else (out, k_pages, v_pages)

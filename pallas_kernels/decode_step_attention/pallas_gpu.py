@@ -15,6 +15,11 @@ token's own score. Every split reads only positions ``< context_len - 1``, so no
 slot being written and no ordering between programs is needed. Padding rows (context_len 0) still
 write at their slot (block 0, which no sequence reads) and attend to nothing (zeros). A sliding
 window starts the cached positions read at the window's first (the new token is always inside).
+
+Quantized pools (``kv_quant.QuantizedPages``): split 0 quantizes the new token's k and v in
+registers before storing them (``_pallas_tiles.store_quantized``) and starts its softmax from their
+dequantized values, exactly what later steps read back; the cached tiles are dequantized as they
+are loaded (``_pallas_tiles.load_kv_tile``).
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .._pallas_tiles import (Logits, attend_pages, attention_unsupported, group_heads, init_state, layer_head,
-                             load_rotated, pool_rows, split_refs, split_tiles, store_split, window_input, window_of,
-                             window_start)
+                             load_rotated, pool_aliases, pool_outputs, pool_rows, pool_stacks, split_refs, split_tiles,
+                             store_quantized, store_split, window_input, window_of, window_start)
+from ..kv_quant import is_quantized
 from ..paged_attention.pallas_gpu import DecodeConfig, finish_splits, group_pad, plan_splits, split_out_shapes
 
 
@@ -68,8 +74,14 @@ def _step_kernel(layer_ref, lens_ref, tables_ref, slots_ref, cos_ref, sin_ref, q
     k_new = load_rotated(qkv_ref, b, num_heads + h, cols, cos, sin, owner)
     v_new = plgpu.load(qkv_ref.at[b, num_heads + kv_heads + h, cols], mask=owner, other=0)
     slot = slots_ref[b]
-    plgpu.store(k_ref.at[pool_head, slot, cols], k_new, mask=owner)
-    plgpu.store(v_ref.at[pool_head, slot, cols], v_new, mask=owner)
+    if is_quantized(k_ref):
+        # Stored quantized; the token attends to itself as later steps will read it back.
+        slot_row, owner_row = jnp.full((1, 1), slot), jnp.full((1, 1), s == 0)
+        k_new = store_quantized(k_ref, pool_head, slot_row, k_new, owner_row)
+        v_new = store_quantized(v_ref, pool_head, slot_row, v_new, owner_row)
+    else:
+        plgpu.store(k_ref.at[pool_head, slot, cols], k_new, mask=owner)
+        plgpu.store(v_ref.at[pool_head, slot, cols], v_new, mask=owner)
 
     state = _new_token_state(q, k_new, v_new, (s == 0) & (length > 0), logits)
     state = attend_pages(state, q, tables_ref, k_in, v_in, b, pool_head, span, split_tiles(s, span, tile, num_splits),
@@ -97,14 +109,13 @@ def decode_step_attention_pallas(qkv, cos, sin, k_pages, v_pages, layer, slots, 
     k_rows, v_rows, *outs = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads, num_splits),
-        out_shape=[jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype),
-                   jax.ShapeDtypeStruct(v_rows.shape, v_rows.dtype),
+        out_shape=[*pool_outputs(k_rows, v_rows),
                    *split_out_shapes(batch, num_splits, num_heads, head_dim, qkv.dtype)],
-        input_output_aliases={7: 0, 8: 1},            # k_rows, v_rows -> the first two outputs
+        input_output_aliases=pool_aliases(7, k_rows, v_rows),     # k_rows, v_rows -> the first outputs
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name='decode_step_attention',
     )(layer, context_lens, block_tables, slots, cos, sin, qkv.reshape(batch, -1, head_dim), k_rows, v_rows,
       *window_input(window))
     out = finish_splits(outs, qkv.dtype, interpret)
-    return out, k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape)
+    return out, pool_stacks(k_rows, k_pages), pool_stacks(v_rows, v_pages)

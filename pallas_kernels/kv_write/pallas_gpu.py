@@ -12,7 +12,10 @@ pool row ``layer * kv_heads + h``, computed in the kernel (``layer_head``). One 
 ``block_tokens`` tokens of one KV head: it loads their slots and their ``[block_tokens, head_dim]``
 K and V rows (contiguous ``head_dim`` rows: 16-byte, coalesced) and stores each row at its slot, K
 and V in the same program (one launch per layer).
-Padding tokens sharing a slot in block 0 race; which row (or mix of rows) lands there is
+A quantized pool (``kv_quant.QuantizedPages``) gets each row quantized in registers
+(``_pallas_tiles.store_quantized``: its min and max over head_dim, then codes, 4-bit ones packed
+two to a byte) and its codes and scale/zero stored at its slot: as many bytes written as the pool
+holds per token. Padding tokens sharing a slot in block 0 race; which row (or mix of rows) lands there is
 unspecified, and no sequence reads block 0.
 
 In place only when the caller's pools are dead afterwards (inside the engine's jitted step, whose
@@ -29,7 +32,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .._pallas_tiles import layer_head, next_pow2, pool_rows, triton_supports
+from .._pallas_tiles import (layer_head, next_pow2, pool_aliases, pool_outputs, pool_rows, pool_stacks,
+                             store_quantized, triton_supports)
+from ..kv_quant import is_quantized
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +63,10 @@ def _write_kernel(layer_ref, slots_ref, k_new_ref, v_new_ref, _k_in, _v_in, k_re
     rows, dst, cols = tokens[:, None], slots[:, None], jnp.arange(k_ref.shape[-1])[None, :]
     pool_head = layer_head(layer_ref, kv_heads, h)
     for new_ref, out_ref in ((k_new_ref, k_ref), (v_new_ref, v_ref)):
-        plgpu.store(out_ref.at[pool_head, dst, cols], plgpu.load(new_ref.at[rows, h, cols]))
+        if is_quantized(out_ref):
+            store_quantized(out_ref, pool_head, dst, plgpu.load(new_ref.at[rows, h, cols]))
+        else:
+            plgpu.store(out_ref.at[pool_head, dst, cols], plgpu.load(new_ref.at[rows, h, cols]))
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'interpret'))
@@ -72,12 +80,11 @@ def write_kv_pallas(k_pages, v_pages, k_new, v_new, slot_mapping, layer,
     k_rows, v_rows = pl.pallas_call(
         functools.partial(_write_kernel, kv_heads=kv_heads, block_tokens=block_tokens),
         grid=(pl.cdiv(n, block_tokens), kv_heads),
-        out_shape=[jax.ShapeDtypeStruct(k_rows.shape, k_rows.dtype),
-                   jax.ShapeDtypeStruct(v_rows.shape, v_rows.dtype)],
-        input_output_aliases={4: 0, 5: 1},            # k_rows, v_rows -> the outputs
+        out_shape=pool_outputs(k_rows, v_rows),
+        input_output_aliases=pool_aliases(4, k_rows, v_rows),     # k_rows, v_rows -> the outputs
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                              num_stages=config.num_stages),
         interpret=interpret,
         name='write_kv',
     )(layer, slot_mapping, k_new, v_new, k_rows, v_rows)
-    return k_rows.reshape(k_pages.shape), v_rows.reshape(v_pages.shape)
+    return pool_stacks(k_rows, k_pages), pool_stacks(v_rows, v_pages)

@@ -20,6 +20,11 @@ here.
 
 A sliding window starts the row's tiles at the window's first position, so a long context costs
 only its window's bytes; the splits share the window's tiles.
+
+Quantized pools (``kv_quant.QuantizedPages``, 8 or 4 bits) take the same launch: each tile's codes
+and per-position scale and zero point are loaded and dequantized in registers to q's dtype
+(``_pallas_tiles.load_kv_tile``), so a step reads a half or a quarter of the bytes (plus 8 per
+position and KV head) and no dequantized copy of the cache exists.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ loaded either), and each token masks the positions before its own window.
 Row layout: matmul row ``r`` is token ``r // group_pad`` of the block and head ``r % group_pad``
 of the group (group padded to a power of two; padded heads are masked out of the loads and
 stores). Query token ``i`` of row ``b`` sits at position ``context_lens[b] - query_lens[b] + i``.
+
+Quantized pools (``kv_quant.QuantizedPages``): each K/V tile's codes and scales are loaded and
+dequantized in registers to q's dtype (``_pallas_tiles.load_kv_tile``); nothing else changes.
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ def _prefill_kernel(layer_ref, ctx_ref, qlen_ref, tables_ref, q_ref, k_ref, v_re
     def body(t, state):
         pos = t * tile + jnp.arange(tile)
         valid = in_span(pos, kv_begin, kv_end)
-        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size)
+        k, v = load_kv_tile(tables_ref, k_ref, v_ref, b, pool_head, pos, valid, block_size, dtype=q.dtype)
         mask = valid[None, :] & in_span(pos[None, :], q_begin, q_pos + 1)
         return softmax_step(state, q, k, v, mask, logits)
 

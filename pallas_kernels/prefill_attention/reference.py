@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .._dense import causal_window_mask, gather_pages, masked_attention
+from .._dense import causal_window_mask, masked_attention
+from ..kv_quant import gather_kv
 
 
 def paged_prefill_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens, query_lens,
@@ -13,8 +14,8 @@ def paged_prefill_attention_reference(q, k_pages, v_pages, layer, block_tables, 
     ``p = context_lens[b] - query_lens[b] + i`` and attends to every cached position up to its own,
     only ``p - window < k`` of them with a ``window`` (int32 scalar, <= 0: none); ``soft_cap`` as
     ``_dense.masked_attention``."""
-    k = gather_pages(k_pages, block_tables, layer)
-    v = gather_pages(v_pages, block_tables, layer)
+    k = gather_kv(k_pages, block_tables, layer, q.dtype)
+    v = gather_kv(v_pages, block_tables, layer, q.dtype)
     tokens = jnp.arange(q.shape[1])
     q_pos = (context_lens - query_lens)[:, None] + tokens[None, :]                   # [B, T]
     valid = (tokens[None, :] < query_lens[:, None])[:, :, None]                   # [B, T, 1]
