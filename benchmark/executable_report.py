@@ -4,26 +4,26 @@ XLA options in effect, per executable.
 
     python3 benchmark/executable_report.py /tmp/m --tp 2 --max-batch-size 4 --session-len 512
     python benchmark/executable_report.py --max-batch-size 4 --session-len 256     # CPU smoke run
-    LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS='{...}' python3 benchmark/executable_report.py /tmp/m --tp 2 \
+    python3 benchmark/executable_report.py /tmp/m --tp 2 --small-batch-tp-options '{...}' \
         --max-batch-size 4 --session-len 1024 --batch-1-tokens 256   # other options, and their speed
 
 Why: at tp > 1 a small-batch decode call is fast only if XLA runs it as few command buffers
 (CUDA graphs) as possible, with the sums over the devices inside them; the executable's own XLA
 options (``engine/xla_flags.py``) ask for that. On a GPU, XLA forms command buffers from the thunk
-sequence, after the optimized HLO, so the HLO cannot show them; this script has XLA dump every
-step executable into a folder of its own (``LMDEPLOY_JAX_DUMP_EXECUTABLES``) and reads: the thunk kinds of
+sequence, after the optimized HLO, so the HLO cannot show them; this script compiles every step
+executable again with an XLA dump of its own (``step_executables.recompile_steps``) and reads: the thunk kinds of
 ``*.thunk_sequence_after_thunk_passes.txt`` (``kCommandBuffer``, ``kCollectiveKernel``, the thunk
 of XLA's one-shot all-reduce, ``kAllReduce`` NCCL's, ``kAsyncStart``, ``kWhile``, ...; GPU only)
 and ``*.debug_options`` (the options that differ from XLA's defaults: whether an executable's own
-options took effect). It compiles everything afresh (a temporary compilation cache), since a
-loaded executable leaves no dump. One JSON line per executable, and with ``--batch-1-tokens`` one
-more for the timed request.
+options took effect). The engine then serves with these executables. One JSON line per
+executable, and with ``--batch-1-tokens`` one more for the timed request.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import glob
+import json
 import os
 import re
 import shutil
@@ -43,7 +43,7 @@ def thunk_kinds(thunk_sequence: str) -> dict[str, int]:
 
 def step_module(dump_dir: str) -> str | None:
     """The dump file prefix (``.../module_0012.jit_decode_steps``) of the step executable whose
-    modules XLA dumped into ``dump_dir`` (``LMDEPLOY_JAX_DUMP_EXECUTABLES`` gives each its own)."""
+    modules XLA dumped into ``dump_dir`` (``recompile_steps`` gives each its own)."""
     prefixes = {MODULE_PREFIX.match(path).group(1)
                 for path in glob.glob(os.path.join(dump_dir, 'module_*.jit_*after_optimizations.txt'))}
     return max(prefixes) if prefixes else None
@@ -102,21 +102,24 @@ def main() -> None:
                         help='then time one request of 128 prompt tokens and N new ones (profile_generation)')
     parser.add_argument('--greedy-tokens', type=int, default=0, metavar='N',
                         help='then print the greedy tokens (N each) of 2 random prompts of 64 tokens')
+    parser.add_argument('--small-batch-tp-options', type=json.loads, default=None, metavar='JSON',
+                        help='XLA options (a JSON object; {}: XLA defaults) in place of the engine\'s own for '
+                             'small tensor-parallel decode steps')
     parser.add_argument('--keep-dumps', metavar='DIR',
                         help="copy the batch-1 decode executables' thunk sequences and options into DIR")
     args = parser.parse_args()
-    import jax
+    if args.small_batch_tp_options is not None and not isinstance(args.small_batch_tp_options, dict):
+        parser.error(f'--small-batch-tp-options must be a JSON object, got {args.small_batch_tp_options!r}')
     from bench_common import build_pipeline, print_result
-    from lmdeploy_jax.engine.xla_flags import executable_dump_dir
+    from step_executables import dump_dir, recompile_steps
     work = tempfile.mkdtemp(prefix='executable_report.')
-    os.environ['LMDEPLOY_JAX_DUMP_EXECUTABLES'] = f'{work}/dump'    # read at each compile (settings.current())
-    jax.config.update('jax_compilation_cache_dir', f'{work}/cache')   # the engine keeps a directory already set
     try:
         pipe, _ = build_pipeline(args)
         with pipe:
-            for (kind, (rows, tokens)), (executable, options) in sorted(pipe.engine.compiled_steps().items()):
+            steps = recompile_steps(pipe.engine, args.small_batch_tp_options, f'{work}/dump')
+            for (kind, (rows, tokens)), (executable, options) in sorted(steps.items()):
                 hlo = executable.as_text()
-                prefix = step_module(executable_dump_dir(f'{work}/dump', kind, (rows, tokens)))
+                prefix = step_module(dump_dir(f'{work}/dump', (kind, (rows, tokens))))
                 print_result(dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
                                   all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
                                   **module_report(prefix)))

@@ -13,7 +13,6 @@ where caches live, how several processes join, and switches for kernels and XLA 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -87,18 +86,6 @@ def _layer_unroll(name: str, value: str) -> int | bool:
     return int(value)
 
 
-def _xla_options(name: str, value: str) -> bool | dict:
-    if value.strip() in ('0', '1'):
-        return value.strip() == '1'
-    try:
-        options = json.loads(value)
-    except json.JSONDecodeError:
-        options = None
-    if not isinstance(options, dict):
-        raise ValueError(f'{name} must be 0, 1 or a JSON object of XLA options, got {value!r}')
-    return options
-
-
 @dataclass(frozen=True)
 class Settings:
     """The process's settings, one field per variable (see ``describe()`` for the table)."""
@@ -116,13 +103,6 @@ class Settings:
     p2p_all_reduce: bool = _variable(
         'LMDEPLOY_JAX_P2P_ALL_REDUCE', _bool, True,
         "small tensor-parallel decode steps sum with the CUDA peer-memory kernel (0: XLA's all-reduce)")
-    tp_small_batch_options: bool | dict = _variable(
-        'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', _xla_options, True,
-        "XLA options of small tensor-parallel decode executables: 1 the built-in ones, 0 none, "
-        "or a JSON object that replaces them")
-    dump_executables: str | None = _variable(
-        'LMDEPLOY_JAX_DUMP_EXECUTABLES', _path, None,
-        'a folder: XLA dumps each step executable into a subfolder of its own')
     coordinator: str | None = _variable(
         'LMDEPLOY_JAX_COORDINATOR', _text, None,
         "host:port of process 0 when several processes (hosts) join one JAX runtime")
@@ -139,7 +119,8 @@ class Settings:
         'HF_HUB_OFFLINE', _hf_bool, False,
         "huggingface_hub's switch: resolve a model id from the local hub cache only")
     xla_flags: str = _variable(
-        'XLA_FLAGS', _text, '', "XLA's own flags; on a GPU the engine adds DEFAULT_XLA_FLAGS (engine/xla_flags.py)")
+        'XLA_FLAGS', _text, '', "XLA's own flags (read, never written): a step executable's option "
+        "named here keeps the user's value (engine/xla_flags.py)")
 
     @property
     def compilation_cache_dir(self) -> str:

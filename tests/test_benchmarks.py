@@ -147,10 +147,10 @@ def test_executable_report_counts_the_thunk_kinds_of_a_dumped_thunk_sequence():
 
 
 def test_executable_report_shows_the_options_each_executable_was_compiled_with():
-    """tp=3 over 3 simulated CPU devices (the default model's 9 heads): the small-batch decode
-    executables were compiled with their own options (``engine/xla_flags.py``, read back from
-    XLA's dump of each module), the others with the engine's process-wide flags only."""
-    from lmdeploy_jax.engine.xla_flags import SMALL_BATCH_TP_OPTIONS, SMALL_DECODE_ROWS
+    """tp=3 over 3 simulated CPU devices (the default model's 9 heads): every executable was
+    compiled with its own options (``engine/xla_flags.py``, read back from XLA's dump of each
+    module), the small-batch decode ones with the command-buffer options too."""
+    from lmdeploy_jax.engine.xla_flags import GPU_STEP_OPTIONS, SMALL_BATCH_TP_OPTIONS, SMALL_DECODE_ROWS
     records = run_script('executable_report.py', '--tp', '3', '--max-batch-size', '8', '--session-len', '256',
                          '--max-prefill-token-num', '64', '--batch-1-tokens', '5',
                          env={'XLA_FLAGS': '--xla_force_host_platform_device_count=3'})
@@ -162,7 +162,7 @@ def test_executable_report_shows_the_options_each_executable_was_compiled_with()
         assert r['module'] is not None and r['thunks'] == {} and r['all_reduces'] > 0, r
         assert r['xla_options']['xla_gpu_enable_dynamic_slice_fusion'] == 'true'
         small = r['kind'] != 'prefill' and r['rows'] <= SMALL_DECODE_ROWS
-        assert set(r['options']) - {'xla_dump_to'} == (set(SMALL_BATCH_TP_OPTIONS) if small else set()), r
+        assert set(r['options']) == set(GPU_STEP_OPTIONS) | (set(SMALL_BATCH_TP_OPTIONS) if small else set()), r
         applied = r['xla_options'].get('xla_gpu_disable_async_collectives', '')
         assert sorted(applied.split(',')) == (['ALLGATHER', 'ALLREDUCE'] if small else ['']), r
         assert ('COLLECTIVES' in r['xla_options'].get('xla_gpu_enable_command_buffer', '')) == small, r

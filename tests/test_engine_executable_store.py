@@ -78,7 +78,8 @@ def test_store_keeps_its_size_bound_dropping_the_least_recently_used(tmp_path):
     """``trim`` on plain files: the oldest go first, until the rest fit."""
     import jax
     from lmdeploy_jax.engine.executable_store import ExecutableStore
-    store = ExecutableStore(str(tmp_path), jax.devices()[:1], max_bytes=250)
+    from lmdeploy_jax.settings import current
+    store = ExecutableStore(str(tmp_path), jax.devices()[:1], current({}), max_bytes=250)
     for age, name in enumerate(['c', 'b', 'a']):          # a is the oldest
         path = tmp_path / f'{name}.executable'
         path.write_bytes(b'x' * 100)

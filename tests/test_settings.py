@@ -1,5 +1,5 @@
 """The settings module (``lmdeploy_jax/settings.py``): every variable the library reads is declared
-there and nowhere else reads the environment; values parse to their types, bad values raise a
+there and nowhere else reads (or writes) the environment; values parse to their types, bad values raise a
 ValueError naming the variable, and the caches follow ``LMDEPLOY_JAX_CACHE``."""
 from __future__ import annotations
 
@@ -19,16 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_nothing_but_the_settings_module_reads_the_environment():
-    """Only ``settings.py`` reads ``os.environ``; ``xla_flags.py`` writes ``XLA_FLAGS`` (before JAX starts)."""
+    """Only ``settings.py`` reads ``os.environ``, and nothing writes it (``XLA_FLAGS`` included)."""
     found = []
     for package in ('lmdeploy_jax', 'pallas_kernels'):
         for path in sorted((ROOT / package).rglob('*.py')):
             for number, line in enumerate(path.read_text().splitlines(), 1):
                 if re.search(r'os\.environ|os\.getenv|environ\.get', line):
                     found.append(f'{path.relative_to(ROOT)}:{number}: {line.strip()}')
-    outside = [line for line in found if not line.startswith('lmdeploy_jax/settings.py:')]
-    assert len(outside) == 1 and outside[0].startswith('lmdeploy_jax/engine/xla_flags.py:'), outside
-    assert "os.environ['XLA_FLAGS'] = " in outside[0]
+    assert [line for line in found if not line.startswith('lmdeploy_jax/settings.py:')] == []
+    assert not [line for line in found if re.search(r'os\.environ\[[^]]+\] *=|putenv|setdefault', line)], found
 
 
 def test_every_variable_the_sources_name_is_declared():
@@ -45,8 +44,8 @@ def test_defaults_when_nothing_is_set(tmp_path, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path))
     got = current({})
     assert got == Settings(cache_dir=str(tmp_path / '.cache' / 'lmdeploy_jax'))
-    assert (got.kernels, got.layer_unroll, got.p2p_all_reduce, got.tp_small_batch_options) == ('auto', 1, True, True)
-    assert got.dump_executables is None and got.coordinator is None and got.local_devices is None
+    assert (got.kernels, got.layer_unroll, got.p2p_all_reduce, got.xla_flags) == ('auto', 1, True, '')
+    assert got.coordinator is None and got.local_devices is None
     assert got.compilation_cache_dir == str(tmp_path / '.cache' / 'lmdeploy_jax' / 'jax_compilation_cache')
 
 
@@ -58,8 +57,6 @@ def test_defaults_when_nothing_is_set(tmp_path, monkeypatch):
     ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': '0'}, 'p2p_all_reduce', False),
     ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': 'Off'}, 'p2p_all_reduce', False),
     ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': 'true'}, 'p2p_all_reduce', True),
-    ({'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS': '0'}, 'tp_small_batch_options', False),
-    ({'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS': '{"a": 1}'}, 'tp_small_batch_options', {'a': 1}),
     ({'LMDEPLOY_JAX_NUM_PROCESSES': '2', 'LMDEPLOY_JAX_PROCESS_ID': '0'}, 'process_id', 0),
     ({'LMDEPLOY_JAX_LOCAL_DEVICES': '0,3'}, 'local_devices', (0, 3)),
     ({'HF_HUB_OFFLINE': 'yes'}, 'hf_hub_offline', True),
@@ -75,8 +72,6 @@ def test_values_parse_to_their_types(environ, field, value):
     ('LMDEPLOY_JAX_LAYER_UNROLL', '0', "must be a positive integer or 'all'"),
     ('LMDEPLOY_JAX_LAYER_UNROLL', 'two', "must be a positive integer or 'all'"),
     ('LMDEPLOY_JAX_P2P_ALL_REDUCE', 'maybe', 'must be one of 1, true, yes, on, 0, false, no, off'),
-    ('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '[1, 2]', 'must be 0, 1 or a JSON object of XLA options'),
-    ('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '{bad', 'must be 0, 1 or a JSON object of XLA options'),
     ('LMDEPLOY_JAX_NUM_PROCESSES', '0', 'must be an integer >= 1'),
     ('LMDEPLOY_JAX_PROCESS_ID', '-1', 'must be an integer >= 0'),
     ('LMDEPLOY_JAX_LOCAL_DEVICES', '0;1', 'must be comma-separated device ids such as 0,1'),
@@ -88,11 +83,8 @@ def test_bad_values_name_the_variable_the_value_and_what_is_allowed(name, value,
 
 
 def test_the_consumers_read_the_settings_when_called(monkeypatch):
-    """A variable set after import takes effect at the next use (tests and benchmarks rely on it)."""
-    from lmdeploy_jax.engine.xla_flags import small_batch_tp_options
+    """A variable set after import takes effect at the next use (tests rely on it)."""
     from pallas_kernels._dispatch import choose_impl
-    monkeypatch.setenv('LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', '{"xla_gpu_enable_command_buffer": ""}')
-    assert small_batch_tp_options() == {'xla_gpu_enable_command_buffer': ''}
     monkeypatch.setenv('LMDEPLOY_JAX_KERNELS', 'pallas_interpret')
     assert choose_impl(None, supported=True) == 'pallas_interpret'
     monkeypatch.setenv('LMDEPLOY_JAX_KERNELS', 'cuda')
@@ -109,19 +101,16 @@ def test_a_coordinator_without_a_process_count_is_named(monkeypatch):
         init_distributed()
 
 
-def test_the_executable_store_keys_on_the_settings(monkeypatch):
+def test_the_executable_store_keys_on_the_resolved_settings():
     import jax
     from lmdeploy_jax.engine.executable_store import environment_key
     devices = jax.devices()[:1]
-    monkeypatch.delenv('LMDEPLOY_JAX_KERNELS', raising=False)
-    default = environment_key(devices)
-    monkeypatch.setenv('LMDEPLOY_JAX_KERNELS', 'auto')           # the same resolved settings: the same key
-    assert environment_key(devices) == default
-    monkeypatch.setenv('LMDEPLOY_JAX_KERNELS', 'reference')
-    reference = environment_key(devices)
+    default = environment_key(devices, current({}))
+    assert environment_key(devices, current({'LMDEPLOY_JAX_KERNELS': 'auto'})) == default   # the same settings
+    reference = environment_key(devices, current({'LMDEPLOY_JAX_KERNELS': 'reference'}))
     assert reference != default
-    monkeypatch.setenv('LMDEPLOY_JAX_SLOW_TESTS', '1')            # a test's variable, not a setting: not in the key
-    assert environment_key(devices) == reference
+    assert environment_key(devices, current({'LMDEPLOY_JAX_KERNELS': 'reference',
+                                             'LMDEPLOY_JAX_SLOW_TESTS': '1'})) == reference    # not a setting
 
 
 def test_the_jax_compilation_cache_follows_LMDEPLOY_JAX_CACHE(tmp_path):

@@ -162,7 +162,7 @@ def step_ops(checkpoints, tmp_path_factory) -> list[tuple[str, str, str]]:
             'engine = JaxEngine(resolve_model(sys.argv[1]), config, decode_batch=[4], prefill_tokens=[32],\n'
             '                   prefill_batch=[4])\n'
             'op = re.compile(r"= \\w+\\[([0-9,]*)\\]\\S* (scatter|all-gather)\\(")\n'
-            'for (kind, _), (executable, _) in engine.compiled_steps().items():\n'
+            'for (kind, _), executable in engine._runner.executables.items():\n'
             '    for shape, name in op.findall(executable.as_text()):\n'
             '        print(kind, name, shape)\n'
             'engine.close()\n')

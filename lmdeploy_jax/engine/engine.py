@@ -9,10 +9,9 @@ hands them to the scheduler, which reports them through the request callbacks. T
 still in flight, is the next one whose results it takes.
 
 Why a launcher thread: launching a compiled call keeps the calling thread busy until XLA has
-queued all of its work (on an H100, ~4 ms of host time per decode step of Llama-3-8B: its loops
-over steps and layers run on the host), so a chained call launched on the engine thread held back
-the results of the call before it (a batch-1 request's first token by ~11 ms). Only the launch runs
-there; the host arrays are built on the engine thread, which alone touches the scheduler.
+queued all of its work (its loops over steps and layers run on the host), so a chained call
+launched on the engine thread would hold back the results of the call before it. Only the launch
+runs there; the host arrays are built on the engine thread, which alone touches the scheduler.
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from ..checkpoint.source import ModelSource
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback
 from ..engine_thread import ThreadedEngine, emit
 from ..messages import TurbomindEngineConfig
+from .. import settings
 from ..models import load_model
 from ..parallel import agree_min, init_distributed, local_devices, make_tp_mesh
 from .block_manager import BlockManager
@@ -34,7 +34,6 @@ from .buckets import make_buckets
 from .kv_pool import cache_state_spec, free_device_bytes, plan_num_blocks
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
-from .xla_flags import apply_default_xla_flags
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -57,8 +56,8 @@ class JaxEngine(ThreadedEngine):
         if decode_steps < 1:
             raise ValueError(f'decode_steps must be >= 1, got {decode_steps}')
         config = config or TurbomindEngineConfig()
+        env = settings.current()
         start = time.perf_counter()
-        apply_default_xla_flags()
         init_distributed()
         mesh = make_tp_mesh(config.tp) if config.tp > 1 else None
         devices = local_devices(mesh) if mesh is not None else jax.devices()[:1]
@@ -78,7 +77,7 @@ class JaxEngine(ThreadedEngine):
                                decode_batch, prefill_tokens, prefill_batch,
                                growth=BUCKET_GROWTH.get(device.platform, 2))
         self._runner = ModelRunner(model, cache_state_spec(spec, num_blocks, block_size, self.max_batch_size, mesh),
-                                   buckets, block_size, config.compilation_cache_dir, decode_steps)
+                                   buckets, block_size, config.compilation_cache_dir, decode_steps, env)
         self._runner.warmup()
         self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
                                     self.session_len, self.max_batch_size, spec.vocab_size, decode_steps)
@@ -98,10 +97,6 @@ class JaxEngine(ThreadedEngine):
         self._runner = None
 
     # ---- introspection (approximate while the engine runs) ----
-
-    def compiled_steps(self) -> dict:
-        """The compiled step executables and their XLA options (``ModelRunner.compiled_steps``)."""
-        return self._runner.compiled_steps()
 
     def num_free_blocks(self) -> int:
         return self._scheduler.blocks.num_free()

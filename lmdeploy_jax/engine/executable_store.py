@@ -1,26 +1,18 @@
 """Compiled step executables kept on disk, found again without tracing.
 
-JAX's persistent compilation cache spares a second start XLA's compile, but it finds an executable
-by a hash of the lowered module, so every start still traces and lowers each bucket shape: about
-10 s of a ~30 s warm start for llama3-8b on an H100, most of what is left once the weights load.
-This store finds a serialized executable (``jax.experimental.serialize_executable``) by a key
-computed before tracing, from everything the lowering depends on:
+JAX's persistent cache finds an executable by a hash of the lowered module, so each start would
+still trace every bucket shape. This store finds a serialized executable by a key computed
+before tracing, from everything the lowering depends on:
 
 - the code that traces it: a digest of every source file of ``lmdeploy_jax`` and ``pallas_kernels``;
-- the software and hardware: JAX and jaxlib versions, the backend's platform version, the devices
-  the executable runs on, the library's settings (``settings.current()``: kernel choices,
-  ``XLA_FLAGS`` and the rest), JAX's settings that change tracing (x64, precision, RNG and the
-  others its jit cache keys on);
-- the caller's description of the function: the model spec, the rope frequencies, the step
-  kind and its static settings, and the shapes, dtypes and shardings of every input.
+- the software and hardware: JAX and jaxlib versions, the backend's platform version, the devices,
+  the resolved process settings (``settings.Settings``: kernel choice, ``XLA_FLAGS``, ...) and
+  JAX's settings that change tracing (the ones its jit cache keys on);
+- the caller's description of the function: model spec, rope frequencies, step kind, XLA options
+  and the shapes, dtypes and shardings of every input.
 
-Weight values are not in the key: an executable takes the params as an argument. A file that fails
-to load (truncated, from another build) is removed and is a miss: the shape is compiled again.
-Only executables XLA compiled in this process are stored: one JAX took from its own persistent
-cache may not serialize whole again (on a CPU its functions are then missing when it runs), so
-``compile_tracked`` tells them apart. The store keeps under ``MAX_BYTES``, least recently used
-files going first. Only a single-process engine uses it; with several processes each would have
-to take the same branch for every shape.
+Weights are not in the key (the params are an argument). An unreadable file is removed, a miss.
+Only executables XLA compiled in this process are stored (``compile_tracked``).
 """
 from __future__ import annotations
 
@@ -85,12 +77,13 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def environment_key(devices) -> str:
-    """What the executables depend on outside the engine's own description (see the module doc)."""
+def environment_key(devices, env: settings.Settings) -> str:
+    """What the executables on ``devices`` depend on outside the engine's own description, under
+    the resolved process settings ``env`` (see the module doc); a hex digest."""
     import jaxlib
     backend = devices[0].client
     parts = [_source_digest(), jax.__version__, jaxlib.__version__, backend.platform, backend.platform_version,
-             repr([(d.id, d.device_kind) for d in devices]), repr(settings.current()), _trace_settings()]
+             repr([(d.id, d.device_kind) for d in devices]), repr(env), _trace_settings()]
     return hashlib.sha256('\n'.join(parts).encode()).hexdigest()
 
 
@@ -116,13 +109,13 @@ class ExecutableStore:
     """``load`` / ``save`` compiled executables under ``directory``, by a key from the
     environment (``environment_key`` of the engine's devices) plus each executable's own description."""
 
-    def __init__(self, directory: str, devices: list, max_bytes: int = MAX_BYTES):
+    def __init__(self, directory: str, devices: list, env: settings.Settings, max_bytes: int = MAX_BYTES):
         """``devices``: the engine's own, in its executables' device order; a loaded executable
         runs on these (by default JAX would load it onto every device of the host, and a tp=1 or
-        tp=2 engine's calls on a 4-GPU host then fail)."""
+        tp=2 engine's calls on a 4-GPU host then fail). ``env``: the settings the engine resolved."""
         self.directory = Path(directory)
         self.devices = list(devices)
-        self.environment = environment_key(self.devices)
+        self.environment = environment_key(self.devices, env)
         self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
 

@@ -44,15 +44,15 @@ logger = logging.getLogger('lmdeploy_jax')
 PPL_MAX_CHUNK = 512      # tokens per get_ppl chunk: bounds its [T, vocab] float32 logits
 
 
-def enable_compilation_cache(path: str | None) -> None:
+def enable_compilation_cache(path: str | None, env: settings.Settings | None = None) -> None:
     """Turn on JAX's persistent compilation cache so the second start skips compiling.
 
     A directory the process already set (e.g. by the user) is kept unless ``path`` names one;
-    the default is ``jax_compilation_cache`` under ``LMDEPLOY_JAX_CACHE`` (``settings.py``).
+    the default is ``env.compilation_cache_dir`` (``settings.py``; default: the current settings).
     """
     if path is None and getattr(jax.config, 'jax_compilation_cache_dir', None):
         return
-    path = os.path.expanduser(path or settings.current().compilation_cache_dir)
+    path = os.path.expanduser(path or (env or settings.current()).compilation_cache_dir)
     os.makedirs(path, exist_ok=True)
     jax.config.update('jax_compilation_cache_dir', path)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
@@ -99,10 +99,9 @@ def _step(model: LoadedModel, block_size: int, general: bool, params, cache: Cac
     if general and model.mesh is not None:
         # The general sampler scatters penalties and masks into the vocabulary, which the lm_head
         # shards over the mesh; XLA's GPU backend runs such a partitioned scatter as a serial loop
-        # of small kernels (~3 s a prefill step of llama3-8b at tp=2), so it samples whole rows.
-        # The logits are pinned to the lm_head's vocabulary split first, so what is gathered is the
-        # [B, vocab] logits: the replicated constraint alone reached back into the matmul, and XLA's
-        # CPU partitioning all-gathered the whole lm_head weight instead (the GPU's did not).
+        # of small kernels, so it samples whole rows. The logits are pinned to the lm_head's
+        # vocabulary split first, so that what is gathered is the [B, vocab] logits: with the
+        # replicated constraint alone XLA may all-gather the whole lm_head weight instead.
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(model.mesh, rules.VOCAB_LOGITS))
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(model.mesh, rules.REPLICATED))
     out = sample(logits.astype(jnp.float32), history, sp, general)
@@ -134,10 +133,14 @@ class ModelRunner:
     ``launch`` (device work only) also from the engine's launcher thread, one call at a time."""
 
     def __init__(self, model: LoadedModel, cache_spec: CacheState, buckets: Buckets, block_size: int,
-                 compilation_cache_dir: str | None = None, decode_steps: int = 1):
+                 compilation_cache_dir: str | None = None, decode_steps: int = 1,
+                 env: settings.Settings | None = None):
         """``cache_spec``: the pool's shapes and shardings (``kv_pool.cache_state_spec``); the pool
-        itself is allocated by ``warmup``, after compiling."""
-        enable_compilation_cache(compilation_cache_dir)
+        itself is allocated by ``warmup``, after compiling. ``env``: the process settings the
+        engine resolved (default: ``settings.current()``); they key the executable store and
+        carry the user's ``XLA_FLAGS``."""
+        self.env = env or settings.current()
+        enable_compilation_cache(compilation_cache_dir, self.env)
         self.model, self.cache_spec, self.buckets, self.block_size = model, cache_spec, buckets, block_size
         self.cache: CacheState | None = None
         self.row_slots = cache_spec.last.shape[0] - 1     # running sequences at most; the last entry is padding's
@@ -155,7 +158,8 @@ class ModelRunner:
                                                        donate_argnums=(1,))}
         self._functions.update({(kind, unrolled): decode(kind == 'decode', unrolled)
                                 for kind in ('decode', 'greedy_decode') for unrolled in (False, True)})
-        self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,))
+        self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,),
+                            compiler_options=self.options(('prefill', (1, PPL_MAX_CHUNK))))
         # (kind, shape) -> executable: a decode shape may equal a one-token prefill shape
         self._executables: dict[tuple[str, tuple[int, int]], jax.stages.Compiled] = {}
         self._host_shardings: dict[tuple[str, tuple[int, int]], tuple] = {}
@@ -181,15 +185,10 @@ class ModelRunner:
         if store is not None:
             stored = {key: store.load(descriptions[key]) for key in shapes}
             self._executables.update({key: ex for key, ex in stored.items() if ex is not None})
-        lowered = {}
-        with self._precision():
-            for key in shapes:
-                if key not in self._executables:
-                    function = self._functions[key[0], self._unrolled(key)]
-                    lowered[key] = function.lower(self.model.params, self.cache_spec, *inputs[key])
+        lowered = {key: self.lower(key, inputs[key]) for key in shapes if key not in self._executables}
         traced = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-            compiled = dict(zip(lowered, pool.map(lambda key: compile_tracked(lowered[key], self._options(key)),
+            compiled = dict(zip(lowered, pool.map(lambda key: compile_tracked(lowered[key], self.options(key)),
                                                   lowered)))
         self._executables.update({key: executable for key, (executable, _) in compiled.items()})
         self.store_counts = {'loaded': len(shapes) - len(lowered), 'saved': 0}
@@ -211,32 +210,47 @@ class ModelRunner:
         batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
         return batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0])
 
-    def compiled_steps(self) -> dict[tuple[str, tuple[int, int]], tuple[jax.stages.Compiled, dict]]:
-        """Every compiled step executable by (kind, (rows, tokens)), with the XLA options it was
-        compiled with (for inspecting what XLA made of a step, e.g. ``executable_report.py``)."""
-        return {key: (executable, self._options(key)) for key, executable in self._executables.items()}
+    def lower(self, key: tuple[str, tuple[int, int]], inputs: tuple | None = None) -> jax.stages.Lowered:
+        """The step ``key`` = (kind, (rows, tokens)) traced and lowered for this engine's params and
+        pool; ``inputs``: its abstract host inputs (default: made here)."""
+        if inputs is None:
+            inputs = _abstract(self._example_inputs(key[1]))
+        with self._precision():
+            return self._functions[key[0], self._unrolled(key)].lower(self.model.params, self.cache_spec, *inputs)
+
+    @property
+    def executables(self) -> dict[tuple[str, tuple[int, int]], jax.stages.Compiled]:
+        """The compiled step executables by (kind, (rows, tokens)) (a copy; for inspection)."""
+        return dict(self._executables)
+
+    def recompile(self, key: tuple[str, tuple[int, int]], options: dict) -> jax.stages.Compiled:
+        """Compile the step ``key`` again with XLA ``options`` in place of its own and serve it from
+        now on (for benchmarks: trying other options, dumping what XLA made of a step). Only
+        between calls: never while a call is prepared or in flight."""
+        self._executables[key] = self.lower(key).compile(compiler_options=options or None)
+        self._host_shardings.pop(key, None)
+        return self._executables[key]
 
     def _tp(self) -> int:
         return self.model.mesh.size if self.model.mesh is not None else 1
 
-    def _options(self, key: tuple[str, tuple[int, int]]) -> dict:
-        """This executable's own XLA options (``xla_flags.executable_options``)."""
-        return executable_options(key[0], key[1], self._tp(), self.model.p2p_all_reduce)
+    def options(self, key: tuple[str, tuple[int, int]]) -> dict:
+        """The XLA options the step ``key`` is compiled with (``xla_flags.executable_options``)."""
+        return executable_options(key[0], key[1], self._tp(), self.model.p2p_all_reduce, self.env.xla_flags)
 
     def _unrolled(self, key: tuple[str, tuple[int, int]]) -> bool:
         """Whether this executable runs the layers as straight-line code: a small-batch decode call
         of an engine that sums them with its CUDA kernel (``models/row_parallel.py``). Its layers
         then hold no XLA collective, so XLA can make them one command buffer (CUDA graph) a step;
         inside a layer loop XLA launched one per layer from the host, updated for the layer's
-        weight addresses first (~100 us of host time a layer on an H100 host, longer than the
-        device's work at tp=2; NOTES.md v8)."""
+        weight addresses first, which costs more host time than the device's work at tp=2."""
         return self.model.p2p_all_reduce and is_small_batch_tp_decode(key[0], key[1], self._tp())
 
     def _describe(self, key: tuple[str, tuple[int, int]], inputs: tuple) -> str:
         """Everything a step executable's lowering depends on besides the environment (its key in the store)."""
         model = self.model
         rope = hashlib.sha256(np.ascontiguousarray(model.inv_freq).tobytes()).hexdigest()
-        return repr((key, self._options(key), self.block_size, self.decode_steps, model.spec, rope,
+        return repr((key, self.options(key), self.block_size, self.decode_steps, model.spec, rope,
                      True if self._unrolled(key) else model.layer_unroll, model.p2p_all_reduce,
                      describe_inputs((model.params, self.cache_spec, *inputs))))
 
@@ -245,7 +259,7 @@ class ModelRunner:
         cache_dir = getattr(jax.config, 'jax_compilation_cache_dir', None)
         if not cache_dir or jax.process_count() > 1:
             return None
-        return ExecutableStore(os.path.join(cache_dir, 'lmdeploy_jax_executables'), self._devices())
+        return ExecutableStore(os.path.join(cache_dir, 'lmdeploy_jax_executables'), self._devices(), self.env)
 
     def _devices(self) -> list:
         """The engine's devices in its executables' order: the mesh's, or the one the params are on."""
@@ -295,9 +309,8 @@ class ModelRunner:
 
     def _host_input_shardings(self, key: tuple[str, tuple[int, int]]) -> tuple | None:
         """The shardings the executable takes its host inputs (batch, sampling params, rows) in,
-        so that they are put there directly: put on one device, the call then copied them from it
-        to the others (at tp=2 these copies sat in the devices' idle gaps: 3.2 ms of a 64-token
-        trace). None across processes: JAX would compare every process's arrays on each put."""
+        so that they are put there directly (put on one device, the call would copy them from it
+        to the others). None across processes: JAX would compare every process's arrays on each put."""
         if jax.process_count() > 1:
             return None
         if key not in self._host_shardings:
