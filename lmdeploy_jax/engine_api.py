@@ -63,6 +63,8 @@ def gen_config_error(gen_config, vocab_size: int) -> str | None:
         gen_config.validate(vocab_size)
     except ValueError as exc:
         return f'gen_config: {exc}'
+    if gen_config.n != 1:
+        return f'gen_config: n must be 1 in an engine request (the AsyncEngine runs n requests), got {gen_config.n}'
     return None
 
 

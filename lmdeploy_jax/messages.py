@@ -25,6 +25,7 @@ INT32_MAX = 2 ** 31 - 1
 MAX_BATCH_SIZE = 2 ** 16       # more rows than any step runs; larger values only allocate per-row state
 _SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)   # what a 64-bit seed can hold, signed or not
 GREEDY_TEMPERATURE = 1e-5
+MAX_SAMPLES = 64               # GenerationConfig.n's bound, as the server's n
 
 
 def _require(ok: bool, name: str, allowed: str, value) -> None:
@@ -77,7 +78,9 @@ class GenerationConfig:
     """How to generate one request (LMDeploy's ``GenerationConfig``).
 
     ``do_sample=False`` means greedy decoding whatever the temperature; ``logprobs=N`` returns the
-    top-N log-probabilities of every generated position.
+    top-N log-probabilities of every generated position. ``n`` answers per prompt (at most
+    ``MAX_SAMPLES``), sampled independently: the pipeline runs each as a request of its own, the
+    j-th seeded ``random_seed + j`` when a seed is given.
     """
     n: int = 1
     max_new_tokens: int = 512
@@ -107,8 +110,7 @@ class GenerationConfig:
         Run at construction, and again by the engines on every request they receive, so a
         config changed after it was built is refused alone instead of failing the step that
         packs it beside other requests."""
-        _require(_is_int(self.n) and self.n == 1, 'n',
-                 '1 (one answer per prompt; repeat the prompt for more, or use the server\'s n)', self.n)
+        _int_field('n', self.n, 1, MAX_SAMPLES)
         _int_field('max_new_tokens', self.max_new_tokens, 0)
         _bool_field('do_sample', self.do_sample)
         _number_field('top_p', self.top_p, 0.0, 1.0)

@@ -48,8 +48,9 @@ class DetokenizeState:
 class Tokenizer:
     """Tokenizer of the model in ``model_dir`` (a Hugging Face directory)."""
 
-    def __init__(self, model_dir: str, trust_remote_code: bool = True):
-        """CheckpointError naming ``model_dir`` when it has no tokenizer or transformers cannot load it."""
+    def __init__(self, model_dir: str, trust_remote_code: bool = False):
+        """``trust_remote_code`` lets transformers run a tokenizer class the model repository ships.
+        CheckpointError naming ``model_dir`` when it has no tokenizer or transformers cannot load it."""
         from transformers import AutoTokenizer
         check_tokenizer_files(model_dir)
         self.model_dir = model_dir

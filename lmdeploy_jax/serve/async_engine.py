@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
+from tqdm import tqdm
+
 from ..backends import BACKENDS, check_supported, create_backend
 from ..chat_template import get_chat_template
 from ..checkpoint.source import resolve_model
@@ -25,8 +27,10 @@ from ..text_checks import require_utf8
 from ..tokenizer import DetokenizeState, Tokenizer
 from .event_loop import BackgroundLoop, merge
 from .request_config import merge_gen_config, resolve_stops
+from .samples import Sample, fan_out, group
 from .session import Session
 from .stop_strings import StopStringMatcher
+from .unsupported import refuse_unknown_keywords
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -80,7 +84,10 @@ class AsyncEngine:
 
     def __init__(self, model_path: str | None, model_name: str | None = None, backend: str = 'turbomind',
                  backend_config: TurbomindEngineConfig | PytorchEngineConfig | None = None,
-                 chat_template_config=None, **kwargs):
+                 chat_template_config=None, trust_remote_code: bool = False, **kwargs):
+        refuse_unknown_keywords('AsyncEngine', kwargs)
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f'trust_remote_code must be True or False, got {trust_remote_code!r}')
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if dataclasses.is_dataclass(chat_template_config):
@@ -94,7 +101,7 @@ class AsyncEngine:
         # not beside the reference backend, whose import of transformers would race this one.
         overlap = backend == 'turbomind' and is_supported(self.source.architecture)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='tokenizer') as pool:
-            tokenizer = pool.submit(_timed, 'tokenizer', Tokenizer, self.source.hf_dir)
+            tokenizer = pool.submit(_timed, 'tokenizer', Tokenizer, self.source.hf_dir, trust_remote_code)
             if not overlap:
                 tokenizer.result()
             self.engine = _timed('engine', create_backend, self.source, backend, backend_config)
@@ -123,6 +130,13 @@ class AsyncEngine:
         config.validate(self.vocab_size)
         return config
 
+    def _one_answer_config(self, gen_config: GenerationConfig | None, kwargs: dict, where: str) -> GenerationConfig:
+        """``_gen_config`` for the calls that give one answer: ``n > 1`` is refused there."""
+        config = self._gen_config(gen_config, kwargs)
+        if config.n != 1:
+            raise ValueError(f'n={config.n}: {where} gives one answer; batch_infer and stream_infer give n')
+        return config
+
     def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids) -> list[int]:
         if input_ids is not None:
             error = token_ids_error(input_ids, self.vocab_size)
@@ -146,7 +160,7 @@ class AsyncEngine:
         Bad input raises ``ValueError`` (naming the field) at the first iteration, before anything
         is queued; a closed pipeline raises ``RuntimeError``."""
         self._check_open()
-        config = self._gen_config(gen_config, kwargs)
+        config = self._one_answer_config(gen_config, kwargs, 'generate()')
         history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
         ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids)
         if not ids:
@@ -242,10 +256,10 @@ class AsyncEngine:
             self._sync_loop = BackgroundLoop()
         return self._sync_loop
 
-    async def _collect(self, prompt, index: int, gen_config, do_preprocess, kwargs) -> Response:
+    async def _collect(self, sample: Sample, do_preprocess, kwargs) -> Response:
         session_id = next(self._session_ids)
-        resp = Response('', 0, 0, session_id, index=index)
-        async for out in self.generate(prompt, session_id, gen_config, stream_response=False,
+        resp = Response('', 0, 0, session_id, index=sample.index)
+        async for out in self.generate(sample.prompt, session_id, sample.config, stream_response=False,
                                        do_preprocess=do_preprocess, **kwargs):
             resp.text += out.response
             resp.token_ids.extend(out.token_ids)
@@ -265,30 +279,47 @@ class AsyncEngine:
         return [self._gen_config(gen_config, kwargs)] * n
 
     def batch_infer(self, prompts, gen_config=None, do_preprocess: bool = True, use_tqdm: bool = False,
-                    **kwargs) -> Response | list[Response]:
-        """Generate for one prompt or a list of them, together; results in input order."""
+                    **kwargs) -> Response | list[Response] | list[list[Response]]:
+        """Generate for one prompt or a list of them, together; results in input order. A prompt
+        whose config has ``n > 1`` gets the list of its n ``Response``s (``samples.py`` numbers
+        their ``index``). ``use_tqdm`` shows a progress bar of the finished answers."""
         items, single = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
+        samples = fan_out(items, configs)
+        if not isinstance(use_tqdm, bool):
+            raise ValueError(f'use_tqdm must be True or False, got {use_tqdm!r}')
 
         async def run_all():
-            return await asyncio.gather(*(self._collect(p, i, c, do_preprocess, kwargs)
-                                          for i, (p, c) in enumerate(zip(items, configs))))
-        results = self._loop.run(run_all())
+            progress = tqdm(total=len(samples)) if use_tqdm else None
+
+            async def one(sample):
+                resp = await self._collect(sample, do_preprocess, kwargs)
+                if progress is not None:
+                    progress.update()
+                return resp
+            try:
+                return await asyncio.gather(*(one(s) for s in samples))
+            finally:
+                if progress is not None:
+                    progress.close()
+        results = group(self._loop.run(run_all()), configs)
         return results[0] if single else results
 
     __call__ = batch_infer
 
     def stream_infer(self, prompts, gen_config=None, do_preprocess: bool = True, **kwargs) -> Iterator[Response]:
-        """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by ``index``."""
+        """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by
+        ``index``: the prompt's, or with ``n > 1`` the answer's (``samples.py``)."""
         items, _ = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
 
-        async def one(i, prompt, config):
+        async def one(sample: Sample):
             session_id = next(self._session_ids)
-            async for out in self.generate(prompt, session_id, config, do_preprocess=do_preprocess, **kwargs):
+            async for out in self.generate(sample.prompt, session_id, sample.config, do_preprocess=do_preprocess,
+                                           **kwargs):
                 yield Response(out.response, out.generate_token_len, out.input_token_len, session_id,
-                               out.finish_reason, out.token_ids, out.logprobs, i)
-        yield from self._loop.iterate(merge([one(i, p, c) for i, (p, c) in enumerate(zip(items, configs))]))
+                               out.finish_reason, out.token_ids, out.logprobs, sample.index)
+        yield from self._loop.iterate(merge([one(s) for s in fan_out(items, configs)]))
 
     def session(self) -> Session:
         """A new multi-turn session (LMDeploy's ``pipe.session()``), to pass to ``chat``."""
@@ -304,6 +335,7 @@ class AsyncEngine:
         """
         self._check_open()
         require_utf8(prompt, 'prompt')
+        self._one_answer_config(gen_config, kwargs, 'chat()')
         session = session or Session(next(self._session_ids), self)
         turn = self._chat_turn(prompt, session, gen_config, kwargs)
         if stream_response:

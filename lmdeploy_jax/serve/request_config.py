@@ -8,6 +8,7 @@ rest are matched on the text; EOS ids (tokenizer + generation_config.json) join 
 from __future__ import annotations
 
 from ..messages import GenerationConfig
+from .unsupported import refuse_adapter, refuse_unknown_keywords
 
 _LEGACY_KWARGS = {
     'request_output_len': 'max_new_tokens',
@@ -19,9 +20,15 @@ _LEGACY_KWARGS = {
 }
 
 
-def merge_gen_config(gen_config: GenerationConfig | None, ignore_eos: bool = False, **legacy) -> GenerationConfig:
+def merge_gen_config(gen_config: GenerationConfig | None, ignore_eos: bool = False, adapter_name: str | None = None,
+                     **legacy) -> GenerationConfig:
     """``gen_config`` (or the default) with LMDeploy's legacy keyword arguments applied; a bad
-    value raises ``ValueError`` naming it."""
+    value raises ``ValueError`` naming it, a keyword that is not one of them ``TypeError``, and an
+    ``adapter_name`` other than None ``ValueError`` (no LoRA adapters)."""
+    refuse_unknown_keywords('the call', {k: v for k, v in legacy.items() if k not in _LEGACY_KWARGS},
+                            'generation settings go in gen_config=GenerationConfig(...); the keywords LMDeploy '
+                            f'maps onto it are {", ".join(_LEGACY_KWARGS)} and ignore_eos')
+    refuse_adapter(adapter_name)
     if gen_config is not None and not isinstance(gen_config, GenerationConfig):
         raise ValueError(f'gen_config must be a GenerationConfig or None, got {type(gen_config).__name__}')
     config = gen_config if gen_config is not None else GenerationConfig()

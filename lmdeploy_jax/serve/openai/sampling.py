@@ -11,22 +11,42 @@ from .protocol import ChatCompletionRequest, SamplingFields
 
 
 def generation_config(req: SamplingFields, max_new_tokens: int, vocab_size: int, logprobs: int | None = None,
-                      seed_offset: int = 0) -> GenerationConfig:
+                      seed_offset: int = 0, skip_special_tokens: bool | None = None) -> GenerationConfig:
     """LMDeploy's server mapping: sampling on (temperature 0 is greedy), stop strings as stop words.
 
-    ``seed_offset`` makes the n choices of one seeded request independent yet reproducible. The
-    config is checked against the model's ``vocab_size`` too (``top_k``), so that a bad one is
-    refused (ValueError naming the field: a 400) before any stream starts.
+    ``seed_offset`` makes the n choices of one seeded request independent yet reproducible;
+    ``skip_special_tokens`` overrides the request's (a tool-call parser whose tags are special
+    tokens needs them in the text). The config is checked against the model's ``vocab_size`` too
+    (``top_k``), so that a bad one is refused before any stream starts: an ``APIError`` 400 whose
+    message and ``param`` name the request's field (``stop``, not the config's ``stop_words``).
     """
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=req.temperature,
-                              top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                              repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
-                              random_seed=None if req.seed is None else req.seed + seed_offset,
-                              stop_words=stop or None, skip_special_tokens=req.skip_special_tokens,
-                              logprobs=logprobs)
-    config.validate(vocab_size)
+    try:
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=req.temperature,
+                                  top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                                  repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
+                                  random_seed=None if req.seed is None else req.seed + seed_offset,
+                                  stop_words=stop or None, logprobs=logprobs,
+                                  skip_special_tokens=(req.skip_special_tokens if skip_special_tokens is None
+                                                       else skip_special_tokens))
+        config.validate(vocab_size)
+    except ValueError as exc:
+        raise _request_field_error(exc, isinstance(req.stop, str)) from None
     return config
+
+
+# GenerationConfig's field -> the request's, where they differ (the rest share their names)
+_REQUEST_FIELDS = {'stop_words': 'stop', 'random_seed': 'seed'}
+
+
+def _request_field_error(exc: ValueError, single_stop: bool) -> APIError:
+    """A config's refusal ('stop_words[0] must be ...') as a 400 naming the request's field ('stop')."""
+    field, _, rest = str(exc).partition(' ')
+    name, index = field.partition('[')[0], field[len(field.partition('[')[0]):]
+    param = _REQUEST_FIELDS.get(name, name)
+    if param == 'stop' and single_stop:
+        index = ''
+    return APIError(400, f'{param}{index} {rest}', param)
 
 
 def max_new_tokens(requested: int | None, prompt_len: int, session_len: int, param: str = 'max_tokens',
@@ -43,12 +63,17 @@ def max_new_tokens(requested: int | None, prompt_len: int, session_len: int, par
     return room if requested is None else requested
 
 
-def session_prompt_ids(engine, prompt: str | list[dict], sequence_start: bool, do_preprocess: bool) -> list[int]:
+def session_prompt_ids(engine, prompt: str | list[dict], sequence_start: bool, do_preprocess: bool,
+                       tools: list[dict] | None = None) -> list[int]:
     """A prompt's token ids as LMDeploy's ``/generate`` renders it: through the chat template when
     ``do_preprocess`` (a str is one user turn; the system prompt only at a session's start), else
-    the str as it is; with BOS at a session's start. Refusals are 400s naming ``prompt``."""
+    the str as it is; with BOS at a session's start. ``tools`` go to the chat template. Refusals
+    are 400s naming ``prompt`` (a template that cannot render the tools: ``tools``)."""
     if do_preprocess:
-        text = engine.chat_template.messages2prompt(prompt, sequence_start)
+        try:
+            text = engine.chat_template.messages2prompt(prompt, sequence_start, tools=tools)
+        except ValueError as exc:
+            raise APIError(400, str(exc), 'tools' if tools else 'messages') from None
     elif isinstance(prompt, str):
         text = prompt
     else:
@@ -59,9 +84,10 @@ def session_prompt_ids(engine, prompt: str | list[dict], sequence_start: bool, d
     return ids
 
 
-def chat_prompt_ids(engine, req: ChatCompletionRequest) -> list[int]:
-    """The conversation rendered by the model's chat template, then tokenized (with BOS where the model has one)."""
-    return session_prompt_ids(engine, [m.model_dump(exclude_none=True) for m in req.messages], True, True)
+def chat_prompt_ids(engine, req: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
+    """The conversation (and ``tools``) rendered by the model's chat template, then tokenized (with
+    BOS where the model has one)."""
+    return session_prompt_ids(engine, [m.model_dump(exclude_none=True) for m in req.messages], True, True, tools)
 
 
 def text_prompt_ids(engine, prompt: str, param: str = 'prompt') -> list[int]:

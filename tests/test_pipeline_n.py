@@ -1,0 +1,60 @@
+"""The pipeline's ``GenerationConfig(n=k)``: k independent answers per prompt, on the real default model."""
+from __future__ import annotations
+
+import pytest
+
+from lmdeploy_jax import GenerationConfig, Response, pipeline
+
+PROMPT = 'Write a short poem about the sea.'
+
+
+@pytest.fixture(scope='module')
+def pipe():
+    with pipeline() as p:
+        yield p
+
+
+def sampled(seed=None, n=4, max_new_tokens=12):
+    return GenerationConfig(n=n, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                            random_seed=seed)
+
+
+def test_n_answers_per_prompt_sampled_independently(pipe, rng):
+    seed = int(rng.integers(0, 2**62))
+    answers = pipe(PROMPT, gen_config=sampled(seed))
+    assert isinstance(answers, list) and len(answers) == 4 and all(isinstance(a, Response) for a in answers)
+    assert [a.index for a in answers] == [0, 1, 2, 3]
+    assert len({tuple(a.token_ids) for a in answers}) > 1, 'the n answers are the same sample'
+    # answer j is the one-answer request seeded seed + j
+    for j in (0, 3):
+        assert pipe(PROMPT, gen_config=sampled(seed + j, n=1)).token_ids == answers[j].token_ids
+
+
+def test_n_per_prompt_of_a_batch_and_its_stream(pipe, rng):
+    seed = int(rng.integers(0, 2**62))
+    prompts = [PROMPT, 'Name three colours.']
+    configs = [sampled(seed, n=3), GenerationConfig(max_new_tokens=6)]
+    first, second = pipe(prompts, gen_config=configs)
+    assert len(first) == 3 and [a.index for a in first] == [0, 1, 2]
+    assert isinstance(second, Response) and second.index == 3
+    texts: dict[int, str] = {}
+    for delta in pipe.stream_infer(prompts, gen_config=configs):
+        texts[delta.index] = texts.get(delta.index, '') + delta.text
+    assert texts == {0: first[0].text, 1: first[1].text, 2: first[2].text, 3: second.text}
+
+
+def test_greedy_n_repeats_the_greedy_answer(pipe):
+    answers = pipe(PROMPT, gen_config=GenerationConfig(n=2, max_new_tokens=8))
+    assert answers[0].token_ids == answers[1].token_ids == pipe(PROMPT, gen_config=GenerationConfig(
+        max_new_tokens=8)).token_ids
+
+
+@pytest.mark.parametrize('n', [0, 65, 2.0, True])
+def test_n_out_of_range_is_refused(n):
+    with pytest.raises(ValueError, match='n must be'):
+        GenerationConfig(n=n)
+
+
+def test_one_answer_calls_refuse_n(pipe):
+    with pytest.raises(ValueError, match='n=2: chat'):
+        pipe.chat(PROMPT, gen_config=GenerationConfig(n=2))

@@ -1,0 +1,83 @@
+"""No argument silently dropped: LMDeploy's arguments we do not implement, and misspelt keywords,
+are refused by name, in the pipeline and on the server (where the 400 names the OpenAI field)."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from lmdeploy_jax import GenerationConfig, pipeline
+
+from test_server import running_server
+
+PROMPT = 'The capital of France is'
+
+
+@pytest.fixture(scope='module')
+def pipe():
+    """LMDeploy's arguments that change nothing here are taken: trust_remote_code reaches the
+    tokenizer (SmolLM2's ships no code), max_log_len has nothing to cut (prompts are not logged)."""
+    with pipeline(trust_remote_code=True, max_log_len=0, speculative_config=None, allowed_media_domains=None) as p:
+        yield p
+
+
+@pytest.mark.parametrize('kwargs, kind, words', [
+    ({'speculative_config': object()}, ValueError, 'speculative_config'),
+    ({'allowed_media_domains': ['example.com']}, ValueError, 'allowed_media_domains'),
+    ({'max_log_len': -1}, ValueError, 'max_log_len'),
+    ({'trust_remote_code': 'yes'}, ValueError, 'trust_remote_code'),
+    ({'adapter_name': 'lora'}, TypeError, 'adapter_name'),
+    ({'cache_max_entry_count': 0.5}, TypeError, 'cache_max_entry_count'),
+])
+def test_pipeline_refuses_what_it_would_drop_before_loading(kwargs, kind, words):
+    with pytest.raises(kind, match=words):
+        pipeline('/nonexistent/model', **kwargs)
+
+
+def test_pipeline_takes_lmdeploys_no_op_arguments(pipe):
+    assert 'Paris' in pipe(PROMPT, gen_config=GenerationConfig(max_new_tokens=3), do_preprocess=False).text
+
+
+@pytest.mark.parametrize('name', ['top_kk', 'max_tokens', 'stream', 'seed', 'input_ids'])
+def test_an_unknown_keyword_of_a_call_is_refused_by_name(pipe, name):
+    config = GenerationConfig(max_new_tokens=2)
+    with pytest.raises(TypeError, match=name):
+        pipe(PROMPT, gen_config=config, do_preprocess=False, **{name: 1})
+    with pytest.raises(TypeError, match=name):
+        list(pipe.stream_infer(PROMPT, gen_config=config, do_preprocess=False, **{name: 1}))
+    with pytest.raises(TypeError, match=name):
+        pipe.chat(PROMPT, gen_config=config, **{name: 1})
+
+
+def test_adapter_name_is_refused_unless_none(pipe):
+    config = GenerationConfig(max_new_tokens=2)
+    with pytest.raises(ValueError, match='adapter_name'):
+        pipe(PROMPT, gen_config=config, adapter_name='my-lora')
+    assert pipe(PROMPT, gen_config=config, adapter_name=None).generate_token_len == 2
+
+
+def test_use_tqdm_shows_progress(pipe, capsys):
+    pipe([PROMPT] * 2, gen_config=GenerationConfig(max_new_tokens=2), do_preprocess=False, use_tqdm=True)
+    assert '2/2' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='use_tqdm'):
+        pipe(PROMPT, use_tqdm='no')
+
+
+@pytest.fixture(scope='module')
+def client():
+    with running_server(backend='pytorch') as base:
+        client = openai.OpenAI(base_url=f'{base}/v1', api_key='unused', max_retries=0, timeout=120)
+        yield client, client.models.list().data[0].id
+
+
+@pytest.mark.parametrize('fields, param, words', [
+    ({'stop': ['']}, 'stop', 'stop[0] must be a non-empty string'),
+    ({'stop': ''}, 'stop', 'stop must be a non-empty string'),
+    ({'top_k': 1_000_000}, 'top_k', 'top_k must be an integer in [0, 49152]'),
+])
+def test_a_400_names_the_request_field(client, fields, param, words):
+    client, model = client
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
+                                       extra_body=fields)
+    error = info.value.body
+    assert error['param'] == param and words in error['message'], error
