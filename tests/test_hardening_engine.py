@@ -57,7 +57,7 @@ def pipe():
     ('stop_token_ids', [5, 2 ** 40]), ('bad_token_ids', [2 ** 31]), ('bad_token_ids', [-1]),
     ('temperature', math.inf), ('temperature', 3.0), ('top_p', math.nan), ('min_p', -math.inf),
     ('repetition_penalty', math.inf), ('do_sample', 'no'), ('do_sample', 1), ('ignore_eos', 'yes'),
-    ('skip_special_tokens', None), ('n', 2), ('random_seed', 2 ** 64), ('random_seed', 1.5), ('logprobs', True),
+    ('skip_special_tokens', None), ('n', 65), ('random_seed', 2 ** 64), ('random_seed', 1.5), ('logprobs', True),
     ('stop_words', ['ok', 'a' + SURROGATE]), ('bad_words', [SURROGATE])])
 def test_generation_config_refuses_out_of_bounds_values(field, value):
     with pytest.raises(ValueError, match=rf'^{field}\b'):
