@@ -16,8 +16,8 @@
         --impls reference pallas mosaic jax_triton     # decode alternatives (jax_triton: see below)
 
 Decode alternatives (``--ops decode`` only): ``mosaic`` is the Pallas Mosaic GPU kernel
-(``paged_attention/mosaic_gpu.py``), ``jax_triton`` a plain Triton kernel through jax_triton
-(``paged_attention/triton_jax.py``; install it first: ``pip install --no-deps --target /tmp/jt-site
+(``experiments/mosaic_gpu.py``), ``jax_triton`` a plain Triton kernel through jax_triton
+(``experiments/triton_jax.py``; install it first: ``pip install --no-deps --target /tmp/jt-site
 .whl/jax_triton-0.3.1-py3-none-any.whl``), ``jax_ops`` JAX's own Pallas paged attention. With
 ``--sweep`` each kernel's own launch knobs are swept; the Pallas decode and decode-step grids
 include ``page_tiles`` (one page number per tile, as the jax_triton kernel reads pages; a no-op
@@ -66,15 +66,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu  # noqa: E402
 from pallas_kernels.decode_step_attention.api import decode_step_attention  # noqa: E402
 from pallas_kernels.kv_write import pallas_gpu as write_gpu  # noqa: E402
 from pallas_kernels.kv_write.api import write_kv  # noqa: E402
-from pallas_kernels.paged_attention import mosaic_gpu as decode_mosaic  # noqa: E402
+from experiments import mosaic_gpu as decode_mosaic  # noqa: E402
+from experiments import triton_jax as decode_triton  # noqa: E402
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
-from pallas_kernels.paged_attention import triton_jax as decode_triton  # noqa: E402
 from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu  # noqa: E402
 from pallas_kernels.prefill_attention.api import paged_prefill_attention  # noqa: E402
@@ -163,7 +163,7 @@ def configs(args, config_class, sweep):
 
 def decode_impls(args):
     """fn(q, k, v, tables, lens) of every implementation asked for (``jax_ops``: JAX's own kernel;
-    ``mosaic`` and ``jax_triton``: the alternatives in ``paged_attention``, for each of their
+    ``mosaic`` and ``jax_triton``: the alternatives in ``experiments/``, for each of their
     launch configs)."""
     scale = args.head_dim ** -0.5
     impls = op_impls(args, functools.partial(paged_decode_attention, scale=scale, impl='reference',

@@ -1,41 +1,15 @@
-"""Paged decode attention as a Pallas kernel on the Mosaic GPU backend (Hopper TMA + wgmma), a
-benchmark alternative to ``pallas_gpu`` (same contract as ``paged_decode_attention_pallas``, without
-its sliding window and soft cap).
+"""Paged decode attention as a Pallas kernel on the Mosaic GPU backend (Hopper TMA + wgmma): a
+benchmark alternative to ``pallas_kernels.paged_attention.pallas_gpu`` that the API never runs
+(same contract as ``paged_decode_attention_pallas``, without its sliding window and soft cap).
 
-Design: one warpgroup per (row, kv_head, split). It copies its query group into shared memory
-once, then walks the row's pages with a ring of ``stages`` shared-memory slots: each step's pages
-(``max(1, 64 // block_size)`` of them, so a step is at least the 64 rows a wgmma needs) arrive by
-TMA on the slot's barrier while earlier steps are computed, and a slot is refilled as soon as its
-step is done. Scores and the weighted values are two wgmmas (Q K^T with K transposed in shared
-memory, then P V with P in registers) inside an online softmax in the log2 domain.
+One warpgroup per (row, kv_head, split) walks the row's pages through a ring of ``stages``
+shared-memory slots filled by TMA; scores and weighted values are two wgmmas inside an online
+softmax in the log2 domain. The query group is padded to the 64 rows of a wgmma. Splits
+(flash-decoding) write float32 partials merged by ``pallas_gpu.finish_splits``.
 
-The query group is padded to the 64 rows of a wgmma: the copy brings whole 8-row tiles of the
-flattened ``[B * heads, head_dim]`` queries that hold the group (``_copied_rows``: 8 rows for
-llama's groups of 4), starting at the 8-row boundary at or before the group's first row, or for the
-last groups of the array at a boundary further back (``_query_rows``); the other rows of the
-buffer are never written and never stored. The start must be a multiple of 8 that Mosaic GPU can
-see as one: its layout inference (JAX 0.11; Warpgroup semantics in 0.10) requires the TMA source
-offset of each tiled dimension to be a multiple of the destination's tile. A matmul row depends
-only on its own query row, so the extra rows cost tensor-core work (free in a memory-bound
-decode) and nothing else. The last step of a row masks positions past its length in
-the scores and zeroes them in V (a page's tail may hold anything, NaN included).
-
-Splits (flash-decoding, for small batches) write float32 partials and their log2-domain max and
-sum, merged by ``pallas_gpu.combine_splits``; one split writes the output itself.
-
-Mosaic GPU API relied on (checked against JAX 0.10.2, in Lane and Warpgroup semantics; the parts
-JAX's own FA3 kernel uses):
-``plgpu.kernel`` with ``grid``/``grid_names``/``out_type``/``scratch_types``, ``plgpu.SMEM`` with
-``TilingTransform``/``SwizzleTransform``, ``plgpu.Barrier(num_arrivals=, num_barriers=)``,
-``copy_gmem_to_smem``/``barrier_wait``/``copy_smem_to_gmem``/``wait_smem_to_gmem``/``commit_smem``,
-``wgmma`` into a ``plgpu.ACC`` scoped by ``pl.run_scoped``, ``transpose_ref``, ``layout_cast``,
-``broadcasted_iota`` and ``Layout.WGMMA`` (``.reduce(1)``); scalar loads and stores of GMEM refs.
-
-Interpret mode (``interpret=True``) runs the kernel in the Mosaic GPU interpreter of
-``jax._src.pallas.mosaic_gpu.interpret`` (private; JAX >= 0.10). That interpreter runs TMA copies,
-barriers and shared memory, but not a wgmma with a transposed or register operand, so there the
-two products are plain ``jnp.dot``s of the same shared-memory tiles; everything else is the code
-the GPU runs.
+``interpret=True`` runs it in JAX's private Mosaic GPU interpreter, where the two products are
+plain ``jnp.dot``s of the same shared-memory tiles. The design and the Mosaic GPU API it relies
+on: benchmark/NOTES.md, "The Mosaic GPU decode kernel".
 """
 from __future__ import annotations
 
@@ -49,8 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .._pallas_tiles import LOG2E
-from .pallas_gpu import choose_num_splits, finish_splits, split_out_shapes
+from pallas_kernels._pallas_tiles import LOG2E
+from pallas_kernels.paged_attention.pallas_gpu import choose_num_splits, finish_splits, split_out_shapes
 
 ROWS = 64                    # rows of a wgmma: the query group is padded to this
 STEP_ROWS = 64               # a step holds at least this many positions (whole pages)

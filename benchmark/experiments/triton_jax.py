@@ -21,8 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .._pallas_tiles import LOG2E, tile_for
-from .pallas_gpu import choose_num_splits, finish_splits, group_pad, split_out_shapes
+from pallas_kernels._pallas_tiles import LOG2E, tile_for
+from pallas_kernels.paged_attention.pallas_gpu import choose_num_splits, finish_splits, group_pad, split_out_shapes
 
 tl = None      # triton.language, bound by ``triton_kernel`` (triton is imported lazily)
 INSTALL_HINT = ('the jax_triton decode kernel needs triton and jax_triton: pip install --no-deps '
