@@ -158,9 +158,18 @@ class TurbomindEngineConfig:
     ``rope_scaling_factor`` (LMDeploy's): when not 0, the model's rope becomes dynamic NTK scaling
     by that factor above the config's ``max_position_embeddings`` (its base and rotated dims kept),
     for sessions longer than the model was trained on.
+
+    Several hosts (LMDeploy's names): ``nnodes`` processes, one per host, join one JAX runtime
+    (``jax.distributed``) whose mesh spans all their devices; ``node_rank`` is this process's index,
+    0 on the host of ``dist_init_addr`` ('host:port', reachable from every host; required when
+    ``nnodes > 1``); ``devices`` limits this process to some of its host's device ids.
     """
     dtype: str = 'auto'
     tp: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
+    devices: list[int] | None = None
     session_len: int | None = None
     max_batch_size: int | None = None
     cache_max_entry_count: float = 0.8
@@ -184,6 +193,29 @@ class TurbomindEngineConfig:
         _int_field('num_cache_blocks', self.num_cache_blocks, 2, optional=True)
         _require(self.compilation_cache_dir is None or isinstance(self.compilation_cache_dir, (str, os.PathLike)),
                  'compilation_cache_dir', 'a path or None', self.compilation_cache_dir)
+        _check_nodes(self)
+
+
+def _check_nodes(cfg) -> None:
+    """The multi-host fields of ``TurbomindEngineConfig``."""
+    _int_field('nnodes', cfg.nnodes, 1)
+    _int_field('node_rank', cfg.node_rank, 0, cfg.nnodes - 1)
+    address = cfg.dist_init_addr
+    _require(address is None or (isinstance(address, str) and _is_host_port(address)), 'dist_init_addr',
+             "None or 'host:port' (a port in [1, 65535])", address)
+    _require(cfg.nnodes == 1 or address is not None, 'dist_init_addr',
+             f"'host:port' of node 0 when nnodes > 1 (nnodes={cfg.nnodes})", address)
+    if cfg.devices is not None:
+        _require(cfg.nnodes > 1, 'devices', 'None in a one-node run (set CUDA_VISIBLE_DEVICES instead) or a '
+                 'list of device ids with nnodes > 1', cfg.devices)
+        _require(isinstance(cfg.devices, (list, tuple)) and len(cfg.devices) > 0
+                 and all(_is_int(d) and d >= 0 for d in cfg.devices) and len(set(cfg.devices)) == len(cfg.devices),
+                 'devices', 'a non-empty list of distinct device ids >= 0', cfg.devices)
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(':')
+    return bool(host) and not any(c.isspace() for c in host) and port.isdigit() and 1 <= int(port) <= 65535
 
 
 @dataclass

@@ -1,14 +1,16 @@
 """Every environment variable that ``lmdeploy_jax`` and ``pallas_kernels`` read, declared once: its
-type, default and meaning. Nothing else in the two packages reads ``os.environ``
-(``engine/xla_flags.py`` writes ``XLA_FLAGS`` before JAX starts its backend, reading it here).
+type, default and meaning. Nothing else in the two packages reads the environment, and nothing
+writes it.
 
-``current()`` parses the environment each time it is called (a handful of variables), so a variable
-that a test or a benchmark sets before the engine's next use takes effect. A variable set to the
-empty string counts as unset. A value that does not parse raises ``ValueError`` naming the variable,
-the value and what is allowed.
+These are process-wide: where the caches live, the kernel implementation tests pick, standard
+variables of other tools (``CUDA_HOME``, ``HF_HUB_OFFLINE``, ``XLA_FLAGS``, read only). What a
+user chooses per engine is a ``TurbomindEngineConfig`` field; what only a benchmark varies is an
+argument the benchmark passes.
 
-Settings a user chooses per engine belong in ``TurbomindEngineConfig``; these are process-wide:
-where caches live, how several processes join, and switches for kernels and XLA experiments.
+``current()`` parses the environment each time it is called, so a variable a test sets before
+the next use takes effect; an engine resolves it once, when built. An empty value counts as
+unset. A value that does not parse raises ``ValueError`` naming the variable, the value and what
+is allowed.
 """
 from __future__ import annotations
 
@@ -55,23 +57,6 @@ def _hf_bool(name: str, value: str) -> bool:
     return value.upper() in ('1', 'ON', 'YES', 'TRUE')
 
 
-def _count(name: str, value: str, minimum: int = 1) -> int:
-    if not value.strip().isdigit() or int(value) < minimum:
-        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}')
-    return int(value)
-
-
-def _index(name: str, value: str) -> int:
-    return _count(name, value, minimum=0)
-
-
-def _device_ids(name: str, value: str) -> tuple[int, ...]:
-    ids = value.split(',')
-    if not all(i.strip().isdigit() for i in ids):
-        raise ValueError(f'{name} must be comma-separated device ids such as 0,1, got {value!r}')
-    return tuple(int(i) for i in ids)
-
-
 def _kernels(name: str, value: str) -> str:
     if value not in KERNEL_IMPLS:
         raise ValueError(f'{name} must be one of {", ".join(KERNEL_IMPLS)}, got {value!r}')
@@ -103,16 +88,6 @@ class Settings:
     p2p_all_reduce: bool = _variable(
         'LMDEPLOY_JAX_P2P_ALL_REDUCE', _bool, True,
         "small tensor-parallel decode steps sum with the CUDA peer-memory kernel (0: XLA's all-reduce)")
-    coordinator: str | None = _variable(
-        'LMDEPLOY_JAX_COORDINATOR', _text, None,
-        "host:port of process 0 when several processes (hosts) join one JAX runtime")
-    num_processes: int | None = _variable(
-        'LMDEPLOY_JAX_NUM_PROCESSES', _count, None, 'how many processes join (with a coordinator)')
-    process_id: int | None = _variable(
-        'LMDEPLOY_JAX_PROCESS_ID', _index, None, "this process's index, 0 on the coordinator's host")
-    local_devices: tuple[int, ...] | None = _variable(
-        'LMDEPLOY_JAX_LOCAL_DEVICES', _device_ids, None,
-        "comma-separated ids of the host's devices this process uses (default: all)")
     cuda_home: str = _variable(
         'CUDA_HOME', _path, '/usr/local/cuda', "CUDA toolkit whose nvcc builds the kernel when nvcc is not on PATH")
     hf_hub_offline: bool = _variable(

@@ -18,14 +18,14 @@ from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.engine.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, TurbomindEngineConfig
-from lmdeploy_jax.parallel import init_distributed
 from test_engine_helpers import run_all
 
 
 def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_tokens: int,
-                  sequential: bool) -> list[list[int]]:
+                  sequential: bool, **nodes) -> list[list[int]]:
+    """``nodes``: ``TurbomindEngineConfig``'s nnodes, node_rank and dist_init_addr."""
     config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=128, max_batch_size=4,
-                                   num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128)
+                                   num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128, **nodes)
     engine = JaxEngine(resolve_model(model), config, decode_batch=[4], prefill_tokens=[32], prefill_batch=[4])
     try:
         gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -46,15 +46,18 @@ def main() -> None:
     parser.add_argument('--tp', type=int, nargs='+', required=True)
     parser.add_argument('--new-tokens', type=int, default=6)
     parser.add_argument('--sequential', action='store_true')
+    parser.add_argument('--nnodes', type=int, default=1)
+    parser.add_argument('--node-rank', type=int, default=0)
+    parser.add_argument('--dist-init-addr', default=None)
     args = parser.parse_args()
-    init_distributed()
+    nodes = dict(nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     vocab = 1000
     # one prompt longer than a prefill chunk (two chunks), one a block long, one short
     prompts = [[(7 * i + 3) % vocab for i in range(45)], [(11 * i + 5) % vocab for i in range(16)], [1, 2, 3]]
     out = {}
     for tp in args.tp:
         start = time.perf_counter()
-        out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential)
+        out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential, **nodes)
         print(f'tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
     if jax.process_index() == 0:
         print(json.dumps(out))

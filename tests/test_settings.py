@@ -45,7 +45,6 @@ def test_defaults_when_nothing_is_set(tmp_path, monkeypatch):
     got = current({})
     assert got == Settings(cache_dir=str(tmp_path / '.cache' / 'lmdeploy_jax'))
     assert (got.kernels, got.layer_unroll, got.p2p_all_reduce, got.xla_flags) == ('auto', 1, True, '')
-    assert got.coordinator is None and got.local_devices is None
     assert got.compilation_cache_dir == str(tmp_path / '.cache' / 'lmdeploy_jax' / 'jax_compilation_cache')
 
 
@@ -57,8 +56,6 @@ def test_defaults_when_nothing_is_set(tmp_path, monkeypatch):
     ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': '0'}, 'p2p_all_reduce', False),
     ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': 'Off'}, 'p2p_all_reduce', False),
     ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': 'true'}, 'p2p_all_reduce', True),
-    ({'LMDEPLOY_JAX_NUM_PROCESSES': '2', 'LMDEPLOY_JAX_PROCESS_ID': '0'}, 'process_id', 0),
-    ({'LMDEPLOY_JAX_LOCAL_DEVICES': '0,3'}, 'local_devices', (0, 3)),
     ({'HF_HUB_OFFLINE': 'yes'}, 'hf_hub_offline', True),
     ({'HF_HUB_OFFLINE': '0'}, 'hf_hub_offline', False),
     ({'LMDEPLOY_JAX_KERNELS': ''}, 'kernels', 'auto'),               # empty counts as unset
@@ -72,9 +69,6 @@ def test_values_parse_to_their_types(environ, field, value):
     ('LMDEPLOY_JAX_LAYER_UNROLL', '0', "must be a positive integer or 'all'"),
     ('LMDEPLOY_JAX_LAYER_UNROLL', 'two', "must be a positive integer or 'all'"),
     ('LMDEPLOY_JAX_P2P_ALL_REDUCE', 'maybe', 'must be one of 1, true, yes, on, 0, false, no, off'),
-    ('LMDEPLOY_JAX_NUM_PROCESSES', '0', 'must be an integer >= 1'),
-    ('LMDEPLOY_JAX_PROCESS_ID', '-1', 'must be an integer >= 0'),
-    ('LMDEPLOY_JAX_LOCAL_DEVICES', '0;1', 'must be comma-separated device ids such as 0,1'),
 ])
 def test_bad_values_name_the_variable_the_value_and_what_is_allowed(name, value, allowed):
     with pytest.raises(ValueError) as caught:
@@ -90,15 +84,6 @@ def test_the_consumers_read_the_settings_when_called(monkeypatch):
     monkeypatch.setenv('LMDEPLOY_JAX_KERNELS', 'cuda')
     with pytest.raises(ValueError, match="LMDEPLOY_JAX_KERNELS must be one of .*, got 'cuda'"):
         choose_impl(None, supported=True)
-
-
-def test_a_coordinator_without_a_process_count_is_named(monkeypatch):
-    from lmdeploy_jax.parallel import init_distributed
-    monkeypatch.setenv('LMDEPLOY_JAX_COORDINATOR', 'localhost:1')
-    monkeypatch.setenv('LMDEPLOY_JAX_PROCESS_ID', '0')
-    monkeypatch.delenv('LMDEPLOY_JAX_NUM_PROCESSES', raising=False)
-    with pytest.raises(ValueError, match='LMDEPLOY_JAX_NUM_PROCESSES'):
-        init_distributed()
 
 
 def test_the_executable_store_keys_on_the_resolved_settings():

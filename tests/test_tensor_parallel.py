@@ -50,7 +50,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 
 
 def _env(tmp_path, devices: int, **extra) -> dict[str, str]:
-    """A child's environment: ``devices`` simulated CPU devices; one process unless ``extra`` joins a group."""
+    """A child's environment: ``devices`` simulated CPU devices, and ``extra`` variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith('LMDEPLOY_JAX_')}
     env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}',
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'), PYTHONPATH=HERE, **extra)
@@ -107,10 +107,9 @@ def test_two_processes_equal_one(checkpoints, tmp_path):
     model = ['--model', checkpoints['llama-kv2'], '--sequential']
     expected = _run_worker(_env(tmp_path, 1), *model, '--tp', '1')[1]
     coordinator = f'localhost:{_free_port()}'
-    procs = [subprocess.Popen([sys.executable, WORKER, *model, '--tp', '4'], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env=_env(tmp_path, 2, LMDEPLOY_JAX_COORDINATOR=coordinator,
-                                       LMDEPLOY_JAX_NUM_PROCESSES='2', LMDEPLOY_JAX_PROCESS_ID=str(i)))
+    procs = [subprocess.Popen([sys.executable, WORKER, *model, '--tp', '4', '--nnodes', '2', '--node-rank', str(i),
+                               '--dist-init-addr', coordinator], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env(tmp_path, 2))
              for i in range(2)]
     try:
         outputs = [p.communicate(timeout=TIMEOUT) for p in procs]

@@ -23,20 +23,38 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--enable-prefix-caching', action='store_true')
     group.add_argument('--rope-scaling-factor', type=float, default=0.0,
                        help='dynamic NTK rope scaling by this factor past the model\'s context (turbomind only)')
+    group.add_argument('--nnodes', type=int, default=1, help='hosts (one process each) that run the engine together')
+    group.add_argument('--node-rank', type=int, default=0, help="this host's index, 0 on --dist-init-addr's host")
+    group.add_argument('--dist-init-addr', default=None, metavar='HOST:PORT',
+                       help='address of node 0, reachable from every host (with --nnodes > 1)')
+    group.add_argument('--devices', type=int, nargs='+', default=None, metavar='ID',
+                       help="this host's device ids the process uses (with --nnodes > 1; default: all)")
     group.add_argument('--chat-template', default=None, help='builtin template name or a JSON file')
     group.add_argument('--model-name', default=None)
     group.add_argument('--log-level', default='ERROR')
 
 
+_ONE_PROCESS = 'the pytorch backend runs in one process'
+TURBOMIND_ONLY = {'rope_scaling_factor': "the pytorch backend runs the checkpoint's own rope (set rope_scaling in "
+                                         'its config.json)',
+                  'nnodes': _ONE_PROCESS, 'node_rank': _ONE_PROCESS, 'dist_init_addr': _ONE_PROCESS,
+                  'devices': _ONE_PROCESS}
+
+
 def engine_config(args: argparse.Namespace):
+    """The backend's config from the engine flags; ValueError naming a flag the pytorch backend
+    cannot apply (given with a value other than its default)."""
     common = dict(dtype=args.dtype, tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
                   cache_max_entry_count=args.cache_max_entry_count, enable_prefix_caching=args.enable_prefix_caching)
+    turbomind = {name: getattr(args, name) for name in TURBOMIND_ONLY}
     if args.backend == 'pytorch':
-        if args.rope_scaling_factor:
-            raise ValueError('--rope-scaling-factor is applied by the turbomind backend only; the pytorch '
-                             "backend runs the checkpoint's own rope (set rope_scaling in its config.json)")
+        defaults = TurbomindEngineConfig()
+        for name, why in TURBOMIND_ONLY.items():
+            if turbomind[name] != getattr(defaults, name):
+                flag = '--' + name.replace('_', '-')
+                raise ValueError(f'{flag} is applied by the turbomind backend only; {why}')
         return PytorchEngineConfig(**common)
-    return TurbomindEngineConfig(**common, rope_scaling_factor=args.rope_scaling_factor)
+    return TurbomindEngineConfig(**common, **turbomind)
 
 
 def chat_template_config(args: argparse.Namespace):

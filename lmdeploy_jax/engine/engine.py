@@ -58,7 +58,7 @@ class JaxEngine(ThreadedEngine):
         config = config or TurbomindEngineConfig()
         env = settings.current()
         start = time.perf_counter()
-        init_distributed()
+        init_distributed(config.dist_init_addr, config.nnodes, config.node_rank, config.devices)
         mesh = make_tp_mesh(config.tp) if config.tp > 1 else None
         devices = local_devices(mesh) if mesh is not None else jax.devices()[:1]
         device = min(devices, key=lambda d: free_device_bytes(d) or 0)
