@@ -7,7 +7,7 @@
 
 Why: at tp=2 a llama3-8b decode step at batch 1 does 64 all-reduces of 4096 values (two a
 layer), so their latency, not their bandwidth, decides whether tensor parallelism pays at small
-batches (NOTES.md v5). Each variant compiles the same function with its own XLA options through
+batches. Each variant compiles the same function with its own XLA options through
 ``Lowered.compile(compiler_options=...)``, the per-executable form of ``XLA_FLAGS``, so all of
 them run in one process on the same devices: ``--reps`` dependent ``psum``s of a [rows, 4096]
 bf16 block under ``shard_map`` in a ``fori_loop`` (each needs the previous one's result, as the

@@ -44,8 +44,8 @@ norm in the same kernel (x and the residual read, the sum and the norm written).
 ``--sliding-window`` and ``--soft-cap`` pass the attention ops' ``sliding_window`` and
 ``logits_soft_cap`` (decode, decode_step and prefill; the Pallas kernels and the reference only),
 and the bytes and FLOPs count only the positions inside each query's window.
-The ratio is to the card's copy bandwidth (2.91 TB/s measured on an H100 on 2026-11-26,
-``--copy-tbps``) and to the copy this run measures itself.
+The ratio is to the card's copy bandwidth (``--copy-tbps``; the default is the H100's of
+benchmark/NOTES.md) and to the copy this run measures itself.
 One JSON line per case; a failing implementation prints its error and the run goes on; a table
 of the results comes last.
 """

@@ -1,7 +1,7 @@
 """``JaxEngine``: the ``InferenceEngine`` of ``backend='turbomind'``, one thread driving the device.
 
 Other threads only put commands on a queue. The engine thread takes them between steps, asks the
-scheduler for a plan and dispatches the compiled step. While the device runs it, the thread
+scheduler for a plan and dispatches it. While the device runs it, the thread
 prepares the call the scheduler chains behind it (if any, ``Scheduler.chain``: a prefill step for
 waiting prompts or a decode call) and hands it to the launcher thread, takes the commands that
 arrived, then waits for the first call's sampled tokens (already on their way to the host) and

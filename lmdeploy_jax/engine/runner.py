@@ -7,10 +7,9 @@ general sampler and a greedy-only one, taken when no row of the call samples or 
 function ``(params, cache, batch, sampling, rows) -> (cache, sampled)``: it writes the batch's
 tokens and KV into the pool, runs the model, takes each row's last-position logits in float32,
 samples on the device, and keeps each row's sampled token in the pool (``CacheState.last``, by row
-slot), where a decode call queued behind it reads its inputs. Executables are compiled ahead of
-time (``lower().compile()``) for every shape in the bucket set, so serving calls them directly and
-can never compile; a shape outside the set is a bug and raises. ``get_ppl`` has its own function,
-compiled on first use per chunk shape: it is not on the serving path.
+slot), where a decode call queued behind it reads its inputs. Every shape of the bucket set is
+compiled ahead of time, so serving never compiles; a shape outside the set is a bug and raises.
+``get_ppl`` has its own function, compiled on first use per chunk shape (not on the serving path).
 """
 from __future__ import annotations
 

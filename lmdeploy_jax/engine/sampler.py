@@ -6,14 +6,11 @@ stop ids masked, logprobs of those logits, then argmax for greedy rows, or tempe
 top-p, min-p and a draw seeded by ``fold_in(key(seed), step)`` for the others. Masks compare
 values, not sort positions, so ties are kept together exactly as the reference keeps them.
 
-No ``lax.cond`` here: on a GPU, XLA evaluates a conditional's predicate on the host (a copy to the
-host and a wait, on every step), so a compiled call with one cannot return before the device has
-run up to its last conditional, and the engine cannot queue the next call behind it (measured on
-an H100: the dispatch of an 8-step decode call blocked for its whole duration). The choice is made
-on the host instead: ``sample(..., general=False)`` is the greedy-only sampler (argmax, no vocabulary
-sort, no logprobs), which the engine runs when every row of a call is greedy and none asks for
-logprobs (``needs_general``); the general one computes the draw and the logprobs for every row.
-The repetition penalty is always applied: it touches only the [B, L] history positions.
+No ``lax.cond``: on a GPU, XLA evaluates a conditional's predicate on the host, so a call with one
+would not return before the device ran up to it, and the engine could not queue the next call
+behind it. The engine chooses on the host instead (``needs_general``): ``sample(..., general=False)``
+is the greedy-only sampler (argmax, no vocabulary sort, no logprobs); the general one computes the
+draw and the logprobs for every row. The repetition penalty is always applied.
 """
 from __future__ import annotations
 

@@ -3,9 +3,8 @@
 Requests join between steps. A step is either a prefill step (sequences with more than one token
 to feed, chunked under the prefill token budget) or a decode call (every sequence with one token
 to feed, run for ``decode_steps`` steps on the device, blocks reserved for all of them). Prefill
-goes first, so the batch fills before decoding (every decode step then carries as many rows as
-it can: throughput), but at most ``PREFILL_STREAK`` prefill steps run in a row while sequences
-wait to decode, so long prompts stall running streams for a bounded time.
+goes first, so the batch fills before decoding, but at most ``PREFILL_STREAK`` prefill steps run
+in a row while sequences wait to decode.
 When blocks run out, idle sessions' KV goes first, then the newest running sequences are
 preempted: their blocks are released and their tokens recomputed later, never dropped. With
 prefix caching, a sequence starting without KV reuses the registered blocks of its longest cached

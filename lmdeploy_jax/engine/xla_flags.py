@@ -9,7 +9,7 @@ user's program, and XLA reads it once, when JAX starts its backend. An option th
   which cannot read a slice in place, are turned off.
 - Small decode calls (at most ``SMALL_DECODE_ROWS`` rows) of a tensor-parallel engine also take
   command-buffer options (``SMALL_BATCH_TP_OPTIONS``) so that a call runs as few CUDA graphs as
-  possible; larger batches and prefill keep XLA's defaults, which serve them better. Where the
+  possible; larger batches and prefill keep XLA's defaults. Where the
   engine sums small steps with its own CUDA kernel (``models/row_parallel.py``), XLA's remaining
   collectives stay out of the command buffers (``SMALL_BATCH_P2P_OPTIONS``).
 """

@@ -1,5 +1,6 @@
-"""The decode attention the models call: the Pallas kernel on a GPU, the XLA reference elsewhere,
-behind one function, so the models never change when an implementation does."""
+"""Decode attention alone (q already roped, the step's K/V already in the cache): the Pallas kernel
+on a GPU, the XLA reference elsewhere. The models call ``decode_step_attention``, which fuses rope
+and the KV write before the same kernel; this op checks and benchmarks the kernel on its own."""
 from __future__ import annotations
 
 import jax

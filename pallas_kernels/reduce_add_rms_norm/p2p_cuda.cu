@@ -1,10 +1,10 @@
 // The sum of a row-parallel projection's partial results over the GPUs of one process, the residual
 // add after it and the RMSNorm after that, as one kernel that a CUDA graph can hold.
 //
-// Why: at batch 1 a tensor-parallel decode step all-reduces 8 KB twice a layer. XLA's all-reduce
+// Why: at batch 1 a tensor-parallel decode step all-reduces a few KB twice a layer. XLA's all-reduce
 // thunks cannot sit inside its command buffers with its one-shot kernel, and NCCL's inside them
-// failed to instantiate, so the host launched ~200 pieces a step and became the bottleneck
-// (benchmark/NOTES.md v7). This kernel is an XLA FFI custom call marked command-buffer compatible.
+// do not instantiate, so the host would launch every layer's pieces itself. This kernel is an XLA
+// FFI custom call marked command-buffer compatible, so a whole decode step can be one CUDA graph.
 //
 // How (one-shot, as TensorRT-LLM's "Lamport" all-reduce): every rank owns mailboxes
 // [3 buffers][world slots][max_bytes], allocated once (lmdj_p2p_init), filled with the EMPTY pattern

@@ -1,10 +1,10 @@
 """The CUDA implementation (``p2p_cuda.cu``): a one-shot all-reduce over peer memory fused with the
 residual add and RMSNorm, as an XLA FFI custom call that XLA may record into its command buffers.
 
-It is a departure from the design's Pallas-only kernels: the all-reduce has to reach the other GPUs'
-memory from inside a CUDA graph, which neither Pallas lowering offers in one process (JAX's own
-tests skip Mosaic GPU's remote references in single-process mode, for hanging; Triton has no peer
-pointers) and which XLA's own collectives do not do with its one-shot kernel (benchmark/NOTES.md v8).
+CUDA, not Pallas: the all-reduce has to reach the other GPUs' memory from inside a CUDA graph,
+which neither Pallas lowering offers in one process (Mosaic GPU's remote references are not
+supported single-process; Triton has no peer pointers) and which XLA's one-shot all-reduce
+kernel does not do inside its command buffers.
 
 The library is compiled with ``nvcc`` on first use (cached under ``LMDEPLOY_JAX_CACHE``, keyed by
 the source, the GPU architecture, JAX's version and nvcc's), so a machine without nvcc, without
@@ -112,7 +112,7 @@ def reduce_add_rms_norm_p2p(partial, residual, weight, layer, eps: float, device
 
 
 def _architecture(device) -> str:
-    """nvcc's name of the device's architecture, e.g. ``sm_90`` for an H100 (compute capability 9.0)."""
+    """nvcc's name of the device's architecture, e.g. ``sm_90`` for compute capability 9.0."""
     return 'sm_' + str(getattr(device, 'compute_capability', '9.0')).replace('.', '')
 
 

@@ -31,8 +31,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, layer: jax.Array | int
 def add_rms_norm(x: jax.Array, residual: jax.Array, weight: jax.Array, eps: float,
                  layer: jax.Array | int | None = None, *, impl: str | None = None) -> tuple[jax.Array, jax.Array]:
     """``(s, rms_norm(s, weight, eps, layer))`` for ``s = x + residual`` in ``x``'s dtype: a
-    decoder layer's residual add and the RMSNorm after it as one op (on a GPU one kernel, where
-    XLA launched the add on its own: two launches a layer saved in a batch-1 decode step).
+    decoder layer's residual add and the RMSNorm after it as one op (on a GPU one kernel; XLA
+    would launch the add on its own).
     ``residual``: ``x``'s shape and dtype; the rest as in ``rms_norm``."""
     require(residual.shape == x.shape and residual.dtype == x.dtype,
             f'residual must match x {x.dtype} {tuple(x.shape)}, got {residual.dtype} {tuple(residual.shape)}')
