@@ -7,15 +7,12 @@ XLA options in effect, per executable.
     python3 benchmark/executable_report.py /tmp/m --tp 2 --small-batch-tp-options '{...}' \
         --max-batch-size 4 --session-len 1024 --batch-1-tokens 256   # other options, and their speed
 
-Why: at tp > 1 a small-batch decode call is fast only if XLA runs it as few command buffers
-(CUDA graphs) as possible, with the sums over the devices inside them; the executable's own XLA
-options (``engine/xla_flags.py``) ask for that. On a GPU, XLA forms command buffers from the thunk
-sequence, after the optimized HLO, so the HLO cannot show them; this script compiles every step
-executable again with an XLA dump of its own (``step_executables.recompile_steps``) and reads: the thunk kinds of
-``*.thunk_sequence_after_thunk_passes.txt`` (``kCommandBuffer``, ``kCollectiveKernel``, the thunk
-of XLA's one-shot all-reduce, ``kAllReduce`` NCCL's, ``kAsyncStart``, ``kWhile``, ...; GPU only)
-and ``*.debug_options`` (the options that differ from XLA's defaults: whether an executable's own
-options took effect). The engine then serves with these executables. One JSON line per
+Why: a small tensor-parallel decode call is fast only if XLA runs it as few command buffers (CUDA
+graphs) as possible, which XLA forms after the optimized HLO, so the HLO cannot show them. This
+script compiles every step again with an XLA dump of its own (``step_executables.recompile_steps``)
+and reads each one's thunk kinds (``*.thunk_sequence_after_thunk_passes.txt``: ``kCommandBuffer``,
+``kCollectiveKernel``, ``kAllReduce``, ``kWhile``, ...; GPU only) and ``*.debug_options`` (whether
+its own options took effect). The engine then serves with these executables. One JSON line per
 executable, and with ``--batch-1-tokens`` one more for the timed request.
 """
 from __future__ import annotations
