@@ -118,8 +118,32 @@ def _text(content) -> str:
     raise ValueError(f'message content must be a string or a list of content parts, got {type(content).__name__}')
 
 
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's OpenAI ``tool_calls`` with each call's ``arguments`` as a dict (what
+    chat templates print); arguments given as a JSON string are decoded, and must be an object."""
+    if not isinstance(calls, list):
+        raise ValueError(f'message {i}: tool_calls must be a list, got {type(calls).__name__}')
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get('function') if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get('name'), str):
+            raise ValueError(f'message {i}: tool_calls[{j}] must have a function with a name, got {call!r}')
+        arguments = function.get('arguments', {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or '{}')
+            except json.JSONDecodeError as e:
+                raise ValueError(f'message {i}: tool_calls[{j}].function.arguments is not JSON: {e}') from None
+        if not isinstance(arguments, dict):
+            raise ValueError(f'message {i}: tool_calls[{j}].function.arguments must be a JSON object')
+        out.append({**call, 'type': 'function', 'function': {'name': function['name'], 'arguments': arguments}})
+    return out
+
+
 def normalize_messages(messages, roles=_ROLES) -> list[dict]:
-    """Messages as ``[{'role', 'content': str}]``; a string is one user turn. Bad input -> ValueError."""
+    """Messages as ``[{'role', 'content': str}]``; a string is one user turn. An assistant message
+    keeps its ``tool_calls`` (``_tool_calls``), a tool message its ``tool_call_id`` and ``name``.
+    Bad input -> ValueError."""
     if isinstance(messages, str):
         return [{'role': 'user', 'content': messages}]
     if not isinstance(messages, (list, tuple)) or not messages:
@@ -130,8 +154,18 @@ def normalize_messages(messages, roles=_ROLES) -> list[dict]:
             raise ValueError(f'message {i} must be a dict with "role" and "content", got {m!r}')
         if m['role'] not in roles:
             raise ValueError(f'message {i} has role {m["role"]!r}; allowed roles: {", ".join(roles)}')
-        out.append({'role': m['role'], 'content': _text(m.get('content'))})
+        message = {'role': m['role'], 'content': _text(m.get('content'))}
+        if m['role'] == 'assistant' and m.get('tool_calls'):
+            message['tool_calls'] = _tool_calls(m['tool_calls'], i)
+        if m['role'] == 'tool':
+            message.update({k: m[k] for k in ('tool_call_id', 'name') if m.get(k) is not None})
+        out.append(message)
     return out
+
+
+def _uses_tools(messages) -> bool:
+    return not isinstance(messages, str) and any(
+        isinstance(m, dict) and (m.get('role') == 'tool' or m.get('tool_calls')) for m in messages)
 
 
 class BaseChatTemplate:
@@ -155,11 +189,20 @@ class BaseChatTemplate:
         """Text that opens a session (none unless the template writes the BOS itself)."""
         return ''
 
-    def messages2prompt(self, messages, sequence_start: bool = True) -> str:
+    def render_tools(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
+        """Fold ``tools``, tool calls and tool results into plain messages; this template renders
+        none, so any of them is a ValueError (a template that does overrides this)."""
+        raise ValueError(f'the chat template {self.name!r} does not render tools, tool calls or tool results; '
+                         "use the model's own template if it renders them, or the builtin 'qwen' (Hermes style)")
+
+    def messages2prompt(self, messages, sequence_start: bool = True, tools: list[dict] | None = None) -> str:
         """Render ``messages`` (a str prompt or an OpenAI message list) ending with the assistant prompt,
-        or, when the last message is the assistant's, ending with its text for the model to continue."""
-        if isinstance(messages, str) and self.capability == 'completion':
+        or, when the last message is the assistant's, ending with its text for the model to continue.
+        ``tools`` (OpenAI's ``[{'type': 'function', 'function': {...}}]``) go where the template puts them."""
+        if isinstance(messages, str) and self.capability == 'completion' and not tools:
             return messages
+        if tools or _uses_tools(messages):
+            messages = self.render_tools(normalize_messages(messages, (*_ROLES, 'tool')), tools)
         messages = normalize_messages(messages)
         box = {'system': self.system, 'user': self.user, 'assistant': self.assistant}
         eox = {'system': self.eosys, 'user': self.eoh, 'assistant': self.eoa + self.separator}
@@ -178,6 +221,43 @@ class BaseChatTemplate:
 
     def __repr__(self):
         return f'{type(self).__name__}(name={self.name!r})'
+
+
+_HERMES_TOOLS = ('\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+                 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}\n'
+                 '</tools>\n\nFor each function call, return a json object with function name and arguments '
+                 'within <tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": '
+                 '<args-json-object>}}\n</tool_call>')
+
+
+class HermesToolsTemplate(BaseChatTemplate):
+    """ChatML with tools as Qwen2.5's own template renders them (the Hermes convention): the tool
+    signatures in the system turn, calls as ``<tool_call>{json}</tool_call>`` in the assistant's,
+    consecutive tool results as ``<tool_response>`` blocks of one user turn."""
+
+    def render_tools(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
+        out: list[dict] = []
+        if tools:
+            signatures = ''.join('\n' + json.dumps(t, ensure_ascii=False) for t in tools)
+            system = messages[0]['content'] if messages[0]['role'] == 'system' else (self.meta_instruction or '')
+            out.append({'role': 'system', 'content': system + _HERMES_TOOLS.format(tools=signatures)})
+            messages = messages[1:] if messages[0]['role'] == 'system' else messages
+        for m in messages:
+            if m['role'] == 'tool':
+                block = f'<tool_response>\n{m["content"]}\n</tool_response>'
+                if out and out[-1].get('tool_results'):
+                    out[-1]['content'] += '\n' + block
+                else:
+                    out.append({'role': 'user', 'content': block, 'tool_results': True})
+            elif m.get('tool_calls'):
+                calls = '\n'.join('<tool_call>\n' + json.dumps({'name': c['function']['name'],
+                                                              'arguments': c['function']['arguments']},
+                                                             ensure_ascii=False) + '\n</tool_call>'
+                                  for c in m['tool_calls'])
+                out.append({'role': 'assistant', 'content': (m['content'] + '\n' if m['content'] else '') + calls})
+            else:
+                out.append(m)
+        return [{'role': m['role'], 'content': m['content']} for m in out]
 
 
 class Llama3Template(BaseChatTemplate):
@@ -233,7 +313,7 @@ _BUILTINS: dict[str, _Builtin] = {
     'internlm2': _Builtin(dict(_CHATML, meta_instruction=_INTERNLM_META, stop_words=['<|im_end|>', '<|action_end|>']),
                           lambda p: 'internlm2' in p),
     'qwen': _Builtin(dict(_CHATML, meta_instruction='You are a helpful assistant.', stop_words=['<|im_end|>']),
-                     lambda p: 'qwen' in p),
+                     lambda p: 'qwen' in p, HermesToolsTemplate),
     'mistral': _Builtin(dict(user='[INST] ', eoh=' [/INST]', eoa='</s>'),
                         lambda p: ('mistral' in p or 'mixtral' in p) and 'instruct' in p),
     'vicuna': _Builtin(dict(meta_instruction=_VICUNA_META, eosys=' ', user='USER: ', eoh=' ', assistant='ASSISTANT: ',
@@ -288,10 +368,11 @@ class HFChatTemplate:
         if self._end_of_answer and self._end_of_answer not in self.stop_words:
             self.stop_words.append(self._end_of_answer)
 
-    def _render(self, messages: list[dict]) -> str:
+    def _render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         if messages[-1]['role'] == 'assistant':
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      continue_final_message=True)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
     def _after_probe(self, messages: list[dict]) -> str:
         """The render of ``messages`` behind a probe exchange, from the end of the probe's reply on."""
@@ -304,10 +385,19 @@ class HFChatTemplate:
         after = self._after_probe([{'role': 'user', 'content': self._PROBE_USER}]).lstrip()
         return next((s for s in sorted(specials, key=len, reverse=True) if s and after.startswith(s)), None)
 
-    def messages2prompt(self, messages, sequence_start: bool = True) -> str:
+    def messages2prompt(self, messages, sequence_start: bool = True, tools: list[dict] | None = None) -> str:
         """Render like ``apply_chat_template(..., add_generation_prompt=True)`` (``continue_final_message``
-        when the last message is the assistant's)."""
+        when the last message is the assistant's). ``tools`` go to the template; one that renders
+        the same text without them ignores them, and that is a ValueError rather than a silent drop."""
         messages = normalize_messages(messages, roles=(*_ROLES, 'tool'))
+        if tools:
+            if not sequence_start:
+                raise ValueError('tools are rendered at the start of a conversation only (sequence_start=True)')
+            text = self._render(messages, tools)
+            if text == self._render(messages):
+                raise ValueError("the model's chat template does not render tools; choose a template that does "
+                                 "(the builtin 'qwen' renders them in the Hermes style)")
+            return text
         if sequence_start:
             return self._render(messages)
         # Behind a probe exchange the template's default system prompt and per-conversation openers

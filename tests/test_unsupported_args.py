@@ -81,3 +81,17 @@ def test_a_400_names_the_request_field(client, fields, param, words):
                                        extra_body=fields)
     error = info.value.body
     assert error['param'] == param and words in error['message'], error
+
+
+@pytest.mark.parametrize('fields, words', [
+    ({'tool_choice': 'auto'}, '--tool-call-parser'),
+    ({'tool_choice': 'none'}, 'does not render tools'),    # SmolLM2's own template has no place for them
+])
+def test_tools_the_server_cannot_serve_are_refused(client, fields, words):
+    client, model = client
+    tool = {'type': 'function', 'function': {'name': 'get_time', 'parameters': {'type': 'object'}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
+                                       tools=[tool], **fields)
+    error = info.value.body
+    assert error['param'] == 'tools' and words in error['message'], error

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..serve.openai import limits
+from ..serve.tool_parsers.formats import TOOL_CALL_PARSER_NAMES
 from .engine_args import add_engine_args, add_model_arg, pipeline_kwargs
 
 
@@ -25,6 +26,9 @@ def add_parser(subparsers) -> None:
     api.add_argument('--shutdown-timeout', type=float, default=limits.SHUTDOWN_TIMEOUT_S,
                      help="seconds running generations get to finish on SIGTERM (vLLM's flag); then they "
                           "are aborted (finish_reason 'abort') and the server exits")
+    api.add_argument('--tool-call-parser', default=None, choices=TOOL_CALL_PARSER_NAMES,
+                     help="how the model writes tool calls (LMDeploy's names); without it, requests with tools "
+                          'are refused')
     add_engine_args(api)
     api.set_defaults(func=main)
 
@@ -33,5 +37,6 @@ def main(args: argparse.Namespace) -> int:
     from ..serve.openai import serve
     serve(args.model_path, server_name=args.server_name, server_port=args.server_port, api_keys=args.api_keys,
           allow_origins=args.allow_origins, max_concurrent_requests=args.max_concurrent_requests,
-          body_timeout=args.body_timeout, shutdown_timeout=args.shutdown_timeout, **pipeline_kwargs(args))
+          body_timeout=args.body_timeout, shutdown_timeout=args.shutdown_timeout,
+          tool_call_parser=args.tool_call_parser, **pipeline_kwargs(args))
     return 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
+from ..tool_parsers import ToolCallFormat, tool_call_format
 from .errors import install_error_handlers
 from .generation import ClientDisconnected, Runner
 from .limits import BODY_TIMEOUT_S, MAX_BODY_BYTES
@@ -27,6 +28,7 @@ class ServerState:
     model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
     open_sessions: set[int] = field(default_factory=set)   # engine ids of /generate sessions kept by interactive mode
+    tool_call_format: ToolCallFormat | None = None         # --tool-call-parser's; None: tools are refused
 
 
 def served_model_name(engine) -> str:
@@ -41,15 +43,20 @@ def served_model_name(engine) -> str:
 
 def create_app(engine, api_keys: list[str] | None = None, allow_origins: list[str] | None = None,
                max_concurrent_requests: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-               body_timeout_s: float = BODY_TIMEOUT_S, close_engine: bool = True) -> FastAPI:
+               body_timeout_s: float = BODY_TIMEOUT_S, close_engine: bool = True,
+               tool_call_parser: str | None = None) -> FastAPI:
     """An app serving ``engine``; it closes the engine when the server shuts down unless told not to.
+
+    ``tool_call_parser`` names how the model writes tool calls (``tool_parsers.formats``; an
+    unknown name is a ValueError); without it, requests with tools are refused.
 
     Empty ``api_keys`` are dropped (ValueError when none remain); ``max_body_bytes`` and
     ``body_timeout_s`` bound each request's body (413, 408), which is read in full before the
     request takes one of the ``max_concurrent_requests`` slots."""
     api_keys = usable_api_keys(api_keys)
     metrics = Metrics(engine.engine)
-    state = ServerState(engine, metrics, Runner(engine, metrics), served_model_name(engine))
+    fmt = None if tool_call_parser is None else tool_call_format(tool_call_parser)
+    state = ServerState(engine, metrics, Runner(engine, metrics), served_model_name(engine), tool_call_format=fmt)
 
     @asynccontextmanager
     async def lifespan(app):

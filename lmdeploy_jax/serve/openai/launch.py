@@ -5,6 +5,7 @@ import asyncio
 
 import uvicorn
 
+from ..tool_parsers import tool_call_format
 from .app import create_app
 from .limits import ABORTED_REQUESTS_END_S, BODY_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 from .middleware import usable_api_keys
@@ -15,7 +16,8 @@ _UVICORN_LEVELS = {'warn': 'warning', 'fatal': 'critical', 'notset': 'trace'}
 def serve(model_path: str | None = None, server_name: str = '0.0.0.0', server_port: int = 23333,
           api_keys: list[str] | str | None = None, allow_origins: list[str] | None = None,
           max_concurrent_requests: int | None = None, body_timeout: float = BODY_TIMEOUT_S,
-          shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, log_level: str = 'ERROR', **pipeline_kwargs) -> None:
+          shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, log_level: str = 'ERROR', tool_call_parser: str | None = None,
+          **pipeline_kwargs) -> None:
     """Serve ``model_path`` until interrupted. ``pipeline_kwargs`` go to ``pipeline()`` (backend, configs).
 
     On SIGTERM/SIGINT new connections are refused; running generations get ``shutdown_timeout``
@@ -23,7 +25,8 @@ def serve(model_path: str | None = None, server_name: str = '0.0.0.0', server_po
     end as usual with finish_reason 'abort' (a stream with [DONE]) and their KV is freed. Requests
     still running ``ABORTED_REQUESTS_END_S`` later are cancelled, and the engine is closed.
     ``body_timeout``: seconds a request's body may take to arrive (408 after). Raises ValueError,
-    before loading anything, when ``api_keys`` were given but all are empty.
+    before loading anything, when ``api_keys`` were given but all are empty, or when
+    ``tool_call_parser`` names no known format (``--tool-call-parser``: how answers become tool calls).
     """
     from ...api import pipeline
     if isinstance(api_keys, str):
@@ -32,9 +35,12 @@ def serve(model_path: str | None = None, server_name: str = '0.0.0.0', server_po
     if shutdown_timeout < 0 or body_timeout <= 0:
         raise ValueError(f'shutdown_timeout must be >= 0 and body_timeout > 0, got {shutdown_timeout} and '
                          f'{body_timeout}')
+    if tool_call_parser is not None:
+        tool_call_format(tool_call_parser)
     engine = pipeline(model_path, log_level=log_level, **pipeline_kwargs)
     app = create_app(engine, api_keys=api_keys, allow_origins=allow_origins,
-                     max_concurrent_requests=max_concurrent_requests, body_timeout_s=body_timeout)
+                     max_concurrent_requests=max_concurrent_requests, body_timeout_s=body_timeout,
+                     tool_call_parser=tool_call_parser)
     name = app.state.server.model_name
     print(f'HINT: serving {name!r}; the API is documented at http://{server_name}:{server_port}/docs', flush=True)
     level = log_level.lower()

@@ -9,6 +9,7 @@ send fields this server does not use).
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Literal
@@ -69,10 +70,67 @@ class ContentPart(BaseModel):
     text: Text
 
 
+def _json_object(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f'must be a JSON object, is not JSON: {exc}') from None
+    if not isinstance(value, dict):
+        raise ValueError(f'must be a JSON object, got {type(value).__name__}')
+    return text
+
+
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Annotated[Text, AfterValidator(_json_object)]     # a JSON object's text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: Text
+    type: Literal['function'] = 'function'
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    """A streamed call: whole (id, name and arguments at once), numbered in its answer."""
+    index: int
+
+
 class ChatMessage(BaseModel):
-    role: Literal['system', 'user', 'assistant']
+    role: Literal['system', 'user', 'assistant', 'tool']
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None       # an assistant's earlier calls
+    tool_call_id: Text | None = None               # a tool result's call
+
+    @model_validator(mode='after')
+    def _tool_fields_fit_the_role(self):
+        if self.tool_calls and self.role != 'assistant':
+            raise ValueError(f'tool_calls belong to assistant messages, not {self.role!r} ones')
+        if self.role == 'tool' and not self.tool_call_id:
+            raise ValueError('a tool message needs the tool_call_id of the call it answers')
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r'^[A-Za-z0-9_-]{1,64}$')     # OpenAI's rule for function names
+    description: Text | None = None
+    parameters: dict | None = None      # a JSON schema
+    strict: Literal[False] | None = None    # True needs guided decoding, which this server lacks
+
+
+class ToolDefinition(BaseModel):
+    type: Literal['function']
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal['function']
+    function: FunctionName
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -80,6 +138,9 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal['none', 'auto', 'required'] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class CompletionRequest(OpenAIRequest):
@@ -124,6 +185,7 @@ class UsageInfo(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal['assistant'] | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | list[DeltaToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

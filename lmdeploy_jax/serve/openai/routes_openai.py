@@ -13,6 +13,7 @@ from .protocol import ChatCompletionRequest, CompletionBody, CompletionRequest, 
 from .sampling import chat_prompt_ids, generation_config, max_new_tokens, text_prompt_ids
 from .shapes import ChatShape, CompletionShape
 from .streaming import ClosingStreamingResponse, sse
+from .tools import plan_tools
 
 logger = logging.getLogger('lmdeploy_jax')
 router = APIRouter()
@@ -36,14 +37,16 @@ def _check_model(server, name: str) -> None:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     server = request.app.state.server
     _check_model(server, body.model)
-    ids = chat_prompt_ids(server.engine, body)
+    plan = plan_tools(body, server.tool_call_format)
+    ids = chat_prompt_ids(server.engine, body, plan.rendered)
     asked = body.max_completion_tokens or body.max_tokens
     new = max_new_tokens(asked, len(ids), server.engine.session_len,
                          'max_completion_tokens' if body.max_completion_tokens else 'max_tokens')
     top = (body.top_logprobs or 0) if body.logprobs else None
     vocab = server.engine.vocab_size
-    jobs = [Job(i, generation_config(body, new, vocab, top, i), input_ids=ids) for i in range(body.n)]
-    return await _respond(request, body, jobs, ChatShape(server.engine.tokenizer, top), len(ids))
+    skip = plan.skip_special_tokens(body.skip_special_tokens)
+    jobs = [Job(i, generation_config(body, new, vocab, top, i, skip), input_ids=ids) for i in range(body.n)]
+    return await _respond(request, body, jobs, ChatShape(server.engine.tokenizer, top, plan), len(ids))
 
 
 @router.post('/v1/completions')
