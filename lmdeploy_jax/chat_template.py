@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from .tool_messages import hermes_messages, tool_calls_with_objects, uses_tools
+
 logger = logging.getLogger('lmdeploy_jax')
 
 _ROLES = ('system', 'user', 'assistant')
@@ -118,31 +120,9 @@ def _text(content) -> str:
     raise ValueError(f'message content must be a string or a list of content parts, got {type(content).__name__}')
 
 
-def _tool_calls(calls, i: int) -> list[dict]:
-    """An assistant message's OpenAI ``tool_calls`` with each call's ``arguments`` as a dict (what
-    chat templates print); arguments given as a JSON string are decoded, and must be an object."""
-    if not isinstance(calls, list):
-        raise ValueError(f'message {i}: tool_calls must be a list, got {type(calls).__name__}')
-    out = []
-    for j, call in enumerate(calls):
-        function = call.get('function') if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get('name'), str):
-            raise ValueError(f'message {i}: tool_calls[{j}] must have a function with a name, got {call!r}')
-        arguments = function.get('arguments', {})
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments or '{}')
-            except json.JSONDecodeError as e:
-                raise ValueError(f'message {i}: tool_calls[{j}].function.arguments is not JSON: {e}') from None
-        if not isinstance(arguments, dict):
-            raise ValueError(f'message {i}: tool_calls[{j}].function.arguments must be a JSON object')
-        out.append({**call, 'type': 'function', 'function': {'name': function['name'], 'arguments': arguments}})
-    return out
-
-
 def normalize_messages(messages, roles=_ROLES) -> list[dict]:
     """Messages as ``[{'role', 'content': str}]``; a string is one user turn. An assistant message
-    keeps its ``tool_calls`` (``_tool_calls``), a tool message its ``tool_call_id`` and ``name``.
+    keeps its ``tool_calls`` (``tool_calls_with_objects``), a tool message its ``tool_call_id`` and ``name``.
     Bad input -> ValueError."""
     if isinstance(messages, str):
         return [{'role': 'user', 'content': messages}]
@@ -156,16 +136,11 @@ def normalize_messages(messages, roles=_ROLES) -> list[dict]:
             raise ValueError(f'message {i} has role {m["role"]!r}; allowed roles: {", ".join(roles)}')
         message = {'role': m['role'], 'content': _text(m.get('content'))}
         if m['role'] == 'assistant' and m.get('tool_calls'):
-            message['tool_calls'] = _tool_calls(m['tool_calls'], i)
+            message['tool_calls'] = tool_calls_with_objects(m['tool_calls'], i)
         if m['role'] == 'tool':
             message.update({k: m[k] for k in ('tool_call_id', 'name') if m.get(k) is not None})
         out.append(message)
     return out
-
-
-def _uses_tools(messages) -> bool:
-    return not isinstance(messages, str) and any(
-        isinstance(m, dict) and (m.get('role') == 'tool' or m.get('tool_calls')) for m in messages)
 
 
 class BaseChatTemplate:
@@ -201,7 +176,7 @@ class BaseChatTemplate:
         ``tools`` (OpenAI's ``[{'type': 'function', 'function': {...}}]``) go where the template puts them."""
         if isinstance(messages, str) and self.capability == 'completion' and not tools:
             return messages
-        if tools or _uses_tools(messages):
+        if tools or uses_tools(messages):
             messages = self.render_tools(normalize_messages(messages, (*_ROLES, 'tool')), tools)
         messages = normalize_messages(messages)
         box = {'system': self.system, 'user': self.user, 'assistant': self.assistant}
@@ -223,41 +198,13 @@ class BaseChatTemplate:
         return f'{type(self).__name__}(name={self.name!r})'
 
 
-_HERMES_TOOLS = ('\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
-                 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tools}\n'
-                 '</tools>\n\nFor each function call, return a json object with function name and arguments '
-                 'within <tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": '
-                 '<args-json-object>}}\n</tool_call>')
-
-
 class HermesToolsTemplate(BaseChatTemplate):
     """ChatML with tools as Qwen2.5's own template renders them (the Hermes convention): the tool
     signatures in the system turn, calls as ``<tool_call>{json}</tool_call>`` in the assistant's,
     consecutive tool results as ``<tool_response>`` blocks of one user turn."""
 
     def render_tools(self, messages: list[dict], tools: list[dict] | None) -> list[dict]:
-        out: list[dict] = []
-        if tools:
-            signatures = ''.join('\n' + json.dumps(t, ensure_ascii=False) for t in tools)
-            system = messages[0]['content'] if messages[0]['role'] == 'system' else (self.meta_instruction or '')
-            out.append({'role': 'system', 'content': system + _HERMES_TOOLS.format(tools=signatures)})
-            messages = messages[1:] if messages[0]['role'] == 'system' else messages
-        for m in messages:
-            if m['role'] == 'tool':
-                block = f'<tool_response>\n{m["content"]}\n</tool_response>'
-                if out and out[-1].get('tool_results'):
-                    out[-1]['content'] += '\n' + block
-                else:
-                    out.append({'role': 'user', 'content': block, 'tool_results': True})
-            elif m.get('tool_calls'):
-                calls = '\n'.join('<tool_call>\n' + json.dumps({'name': c['function']['name'],
-                                                              'arguments': c['function']['arguments']},
-                                                             ensure_ascii=False) + '\n</tool_call>'
-                                  for c in m['tool_calls'])
-                out.append({'role': 'assistant', 'content': (m['content'] + '\n' if m['content'] else '') + calls})
-            else:
-                out.append(m)
-        return [{'role': m['role'], 'content': m['content']} for m in out]
+        return hermes_messages(messages, tools, self.meta_instruction or '')
 
 
 class Llama3Template(BaseChatTemplate):
