@@ -213,7 +213,7 @@ def test_a_tensor_missing_from_a_checkpoint_only_the_reference_runs_is_named(tmp
 def test_the_jax_loader_checks_the_tensors_before_reading_them(model_dir):
     """Built directly (as the benchmarks build a JaxEngine), the loader refuses the same checkpoint."""
     _edit_config(model_dir, lambda config: config.update(intermediate_size=128))
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(96, 64\)"):
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.0.mlp.down_proj.weight' has shape \(64, 96\)"):
         load_model(ModelSource(model_dir, model_dir))
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
     Qwen2ForCausalLM
 
@@ -126,14 +127,16 @@ def test_spec_and_params_follow_the_config(tiny):
     spec = model.spec
     assert spec.architecture == config['architectures'][0] and is_supported(spec.architecture)
     assert (spec.num_layers, spec.hidden_size, spec.vocab_size) == (2, 96, 256)
-    layers = model.params['layers']
+    module = model.module()
+    assert isinstance(module, nnx.Module)
+    layers = module.layers
     qkv_rows = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
-    assert layers['qkv']['w'].shape == (spec.num_layers, qkv_rows, spec.hidden_size)
-    assert layers['gate_up']['w'].shape == (spec.num_layers, 2 * spec.intermediate_size, spec.hidden_size)
+    assert layers.attn.qkv.w.shape == (spec.num_layers, qkv_rows, spec.hidden_size)
+    assert layers.mlp.gate_up.w.shape == (spec.num_layers, 2 * spec.intermediate_size, spec.hidden_size)
     assert spec.dtype == jnp.bfloat16
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
-    assert ('lm_head' in model.params) == (not config['tie_word_embeddings'])
-    assert ('b' in layers['qkv']) == (spec.architecture == 'Qwen2ForCausalLM')
+    assert hasattr(module, 'lm_head') == (not config['tie_word_embeddings'])
+    assert (layers.attn.qkv.b is not None) == (spec.architecture == 'Qwen2ForCausalLM')
     k, v = model.init_kv_caches(spec, 5, 8)
     assert k.shape == v.shape == (spec.num_layers, spec.num_kv_heads, 5, 8, spec.head_dim)
     assert k.dtype == jnp.bfloat16

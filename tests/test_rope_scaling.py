@@ -32,10 +32,11 @@ from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
 from lmdeploy_jax.models import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, load_model
-from lmdeploy_jax.models.llama import _rotate_partial, join_fused, split_fused
+from lmdeploy_jax.models.layers.attention import _rotate_partial
+from lmdeploy_jax.models.layers.fused import FusedLayout, join_fused, split_fused
+from lmdeploy_jax.models.loader import abstract_params
 from lmdeploy_jax.models.rope import apply_rope, cos_sin, inv_frequencies, rotary_dim
 from lmdeploy_jax.models.spec import ModelSpec, RopeSpec, dynamic_ntk, rope_from_config
-from lmdeploy_jax.models.weights import FusedLayout
 from lmdeploy_jax.pytorch.engine import PytorchEngine
 
 SCALED_TYPES = ('linear', 'dynamic', 'yarn', 'llama3', 'longrope')
@@ -253,7 +254,7 @@ def test_longrope_partial_decoder_matches_phi3(rng, tmp_path):
     model = load_model(phi3_as_llama(phi3, tmp_path))
     spec = dataclasses.replace(model.spec, rope=rope_from_config(config.to_dict(), 'Phi3ForCausalLM', True))
     assert spec.rope.rope_type == 'longrope' and rotary_dim(spec.rope, head_dim) == 12
-    model = dataclasses.replace(model, spec=spec, inv_freq=inv_frequencies(spec.rope, head_dim))
+    model = dataclasses.replace(model, spec=spec, graphdef=abstract_params(spec)[0])
     # the first call of one is below the threshold, of the other above; decoding crosses it
     prompts = [rng.integers(0, 128, n).tolist() for n in (original + 2, original + 9)]
     decoded = 6

@@ -1,4 +1,6 @@
-"""The JAX engine's models: Llama-family decoders as pure functions over a paged KV cache."""
+"""The JAX engine's models: a multi-architecture package of ``flax.nnx`` decoders over a paged KV
+cache. ``registry.py`` maps each Hugging Face architecture to its module under ``families/``; the
+families compose the shared ``layers/``; ``loader.py`` loads a checkpoint by the family's weight map."""
 from .kv_cache import init_kv_caches, kv_bytes_per_block, kv_cache_shape
 from .loader import LoadedModel, load_model
 from .registry import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, is_supported

@@ -1,5 +1,6 @@
-"""``load_model``: a resolved checkpoint directory -> spec, params on the device (or sharded over a
-tensor-parallel mesh), pure step functions."""
+"""``load_model``: a resolved checkpoint directory -> its family's ``nnx`` model with the weights on
+the device (or sharded over a tensor-parallel mesh), split into a graph and a state so the engine's
+compiled steps take the parameters as an argument."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,10 @@ import logging
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from flax.nnx import traversals
 from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
@@ -15,30 +19,33 @@ from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 from .. import settings
 from ..checkpoint.source import ModelSource
 from ..parallel import split_heads
-from . import llama
 from .kv_cache import init_kv_caches, kv_bytes_per_block
-from .registry import UnsupportedArchitectureError, is_supported
-from .rope import inv_frequencies
+from .layers.attention import KVCache
+from .layers.decoder import rope_inv_frequencies
+from .layers.fused import FusedLayout
+from .registry import family
+from .safetensors_file import SafetensorsCheckpoint
 from .spec import DTYPES, ModelSpec, dynamic_ntk, spec_from_config
 from .step_batch import StepBatch
-from .safetensors_file import SafetensorsCheckpoint
-from .weights import check_tensors, load_params
+from .weight_map import biases_present
+from .weights import check_tensors, expected_shapes, load_state
 
 logger = logging.getLogger('lmdeploy_jax')
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A model ready to step. ``forward`` and ``compute_logits`` are pure (jit them; donate the KV
-    list to ``forward``); ``params`` is a plain pytree, passed to them as an argument.
+    """A model ready to step. ``graphdef`` and ``params`` are ``nnx.split`` of the model:
+    ``forward`` and ``compute_logits`` merge them (pure: jit them; donate the KV caches to
+    ``forward``), so ``params`` (an ``nnx.State``, a pytree) is an argument of a compiled step.
 
     With a ``mesh`` the params are sharded over it and ``spec.num_kv_heads`` counts the KV heads
     as stored (each repeated where the mesh is wider than the checkpoint's KV heads)."""
     spec: ModelSpec
-    params: dict
-    inv_freq: np.ndarray = field(repr=False)   # rope inverse frequencies, a compile-time constant
+    graphdef: nnx.GraphDef = field(repr=False)
+    params: nnx.State = field(repr=False)
     mesh: Mesh | None = None
-    layer_unroll: int | bool = 1               # layers per scan iteration (True: straight-line code)
+    layer_unroll: int | bool = 1               # layers per loop iteration (True: straight-line code)
     p2p_claim: object = field(default=None, repr=False)     # held while the kernel sums over these GPUs
 
     @property
@@ -46,34 +53,60 @@ class LoadedModel:
         """Small tensor-parallel steps sum with the CUDA kernel (``row_parallel.py``)."""
         return self.p2p_claim is not None
 
+    @property
+    def inv_freq(self) -> np.ndarray:
+        """The rope inverse frequencies the compiled steps bake in as constants."""
+        return rope_inv_frequencies(self.spec)
+
     init_kv_caches = staticmethod(init_kv_caches)
     kv_bytes_per_block = staticmethod(kv_bytes_per_block)
 
-    def forward(self, params: dict, kv_caches: llama.KVCache, batch: StepBatch) -> tuple[jax.Array, llama.KVCache]:
+    def module(self, params: nnx.State | None = None) -> nnx.Module:
+        """The ``nnx`` model over ``params`` (default: the loaded ones)."""
+        return nnx.merge(self.graphdef, self.params if params is None else params)
+
+    def forward(self, params: nnx.State, kv_caches: KVCache, batch: StepBatch) -> tuple:
         """``(hidden [B, T, hidden_size], kv_caches)``: attention by the decode op when T == 1."""
-        return llama.forward(self.spec, self.inv_freq, params, kv_caches, batch, self.mesh, self.layer_unroll,
-                             self.p2p_all_reduce)
+        return self.module(params)(kv_caches, batch, self.mesh, self.layer_unroll, self.p2p_all_reduce)
 
-    def compute_logits(self, params: dict, hidden: jax.Array) -> jax.Array:
+    def compute_logits(self, params: nnx.State, hidden: jax.Array) -> jax.Array:
         """float32 ``[..., vocab]``."""
-        return llama.compute_logits(params, hidden)
+        return self.module(params).logits(hidden)
 
 
-def _resolve_dtype(dtype: str, config: dict, ckpt: SafetensorsCheckpoint) -> str:
+def _resolve_dtype(dtype: str, config: dict, ckpt: SafetensorsCheckpoint, embed_name: str) -> str:
     """'auto' is the checkpoint's declared dtype, else the stored dtype of its embedding."""
     if dtype != 'auto':
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
         return dtype
     declared = config.get('dtype') or config.get('torch_dtype')
-    return declared if declared in DTYPES else ckpt.dtype_name('model.embed_tokens.weight')
+    return declared if declared in DTYPES else ckpt.dtype_name(embed_name)
 
 
 def model_spec(source: ModelSource, ckpt: SafetensorsCheckpoint, dtype: str = 'auto') -> ModelSpec:
-    """The spec of ``source``'s config; CheckpointError naming config.json when a field is missing or bad."""
-    config = source.config_dict()
-    return spec_from_config(config, source.architecture, DTYPES[_resolve_dtype(dtype, config, ckpt)],
-                            source.generation_eos_ids(), source.config_path)
+    """The spec of ``source``'s config and checkpoint (its biases: where the checkpoint has them);
+    CheckpointError naming config.json when a field is missing or bad, UnsupportedArchitectureError
+    when the JAX engine has no model for it."""
+    config, fam = source.config_dict(), family(source.architecture)
+    spec = spec_from_config(config, fam, source.architecture, DTYPES['float32'], source.generation_eos_ids(),
+                            source.config_path)
+    weight_map = fam.weight_map(spec)
+    embed_name = weight_map[('embed',)].name
+    return dataclasses.replace(spec, dtype=jnp.dtype(DTYPES[_resolve_dtype(dtype, config, ckpt, embed_name)]),
+                               biases=biases_present(weight_map, ckpt.__contains__))
+
+
+def abstract_params(spec: ModelSpec) -> tuple[nnx.GraphDef, nnx.State]:
+    """The graph and the parameters' shapes and dtypes (no memory) of ``spec``'s model."""
+    model = nnx.eval_shape(lambda: family(spec.architecture).model_class(spec, rngs=nnx.Rngs(0)))
+    return nnx.split(model)
+
+
+def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    _, abstract = abstract_params(spec)
+    return expected_shapes(spec, family(spec.architecture).weight_map(spec),
+                           traversals.flatten_mapping(nnx.to_pure_dict(abstract)))
 
 
 def check_checkpoint(source: ModelSource) -> None:
@@ -81,7 +114,7 @@ def check_checkpoint(source: ModelSource) -> None:
     weight is read): a corrupt or truncated safetensors file, a bad config, a tensor missing or of
     another shape than the config implies. Raises CheckpointError naming the file."""
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
-        check_tensors(ckpt, model_spec(source, ckpt), source.config_path)
+        check_tensors(ckpt, _expected_shapes(model_spec(source, ckpt)), source.config_path)
 
 
 def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
@@ -91,23 +124,25 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
     naming the file when the files are broken or disagree with the config, ValueError when the
     mesh cannot split its heads. ``rope_scaling_factor``: ``TurbomindEngineConfig``'s (not 0: dynamic
     NTK rope, ``spec.dynamic_ntk``)."""
-    architecture = source.architecture
-    if not is_supported(architecture):
-        raise UnsupportedArchitectureError(architecture)
+    fam = family(source.architecture)
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = model_spec(source, ckpt, dtype)
         if rope_scaling_factor:
             spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor,
                                                               spec.max_position_embeddings))
-        check_tensors(ckpt, spec, source.config_path)
-        split = None
+        check_tensors(ckpt, _expected_shapes(spec), source.config_path)
+        split, tp = None, 1
         if mesh is not None:
             split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
-        params = load_params(ckpt, spec, mesh, split)
-    if split is not None:
-        spec = dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
-    return LoadedModel(spec, params, inv_frequencies(spec.rope, spec.head_dim), mesh,
-                       settings.current().layer_unroll, _prepare_p2p_all_reduce(mesh) if mesh is not None else None)
+            tp = mesh.size
+        layout = FusedLayout(spec, tp, split.kv_replicas if split is not None else 1)
+        stored = spec if split is None else dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
+        graphdef, abstract = abstract_params(stored)
+        flat = load_state(ckpt, fam.weight_map(spec), traversals.flatten_mapping(nnx.to_pure_dict(abstract)),
+                          layout, mesh)
+    nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
+    return LoadedModel(stored, graphdef, abstract, mesh, settings.current().layer_unroll,
+                       _prepare_p2p_all_reduce(mesh) if mesh is not None else None)
 
 
 def _prepare_p2p_all_reduce(mesh: Mesh):

@@ -1,32 +1,17 @@
-"""Which Hugging Face ``architectures`` the JAX engine runs, and what sets each family apart. All of
-them share the Llama decoder (``llama.py``); they differ in config keys, optional biases (read from
-the checkpoint), sliding windows and q/k norms (read from ``FAMILIES``)."""
+"""Which Hugging Face ``architectures`` the JAX engine runs: each maps to the module under
+``families/`` that defines it, imported only when a checkpoint of it is loaded."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
 
-
-@dataclass(frozen=True)
-class Family:
-    """What an architecture adds to the Llama decoder, as its transformers model does.
-
-    ``sliding_window``: how config.json gives the attention windows (``spec.sliding_windows``):
-    None (no window), ``'all_layers'`` (Mistral: ``sliding_window`` in every layer, ``layer_types``
-    ignored) or ``'per_layer'`` (Qwen2, Qwen3: ``sliding_window`` when ``use_sliding_window``, in the
-    layers ``layer_types`` marks ``sliding_attention``, by default those from ``max_window_layers``
-    on). ``qk_norm``: q and k are RMS-normed per head before the rotary embedding (Qwen3's
-    ``q_norm``/``k_norm``)."""
-    sliding_window: str | None = None
-    qk_norm: bool = False
-
-
-FAMILIES = {
-    'LlamaForCausalLM': Family(),
-    'MistralForCausalLM': Family(sliding_window='all_layers'),
-    'Qwen2ForCausalLM': Family(sliding_window='per_layer'),
-    'Qwen3ForCausalLM': Family(sliding_window='per_layer', qk_norm=True),
+# architecture -> module of lmdeploy_jax.models.families whose FAMILIES defines it
+ARCHITECTURES = {
+    'LlamaForCausalLM': 'llama',
+    'MistralForCausalLM': 'llama',
+    'Qwen2ForCausalLM': 'llama',
+    'Qwen3ForCausalLM': 'llama',
 }
-SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -41,4 +26,12 @@ class UnsupportedArchitectureError(ValueError):
 
 
 def is_supported(architecture: str) -> bool:
-    return architecture in FAMILIES
+    return architecture in ARCHITECTURES
+
+
+def family(architecture: str):
+    """The ``family.Family`` of ``architecture``; UnsupportedArchitectureError if none."""
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(architecture)
+    module = importlib.import_module(f'{__package__}.families.{ARCHITECTURES[architecture]}')
+    return module.FAMILIES[architecture]

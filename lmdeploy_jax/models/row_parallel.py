@@ -27,7 +27,7 @@ from pallas_kernels.reduce_add_rms_norm.p2p_cuda import MAX_BYTES
 from pallas_kernels.rms_norm.api import add_rms_norm
 
 from ..parallel import rules
-from .linear import linear
+from .layers.linear import linear
 from .spec import ModelSpec
 
 PARTIAL_SUMS_MAX_BYTES = MAX_BYTES        # what the kernel's staging slots hold

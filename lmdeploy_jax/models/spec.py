@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from ..checkpoint.errors import CheckpointError
-from .registry import FAMILIES, UnsupportedArchitectureError
+from .layers.activations import ACTIVATIONS
+from .registry import UnsupportedArchitectureError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -51,7 +52,16 @@ class ModelSpec:
     """A Llama-family decoder's shape and numerics; ``dtype`` is that of params and KV cache.
     ``sliding_windows``: each layer's attention window (0: global; empty: no layer has one), a
     query at position ``p`` seeing keys ``p - window < k <= p`` as in transformers; ``qk_norm``:
-    q and k RMS-normed per head before the rotary embedding (Qwen3)."""
+    q and k RMS-normed per head before the rotary embedding (Qwen3). ``biases``: the linears
+    ('qkv', 'o', 'gate_up', 'down') whose checkpoint has a bias. ``hidden_act``: the MLP's
+    activation (``layers.activations.ACTIVATIONS``). ``attention_scale``: the scores' scale (0: set to
+    ``head_dim ** -0.5`` by ``__post_init__``); ``attn_logit_softcap`` / ``final_logit_softcap``:
+    ``cap * tanh(x / cap)`` of the attention scores / the logits (None: none); ``embed_scale``:
+    multiplies the token embeddings (Gemma's ``sqrt(hidden_size)``, in the model dtype)."""
+
+    def __post_init__(self):
+        if not self.attention_scale:
+            object.__setattr__(self, 'attention_scale', self.head_dim ** -0.5)
     architecture: str
     num_layers: int
     num_heads: int
@@ -68,6 +78,12 @@ class ModelSpec:
     rope: RopeSpec
     sliding_windows: tuple[int, ...] = ()
     qk_norm: bool = False
+    biases: frozenset[str] = frozenset()
+    hidden_act: str = 'silu'
+    attention_scale: float = 0.0
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    embed_scale: float = 1.0
 
 
 ROPE_TYPES = ('default', 'linear', 'dynamic', 'yarn', 'llama3', 'longrope')
@@ -192,11 +208,14 @@ def _config_float(config: dict, name: str, path: str, default: float) -> float:
     return float(value)
 
 
-def spec_from_config(config: dict, architecture: str, dtype, eos_token_ids, path: str = 'config.json') -> ModelSpec:
-    """Build the spec of a Llama-family config (Llama, Mistral, Qwen2, Qwen3 share these keys; the
-    windows and q/k norms follow ``registry.FAMILIES``). CheckpointError naming ``path`` (the
-    config's file) when a required field is missing or a size is not a positive integer, the KV
-    heads do not divide the attention heads, or the sliding-window fields are malformed."""
+def spec_from_config(config: dict, family, architecture: str, dtype, eos_token_ids,
+                     path: str = 'config.json') -> ModelSpec:
+    """Build the spec of a decoder's Hugging Face config from the keys the families share (Llama's);
+    the windows, q/k norms, rope style and the family's own fields follow ``family``
+    (``family.Family``). CheckpointError naming ``path`` (the config's file) when a required field
+    is missing or a size is not a positive integer, the KV heads do not divide the attention heads,
+    or the sliding-window fields are malformed; UnsupportedArchitectureError for an activation or
+    rope the engine cannot run."""
     num_heads = _config_int(config, 'num_attention_heads', path)
     hidden = _config_int(config, 'hidden_size', path)
     num_kv_heads = _config_int(config, 'num_key_value_heads', path, num_heads)
@@ -207,10 +226,10 @@ def spec_from_config(config: dict, architecture: str, dtype, eos_token_ids, path
     if not isinstance(tie, bool):
         raise CheckpointError(path, f"field 'tie_word_embeddings' must be true or false, got {tie!r}")
     num_layers = _config_int(config, 'num_hidden_layers', path)
-    family = FAMILIES.get(architecture)
-    if family is None:
-        raise UnsupportedArchitectureError(architecture)
-    return ModelSpec(
+    hidden_act = config.get('hidden_activation') or config.get('hidden_act') or 'silu'
+    if hidden_act not in ACTIVATIONS:
+        raise UnsupportedArchitectureError(architecture, f'hidden activation {hidden_act!r}')
+    spec = ModelSpec(
         architecture=architecture,
         num_layers=num_layers,
         num_heads=num_heads,
@@ -224,10 +243,12 @@ def spec_from_config(config: dict, architecture: str, dtype, eos_token_ids, path
         intermediate_size=_config_int(config, 'intermediate_size', path),
         rms_norm_eps=_config_float(config, 'rms_norm_eps', path, 1e-6),
         tie_word_embeddings=tie,
-        rope=_rope(config, architecture, path),
+        rope=_rope(config, architecture, path, family.partial_rotary),
         sliding_windows=sliding_windows(config, family.sliding_window, num_layers, path),
         qk_norm=family.qk_norm,
+        hidden_act=hidden_act,
     )
+    return family.adjust_spec(spec, config, path) if family.adjust_spec is not None else spec
 
 
 # transformers' defaults where config.json leaves a field out (MistralConfig, Qwen2Config, Qwen3Config)
@@ -237,7 +258,7 @@ LAYER_TYPES = ('full_attention', 'sliding_attention')
 
 def sliding_windows(config: dict, style: str | None, num_layers: int, path: str) -> tuple[int, ...]:
     """Each layer's window (0: global) as the family's transformers model reads ``config``, or
-    ``()`` when no layer slides; ``style`` as ``registry.Family.sliding_window``. CheckpointError
+    ``()`` when no layer slides; ``style`` as ``family.Family.sliding_window``. CheckpointError
     naming ``path`` for a window that is not a positive integer or null, a ``layer_types`` of
     another length or with another value, or sliding layers without a window (transformers refuses
     those too)."""
@@ -266,10 +287,10 @@ def sliding_windows(config: dict, style: str | None, num_layers: int, path: str)
     return tuple(window if s else 0 for s in sliding) if any(sliding) else ()
 
 
-def _rope(config: dict, architecture: str, path: str) -> RopeSpec:
+def _rope(config: dict, architecture: str, path: str, partial_rotary: bool) -> RopeSpec:
     """``rope_from_config``, its ValueError for a malformed parameter naming ``path``."""
     try:
-        return rope_from_config(config, architecture)
+        return rope_from_config(config, architecture, partial_rotary)
     except UnsupportedArchitectureError:
         raise
     except ValueError as e:

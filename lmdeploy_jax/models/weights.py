@@ -1,28 +1,10 @@
-"""The params pytree of ``llama.py`` from a safetensors checkpoint: layers stacked, q/k/v and
-gate/up fused, every weight put straight onto its device(s) in the target dtype, layer by layer.
-
-Layout (Hugging Face ``[out, in]`` orientation, ``L`` layers; a ``'b'`` entry only where the
-checkpoint has a bias, e.g. Qwen2's q/k/v; ``q_norm``/``k_norm`` only where ``spec.qk_norm``)::
-
-    {'embed': [vocab, hidden], 'norm': [hidden], 'lm_head': {'w': [vocab, hidden]} (untied only),
-     'layers': {'input_norm', 'post_norm': [L, hidden], 'q_norm', 'k_norm': [L, head_dim],
-                'qkv': {'w': [L, (heads + 2 * kv_heads) * head_dim, hidden], 'b'?},
-                'o': {'w': [L, hidden, heads * head_dim]},
-                'gate_up': {'w': [L, 2 * intermediate, hidden]}, 'down': {'w': [L, hidden, intermediate]}}}
-
-Fused rows are grouped by tensor-parallel shard (``FusedLayout``): shard ``s``'s q heads, then its
-k heads, then its v heads (its gate rows, then its up rows), so splitting the rows evenly over
-``tp`` devices gives each device whole pieces of each. With ``tp == 1`` this is plain
-concatenation.
-
-Why stacked: the model scans over layers, so a step traces and compiles one layer, not L (start-up
-time). Why fused: one matmul reads q/k/v (gate/up) weights in one pass instead of three (two).
-"""
+"""A model's parameters from a safetensors checkpoint, by its family's weight map
+(``weight_map.py``): every weight put straight onto its device(s) in its parameter's dtype, layer by
+layer, the fused ones laid out shard by shard (``layers.fused``)."""
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import jax
@@ -31,103 +13,74 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from ..checkpoint.errors import CheckpointError
-from ..parallel import HeadSplit, param_spec
+from ..parallel import param_spec
+from .layers.fused import FUSED, FusedLayout
 from .safetensors_file import SafetensorsCheckpoint
-from .spec import ModelSpec
+from .weight_map import Fused, Path, Source, Tensor
 
-# params key -> the HF modules under ``model.layers.{i}.`` whose rows it holds, in order
-FUSED = {'qkv': ('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'),
-         'gate_up': ('mlp.gate_proj', 'mlp.up_proj')}
-PLAIN = {'o': 'self_attn.o_proj', 'down': 'mlp.down_proj'}
-NORMS = {'input_norm': 'input_layernorm', 'post_norm': 'post_attention_layernorm'}
-QK_NORMS = {'q_norm': 'self_attn.q_norm', 'k_norm': 'self_attn.k_norm'}     # per head, [head_dim] (Qwen3)
 PREFETCH_LAYERS = 4      # layers read from disk and sent to the device ahead of the one being placed
 
 ReadFn = Callable[[tuple[slice, ...]], np.ndarray]
 
 
-@dataclass(frozen=True)
-class FusedLayout:
-    """Which checkpoint rows each tensor-parallel shard holds of each fused part. ``spec`` counts
-    the checkpoint's KV heads; each is stored ``kv_replicas`` times where tp exceeds them."""
-    spec: ModelSpec
-    tp: int = 1
-    kv_replicas: int = 1
-
-    @property
-    def stored_kv_heads(self) -> int:
-        return self.spec.num_kv_heads * self.kv_replicas
-
-    def shard_part_rows(self, part: str, shard: int) -> tuple[int, int]:
-        """(first checkpoint row, row count) of ``part`` in shard ``shard``."""
-        d = self.spec.head_dim
-        if part == 'self_attn.q_proj':
-            n = self.spec.num_heads // self.tp * d
-            return shard * n, n
-        if part in ('self_attn.k_proj', 'self_attn.v_proj'):
-            local = self.stored_kv_heads // self.tp          # 1 whenever kv_replicas > 1
-            return shard * local // self.kv_replicas * d, local * d
-        n = self.spec.intermediate_size // self.tp
-        return shard * n, n
-
-    def segments(self, key: str) -> list[tuple[str, int, int]]:
-        """The fused weight's rows in order, as (part, first checkpoint row, row count)."""
-        return [(part, *self.shard_part_rows(part, s)) for s in range(self.tp) for part in FUSED[key]]
-
-    def rows(self, key: str) -> int:
-        return sum(n for _, _, n in self.segments(key))
-
-    def shard_sizes(self, key: str) -> tuple[int, ...]:
-        """Each part's rows within one shard, in order (the model splits a fused output by these)."""
-        return tuple(self.shard_part_rows(part, 0)[1] for part in FUSED[key])
+def _stacked(source: Source) -> bool:
+    return isinstance(source, Fused) or '{i}' in source.name
 
 
-def _read_fused(ckpt: SafetensorsCheckpoint, prefix: str, segments, leaf: str, index: tuple[slice, ...]) -> np.ndarray:
-    """Rows ``index[0]`` (and columns ``index[1:]``) of a fused weight or bias of one layer."""
-    rows, rest = index[0], index[1:]
-    lo, hi = rows.start or 0, rows.stop if rows.stop is not None else sum(n for _, _, n in segments)
-    pieces, offset = [], 0
-    for part, start, n in segments:
-        a, b = max(lo, offset), min(hi, offset + n)
-        if a < b:
-            view = ckpt.view(f'{prefix}.{part}.{leaf}')
-            pieces.append(view[(slice(start + a - offset, start + b - offset), *rest)])
-        offset += n
-    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+def _sources(weight_map: dict[Path, Source], abstract: dict[Path, jax.ShapeDtypeStruct]) -> dict[Path, Source]:
+    """The map's source of every parameter; RuntimeError naming a parameter the family left out."""
+    missing = [path for path in abstract if path not in weight_map]
+    if missing:
+        raise RuntimeError(f'the weight map names no checkpoint tensor for {["/".join(p) for p in missing]}')
+    return {path: weight_map[path] for path in abstract}
 
 
-def expected_shapes(ckpt: SafetensorsCheckpoint, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor ``load_params`` reads, by name, as ``spec`` implies. A module's
-    bias is expected in every layer when layer 0 has it (one fused part's bias: every part's)."""
-    d, hidden, inter = spec.head_dim, spec.hidden_size, spec.intermediate_size
-    rows = {'self_attn.q_proj': spec.num_heads * d, 'self_attn.k_proj': spec.num_kv_heads * d,
-            'self_attn.v_proj': spec.num_kv_heads * d, 'mlp.gate_proj': inter, 'mlp.up_proj': inter}
-    cols = {'self_attn.o_proj': spec.num_heads * d, 'mlp.down_proj': inter}
-    layer = {f'{m}.weight': (n, hidden) for m, n in rows.items()}
-    layer.update({f'{m}.weight': (hidden, n) for m, n in cols.items()})
-    layer.update({f'{m}.weight': (hidden,) for m in NORMS.values()})
-    if spec.qk_norm:
-        layer.update({f'{m}.weight': (d,) for m in QK_NORMS.values()})
-    for parts in FUSED.values():
-        if f'model.layers.0.{parts[0]}.bias' in ckpt:
-            layer.update({f'{m}.bias': (rows[m],) for m in parts})
-    layer.update({f'{m}.bias': (hidden,) for m in PLAIN.values() if f'model.layers.0.{m}.bias' in ckpt})
-    shapes = {f'model.layers.{i}.{name}': shape for i in range(spec.num_layers) for name, shape in layer.items()}
-    shapes.update({'model.embed_tokens.weight': (spec.vocab_size, hidden), 'model.norm.weight': (hidden,)})
-    if not spec.tie_word_embeddings:
-        shapes['lm_head.weight'] = (spec.vocab_size, hidden)
+def expected_shapes(spec, weight_map: dict[Path, Source],
+                    abstract: dict[Path, jax.ShapeDtypeStruct]) -> dict[str, tuple[int, ...]]:
+    """The shape of every checkpoint tensor the parameters ``abstract`` (of a model of ``spec`` on one
+    device, by state path) read, by name."""
+    layout = FusedLayout(spec)
+    shapes = {}
+    for path, source in _sources(weight_map, abstract).items():
+        shape = abstract[path].shape
+        if isinstance(source, Tensor):
+            if '{i}' in source.name:
+                shapes.update({source.name.format(i=i): shape[1:] for i in range(shape[0])})
+            else:
+                shapes[source.name] = shape
+            continue
+        for kind, part in zip(FUSED[path[-2]], source.parts):
+            rows = part.tensor_rows or layout.shard_part_rows(kind, 0)[1]
+            shapes.update({part.name.format(i=i): (rows, *shape[2:]) for i in range(shape[0])})
     return shapes
 
 
-def check_tensors(ckpt: SafetensorsCheckpoint, spec: ModelSpec, config_path: str) -> None:
-    """CheckpointError naming the weights file when a tensor the config (``config_path``) implies
-    is missing or has another shape."""
-    for name, shape in expected_shapes(ckpt, spec).items():
+def check_tensors(ckpt: SafetensorsCheckpoint, shapes: dict[str, tuple[int, ...]], config_path: str) -> None:
+    """CheckpointError naming the weights file when a tensor of ``shapes`` (``expected_shapes``, as
+    the config at ``config_path`` implies) is missing or has another shape."""
+    for name, shape in shapes.items():
         if name not in ckpt:
             raise CheckpointError(ckpt.location, f'tensor {name!r} is missing (expected from {config_path})')
         if ckpt.shape(name) != shape:
             raise CheckpointError(ckpt.file_of(name), f'tensor {name!r} has shape {ckpt.shape(name)}, but '
                                                       f'{config_path} implies {shape}')
+
+
+def _read_fused(ckpt: SafetensorsCheckpoint, source: Fused, segments, layer: int,
+                index: tuple[slice, ...]) -> np.ndarray:
+    """Rows ``index[0]`` (and columns ``index[1:]``) of one layer's fused weight or bias, whose rows
+    are ``segments`` (``FusedLayout.segments``)."""
+    rows, rest = index[0], index[1:]
+    lo, hi = rows.start or 0, rows.stop if rows.stop is not None else sum(n for _, _, n in segments)
+    pieces, offset = [], 0
+    for part_index, start, n in segments:
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            part = source.parts[part_index]
+            view = ckpt.view(part.name.format(i=layer))
+            pieces.append(part.read(view, start + a - offset, start + b - offset, rest))
+        offset += n
+    return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -145,70 +98,55 @@ def _ordered_prefetch(make: Callable[[int], jax.Array], n: int, pool) -> Iterato
 
 
 class _Placer:
-    """Puts arrays where they belong in the target dtype: on the default device, or shard by shard
-    over the mesh, each device receiving only its own piece (read from the file for it)."""
+    """Puts arrays where they belong in their dtype: on the default device, or shard by shard over
+    the mesh, each device receiving only its own piece (read from the file for it)."""
 
-    def __init__(self, dtype, mesh: Mesh | None, pool: concurrent.futures.Executor):
-        self.dtype, self.mesh, self.pool = dtype, mesh, pool
+    def __init__(self, mesh: Mesh | None, pool: concurrent.futures.Executor):
+        self.mesh, self.pool = mesh, pool
 
     def _sharding(self, spec: PartitionSpec):
         return NamedSharding(self.mesh, spec) if self.mesh is not None else SingleDeviceSharding(jax.devices()[0])
 
-    def array(self, shape: tuple[int, ...], spec: PartitionSpec, read: ReadFn) -> jax.Array:
-        return jax.make_array_from_callback(shape, self._sharding(spec),
-                                            lambda index: np.asarray(read(index), self.dtype))
+    def array(self, shape: tuple[int, ...], dtype, spec: PartitionSpec, read: ReadFn) -> jax.Array:
+        return jax.make_array_from_callback(shape, self._sharding(spec), lambda index: np.asarray(read(index), dtype))
 
-    def stacked(self, layers: int, shape: tuple[int, ...], spec: PartitionSpec,
+    def stacked(self, shape: tuple[int, ...], dtype, spec: PartitionSpec,
                 read_layer: Callable[[int, tuple[slice, ...]], np.ndarray]) -> jax.Array:
-        """``[layers, *shape]`` built in place on the device(s), one layer at a time (the host
+        """``shape = [layers, ...]`` built in place on the device(s), one layer at a time (the host
         never holds more than a few layers; the device one stack plus a few layers)."""
-        stack = jnp.zeros((layers, *shape), self.dtype, device=self._sharding(PartitionSpec(None, *spec)))
-        make = lambda i: self.array(shape, spec, functools.partial(read_layer, i))  # noqa: E731
-        for i, layer in enumerate(_ordered_prefetch(make, layers, self.pool)):
+        stack = jnp.zeros(shape, dtype, device=self._sharding(PartitionSpec(None, *spec)))
+        make = lambda i: self.array(shape[1:], dtype, spec, functools.partial(read_layer, i))  # noqa: E731
+        for i, layer in enumerate(_ordered_prefetch(make, shape[0], self.pool)):
             stack = _set_layer(stack, layer, np.int32(i))
         return stack
 
 
-def load_params(ckpt: SafetensorsCheckpoint, spec: ModelSpec, mesh: Mesh | None = None,
-                split: HeadSplit | None = None) -> dict:
-    """Build the params pytree; biases are loaded wherever the checkpoint has them. With a mesh,
-    ``split`` says how its devices share the heads."""
+def _reader(ckpt: SafetensorsCheckpoint, source: Source, layout: FusedLayout, key: str):
+    """``read(layer, index)`` (``layer`` None for an unstacked tensor) of ``source``'s values."""
+    if isinstance(source, Fused):
+        segments = layout.segments(key)
+        return lambda i, index: _read_fused(ckpt, source, segments, i, index)
+
+    def read(i, index):
+        values = ckpt.view(source.name if i is None else source.name.format(i=i))[index]
+        return np.asarray(values, np.float32) + np.float32(source.add) if source.add else values
+    return read
+
+
+def load_state(ckpt: SafetensorsCheckpoint, weight_map: dict[Path, Source], abstract: dict[Path, jax.ShapeDtypeStruct],
+               layout: FusedLayout, mesh: Mesh | None = None) -> dict[Path, jax.Array]:
+    """Every parameter of ``abstract`` (state path -> shape and dtype, as stored: KV heads repeated
+    where ``layout.kv_replicas`` says) read from ``ckpt`` by ``weight_map``, placed on the device or
+    sharded over ``mesh`` by ``parallel.param_spec``."""
     tp = mesh.size if mesh is not None else 1
-    layout = FusedLayout(spec, tp, split.kv_replicas if split is not None else 1)
-    L, hidden = spec.num_layers, spec.hidden_size
+    state = {}
     with concurrent.futures.ThreadPoolExecutor(PREFETCH_LAYERS) as pool:
-        place = _Placer(spec.dtype, mesh, pool)
-
-        def stacked(key: str, leaf: str | None, shape: tuple[int, ...], read_layer) -> jax.Array:
-            return place.stacked(L, shape, param_spec(key, leaf, shape, tp), read_layer)
-
-        def whole(key: str, name: str, leaf: str | None = None) -> jax.Array:
-            shape = ckpt.shape(name)
-            return place.array(shape, param_spec(key, leaf, shape, tp), lambda index: ckpt.view(name)[index])
-
-        layers = {}
-        for key in FUSED:
-            segments = layout.segments(key)
-            rows = layout.rows(key)
-            for leaf, shape in (('weight', (rows, hidden)), ('bias', (rows,))):
-                if leaf == 'bias' and f'model.layers.0.{FUSED[key][0]}.bias' not in ckpt:
-                    continue
-                read = lambda i, index, leaf=leaf, segments=segments: _read_fused(  # noqa: E731
-                    ckpt, f'model.layers.{i}', segments, leaf, index)
-                layers.setdefault(key, {})[leaf[0]] = stacked(key, leaf[0], shape, read)
-        for key, module in PLAIN.items():
-            for leaf in ('weight', 'bias'):
-                name = f'model.layers.0.{module}.{leaf}'
-                if name in ckpt:
-                    read = lambda i, index, m=module, leaf=leaf: ckpt.view(f'model.layers.{i}.{m}.{leaf}')[index]  # noqa: E731
-                    layers.setdefault(key, {})[leaf[0]] = stacked(key, leaf[0], ckpt.shape(name), read)
-        norms = {**NORMS, **(QK_NORMS if spec.qk_norm else {})}
-        for key, module in norms.items():
-            size = spec.head_dim if key in QK_NORMS else hidden
-            layers[key] = stacked(key, None, (size,),
-                                  lambda i, index, m=module: ckpt.view(f'model.layers.{i}.{m}.weight')[index])
-        params = {'embed': whole('embed', 'model.embed_tokens.weight'), 'layers': layers,
-                  'norm': whole('norm', 'model.norm.weight')}
-        if not spec.tie_word_embeddings:
-            params['lm_head'] = {'w': whole('lm_head', 'lm_head.weight', 'w')}
-    return params
+        place = _Placer(mesh, pool)
+        for path, source in _sources(weight_map, abstract).items():
+            shape, dtype = abstract[path].shape, abstract[path].dtype
+            read = _reader(ckpt, source, layout, path[-2] if len(path) > 1 else path[0])
+            if _stacked(source):
+                state[path] = place.stacked(shape, dtype, param_spec(path, shape[1:], tp), read)
+            else:
+                state[path] = place.array(shape, dtype, param_spec(path, shape, tp), functools.partial(read, None))
+    return state

@@ -1,7 +1,7 @@
 """Every mesh axis name and partition rule of tensor parallelism, in one place.
 
 Megatron-style: the fused qkv and gate_up are column-parallel (their HF ``[out, in]`` weights split
-on the rows, laid out shard by shard (``models/weights.py``), so each device computes whole heads /
+on the rows, laid out shard by shard (``models/layers/fused.py``), so each device computes whole heads /
 a slice of the MLP), o/down are row-parallel (split on the columns; XLA all-reduces their partial
 sums), the KV pool splits on its KV-head axis, and the
 embedding/lm_head split over the vocabulary where it divides (logits come out vocab-sharded; the
@@ -29,7 +29,7 @@ KV_PAGES = P(None, TP)                 # [layers, kv_heads, num_blocks, block_si
 Q_HEADS = P(None, None, TP)            # q / attention output [B, T, heads, head_dim]
 NEW_KV_HEADS = P(None, TP)             # this step's k/v [B * T, kv_heads, head_dim]
 FUSED_OUTPUT = P(None, TP)             # a fused projection's output [B, F]: rows laid out shard by shard
-                                       # (models/weights.py), so each device's slice is its own q|k|v
+                                       # (models/layers/fused.py), so each device's slice is its own q|k|v
 ROW_INPUT = P(None, None, TP)          # a row-parallel projection's input [B, T, F]: each device its columns
 ROW_WEIGHT = P(None, TP)               # a row-parallel weight [out, in], as param_spec places it
 PARTIAL_SUMS = P(TP)                   # per-device partial results stacked [tp, ...], not yet summed
@@ -61,10 +61,12 @@ def split_heads(num_heads: int, num_kv_heads: int, intermediate_size: int, tp: i
     return HeadSplit(tp, num_kv_heads, max(1, tp // num_kv_heads))
 
 
-def param_spec(key: str, leaf: str | None, shape: tuple[int, ...], tp: int) -> P:
-    """The partition of one params entry of ``shape``: ``key`` as in ``models/weights.py`` ('qkv',
-    'embed', 'norm', 'input_norm', ...), ``leaf`` 'w' / 'b' for linears (None for plain arrays).
-    For the layer-stacked entries, ``shape`` and the result are those of one layer."""
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> P:
+    """The partition of the model parameter at ``path`` in the ``nnx`` state (``('layers', 'attn',
+    'qkv', 'w')``, ``('embed',)``, ...) of ``shape``; a linear's weight and bias are ``'w'``/``'b'``
+    under its name. For the layer-stacked parameters, ``shape`` and the result are those of one layer."""
+    leaf = path[-1]
+    key = path[-2] if leaf in ('w', 'b') else leaf
     if key in COLUMN_PARALLEL:
         return P(TP, None) if leaf == 'w' else P(TP)
     if key in ROW_PARALLEL:

@@ -1,0 +1,1 @@
+"""One module per model family; ``registry.ARCHITECTURES`` says which defines each architecture."""

@@ -1,0 +1,59 @@
+"""Projections and norms as ``nnx`` modules, their parameters optionally stacked over the layers."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02      # the initializer_range of a freshly made model (research use; loading replaces it)
+
+
+def linear(x: jax.Array, p: dict) -> jax.Array:
+    """A projection with Hugging Face's weight orientation: ``x @ p['w'].T`` (+ ``p['b']`` where present)."""
+    y = jnp.einsum('...i,oi->...o', x, p['w'])
+    return y + p['b'] if 'b' in p else y
+
+
+def _leading(layers: int | None) -> tuple[int, ...]:
+    return () if layers is None else (layers,)
+
+
+class Linear(nnx.Module):
+    """``w [layers, out, in]`` (Hugging Face's orientation) and, with ``bias``, ``b [layers, out]``;
+    ``layers=None`` drops the leading axis."""
+
+    def __init__(self, layers: int | None, out_features: int, in_features: int, dtype, *, bias: bool,
+                 rngs: nnx.Rngs):
+        shape = (*_leading(layers), out_features, in_features)
+        self.w = nnx.Param(nnx.initializers.normal(INIT_STD)(rngs.params(), shape, dtype))
+        self.b = nnx.Param(jnp.zeros((*_leading(layers), out_features), dtype)) if bias else None
+
+    def weights(self, index: jax.Array | None = None) -> dict:
+        """``{'w', 'b'?}`` of layer ``index`` (sliced out of the stacks: cuBLAS reads such a slice in
+        place), or the whole parameters when ``index`` is None."""
+        p = {'w': self.w[...]}
+        if self.b is not None:
+            p['b'] = self.b[...]
+        if index is None:
+            return p
+        return {k: jax.lax.dynamic_index_in_dim(v, index, keepdims=False) for k, v in p.items()}
+
+    def __call__(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
+        return linear(x, self.weights(index))
+
+
+class RMSNorm(nnx.Module):
+    """An RMSNorm's ``weight [layers, size]`` (``layers=None``: ``[size]``). The norm runs in the
+    ``pallas_kernels.rms_norm`` ops, which read a layer's row of the stack in place; a family whose
+    norm multiplies by ``1 + w`` (Gemma) stores ``1 + w`` (the weight map adds the one at load)."""
+
+    def __init__(self, layers: int | None, size: int, dtype):
+        self.weight = nnx.Param(jnp.ones((*_leading(layers), size), dtype))
+
+
+def head_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm of each head ``x [..., head_dim]`` with ``weight [head_dim]``, as Qwen3's q/k norms:
+    the statistics in float32, the normalized heads cast back to ``x``'s dtype before the weight."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight * normed.astype(x.dtype)).astype(x.dtype)

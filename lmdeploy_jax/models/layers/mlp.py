@@ -1,0 +1,27 @@
+"""The gated MLP of the families: ``down(act(gate(x)) * up(x))`` with gate/up fused (``fused.py``)."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from ..spec import ModelSpec
+from .activations import ACTIVATIONS
+from .fused import split_fused
+from .linear import Linear
+
+
+
+class GatedMLP(nnx.Module):
+    """``gate_up [layers, 2 * intermediate, hidden]`` and ``down [layers, hidden, intermediate]``,
+    biases where ``spec.biases`` names them; the activation is ``spec.hidden_act``."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        L, hidden, inter = spec.num_layers, spec.hidden_size, spec.intermediate_size
+        self.gate_up = Linear(L, 2 * inter, hidden, spec.dtype, bias='gate_up' in spec.biases, rngs=rngs)
+        self.down = Linear(L, hidden, inter, spec.dtype, bias='down' in spec.biases, rngs=rngs)
+
+    def __call__(self, ctx, index: jax.Array, x: jax.Array) -> jax.Array:
+        """Layer ``index``'s MLP of ``x [B, T, hidden]``, its output in ``ctx.row_parallel``'s form
+        (``attention.StepContext``)."""
+        gate, up = split_fused(self.gate_up(x, index), ctx.layout, 'gate_up')
+        return ctx.row_parallel.project(ACTIVATIONS[ctx.spec.hidden_act](gate) * up, self.down.weights(index))

@@ -1,0 +1,142 @@
+"""The harness of the model-family tests (``test_model_families.py``, ``test_family_*.py``): tiny
+random float32 checkpoints made by transformers' own classes, the PyTorch reference backend's
+greedy tokens, transformers' last-position logits, and the JAX engine and decoder at tp=1 (XLA
+reference kernels) and tp=2 (simulated CPU devices, Pallas kernels in interpret mode), run in one
+child process (``python family_harness.py SPEC OUT``), since the simulated device count is fixed
+when jax starts (see ``test_tensor_parallel.py``).
+
+A family is ``(config_cls, model_cls, extra)``: the config made from ``TINY`` updated by ``extra``,
+or ``(make, extra)`` where ``make(config_fields, path, rng)`` writes the checkpoint itself and
+returns the transformers model whose outputs it must reproduce (InternLM2's published layout).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from test_engine_helpers import run_all
+from test_models import PagedRun
+from test_tensor_parallel import _env
+
+from lmdeploy_jax.checkpoint.source import ModelSource
+from lmdeploy_jax.engine_api import EngineRequest
+from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
+from lmdeploy_jax.models import load_model
+from lmdeploy_jax.pytorch.engine import PytorchEngine
+
+WINDOW, NEW_TOKENS, SESSION = 8, 32, 80
+KERNELS = {1: 'reference', 2: 'pallas_interpret'}      # tp -> LMDEPLOY_JAX_KERNELS
+PROMPT_LENS = (5, 14, 27, 38)          # all but the first longer than the window
+PREFIX = 32                            # the fifth prompt: the last one's first 32 tokens (2 blocks), then new ones
+# head_dim 32: the attention kernels' narrowest heads
+TINY = dict(hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, initializer_range=0.15, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None)
+
+
+def reference_tokens(path: str, prompts: list[list[int]]) -> list[list[int]]:
+    """The PyTorch reference backend's greedy tokens for each prompt."""
+    engine = PytorchEngine(ModelSource(path, path), PytorchEngineConfig(device_type='cpu', session_len=SESSION))
+    try:
+        return [r.tokens for r in run_all(engine, [EngineRequest(i, p, GenerationConfig(max_new_tokens=NEW_TOKENS))
+                                                   for i, p in enumerate(prompts)])]
+    finally:
+        engine.close()
+
+
+def build_families(families: dict, tmp_path_factory, reference_path=None) -> dict[str, dict]:
+    """Per family of ``families``: the checkpoint's path, its 4 prompts and the prefix-cache prompt,
+    the reference's tokens for them (from the checkpoint at ``reference_path(name, path)`` when
+    given: a transformers checkpoint of the same model), transformers' last-position logits of the
+    4 prompts, and those of the same weights with no window (what an engine that ignored the
+    window would give)."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 30))
+    print(f'families seed {seed}')
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, family in families.items():
+        torch.manual_seed(int(rng.integers(1 << 30)))
+        path = str(tmp_path_factory.mktemp(name))
+        if len(family) == 2:
+            make, extra = family
+            hf = make({**TINY, **extra}, path, rng)
+        else:
+            config_cls, model_cls, extra = family
+            hf = model_cls(config_cls(**{**TINY, **extra})).float().eval()
+            hf.save_pretrained(path)
+        vocab = hf.config.vocab_size
+        prompts = [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENS]
+        cached = prompts[-1][:PREFIX] + rng.integers(0, vocab, 6).tolist()
+        with torch.no_grad():
+            logits = [hf(torch.tensor([p])).logits[0, -1].numpy() for p in prompts]
+            hf.config.sliding_window = 1 << 20          # wider than any prompt: no window
+            unwindowed = [hf(torch.tensor([p])).logits[0, -1].numpy() for p in prompts]
+        reference = reference_path(name, path) if reference_path else path
+        out[name] = dict(path=path, prompts=prompts, cached=cached, logits=logits, unwindowed=unwindowed,
+                         tokens=reference_tokens(reference, prompts + [cached]))
+    return out
+
+
+def run_jax(families: dict[str, dict], tmp) -> dict:
+    """``{family: {tp: {'tokens', 'cached_tokens', 'prefix_hit_blocks', 'logits'}}}`` from the child
+    process, for ``build_families``' output."""
+    spec = {name: {k: f[k] for k in ('path', 'prompts', 'cached')} for name, f in families.items()}
+    (tmp / 'spec.json').write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, __file__, str(tmp / 'spec.json'), str(tmp / 'out.json')],
+                          env=_env(tmp, max(KERNELS)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(proc.stderr[-2000:])
+    return {name: {int(tp): r for tp, r in by_tp.items()}
+            for name, by_tp in json.loads((tmp / 'out.json').read_text()).items()}
+
+
+def check_greedy_tokens(families: dict, jax_results: dict, name: str, tp: int) -> None:
+    """The engine's tokens equal the reference's, the fifth prompt's first two blocks came from the
+    prefix cache (its window reaches into them)."""
+    expected, ours = families[name]['tokens'], jax_results[name][tp]
+    assert all(len(t) == NEW_TOKENS for t in expected)
+    assert ours['tokens'] == expected[:-1]
+    assert ours['prefix_hit_blocks'] == PREFIX // 16
+    assert ours['cached_tokens'] == expected[-1]
+
+
+def _jax_family(path: str, prompts: list[list[int]], cached: list[int], tp: int) -> dict:
+    import os
+    from lmdeploy_jax.engine import JaxEngine
+    from lmdeploy_jax.parallel.mesh import make_tp_mesh
+    os.environ['LMDEPLOY_JAX_KERNELS'] = KERNELS[tp]        # read when the steps are traced
+    source = ModelSource(path, path)
+    config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=SESSION, max_batch_size=4,
+                                   cache_block_seq_len=16, num_cache_blocks=28, enable_prefix_caching=True)
+    engine = JaxEngine(source, config, decode_batch=[4], prefill_tokens=[64], prefill_batch=[4])
+    try:
+        gen = GenerationConfig(max_new_tokens=NEW_TOKENS)
+        tokens = [r.tokens for r in run_all(engine, [EngineRequest(i, p, gen) for i, p in enumerate(prompts)])]
+        cached_tokens = run_all(engine, [EngineRequest(len(prompts), cached, gen)])[0].tokens
+        hits = engine._scheduler.blocks.prefix_hit_blocks
+    finally:
+        engine.close()
+    run = PagedRun(load_model(source, 'float32', make_tp_mesh(tp) if tp > 1 else None), prompts)
+    logits = run.step([len(p) for p in prompts], max(map(len, prompts)))
+    return dict(tokens=tokens, cached_tokens=cached_tokens, prefix_hit_blocks=hits,
+                logits=[row[-1].tolist() for row in logits])
+
+
+def main(spec_path: str, out_path: str) -> None:
+    import time
+    spec = json.loads(open(spec_path).read())
+    out = {}
+    for name, f in spec.items():
+        for tp in KERNELS:
+            start = time.perf_counter()
+            out.setdefault(name, {})[tp] = _jax_family(f['path'], f['prompts'], f['cached'], tp)
+            print(f'{name} tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
+    with open(out_path, 'w') as fh:
+        json.dump(out, fh)
+
+
+if __name__ == '__main__':
+    main(*sys.argv[1:])
