@@ -241,7 +241,7 @@ class ModelRunner:
         """Whether this executable runs the layers as straight-line code: a small-batch decode call
         of an engine that sums them with its CUDA kernel (``models/row_parallel.py``). Its layers
         then hold no XLA collective, so XLA can make them one command buffer (CUDA graph) a step;
-        inside a layer loop XLA launched one per layer from the host, updated for the layer's
+        inside a layer loop XLA would launch one per layer from the host, updated for the layer's
         weight addresses first, which costs more host time than the device's work at tp=2."""
         return self.model.p2p_all_reduce and is_small_batch_tp_decode(key[0], key[1], self._tp())
 
