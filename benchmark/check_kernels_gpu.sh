@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The Pallas kernels compiled for the GPU and checked against their XLA references, and the
-# references on the GPU against the numpy oracle: tests/test_pallas_kernels.py with
-# LMDEPLOY_JAX_KERNELS=pallas (the tests' switch from the interpreter to the compiled kernels),
-# then tests/test_kernel_references.py with LMDEPLOY_JAX_KERNELS=reference. Sliding windows,
-# soft-capped scores and 256-wide heads (Gemma) included.
+# references on the GPU against the numpy oracle: tests/test_pallas_*.py (one file per op, the
+# harness in tests/pallas_cases.py) with LMDEPLOY_JAX_KERNELS=pallas (the tests' switch from the
+# interpreter to the compiled kernels), then tests/test_kernel_references.py with
+# LMDEPLOY_JAX_KERNELS=reference. Sliding windows, soft-capped scores and 256-wide heads (Gemma)
+# included.
 #
 # On the GPU machine (device tool), from the repository root:
 #     bash benchmark/check_kernels_gpu.sh [PYTEST ARGS]        # e.g. -k window: the windowed cases only
@@ -16,7 +17,7 @@ export PYTHONUNBUFFERED=1 JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c 'import jax, triton; print("jax", jax.__version__, "triton", triton.__version__, jax.devices())' 2>&1 |
     tee "$log"
-LMDEPLOY_JAX_KERNELS=pallas python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernels.py "$@" 2>&1 |
+LMDEPLOY_JAX_KERNELS=pallas python3 -m pytest -q -p no:cacheprovider tests/test_pallas_*.py "$@" 2>&1 |
     tee -a "$log"
 kernels=${PIPESTATUS[0]}
 LMDEPLOY_JAX_KERNELS=reference python3 -m pytest -q -p no:cacheprovider tests/test_kernel_references.py "$@" 2>&1 |

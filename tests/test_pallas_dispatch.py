@@ -1,0 +1,102 @@
+"""Which implementation the attention ops run, and the limits that decide it: the dispatcher's
+choice on a CPU, head sizes the kernels refuse (with the reason, or the reference under ``auto``),
+and the largest they take (Gemma's 256-wide heads) compiled for sm_90 within its shared memory,
+without a GPU."""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from pallas_cases import KERNEL, ON_GPU, SCALE, assert_kernels_alone, lower_for_cuda
+
+from pallas_kernels._dispatch import choose_impl
+from pallas_kernels.decode_step_attention.api import decode_step_attention
+from pallas_kernels.paged_attention.api import paged_decode_attention
+from pallas_kernels.prefill_attention.api import paged_prefill_attention
+
+SM90_SHARED_BYTES = 227 * 1024      # the most shared memory one block may take on sm_90
+
+
+@pytest.mark.skipif(ON_GPU, reason='the CPU\'s dispatch')
+def test_dispatch_takes_the_reference_on_cpu_and_rejects_unknown_names(monkeypatch):
+    monkeypatch.delenv('LMDEPLOY_JAX_KERNELS', raising=False)
+    assert choose_impl(None, supported=True) == 'reference'
+    assert choose_impl('pallas_interpret', supported=True) == 'pallas_interpret'
+    with pytest.raises(ValueError, match='unknown'):
+        choose_impl('cuda', supported=True)
+    with pytest.raises(ValueError, match='does not support'):
+        choose_impl('pallas', supported=False)
+
+
+def test_attention_kernels_refuse_unsupported_heads_with_the_reason():
+    """Head dims the kernels cannot take run on the reference under ``auto``; naming the kernel
+    says why."""
+    tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
+    for head_dim in (96, 512, 8):
+        pages = jnp.ones((2, 4, 16, head_dim), jnp.bfloat16)
+        q = jnp.ones((3, 4, head_dim), jnp.bfloat16)
+        with pytest.raises(ValueError, match=f'does not support.*heads of {head_dim} elements.*from 16 to 256'):
+            paged_decode_attention(q, pages, pages, tables, lens, SCALE, impl=KERNEL)
+        with pytest.raises(ValueError, match=f'heads of {head_dim} elements'):
+            paged_prefill_attention(q[:, None], pages, pages, tables, lens, lens, SCALE, impl=KERNEL)
+    assert paged_decode_attention(q, pages, pages, tables, lens, SCALE, impl='auto').shape == q.shape  # the reference
+    pages = jnp.ones((1, 4, 16, 32), jnp.float32)
+    with pytest.raises(ValueError, match='128 query heads per KV head: the prefill kernel takes at most 64'):
+        paged_prefill_attention(jnp.ones((3, 1, 128, 32)), pages, pages, tables, lens, lens, SCALE,
+                                impl=KERNEL)
+
+
+def compile_for_sm90(monkeypatch, tmp_path, fn, *args) -> tuple[str, dict[str, int]]:
+    """``fn``'s Pallas (Triton) kernels lowered for CUDA, then each compiled by Triton to an sm_90
+    cubin, without a GPU (JAX's Triton IR taken from its private lowering, as the GPU plugin
+    would compile it): the lowered text, and each kernel's shared memory in bytes."""
+    triton = pytest.importorskip('triton')
+    from triton.backends.compiler import GPUTarget
+    lowering = pytest.importorskip('jax._src.pallas.triton.lowering')
+    modules, lower = {}, lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = lower(*a, **k)
+        text = result.module.operation.get_asm(enable_debug_info=False)
+        modules[re.search(r'tt\.func public @(\w+)', text).group(1)] = text
+        return result
+
+    monkeypatch.setattr(lowering, 'lower_jaxpr_to_triton_module', capture)
+    text = lower_for_cuda(fn, *args)
+    if '__gpu$xla.gpu.triton' not in text:
+        pytest.skip('this jaxlib compiles its Triton kernels while lowering: the test reads the Triton IR it passes on')
+    shared = {}
+    for name, stages, warps in re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text):
+        path = tmp_path / f'{name}.ttir'
+        path.write_text(modules[name])
+        compiled = triton.compile(str(path), target=GPUTarget('cuda', 90, 32),
+                                  options=dict(num_warps=int(warps), num_stages=int(stages)))
+        shared[name] = compiled.metadata.shared
+    return text, shared
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_windowed_soft_capped_kernels_fit_sm90_at_head_dim_256(monkeypatch, tmp_path, dtype):
+    """Gemma's 256-wide heads, a traced sliding window and a soft cap, through each op's API at
+    its default launch: every kernel compiles for sm_90 within sm_90's shared memory per block,
+    and the window adds no XLA op around the kernels (it is passed by a free reshape)."""
+    shape, hd = jax.ShapeDtypeStruct, 256
+    pools, layer, window = shape((2, 8, 256, 64, hd), dtype), shape((), jnp.int32), shape((), jnp.int32)
+    tables, lens = shape((4, 64), jnp.int32), shape((4,), jnp.int32)
+    options = dict(logits_soft_cap=50.0, impl='pallas')
+    cases = [
+        (lambda q, k, v, i, t, n, w: paged_decode_attention(q, k, v, t, n, SCALE, i, sliding_window=w, **options),
+         (shape((4, 16, hd), dtype), pools, pools, layer, tables, lens, window)),
+        (lambda x, c, s_, k, v, i, sl, t, n, w: decode_step_attention(x, c, s_, k, v, i, sl, t, n, SCALE,
+                                                                     sliding_window=w, **options),
+         (shape((4, 32 * hd), dtype), shape((4, hd), jnp.float32), shape((4, hd), jnp.float32), pools, pools, layer,
+          lens, tables, lens, window)),
+        (lambda q, k, v, i, t, n, m, w: paged_prefill_attention(q, k, v, t, n, m, SCALE, i, sliding_window=w,
+                                                                **options),
+         (shape((4, 128, 16, hd), dtype), pools, pools, layer, tables, lens, lens, window))]
+    for fn, args in cases:
+        text, shared = compile_for_sm90(monkeypatch, tmp_path, fn, *args)
+        assert_kernels_alone(text)
+        assert shared and max(shared.values()) <= SM90_SHARED_BYTES, shared
