@@ -1,6 +1,7 @@
 """XLA reference of the decode step: the model's own path, op by op (split the fused projection,
 rope, KV write, decode attention), so on a CPU the step computes exactly what it did before the op
-existed."""
+existed. Quantized pools go through the same ops (the write quantizes, the attention reads them
+dequantized)."""
 from __future__ import annotations
 
 import jax

@@ -1,4 +1,5 @@
-"""XLA reference of paged decode attention: gather every row's pages, then dense masked attention."""
+"""XLA reference of paged decode attention: gather every row's pages (a quantized pool's dequantized
+to q's dtype, ``kv_quant.gather_kv``), then dense masked attention."""
 from __future__ import annotations
 
 from .._dense import causal_window_mask, masked_attention

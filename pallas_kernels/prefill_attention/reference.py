@@ -1,5 +1,6 @@
 """XLA reference of paged prefill attention: gather every row's pages (the cached prefix and this
-chunk, already written), then dense causal attention."""
+chunk, already written; a quantized pool's dequantized to q's dtype, ``kv_quant.gather_kv``), then
+dense causal attention."""
 from __future__ import annotations
 
 import jax.numpy as jnp
