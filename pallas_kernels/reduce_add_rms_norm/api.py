@@ -8,6 +8,8 @@ from .._checks import require, stacked_weight
 from . import p2p_cuda
 from .reference import reduce_add_rms_norm_reference
 
+KERNEL_MAX_BYTES = p2p_cuda.MAX_BYTES     # the largest ``partial`` (per device) the CUDA kernel takes
+
 
 def prepare_kernel(devices) -> p2p_cuda.Claim | str:
     """Make the CUDA kernel ready for ``devices`` (a mesh's GPUs, in axis order): a claim on them to
