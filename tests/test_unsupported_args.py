@@ -83,6 +83,27 @@ def test_a_400_names_the_request_field(client, fields, param, words):
     assert error['param'] == param and words in error['message'], error
 
 
+@pytest.mark.parametrize('fields', [
+    {'presence_penalty': 0.5}, {'frequency_penalty': -1}, {'logit_bias': {'42': 5}},
+    {'response_format': {'type': 'json_object'}}, {'functions': [{'name': 'f', 'parameters': {}}]},
+    {'modalities': ['text', 'audio']}])
+def test_openai_fields_that_would_be_ignored_are_refused(client, fields):
+    client, model = client
+    [(param, value)] = fields.items()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
+                                       extra_body=fields)
+    error = info.value.body
+    assert error['param'] == param and 'is not supported' in error['message'], error
+    with pytest.raises(openai.BadRequestError, match='echo'):
+        client.completions.create(model=model, prompt='hi', max_tokens=2, echo=True)
+    harmless = {'presence_penalty': 0, 'frequency_penalty': 0, 'logit_bias': {}, 'response_format': {'type': 'text'},
+                'functions': None, 'modalities': ['text']}[param]
+    resp = client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
+                                          extra_body={param: harmless})
+    assert resp.choices[0].finish_reason in ('stop', 'length')
+
+
 @pytest.mark.parametrize('fields, words', [
     ({'tool_choice': 'auto'}, '--tool-call-parser'),
     ({'tool_choice': 'none'}, 'does not render tools'),    # SmolLM2's own template has no place for them

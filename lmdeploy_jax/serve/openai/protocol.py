@@ -5,7 +5,8 @@ the error handlers turn the refusal into an OpenAI-shaped 400 naming the field. 
 bounded where it is declared (floats finite, integers within what the engine packs into int32),
 booleans must be JSON booleans, and text must encode to UTF-8 (JSON can carry lone surrogates,
 which no tokenizer takes). Unknown fields are ignored, as OpenAI-compatible servers do (clients
-send fields this server does not use).
+send fields this server does not use), except the OpenAI fields it does not implement, which are
+refused unless they ask for nothing (``unsupported_fields.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ...messages import INT32_MAX
 from ...text_checks import require_utf8
 from .limits import MAX_COMPLETION_CHOICES
 from .sessions import CLIENT_SESSION_IDS
+from .unsupported_fields import UnsupportedChatFields, UnsupportedCompletionFields
 
 
 def _utf8(text: str, info: ValidationInfo) -> str:
@@ -133,7 +135,7 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
-class ChatCompletionRequest(OpenAIRequest):
+class ChatCompletionRequest(OpenAIRequest, UnsupportedChatFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: StrictBool = False
@@ -143,7 +145,7 @@ class ChatCompletionRequest(OpenAIRequest):
     parallel_tool_calls: StrictBool = True
 
 
-class CompletionRequest(OpenAIRequest):
+class CompletionRequest(OpenAIRequest, UnsupportedCompletionFields):
     prompt: Text | list[Text] = Field(min_length=1)
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)   # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
