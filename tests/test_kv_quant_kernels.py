@@ -212,6 +212,33 @@ def test_decode_step_quantizes_the_new_token(rng, bits, head_dim, dtype, window,
     assert_matches(out, ref, dtype, lens == 0)
 
 
+def test_quantized_pools_carried_through_a_scan_over_layers(rng):
+    """As the model will call it: 4-bit pools carried through a jitted ``lax.scan`` whose index is
+    the layer (traced), each layer its own qkv and sliding window (0: global); the kernel and the
+    reference leave the same V pools and give the same outputs."""
+    layers, lens, windows = 3, [30, 0, 9], jnp.asarray([7, 0, 20], jnp.int32)
+    pools = Pools(rng, lens, 16, jnp.bfloat16, cached_lens=np.maximum(np.asarray(lens) - 1, 0))
+    head_dim = pools.clean[0].shape[-1]
+    qkv = jnp.asarray(rng.standard_normal((layers, 3, KV_HEADS * 6 * head_dim)), jnp.bfloat16)
+    cos, sin = rope_tables(rng, 3, head_dim)
+    stack = quantized([jnp.stack([p] * layers) for p in pools.clean], 4)
+
+    def run(impl):
+        def step(kv, xs):
+            x, layer, window = xs
+            out, *kv = decode_step_attention(x, cos, sin, *kv, layer, pools.last_slots(), *pools.tables(), SCALE,
+                                             sliding_window=window, impl=impl)
+            return tuple(kv), out
+        layer_index = jnp.arange(layers, dtype=jnp.int32)
+        return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, layer_index, windows)))(stack)
+
+    (_, v_out), out = run(KERNEL)
+    (_, v_ref), ref = run('reference')
+    assert isinstance(v_out, QuantizedPages) and v_out.bits == 4
+    assert_same_quantization(v_out, v_ref)
+    assert_matches(out, ref, jnp.bfloat16, np.broadcast_to(np.asarray(lens) == 0, out.shape[:2]))
+
+
 # ---- lowering and input checks --------------------------------------------------------------
 
 @pytest.mark.parametrize('bits', [8, 4])
