@@ -80,7 +80,10 @@ class GenerationConfig:
     ``do_sample=False`` means greedy decoding whatever the temperature; ``logprobs=N`` returns the
     top-N log-probabilities of every generated position. ``n`` answers per prompt (at most
     ``MAX_SAMPLES``), sampled independently: the pipeline runs each as a request of its own, the
-    j-th seeded ``random_seed + j`` when a seed is given.
+    j-th seeded ``random_seed + j`` when a seed is given. LMDeploy's other fields are declared so
+    that code written for it runs; those whose effect is not implemented (``_NOT_IMPLEMENTED``:
+    ``response_format``, ``logits_processors``, ...) raise ``ValueError`` saying why unless left at
+    their default.
     """
     n: int = 1
     max_new_tokens: int = 512
@@ -99,6 +102,20 @@ class GenerationConfig:
     min_new_tokens: int | None = None
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    # LMDeploy's fields whose effect is not implemented: refused unless left at their default
+    spaces_between_special_tokens: bool = True
+    response_format: dict | None = None
+    logits_processors: list | None = None
+    output_logits: str | None = None
+    output_last_hidden_state: str | None = None
+    include_stop_str_in_output: bool = False
+    return_ppl: bool = False
+    with_cache: bool = False
+    preserve_cache: bool = False
+    migration_request: object | None = None
+    return_routed_experts: bool = False
+    repetition_ngram_size: int = 0
+    repetition_ngram_threshold: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -127,6 +144,11 @@ class GenerationConfig:
         _int_field('min_new_tokens', self.min_new_tokens, 0, optional=True)
         _bool_field('skip_special_tokens', self.skip_special_tokens)
         _int_field('logprobs', self.logprobs, 0, 20, optional=True)
+        for name, why in _NOT_IMPLEMENTED.items():
+            default = GenerationConfig.__dataclass_fields__[name].default
+            value = getattr(self, name)
+            _require(value is default or (type(value) is type(default) and value == default), name,
+                     f'{default!r} ({why})', value)
 
     @property
     def greedy(self) -> bool:
@@ -138,6 +160,23 @@ class GenerationConfig:
 
     def replace(self, **changes) -> 'GenerationConfig':
         return dataclasses.replace(self, **changes)
+
+
+_NOT_IMPLEMENTED = {
+    'spaces_between_special_tokens': 'special tokens are detokenized as the tokenizer joins them',
+    'response_format': 'guided decoding is not implemented yet',
+    'logits_processors': 'sampling runs on the device inside compiled steps, where no Python callback can run',
+    'output_logits': 'logits are not returned; logprobs=N gives the top-N log-probabilities',
+    'output_last_hidden_state': 'hidden states are not returned',
+    'include_stop_str_in_output': 'the answer ends before its stop string',
+    'return_ppl': 'use the pipeline\'s get_ppl',
+    'with_cache': 'no disaggregated serving (KV migration)',
+    'preserve_cache': 'no disaggregated serving (KV migration)',
+    'migration_request': 'no disaggregated serving (KV migration)',
+    'return_routed_experts': 'no mixture-of-experts model runs on this engine',
+    'repetition_ngram_size': 'n-gram repetition blocking is not implemented; use repetition_penalty',
+    'repetition_ngram_threshold': 'n-gram repetition blocking is not implemented; use repetition_penalty',
+}
 
 
 def _check_engine_common(cfg) -> None:

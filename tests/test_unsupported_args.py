@@ -37,6 +37,23 @@ def test_pipeline_takes_lmdeploys_no_op_arguments(pipe):
     assert 'Paris' in pipe(PROMPT, gen_config=GenerationConfig(max_new_tokens=3), do_preprocess=False).text
 
 
+@pytest.mark.parametrize('field, value', [
+    ('response_format', {'type': 'json_object'}), ('logits_processors', [lambda ids, logits: logits]),
+    ('include_stop_str_in_output', True), ('spaces_between_special_tokens', False), ('output_logits', 'all'),
+    ('output_last_hidden_state', 'generation'), ('return_ppl', True), ('with_cache', True), ('preserve_cache', True),
+    ('migration_request', {}), ('return_routed_experts', True), ('repetition_ngram_size', 3),
+    ('repetition_ngram_threshold', 2), ('include_stop_str_in_output', 0)])
+def test_lmdeploys_generation_fields_we_lack_are_refused_unless_default(field, value):
+    with pytest.raises(ValueError, match=rf'^{field} must be .*\(.+\)'):
+        GenerationConfig(**{field: value})
+    config = GenerationConfig()
+    setattr(config, field, value)      # changed after construction: the engines check again
+    with pytest.raises(ValueError, match=rf'^{field}'):
+        config.validate()
+    default = getattr(GenerationConfig(), field)
+    assert GenerationConfig(**{field: default}) == GenerationConfig()
+
+
 @pytest.mark.parametrize('name', ['top_kk', 'max_tokens', 'stream', 'seed', 'input_ids'])
 def test_an_unknown_keyword_of_a_call_is_refused_by_name(pipe, name):
     config = GenerationConfig(max_new_tokens=2)
