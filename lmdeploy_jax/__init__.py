@@ -16,6 +16,7 @@ _EXPORTS = {
     'Response': '.messages',
     'ChatTemplateConfig': '.chat_template',
     'Tokenizer': '.tokenizer',
+    'load_model': '.research',
 }
 
 __all__ = [*_EXPORTS, '__version__']

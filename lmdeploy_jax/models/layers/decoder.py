@@ -44,8 +44,16 @@ def rope_inv_frequencies(spec: ModelSpec) -> np.ndarray:
     return inv_frequencies(spec.rope, spec.head_dim)
 
 
+@functools.lru_cache(maxsize=None)
+def local_rope_inv_frequencies(spec: ModelSpec) -> np.ndarray:
+    """``rope_inv_frequencies`` of ``spec.local_rope`` (the sliding layers' own rope)."""
+    return inv_frequencies(spec.local_rope, spec.head_dim)
+
+
 class DecoderLayer(nnx.Module):
-    """The Llama layer, stacked: ``input_norm``, attention, ``post_norm``, the gated MLP."""
+    """The Llama layer, stacked: ``input_norm``, attention, ``post_norm``, the gated MLP. It takes
+    either form of the row-parallel sums (``partial_sums``)."""
+    partial_sums = True
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         L, hidden = spec.num_layers, spec.hidden_size
@@ -91,12 +99,15 @@ class CausalLM(nnx.Module):
         (``row_parallel.py``)."""
         spec = self.spec
         embed = self.embed[...]
-        row_parallel = for_step(spec, mesh, batch.token_ids.shape, embed.dtype, p2p_all_reduce)
+        row_parallel = for_step(spec, mesh, batch.token_ids.shape, embed.dtype, p2p_all_reduce,
+                                self.layer_class.partial_sums)
         x, mlp_out = self.embed_tokens(row_parallel, embed, batch.token_ids)
         cos, sin = cos_sin(rope_inv_frequencies(spec), batch.positions, spec.rope)
         # spec counts the KV heads as stored, so each shard's parts are plain 1/tp of them
+        local = None if spec.local_rope is None else cos_sin(local_rope_inv_frequencies(spec), batch.positions,
+                                                             spec.local_rope)
         ctx = StepContext(spec, mesh, row_parallel, FusedLayout(spec, mesh.size if mesh is not None else 1),
-                          batch, cos, sin)
+                          batch, cos, sin, local)
         # each layer's sliding window (0: global), read by the loop index; None: no layer has one
         windows = jnp.asarray(spec.sliding_windows, jnp.int32) if any(spec.sliding_windows) else None
 
@@ -110,8 +121,19 @@ class CausalLM(nnx.Module):
         return row_parallel.add_norm(x, mlp_out, self.norm.weight[...])[1], kv_caches
 
     def embed_tokens(self, row_parallel, table: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The token embeddings in ``row_parallel``'s form (``row_parallel.ReducedSums.embed``)."""
-        return row_parallel.embed(table, ids)
+        """The token embeddings in ``row_parallel``'s form (``row_parallel.ReducedSums.embed``),
+        times ``spec.embed_scale`` in the table's dtype where it is not 1."""
+        embedded = row_parallel.embed(table, ids)
+        if self.spec.embed_scale == 1.0:
+            return embedded
+        scale = jnp.asarray(self.spec.embed_scale, table.dtype)
+        return tuple(e * scale for e in embedded)
+
+    def token_logits(self, token_ids: jax.Array) -> jax.Array:
+        """float32 ``[B, T, vocab]`` at every position of ``token_ids [B, T]``, without the engine
+        (``dense_call.token_logits``)."""
+        from ..dense_call import token_logits
+        return token_logits(self, token_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 ``[..., vocab]`` from ``hidden [..., hidden_size]``, through the tied embedding when
