@@ -22,6 +22,7 @@ import pytest
 from pallas_cases import (INTERPRET, KERNEL, KV_HEADS, SCALE, Pools, assert_kernels_alone, assert_matches,
                           lower_for_cuda, window_lens, window_starts)
 from test_pallas_decode_step import rope_tables
+from test_pallas_dispatch import SM90_SHARED_BYTES, compile_for_sm90
 
 from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu
 from pallas_kernels.decode_step_attention.api import decode_step_attention
@@ -270,6 +271,35 @@ def test_quantized_ops_lower_to_their_kernels_alone(bits):
     assert_kernels_alone(lower_for_cuda(
         lambda q, k, v, t, n, l: paged_prefill_attention(q, k, v, t, n, n, SCALE, l, impl='pallas'),
         shape((3, 5, 4 * KV_HEADS, head_dim), jnp.bfloat16), pages, pages, tables, lens, layer), launches=1)
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_quantized_kernels_fit_sm90_at_head_dim_256(monkeypatch, tmp_path, bits):
+    """Gemma's 256-wide heads over quantized pools, a traced window and a soft cap, through each
+    op's API at its default launch: every kernel compiles for sm_90 within its shared memory per
+    block (Triton's whole pipeline, without a GPU)."""
+    shape, hd = jax.ShapeDtypeStruct, 256
+    lead = (2, 8, 256, 64)
+    pools = QuantizedPages(shape((*lead, hd * bits // 8), jnp.uint8), shape((*lead, 2), jnp.float32), bits)
+    scalar, tables, lens = shape((), jnp.int32), shape((4, 64), jnp.int32), shape((4,), jnp.int32)
+    options = dict(logits_soft_cap=50.0, impl='pallas')
+    cases = [
+        (lambda q, k, v, i, t, n, w: paged_decode_attention(q, k, v, t, n, SCALE, i, sliding_window=w, **options),
+         (shape((4, 16, hd), jnp.bfloat16), pools, pools, scalar, tables, lens, scalar)),
+        (lambda x, c, s_, k, v, i, sl, t, n, w: decode_step_attention(x, c, s_, k, v, i, sl, t, n, SCALE,
+                                                                     sliding_window=w, **options),
+         (shape((4, 32 * hd), jnp.bfloat16), shape((4, hd), jnp.float32), shape((4, hd), jnp.float32), pools, pools,
+          scalar, lens, tables, lens, scalar)),
+        (lambda q, k, v, i, t, n, m, w: paged_prefill_attention(q, k, v, t, n, m, SCALE, i, sliding_window=w,
+                                                                **options),
+         (shape((4, 128, 16, hd), jnp.bfloat16), pools, pools, scalar, tables, lens, lens, scalar)),
+        (lambda k, v, kn, vn, sl, i: write_kv(k, v, kn, vn, sl, i, impl='pallas'),
+         (pools, pools, shape((100, 8, hd), jnp.bfloat16), shape((100, 8, hd), jnp.bfloat16),
+          shape((100,), jnp.int32), scalar))]
+    for fn, args in cases:
+        text, shared = compile_for_sm90(monkeypatch, tmp_path, fn, *args)
+        assert_kernels_alone(text)
+        assert shared and max(shared.values()) <= SM90_SHARED_BYTES, shared
 
 
 def test_quantized_pools_are_checked_by_name(rng):
