@@ -1,9 +1,11 @@
 """GGUF file -> cached Hugging Face directory, dequantized once.
 
-``transformers`` reads GGUF (weights dequantized to float32, tokenizer and chat template from the
-metadata) but takes tens of seconds to do it; the result is written once to a cache directory keyed
-by the file's path, size and modification time (``conversion_cache.py``), and every later start
-loads that directory.
+``transformers`` reads GGUF (llama.cpp's tensor names mapped back to its own, Llama's q/k rows
+un-permuted, weights dequantized to float32, tokenizer and chat template from the metadata) but
+takes tens of seconds to do it; the result is written once to a cache directory keyed by the file's
+path, size and modification time (``conversion_cache.py``), and every later start loads that
+directory. Metadata that transformers' table leaves out for an architecture (``config_overrides``)
+is read here, so the directory's config.json gives the model the file describes.
 """
 from __future__ import annotations
 
@@ -50,6 +52,32 @@ def gguf_architecture(path: str) -> str:
     return bytes(field.parts[field.data[0]]).decode()
 
 
+def config_overrides(path: str) -> dict:
+    """The transformers config fields that the GGUF file's metadata sets and transformers' GGUF
+    table does not read for every architecture: ``head_dim`` from ``{arch}.attention.key_length``
+    (llama.cpp writes it when the model's head_dim is not hidden_size / heads, as in Qwen3; a
+    differing ``value_length`` is refused). CheckpointError naming the file and the field when a
+    value is not a positive integer."""
+    reader = read_gguf(path)
+    arch = gguf_architecture(path)
+    lengths = {}
+    for kind in ('key', 'value'):
+        field = reader.fields.get(f'{arch}.attention.{kind}_length')
+        if field is not None:
+            value = field.contents()
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise CheckpointError(path, f"field '{arch}.attention.{kind}_length' must be a positive "
+                                            f'integer, got {value!r}')
+            lengths[kind] = value
+    if 'key' not in lengths:
+        return {}
+    if lengths.get('value', lengths['key']) != lengths['key']:
+        raise CheckpointError(path, f"field '{arch}.attention.value_length' ({lengths['value']}) differs from "
+                                    f"'{arch}.attention.key_length' ({lengths['key']}), which no supported "
+                                    'model has')
+    return {'head_dim': lengths['key']}
+
+
 def _convert(path: str, out_dir: str) -> None:
     try:
         import torch  # noqa: F401 - transformers' GGUF reader needs it
@@ -57,7 +85,7 @@ def _convert(path: str, out_dir: str) -> None:
     except ImportError as e:
         raise ImportError(f'loading a GGUF file needs the gguf and torch packages ({e}); '
                           "install them with: pip install 'lmdeploy_jax[gguf]'") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     arch = gguf_architecture(path)
@@ -67,7 +95,10 @@ def _convert(path: str, out_dir: str) -> None:
     folder, name = os.path.split(os.path.abspath(path))
     logger.warning('dequantizing GGUF %s into %s (once; later starts use the cache)', path, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype='float32')
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    for field, value in config_overrides(path).items():
+        setattr(config, field, value)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype='float32')
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
