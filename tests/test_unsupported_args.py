@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from lmdeploy_jax import GenerationConfig, pipeline
+from lmdeploy_jax import ChatTemplateConfig, GenerationConfig, pipeline
 
 from test_server import running_server
 
@@ -63,6 +63,28 @@ def test_an_unknown_keyword_of_a_call_is_refused_by_name(pipe, name):
         list(pipe.stream_infer(PROMPT, gen_config=config, do_preprocess=False, **{name: 1}))
     with pytest.raises(TypeError, match=name):
         pipe.chat(PROMPT, gen_config=config, **{name: 1})
+
+
+TOOL = {'type': 'function', 'function': {'name': 'get_time', 'description': 'The time now.',
+                                         'parameters': {'type': 'object', 'properties': {}}}}
+
+
+def test_tools_reach_the_prompt_or_are_refused(pipe):
+    ask = [{'role': 'user', 'content': 'What time is it?'}]
+    config = GenerationConfig(max_new_tokens=2)
+    with pytest.raises(ValueError, match='does not render tools'):     # SmolLM2's own template
+        pipe(ask, gen_config=config, tools=[TOOL])
+    own = pipe.chat_template
+    pipe.chat_template = ChatTemplateConfig('qwen').chat_template     # ChatML, as SmolLM2's, with tools
+    try:
+        resp = pipe(ask, gen_config=config, tools=[TOOL])
+        [delta, *_] = pipe.stream_infer(ask, gen_config=config, tools=[TOOL])
+        expected = pipe.tokenizer.encode(pipe.chat_template.messages2prompt(ask, tools=[TOOL]))
+    finally:
+        pipe.chat_template = own
+    assert '"name": "get_time"' in pipe.tokenizer.decode(expected)
+    assert resp.input_token_len == delta.input_token_len == len(expected)
+    assert resp.generate_token_len == 2
 
 
 def test_adapter_name_is_refused_unless_none(pipe):

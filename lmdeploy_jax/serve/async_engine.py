@@ -137,7 +137,7 @@ class AsyncEngine:
             raise ValueError(f'n={config.n}: {where} gives one answer; batch_infer and stream_infer give n')
         return config
 
-    def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids) -> list[int]:
+    def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids, tools=None) -> list[int]:
         if input_ids is not None:
             error = token_ids_error(input_ids, self.vocab_size)
             if error is not None:
@@ -145,7 +145,9 @@ class AsyncEngine:
             return list(input_ids)
         require_utf8(messages, 'messages')
         if do_preprocess:
-            prompt = self.chat_template.messages2prompt(messages, sequence_start)
+            prompt = self.chat_template.messages2prompt(messages, sequence_start, tools=tools)
+        elif tools:
+            raise ValueError('tools need do_preprocess=True: the chat template renders them')
         elif isinstance(messages, str):
             prompt = messages
         else:
@@ -155,14 +157,16 @@ class AsyncEngine:
     async def generate(self, messages, session_id: int, gen_config: GenerationConfig | None = None,
                        stream_response: bool = True, sequence_start: bool = True, sequence_end: bool = True,
                        step: int = 0, do_preprocess: bool = True, input_ids: list[int] | None = None,
-                       **kwargs) -> AsyncIterator[GenOut]:
+                       tools: list[dict] | None = None, **kwargs) -> AsyncIterator[GenOut]:
         """Run one request of a session; yields text and token deltas, the last with finish_reason.
-        Bad input raises ``ValueError`` (naming the field) at the first iteration, before anything
-        is queued; a closed pipeline raises ``RuntimeError``."""
+        ``tools`` (OpenAI's tool dicts) are rendered by the chat template (a template that cannot
+        render them raises ``ValueError``); the answer is the model's text, tool calls unparsed,
+        as LMDeploy's pipeline returns it. Bad input raises ``ValueError`` (naming the field) at
+        the first iteration, before anything is queued; a closed pipeline raises ``RuntimeError``."""
         self._check_open()
         config = self._one_answer_config(gen_config, kwargs, 'generate()')
         history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
-        ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids)
+        ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids, tools)
         if not ids:
             raise ValueError('the prompt encodes to no tokens')
         room = self.session_len - history - len(ids)
@@ -256,11 +260,11 @@ class AsyncEngine:
             self._sync_loop = BackgroundLoop()
         return self._sync_loop
 
-    async def _collect(self, sample: Sample, do_preprocess, kwargs) -> Response:
+    async def _collect(self, sample: Sample, do_preprocess, tools, kwargs) -> Response:
         session_id = next(self._session_ids)
         resp = Response('', 0, 0, session_id, index=sample.index)
         async for out in self.generate(sample.prompt, session_id, sample.config, stream_response=False,
-                                       do_preprocess=do_preprocess, **kwargs):
+                                       do_preprocess=do_preprocess, tools=tools, **kwargs):
             resp.text += out.response
             resp.token_ids.extend(out.token_ids)
             if out.logprobs:
@@ -279,10 +283,11 @@ class AsyncEngine:
         return [self._gen_config(gen_config, kwargs)] * n
 
     def batch_infer(self, prompts, gen_config=None, do_preprocess: bool = True, use_tqdm: bool = False,
-                    **kwargs) -> Response | list[Response] | list[list[Response]]:
+                    tools: list[dict] | None = None, **kwargs) -> Response | list[Response] | list[list[Response]]:
         """Generate for one prompt or a list of them, together; results in input order. A prompt
         whose config has ``n > 1`` gets the list of its n ``Response``s (``samples.py`` numbers
-        their ``index``). ``use_tqdm`` shows a progress bar of the finished answers."""
+        their ``index``). ``use_tqdm`` shows a progress bar of the finished answers; ``tools``
+        go to every prompt's chat template (``generate``)."""
         items, single = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
         samples = fan_out(items, configs)
@@ -293,7 +298,7 @@ class AsyncEngine:
             progress = tqdm(total=len(samples)) if use_tqdm else None
 
             async def one(sample):
-                resp = await self._collect(sample, do_preprocess, kwargs)
+                resp = await self._collect(sample, do_preprocess, tools, kwargs)
                 if progress is not None:
                     progress.update()
                 return resp
@@ -307,7 +312,8 @@ class AsyncEngine:
 
     __call__ = batch_infer
 
-    def stream_infer(self, prompts, gen_config=None, do_preprocess: bool = True, **kwargs) -> Iterator[Response]:
+    def stream_infer(self, prompts, gen_config=None, do_preprocess: bool = True, tools: list[dict] | None = None,
+                     **kwargs) -> Iterator[Response]:
         """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by
         ``index``: the prompt's, or with ``n > 1`` the answer's (``samples.py``)."""
         items, _ = _check_prompts(prompts)
@@ -316,7 +322,7 @@ class AsyncEngine:
         async def one(sample: Sample):
             session_id = next(self._session_ids)
             async for out in self.generate(sample.prompt, session_id, sample.config, do_preprocess=do_preprocess,
-                                           **kwargs):
+                                           tools=tools, **kwargs):
                 yield Response(out.response, out.generate_token_len, out.input_token_len, session_id,
                                out.finish_reason, out.token_ids, out.logprobs, sample.index)
         yield from self._loop.iterate(merge([one(s) for s in fan_out(items, configs)]))

@@ -5,6 +5,8 @@ refused with a 400 that says by how much (OpenAI's ``context_length_exceeded``),
 """
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from ...messages import GenerationConfig
 from .errors import APIError
 from .protocol import ChatCompletionRequest, SamplingFields
@@ -72,7 +74,7 @@ def session_prompt_ids(engine, prompt: str | list[dict], sequence_start: bool, d
     if do_preprocess:
         try:
             text = engine.chat_template.messages2prompt(prompt, sequence_start, tools=tools)
-        except ValueError as exc:
+        except (ValueError, TemplateError) as exc:   # the template's own refusals (raise_exception) too
             raise APIError(400, str(exc), 'tools' if tools else 'messages') from None
     elif isinstance(prompt, str):
         text = prompt
