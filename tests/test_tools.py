@@ -216,3 +216,40 @@ def test_bad_tool_requests_get_a_400_naming_the_field(server, fields, param, wor
         client.chat.completions.create(**{k: v for k, v in body.items() if v is not None})
     error = info.value.body
     assert error['param'] == param and words in error['message'], error
+
+
+@pytest.mark.parametrize('parallel', [True, False])
+def test_answers_with_calls_serialize_as_the_openai_client_reads_them(parallel):
+    """The response bodies the server sends for an answer with calls (ANSWERS[0]), read back with
+    the openai package's own types: whole, and streamed in pieces."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    from lmdeploy_jax.serve.openai.protocol import CompletionBody
+    from lmdeploy_jax.serve.openai.shapes import ChatShape
+    from lmdeploy_jax.serve.openai.tools import ToolPlan
+    _, answer, content, calls = ANSWERS[0]
+    expected = calls if parallel else calls[:1]
+    plan = ToolPlan([WEATHER, TIME], tool_call_format('qwen'), parallel)
+    head = dict(id='chatcmpl-1', model='m', created=0)
+    whole = ChatShape(None, None, plan).choice(0, answer, [], [], 'stop')
+    body = ChatCompletion.model_validate_json(CompletionBody(**head, object='chat.completion',
+                                                             choices=[whole]).model_dump_json())
+    [choice] = body.choices
+    assert choice.finish_reason == 'tool_calls' and choice.message.content == content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == expected
+    assert len({c.id for c in choice.message.tool_calls}) == len(expected)
+
+    shape, text, streamed, reasons = ChatShape(None, None, plan), '', {}, []
+    pieces = [answer[i:i + 7] for i in range(0, len(answer), 7)]
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        delta = shape.delta(0, piece, [], [], 'stop' if last else None)
+        chunk = ChatCompletionChunk.model_validate_json(CompletionBody(
+            **head, object='chat.completion.chunk', choices=[delta]).model_dump_json(exclude_unset=True))
+        text += chunk.choices[0].delta.content or ''
+        for call in chunk.choices[0].delta.tool_calls or []:
+            assert call.id.startswith('call_') and call.type == 'function'
+            streamed[call.index] = (call.function.name, json.loads(call.function.arguments))
+        reasons.append(chunk.choices[0].finish_reason)
+    assert text == content and list(streamed.values()) == expected and sorted(streamed) == list(range(len(expected)))
+    assert reasons[-1] == 'tool_calls' and not any(reasons[:-1])
