@@ -23,6 +23,10 @@ class Family:
     - ``qk_norm``: q and k are RMS-normed per head before the rotary embedding.
     - ``partial_rotary``: the transformers model rotates only the first ``rotary_dim`` dims of a
       head (``spec.rope_from_config``).
+    - ``layer_type_ropes(config, path)``: for a family whose sliding-window layers rotate by a rope of
+      their own (Gemma 3), each layer type's rope parameters (``{'full_attention': {...},
+      'sliding_attention': {...}}``, as ``rope_parameters``); they give ``spec.rope`` and
+      ``spec.local_rope``.
     - ``adjust_spec(spec, config, path)``: the spec with the family's own config fields read
       (CheckpointError naming ``path`` for a bad one), after the shared ones.
     """
@@ -32,3 +36,4 @@ class Family:
     qk_norm: bool = False
     partial_rotary: bool = False
     adjust_spec: Callable[[ModelSpec, dict, str], ModelSpec] | None = None
+    layer_type_ropes: Callable[[dict, str], dict[str, dict]] | None = None

@@ -10,6 +10,9 @@ ARCHITECTURES = {
     'MistralForCausalLM': 'llama',
     'Qwen2ForCausalLM': 'llama',
     'Qwen3ForCausalLM': 'llama',
+    'Gemma2ForCausalLM': 'gemma',
+    'Gemma3ForCausalLM': 'gemma',
+    'Glm4ForCausalLM': 'glm4',
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 

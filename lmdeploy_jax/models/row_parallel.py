@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import reduce_add_rms_norm
 from pallas_kernels.reduce_add_rms_norm.p2p_cuda import MAX_BYTES
-from pallas_kernels.rms_norm.api import add_rms_norm
+from pallas_kernels.rms_norm.api import add_rms_norm, rms_norm
 
 from ..parallel import rules
 from .layers.linear import linear
@@ -67,6 +67,13 @@ class ReducedSums:
         add_norm = per_device(lambda x, y, w, i: add_rms_norm(x, y, w, self.spec.rms_norm_eps, i), self.mesh,
                               in_specs=(r, r, r, r), out_specs=(r, r))
         return add_norm(x, y, weight, layer)
+
+    def norm(self, x: jax.Array, weight: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        """The RMSNorm of ``x`` alone (a sandwich norm's post norm), ``weight``/``layer`` as in
+        ``add_norm``."""
+        r = rules.REPLICATED
+        return per_device(lambda x, w, i: rms_norm(x, w, self.spec.rms_norm_eps, i), self.mesh,
+                          in_specs=(r, r, r), out_specs=r)(x, weight, layer)
 
 
 @dataclass(frozen=True)
@@ -127,11 +134,13 @@ def vocab_shard_lookup(mesh: Mesh | None, table: jax.Array, ids: jax.Array) -> j
 
 
 def for_step(spec: ModelSpec, mesh: Mesh | None, tokens: tuple[int, ...], dtype,
-             kernel: bool) -> ReducedSums | PartialSums:
+             kernel: bool, partial_sums: bool = True) -> ReducedSums | PartialSums:
     """``PartialSums`` for a tensor-parallel step of ``tokens`` (the ids' shape) whose hidden states
     in ``dtype`` are small enough, else ``ReducedSums``. ``kernel``: the CUDA kernel was prepared
-    for the mesh's devices (``models/loader.py``)."""
+    for the mesh's devices (``models/loader.py``). ``partial_sums`` False: always ``ReducedSums``,
+    for a layer that norms a projection's output by itself (a sandwich norm), which needs the
+    full sum first."""
     nbytes = int(np.prod(tokens)) * spec.hidden_size * jnp.dtype(dtype).itemsize
-    if mesh is not None and mesh.size > 1 and nbytes <= PARTIAL_SUMS_MAX_BYTES:
+    if partial_sums and mesh is not None and mesh.size > 1 and nbytes <= PARTIAL_SUMS_MAX_BYTES:
         return PartialSums(spec, mesh, tuple(mesh.devices.flat) if kernel else None)
     return ReducedSums(spec, mesh)

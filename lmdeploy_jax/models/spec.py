@@ -57,7 +57,9 @@ class ModelSpec:
     activation (``layers.activations.ACTIVATIONS``). ``attention_scale``: the scores' scale (0: set to
     ``head_dim ** -0.5`` by ``__post_init__``); ``attn_logit_softcap`` / ``final_logit_softcap``:
     ``cap * tanh(x / cap)`` of the attention scores / the logits (None: none); ``embed_scale``:
-    multiplies the token embeddings (Gemma's ``sqrt(hidden_size)``, in the model dtype)."""
+    multiplies the token embeddings (Gemma's ``sqrt(hidden_size)``, in the model dtype);
+    ``local_rope``: the rope of the sliding-window layers where it differs from the others' ``rope``
+    (Gemma 3; None: every layer rotates by ``rope``)."""
 
     def __post_init__(self):
         if not self.attention_scale:
@@ -84,6 +86,7 @@ class ModelSpec:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     embed_scale: float = 1.0
+    local_rope: RopeSpec | None = None
 
 
 ROPE_TYPES = ('default', 'linear', 'dynamic', 'yarn', 'llama3', 'longrope')
@@ -243,7 +246,8 @@ def spec_from_config(config: dict, family, architecture: str, dtype, eos_token_i
         intermediate_size=_config_int(config, 'intermediate_size', path),
         rms_norm_eps=_config_float(config, 'rms_norm_eps', path, 1e-6),
         tie_word_embeddings=tie,
-        rope=_rope(config, architecture, path, family.partial_rotary),
+        rope=_layer_type_rope(config, family, 'full_attention', architecture, path),
+        local_rope=_layer_type_rope(config, family, 'sliding_attention', architecture, path),
         sliding_windows=sliding_windows(config, family.sliding_window, num_layers, path),
         qk_norm=family.qk_norm,
         hidden_act=hidden_act,
@@ -285,6 +289,17 @@ def sliding_windows(config: dict, style: str | None, num_layers: int, path: str)
         raise CheckpointError(path, "field 'layer_types' has sliding_attention layers, but there is no window "
                                     "('sliding_window' null or 'use_sliding_window' false)")
     return tuple(window if s else 0 for s in sliding) if any(sliding) else ()
+
+
+def _layer_type_rope(config: dict, family, layer_type: str, architecture: str, path: str) -> RopeSpec | None:
+    """The rope of the layers of ``layer_type``: for a family with ``layer_type_ropes`` (Gemma 3), the
+    config with that type's rope parameters; else the config's rope for 'full_attention' and None
+    (no rope of their own) for 'sliding_attention'."""
+    if family.layer_type_ropes is None:
+        return _rope(config, architecture, path, family.partial_rotary) if layer_type == 'full_attention' else None
+    params = family.layer_type_ropes(config, path)[layer_type]
+    return _rope({**config, 'rope_scaling': None, 'rope_parameters': params}, architecture, path,
+                 family.partial_rotary)
 
 
 def _rope(config: dict, architecture: str, path: str, partial_rotary: bool) -> RopeSpec:

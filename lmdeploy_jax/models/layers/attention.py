@@ -38,7 +38,8 @@ KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, nu
 class StepContext:
     """What every layer of one traced step shares: the spec, the mesh (None: one device), the form
     of the row-parallel sums (``row_parallel.py``), the fused layout, the batch, and rope's
-    ``cos``/``sin [B, T, rotary_dim]``."""
+    ``cos``/``sin [B, T, rotary_dim]``; ``local_cos_sin``: those of ``spec.local_rope`` (the
+    sliding-window layers' own rope), None without one."""
     spec: ModelSpec
     mesh: Mesh | None
     row_parallel: ReducedSums | PartialSums
@@ -46,6 +47,15 @@ class StepContext:
     batch: StepBatch
     cos: jax.Array
     sin: jax.Array
+    local_cos_sin: tuple[jax.Array, jax.Array] | None = None
+
+    def rope(self, window: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """``(cos, sin)`` of a layer whose sliding window is ``window`` (int32 scalar, 0: global;
+        None: the model has no windows): the local tables in a sliding layer of a model with them."""
+        if self.local_cos_sin is None or window is None:
+            return self.cos, self.sin
+        sliding = window > 0
+        return tuple(jnp.where(sliding, local, full) for local, full in zip(self.local_cos_sin, (self.cos, self.sin)))
 
 
 def _prefill_attention(scale: float, soft_cap: float | None, q: jax.Array, k: jax.Array, v: jax.Array,

@@ -1,0 +1,102 @@
+"""Gemma 2 and Gemma 3 (text) on the JAX engine against the PyTorch reference backend, each a tiny
+random float32 checkpoint made by transformers' own class, with prompts longer than the sliding
+window: sandwich norms stored as ``1 + w``, GeGLU, embeddings scaled by ``sqrt(hidden)``,
+``query_pre_attn_scalar``; Gemma 2 with attention and final soft caps small enough to bite;
+Gemma 3 with q/k norms and sliding layers rotated by a rope of their own (the global layers' is
+linear-scaled with another base). At tp=1 and tp=2 (``family_harness.py``): greedy tokens equal
+the reference's for 32 new tokens on 4 prompts and a prefix-cached fifth, last-position logits
+within 1e-4 of transformers'."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from family_harness import KERNELS, PROMPT_LENS, TINY, WINDOW, build_families, check_greedy_tokens, run_jax
+from test_models import _assert_logits_close
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM
+
+from lmdeploy_jax.checkpoint.errors import CheckpointError
+from lmdeploy_jax.checkpoint.source import ModelSource
+from lmdeploy_jax.models import load_model
+from lmdeploy_jax.models.families.gemma import gemma3_ropes
+
+GEMMA3_ROPES = {'full_attention': {'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 100.0},
+                'sliding_attention': {'rope_type': 'default', 'rope_theta': 10000.0}}
+FAMILIES = {
+    # layers 0 and 2 slide (transformers' default layer_types)
+    'gemma2': (Gemma2Config, Gemma2ForCausalLM, dict(vocab_size=300, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                                     attn_logit_softcapping=3.0, final_logit_softcapping=8.0)),
+    'gemma3': (Gemma3TextConfig, Gemma3ForCausalLM, dict(
+        vocab_size=300, sliding_window=WINDOW, query_pre_attn_scalar=24, rope_parameters=GEMMA3_ROPES,
+        layer_types=['sliding_attention', 'full_attention', 'sliding_attention'])),
+}
+
+
+@pytest.fixture(scope='module')
+def families(tmp_path_factory) -> dict[str, dict]:
+    return build_families(FAMILIES, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def jax_results(families, tmp_path_factory) -> dict:
+    return run_jax(families, tmp_path_factory.mktemp('jax'))
+
+
+@pytest.mark.parametrize('tp', KERNELS)
+@pytest.mark.parametrize('name', FAMILIES)
+def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
+    check_greedy_tokens(families, jax_results, name, tp)
+
+
+@pytest.mark.parametrize('tp', KERNELS)
+@pytest.mark.parametrize('name', FAMILIES)
+def test_last_position_logits_match_transformers(families, jax_results, name, tp):
+    for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
+        _assert_logits_close(np.asarray(ours, np.float32), expected)
+
+
+@pytest.mark.parametrize('name', FAMILIES)
+def test_the_window_changes_the_long_prompts_logits(families, name):
+    """Ignoring the window gives other logits for the prompts longer than it: the tests above
+    fail on a model without windows."""
+    f = families[name]
+    for n, with_window, without in zip(PROMPT_LENS, f['logits'], f['unwindowed']):
+        if n > WINDOW:
+            assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
+
+
+def test_gemma_specs_are_read_as_transformers_reads_them(families):
+    """The spec of each checkpoint: windows by layer type, the scale, caps, embedding scale, the
+    norms stored as ``1 + w``; Gemma 3's sliding layers' rope."""
+    for name, (config_cls, _, extra) in FAMILIES.items():
+        path = families[name]['path']
+        model = load_model(ModelSource(path, path))
+        config = config_cls(**{**TINY, **extra})
+        spec = model.spec
+        assert spec.sliding_windows == tuple(WINDOW if t == 'sliding_attention' else 0 for t in config.layer_types)
+        assert spec.attention_scale == config.query_pre_attn_scalar ** -0.5
+        assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (config.attn_logit_softcapping,
+                                                                       config.final_logit_softcapping)
+        assert spec.embed_scale == config.hidden_size ** 0.5 and spec.hidden_act == 'gelu_pytorch_tanh'
+        from safetensors.numpy import load_file
+        tensors = load_file(f'{path}/model.safetensors')
+        np.testing.assert_array_equal(np.asarray(model.module().layers.pre_mlp_norm.weight[1]),
+                                      tensors['model.layers.1.pre_feedforward_layernorm.weight'] + np.float32(1))
+    gemma3 = load_model(ModelSource(families['gemma3']['path'], families['gemma3']['path'])).spec
+    assert (gemma3.rope.rope_type, gemma3.rope.theta, gemma3.rope.factor) == ('linear', 100.0, 2.0)
+    assert (gemma3.local_rope.rope_type, gemma3.local_rope.theta) == ('default', 10000.0)
+
+
+def test_gemma3_ropes_of_older_configs_match_transformers():
+    """An older config.json's ``rope_scaling``, ``rope_theta`` and ``rope_local_base_freq`` (or their
+    absence) give the per-layer-type rope parameters Gemma3TextConfig makes of them; a
+    ``rope_parameters`` not keyed by layer type is refused."""
+    legacy = [{}, {'rope_theta': 5e5, 'rope_local_base_freq': 2e4},
+              {'rope_scaling': {'rope_type': 'linear', 'factor': 8.0}, 'rope_local_base_freq': 1e4}]
+    for fields in legacy:
+        config = Gemma3TextConfig(num_hidden_layers=2, **fields)
+        assert gemma3_ropes(fields, 'c.json') == {t: dict(v) for t, v in config.rope_parameters.items()}
+        assert gemma3_ropes(json.loads(config.to_json_string()), 'c.json') == config.rope_parameters
+    with pytest.raises(CheckpointError, match="'rope_parameters' must map"):
+        gemma3_ropes({'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4}}, 'c.json')
