@@ -68,7 +68,8 @@ def read_bytes(args, lens, policy) -> int:
     """K and V of every row's positions, and q read and the output written."""
     itemsize = jnp.dtype(args.dtype).itemsize
     per_position = args.kv_heads * (args.head_dim * itemsize if policy == 0 else args.head_dim * policy // 8 + 8)
-    return int(2 * np.asarray(lens, np.int64).sum() * per_position + 2 * len(lens) * args.heads * args.head_dim * itemsize)
+    io_bytes = 2 * len(lens) * args.heads * args.head_dim * itemsize
+    return int(2 * np.asarray(lens, np.int64).sum() * per_position + io_bytes)
 
 
 def run_case(args, batch, context, seed):

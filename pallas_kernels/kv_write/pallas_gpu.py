@@ -15,7 +15,8 @@ and V in the same program (one launch per layer).
 A quantized pool (``kv_quant.QuantizedPages``) gets each row quantized in registers
 (``_pallas_tiles.store_quantized``: its min and max over head_dim, then codes, 4-bit ones packed
 two to a byte) and its codes and scale/zero stored at its slot: as many bytes written as the pool
-holds per token. Padding tokens sharing a slot in block 0 race; which row (or mix of rows) lands there is
+holds per token.
+Padding tokens sharing a slot in block 0 race; which row (or mix of rows) lands there is
 unspecified, and no sequence reads block 0.
 
 In place only when the caller's pools are dead afterwards (inside the engine's jitted step, whose
