@@ -50,12 +50,6 @@ def local_rope_inv_frequencies(spec: ModelSpec) -> np.ndarray:
     return inv_frequencies(spec.local_rope, spec.head_dim)
 
 
-@functools.lru_cache(maxsize=None)
-def local_rope_inv_frequencies(spec: ModelSpec) -> np.ndarray:
-    """``rope_inv_frequencies`` of ``spec.local_rope`` (the sliding layers' own rope)."""
-    return inv_frequencies(spec.local_rope, spec.head_dim)
-
-
 class DecoderLayer(nnx.Module):
     """The Llama layer, stacked: ``input_norm``, attention, ``post_norm``, the gated MLP. It takes
     either form of the row-parallel sums (``partial_sums``)."""
