@@ -78,6 +78,16 @@ def test_the_pytorch_backend_refuses_them(flags, named):
         engine_config(args)
 
 
+def test_the_pytorch_backend_refuses_a_multi_host_config():
+    """Also where the turbomind backend falls back to it: several hosts would each run alone."""
+    from lmdeploy_jax.backends import create_backend
+    from lmdeploy_jax.checkpoint.source import resolve_model
+    config = TurbomindEngineConfig(nnodes=2, dist_init_addr='node0:29500')
+    with pytest.raises(ValueError, match=r"^nnodes=2, dist_init_addr='node0:29500': the pytorch backend runs in one "
+                                         r'process$'):
+        create_backend(resolve_model(None), 'pytorch', config)
+
+
 def test_init_distributed_without_an_address_is_one_process_or_an_error():
     assert init_distributed() is False
     with pytest.raises(ValueError, match="nnodes=2 needs dist_init_addr, the 'host:port' of node 0"):
