@@ -50,10 +50,11 @@ def codes_of(pages):
 
 def assert_same_quantization(out, ref, where=(...,)):
     """``out`` and ``ref`` (QuantizedPages) hold the same codes and scales at ``where`` (an index
-    into the pools' leading axes): codes at most one step apart, for at most 0.1 % of them, scale
-    and zero equal to float32 rounding (NaN where the reference has NaN)."""
+    into the pools' leading axes): codes at most one step apart, for at most 0.1 % of them (or
+    one), scale and zero equal to float32 rounding (NaN where the reference has NaN)."""
     diff = np.abs(codes_of(out)[where] - codes_of(ref)[where])
-    assert diff.max(initial=0) <= 1 and (diff > 0).mean() <= 1e-3, f'codes differ: {np.argwhere(diff > 0)[:5]}'
+    assert diff.max(initial=0) <= 1 and (diff > 0).sum() <= max(1, 1e-3 * diff.size), \
+        f'codes differ: {np.argwhere(diff > 0)[:5]}'
     np.testing.assert_allclose(np.asarray(out.scale_zero)[where], np.asarray(ref.scale_zero)[where],
                                rtol=1e-6, atol=1e-6)
 
