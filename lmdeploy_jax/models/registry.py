@@ -13,6 +13,8 @@ ARCHITECTURES = {
     'Gemma2ForCausalLM': 'gemma',
     'Gemma3ForCausalLM': 'gemma',
     'Glm4ForCausalLM': 'glm4',
+    'InternLM2ForCausalLM': 'internlm2',
+    'InternLM3ForCausalLM': 'internlm2',
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
