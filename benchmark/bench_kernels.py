@@ -1,53 +1,19 @@
 #!/usr/bin/env python3
-"""Paged attention kernels and RMSNorm on one device: checked against the XLA reference, then timed.
+"""The kernel ops on one device: each implementation checked against the XLA reference, then timed.
 
-    python benchmark/bench_kernels.py                                  # decode, default matrix
-    python benchmark/bench_kernels.py --batches 64 --contexts 2048 --sweep   # tune the launch
-    python benchmark/bench_kernels.py --ops prefill --batches 1 4 --contexts 2048
-    python benchmark/bench_kernels.py --impls reference pallas_interpret --batches 2 \\
+    python benchmark/bench_kernels.py --sweep                          # decode; --sweep: launch knobs
+    python benchmark/bench_kernels.py --ops prefill kv_write decode_step rms_norm add_rms_norm
+    python benchmark/bench_kernels.py --impls reference pallas_interpret --batches 2 \
         --contexts 128 --heads 4 --kv-heads 2 --iters 2 --no-copy     # CPU smoke run
-    python benchmark/bench_kernels.py --ops kv_write --tokens 1 256 8192   # the paged KV write
-    python benchmark/bench_kernels.py --ops decode_step --batches 1 8     # rope + KV write + decode
-    python benchmark/bench_kernels.py --ops rms_norm --tokens 1 256 8192   # RMSNorm of 4096-wide rows
-    python benchmark/bench_kernels.py --ops add_rms_norm --tokens 1 8192   # residual add + RMSNorm
-    python benchmark/bench_kernels.py --ops decode decode_step --head-dim 256 --heads 16 \
-        --contexts 8192 --sliding-window 4096 --soft-cap 50 --impls reference pallas   # Gemma 2's local layers
     PYTHONPATH=/tmp/jt-site python benchmark/bench_kernels.py --batches 1 64 --contexts 2048 \
-        --impls reference pallas mosaic jax_triton     # decode alternatives (jax_triton: see below)
+        --impls reference pallas mosaic jax_triton     # decode alternatives (``decode_impls``)
 
-Decode alternatives (``--ops decode`` only): ``mosaic`` is the Pallas Mosaic GPU kernel
-(``experiments/mosaic_gpu.py``), ``jax_triton`` a plain Triton kernel through jax_triton
-(``experiments/triton_jax.py``; install it first: ``pip install --no-deps --target /tmp/jt-site
-.whl/jax_triton-0.3.1-py3-none-any.whl``), ``jax_ops`` JAX's own Pallas paged attention. With
-``--sweep`` each kernel's own launch knobs are swept; the Pallas decode and decode-step grids
-include ``page_tiles`` (one page number per tile, as the jax_triton kernel reads pages; a no-op
-where the tile is longer than a page, e.g. tile_tokens 128 with --block-size 64).
-
-Each case first runs every implementation once on the same inputs and compares its first rows
-with the reference (relative L2 error). Then it times ``--calls`` back-to-back calls inside one
-jitted function (so host dispatch is not timed), each call on another set of block tables over
-other pages (so repeated runs do not read from the 50 MB L2), ``--iters`` times after warm-up,
-with ``block_until_ready``, and reports the median per call.
-
-Bandwidth counts the bytes that must move: K and V of every row's context, q and the output
-(decode), plus the FLOPs for prefill. The KV write (``--ops kv_write``, cases from ``--tokens``,
-not batches x contexts) counts the new K and V read once and written once, and the slots; its
-calls carry the pools from one to the next, donated, so they update in place as in the engine.
-The decode step (``--ops decode_step``: rope, the new token's KV write and decode attention from
-the fused qkv, one token per row at position context - 1) counts the cached K and V read, qkv and
-the rope tables read, the new K and V written and the output; its calls carry the pools too.
-RMSNorm (``--ops rms_norm``: ``--tokens`` rows of ``--hidden``, default heads x head_dim) counts
-its rows read and written and the weight read; each call normalises the previous call's output,
-as a layer's norm reads what the layer before it wrote (so rows that fit in L2 are read from it,
-as in the model). ``--ops add_rms_norm`` is the op the models call: the residual add before the
-norm in the same kernel (x and the residual read, the sum and the norm written).
-``--sliding-window`` and ``--soft-cap`` pass the attention ops' ``sliding_window`` and
-``logits_soft_cap`` (decode, decode_step and prefill; the Pallas kernels and the reference only),
-and the bytes and FLOPs count only the positions inside each query's window.
-The ratio is to the card's copy bandwidth (``--copy-tbps``; the default is the H100's of
-benchmark/NOTES.md) and to the copy this run measures itself.
-One JSON line per case; a failing implementation prints its error and the run goes on; a table
-of the results comes last.
+Each case's implementations are checked on the same inputs (``run_case``), then timed as
+``--calls`` back-to-back calls inside one jitted function (``time_calls``), reporting the median
+per call, the bytes and FLOPs the op must move (each ``*_case``) and their ratios to the card's
+copy bandwidth and matmul rate (``--copy-tbps``, ``--matmul-tflops``; the defaults are the H100's
+of benchmark/NOTES.md) and to the copy this run measures. One JSON line per case; a failing
+implementation prints its error and the run goes on; a table of the results comes last.
 """
 from __future__ import annotations
 
@@ -162,9 +128,13 @@ def configs(args, config_class, sweep):
 
 
 def decode_impls(args):
-    """fn(q, k, v, tables, lens) of every implementation asked for (``jax_ops``: JAX's own kernel;
-    ``mosaic`` and ``jax_triton``: the alternatives in ``experiments/``, for each of their
-    launch configs)."""
+    """fn(q, k, v, tables, lens) of every implementation asked for, for each of its launch configs.
+    Decode only: ``jax_ops`` is JAX's own Pallas paged attention, ``mosaic`` the Pallas Mosaic GPU
+    kernel (``experiments/mosaic_gpu.py``), ``jax_triton`` a plain Triton kernel through jax_triton
+    (``experiments/triton_jax.py``; install it first: ``pip install --no-deps --target /tmp/jt-site
+    .whl/jax_triton-0.3.1-py3-none-any.whl``), none with a sliding window or soft cap. With
+    ``--sweep`` the Pallas decode and decode-step grids include ``page_tiles`` (one page number per
+    tile, as the jax_triton kernel reads pages; a no-op where a tile is longer than a page)."""
     scale = args.head_dim ** -0.5
     impls = op_impls(args, functools.partial(paged_decode_attention, scale=scale, impl='reference',
                                              **attention_options(args)),
@@ -197,6 +167,8 @@ def _jax_ops_decode(scale):
 
 
 def decode_case(args, batch, context, seed):
+    """One query token per row over ``context`` cached ones; bytes: K and V of every row's context
+    (inside its window, with ``--sliding-window``), q read and the output written."""
     k, v, tables, lens = make_pages(args, batch, context, seed)
     q = jax.random.normal(jax.random.key(seed + 1), (batch, args.heads, args.head_dim), args.dtype)
     itemsize = jnp.dtype(args.dtype).itemsize
@@ -234,7 +206,7 @@ def _pallas_prefill(q, k, v, tables, lens, qlens, *, scale, window, soft_cap, co
 
 def prefill_case(args, batch, chunk, seed):
     """Rows of ``chunk`` new tokens after ``--prefix`` cached ones (ragged: chunks in
-    [1, chunk])."""
+    [1, chunk]); bytes as ``decode_case``'s, plus the FLOPs of the positions each query sees."""
     if batch * chunk > args.max_prefill_tokens:
         raise ValueError(f'{batch * chunk} query tokens > --max-prefill-tokens; skipped')
     k, v, tables, lens = make_pages(args, batch, args.prefix + chunk, seed)
@@ -277,7 +249,8 @@ def write_impls(args):
 def write_case(args, tokens, _context, seed):
     """Layer-stacked pools of at least ``--min-pool-mb`` each, and ``sets`` sets of ``tokens``
     new K/V rows at distinct random slots (block 0 left out), enough sets that their rows exceed
-    ``--min-pool-mb`` (L2 is 50 MB), so repeated calls neither read nor write in L2."""
+    ``--min-pool-mb`` (L2 is 50 MB), so repeated calls neither read nor write in L2. Bytes: the new
+    K and V read once and written once, and the slots; calls carry the pools, donated."""
     bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
     row_bytes = args.kv_heads * args.head_dim * itemsize          # one token's K (or V)
     min_bytes = args.min_pool_mb * 2**20
@@ -351,7 +324,8 @@ def step_impls(args):
 
 def step_case(args, batch, context, seed):
     """``make_pages``' pools as a stack of one layer; each row's new token at position context - 1,
-    at its slot in every table set; a random fused qkv and the rope tables at those positions."""
+    at its slot in every table set; a random fused qkv and the rope tables at those positions.
+    Bytes: the cached K and V read, qkv and the rope tables read, the new K and V written, the output."""
     k, v, tables, lens = make_pages(args, batch, context, seed)
     bs, itemsize = args.block_size, jnp.dtype(args.dtype).itemsize
     pos = np.asarray(lens) - 1
@@ -400,7 +374,9 @@ def norm_hidden(args) -> int:
 
 
 def norm_case(args, rows, _context, seed):
-    """``rows`` random rows of ``norm_hidden`` and a random weight around 1, both of ``--dtype``."""
+    """``rows`` random rows of ``norm_hidden`` and a random weight around 1, both of ``--dtype``;
+    bytes: the rows read and written, the weight read. Each timed call normalises the previous
+    call's output, as a layer's norm reads what the layer before it wrote."""
     hidden, itemsize = norm_hidden(args), jnp.dtype(args.dtype).itemsize
     key_x, key_w = jax.random.split(jax.random.key(seed))
     weight = 1 + jax.random.normal(key_w, (hidden,), args.dtype) / 2
@@ -525,6 +501,8 @@ ROW_OPS = ('kv_write', 'rms_norm', 'add_rms_norm')      # cases from --tokens, n
 
 
 def run_case(op, args, batch, context, seed, copy_tbps, results):
+    """Check every implementation's first rows against the reference's (relative L2 error, within
+    ``TOLERANCE``), then time it (``TIMERS``); emit one record per implementation and config."""
     impls_of, make_case, call, check_rows = OPS[op]
     base = dict(op=op, batch=batch, context=context, block_size=args.block_size, dtype=args.dtype,
                 heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
