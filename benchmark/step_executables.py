@@ -1,5 +1,5 @@
-"""A built JAX engine's compiled step executables, for benchmarks: read them with the XLA options
-they were compiled with, or compile them again with other options or an XLA dump of their own.
+"""A built JAX engine's compiled step executables, for benchmarks: compile them again with other
+XLA options or an XLA dump of their own, and serve with them.
 
 The engine compiles each step once at start-up; nothing here is on its serving path.
 """
@@ -21,24 +21,20 @@ def _runner(engine):
     return runner
 
 
-def step_executables(engine) -> dict[StepKey, tuple[object, dict]]:
-    """Every compiled step executable of ``engine`` by key, with the XLA options it was compiled with."""
-    runner = _runner(engine)
-    return {key: (executable, runner.options(key)) for key, executable in runner.executables.items()}
-
-
 def dump_dir(root: str, key: StepKey) -> str:
     """The folder of ``root`` that ``recompile_steps`` has XLA dump step ``key`` into."""
     kind, (rows, tokens) = key
     return os.path.join(root, f'{kind}-{rows}x{tokens}')
 
 
-def recompile_steps(engine, small_batch_tp_options: dict | None = None, dump_root: str | None = None) -> dict:
+def recompile_steps(engine, small_batch_tp_options: dict | None = None,
+                    dump_root: str | None = None) -> dict[StepKey, tuple[object, dict]]:
     """Compile every step of ``engine`` again and serve with the new executables: with
     ``small_batch_tp_options`` (a dict of XLA options; ``{}``: XLA's defaults; None: the engine's
     own) in place of ``SMALL_BATCH_TP_OPTIONS`` / ``SMALL_BATCH_P2P_OPTIONS`` on the small
     tensor-parallel decode steps, and with ``dump_root`` an ``xla_dump_to`` folder per step
-    (``dump_dir``). Call while the engine is idle. Returns what ``step_executables`` returns."""
+    (``dump_dir``). Call while the engine is idle. Returns each step's new executable and its
+    options (the dump folder left out), by key."""
     runner = _runner(engine)
     tp = runner.model.mesh.size if runner.model.mesh is not None else 1
     steps = {}
