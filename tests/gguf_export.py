@@ -5,8 +5,10 @@ name tables, so the tests read files laid out as real ones are:
 - metadata: ``general.architecture``, ``{arch}.block_count``, ``context_length``,
   ``embedding_length``, ``feed_forward_length``, ``attention.head_count``, ``head_count_kv``,
   ``rope.freq_base``, ``attention.layer_norm_rms_epsilon``, ``attention.key_length`` and
-  ``value_length`` when config.json gives ``head_dim`` (``TextModel.set_gguf_parameters``),
-  ``general.file_type``;
+  ``value_length`` when config.json gives ``head_dim``, ``rope.scaling.*`` of a ``linear`` or
+  ``yarn`` rope (``TextModel.set_gguf_parameters``), ``general.file_type``; for Llama also
+  ``vocab_size`` and ``rope.dimension_count`` (``LlamaModel.set_gguf_parameters``);
+- a ``llama3`` rope as the tensor ``rope_freqs.weight`` (``LlamaModel.generate_extra_tensors``);
 - the tokenizer as ``_set_vocab_gpt2`` writes it: ``tokenizer.ggml.model`` ``gpt2``, the ``pre``
   name, the tokens in id order padded to ``vocab_size`` with ``[PAD{i}]`` (type UNUSED), added
   special tokens typed CONTROL, then ``gguf.SpecialVocab`` (merges, special ids, chat template);
@@ -19,6 +21,7 @@ name tables, so the tests read files laid out as real ones are:
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -34,6 +37,44 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
+def _write_rope_scaling(writer, rope: dict) -> None:
+    import gguf
+    if rope.get('rope_type') == 'linear':
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope['factor'])
+    elif rope.get('rope_type') == 'yarn':
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope['factor'])
+        writer.add_rope_scaling_orig_ctx_len(rope['original_max_position_embeddings'])
+        for name, add in (('attention_factor', writer.add_rope_scaling_yarn_attn_factor),
+                          ('beta_fast', writer.add_rope_scaling_yarn_beta_fast),
+                          ('beta_slow', writer.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(name) is not None:
+                add(rope[name])
+
+
+def _llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for a llama3 rope (``LlamaModel.generate_extra_tensors``)."""
+    freqs = 1.0 / (rope['rope_theta'] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, old_len = rope.get('factor', 8.0), rope.get('original_max_position_embeddings', 8192)
+    low, high = rope.get('low_freq_factor', 1.0), rope.get('high_freq_factor', 4.0)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_len / high:
+            factors.append(1)
+        elif wavelen > old_len / low:
+            factors.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _head_dim(config: dict) -> int:
+    return config.get('head_dim') or config['hidden_size'] // config['num_attention_heads']
+
+
 def _write_metadata(writer, config: dict, file_type) -> None:
     writer.add_block_count(config['num_hidden_layers'])
     writer.add_context_length(config['max_position_embeddings'])
@@ -47,7 +88,11 @@ def _write_metadata(writer, config: dict, file_type) -> None:
     if config.get('head_dim') is not None:
         writer.add_key_length(config['head_dim'])
         writer.add_value_length(config['head_dim'])
+    _write_rope_scaling(writer, rope)
     writer.add_file_type(file_type)
+    if config['architectures'][0] == 'LlamaForCausalLM':
+        writer.add_vocab_size(config['vocab_size'])
+        writer.add_rope_dimension_count(_head_dim(config))
 
 
 def _write_vocab(writer, hf_dir: str, vocab_size: int, pre: str) -> None:
@@ -103,6 +148,9 @@ def export_gguf(hf_dir: str, path: str, quantized: bool = False, pre: str = 'qwe
     writer.add_name(os.path.basename(hf_dir))
     _write_metadata(writer, config, file_type)
     _write_vocab(writer, hf_dir, config['vocab_size'], pre)
+    rope = config.get('rope_parameters') or {}
+    if rope.get('rope_type') == 'llama3':
+        writer.add_tensor('rope_freqs.weight', _llama3_rope_freqs(rope, _head_dim(config)))
     for name, data, qtype in _tensors(hf_dir, config, arch, quantized):
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -1,16 +1,18 @@
-"""GGUF files of Qwen2 and Qwen3, written as llama.cpp's ``convert_hf_to_gguf.py`` writes them
-(``gguf_export.py``) from tiny random checkpoints made by transformers' own classes, in F32 and
+"""GGUF files of Qwen2, Qwen3 and Llama 3.2, written as llama.cpp's ``convert_hf_to_gguf.py`` writes
+them (``gguf_export.py``) from tiny random checkpoints made by transformers' own classes, in F32 and
 Q8_0, load on the JAX engine:
 
 - the F32 file's conversion holds the checkpoint's weights exactly (llama.cpp's names mapped back,
-  nothing permuted, Qwen3's head_dim from ``attention.key_length``), the Q8_0 file's within its
-  rounding;
+  Llama's q/k rows un-permuted, Qwen's left as they are), and its config: Qwen3's head_dim from
+  ``attention.key_length``, Qwen2's yarn rope from ``rope.scaling.*``, Llama 3.2's llama3 rope
+  fitted back from the ``rope_freqs`` tensor; the Q8_0 file's weights are within its rounding;
 - the JAX engine's greedy tokens (32 new tokens on 4 prompts) and ``get_ppl`` equal the PyTorch
   reference backend's: for F32, the reference run on the checkpoint the file came from; for Q8_0,
   the reference run on the same file (its dequantized weights).
 
-Qwen2 ties its embeddings (Qwen2.5-0.5B does), so its file has no ``output.weight``; Qwen3 unties
-them and has a head_dim (64) that is not hidden_size / heads (32).
+Qwen2 and Llama 3.2 tie their embeddings (Qwen2.5-0.5B and Llama-3.2-1B do), so their files have
+no ``output.weight``; Qwen3 unties them and has a head_dim (64) that is not hidden_size / heads (32).
+Prompts run past the yarn and llama3 ropes' original context (32 and 16 positions).
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ import torch
 from gguf_export import export_gguf
 from safetensors.numpy import load_file
 from test_engine_helpers import run_all
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from lmdeploy_jax.backends import check_supported
+from lmdeploy_jax.checkpoint.gguf_rope import llama3_factors
 from lmdeploy_jax.checkpoint.source import ModelSource, resolve_model
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
@@ -35,13 +38,19 @@ PROMPT_LENS = (5, 14, 27, 38)
 SPECIAL_TOKENS = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
 TINY = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15)
+LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 5e5, 'factor': 4.0, 'low_freq_factor': 1.0,
+               'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
+YARN_ROPE = {'rope_type': 'yarn', 'rope_theta': 1e6, 'factor': 4.0, 'original_max_position_embeddings': 32}
+# family -> (config class, model class, config, the tokenizer's pre-tokenizer name in llama.cpp)
 FAMILIES = {
-    'qwen2': (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    'qwen3': (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=64, tie_word_embeddings=False)),
+    'qwen2': (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, rope_parameters=YARN_ROPE), 'qwen2'),
+    'qwen3': (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=64, tie_word_embeddings=False), 'qwen2'),
+    'llama3.2': (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
+                 'llama-bpe'),
 }
 KINDS = ('f32', 'q8_0')
 CONFIG_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
-                 'num_key_value_heads', 'head_dim', 'max_position_embeddings', 'rope_parameters', 'tie_word_embeddings')
+                 'num_key_value_heads', 'head_dim', 'max_position_embeddings', 'tie_word_embeddings')
 
 
 def save_byte_level_tokenizer(path: str) -> None:
@@ -75,14 +84,14 @@ def checkpoints(tmp_path_factory) -> dict[str, dict]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv('LMDEPLOY_JAX_CACHE', str(root / 'cache'))
         out = {}
-        for name, (config_cls, model_cls, extra) in FAMILIES.items():
+        for name, (config_cls, model_cls, extra, pre) in FAMILIES.items():
             torch.manual_seed(int(rng.integers(1 << 30)))
             hf_dir = str(root / name)
             model_cls(config_cls(**TINY, **extra)).save_pretrained(hf_dir)
             save_byte_level_tokenizer(hf_dir)
             files = {kind: str(root / f'{name}-{kind}.gguf') for kind in KINDS}
             for kind, path in files.items():
-                export_gguf(hf_dir, path, quantized=kind == 'q8_0')
+                export_gguf(hf_dir, path, quantized=kind == 'q8_0', pre=pre)
             out[name] = dict(hf_dir=hf_dir, files=files, sources={k: resolve_model(p) for k, p in files.items()},
                              prompts=[rng.integers(0, VOCAB, n).tolist() for n in PROMPT_LENS])
         return out
@@ -123,6 +132,14 @@ def test_the_f32_file_converts_to_the_checkpoints_weights(checkpoints, name):
     assert source.architecture == original['architectures'][0] and 'quantization_config' not in config
     assert {k: config.get(k) for k in CONFIG_FIELDS} == {k: original.get(k) for k in CONFIG_FIELDS}
     assert np.float32(config['rms_norm_eps']) == np.float32(original['rms_norm_eps'])     # GGUF holds a float32
+    rope, expected_rope = config['rope_parameters'], original['rope_parameters']
+    if expected_rope['rope_type'] == 'llama3':          # fitted: other parameters, the same rope
+        assert rope['rope_type'] == 'llama3' and rope['rope_theta'] == expected_rope['rope_theta']
+        dim = config['hidden_size'] // config['num_attention_heads']
+        np.testing.assert_allclose(llama3_factors(rope, rope['rope_theta'], dim),
+                                   llama3_factors(expected_rope, rope['rope_theta'], dim), rtol=1e-6)
+    else:
+        assert rope == expected_rope
 
 
 @pytest.mark.parametrize('name', FAMILIES)

@@ -4,8 +4,9 @@
 un-permuted, weights dequantized to float32, tokenizer and chat template from the metadata) but
 takes tens of seconds to do it; the result is written once to a cache directory keyed by the file's
 path, size and modification time (``conversion_cache.py``), and every later start loads that
-directory. Metadata that transformers' table leaves out for an architecture (``config_overrides``)
-is read here, so the directory's config.json gives the model the file describes.
+directory. Metadata that transformers' table leaves out for an architecture (``config_overrides``:
+the head_dim, and the rope scaling of ``gguf_rope.py``) is read here, so the directory's config.json
+gives the model the file describes.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import shutil
 
 from . import conversion_cache
 from .errors import CheckpointError
+from .gguf_rope import gguf_rope_parameters
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -98,6 +100,10 @@ def _convert(path: str, out_dir: str) -> None:
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     for field, value in config_overrides(path).items():
         setattr(config, field, value)
+    rotary_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
+    rope = gguf_rope_parameters(path, read_gguf(path), arch, config.rope_parameters['rope_theta'], rotary_dim)
+    if rope is not None:
+        config.rope_parameters = {**config.rope_parameters, **rope}
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype='float32')
     model.config.quantization_config = None
     del model.config.quantization_config
