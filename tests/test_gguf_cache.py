@@ -16,8 +16,9 @@ from lmdeploy_jax.checkpoint.gguf import gguf_to_hf_dir
 VOCAB, HIDDEN, FF = 64, 16, 32
 
 
-def write_tiny_llama_gguf(path, rng) -> np.ndarray:
-    """A one-layer Llama GGUF with random float32 weights and a byte-free gpt2 tokenizer; returns its embedding."""
+def write_tiny_llama_gguf(path, rng, extra=None) -> np.ndarray:
+    """A one-layer Llama GGUF with random float32 weights and a byte-free gpt2 tokenizer; returns its
+    embedding. ``extra(writer)``, when given, adds fields or tensors before the file is written."""
     import gguf
     writer = gguf.GGUFWriter(str(path), 'llama')
     writer.add_block_count(1)
@@ -45,6 +46,8 @@ def write_tiny_llama_gguf(path, rng) -> np.ndarray:
     writer.add_tensor('token_embd.weight', embed)
     for name, shape in shapes.items():
         writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    if extra is not None:
+        extra(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -13,6 +13,10 @@ Q8_0, load on the JAX engine:
 Qwen2 and Llama 3.2 tie their embeddings (Qwen2.5-0.5B and Llama-3.2-1B do), so their files have
 no ``output.weight``; Qwen3 unties them and has a head_dim (64) that is not hidden_size / heads (32).
 Prompts run past the yarn and llama3 ropes' original context (32 and 16 positions).
+
+A file whose metadata no supported model matches (rope factors that are not llama3's, a rope
+scaling transformers cannot run, a value length other than the key length) is refused with a
+CheckpointError naming the file and the field, and leaves nothing in the cache.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from test_engine_helpers import run_all
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from lmdeploy_jax.backends import check_supported
+from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.gguf_rope import llama3_factors
 from lmdeploy_jax.checkpoint.source import ModelSource, resolve_model
 from lmdeploy_jax.engine_api import EngineRequest
@@ -176,3 +181,48 @@ def test_the_jax_engine_runs_the_file_as_the_reference_does(checkpoints, name, k
 
 def _weights(source: ModelSource) -> dict[str, np.ndarray]:
     return load_file(os.path.join(source.hf_dir, 'model.safetensors'))
+
+
+# ---- metadata that cannot be read as a supported model is refused, naming the file and the field ----
+
+def _llama_gguf_with(tmp_path, monkeypatch, rng, extra) -> str:
+    from test_gguf_cache import write_tiny_llama_gguf
+    monkeypatch.setenv('LMDEPLOY_JAX_CACHE', str(tmp_path / 'cache'))
+    path = str(tmp_path / 'tiny.gguf')
+    write_tiny_llama_gguf(path, rng, extra)
+    return path
+
+
+def _refused(path: str) -> CheckpointError:
+    with pytest.raises(CheckpointError) as caught:
+        resolve_model(path)
+    assert caught.value.path == path
+    assert os.listdir(os.path.join(os.environ['LMDEPLOY_JAX_CACHE'], 'gguf')) == []     # nothing left behind
+    return caught.value
+
+
+def test_rope_factors_that_are_not_llama3s_are_refused(tmp_path, monkeypatch, rng):
+    """Factors rising and falling along the frequencies fit no llama3 rope."""
+    factors = np.array([1.0, 3.0, 1.5, 4.0], dtype=np.float32)[rng.permutation(4)]
+    while (np.diff(factors) >= 0).all():
+        factors = factors[rng.permutation(4)]
+    path = _llama_gguf_with(tmp_path, monkeypatch, rng, lambda w: w.add_tensor('rope_freqs.weight', factors))
+    assert "tensor 'rope_freqs.weight' does not hold llama3 rope factors" in str(_refused(path))
+
+
+def test_a_rope_scaling_type_transformers_cannot_run_is_refused(tmp_path, monkeypatch, rng):
+    import gguf
+
+    def longrope(writer):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        writer.add_rope_scaling_factor(float(rng.uniform(2, 8)))
+    path = _llama_gguf_with(tmp_path, monkeypatch, rng, longrope)
+    assert "field 'llama.rope.scaling.type' is 'longrope'" in str(_refused(path))
+
+
+def test_a_value_length_other_than_the_key_length_is_refused(tmp_path, monkeypatch, rng):
+    def lengths(writer):
+        writer.add_key_length(8)
+        writer.add_value_length(int(rng.integers(9, 64)))
+    path = _llama_gguf_with(tmp_path, monkeypatch, rng, lengths)
+    assert "field 'llama.attention.value_length'" in str(_refused(path))
