@@ -23,6 +23,8 @@ class Family:
     - ``qk_norm``: q and k are RMS-normed per head before the rotary embedding.
     - ``partial_rotary``: the transformers model rotates only the first ``rotary_dim`` dims of a
       head (``spec.rope_from_config``).
+    - ``read_config(config)``: config.json's dict as the family's transformers config class reads
+      it (its own defaults and legacy keys made explicit), before any field is parsed.
     - ``layer_type_ropes(config, path)``: for a family whose sliding-window layers rotate by a rope of
       their own (Gemma 3), each layer type's rope parameters (``{'full_attention': {...},
       'sliding_attention': {...}}``, as ``rope_parameters``); they give ``spec.rope`` and
@@ -37,3 +39,4 @@ class Family:
     partial_rotary: bool = False
     adjust_spec: Callable[[ModelSpec, dict, str], ModelSpec] | None = None
     layer_type_ropes: Callable[[dict, str], dict[str, dict]] | None = None
+    read_config: Callable[[dict], dict] | None = None

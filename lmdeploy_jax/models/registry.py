@@ -15,6 +15,7 @@ ARCHITECTURES = {
     'Glm4ForCausalLM': 'glm4',
     'InternLM2ForCausalLM': 'internlm2',
     'InternLM3ForCausalLM': 'internlm2',
+    'Phi3ForCausalLM': 'phi3',
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 

@@ -219,6 +219,8 @@ def spec_from_config(config: dict, family, architecture: str, dtype, eos_token_i
     is missing or a size is not a positive integer, the KV heads do not divide the attention heads,
     or the sliding-window fields are malformed; UnsupportedArchitectureError for an activation or
     rope the engine cannot run."""
+    if family.read_config is not None:
+        config = family.read_config(config)
     num_heads = _config_int(config, 'num_attention_heads', path)
     hidden = _config_int(config, 'hidden_size', path)
     num_kv_heads = _config_int(config, 'num_key_value_heads', path, num_heads)
