@@ -27,8 +27,10 @@ import os
 import numpy as np
 from safetensors.numpy import load_file
 
-ARCHS = {'LlamaForCausalLM': 'LLAMA', 'Qwen2ForCausalLM': 'QWEN2', 'Qwen3ForCausalLM': 'QWEN3'}
-PERMUTED = ('LlamaForCausalLM',)
+# llama.cpp writes Mistral as a Llama (``MistralModel(LlamaModel)``), with no sliding window
+ARCHS = {'LlamaForCausalLM': 'LLAMA', 'MistralForCausalLM': 'LLAMA', 'Qwen2ForCausalLM': 'QWEN2',
+         'Qwen3ForCausalLM': 'QWEN3'}
+PERMUTED = ('LlamaForCausalLM', 'MistralForCausalLM')
 
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -90,7 +92,7 @@ def _write_metadata(writer, config: dict, file_type) -> None:
         writer.add_value_length(config['head_dim'])
     _write_rope_scaling(writer, rope)
     writer.add_file_type(file_type)
-    if config['architectures'][0] == 'LlamaForCausalLM':
+    if config['architectures'][0] in PERMUTED:
         writer.add_vocab_size(config['vocab_size'])
         writer.add_rope_dimension_count(_head_dim(config))
 
@@ -145,7 +147,7 @@ def export_gguf(hf_dir: str, path: str, quantized: bool = False, pre: str = 'qwe
     arch = getattr(gguf.MODEL_ARCH, ARCHS[config['architectures'][0]])
     file_type = gguf.LlamaFileType.MOSTLY_Q8_0 if quantized else gguf.LlamaFileType.ALL_F32
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_name(os.path.basename(hf_dir))
+    writer.add_name(f'Tiny {os.path.basename(hf_dir)}')        # as llama.cpp names it, from the folder
     _write_metadata(writer, config, file_type)
     _write_vocab(writer, hf_dir, config['vocab_size'], pre)
     rope = config.get('rope_parameters') or {}

@@ -1,11 +1,13 @@
-"""GGUF files of Qwen2, Qwen3 and Llama 3.2, written as llama.cpp's ``convert_hf_to_gguf.py`` writes
+"""GGUF files of Qwen2, Qwen3, Llama 3.2 and Mistral, written as llama.cpp's ``convert_hf_to_gguf.py`` writes
 them (``gguf_export.py``) from tiny random checkpoints made by transformers' own classes, in F32 and
 Q8_0, load on the JAX engine:
 
 - the F32 file's conversion holds the checkpoint's weights exactly (llama.cpp's names mapped back,
   Llama's q/k rows un-permuted, Qwen's left as they are), and its config: Qwen3's head_dim from
   ``attention.key_length``, Qwen2's yarn rope from ``rope.scaling.*``, Llama 3.2's llama3 rope
-  fitted back from the ``rope_freqs`` tensor; the Q8_0 file's weights are within its rounding;
+  fitted back from the ``rope_freqs`` tensor, Mistral read as the Llama llama.cpp writes it (a
+  checkpoint without a sliding window, as Mistral 7B v0.2 and v0.3); the Q8_0 file's weights are
+  within its rounding;
 - the JAX engine's greedy tokens (32 new tokens on 4 prompts) and ``get_ppl`` equal the PyTorch
   reference backend's: for F32, the reference run on the checkpoint the file came from; for Q8_0,
   the reference run on the same file (its dequantized weights).
@@ -28,7 +30,8 @@ import torch
 from gguf_export import export_gguf
 from safetensors.numpy import load_file
 from test_engine_helpers import run_all
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from lmdeploy_jax.backends import check_supported
 from lmdeploy_jax.checkpoint.errors import CheckpointError
@@ -52,7 +55,9 @@ FAMILIES = {
     'qwen3': (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=64, tie_word_embeddings=False), 'qwen2'),
     'llama3.2': (LlamaConfig, LlamaForCausalLM, dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE),
                  'llama-bpe'),
+    'mistral': (MistralConfig, MistralForCausalLM, dict(sliding_window=None, tie_word_embeddings=False), 'llama-bpe'),
 }
+GGUF_ARCHITECTURE = {'MistralForCausalLM': 'LlamaForCausalLM'}      # what llama.cpp writes it as
 KINDS = ('f32', 'q8_0')
 CONFIG_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
                  'num_key_value_heads', 'head_dim', 'max_position_embeddings', 'tie_word_embeddings')
@@ -134,7 +139,9 @@ def test_the_f32_file_converts_to_the_checkpoints_weights(checkpoints, name):
     for key, value in expected.items():
         np.testing.assert_array_equal(ours[key], value, err_msg=key)
     config, original = source.config_dict(), ModelSource(ckpt['hf_dir'], name).config_dict()
-    assert source.architecture == original['architectures'][0] and 'quantization_config' not in config
+    architecture = original['architectures'][0]
+    assert source.architecture == GGUF_ARCHITECTURE.get(architecture, architecture)
+    assert 'quantization_config' not in config
     assert {k: config.get(k) for k in CONFIG_FIELDS} == {k: original.get(k) for k in CONFIG_FIELDS}
     assert np.float32(config['rms_norm_eps']) == np.float32(original['rms_norm_eps'])     # GGUF holds a float32
     rope, expected_rope = config['rope_parameters'], original['rope_parameters']
