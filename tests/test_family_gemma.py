@@ -13,8 +13,9 @@ import json
 import numpy as np
 import pytest
 from family_harness import KERNELS, PROMPT_LENS, TINY, WINDOW, build_families, check_greedy_tokens, run_jax
+from safetensors.numpy import load_file
 from test_models import _assert_logits_close
-from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3TextConfig, Gemma3ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.source import ModelSource
@@ -69,21 +70,22 @@ def test_the_window_changes_the_long_prompts_logits(families, name):
 def test_gemma_specs_are_read_as_transformers_reads_them(families):
     """The spec of each checkpoint: windows by layer type, the scale, caps, embedding scale, the
     norms stored as ``1 + w``; Gemma 3's sliding layers' rope."""
+    specs = {}
     for name, (config_cls, _, extra) in FAMILIES.items():
         path = families[name]['path']
         model = load_model(ModelSource(path, path))
         config = config_cls(**{**TINY, **extra})
-        spec = model.spec
+        spec = specs[name] = model.spec
         assert spec.sliding_windows == tuple(WINDOW if t == 'sliding_attention' else 0 for t in config.layer_types)
         assert spec.attention_scale == config.query_pre_attn_scalar ** -0.5
         assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (config.attn_logit_softcapping,
                                                                        config.final_logit_softcapping)
         assert spec.embed_scale == config.hidden_size ** 0.5 and spec.hidden_act == 'gelu_pytorch_tanh'
-        from safetensors.numpy import load_file
         tensors = load_file(f'{path}/model.safetensors')
         np.testing.assert_array_equal(np.asarray(model.module().layers.pre_mlp_norm.weight[1]),
                                       tensors['model.layers.1.pre_feedforward_layernorm.weight'] + np.float32(1))
-    gemma3 = load_model(ModelSource(families['gemma3']['path'], families['gemma3']['path'])).spec
+    gemma3 = specs['gemma3']
+    assert specs['gemma2'].local_rope is None
     assert (gemma3.rope.rope_type, gemma3.rope.theta, gemma3.rope.factor) == ('linear', 100.0, 2.0)
     assert (gemma3.local_rope.rope_type, gemma3.local_rope.theta) == ('default', 10000.0)
 
