@@ -9,8 +9,9 @@ Q8_0, load on the JAX engine:
   checkpoint without a sliding window, as Mistral 7B v0.2 and v0.3); the Q8_0 file's weights are
   within its rounding;
 - the JAX engine's greedy tokens (32 new tokens on 4 prompts) and ``get_ppl`` equal the PyTorch
-  reference backend's: for F32, the reference run on the checkpoint the file came from; for Q8_0,
-  the reference run on the same file (its dequantized weights).
+  reference backend's (each family but Mistral, whose file is a Llama's): for F32, the reference
+  run on the checkpoint the file came from; for Q8_0, the reference run on the same file (its
+  dequantized weights).
 
 Qwen2 and Llama 3.2 tie their embeddings (Qwen2.5-0.5B and Llama-3.2-1B do), so their files have
 no ``output.weight``; Qwen3 unties them and has a head_dim (64) that is not hidden_size / heads (32).
@@ -58,6 +59,8 @@ FAMILIES = {
     'mistral': (MistralConfig, MistralForCausalLM, dict(sliding_window=None, tie_word_embeddings=False), 'llama-bpe'),
 }
 GGUF_ARCHITECTURE = {'MistralForCausalLM': 'LlamaForCausalLM'}      # what llama.cpp writes it as
+# the engine runs a Mistral file as the Llama it is (the llama3.2 case), so it is only converted here
+ENGINE_FAMILIES = [name for name in FAMILIES if name != 'mistral']
 KINDS = ('f32', 'q8_0')
 CONFIG_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
                  'num_key_value_heads', 'head_dim', 'max_position_embeddings', 'tie_word_embeddings')
@@ -172,7 +175,7 @@ def test_the_q8_0_file_converts_to_the_weights_within_its_rounding(checkpoints, 
 
 
 @pytest.mark.parametrize('kind', KINDS)
-@pytest.mark.parametrize('name', FAMILIES)
+@pytest.mark.parametrize('name', ENGINE_FAMILIES)
 def test_the_jax_engine_runs_the_file_as_the_reference_does(checkpoints, name, kind):
     ckpt = checkpoints[name]
     source, prompts = ckpt['sources'][kind], ckpt['prompts']
