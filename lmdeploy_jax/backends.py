@@ -61,9 +61,10 @@ def check_supported(source: ModelSource) -> None:
     (whichever backend was asked for: the fallback would fail too), CheckpointError naming the file
     and the fault when its files are broken (invalid JSON, a missing or bad config field, a
     truncated or corrupt safetensors file, a tensor missing or of another shape than the config
-    implies, no tokenizer), ValueError naming the architecture when neither engine knows it. The tensors are checked against the config where the JAX engine knows
-    the architecture. transformers' model table (whose import pulls in torch, seconds of start-up)
-    is read only for architectures the JAX engine lacks."""
+    implies, no tokenizer), ValueError naming the architecture when neither engine knows it. The
+    tensors are checked against the config where the JAX engine knows the architecture.
+    transformers' model table (whose import pulls in torch, seconds of start-up) is read only for
+    architectures the JAX engine lacks."""
     from .models import UnsupportedArchitectureError, is_supported
     from .models.loader import check_checkpoint
     from .models.safetensors_file import check_files
