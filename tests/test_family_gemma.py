@@ -21,6 +21,8 @@ from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.source import ModelSource
 from lmdeploy_jax.models import load_model
 from lmdeploy_jax.models.families.gemma import gemma3_ropes
+from lmdeploy_jax.models.registry import UnsupportedArchitectureError, family
+from lmdeploy_jax.models.spec import spec_from_config
 
 GEMMA3_ROPES = {'full_attention': {'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 100.0},
                 'sliding_attention': {'rope_type': 'default', 'rope_theta': 10000.0}}
@@ -102,3 +104,11 @@ def test_gemma3_ropes_of_older_configs_match_transformers():
         assert gemma3_ropes(json.loads(config.to_json_string()), 'c.json') == config.rope_parameters
     with pytest.raises(CheckpointError, match="'rope_parameters' must map"):
         gemma3_ropes({'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4}}, 'c.json')
+
+
+def test_bidirectional_attention_is_refused(families):
+    """A Gemma 3 config with ``use_bidirectional_attention`` (an embedding model) is not run causally."""
+    config = json.loads(open(f"{families['gemma3']['path']}/config.json").read())
+    with pytest.raises(UnsupportedArchitectureError, match='use_bidirectional_attention'):
+        spec_from_config({**config, 'use_bidirectional_attention': True}, family('Gemma3ForCausalLM'),
+                         'Gemma3ForCausalLM', 'float32', (), 'c.json')

@@ -12,6 +12,7 @@ from ...checkpoint.errors import CheckpointError
 from ..family import Family
 from ..layers.decoder import CausalLM
 from ..layers.sandwich import SandwichDecoderLayer
+from ..registry import UnsupportedArchitectureError
 from ..spec import LAYER_TYPES, ModelSpec, sliding_windows
 from ..weight_map import Path, Source, Tensor, linear
 
@@ -62,7 +63,10 @@ def _optional_cap(config: dict, name: str, path: str) -> float | None:
 def _adjust(pattern: int):
     def adjust(spec: ModelSpec, config: dict, path: str) -> ModelSpec:
         """Gemma's scale, soft caps, embedding scale and windows (``layer_types``, else one global
-        layer every ``sliding_window_pattern``, as transformers fills them in)."""
+        layer every ``sliding_window_pattern``, as transformers fills them in). Bidirectional
+        attention (EmbeddingGemma's ``use_bidirectional_attention``) is refused."""
+        if config.get('use_bidirectional_attention'):
+            raise UnsupportedArchitectureError(spec.architecture, 'use_bidirectional_attention')
         scalar = config.get('query_pre_attn_scalar', 256)
         if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or not 0 < scalar < math.inf:
             raise CheckpointError(path, f"field 'query_pre_attn_scalar' must be a positive number, got {scalar!r}")
