@@ -23,6 +23,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--cache-max-entry-count', type=float, default=0.8)
     parser.add_argument('--session-len', type=int, default=4096)
     parser.add_argument('--max-prefill-token-num', type=int, default=8192)
+    parser.add_argument('--communicator', default='cuda-ipc', choices=['cuda-ipc', 'nccl'],
+                        help="turbomind's tensor-parallel sums (TurbomindEngineConfig.communicator)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--log-level', default='WARNING', help="e.g. INFO: start-up phases' times")
 
@@ -33,7 +35,8 @@ def build_pipeline(args: argparse.Namespace):
     common = dict(dtype=args.dtype, tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
                   cache_max_entry_count=args.cache_max_entry_count)
     config = (PytorchEngineConfig(**common) if args.backend == 'pytorch'
-              else TurbomindEngineConfig(max_prefill_token_num=args.max_prefill_token_num, **common))
+              else TurbomindEngineConfig(max_prefill_token_num=args.max_prefill_token_num,
+                                         communicator=args.communicator, **common))
     start = time.perf_counter()
     pipe = pipeline(args.model_path, backend=args.backend, backend_config=config, log_level=args.log_level)
     return pipe, time.perf_counter() - start

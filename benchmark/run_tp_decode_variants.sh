@@ -7,24 +7,24 @@
 # On the GPU machine (device tool, carry .peer):
 #   bash benchmark/run_tp_decode_variants.sh [SHAPE]    # TPS="2" (default), VARIANTS="engine xla_all_reduce ...",
 #                                                       # DUMPS=dir for the thunk dumps (default $OUT/dumps)
-# A variant is a name below; each sets XLA_FLAGS (process-wide), LMDEPLOY_JAX_P2P_ALL_REDUCE and/or
-# the small tensor-parallel decode steps' XLA options (executable_report.py --small-batch-tp-options).
+# A variant is a name below; each sets XLA_FLAGS (process-wide), --communicator and/or the small
+# tensor-parallel decode steps' XLA options (executable_report.py --small-batch-tp-options).
 source "$(dirname "$0")/device_workload.sh" run_tp_decode_variants "$@"
 export PYTHONPATH=$PWD
 NCCL="XLA_FLAGS=${XLA_FLAGS:-} --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
 CB_WITHOUT_COLLECTIVES='"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION"'
 CB_WHILE='"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL'
 SYNC='"xla_gpu_disable_async_collectives": "ALLREDUCE,ALLGATHER"'
-variant_env() {  # one VARIABLE=value a line, or --small-batch-tp-options=JSON
+variant_env() {  # one VARIABLE=value a line, or an executable_report.py option (--name=value)
     case $1 in
         engine) ;;                                                    # the engine's own settings
-        xla_all_reduce) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0" ;;       # XLA's all-reduce, not the CUDA kernel
+        xla_all_reduce) echo "--communicator=nccl" ;;       # XLA's all-reduce, not the CUDA kernel
         p2p_no_while) echo "--small-batch-tp-options={$CB_WITHOUT_COLLECTIVES}" ;;  # layer loop on the host
         p2p_sync) echo "--small-batch-tp-options={$CB_WHILE\", $SYNC}" ;;   # the sampler's collectives
         p2p_collectives_in_graphs) echo "--small-batch-tp-options={$CB_WHILE,COLLECTIVES\", $SYNC}" ;;
         xla_defaults) echo "--small-batch-tp-options={}" ;;
-        nccl) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0"; echo "$NCCL" ;;  # NCCL all-reduces inside the graphs
-        nccl_outside_graphs) echo "LMDEPLOY_JAX_P2P_ALL_REDUCE=0"; echo "$NCCL"
+        nccl) echo "--communicator=nccl"; echo "$NCCL" ;;  # NCCL all-reduces inside the graphs
+        nccl_outside_graphs) echo "--communicator=nccl"; echo "$NCCL"
                              echo "--small-batch-tp-options={$CB_WITHOUT_COLLECTIVES, $SYNC}" ;;
         *) echo "unknown variant $1" >&2; return 1 ;;
     esac

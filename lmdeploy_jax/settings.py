@@ -63,14 +63,6 @@ def _kernels(name: str, value: str) -> str:
     return value
 
 
-def _layer_unroll(name: str, value: str) -> int | bool:
-    if value == 'all':
-        return True
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer or 'all', got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class Settings:
     """The process's settings, one field per variable (see ``describe()`` for the table)."""
@@ -82,12 +74,6 @@ class Settings:
         'LMDEPLOY_JAX_KERNELS', _kernels, 'auto',
         "which implementation every kernel op runs: auto (Pallas on a GPU, else the XLA reference), "
         "reference, pallas or pallas_interpret")
-    layer_unroll: int | bool = _variable(
-        'LMDEPLOY_JAX_LAYER_UNROLL', _layer_unroll, 1,
-        "layers per iteration of the model's layer scan, or 'all' (straight-line code)")
-    p2p_all_reduce: bool = _variable(
-        'LMDEPLOY_JAX_P2P_ALL_REDUCE', _bool, True,
-        "small tensor-parallel decode steps sum with the CUDA peer-memory kernel (0: XLA's all-reduce)")
     cuda_home: str = _variable(
         'CUDA_HOME', _path, '/usr/local/cuda', "CUDA toolkit whose nvcc builds the kernel when nvcc is not on PATH")
     hf_hub_offline: bool = _variable(

@@ -1,8 +1,9 @@
 """``TurbomindEngineConfig``'s multi-host fields (LMDeploy's ``nnodes``, ``node_rank``,
-``dist_init_addr``, ``devices``), which replaced the ``LMDEPLOY_JAX_COORDINATOR``,
-``_NUM_PROCESSES``, ``_PROCESS_ID`` and ``_LOCAL_DEVICES`` variables: bad values refused naming the
-field, the CLI flags reaching the config, the pytorch backend refusing them, and the variables no
-longer read. (Two processes joining through them: ``test_tensor_parallel.test_two_processes_equal_one``.)"""
+``dist_init_addr``, ``devices``) and ``communicator``, which replaced the ``LMDEPLOY_JAX_COORDINATOR``,
+``_NUM_PROCESSES``, ``_PROCESS_ID``, ``_LOCAL_DEVICES`` and ``_P2P_ALL_REDUCE`` variables: bad values
+refused naming the field, the CLI flags reaching the config, the pytorch backend refusing them, and
+the variables no longer read. (Two processes joining through them:
+``test_tensor_parallel.test_two_processes_equal_one``.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,8 @@ from lmdeploy_jax.messages import TurbomindEngineConfig
 from lmdeploy_jax.parallel import init_distributed
 
 MOVED = ('LMDEPLOY_JAX_COORDINATOR', 'LMDEPLOY_JAX_NUM_PROCESSES', 'LMDEPLOY_JAX_PROCESS_ID',
-         'LMDEPLOY_JAX_LOCAL_DEVICES', 'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', 'LMDEPLOY_JAX_DUMP_EXECUTABLES')
+         'LMDEPLOY_JAX_LOCAL_DEVICES', 'LMDEPLOY_JAX_TP_SMALL_BATCH_OPTIONS', 'LMDEPLOY_JAX_DUMP_EXECUTABLES',
+         'LMDEPLOY_JAX_P2P_ALL_REDUCE', 'LMDEPLOY_JAX_LAYER_UNROLL')
 
 
 def test_defaults_are_one_process():
@@ -53,6 +55,7 @@ def test_good_values_are_kept():
      "devices must be a non-empty list of distinct device ids >= 0, got '0,1'"),
     ({'nnodes': 2, 'dist_init_addr': 'h:1', 'devices': [-1]},
      'devices must be a non-empty list of distinct device ids >= 0, got [-1]'),
+    ({'communicator': 'native'}, "communicator must be one of ('cuda-ipc', 'nccl'), got 'native'"),
 ])
 def test_bad_values_are_refused_naming_the_field(fields, message):
     with pytest.raises(ValueError) as caught:
@@ -67,10 +70,13 @@ def test_the_cli_flags_reach_the_config():
     assert (config.nnodes, config.node_rank, config.dist_init_addr, config.devices) == (2, 1, 'node0:29500', [2, 3])
     with pytest.raises(ValueError, match="dist_init_addr must be 'host:port' of node 0 when nnodes > 1"):
         engine_config(build_parser().parse_args(['run', 'm', '--nnodes', '2']))
+    assert TurbomindEngineConfig().communicator == 'cuda-ipc'
+    assert engine_config(build_parser().parse_args(['run', 'm', '--communicator', 'nccl'])).communicator == 'nccl'
 
 
 @pytest.mark.parametrize('flags, named', [(['--nnodes', '2', '--dist-init-addr', 'h:1'], '--nnodes'),
-                                          (['--dist-init-addr', 'h:1'], '--dist-init-addr')])
+                                           (['--dist-init-addr', 'h:1'], '--dist-init-addr'),
+                                          (['--communicator', 'nccl'], '--communicator')])
 def test_the_pytorch_backend_refuses_them(flags, named):
     args = build_parser().parse_args(['run', 'm', '--backend', 'pytorch', *flags])
     with pytest.raises(ValueError, match=f'^{named} is applied by the turbomind backend only; the pytorch backend '

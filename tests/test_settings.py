@@ -44,18 +44,13 @@ def test_defaults_when_nothing_is_set(tmp_path, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path))
     got = current({})
     assert got == Settings(cache_dir=str(tmp_path / '.cache' / 'lmdeploy_jax'))
-    assert (got.kernels, got.layer_unroll, got.p2p_all_reduce, got.xla_flags) == ('auto', 1, True, '')
+    assert (got.kernels, got.xla_flags) == ('auto', '')
     assert got.compilation_cache_dir == str(tmp_path / '.cache' / 'lmdeploy_jax' / 'jax_compilation_cache')
 
 
 @pytest.mark.parametrize('environ, field, value', [
     ({'LMDEPLOY_JAX_CACHE': '~/elsewhere'}, 'cache_dir', os.path.expanduser('~/elsewhere')),
     ({'LMDEPLOY_JAX_KERNELS': 'pallas_interpret'}, 'kernels', 'pallas_interpret'),
-    ({'LMDEPLOY_JAX_LAYER_UNROLL': 'all'}, 'layer_unroll', True),
-    ({'LMDEPLOY_JAX_LAYER_UNROLL': '4'}, 'layer_unroll', 4),
-    ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': '0'}, 'p2p_all_reduce', False),
-    ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': 'Off'}, 'p2p_all_reduce', False),
-    ({'LMDEPLOY_JAX_P2P_ALL_REDUCE': 'true'}, 'p2p_all_reduce', True),
     ({'HF_HUB_OFFLINE': 'yes'}, 'hf_hub_offline', True),
     ({'HF_HUB_OFFLINE': '0'}, 'hf_hub_offline', False),
     ({'LMDEPLOY_JAX_KERNELS': ''}, 'kernels', 'auto'),               # empty counts as unset
@@ -66,9 +61,6 @@ def test_values_parse_to_their_types(environ, field, value):
 
 @pytest.mark.parametrize('name, value, allowed', [
     ('LMDEPLOY_JAX_KERNELS', 'triton', 'must be one of auto, reference, pallas, pallas_interpret'),
-    ('LMDEPLOY_JAX_LAYER_UNROLL', '0', "must be a positive integer or 'all'"),
-    ('LMDEPLOY_JAX_LAYER_UNROLL', 'two', "must be a positive integer or 'all'"),
-    ('LMDEPLOY_JAX_P2P_ALL_REDUCE', 'maybe', 'must be one of 1, true, yes, on, 0, false, no, off'),
 ])
 def test_bad_values_name_the_variable_the_value_and_what_is_allowed(name, value, allowed):
     with pytest.raises(ValueError) as caught:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..messages import PytorchEngineConfig, TurbomindEngineConfig
+from ..messages import COMMUNICATORS, PytorchEngineConfig, TurbomindEngineConfig
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help='address of node 0, reachable from every host (with --nnodes > 1)')
     group.add_argument('--devices', type=int, nargs='+', default=None, metavar='ID',
                        help="this host's device ids the process uses (with --nnodes > 1; default: all)")
+    group.add_argument('--communicator', default='cuda-ipc', choices=list(COMMUNICATORS),
+                       help="how small tensor-parallel steps sum over the GPUs: cuda-ipc (the peer-memory kernel where "
+                            "the GPUs allow it) or nccl (XLA's all-reduce)")
     group.add_argument('--chat-template', default=None, help='builtin template name or a JSON file')
     group.add_argument('--model-name', default=None)
     group.add_argument('--log-level', default='ERROR')
@@ -38,7 +41,7 @@ _ONE_PROCESS = 'the pytorch backend runs in one process'
 TURBOMIND_ONLY = {'rope_scaling_factor': "the pytorch backend runs the checkpoint's own rope (set rope_scaling in "
                                          'its config.json)',
                   'nnodes': _ONE_PROCESS, 'node_rank': _ONE_PROCESS, 'dist_init_addr': _ONE_PROCESS,
-                  'devices': _ONE_PROCESS}
+                  'devices': _ONE_PROCESS, 'communicator': _ONE_PROCESS}
 
 
 def engine_config(args: argparse.Namespace):

@@ -16,7 +16,6 @@ from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 
-from .. import settings
 from ..checkpoint.source import ModelSource
 from ..parallel import split_heads
 from .kv_cache import init_kv_caches, kv_bytes_per_block
@@ -118,12 +117,14 @@ def check_checkpoint(source: ModelSource) -> None:
 
 
 def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
-               rope_scaling_factor: float = 0.0) -> LoadedModel:
+               rope_scaling_factor: float = 0.0, p2p_all_reduce: bool = True) -> LoadedModel:
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
     UnsupportedArchitectureError first when its architecture has no JAX model, CheckpointError
     naming the file when the files are broken or disagree with the config, ValueError when the
     mesh cannot split its heads. ``rope_scaling_factor``: ``TurbomindEngineConfig``'s (not 0: dynamic
-    NTK rope, ``spec.dynamic_ntk``)."""
+    NTK rope, ``spec.dynamic_ntk``). ``p2p_all_reduce``: small tensor-parallel steps on a mesh of GPUs
+    sum with the ``reduce_add_rms_norm`` CUDA kernel where it can be prepared
+    (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce."""
     fam = family(source.architecture)
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = model_spec(source, ckpt, dtype)
@@ -141,16 +142,15 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         flat = load_state(ckpt, fam.weight_map(spec), traversals.flatten_mapping(nnx.to_pure_dict(abstract)),
                           layout, mesh)
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
-    return LoadedModel(stored, graphdef, abstract, mesh, settings.current().layer_unroll,
-                       _prepare_p2p_all_reduce(mesh) if mesh is not None else None)
+    claim = _prepare_p2p_all_reduce(mesh) if mesh is not None and p2p_all_reduce else None
+    return LoadedModel(stored, graphdef, abstract, mesh, p2p_claim=claim)
 
 
 def _prepare_p2p_all_reduce(mesh: Mesh):
-    """Ready the ``reduce_add_rms_norm`` CUDA kernel for a mesh of GPUs unless
-    ``LMDEPLOY_JAX_P2P_ALL_REDUCE=0``: its claim on the GPUs, or None; says in the log what small
-    tensor-parallel steps sum with."""
+    """Ready the ``reduce_add_rms_norm`` CUDA kernel for a mesh of GPUs: its claim on the GPUs, or
+    None; says in the log what small tensor-parallel steps sum with."""
     devices = list(mesh.devices.flat)
-    if devices[0].platform != 'gpu' or not settings.current().p2p_all_reduce:
+    if devices[0].platform != 'gpu':
         return None
     claim = prepare_kernel(devices)
     if isinstance(claim, str):
