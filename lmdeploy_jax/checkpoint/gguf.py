@@ -4,8 +4,8 @@
 un-permuted, weights dequantized to float32, tokenizer and chat template from the metadata) but
 takes tens of seconds to do it; the result is written once to a cache directory keyed by the file's
 path, size and modification time (``conversion_cache.py``), and every later start loads that
-directory. Metadata that transformers' table leaves out for an architecture (``config_overrides``:
-the head_dim, and the rope scaling of ``gguf_rope.py``) is read here, so the directory's config.json
+directory. Metadata that transformers' table leaves out for an architecture (the head_dim, and the
+rope scaling of ``gguf_rope.py``) is read here (``_apply_metadata``), so the directory's config.json
 gives the model the file describes.
 """
 from __future__ import annotations
@@ -48,20 +48,20 @@ def read_gguf(path: str):
 
 def gguf_architecture(path: str) -> str:
     """The ``general.architecture`` field of a GGUF file (CheckpointError when it has none)."""
-    field = read_gguf(path).fields.get('general.architecture')
+    return _architecture(path, read_gguf(path))
+
+
+def _architecture(path: str, reader) -> str:
+    field = reader.fields.get('general.architecture')
     if field is None:
         raise CheckpointError(path, "has no 'general.architecture' field")
     return bytes(field.parts[field.data[0]]).decode()
 
 
-def config_overrides(path: str) -> dict:
-    """The transformers config fields that the GGUF file's metadata sets and transformers' GGUF
-    table does not read for every architecture: ``head_dim`` from ``{arch}.attention.key_length``
-    (llama.cpp writes it when the model's head_dim is not hidden_size / heads, as in Qwen3; a
-    differing ``value_length`` is refused). CheckpointError naming the file and the field when a
-    value is not a positive integer."""
-    reader = read_gguf(path)
-    arch = gguf_architecture(path)
+def _head_dim(path: str, reader, arch: str) -> int | None:
+    """``{arch}.attention.key_length``, which llama.cpp writes when config.json gives a head_dim
+    (None when the file has none); CheckpointError when it is not a positive integer or
+    ``value_length`` differs from it."""
     lengths = {}
     for kind in ('key', 'value'):
         field = reader.fields.get(f'{arch}.attention.{kind}_length')
@@ -72,12 +72,27 @@ def config_overrides(path: str) -> dict:
                                             f'integer, got {value!r}')
             lengths[kind] = value
     if 'key' not in lengths:
-        return {}
+        return None
     if lengths.get('value', lengths['key']) != lengths['key']:
         raise CheckpointError(path, f"field '{arch}.attention.value_length' ({lengths['value']}) differs from "
                                     f"'{arch}.attention.key_length' ({lengths['key']}), which no supported "
                                     'model has')
-    return {'head_dim': lengths['key']}
+    return lengths['key']
+
+
+def _apply_metadata(path: str, reader, arch: str, config) -> None:
+    """Set on the transformers ``config`` read from the file what its metadata gives and transformers'
+    GGUF table does not read for every architecture: ``head_dim`` from ``attention.key_length`` (Qwen3's
+    is not hidden_size / heads), and the rope scaling (``gguf_rope.py``). CheckpointError naming the
+    file and the field or tensor when one cannot be read as a supported model's."""
+    head_dim = _head_dim(path, reader, arch)
+    if head_dim is not None:
+        config.head_dim = head_dim
+    rotary_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
+    rope_parameters = config.rope_parameters or {}
+    rope = gguf_rope_parameters(path, reader, arch, rope_parameters.get('rope_theta', 10000.0), rotary_dim)
+    if rope is not None:
+        config.rope_parameters = {**rope_parameters, **rope}
 
 
 def _convert(path: str, out_dir: str) -> None:
@@ -90,20 +105,16 @@ def _convert(path: str, out_dir: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    arch = gguf_architecture(path)
+    reader = read_gguf(path)
+    arch = _architecture(path, reader)
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise ValueError(f'GGUF file {path!r} has architecture {arch!r}, which is not supported '
                          f'(supported: {", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})')
     folder, name = os.path.split(os.path.abspath(path))
     logger.warning('dequantizing GGUF %s into %s (once; later starts use the cache)', path, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    for field, value in config_overrides(path).items():
-        setattr(config, field, value)
-    rotary_dim = getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads
-    rope = gguf_rope_parameters(path, read_gguf(path), arch, config.rope_parameters['rope_theta'], rotary_dim)
-    if rope is not None:
-        config.rope_parameters = {**config.rope_parameters, **rope}
+    _apply_metadata(path, reader, arch, config)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=config, dtype='float32')
     model.config.quantization_config = None
     del model.config.quantization_config
