@@ -144,3 +144,13 @@ def test_internlm2_the_engine_cannot_run_is_refused_by_name(families, tmp_path):
     with pytest.raises(ValueError, match="'InternLM2ForCausalLM' is not supported: neither the JAX engine nor "
                                          "transformers"):
         check_supported(ModelSource(str(tmp_path), str(tmp_path)))
+
+
+def test_the_pytorch_backend_refuses_internlm2_naming_its_remote_code(families):
+    """transformers has no InternLM2 of its own: the reference backend names the remote code it does
+    not run, rather than prompting to run it."""
+    from lmdeploy_jax.messages import PytorchEngineConfig
+    from lmdeploy_jax.pytorch.engine import PytorchEngine
+    path = families['internlm2']['path']
+    with pytest.raises(ValueError, match=r"^architecture 'InternLM2ForCausalLM' ships its own modeling code"):
+        PytorchEngine(ModelSource(path, path), PytorchEngineConfig(device_type='cpu'))

@@ -80,14 +80,25 @@ def _check_loading(hf_dir: str, loading: dict) -> None:
             raise CheckpointError(hf_dir, f'tensors {fault}: {", ".join(names)}')
 
 
+def _transformers_architectures() -> set[str]:
+    """The causal-LM architectures transformers itself implements."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 class PytorchEngine(ThreadedEngine):
     """``InferenceEngine`` over ``AutoModelForCausalLM``; see the module docstring."""
 
     def __init__(self, source: ModelSource, config: PytorchEngineConfig | None = None):
         config = config or PytorchEngineConfig()
         self.device = pick_device(config.device_type)
+        if source.config_dict().get('auto_map') and source.architecture not in _transformers_architectures():
+            raise ValueError(f'architecture {source.architecture!r} ships its own modeling code (auto_map in '
+                             f'{source.config_path}), which the pytorch reference backend does not run; use the '
+                             "turbomind (JAX) backend")
         model, loading = AutoModelForCausalLM.from_pretrained(
-            source.hf_dir, dtype=pick_dtype(config.dtype, self.device), output_loading_info=True)
+            source.hf_dir, dtype=pick_dtype(config.dtype, self.device), output_loading_info=True,
+            trust_remote_code=False)
         _check_loading(source.hf_dir, loading)
         self.model = model.to(self.device).eval()
         # transformers renamed ``past_key_values`` to ``cache`` (5.2x); support both spellings
