@@ -127,3 +127,19 @@ def test_a_conversion_another_process_finished_first_is_kept(cache, tmp_path, rn
     np.testing.assert_array_equal(_embedding(out_dir), embed)
     conversion_cache.remove_replaced(str(path))       # a second remover finds nothing left to remove
     assert os.listdir(cache) == [os.path.basename(out_dir)]
+
+
+def test_a_conversion_of_an_earlier_format_is_not_reused_but_replaced(cache, tmp_path, rng):
+    """Earlier code read less of a file's metadata: its conversion of the very same file is redone."""
+    path = tmp_path / 'tiny.gguf'
+    embed = write_tiny_llama_gguf(path, rng)
+    current = conversion_cache.conversion_dir(str(path))
+    marker = f'-v{conversion_cache.FORMAT}-'
+    earlier = [current.replace(marker, '-'), current.replace(marker, f'-v{conversion_cache.FORMAT - 1}-')]
+    for folder in earlier:
+        os.makedirs(folder)
+        with open(os.path.join(folder, 'config.json'), 'w') as f:
+            f.write('{}')
+    assert gguf_to_hf_dir(str(path)) == current
+    np.testing.assert_array_equal(_embedding(current), embed)
+    assert os.listdir(cache) == [os.path.basename(current)]

@@ -1,11 +1,13 @@
 """Where a GGUF file's converted directory lives, and removing the conversions it replaces.
 
-A conversion is ``<LMDEPLOY_JAX_CACHE>/gguf/<stem>-<path digest>-<size>-<mtime ns>``: the digest of
-the file's real path tells apart files of the same name in different folders, the size and
-modification time tell apart versions of one file. Once a version is converted, the directories of
-the file's other versions are removed, as are those of the earlier ``<stem>-<size>-<mtime ns>``
-naming (which nothing reads any more) and any work directory older than ``ABANDONED_SECONDS`` (its
-conversion died).
+A conversion is ``<LMDEPLOY_JAX_CACHE>/gguf/<stem>-<path digest>-v<FORMAT>-<size>-<mtime ns>``: the
+digest of the file's real path tells apart files of the same name in different folders, the size and
+modification time tell apart versions of one file, ``FORMAT`` the conversions of this code from
+those of earlier code (which read less of a file's metadata). Once a version is converted, the
+directories of the file's other versions and of other formats are removed, as are those of the
+earlier ``<stem>-<size>-<mtime ns>`` and ``<stem>-<path digest>-<size>-<mtime ns>`` namings (which
+nothing reads any more) and any work directory older than ``ABANDONED_SECONDS`` (its conversion
+died).
 
 Safe with concurrent processes: a conversion is written in a work directory and renamed into
 place, and a directory is removed by renaming it out of the way first, so no process finds half of
@@ -29,6 +31,7 @@ logger = logging.getLogger('lmdeploy_jax')
 WORK_PREFIX = '.converting-'
 TRASH_PREFIX = '.removing-'
 ABANDONED_SECONDS = 24 * 3600     # a work directory this old belongs to a conversion that died
+FORMAT = 2     # raised whenever this code's conversion of a file would differ from earlier code's
 
 
 def cache_folder() -> str:
@@ -44,7 +47,7 @@ def _file_id(path: str) -> str:
 def conversion_dir(path: str) -> str:
     """The directory that holds (or will hold) the conversion of the GGUF file's current version."""
     st = os.stat(path)
-    return os.path.join(cache_folder(), f'{_file_id(path)}-{st.st_size}-{st.st_mtime_ns}')
+    return os.path.join(cache_folder(), f'{_file_id(path)}-v{FORMAT}-{st.st_size}-{st.st_mtime_ns}')
 
 
 def work_dir(path: str) -> str:
@@ -68,7 +71,7 @@ def remove_replaced(path: str) -> None:
     folder = cache_folder()
     keep = os.path.basename(conversion_dir(path))
     file_id, stem = _file_id(path), os.path.splitext(os.path.basename(path))[0]
-    replaced = re.compile(rf'({re.escape(file_id)}|{re.escape(stem)})-\d+-\d+')
+    replaced = re.compile(rf'({re.escape(file_id)}|{re.escape(stem)})(-v\d+)?-\d+-\d+')
     for name in os.listdir(folder):
         entry = os.path.join(folder, name)
         if name != keep and replaced.fullmatch(name):
