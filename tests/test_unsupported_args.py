@@ -71,7 +71,7 @@ TOOL = {'type': 'function', 'function': {'name': 'get_time', 'description': 'The
 
 def test_tools_reach_the_prompt_or_are_refused(pipe):
     ask = [{'role': 'user', 'content': 'What time is it?'}]
-    config = GenerationConfig(max_new_tokens=2)
+    config = GenerationConfig(max_new_tokens=1)
     with pytest.raises(ValueError, match='does not render tools'):     # SmolLM2's own template
         pipe(ask, gen_config=config, tools=[TOOL])
     own = pipe.chat_template
@@ -84,7 +84,7 @@ def test_tools_reach_the_prompt_or_are_refused(pipe):
         pipe.chat_template = own
     assert '"name": "get_time"' in pipe.tokenizer.decode(expected)
     assert resp.input_token_len == delta.input_token_len == len(expected)
-    assert resp.generate_token_len == 2
+    assert resp.generate_token_len == 1
 
 
 def test_adapter_name_is_refused_unless_none(pipe):
