@@ -67,6 +67,13 @@ def linear(path: Path, source: str | tuple[str, ...] | tuple[Part, ...]) -> dict
             for leaf, suffix in (('w', '.weight'), ('b', '.bias'))}
 
 
+def packed_parts(name: str, sizes: tuple[int, ...]) -> tuple[Part, ...]:
+    """One ``Part`` per consecutive row range of ``sizes`` in the packed tensor ``name`` (Phi-3's
+    ``qkv_proj``, a ``gate_up_proj``)."""
+    starts = np.cumsum((0, *sizes))
+    return tuple(Part(name, np.arange(start, start + n), int(starts[-1])) for start, n in zip(starts, sizes))
+
+
 def _with_suffix(part: Part, suffix: str) -> Part:
     name = part.name if part.name.endswith('.weight') else part.name + '.weight'
     return Part(name[:-len('.weight')] + suffix, part.rows, part.tensor_rows)

@@ -18,7 +18,7 @@ from ..layers.decoder import CausalLM
 from ..layers.sandwich import SandwichDecoderLayer
 from ..rope import rotary_dim
 from ..spec import ModelSpec
-from ..weight_map import Part, Path, Source, Tensor, linear
+from ..weight_map import Part, Path, Source, Tensor, linear, packed_parts
 
 LAYER = 'model.layers.{i}.'
 DEFAULT_PARTIAL_ROTARY = 0.5     # Glm4Config's when config.json gives none
@@ -40,7 +40,6 @@ def weight_map(spec: ModelSpec) -> dict[Path, Source]:
     """Hugging Face's GLM-4 names, q/k rows permuted for rotate-half (module docstring)."""
     attn = LAYER + 'self_attn.'
     d, rotary, inter = spec.head_dim, rotary_dim(spec.rope, spec.head_dim), spec.intermediate_size
-    gate_up = LAYER + 'mlp.gate_up_proj'
     return {
         ('embed',): Tensor('model.embed_tokens.weight'),
         ('norm', 'weight'): Tensor('model.norm.weight'),
@@ -53,8 +52,7 @@ def weight_map(spec: ModelSpec) -> dict[Path, Source]:
                                              Part(attn + 'k_proj', interleaved_to_halves(spec.num_kv_heads, d, rotary)),
                                              Part(attn + 'v_proj'))),
         **linear(('layers', 'attn', 'o'), attn + 'o_proj'),
-        **linear(('layers', 'mlp', 'gate_up'), (Part(gate_up, np.arange(inter), 2 * inter),
-                                                Part(gate_up, np.arange(inter, 2 * inter), 2 * inter))),
+        **linear(('layers', 'mlp', 'gate_up'), packed_parts(LAYER + 'mlp.gate_up_proj', (inter, inter))),
         **linear(('layers', 'mlp', 'down'), LAYER + 'mlp.down_proj'),
     }
 

@@ -16,22 +16,14 @@ reference ops (``pallas_kernels._dispatch.choose_impl``).
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..family import Family
 from ..layers.decoder import CausalLM
 from ..spec import ModelSpec
-from ..weight_map import Part, Path, Source, Tensor, linear
+from ..weight_map import Path, Source, Tensor, linear, packed_parts
 
 LAYER = 'model.layers.{i}.'
 ORIGINAL_MAX_POSITIONS = 4096        # Phi3Config's original_max_position_embeddings
 LONGROPE_ALIASES = ('su', 'yarn', 'longrope')
-
-
-def packed_parts(name: str, sizes: tuple[int, ...]) -> tuple[Part, ...]:
-    """One ``Part`` per consecutive row range of ``sizes`` in the packed tensor ``name``."""
-    starts = np.cumsum((0, *sizes))
-    return tuple(Part(name, np.arange(start, start + n), int(starts[-1])) for start, n in zip(starts, sizes))
 
 
 def weight_map(spec: ModelSpec) -> dict[Path, Source]:
