@@ -72,3 +72,8 @@ def test_buckets_pick_the_cheapest_compiled_shape():
     assert b.prefill_shape([100] * 3) is None             # 4 x 128 is over the budget
     with pytest.raises(ValueError):
         b.decode_shape(9)
+    # given buckets none of which fits the budget are refused, not left to fail every prefill later
+    with pytest.raises(ValueError, match=r'no prefill shape fits: each of rows \[4\] x tokens \[64\] has more than '
+                                         r'max_prefill_token_num=64 tokens'):
+        make_buckets(max_batch_size=4, max_prefill_tokens=64, session_len=80, block_size=16, prefill_tokens=[64],
+                     prefill_batch=[4])

@@ -58,7 +58,8 @@ def make_buckets(max_batch_size: int, max_prefill_tokens: int, session_len: int,
     """Default buckets (powers of ``growth``; prefill rows in powers of four), or the ones given.
 
     A larger ``growth`` means fewer shapes: more padding per step, but a shorter start-up, which
-    is the better trade on a CPU, where compiling dominates."""
+    is the better trade on a CPU, where compiling dominates. ValueError when the decode buckets do
+    not reach ``max_batch_size`` or no prefill shape fits the token budget."""
     max_blocks = -(-session_len // block_size)
     decode = sorted(set(decode_batch or geometric_upto(max_batch_size, factor=growth)))
     longest = min(max_prefill_tokens, session_len)
@@ -68,4 +69,8 @@ def make_buckets(max_batch_size: int, max_prefill_tokens: int, session_len: int,
         raise ValueError(f'decode buckets {decode} do not reach max_batch_size={max_batch_size}')
     prefill = tuple((b, t) for t in tokens for b in rows
                     if b * t <= max(max_prefill_tokens, t) and b <= max_batch_size)
+    if not prefill:
+        raise ValueError(f'no prefill shape fits: each of rows {rows} x tokens {tokens} has more than '
+                         f'max_prefill_token_num={max_prefill_tokens} tokens or more rows than '
+                         f'max_batch_size={max_batch_size}')
     return Buckets(tuple(decode), prefill, max_blocks)
