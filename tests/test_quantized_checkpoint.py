@@ -122,6 +122,18 @@ def test_a_quantized_checkpoint_is_refused_naming_its_method(method, backend, co
     _assert_names_the_method(caught.value, config_path, method)
 
 
+def test_the_jax_loader_refuses_it_too(copy_of):
+    """Built directly (as the benchmarks build a JaxEngine), the loader names the method, not a
+    missing ``q_proj.weight``."""
+    from lmdeploy_jax.checkpoint.source import ModelSource
+    from lmdeploy_jax.models import load_model
+    path = copy_of('llama')
+    config_path = quantize_layout(path, 'awq')
+    with pytest.raises(UnsupportedQuantizationError) as caught:
+        load_model(ModelSource(path, path))
+    _assert_names_the_method(caught.value, config_path, 'awq')
+
+
 @pytest.mark.parametrize('method', ['awq', 'fp8'])
 def test_an_architecture_only_the_fallback_runs_is_refused_too(method, copy_of, caplog):
     """GPT-2 on backend='turbomind' would fall back to the pytorch backend: refused before that."""

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 
+from ..checkpoint.quantization import check_not_quantized
 from ..checkpoint.source import ModelSource
 from ..parallel import split_heads
 from .kv_cache import init_kv_caches, kv_bytes_per_block
@@ -119,13 +120,15 @@ def check_checkpoint(source: ModelSource) -> None:
 def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
                rope_scaling_factor: float = 0.0, p2p_all_reduce: bool = True) -> LoadedModel:
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
-    UnsupportedArchitectureError first when its architecture has no JAX model, CheckpointError
+    UnsupportedArchitectureError first when its architecture has no JAX model,
+    UnsupportedQuantizationError naming the method of a quantized checkpoint, CheckpointError
     naming the file when the files are broken or disagree with the config, ValueError when the
     mesh cannot split its heads. ``rope_scaling_factor``: ``TurbomindEngineConfig``'s (not 0: dynamic
     NTK rope, ``spec.dynamic_ntk``). ``p2p_all_reduce``: small tensor-parallel steps on a mesh of GPUs
     sum with the ``reduce_add_rms_norm`` CUDA kernel where it can be prepared
     (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce."""
     fam = family(source.architecture)
+    check_not_quantized(source.config_path, source.config_dict())
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = model_spec(source, ckpt, dtype)
         if rope_scaling_factor:
