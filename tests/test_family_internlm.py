@@ -20,9 +20,8 @@ import os
 
 import numpy as np
 import pytest
-from family_harness import KERNELS, build_families, check_greedy_tokens, run_jax
+from family_harness import family_checks
 from safetensors.numpy import save_file
-from test_models import _assert_logits_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lmdeploy_jax.backends import check_supported
@@ -43,7 +42,8 @@ def _llama(fields: dict, path: str) -> LlamaForCausalLM:
 def _group_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, kv_heads: int) -> np.ndarray:
     """q/k/v rows (``[heads * d, ...]``, ``[kv_heads * d, ...]``) packed as InternLM2's wqkv."""
     d = k.shape[0] // kv_heads
-    heads = lambda x: x.reshape(kv_heads, -1, d, *x.shape[1:])        # [kv_heads, heads per group, d, ...]
+    def heads(x):        # [kv_heads, heads per group, d, ...]
+        return x.reshape(kv_heads, -1, d, *x.shape[1:])
     grouped = np.concatenate([heads(q), heads(k), heads(v)], axis=1)
     return grouped.reshape(-1, *q.shape[1:])
 
@@ -93,28 +93,9 @@ FAMILIES = {'internlm2': (make_internlm2, dict(vocab_size=300)),
             'internlm3': (make_internlm3, dict(vocab_size=300))}
 
 
-@pytest.fixture(scope='module')
-def families(tmp_path_factory) -> dict[str, dict]:
-    return build_families(FAMILIES, tmp_path_factory,
-                          reference_path=lambda name, path: path + '-llama' if name == 'internlm2' else path)
-
-
-@pytest.fixture(scope='module')
-def jax_results(families, tmp_path_factory) -> dict:
-    return run_jax(families, tmp_path_factory.mktemp('jax'))
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
-    check_greedy_tokens(families, jax_results, name, tp)
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_last_position_logits_match_transformers(families, jax_results, name, tp):
-    for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
-        _assert_logits_close(np.asarray(ours, np.float32), expected)
+(families, jax_results, test_greedy_tokens_equal_the_reference,
+ test_last_position_logits_match_transformers) = family_checks(
+    FAMILIES, reference_path=lambda name, path: path + '-llama' if name == 'internlm2' else path)
 
 
 def test_grouped_qkv_rows_invert_the_packing(rng):
