@@ -10,8 +10,8 @@ last layer's to the final norm).
   device, e.g. a batch-1 decode step): o/down run under ``shard_map`` and leave each device's
   partial product unsummed, stacked ``[tp, ...]``; the ``reduce_add_rms_norm`` op sums, adds and
   normalises in one call. On the GPUs of one process that is one kernel a CUDA graph can hold,
-  where XLA's all-reduce thunks split a batch-1 step into ~200 host launches (NOTES.md v7, v8);
-  elsewhere it is XLA's all-reduce and ``add_rms_norm``, as in ``ReducedSums``.
+  where XLA's all-reduce thunks split a small step into many host launches; elsewhere it is XLA's
+  all-reduce and ``add_rms_norm``, as in ``ReducedSums``.
 """
 from __future__ import annotations
 
@@ -22,15 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pallas_kernels.reduce_add_rms_norm.api import reduce_add_rms_norm
-from pallas_kernels.reduce_add_rms_norm.p2p_cuda import MAX_BYTES
+from pallas_kernels.reduce_add_rms_norm.api import KERNEL_MAX_BYTES, reduce_add_rms_norm
 from pallas_kernels.rms_norm.api import add_rms_norm, rms_norm
 
 from ..parallel import rules
 from .layers.linear import linear
 from .spec import ModelSpec
 
-PARTIAL_SUMS_MAX_BYTES = MAX_BYTES        # what the kernel's staging slots hold
+PARTIAL_SUMS_MAX_BYTES = KERNEL_MAX_BYTES        # what the kernel's staging slots hold
 
 
 def per_device(fn, mesh: Mesh | None, in_specs: tuple, out_specs: tuple):
@@ -118,9 +117,9 @@ class PartialSums:
 def vocab_shard_lookup(mesh: Mesh | None, table: jax.Array, ids: jax.Array) -> jax.Array | None:
     """Each device's share of ``table[ids]``, stacked ``[tp, *ids.shape, hidden]``, when the table
     is split over the vocabulary (``rules.param_spec``; None otherwise): its own rows' embeddings
-    and zeros for the other devices' ids, so the shares sum exactly to the embeddings. XLA's own
-    partitioning of the lookup all-gathered the whole table inside the decode loop (0.5 GB a step
-    for llama3-8b at tp=2: 1.9 ms on H100s; NOTES.md v8)."""
+    and zeros for the other devices' ids, so the shares sum exactly to the embeddings: an
+    all-reduce of the embeddings, where XLA's own partitioning of the lookup all-gathers the whole
+    table in every step."""
     if mesh is None or table.shape[0] % mesh.size:
         return None
     rows = table.shape[0] // mesh.size

@@ -56,9 +56,8 @@ class DecodeConfig:
 
     ``page_tiles``: a tile inside one page (``block_size`` a multiple of the tile) loads one page
     number, as a scalar, and its rows as one contiguous run, instead of gathering a page number
-    per position (tiles that span pages still do); the jax_triton kernel, which addresses so,
-    beat this kernel at batch 64 x 2048 on an H100 (221.6 vs 243.5 us, at 3 stages) but not at
-    batch 1. Off until swept on a GPU (``bench_kernels.py --sweep``)."""
+    per position (tiles that span pages still do). Off until swept on a GPU
+    (``bench_kernels.py --sweep``)."""
     tile_tokens: int = 64
     num_warps: int = 4
     num_stages: int = 5
