@@ -22,10 +22,11 @@ from test_engine_helpers import run_all
 
 
 def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_tokens: int,
-                  sequential: bool, **nodes) -> list[list[int]]:
+                  sequential: bool, quant_policy: int = 0, **nodes) -> list[list[int]]:
     """``nodes``: ``TurbomindEngineConfig``'s nnodes, node_rank and dist_init_addr."""
     config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=128, max_batch_size=4,
-                                   num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128, **nodes)
+                                   num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128,
+                                   quant_policy=quant_policy, **nodes)
     engine = JaxEngine(resolve_model(model), config, decode_batch=[4], prefill_tokens=[32], prefill_batch=[4])
     try:
         gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument('--tp', type=int, nargs='+', required=True)
     parser.add_argument('--new-tokens', type=int, default=6)
     parser.add_argument('--sequential', action='store_true')
+    parser.add_argument('--quant-policy', type=int, default=0)
     parser.add_argument('--nnodes', type=int, default=1)
     parser.add_argument('--node-rank', type=int, default=0)
     parser.add_argument('--dist-init-addr', default=None)
@@ -57,7 +59,8 @@ def main() -> None:
     out = {}
     for tp in args.tp:
         start = time.perf_counter()
-        out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential, **nodes)
+        out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential, args.quant_policy,
+                                **nodes)
         print(f'tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
     if jax.process_index() == 0:
         print(json.dumps(out))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..messages import COMMUNICATORS, PytorchEngineConfig, TurbomindEngineConfig
+from ..messages import COMMUNICATORS, KV_QUANT_POLICIES, PytorchEngineConfig, TurbomindEngineConfig
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +21,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--cache-max-entry-count', type=float, default=0.8,
                        help='fraction of free device memory for the KV cache')
     group.add_argument('--enable-prefix-caching', action='store_true')
+    group.add_argument('--quant-policy', type=int, default=0, choices=list(KV_QUANT_POLICIES),
+                       help='KV cache quantization: 0 none, 8 int8, 4 int4 (turbomind only)')
     group.add_argument('--rope-scaling-factor', type=float, default=0.0,
                        help='dynamic NTK rope scaling by this factor past the model\'s context (turbomind only)')
     group.add_argument('--nnodes', type=int, default=1, help='hosts (one process each) that run the engine together')
@@ -40,6 +42,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 _ONE_PROCESS = 'the pytorch backend runs in one process'
 TURBOMIND_ONLY = {'rope_scaling_factor': "the pytorch backend runs the checkpoint's own rope (set rope_scaling in "
                                          'its config.json)',
+                  'quant_policy': 'the pytorch backend keeps its KV cache unquantized',
                   'nnodes': _ONE_PROCESS, 'node_rank': _ONE_PROCESS, 'dist_init_addr': _ONE_PROCESS,
                   'devices': _ONE_PROCESS, 'communicator': _ONE_PROCESS}
 

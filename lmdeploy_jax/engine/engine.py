@@ -72,12 +72,13 @@ class JaxEngine(ThreadedEngine):
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE.get(device.platform, 256)
         block_size = config.cache_block_seq_len
         num_blocks = agree_min(plan_num_blocks(spec, block_size, self.session_len, config.cache_max_entry_count,
-                                               config.num_cache_blocks, device, config.tp))
+                                               config.num_cache_blocks, device, config.tp, config.quant_policy))
         buckets = make_buckets(self.max_batch_size, config.max_prefill_token_num, self.session_len, block_size,
                                decode_batch, prefill_tokens, prefill_batch,
                                growth=BUCKET_GROWTH.get(device.platform, 2))
-        self._runner = ModelRunner(model, cache_state_spec(spec, num_blocks, block_size, self.max_batch_size, mesh),
-                                   buckets, block_size, config.compilation_cache_dir, decode_steps, env)
+        cache_spec = cache_state_spec(spec, num_blocks, block_size, self.max_batch_size, mesh, config.quant_policy)
+        self._runner = ModelRunner(model, cache_spec, buckets, block_size, config.compilation_cache_dir, decode_steps,
+                                   env)
         self._runner.warmup()
         self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
                                     self.session_len, self.max_batch_size, spec.vocab_size, decode_steps)

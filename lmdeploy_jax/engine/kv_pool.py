@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from ..models import kv_bytes_per_block, kv_cache_shape
+from ..models.kv_cache import kv_bytes_per_block, kv_cache_leaves
 from ..models.spec import ModelSpec
 from ..parallel import rules
 
@@ -29,7 +29,8 @@ HOST_DEFAULT_TOKENS = 8192
 @jax.tree_util.register_dataclass
 @dataclass
 class CacheState:
-    kv: tuple[jax.Array, jax.Array]         # K and V stacks, each [layers, kv_heads, num_blocks, block_size, head_dim]
+    kv: tuple                               # K and V stacks, each [layers, kv_heads, num_blocks, block_size, head_dim]
+                                            # (a kv_quant.QuantizedPages each under KV quantization)
     tokens: jax.Array                       # int32 [num_blocks * block_size]  token id at each KV slot
     last: jax.Array                         # int32 [row slots + 1]  last token sampled per row slot (the
                                             # extra entry takes the padding rows' writes)
@@ -53,11 +54,14 @@ def free_device_bytes(device: jax.Device) -> int | None:
 
 
 def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_max_entry_count: float,
-                    num_cache_blocks: int | None, device: jax.Device, kv_shards: int = 1) -> int:
+                    num_cache_blocks: int | None, device: jax.Device, kv_shards: int = 1,
+                    quant_policy: int = 0) -> int:
     """Blocks in the pool (block 0, the padding target, included), and a log line saying what fits.
     ``device`` is the one with the least free memory; ``kv_shards`` devices share the KV heads,
-    so a block takes that fraction of its KV bytes on each (sizes here are per device)."""
-    per_block = kv_bytes_per_block(spec, block_size) // kv_shards + 4 * block_size
+    so a block takes that fraction of its KV bytes on each (sizes here are per device). A block's
+    bytes are those ``quant_policy`` stores (``kv_cache.kv_bytes_per_block``), so quantized pages
+    fit more blocks in the same ``cache_max_entry_count`` of free memory."""
+    per_block = kv_bytes_per_block(spec, block_size, quant_policy) // kv_shards + 4 * block_size
     if num_cache_blocks is not None:
         num_blocks, why = num_cache_blocks, 'num_cache_blocks'
     else:
@@ -71,8 +75,9 @@ def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_ma
     if num_blocks < 2:
         raise ValueError(f'the KV pool fits only {num_blocks} blocks of {block_size} tokens ({why}); '
                          f'it needs at least 2')
-    logger.info('KV pool: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)', num_blocks - 1, block_size,
-                (num_blocks - 1) * block_size, num_blocks * per_block / 2**30, why)
+    logger.info('KV pool: %d blocks x %d tokens = %d tokens, %.2f GiB, %s (%s)', num_blocks - 1, block_size,
+                (num_blocks - 1) * block_size, num_blocks * per_block / 2**30,
+                f'int{quant_policy} KV (quant_policy={quant_policy})' if quant_policy else f'{spec.dtype} KV', why)
     if (num_blocks - 1) * block_size < session_len:
         logger.warning('the KV pool (%d tokens) is smaller than session_len=%d: long sessions will fail',
                        (num_blocks - 1) * block_size, session_len)
@@ -80,14 +85,16 @@ def plan_num_blocks(spec: ModelSpec, block_size: int, session_len: int, cache_ma
 
 
 def cache_state_spec(spec: ModelSpec, num_blocks: int, block_size: int, row_slots: int,
-                     mesh: Mesh | None = None) -> CacheState:
+                     mesh: Mesh | None = None, quant_policy: int = 0) -> CacheState:
     """The pool's shapes, dtypes and shardings (``jax.ShapeDtypeStruct`` leaves) for ``row_slots``
     running sequences at most: the steps compile against these before the pool takes the device
-    memory their compilation (autotuning) needs. With a mesh, KV splits over its heads and the
-    token ids are replicated."""
+    memory their compilation (autotuning) needs. ``quant_policy`` 8 or 4: K and V are
+    ``QuantizedPages`` (``kv_cache.kv_cache_leaves``). With a mesh, every KV leaf splits over its
+    heads (axis 1: the codes' and the scales' alike) and the token ids are replicated."""
     kv_sharding = NamedSharding(mesh, rules.KV_PAGES) if mesh is not None else None
     token_sharding = NamedSharding(mesh, rules.REPLICATED) if mesh is not None else None
-    kv = jax.ShapeDtypeStruct(kv_cache_shape(spec, num_blocks, block_size), spec.dtype, sharding=kv_sharding)
+    kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=kv_sharding),
+                      kv_cache_leaves(spec, num_blocks, block_size, quant_policy))
     return CacheState((kv, kv), jax.ShapeDtypeStruct((num_blocks * block_size,), jnp.int32, sharding=token_sharding),
                       jax.ShapeDtypeStruct((row_slots + 1,), jnp.int32, sharding=token_sharding))
 
