@@ -85,7 +85,7 @@ ENGINE_FIELDS = {
     TurbomindEngineConfig: {**COMMON_ENGINE_FIELDS, 'max_prefill_token_num': ints(1),
                             'cache_block_seq_len': Field(st.one_of(ints(1).refused, st.sampled_from([3, 48])),
                                                          ints(1).extreme),
-                            'quant_policy': choice(1, 4, 8, None, '0'), 'num_cache_blocks': ints(2, optional=True),
+                            'quant_policy': choice(1, 3, 16, None, '0'), 'num_cache_blocks': ints(2, optional=True),
                             'compilation_cache_dir': choice(3, b'/tmp', [])},
     PytorchEngineConfig: {**COMMON_ENGINE_FIELDS, 'block_size': ints(1), 'device_type': choice('tpu', '', None, 3)},
 }
