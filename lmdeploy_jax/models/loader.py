@@ -138,6 +138,8 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
         split, tp = None, 1
         if mesh is not None:
             split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
+            if spec.shared_expert_size % mesh.size:
+                raise ValueError(f'tp={mesh.size} cannot split the shared expert size {spec.shared_expert_size} evenly')
             tp = mesh.size
         layout = FusedLayout(spec, tp, split.kv_replicas if split is not None else 1)
         stored = spec if split is None else dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)

@@ -16,6 +16,9 @@ ARCHITECTURES = {
     'InternLM2ForCausalLM': 'internlm2',
     'InternLM3ForCausalLM': 'internlm2',
     'Phi3ForCausalLM': 'phi3',
+    'Qwen3MoeForCausalLM': 'moe',
+    'Qwen2MoeForCausalLM': 'moe',
+    'MixtralForCausalLM': 'moe',
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 

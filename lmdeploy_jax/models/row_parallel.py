@@ -56,6 +56,14 @@ class ReducedSums:
     def project(self, x: jax.Array, p: dict) -> jax.Array:
         return linear(x, p)
 
+    def sum_of_shares(self, fn, in_specs: tuple, *args) -> jax.Array:
+        """``fn(*args)`` run on each device's shards (``in_specs``), whose result is that device's
+        share of a sum (a row-parallel product), summed over the devices."""
+        if self.mesh is None:
+            return fn(*args)
+        return per_device(lambda *a: jax.lax.psum(fn(*a), rules.TP), self.mesh, in_specs=in_specs,
+                          out_specs=rules.REPLICATED)(*args)
+
     def add_norm(self, x: jax.Array, y: jax.Array, weight: jax.Array,
                  layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """``(x + y, its RMSNorm)`` in one op (one kernel on a GPU). ``weight``: ``[hidden]``, or every
@@ -102,6 +110,11 @@ class PartialSums:
         biases = (p['b'],) if 'b' in p else ()
         return per_device(partial, self.mesh, in_specs=(rules.ROW_INPUT, rules.ROW_WEIGHT, *(r for _ in biases)),
                           out_specs=rules.PARTIAL_SUMS)(x, p['w'], *biases)
+
+    def sum_of_shares(self, fn, in_specs: tuple, *args) -> jax.Array:
+        """``ReducedSums.sum_of_shares``, each device's share left unsummed, stacked ``[tp, ...]``."""
+        return per_device(lambda *a: fn(*a)[None], self.mesh, in_specs=in_specs,
+                          out_specs=rules.PARTIAL_SUMS)(*args)
 
     def add_norm(self, x: jax.Array, partial: jax.Array, weight: jax.Array,
                  layer: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:

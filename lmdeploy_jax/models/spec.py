@@ -59,7 +59,13 @@ class ModelSpec:
     ``cap * tanh(x / cap)`` of the attention scores / the logits (None: none); ``embed_scale``:
     multiplies the token embeddings (Gemma's ``sqrt(hidden_size)``, in the model dtype);
     ``local_rope``: the rope of the sliding-window layers where it differs from the others' ``rope``
-    (Gemma 3; None: every layer rotates by ``rope``)."""
+    (Gemma 3; None: every layer rotates by ``rope``).
+
+    A mixture of experts (``num_experts`` > 0, every layer sparse) routes each token to
+    ``experts_per_token`` of them (``layers.moe``); ``intermediate_size`` is then each expert's
+    width; ``norm_topk_prob``: the chosen experts' probabilities are renormalized to sum to 1;
+    ``shared_expert_size``: the width of the shared expert every token also passes through (its
+    output scaled by a sigmoid gate, Qwen2-MoE; 0: none)."""
 
     def __post_init__(self):
         if not self.attention_scale:
@@ -87,6 +93,10 @@ class ModelSpec:
     final_logit_softcap: float | None = None
     embed_scale: float = 1.0
     local_rope: RopeSpec | None = None
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_size: int = 0
 
 
 ROPE_TYPES = ('default', 'linear', 'dynamic', 'yarn', 'llama3', 'longrope')

@@ -8,6 +8,10 @@ logical part, each naming where that part's rows are in the checkpoint: a tensor
 through one (InternLM2's grouped ``wqkv``). The loader (``weights.py``) lays the parts out shard by
 shard for tensor parallelism.
 
+A mixture of experts' expert weights are stacked over the experts too (``[layers, experts, ...]``)
+from one tensor per expert and layer, as published checkpoints store them: ``Experts`` wraps a
+``Tensor`` or ``Fused`` source whose names have ``{e}`` as well as ``{i}``.
+
 A map may name a bias (``.../b``) the checkpoint lacks: the model has a bias exactly where the
 checkpoint does (``ModelSpec.biases``, found by ``biases_present``).
 """
@@ -53,7 +57,20 @@ class Fused:
     parts: tuple[Part, ...]
 
 
-Source = Tensor | Fused
+@dataclass(frozen=True)
+class Experts:
+    """``count`` experts' tensors stacked in expert order: expert ``e``'s is ``source`` with ``{e}``
+    in its names replaced by ``e`` (``expert(e)``)."""
+    source: Tensor | Fused
+    count: int
+
+    def expert(self, e: int) -> Tensor | Fused:
+        if isinstance(self.source, Tensor):
+            return Tensor(self.source.name.replace('{e}', str(e)), self.source.add)
+        return Fused(tuple(Part(p.name.replace('{e}', str(e)), p.rows, p.tensor_rows) for p in self.source.parts))
+
+
+Source = Tensor | Fused | Experts
 
 
 def linear(path: Path, source: str | tuple[str, ...] | tuple[Part, ...]) -> dict[Path, Source]:

@@ -16,7 +16,7 @@ from ..checkpoint.errors import CheckpointError
 from ..parallel import param_spec
 from .layers.fused import FUSED, FusedLayout
 from .safetensors_file import SafetensorsCheckpoint
-from .weight_map import Fused, Path, Source, Tensor
+from .weight_map import Experts, Fused, Path, Source, Tensor
 
 PREFETCH_LAYERS = 4      # layers read from disk and sent to the device ahead of the one being placed
 
@@ -24,7 +24,13 @@ ReadFn = Callable[[tuple[slice, ...]], np.ndarray]
 
 
 def _stacked(source: Source) -> bool:
-    return isinstance(source, Fused) or '{i}' in source.name
+    return isinstance(source, (Fused, Experts)) or '{i}' in source.name
+
+
+def _fused_key(path: Path) -> str:
+    """The ``FUSED`` key of the parameter at ``path``: its ``Linear``'s name (``.../gate_up/w``), or
+    the parameter's own (an expert stack's ``.../experts/gate_up``)."""
+    return path[-2] if path[-1] in ('w', 'b') and len(path) > 1 else path[-1]
 
 
 def _sources(weight_map: dict[Path, Source], abstract: dict[Path, jax.ShapeDtypeStruct]) -> dict[Path, Source]:
@@ -42,16 +48,25 @@ def expected_shapes(spec, weight_map: dict[Path, Source],
     layout = FusedLayout(spec)
     shapes = {}
     for path, source in _sources(weight_map, abstract).items():
-        shape = abstract[path].shape
-        if isinstance(source, Tensor):
-            if '{i}' in source.name:
-                shapes.update({source.name.format(i=i): shape[1:] for i in range(shape[0])})
-            else:
-                shapes[source.name] = shape
-            continue
-        for kind, part in zip(FUSED[path[-2]], source.parts):
-            rows = part.tensor_rows or layout.shard_part_rows(kind, 0)[1]
-            shapes.update({part.name.format(i=i): (rows, *shape[2:]) for i in range(shape[0])})
+        shapes.update(_tensor_shapes(layout, _fused_key(path), source, abstract[path].shape))
+    return shapes
+
+
+def _tensor_shapes(layout: FusedLayout, key: str, source: Source, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors ``source`` reads into a parameter of ``shape``, by name."""
+    if isinstance(source, Experts):
+        shapes = {}
+        for e in range(source.count):
+            shapes.update(_tensor_shapes(layout, key, source.expert(e), (shape[0], *shape[2:])))
+        return shapes
+    if isinstance(source, Tensor):
+        if '{i}' in source.name:
+            return {source.name.format(i=i): shape[1:] for i in range(shape[0])}
+        return {source.name: shape}
+    shapes = {}
+    for kind, part in zip(FUSED[key], source.parts):
+        rows = part.tensor_rows or layout.shard_part_rows(kind, 0)[1]
+        shapes.update({part.name.format(i=i): (rows, *shape[2:]) for i in range(shape[0])})
     return shapes
 
 
@@ -123,6 +138,9 @@ class _Placer:
 
 def _reader(ckpt: SafetensorsCheckpoint, source: Source, layout: FusedLayout, key: str):
     """``read(layer, index)`` (``layer`` None for an unstacked tensor) of ``source``'s values."""
+    if isinstance(source, Experts):
+        experts = [_reader(ckpt, source.expert(e), layout, key) for e in range(source.count)]
+        return lambda i, index: np.stack([experts[e](i, index[1:]) for e in range(source.count)[index[0]]])
     if isinstance(source, Fused):
         segments = layout.segments(key)
         return lambda i, index: _read_fused(ckpt, source, segments, i, index)
@@ -144,7 +162,7 @@ def load_state(ckpt: SafetensorsCheckpoint, weight_map: dict[Path, Source], abst
         place = _Placer(mesh, pool)
         for path, source in _sources(weight_map, abstract).items():
             shape, dtype = abstract[path].shape, abstract[path].dtype
-            read = _reader(ckpt, source, layout, path[-2] if len(path) > 1 else path[0])
+            read = _reader(ckpt, source, layout, _fused_key(path))
             if _stacked(source):
                 state[path] = place.stacked(shape, dtype, param_spec(path, shape[1:], tp), read)
             else:

@@ -8,6 +8,11 @@ embedding/lm_head split over the vocabulary where it divides (logits come out vo
 sampler's reductions gather them). Norms (Qwen3's per-head q/k norms too: ``param_spec``'s default)
 and the step's small inputs, the layers' sliding windows among them, are replicated.
 
+A mixture of experts is tensor-parallel inside each expert: every device holds every expert's
+slice, the stacked gate_up ``[experts, 2 * inter, hidden]`` split on its rows (shard by shard, as
+the dense gate_up) and the down ``[experts, hidden, inter]`` on its columns; the router and the
+shared expert's sigmoid gate are replicated, the shared expert is split as a dense MLP.
+
 Where ``tp`` exceeds the KV heads, each KV head is repeated ``tp // kv_heads`` times at load time
 (k/v rows and the pool), so every device holds exactly one KV head and the q heads that read it.
 """
@@ -20,8 +25,8 @@ from jax.sharding import PartitionSpec as P
 TP = 'tp'                      # the tensor-parallel mesh axis
 AXES = (TP,)                   # mesh axis names, outermost first
 
-COLUMN_PARALLEL = ('qkv', 'gate_up')
-ROW_PARALLEL = ('o', 'down')
+COLUMN_PARALLEL = ('qkv', 'gate_up', 'shared_gate_up')
+ROW_PARALLEL = ('o', 'down', 'shared_down')
 VOCAB_PARALLEL = ('embed', 'lm_head')
 
 REPLICATED = P()
@@ -32,9 +37,12 @@ FUSED_OUTPUT = P(None, TP)             # a fused projection's output [B, F]: row
                                        # (models/layers/fused.py), so each device's slice is its own q|k|v
 ROW_INPUT = P(None, None, TP)          # a row-parallel projection's input [B, T, F]: each device its columns
 ROW_WEIGHT = P(None, TP)               # a row-parallel weight [out, in], as param_spec places it
+COLUMN_WEIGHT = P(TP, None)            # a column-parallel weight [out, in], as param_spec places it
 PARTIAL_SUMS = P(TP)                   # per-device partial results stacked [tp, ...], not yet summed
 VOCAB_ROWS = P(TP, None)               # an embedding / lm_head [vocab, hidden] split over the vocabulary
 VOCAB_LOGITS = P(None, TP)             # logits [B, vocab] as the vocabulary-split lm_head computes them
+EXPERT_ROWS = P(None, TP, None)        # one layer's stacked expert gate_up [experts, 2 * inter, hidden]
+EXPERT_COLUMNS = P(None, None, TP)     # one layer's stacked expert down [experts, hidden, inter]
 
 
 @dataclass(frozen=True)
@@ -66,9 +74,11 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> P:
     'qkv', 'w')``, ``('embed',)``, ...) of ``shape``; a linear's weight and bias are ``'w'``/``'b'``
     under its name. For the layer-stacked parameters, ``shape`` and the result are those of one layer."""
     leaf = path[-1]
+    if 'experts' in path:
+        return EXPERT_ROWS if leaf == 'gate_up' else EXPERT_COLUMNS
     key = path[-2] if leaf in ('w', 'b') else leaf
     if key in COLUMN_PARALLEL:
-        return P(TP, None) if leaf == 'w' else P(TP)
+        return COLUMN_WEIGHT if leaf == 'w' else P(TP)
     if key in ROW_PARALLEL:
         return ROW_WEIGHT if leaf == 'w' else REPLICATED
     if key in VOCAB_PARALLEL and leaf != 'b' and shape[0] % tp == 0:

@@ -52,15 +52,17 @@ def local_rope_inv_frequencies(spec: ModelSpec) -> np.ndarray:
 
 class DecoderLayer(nnx.Module):
     """The Llama layer, stacked: ``input_norm``, attention, ``post_norm``, the gated MLP. It takes
-    either form of the row-parallel sums (``partial_sums``)."""
+    either form of the row-parallel sums (``partial_sums``). ``mlp_class``: the MLP, built as
+    ``mlp_class(spec, rngs=...)`` and called as ``GatedMLP`` is (a mixture of experts' sets its own)."""
     partial_sums = True
+    mlp_class = GatedMLP
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         L, hidden = spec.num_layers, spec.hidden_size
         self.input_norm = RMSNorm(L, hidden, spec.dtype)
         self.attn = PagedAttention(spec, rngs=rngs)
         self.post_norm = RMSNorm(L, hidden, spec.dtype)
-        self.mlp = GatedMLP(spec, rngs=rngs)
+        self.mlp = self.mlp_class(spec, rngs=rngs)
 
     def __call__(self, ctx: StepContext, index: jax.Array, x: jax.Array, mlp_out: jax.Array, kv: KVCache,
                  window: jax.Array | None) -> tuple[jax.Array, jax.Array, KVCache]:

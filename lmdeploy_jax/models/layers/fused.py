@@ -14,7 +14,7 @@ import numpy as np
 from ..spec import ModelSpec
 
 # fused parameter -> its parts, in row order within a shard
-FUSED = {'qkv': ('q', 'k', 'v'), 'gate_up': ('gate', 'up')}
+FUSED = {'qkv': ('q', 'k', 'v'), 'gate_up': ('gate', 'up'), 'shared_gate_up': ('shared_gate', 'shared_up')}
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,8 @@ class FusedLayout:
         return self.spec.num_kv_heads * self.kv_replicas
 
     def shard_part_rows(self, part: str, shard: int) -> tuple[int, int]:
-        """(first logical row, row count) of ``part`` ('q', 'k', 'v', 'gate', 'up') in shard ``shard``."""
+        """(first logical row, row count) of ``part`` ('q', 'k', 'v', 'gate', 'up', 'shared_gate',
+        'shared_up': a mixture of experts' shared expert) in shard ``shard``."""
         d = self.spec.head_dim
         if part == 'q':
             n = self.spec.num_heads // self.tp * d
@@ -38,7 +39,8 @@ class FusedLayout:
         if part in ('k', 'v'):
             local = self.stored_kv_heads // self.tp          # 1 whenever kv_replicas > 1
             return shard * local // self.kv_replicas * d, local * d
-        n = self.spec.intermediate_size // self.tp
+        size = self.spec.shared_expert_size if part.startswith('shared_') else self.spec.intermediate_size
+        n = size // self.tp
         return shard * n, n
 
     def segments(self, key: str) -> list[tuple[int, int, int]]:

@@ -1,0 +1,125 @@
+"""A mixture-of-experts MLP (Qwen3-MoE, Qwen2-MoE, Mixtral), stacked over the layers.
+
+Each token's router logits ``x @ router.T`` pick its ``experts_per_token`` experts by softmax
+probability (in float32, as transformers), optionally renormalized to sum to one; the choices are
+sorted by expert so each expert's tokens are consecutive, and each projection is one grouped GEMM
+over those ragged groups (``jax.lax.ragged_dot_general``): expert ``e``'s rows meet only expert
+``e``'s weights, so the work scales with the tokens routed, not with the number of experts. The
+results go back to token order and are summed with the routing weights.
+
+Tensor parallelism is inside each expert (``parallel.rules``): every device routes all tokens
+(the router is replicated), runs its slice of every expert's gate/up rows and down columns, and
+leaves a share of the output that the step's row-parallel form sums (``row_parallel.py``), as
+for a dense MLP's down projection.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ...parallel import rules
+from ..spec import ModelSpec
+from .activations import ACTIVATIONS
+from .decoder import CausalLM, DecoderLayer
+from .linear import INIT_STD, Linear, linear
+
+# lhs [tokens, in] against rhs [groups, out, in] (Hugging Face's orientation): contract the last dims
+_GROUPED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
+                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """``(weights float32 [N, k], experts int32 [N, k])``: the ``k`` most probable experts of each
+    row of ``logits [N, experts]`` by float32 softmax, their probabilities renormalized to sum to 1
+    when ``renormalize``."""
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``[M, out]``: rows ``x [M, in]`` in consecutive groups of ``group_sizes [G]`` (int32, summing
+    to at most M; rows past the sum give zeros), group ``g``'s rows times ``w[g].T``
+    (``w [G, out, in]``)."""
+    return jax.lax.ragged_dot_general(x, w, group_sizes, _GROUPED)
+
+
+def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
+                act) -> jax.Array:
+    """``[N, hidden]``: each token of ``x [N, hidden]`` through its experts ``experts [N, k]``,
+    summed with ``weights [N, k]`` (cast to ``x``'s dtype). ``gate_up [E, 2 * inter, hidden]`` (gate
+    rows, then up rows), ``down [E, hidden, inter]``: every expert's (or one device's slice of every
+    expert's) weights; the expert MLP is ``down(act(gate) * up)``."""
+    n, k = experts.shape
+    choices = experts.reshape(-1)
+    order = jnp.argsort(choices, stable=True)                  # the N * k choices, grouped by expert
+    group_sizes = jnp.bincount(choices, length=gate_up.shape[0]).astype(jnp.int32)
+    h = grouped_matmul(x[order // k], gate_up, group_sizes)
+    gate, up = jnp.split(h, 2, axis=-1)
+    y = grouped_matmul(act(gate) * up, down, group_sizes)
+    y = y[jnp.argsort(order)].reshape(n, k, -1)                 # back to token order
+    return jnp.einsum('nkh,nk->nh', y, weights.astype(x.dtype))
+
+
+class Experts(nnx.Module):
+    """Every layer's experts: ``gate_up [layers, experts, 2 * inter, hidden]`` (each expert's gate
+    and up rows laid out shard by shard, ``fused.py``) and ``down [layers, experts, hidden, inter]``."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        L, E, hidden, inter = spec.num_layers, spec.num_experts, spec.hidden_size, spec.intermediate_size
+        init = nnx.initializers.normal(INIT_STD)
+        self.gate_up = nnx.Param(init(rngs.params(), (L, E, 2 * inter, hidden), spec.dtype))
+        self.down = nnx.Param(init(rngs.params(), (L, E, hidden, inter), spec.dtype))
+
+
+def _layer(param: nnx.Param | Linear, index: jax.Array) -> jax.Array:
+    value = param.w[...] if isinstance(param, Linear) else param[...]
+    return jax.lax.dynamic_index_in_dim(value, index, keepdims=False)
+
+
+class MoeMLP(nnx.Module):
+    """``router [layers, experts, hidden]``, the ``experts``, and with ``spec.shared_expert_size``
+    a shared expert (``shared_gate_up``, ``shared_down``) scaled by ``sigmoid(shared_expert_gate)``
+    (``[layers, 1, hidden]``), as Qwen2-MoE. Called as ``GatedMLP``."""
+
+    def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
+        L, hidden, shared = spec.num_layers, spec.hidden_size, spec.shared_expert_size
+        self.router = Linear(L, spec.num_experts, hidden, spec.dtype, bias=False, rngs=rngs)
+        self.experts = Experts(spec, rngs=rngs)
+        if shared:
+            self.shared_gate_up = Linear(L, 2 * shared, hidden, spec.dtype, bias=False, rngs=rngs)
+            self.shared_down = Linear(L, hidden, shared, spec.dtype, bias=False, rngs=rngs)
+            self.shared_expert_gate = Linear(L, 1, hidden, spec.dtype, bias=False, rngs=rngs)
+
+    def __call__(self, ctx, index: jax.Array, x: jax.Array) -> jax.Array:
+        """Layer ``index``'s MLP of ``x [B, T, hidden]``, its output in ``ctx.row_parallel``'s form."""
+        spec = ctx.spec
+        act = ACTIVATIONS[spec.hidden_act]
+        r = rules.REPLICATED
+        args = [x, _layer(self.router, index), _layer(self.experts.gate_up, index), _layer(self.experts.down, index)]
+        in_specs = [r, r, rules.EXPERT_ROWS, rules.EXPERT_COLUMNS]
+        if spec.shared_expert_size:
+            args += [_layer(p, index) for p in (self.shared_gate_up, self.shared_down, self.shared_expert_gate)]
+            in_specs += [rules.COLUMN_WEIGHT, rules.ROW_WEIGHT, r]
+
+        def share(x, router, gate_up, down, *shared):
+            tokens = x.reshape(-1, x.shape[-1])
+            weights, experts = route(linear(tokens, {'w': router}), spec.experts_per_token, spec.norm_topk_prob)
+            y = experts_mlp(tokens, weights, experts, gate_up, down, act)
+            if shared:
+                shared_gate_up, shared_down, shared_gate = shared
+                gate, up = jnp.split(linear(tokens, {'w': shared_gate_up}), 2, axis=-1)
+                y = y + jax.nn.sigmoid(linear(tokens, {'w': shared_gate})) * linear(act(gate) * up, {'w': shared_down})
+            return y.reshape(x.shape)
+        return ctx.row_parallel.sum_of_shares(share, tuple(in_specs), *args)
+
+
+class MoeDecoderLayer(DecoderLayer):
+    """The Llama layer with ``MoeMLP`` in every layer."""
+    mlp_class = MoeMLP
+
+
+class MoeCausalLM(CausalLM):
+    layer_class = MoeDecoderLayer
