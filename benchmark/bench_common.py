@@ -25,6 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--max-prefill-token-num', type=int, default=8192)
     parser.add_argument('--communicator', default='cuda-ipc', choices=['cuda-ipc', 'nccl'],
                         help="turbomind's tensor-parallel sums (TurbomindEngineConfig.communicator)")
+    parser.add_argument('--quant-policy', type=int, default=0, choices=[0, 8, 4],
+                        help="turbomind's KV cache quantization (TurbomindEngineConfig.quant_policy)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--log-level', default='WARNING', help="e.g. INFO: start-up phases' times")
 
@@ -32,11 +34,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def build_pipeline(args: argparse.Namespace):
     """The pipeline and its start-up time (load + compile), in seconds."""
     from lmdeploy_jax import PytorchEngineConfig, TurbomindEngineConfig, pipeline
+    if args.backend == 'pytorch' and args.quant_policy:
+        raise SystemExit('--quant-policy is a turbomind option')
     common = dict(dtype=args.dtype, tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
                   cache_max_entry_count=args.cache_max_entry_count)
     config = (PytorchEngineConfig(**common) if args.backend == 'pytorch'
               else TurbomindEngineConfig(max_prefill_token_num=args.max_prefill_token_num,
-                                         communicator=args.communicator, **common))
+                                         communicator=args.communicator, quant_policy=args.quant_policy,
+                                         **common))
     start = time.perf_counter()
     pipe = pipeline(args.model_path, backend=args.backend, backend_config=config, log_level=args.log_level)
     return pipe, time.perf_counter() - start

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Pair LMDeploy's and our ``RESULT`` lines from one log and print the ratios (ours / theirs);
-with ``--by-tp``, our lines of each tensor-parallel size against tp=1 of the same log."""
+with ``--by-tp``, our lines of each tensor-parallel size against tp=1 of the same log; with
+``--by-quant``, our throughput lines of each KV ``quant_policy`` against quant_policy=0."""
 from __future__ import annotations
 
 import json
@@ -48,8 +49,22 @@ def by_tp(path: str) -> None:
         print(f'{model} tp={tp}: ' + ', '.join(cells))
 
 
+def by_quant(path: str) -> None:
+    """Per model: each quant_policy's throughput and KV pool tokens against quant_policy=0 of the same log."""
+    table = {(r['model'], r.get('quant_policy', 0)): r for r in load(path)
+             if r['engine'].startswith('lmdeploy_jax') and r['bench'] == 'throughput'}
+    for (model, policy), r in sorted(table.items()):
+        base = table.get((model, 0))
+        value, tokens = r['output_tok_per_s'], r.get('kv_pool_tokens')
+        ratio = (f' ({value / base["output_tok_per_s"]:.2f} x, pool {tokens / base["kv_pool_tokens"]:.2f} x '
+                 'quant_policy=0)' if base and policy and tokens and base.get('kv_pool_tokens') else '')
+        print(f'{model} quant_policy={policy}: throughput {value} tok/s, KV pool {tokens} tokens{ratio}')
+
+
 if __name__ == '__main__':
     if sys.argv[1] == '--by-tp':
         by_tp(sys.argv[2])
+    elif sys.argv[1] == '--by-quant':
+        by_quant(sys.argv[2])
     else:
         main(sys.argv[1])

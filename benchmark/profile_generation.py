@@ -49,7 +49,7 @@ def main() -> None:
         for batch in args.batch_sizes:
             record = dict(engine=f'lmdeploy_jax-{args.backend}', bench='generation', device=device_description(),
                           model=args.model_path or 'default', tp=args.tp, batch_size=batch, input_len=input_len,
-                          output_len=args.output_len, do_sample=args.do_sample,
+                          output_len=args.output_len, do_sample=args.do_sample, quant_policy=args.quant_policy,
                           **measure_generation(pipe, rng, batch, input_len, args.output_len, args.do_sample),
                           peak_device_bytes=peak_device_bytes(), startup_s=round(startup, 1))
             print(f'batch {batch:4d} input {input_len:5d}: first token {record["first_token_ms"]["p50"]:9.1f} ms, '

@@ -46,6 +46,12 @@ def _engine_stats(pipe) -> dict:
     return stats() if stats is not None else {}
 
 
+def _pool_tokens(engine) -> int | None:
+    """Tokens the JAX engine's KV pool holds (None for the pytorch backend)."""
+    scheduler = getattr(engine, '_scheduler', None)
+    return engine.num_total_blocks() * scheduler.blocks.block_size if scheduler is not None else None
+
+
 def _traced(trace_dir: str):
     import jax
     return jax.profiler.trace(trace_dir)
@@ -98,7 +104,8 @@ def main() -> None:
                   input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
                   total_tok_per_s=round((n_in + n_out) / seconds, 1),
                   ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
-                  startup_s=round(startup, 1), traced=traced,
+                  startup_s=round(startup, 1), traced=traced, quant_policy=args.quant_policy,
+                  kv_pool_tokens=_pool_tokens(pipe.engine),
                   engine_counters={k: round(after[k] - before[k], 3)
                                    for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s', 'result_wait_s',
                                              'complete_s')

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +41,9 @@ from lmdeploy_jax.messages import KV_QUANT_POLICIES, GenerationConfig, Turbomind
 from lmdeploy_jax.models.kv_cache import QUANT_POLICIES, kv_bytes_per_block, kv_cache_leaves
 from pallas_kernels.kv_quant import QuantizedPages
 
-TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'english_prose.txt')
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEXT = os.path.join(HERE, 'data', 'english_prose.txt')
+BENCHMARK = Path(HERE).parent / 'benchmark'
 PPL_TOKENS = 512                       # one get_ppl chunk
 BLOCK = 16
 NUM_BLOCKS = PPL_TOKENS // BLOCK + 8
@@ -198,3 +204,22 @@ def test_tp2_int8_gives_tp1_int8_tokens(tmp_path):
     assert all(len(tokens) == 6 for tokens in out[1])
     assert out[2] == out[1]
 
+
+
+def test_compare_results_by_quant_sets_each_policy_against_policy_0(tmp_path):
+    """The summary ``benchmark/run_kv_quant.sh`` prints: throughput and pool tokens per policy,
+    ratios to quant_policy=0 of the same model."""
+    def line(model, policy, value, tokens):
+        return 'RESULT ' + json.dumps(dict(engine='lmdeploy_jax-turbomind', bench='throughput', model=model,
+                                           quant_policy=policy, output_tok_per_s=value, kv_pool_tokens=tokens))
+    log = tmp_path / 'run.log'
+    log.write_text('\n'.join(['noise', line('/m', 0, 100.0, 1000), line('/m', 8, 120.0, 1880),
+                              line('/m', 4, 90.0, 3560), line('/n', 8, 50.0, 10)]) + '\n')
+    out = subprocess.run([sys.executable, str(BENCHMARK / 'compare_results.py'), '--by-quant', str(log)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ['/m quant_policy=0: throughput 100.0 tok/s, KV pool 1000 tokens',
+                   '/m quant_policy=4: throughput 90.0 tok/s, KV pool 3560 tokens '
+                   '(0.90 x, pool 3.56 x quant_policy=0)',
+                   '/m quant_policy=8: throughput 120.0 tok/s, KV pool 1880 tokens '
+                   '(1.20 x, pool 1.88 x quant_policy=0)',
+                   '/n quant_policy=8: throughput 50.0 tok/s, KV pool 10 tokens']
