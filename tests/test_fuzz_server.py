@@ -64,20 +64,25 @@ def test_the_schema_documents_every_operation_fuzzed_here(api_schema):
     assert documented == set(OPERATIONS)
 
 
+def whole_number(value) -> bool:
+    """An int, or a float of a whole value (``40.0``: the server reads it as the int)."""
+    return type(value) is int or (type(value) is float and value.is_integer())
+
+
 def make_cheap(body, path: str, model: str, name_the_model: bool):
     """The body with token counts and choices capped (values the schema allows stay allowed, and
-    values it refuses stay refused; an absent count is set), and the served model named when
-    ``name_the_model``."""
+    values it refuses stay refused; an absent count is set; a whole float stays a float), and the
+    served model named when ``name_the_model``."""
     if not isinstance(body, dict):
         return body
     body = dict(body)
     if path in TOKEN_FIELDS and body.get(TOKEN_FIELDS[path]) is None:
         body[TOKEN_FIELDS[path]] = MAX_TOKENS
     for name in ('max_tokens', 'max_completion_tokens', 'request_output_len'):
-        if type(body.get(name)) is int and body[name] > MAX_TOKENS:
-            body[name] = MAX_TOKENS
-    if type(body.get('n')) is int and MAX_CHOICES < body['n'] <= 64:
-        body['n'] = MAX_CHOICES
+        if whole_number(body.get(name)) and body[name] > MAX_TOKENS:
+            body[name] = type(body[name])(MAX_TOKENS)
+    if whole_number(body.get('n')) and MAX_CHOICES < body['n'] <= 64:
+        body['n'] = type(body['n'])(MAX_CHOICES)
     if name_the_model and 'model' in body:
         body['model'] = model
     return body
