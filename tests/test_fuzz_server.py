@@ -23,7 +23,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from test_server import FRANCE, running_server
+from test_server import ENGINE_FLAGS, FRANCE, running_server
 
 KEY = 'fuzz-key'
 AUTH_HEADERS = {'right key': {'Authorization': f'Bearer {KEY}'}, 'wrong key': {'Authorization': 'Bearer nope'},
@@ -42,7 +42,7 @@ REQUEST_TIMEOUT_S = 120
 
 @pytest.fixture(scope='module')
 def base():
-    with running_server('--session-len', '128', '--max-batch-size', '4', '--api-keys', KEY) as url:
+    with running_server(*ENGINE_FLAGS, '--api-keys', KEY) as url:
         yield url
 
 

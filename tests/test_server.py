@@ -24,6 +24,11 @@ import pytest
 BACKEND = os.environ.get('LMDEPLOY_JAX_TEST_BACKEND', 'turbomind')   # 'pytorch': the reference backend
 FRANCE = 'What is the capital of France?'
 START_TIMEOUT_S = 240
+# The JAX engine's flags of every server test module: one set of compiled steps, which the executable
+# store keeps for the next module's server. A decode step on the CPU reads every page of its table, so
+# its cost grows with the session; this one leaves room for a generation long enough to disconnect from.
+SESSION_LEN = 1024
+ENGINE_FLAGS = ('--session-len', str(SESSION_LEN))
 # one math thread: the test client shares the machine's 2 cores, and torch's spinning threads slow 15x
 # when a core is taken from them
 CHILD_ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -80,7 +85,7 @@ def scrape(base: str, headers: dict | None = None) -> dict[str, float]:
 
 @pytest.fixture(scope='module')
 def base():
-    with running_server('--session-len', '2048') as url:
+    with running_server(*ENGINE_FLAGS) as url:
         yield url
 
 
@@ -242,7 +247,7 @@ def _bad_requests(model: str) -> list[tuple[str, dict | bytes, int, str | None]]
         ('/v1/chat/completions', b'{"pad": "' + b'x' * (9 << 20) + b'"}', 413, None),
         ('/v1/chat/completions', {'model': 'no-such-model', 'messages': msg}, 404, 'model'),
         ('/v1/chat/completions', {'model': model, 'messages': msg, 'max_tokens': 100_000}, 400, 'max_tokens'),
-        ('/v1/completions', {'model': model, 'prompt': 'hi', 'max_tokens': 2048}, 400, 'max_tokens'),
+        ('/v1/completions', {'model': model, 'prompt': 'hi', 'max_tokens': SESSION_LEN}, 400, 'max_tokens'),
         ('/v1/chat/completions', {'model': model, 'messages': msg, 'temperature': -0.5}, 400, 'temperature'),
         ('/v1/chat/completions', {'model': model, 'messages': []}, 400, 'messages'),
         ('/v1/chat/completions', {'model': model, 'messages': [{'role': 'wizard', 'content': 'hi'}]}, 400,
@@ -289,8 +294,11 @@ def _wait_idle(base: str, key: str = 'lmdeploy_jax_generations_running', timeout
 
 @pytest.mark.parametrize('stream', [True, False])
 def test_a_client_that_disconnects_frees_its_request(base, model, stream):
+    """A client that closes its stream after the first event, or gives up waiting after a second,
+    ends its request long before its ``max_tokens``; every KV block it held is free again."""
     before = _wait_idle(base)
-    body = {'model': model, 'prompt': 'Tell me a long story.', 'max_tokens': 1500, 'ignore_eos': True,
+    max_tokens = SESSION_LEN - 64
+    body = {'model': model, 'prompt': 'Tell me a long story.', 'max_tokens': max_tokens, 'ignore_eos': True,
             'stream': stream}
     if stream:
         with httpx.stream('POST', f'{base}/v1/completions', json=body, timeout=120) as r:
@@ -298,9 +306,9 @@ def test_a_client_that_disconnects_frees_its_request(base, model, stream):
             assert next(lines).startswith('data: ')
     else:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f'{base}/v1/completions', json=body, timeout=3)
+            httpx.post(f'{base}/v1/completions', json=body, timeout=1)
     after = _wait_idle(base)
-    assert after['lmdeploy_jax_generation_tokens_total'] < before['lmdeploy_jax_generation_tokens_total'] + 1500
+    assert after['lmdeploy_jax_generation_tokens_total'] < before['lmdeploy_jax_generation_tokens_total'] + max_tokens
     if BACKEND == 'turbomind':   # the JAX engine's paged cache: every block of the request is back
         assert 'lmdeploy_jax_engine_kv_blocks_free' in after, \
             "JaxEngine.stats() lacks 'kv_blocks_free'/'kv_blocks_total' (engine_api.InferenceEngine.stats)"
@@ -308,12 +316,16 @@ def test_a_client_that_disconnects_frees_its_request(base, model, stream):
         assert after['lmdeploy_jax_engine_kv_blocks_used'] == before['lmdeploy_jax_engine_kv_blocks_used']
 
 
+CONCURRENT_STREAMS = 32        # twice the JAX engine's CPU batch (16): half of them wait in its queue
+
+
 def test_many_concurrent_streams_are_complete_and_unmixed(base, client, model):
-    """64 streams at once, each of a distinct prompt, each equal to that prompt's answer when run alone."""
-    prompts = [f'{i}, {i + 1}, {i + 2},' for i in range(64)]
+    """``CONCURRENT_STREAMS`` streams at once, each of a distinct prompt, each equal to that prompt's
+    answer when run alone."""
+    prompts = [f'{i}, {i + 1}, {i + 2},' for i in range(CONCURRENT_STREAMS)]
     kwargs = dict(model=model, max_tokens=3, temperature=0)
     solo = [client.completions.create(prompt=p, **kwargs).choices[0].text for p in prompts]
-    assert len(set(solo)) > 48   # the prompts are told apart by their answers
+    assert len(set(solo)) > 3 * len(prompts) // 4   # the prompts are told apart by their answers
 
     async def stream_all():
         aclient = openai.AsyncOpenAI(base_url=f'{base}/v1', api_key='unused', max_retries=0, timeout=600,
@@ -345,13 +357,13 @@ def test_metrics_count_requests_and_tokens(base, client, model):
 
 @pytest.mark.parametrize('pacing', [['--concurrency', '4'], ['--request-rate', '20']], ids=['concurrency', 'rate'])
 def test_profile_restful_api_measures_the_server(base, pacing):
-    out = subprocess.run([sys.executable, 'benchmark/profile_restful_api.py', '--base-url', base, '--num-prompts', '8',
+    out = subprocess.run([sys.executable, 'benchmark/profile_restful_api.py', '--base-url', base, '--num-prompts', '4',
                           '--output-len', '4', '--ignore-eos', '--input-len', '8', *pacing],
                          capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     [line] = out.stdout.splitlines()
     result = json.loads(line)
-    assert result['completed'] == 8 and result['failed'] == 0 and result['output_tokens'] == 32
+    assert result['completed'] == 4 and result['failed'] == 0 and result['output_tokens'] == 16
     assert 0 < result['ttft_ms']['p50'] <= result['e2e_latency_ms']['p50'] and result['tpot_ms']['p99'] > 0
     assert result['itl_ms']['mean'] > 0 and result['output_throughput'] > 0
