@@ -16,9 +16,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from test_engine_helpers import run_all
-from test_models import PagedRun
+from test_models import PagedRun, _assert_logits_close
 from test_tensor_parallel import _env
 
 from lmdeploy_jax.checkpoint.source import ModelSource
@@ -101,6 +102,43 @@ def check_greedy_tokens(families: dict, jax_results: dict, name: str, tp: int) -
     assert ours['tokens'] == expected[:-1]
     assert ours['prefix_hit_blocks'] == PREFIX // 16
     assert ours['cached_tokens'] == expected[-1]
+
+
+def check_the_window_matters(family: dict) -> None:
+    """Ignoring the window gives other logits for the prompts longer than it (beyond the 1e-4 the
+    logits test allows) and the same for those within it, so the tests above fail on a model
+    without windows."""
+    for n, with_window, without in zip(PROMPT_LENS, family['logits'], family['unwindowed']):
+        if n <= WINDOW:
+            np.testing.assert_allclose(with_window, without, rtol=1e-5, atol=1e-5)
+        else:
+            assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
+
+
+def family_checks(specs: dict, reference_path=None) -> tuple:
+    """The fixtures and tests every family test module runs, for ``specs`` (as ``build_families``
+    takes them): ``families, jax_results, test_greedy_tokens_equal_the_reference,
+    test_last_position_logits_match_transformers``, to be bound to those names in the module."""
+    @pytest.fixture(scope='module')
+    def families(tmp_path_factory) -> dict[str, dict]:
+        return build_families(specs, tmp_path_factory, reference_path)
+
+    @pytest.fixture(scope='module')
+    def jax_results(families, tmp_path_factory) -> dict:
+        return run_jax(families, tmp_path_factory.mktemp('jax'))
+
+    @pytest.mark.parametrize('tp', KERNELS)
+    @pytest.mark.parametrize('name', specs)
+    def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
+        check_greedy_tokens(families, jax_results, name, tp)
+
+    @pytest.mark.parametrize('tp', KERNELS)
+    @pytest.mark.parametrize('name', specs)
+    def test_last_position_logits_match_transformers(families, jax_results, name, tp):
+        for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
+            _assert_logits_close(np.asarray(ours, np.float32), expected)
+
+    return families, jax_results, test_greedy_tokens_equal_the_reference, test_last_position_logits_match_transformers
 
 
 def _jax_family(path: str, prompts: list[list[int]], cached: list[int], tp: int) -> dict:

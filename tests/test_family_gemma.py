@@ -12,9 +12,8 @@ import json
 
 import numpy as np
 import pytest
-from family_harness import KERNELS, PROMPT_LENS, TINY, WINDOW, build_families, check_greedy_tokens, run_jax
+from family_harness import TINY, WINDOW, check_the_window_matters, family_checks
 from safetensors.numpy import load_file
-from test_models import _assert_logits_close
 from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from lmdeploy_jax.checkpoint.errors import CheckpointError
@@ -36,37 +35,13 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope='module')
-def families(tmp_path_factory) -> dict[str, dict]:
-    return build_families(FAMILIES, tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def jax_results(families, tmp_path_factory) -> dict:
-    return run_jax(families, tmp_path_factory.mktemp('jax'))
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
-    check_greedy_tokens(families, jax_results, name, tp)
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_last_position_logits_match_transformers(families, jax_results, name, tp):
-    for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
-        _assert_logits_close(np.asarray(ours, np.float32), expected)
+(families, jax_results, test_greedy_tokens_equal_the_reference,
+ test_last_position_logits_match_transformers) = family_checks(FAMILIES)
 
 
 @pytest.mark.parametrize('name', FAMILIES)
 def test_the_window_changes_the_long_prompts_logits(families, name):
-    """Ignoring the window gives other logits for the prompts longer than it: the tests above
-    fail on a model without windows."""
-    f = families[name]
-    for n, with_window, without in zip(PROMPT_LENS, f['logits'], f['unwindowed']):
-        if n > WINDOW:
-            assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
+    check_the_window_matters(families[name])
 
 
 def test_gemma_specs_are_read_as_transformers_reads_them(families):

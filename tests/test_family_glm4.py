@@ -7,10 +7,8 @@ within 1e-4 of transformers'."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from family_harness import KERNELS, build_families, check_greedy_tokens, run_jax
+from family_harness import family_checks
 from safetensors.numpy import load_file
-from test_models import _assert_logits_close
 from transformers import Glm4Config, Glm4ForCausalLM
 
 from lmdeploy_jax.checkpoint.source import ModelSource
@@ -21,25 +19,8 @@ from lmdeploy_jax.models.families.glm4 import interleaved_to_halves
 FAMILIES = {'glm4': (Glm4Config, Glm4ForCausalLM, dict(vocab_size=300))}
 
 
-@pytest.fixture(scope='module')
-def families(tmp_path_factory) -> dict[str, dict]:
-    return build_families(FAMILIES, tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def jax_results(families, tmp_path_factory) -> dict:
-    return run_jax(families, tmp_path_factory.mktemp('jax'))
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-def test_greedy_tokens_equal_the_reference(families, jax_results, tp):
-    check_greedy_tokens(families, jax_results, 'glm4', tp)
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-def test_last_position_logits_match_transformers(families, jax_results, tp):
-    for ours, expected in zip(jax_results['glm4'][tp]['logits'], families['glm4']['logits']):
-        _assert_logits_close(np.asarray(ours, np.float32), expected)
+(families, jax_results, test_greedy_tokens_equal_the_reference,
+ test_last_position_logits_match_transformers) = family_checks(FAMILIES)
 
 
 def test_q_k_rows_and_biases_are_permuted_v_and_packed_gate_up_are_not(families):

@@ -17,8 +17,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from family_harness import (KERNELS, PROMPT_LENS, TINY, WINDOW, _jax_family, build_families, check_greedy_tokens,
-                            run_jax)
+from family_harness import KERNELS, TINY, WINDOW, _jax_family, build_families, check_the_window_matters, family_checks
 from test_models import _assert_logits_close
 from transformers import Phi3Config, Phi3ForCausalLM
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
@@ -48,33 +47,12 @@ HEAD_96 = dict(vocab_size=300, hidden_size=192, num_attention_heads=2, head_dim=
                rope_parameters={**_longrope(72), 'partial_rotary_factor': 0.75})
 
 
-@pytest.fixture(scope='module')
-def families(tmp_path_factory) -> dict[str, dict]:
-    return build_families(FAMILIES, tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def jax_results(families, tmp_path_factory) -> dict:
-    return run_jax(families, tmp_path_factory.mktemp('jax'))
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-def test_greedy_tokens_equal_the_reference(families, jax_results, tp):
-    check_greedy_tokens(families, jax_results, 'phi3', tp)
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-def test_last_position_logits_match_transformers(families, jax_results, tp):
-    for ours, expected in zip(jax_results['phi3'][tp]['logits'], families['phi3']['logits']):
-        _assert_logits_close(np.asarray(ours, np.float32), expected)
+(families, jax_results, test_greedy_tokens_equal_the_reference,
+ test_last_position_logits_match_transformers) = family_checks(FAMILIES)
 
 
 def test_the_window_changes_the_long_prompts_logits(families):
-    """Without the window the prompts longer than it give other logits: the tests above need it."""
-    f = families['phi3']
-    for n, with_window, without in zip(PROMPT_LENS, f['logits'], f['unwindowed']):
-        if n > WINDOW:
-            assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
+    check_the_window_matters(families['phi3'])
 
 
 def test_head_dim_96_on_the_reference_kernels(tmp_path_factory, monkeypatch):

@@ -13,9 +13,8 @@ import shutil
 
 import numpy as np
 import pytest
-from family_harness import KERNELS, PROMPT_LENS, TINY, WINDOW, build_families, check_greedy_tokens, run_jax
+from family_harness import TINY, WINDOW, check_the_window_matters, family_checks
 from safetensors.numpy import load_file, save_file
-from test_models import _assert_logits_close
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -43,39 +42,13 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope='module')
-def families(tmp_path_factory) -> dict[str, dict]:
-    return build_families(FAMILIES, tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def jax_results(families, tmp_path_factory) -> dict:
-    return run_jax(families, tmp_path_factory.mktemp('jax'))
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
-    check_greedy_tokens(families, jax_results, name, tp)
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_last_position_logits_match_transformers(families, jax_results, name, tp):
-    for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
-        _assert_logits_close(np.asarray(ours, np.float32), expected)
+(families, jax_results, test_greedy_tokens_equal_the_reference,
+ test_last_position_logits_match_transformers) = family_checks(FAMILIES)
 
 
 @pytest.mark.parametrize('name', ['mistral', 'qwen2', 'qwen3'])
 def test_the_window_changes_the_long_prompts_logits(families, name):
-    """Ignoring the window gives other logits for the prompts longer than it (beyond the tolerance
-    above), and the same for the one within it: the tests above fail on a model without windows."""
-    f = families[name]
-    for n, with_window, without in zip(PROMPT_LENS, f['logits'], f['unwindowed']):
-        if n <= WINDOW:
-            np.testing.assert_allclose(with_window, without, rtol=1e-5, atol=1e-5)
-        else:
-            assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
+    check_the_window_matters(families[name])
 
 
 def test_qwen3_q_k_norms_are_loaded_and_required(families, tmp_path):
