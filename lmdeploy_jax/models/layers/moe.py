@@ -4,8 +4,12 @@ Each token's router logits ``x @ router.T`` pick its ``experts_per_token`` exper
 probability (in float32, as transformers), optionally renormalized to sum to one; the choices are
 sorted by expert so each expert's tokens are consecutive, and each projection is one grouped GEMM
 over those ragged groups (``jax.lax.ragged_dot_general``): expert ``e``'s rows meet only expert
-``e``'s weights, so the work scales with the tokens routed, not with the number of experts. The
-results go back to token order and are summed with the routing weights.
+``e``'s weights. The results go back to token order and are summed with the routing weights. A
+step of few choices (a small decode batch) instead gathers each choice's expert weights, so it
+reads only the chosen experts' (``experts_mlp``).
+
+How ``ragged_dot`` runs is the backend's: XLA may expand it into one dense product per group (its
+CPU lowering does), which reads every expert's weights.
 
 Tensor parallelism is inside each expert (``parallel.rules``): every device routes all tokens
 (the router is replicated), runs its slice of every expert's gate/up rows and down columns, and
@@ -51,16 +55,35 @@ def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: j
     """``[N, hidden]``: each token of ``x [N, hidden]`` through its experts ``experts [N, k]``,
     summed with ``weights [N, k]`` (cast to ``x``'s dtype). ``gate_up [E, 2 * inter, hidden]`` (gate
     rows, then up rows), ``down [E, hidden, inter]``: every expert's (or one device's slice of every
-    expert's) weights; the expert MLP is ``down(act(gate) * up)``."""
+    expert's) weights; the expert MLP is ``down(act(gate) * up)``.
+
+    A step of few choices (``2 * N * k <= E``, a small decode batch) gathers each choice's expert
+    weights, so it reads only the chosen experts' (``per_choice_mlp``); a larger one sorts the
+    choices by expert and runs grouped GEMMs (``grouped_mlp``). The choice is static (shapes)."""
     n, k = experts.shape
+    mlp = per_choice_mlp if 2 * n * k <= gate_up.shape[0] else grouped_mlp
+    y = mlp(x, experts, gate_up, down, act).reshape(n, k, -1)
+    return jnp.einsum('nkh,nk->nh', y, weights.astype(x.dtype))
+
+
+def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act) -> jax.Array:
+    """``[N * k, hidden]``: the expert MLP of each choice (``experts [N, k]`` flattened), by grouped
+    GEMMs over the choices sorted by expert (``grouped_matmul``), back in choice order."""
+    k = experts.shape[1]
     choices = experts.reshape(-1)
     order = jnp.argsort(choices, stable=True)                  # the N * k choices, grouped by expert
     group_sizes = jnp.bincount(choices, length=gate_up.shape[0]).astype(jnp.int32)
-    h = grouped_matmul(x[order // k], gate_up, group_sizes)
-    gate, up = jnp.split(h, 2, axis=-1)
+    gate, up = jnp.split(grouped_matmul(x[order // k], gate_up, group_sizes), 2, axis=-1)
     y = grouped_matmul(act(gate) * up, down, group_sizes)
-    y = y[jnp.argsort(order)].reshape(n, k, -1)                 # back to token order
-    return jnp.einsum('nkh,nk->nh', y, weights.astype(x.dtype))
+    return y[jnp.argsort(order)]
+
+
+def per_choice_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act) -> jax.Array:
+    """``grouped_mlp``'s result, each choice's token times its own expert's gathered weights."""
+    choices = experts.reshape(-1)
+    tokens = jnp.repeat(x, experts.shape[1], axis=0)
+    gate, up = jnp.split(jnp.einsum('mi,moi->mo', tokens, gate_up[choices]), 2, axis=-1)
+    return jnp.einsum('mi,moi->mo', act(gate) * up, down[choices])
 
 
 class Experts(nnx.Module):

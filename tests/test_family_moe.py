@@ -1,0 +1,127 @@
+"""The mixtures of experts (``layers/moe.py``, ``families/moe.py``): Qwen3-MoE (``norm_topk_prob``),
+Qwen2-MoE (a shared expert behind a sigmoid gate, q/k/v biases) and Mixtral (a sliding window), on
+tiny random float32 checkpoints made by transformers' own classes, which write one tensor per
+expert as the published checkpoints do. At tp=1 and tp=2 (``family_harness.py``): greedy tokens
+equal the PyTorch reference backend's for 32 new tokens on 4 prompts and a prefix-cached fifth,
+last-position logits within 1e-4 of transformers'. The MoE block's routing and expert MLP against
+a dense numpy reference, on random inputs with experts that receive no tokens."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from family_harness import KERNELS, WINDOW, build_families, check_greedy_tokens, run_jax
+from test_models import _assert_logits_close
+from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
+
+from lmdeploy_jax.checkpoint.source import ModelSource
+from lmdeploy_jax.models import load_model
+from lmdeploy_jax.models.layers.moe import grouped_matmul, grouped_mlp, per_choice_mlp, route
+from lmdeploy_jax.models.registry import UnsupportedArchitectureError
+
+# Qwen3-MoE's 16 experts: a decode step of the 4-sequence batch (8 choices) gathers its experts'
+# weights, prefill runs the grouped GEMMs; Qwen2-MoE's 8 and Mixtral's 4 take the grouped GEMMs
+FAMILIES = {
+    'qwen3_moe': (Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                  dict(vocab_size=300, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=2,
+                       norm_topk_prob=True)),
+    'qwen2_moe': (Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                  dict(vocab_size=300, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                       shared_expert_intermediate_size=96)),
+    'mixtral': (MixtralConfig, MixtralForCausalLM,
+                dict(vocab_size=300, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+}
+
+
+@pytest.fixture(scope='module')
+def families(tmp_path_factory) -> dict[str, dict]:
+    return build_families(FAMILIES, tmp_path_factory)
+
+
+@pytest.fixture(scope='module')
+def jax_results(families, tmp_path_factory) -> dict:
+    return run_jax(families, tmp_path_factory.mktemp('jax'))
+
+
+@pytest.mark.parametrize('tp', KERNELS)
+@pytest.mark.parametrize('name', FAMILIES)
+def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
+    check_greedy_tokens(families, jax_results, name, tp)
+
+
+@pytest.mark.parametrize('tp', KERNELS)
+@pytest.mark.parametrize('name', FAMILIES)
+def test_last_position_logits_match_transformers(families, jax_results, name, tp):
+    for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
+        _assert_logits_close(np.asarray(ours, np.float32), expected)
+
+
+def test_dense_layers_among_the_experts_are_refused(families, tmp_path):
+    """A Qwen3-MoE config with a dense layer (``mlp_only_layers``) is refused naming the field."""
+    path = families['qwen3_moe']['path']
+    config = json.loads(open(f'{path}/config.json').read())
+    (tmp_path / 'config.json').write_text(json.dumps({**config, 'mlp_only_layers': [1]}))
+    os.symlink(f'{path}/model.safetensors', tmp_path / 'model.safetensors')
+    with pytest.raises(UnsupportedArchitectureError, match='mlp_only_layers'):
+        load_model(ModelSource(str(tmp_path), str(tmp_path)), 'float32')
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize('renormalize', [False, True])
+def test_route_takes_the_top_k_softmax_probabilities(renormalize):
+    rng = np.random.default_rng()
+    logits = rng.standard_normal((9, 6)).astype(np.float32) * 3
+    weights, experts = route(jnp.asarray(logits), 2, renormalize)
+    probs = _softmax(logits.astype(np.float64))
+    expected_experts = np.argsort(-probs, axis=-1)[:, :2]
+    expected = np.take_along_axis(probs, expected_experts, -1)
+    if renormalize:
+        expected = expected / expected.sum(-1, keepdims=True)
+    np.testing.assert_array_equal(np.asarray(experts), expected_experts)
+    np.testing.assert_allclose(np.asarray(weights), expected, rtol=1e-5)
+
+
+def test_grouped_matmul_with_empty_groups_and_one_group_taking_every_row():
+    rng = np.random.default_rng()
+    x = rng.standard_normal((7, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    for sizes in ([0, 3, 0, 4], [7, 0, 0, 0], [0, 0, 0, 7]):
+        starts = np.cumsum([0] + sizes)
+        expected = np.concatenate([x[a:b] @ w[g].T for g, (a, b) in enumerate(zip(starts, starts[1:]))])
+        np.testing.assert_allclose(np.asarray(grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32))), expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _dense_reference(x, experts, gate_up, down):
+    """Each choice's expert MLP (silu), in float64, one token and expert at a time."""
+    silu = lambda v: v / (1 + np.exp(-v))      # noqa: E731
+    out = []
+    for t, chosen in enumerate(experts):
+        for e in chosen:
+            gate, up = np.split(gate_up[e].astype(np.float64) @ x[t], 2)
+            out.append(down[e].astype(np.float64) @ (silu(gate) * up))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize('mlp', [grouped_mlp, per_choice_mlp])
+@pytest.mark.parametrize('chosen_from', [(1, 4), (0, 2, 5), tuple(range(6))])
+def test_expert_mlp_matches_a_dense_reference(mlp, chosen_from):
+    """Tokens routed only among ``chosen_from`` of 6 experts (the others receive none; with two
+    candidates each of them takes every token)."""
+    rng = np.random.default_rng()
+    n, hidden, inter, E = 10, 16, 8, 6
+    x = rng.standard_normal((n, hidden)).astype(np.float32)
+    gate_up = rng.standard_normal((E, 2 * inter, hidden)).astype(np.float32) * 0.3
+    down = rng.standard_normal((E, hidden, inter)).astype(np.float32) * 0.3
+    experts = np.stack([rng.choice(chosen_from, 2, replace=False) for _ in range(n)]).astype(np.int32)
+    ours = jax.jit(mlp, static_argnums=4)(x, experts, gate_up, down, jax.nn.silu)
+    np.testing.assert_allclose(np.asarray(ours), _dense_reference(x, experts, gate_up, down), rtol=1e-4, atol=1e-5)
