@@ -32,9 +32,8 @@ def test_every_notebook_is_tested_and_stored_without_outputs():
 @pytest.mark.parametrize('name', sorted(EXPECTED))
 def test_notebook_runs_clean(name, tmp_path):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    env_dir = tmp_path / 'run'
-    env_dir.mkdir()
-    client = NotebookClient(nb, timeout=TIMEOUT_S, kernel_name='python3', resources={'metadata': {'path': str(env_dir)}})
+    client = NotebookClient(nb, timeout=TIMEOUT_S, kernel_name='python3',
+                            resources={'metadata': {'path': str(tmp_path)}})     # the kernel's working directory
     client.execute()      # CellExecutionError on the first cell that raises
     errors = [out for cell in nb.cells if cell.cell_type == 'code' for out in cell.outputs
               if out.output_type == 'error']
