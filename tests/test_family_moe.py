@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from family_harness import KERNELS, WINDOW, build_families, check_greedy_tokens, run_jax
-from test_models import _assert_logits_close
+from safetensors.numpy import load_file, save_file
+from family_harness import WINDOW, check_the_window_matters, family_checks
 from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM)
 
+from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.source import ModelSource
 from lmdeploy_jax.models import load_model
 from lmdeploy_jax.models.layers.moe import grouped_matmul, grouped_mlp, per_choice_mlp, route
@@ -38,27 +39,12 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope='module')
-def families(tmp_path_factory) -> dict[str, dict]:
-    return build_families(FAMILIES, tmp_path_factory)
+(families, jax_results, test_greedy_tokens_equal_the_reference,
+ test_last_position_logits_match_transformers) = family_checks(FAMILIES)
 
 
-@pytest.fixture(scope='module')
-def jax_results(families, tmp_path_factory) -> dict:
-    return run_jax(families, tmp_path_factory.mktemp('jax'))
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
-    check_greedy_tokens(families, jax_results, name, tp)
-
-
-@pytest.mark.parametrize('tp', KERNELS)
-@pytest.mark.parametrize('name', FAMILIES)
-def test_last_position_logits_match_transformers(families, jax_results, name, tp):
-    for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
-        _assert_logits_close(np.asarray(ours, np.float32), expected)
+def test_mixtral_window_matters(families):
+    check_the_window_matters(families['mixtral'])
 
 
 def test_dense_layers_among_the_experts_are_refused(families, tmp_path):
@@ -68,6 +54,20 @@ def test_dense_layers_among_the_experts_are_refused(families, tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps({**config, 'mlp_only_layers': [1]}))
     os.symlink(f'{path}/model.safetensors', tmp_path / 'model.safetensors')
     with pytest.raises(UnsupportedArchitectureError, match='mlp_only_layers'):
+        load_model(ModelSource(str(tmp_path), str(tmp_path)), 'float32')
+
+
+@pytest.mark.parametrize('name, expert', [('qwen3_moe', 'model.layers.2.mlp.experts.3.up_proj.weight'),
+                                          ('mixtral', 'model.layers.2.block_sparse_moe.experts.3.w3.weight')])
+def test_a_missing_expert_tensor_is_named(families, tmp_path, name, expert):
+    """The checkpoints keep one tensor per expert (the published layout); one left out is named."""
+    path = families[name]['path']
+    tensors = load_file(f'{path}/model.safetensors')
+    assert expert in tensors
+    del tensors[expert]
+    save_file(tensors, str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
+    os.symlink(f'{path}/config.json', tmp_path / 'config.json')
+    with pytest.raises(CheckpointError, match=expert.replace('.', r'\.')):
         load_model(ModelSource(str(tmp_path), str(tmp_path)), 'float32')
 
 
