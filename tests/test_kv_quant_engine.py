@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import pytest
 import torch
 from test_engine_helpers import run_all
+from test_engine_serving import SESSION, ids, tiny  # noqa: F401 - tiny is a fixture
 from test_tensor_parallel import CHECKPOINTS, TINY, _env, _run_worker
 from transformers import AutoTokenizer
 
@@ -44,7 +45,7 @@ from pallas_kernels.kv_quant import QuantizedPages
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, 'data', 'english_prose.txt')
 BENCHMARK = Path(HERE).parent / 'benchmark'
-PPL_TOKENS = 512                       # one get_ppl chunk
+PPL_TOKENS = 256                       # one get_ppl chunk
 BLOCK = 16
 NUM_BLOCKS = PPL_TOKENS // BLOCK + 8
 PPL_BOUND = {8: 0.01, 4: 0.15}         # |perplexity / unquantized perplexity - 1|, see the module doc
@@ -101,7 +102,7 @@ def test_the_pool_holds_the_policys_pages(engines):
 
 
 def test_perplexity_is_within_the_policys_bound(engines, text_ids):
-    """get_ppl over 512 tokens of English prose (the text goes through the quantized pages:
+    """get_ppl over 256 tokens of English prose (the text goes through the quantized pages:
     each chunk's attention reads the keys and values it has just written)."""
     nll = {policy: engine.get_ppl([text_ids])[0] for policy, engine in engines.items()}
     change = {policy: math.exp(nll[policy] - nll[0]) - 1 for policy in (8, 4)}
@@ -129,6 +130,25 @@ def test_greedy_tokens_and_prefix_caching_over_quantized_pages(engines, text_ids
     assert generate(8) == plain
     assert engines[8].stats()['prefix_hit_blocks'] == hits + 3
     generate(4)
+
+
+def test_preempted_requests_over_quantized_pages_give_their_tokens_alone(tiny, rng):  # noqa: F811
+    """A pool too small for 6 concurrent requests (9 blocks of 16 for 6 x (20..40 + 20) tokens)
+    preempts some; each one's greedy tokens are those it gets running alone in the same engine."""
+    config = TurbomindEngineConfig(session_len=SESSION, max_batch_size=8, cache_block_seq_len=16, num_cache_blocks=10,
+                                   max_prefill_token_num=256, quant_policy=8)
+    engine = JaxEngine(tiny[0], config, decode_steps=4, decode_batch=[8], prefill_tokens=[32], prefill_batch=[8])
+    try:
+        requests = [EngineRequest(i, ids(rng, int(rng.integers(20, 40))), GenerationConfig(max_new_tokens=20))
+                    for i in range(6)]
+        together = run_all(engine, requests)
+        assert engine.stats()['preemptions'] > 0
+        alone = [run_all(engine, [r])[0] for r in requests]
+        assert [r.tokens for r in together] == [r.tokens for r in alone]
+        assert all(len(r.tokens) == 20 for r in alone)
+        assert engine.num_free_blocks() == engine.num_total_blocks()
+    finally:
+        engine.close()
 
 
 def test_executable_descriptions_differ_by_policy(engines):
