@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The Pallas kernels compiled for the GPU and checked against their XLA references, and the
 # references on the GPU against the numpy oracle: tests/test_pallas_*.py (one file per op, the
-# harness in tests/pallas_cases.py) with LMDEPLOY_JAX_KERNELS=pallas (the tests' switch from the
-# interpreter to the compiled kernels), then tests/test_kernel_references.py with
+# harness in tests/pallas_cases.py) and tests/test_kv_quant_kernels.py (the ops over quantized
+# pools) with LMDEPLOY_JAX_KERNELS=pallas (the tests' switch from the interpreter to the compiled
+# kernels), then tests/test_kernel_references.py with
 # LMDEPLOY_JAX_KERNELS=reference. Sliding windows, soft-capped scores and 256-wide heads (Gemma)
 # included.
 #
@@ -17,8 +18,8 @@ export PYTHONUNBUFFERED=1 JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c 'import jax, triton; print("jax", jax.__version__, "triton", triton.__version__, jax.devices())' 2>&1 |
     tee "$log"
-LMDEPLOY_JAX_KERNELS=pallas python3 -m pytest -q -p no:cacheprovider tests/test_pallas_*.py "$@" 2>&1 |
-    tee -a "$log"
+LMDEPLOY_JAX_KERNELS=pallas python3 -m pytest -q -p no:cacheprovider tests/test_pallas_*.py tests/test_kv_quant_kernels.py \
+    "$@" 2>&1 | tee -a "$log"
 kernels=${PIPESTATUS[0]}
 LMDEPLOY_JAX_KERNELS=reference python3 -m pytest -q -p no:cacheprovider tests/test_kernel_references.py "$@" 2>&1 |
     tee -a "$log"

@@ -2,7 +2,8 @@
 with poisoned slots, the attention cases and their checks, and lowering for CUDA without a GPU.
 
 The kernels run interpreted on the CPU; with ``LMDEPLOY_JAX_KERNELS=pallas`` they are compiled and
-run on the GPU instead (``benchmark/check_kernels_gpu.sh``).
+run on the GPU instead (``benchmark/check_kernels_gpu.sh``). Kernels are also compiled for sm_90
+without a GPU (``compile_for_sm90``) to check their shared memory.
 
 Every case draws fresh random inputs: random non-contiguous block tables, ragged lengths (0, ends
 mid-page, whole pages, several tiles), several block sizes and GQA ratios. The pools a kernel
@@ -29,6 +30,8 @@ KERNEL, INTERPRET = ('pallas', False) if ON_GPU else ('pallas_interpret', True)
 KV_HEADS, HEAD_DIM = 2, 32
 SCALE = HEAD_DIM ** -0.5
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+SM90_SHARED_BYTES = 227 * 1024      # the most shared memory one block may take on sm_90
 
 # (block_size, tile_tokens, dtype, num_splits) of the decode kernels' ``page_tiles``: tiles of a
 # quarter page (f32 halves tile_tokens), of a whole page, and over two pages (page_tiles falls back
@@ -101,6 +104,13 @@ def window_lens(block_size, window):
     return np.asarray([1, 0, window, window + 1, 4 * block_size + 5], np.int32)
 
 
+def rope_tables(rng, batch, head_dim=HEAD_DIM):
+    """float32 cos/sin ``[batch, head_dim]`` of random angles, halves repeated (HF layout)."""
+    angles = rng.uniform(-np.pi, np.pi, (batch, head_dim // 2)).astype(np.float32)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+
 def decode_case(seed, block_size, group, context_lens, dtype=jnp.float32, head_dim=HEAD_DIM, **options):
     """Pools, a random query ``[B, KV_HEADS * group, head_dim]`` and the reference's output over
     the clean pools. ``seed``: an int or a Generator; ``options``: the ops' ``sliding_window`` /
@@ -140,3 +150,32 @@ def assert_kernels_alone(text: str, launches: int | None = None) -> None:
     assert set(re.findall(r'= (stablehlo\.\w+)', text)) == {'stablehlo.custom_call', 'stablehlo.reshape'}
     if launches is not None:
         assert text.count('stablehlo.custom_call') == launches
+
+
+def compile_for_sm90(monkeypatch, tmp_path, fn, *args) -> tuple[str, dict[str, int]]:
+    """``fn``'s Pallas (Triton) kernels lowered for CUDA, then each compiled by Triton to an sm_90
+    cubin, without a GPU (JAX's Triton IR taken from its private lowering, as the GPU plugin
+    would compile it): the lowered text, and each kernel's shared memory in bytes."""
+    triton = pytest.importorskip('triton')
+    from triton.backends.compiler import GPUTarget
+    lowering = pytest.importorskip('jax._src.pallas.triton.lowering')
+    modules, lower = {}, lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **k):
+        result = lower(*a, **k)
+        text = result.module.operation.get_asm(enable_debug_info=False)
+        modules[re.search(r'tt\.func public @(\w+)', text).group(1)] = text
+        return result
+
+    monkeypatch.setattr(lowering, 'lower_jaxpr_to_triton_module', capture)
+    text = lower_for_cuda(fn, *args)
+    if '__gpu$xla.gpu.triton' not in text:
+        pytest.skip('this jaxlib compiles its Triton kernels while lowering: the test reads the Triton IR it passes on')
+    shared = {}
+    for name, stages, warps in re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text):
+        path = tmp_path / f'{name}.ttir'
+        path.write_text(modules[name])
+        compiled = triton.compile(str(path), target=GPUTarget('cuda', 90, 32),
+                                  options=dict(num_warps=int(warps), num_stages=int(stages)))
+        shared[name] = compiled.metadata.shared
+    return text, shared

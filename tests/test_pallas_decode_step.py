@@ -26,6 +26,7 @@ from pallas_cases import (
     assert_matches,
     lower_for_cuda,
     relative_error,
+    rope_tables,
     window_lens,
     window_starts,
 )
@@ -35,13 +36,6 @@ from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.paged_attention import pallas_gpu as decode_gpu
 
 STEP_LAYER, STEP_LAYERS = 1, 3
-
-
-def rope_tables(rng, batch, head_dim=HEAD_DIM):
-    """float32 cos/sin ``[batch, head_dim]`` of random angles, halves repeated (HF layout)."""
-    angles = rng.uniform(-np.pi, np.pi, (batch, head_dim // 2)).astype(np.float32)
-    angles = np.concatenate([angles, angles], axis=-1)
-    return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
 
 
 def decode_step_case(seed, block_size, group, context_lens, dtype, head_dim=HEAD_DIM, **options):

@@ -4,19 +4,15 @@ and the largest they take (Gemma's 256-wide heads) compiled for sm_90 within its
 without a GPU."""
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import pytest
-from pallas_cases import KERNEL, ON_GPU, SCALE, assert_kernels_alone, lower_for_cuda
+from pallas_cases import KERNEL, ON_GPU, SCALE, SM90_SHARED_BYTES, assert_kernels_alone, compile_for_sm90
 
 from pallas_kernels._dispatch import choose_impl
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
-
-SM90_SHARED_BYTES = 227 * 1024      # the most shared memory one block may take on sm_90
 
 
 @pytest.mark.skipif(ON_GPU, reason='the CPU\'s dispatch')
@@ -46,35 +42,6 @@ def test_attention_kernels_refuse_unsupported_heads_with_the_reason():
     with pytest.raises(ValueError, match='128 query heads per KV head: the prefill kernel takes at most 64'):
         paged_prefill_attention(jnp.ones((3, 1, 128, 32)), pages, pages, tables, lens, lens, SCALE,
                                 impl=KERNEL)
-
-
-def compile_for_sm90(monkeypatch, tmp_path, fn, *args) -> tuple[str, dict[str, int]]:
-    """``fn``'s Pallas (Triton) kernels lowered for CUDA, then each compiled by Triton to an sm_90
-    cubin, without a GPU (JAX's Triton IR taken from its private lowering, as the GPU plugin
-    would compile it): the lowered text, and each kernel's shared memory in bytes."""
-    triton = pytest.importorskip('triton')
-    from triton.backends.compiler import GPUTarget
-    lowering = pytest.importorskip('jax._src.pallas.triton.lowering')
-    modules, lower = {}, lowering.lower_jaxpr_to_triton_module
-
-    def capture(*a, **k):
-        result = lower(*a, **k)
-        text = result.module.operation.get_asm(enable_debug_info=False)
-        modules[re.search(r'tt\.func public @(\w+)', text).group(1)] = text
-        return result
-
-    monkeypatch.setattr(lowering, 'lower_jaxpr_to_triton_module', capture)
-    text = lower_for_cuda(fn, *args)
-    if '__gpu$xla.gpu.triton' not in text:
-        pytest.skip('this jaxlib compiles its Triton kernels while lowering: the test reads the Triton IR it passes on')
-    shared = {}
-    for name, stages, warps in re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text):
-        path = tmp_path / f'{name}.ttir'
-        path.write_text(modules[name])
-        compiled = triton.compile(str(path), target=GPUTarget('cuda', 90, 32),
-                                  options=dict(num_warps=int(warps), num_stages=int(stages)))
-        shared[name] = compiled.metadata.shared
-    return text, shared
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
