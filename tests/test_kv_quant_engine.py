@@ -14,7 +14,6 @@ it more than int8 does (so an engine that ignored the bits would fail).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,7 +33,8 @@ from transformers import AutoTokenizer
 
 from lmdeploy_jax.backends import create_backend
 from lmdeploy_jax.checkpoint.source import resolve_model
-from lmdeploy_jax.cli.engine_args import add_engine_args, add_model_arg, engine_config
+from lmdeploy_jax.cli.engine_args import engine_config
+from lmdeploy_jax.cli.main import build_parser
 from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine.kv_pool import plan_num_blocks
 from lmdeploy_jax.engine_api import EngineRequest
@@ -199,18 +199,17 @@ def test_bad_quant_policy_is_refused_by_name(engines):
 
 def test_pytorch_backend_refuses_kv_quantization(source):
     """The torch reference keeps its cache unquantized: refused, never silently dropped, from
-    the config and from the CLI flag."""
+    the config and from the CLI flag, which ``run``, ``chat`` and ``serve api_server`` share."""
     with pytest.raises(ValueError, match='quant_policy=8 .*turbomind backend only'):
         create_backend(source, 'pytorch', TurbomindEngineConfig(quant_policy=8))
-    parser = argparse.ArgumentParser()
-    add_model_arg(parser)
-    add_engine_args(parser)
-    with pytest.raises(ValueError, match='--quant-policy is applied by the turbomind backend only'):
-        engine_config(parser.parse_args(['--backend', 'pytorch', '--quant-policy', '4']))
-    assert engine_config(parser.parse_args(['--quant-policy', '4'])).quant_policy == 4
-    assert engine_config(parser.parse_args([])).quant_policy == 0
+    parser = build_parser()
+    for command in (['run', 'hi'], ['chat'], ['serve', 'api_server']):
+        assert engine_config(parser.parse_args([*command, '--quant-policy', '4'])).quant_policy == 4
+        assert engine_config(parser.parse_args(command)).quant_policy == 0
+        with pytest.raises(ValueError, match='--quant-policy is applied by the turbomind backend only'):
+            engine_config(parser.parse_args([*command, '--backend', 'pytorch', '--quant-policy', '8']))
     with pytest.raises(SystemExit):
-        parser.parse_args(['--quant-policy', '3'])
+        parser.parse_args(['serve', 'api_server', '--quant-policy', '3'])
 
 
 def test_tp2_int8_gives_tp1_int8_tokens(tmp_path):
