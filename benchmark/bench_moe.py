@@ -1,7 +1,8 @@
 """One MoE layer's expert MLP (``lmdeploy_jax/models/layers/moe.py``) on the GPU, bf16, at a real
 model's expert shapes: for each token count and path (``grouped``: ragged_dot GEMMs over the
 choices sorted by expert; ``per_choice``: each choice's expert weights gathered), the time, the
-bytes of the chosen experts' weights and of every expert's, the FLOPs of the routed tokens, and
+bytes of the chosen experts' weights and of every expert's (``per_choice_sliced``: the
+weights sliced per choice rather than gathered, an alternative to ``per_choice``), the FLOPs of the routed tokens, and
 the bandwidth and FLOP rate those imply, beside the card's measured ceilings (a copy's bandwidth,
 a large bf16 matmul's FLOP rate).
 
@@ -26,7 +27,24 @@ from lmdeploy_jax.models.layers.moe import grouped_mlp, per_choice_mlp, route
 
 # experts, chosen per token, hidden, expert width
 SHAPES = {'qwen3-30b-a3b': (128, 8, 2048, 768), 'mixtral-8x7b': (8, 2, 4096, 14336)}
-PATHS = {'grouped': grouped_mlp, 'per_choice': per_choice_mlp}
+
+
+def per_choice_sliced_mlp(x, experts, gate_up, down, act):
+    """``per_choice_mlp`` with each choice's weights sliced out of the stacks one choice at a time
+    (``dynamic_index_in_dim``, which cuBLAS may read in place) instead of gathered into a copy: the
+    alternative to measure against it."""
+    choices, k = experts.reshape(-1), experts.shape[1]
+    rows = []
+    for j in range(choices.shape[0]):
+        w1 = jax.lax.dynamic_index_in_dim(gate_up, choices[j], keepdims=False)
+        w2 = jax.lax.dynamic_index_in_dim(down, choices[j], keepdims=False)
+        gate, up = jnp.split(x[j // k] @ w1.T, 2)
+        rows.append((act(gate) * up) @ w2.T)
+    return jnp.stack(rows)
+
+
+PATHS = {'grouped': grouped_mlp, 'per_choice': per_choice_mlp, 'per_choice_sliced': per_choice_sliced_mlp}
+SLICED_MAX_CHOICES = 64       # the sliced loop is unrolled: only for small steps
 
 
 def timed(fn, *args, iters: int = 20) -> float:
@@ -67,6 +85,8 @@ def main() -> None:
         chosen = len(np.unique(np.asarray(experts)))
         flops = 2 * n * k * 3 * inter * hidden
         for name, mlp in PATHS.items():
+            if name == 'per_choice_sliced' and n * k > SLICED_MAX_CHOICES:
+                continue
             fn = jax.jit(lambda x, e, g, d, mlp=mlp: mlp(x, e, g, d, jax.nn.silu))
             seconds = timed(fn, x, experts, gate_up, down)
             print(json.dumps({
