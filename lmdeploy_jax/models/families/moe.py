@@ -43,8 +43,8 @@ def qwen_weight_map(spec: ModelSpec) -> dict[Path, Source]:
         **linear(('layers', 'mlp', 'shared_down'), mlp + 'shared_expert.down_proj'),
         **linear(('layers', 'mlp', 'shared_expert_gate'), mlp + 'shared_expert_gate'),
     } if spec.shared_expert_size else {}
-    return {**_attention_and_norms(spec), **_experts(spec, mlp + 'gate.weight', mlp + 'experts.', 'gate_proj', 'up_proj',
-                                                      'down_proj'), **shared}
+    experts = _experts(spec, mlp + 'gate.weight', mlp + 'experts.', 'gate_proj', 'up_proj', 'down_proj')
+    return {**_attention_and_norms(spec), **experts, **shared}
 
 
 def mixtral_weight_map(spec: ModelSpec) -> dict[Path, Source]:
