@@ -39,7 +39,7 @@ from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine.kv_pool import plan_num_blocks
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import KV_QUANT_POLICIES, GenerationConfig, TurbomindEngineConfig
-from lmdeploy_jax.models.kv_cache import QUANT_POLICIES, kv_bytes_per_block, kv_cache_leaves
+from lmdeploy_jax.models.kv_cache import QUANT_POLICIES, init_kv_caches, kv_bytes_per_block, kv_cache_leaves
 from pallas_kernels.kv_quant import QuantizedPages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,6 +99,9 @@ def test_the_pool_holds_the_policys_pages(engines):
                 assert pages.scale_zero.dtype == jnp.float32 and pages.scale_zero.shape == (*lead, 2)
         nbytes = sum(leaf.nbytes for leaf in jax.tree.leaves(kv))
         assert nbytes == NUM_BLOCKS * kv_bytes_per_block(spec, BLOCK, policy)
+        fresh = init_kv_caches(spec, NUM_BLOCKS, BLOCK, policy)     # the models' own (research API) caches
+        assert jax.tree.structure(fresh) == jax.tree.structure(kv)
+        assert [(x.shape, x.dtype) for x in jax.tree.leaves(fresh)] == [(x.shape, x.dtype) for x in jax.tree.leaves(kv)]
 
 
 def test_perplexity_is_within_the_policys_bound(engines, text_ids):
@@ -193,8 +196,8 @@ def test_bad_quant_policy_is_refused_by_name(engines):
     for bad in (3, 16, -8, 8.0, True):
         with pytest.raises(ValueError, match=r'quant_policy must be one of \(0, 8, 4\)'):
             TurbomindEngineConfig(quant_policy=bad)
-    with pytest.raises(ValueError, match=r'quant_policy must be one of \(0, 8, 4\).*got 3'):
-        kv_cache_leaves(engines[0]._runner.model.spec, 4, 16, 3)
+        with pytest.raises(ValueError, match=rf'quant_policy must be one of \(0, 8, 4\).*got {bad!r}'):
+            kv_cache_leaves(engines[0]._runner.model.spec, 4, 16, bad)
 
 
 def test_pytorch_backend_refuses_kv_quantization(source):

@@ -13,7 +13,7 @@ from pallas_kernels.kv_quant import QUANT_BITS, QuantizedPages, empty_pages, kv_
 
 from .spec import ModelSpec
 
-QUANT_POLICIES = (0, *QUANT_BITS)     # LMDeploy's quant_policy values: 0 (off), else the bits a value
+QUANT_POLICIES = (0, *QUANT_BITS)     # LMDeploy's quant_policy values: 0 (off), else the bits a stored value takes
 
 
 def kv_cache_shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -22,7 +22,7 @@ def kv_cache_shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[i
 
 
 def _bits(quant_policy: int) -> int | None:
-    if quant_policy not in QUANT_POLICIES:
+    if type(quant_policy) is not int or quant_policy not in QUANT_POLICIES:
         raise ValueError(f'quant_policy must be one of {QUANT_POLICIES} (0: no KV quantization, 8: int8, '
                          f'4: int4), got {quant_policy!r}')
     return quant_policy or None
