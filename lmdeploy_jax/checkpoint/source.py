@@ -26,6 +26,13 @@ class ModelSource:
     given: str         # what the user passed, for messages and chat-template matching
 
     @property
+    def is_engine_checkpoint(self) -> bool:
+        """Whether ``hf_dir`` was written by ``lmdeploy_jax convert`` (``engine_checkpoint.py``):
+        its weights are an Orbax checkpoint in the engine's layout, not safetensors."""
+        from .engine_checkpoint import is_engine_checkpoint
+        return is_engine_checkpoint(self.hf_dir)
+
+    @property
     def config_path(self) -> str:
         return os.path.join(self.hf_dir, 'config.json')
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, check_env, list_templates, run, serve
+from . import chat, check_env, convert, list_templates, run, serve
 
-SUBCOMMANDS = [run, chat, serve, list_templates, check_env]
+SUBCOMMANDS = [run, chat, serve, convert, list_templates, check_env]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from .layers.attention import KVCache
 from .layers.decoder import rope_inv_frequencies
 from .layers.fused import FusedLayout
 from .registry import family
+from .restore import checkpoint_spec, restore_params
 from .safetensors_file import SafetensorsCheckpoint
 from .spec import DTYPES, ModelSpec, dynamic_ntk, spec_from_config
 from .step_batch import StepBatch
@@ -113,6 +114,9 @@ def check_checkpoint(source: ModelSource) -> None:
     """What ``load_model`` would refuse in ``source``'s files, found from their headers alone (no
     weight is read): a corrupt or truncated safetensors file, a bad config, a tensor missing or of
     another shape than the config implies. Raises CheckpointError naming the file."""
+    if source.is_engine_checkpoint:      # written by `lmdeploy_jax convert`: its metadata (restore.py)
+        checkpoint_spec(source)
+        return
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         check_tensors(ckpt, _expected_shapes(model_spec(source, ckpt)), source.config_path)
 
@@ -129,6 +133,10 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
     (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce."""
     fam = family(source.architecture)
     check_not_quantized(source.config_path, source.config_dict())
+    if source.is_engine_checkpoint:      # written by `lmdeploy_jax convert`: restored by Orbax (restore.py)
+        stored, graphdef, params = restore_params(source, dtype, mesh, rope_scaling_factor)
+        claim = _prepare_p2p_all_reduce(mesh) if mesh is not None and p2p_all_reduce else None
+        return LoadedModel(stored, graphdef, params, mesh, p2p_claim=claim)
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = model_spec(source, ckpt, dtype)
         if rope_scaling_factor:

@@ -1,0 +1,134 @@
+"""An engine checkpoint (``checkpoint/engine_checkpoint.py``, written by ``lmdeploy_jax convert``)
+restored with Orbax straight onto the device, or into the shardings of a tensor-parallel mesh of any
+size. The checkpoint holds the parameters as one device does (``FusedLayout`` at tp=1); a fused
+projection's rows are regrouped shard by shard for the mesh (KV heads repeated where tp exceeds
+them) by one gather compiled with the target sharding as its output, so each device receives only
+its own rows."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from flax.nnx import traversals
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from ..checkpoint.engine_checkpoint import PARAMS_DIR, EngineCheckpointInfo, read_info
+from ..checkpoint.errors import CheckpointError
+from ..checkpoint.source import ModelSource
+from ..parallel import param_spec, split_heads
+from ..parallel.rules import TP
+from .layers.fused import FUSED, FusedLayout
+from .registry import family
+from .spec import DTYPES, ModelSpec, dynamic_ntk, spec_from_config
+
+Path = tuple[str, ...]
+
+
+def checkpoint_info(source: ModelSource) -> EngineCheckpointInfo:
+    """``source``'s engine checkpoint metadata, checked against its config.json (CheckpointError)."""
+    info = read_info(source.hf_dir, source.architecture)
+    if info.dtype not in DTYPES:
+        raise CheckpointError(source.hf_dir, f'engine checkpoint dtype {info.dtype!r} is not one of {sorted(DTYPES)}')
+    return info
+
+
+def checkpoint_spec(source: ModelSource, dtype: str = 'auto') -> ModelSpec:
+    """The spec of the model ``source`` holds, in ``dtype`` ('auto': the checkpoint's own)."""
+    info = checkpoint_info(source)
+    if dtype != 'auto' and dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    fam = family(source.architecture)
+    spec = spec_from_config(source.config_dict(), fam, source.architecture, DTYPES['float32'],
+                            source.generation_eos_ids(), source.config_path)
+    return dataclasses.replace(spec, dtype=jnp.dtype(DTYPES[info.dtype if dtype == 'auto' else dtype]),
+                               biases=info.biases)
+
+
+def _stacked(path: Path) -> bool:
+    return path[0] == 'layers'
+
+
+def _fused_key(path: Path) -> str | None:
+    key = path[-2] if path[-1] in ('w', 'b') and len(path) > 1 else path[-1]
+    return key if key in FUSED else None
+
+
+def _sharding(mesh: Mesh | None, path: Path, shape: tuple[int, ...]):
+    """Where ``load_model`` places the parameter at ``path`` of ``shape``."""
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    if _stacked(path):
+        return NamedSharding(mesh, PartitionSpec(None, *param_spec(path, shape[1:], mesh.size)))
+    return NamedSharding(mesh, param_spec(path, shape, mesh.size))
+
+
+def _row_axis(path: Path, shape: tuple[int, ...], tp: int) -> int:
+    """The axis of a fused parameter's rows: the one its partition splits over the mesh."""
+    spec = param_spec(path, shape[1:] if _stacked(path) else shape, tp)
+    return list(spec).index(TP) + (1 if _stacked(path) else 0)
+
+
+def _row_order(saved: FusedLayout, target: FusedLayout, key: str) -> np.ndarray:
+    """Row ``j`` of the fused parameter ``key`` in ``target``'s layout is row ``order[j]`` as saved."""
+    offsets, offset = {}, 0
+    for part, _, n in saved.segments(key):
+        offsets[part] = offset
+        offset += n
+    return np.concatenate([offsets[part] + start + np.arange(n) for part, start, n in target.segments(key)])
+
+
+def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
+                   rope_scaling_factor: float = 0.0) -> tuple[ModelSpec, nnx.GraphDef, nnx.State]:
+    """``(spec as stored, graphdef, params)`` of the engine checkpoint ``source``, as ``load_model``
+    would give them from the Hugging Face directory it was converted from: in ``dtype`` ('auto': the
+    checkpoint's), sharded over ``mesh`` when given. CheckpointError naming the file when the
+    metadata or the parameters disagree with config.json; ValueError when the mesh cannot split the
+    heads."""
+    from .loader import abstract_params
+    spec = checkpoint_spec(source, dtype)
+    if rope_scaling_factor:
+        spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor, spec.max_position_embeddings))
+    tp, replicas = 1, 1
+    if mesh is not None:
+        split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
+        if spec.shared_expert_size % mesh.size:
+            raise ValueError(f'tp={mesh.size} cannot split the shared expert size {spec.shared_expert_size} evenly')
+        tp, replicas = mesh.size, split.kv_replicas
+    saved_layout, target_layout = FusedLayout(spec), FusedLayout(spec, tp, replicas)
+    stored = dataclasses.replace(spec, num_kv_heads=target_layout.stored_kv_heads)
+    _, saved_abstract = abstract_params(spec)
+    graphdef, abstract = abstract_params(stored)
+    saved = traversals.flatten_mapping(nnx.to_pure_dict(saved_abstract))
+    target = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
+    restore_as = {}
+    for path, leaf in saved.items():
+        sharding = _sharding(mesh, path, target[path].shape)
+        if _fused_key(path) and mesh is not None:     # rows regrouped below: restore them split evenly
+            axis = _row_axis(path, leaf.shape, tp)
+            spec_rows = [None] * len(leaf.shape)
+            if leaf.shape[axis] % tp == 0:
+                spec_rows[axis] = TP
+            sharding = NamedSharding(mesh, PartitionSpec(*spec_rows))
+        restore_as[path] = jax.ShapeDtypeStruct(leaf.shape, spec.dtype, sharding=sharding)
+    params_dir = os.path.join(os.path.abspath(source.hf_dir), PARAMS_DIR)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(params_dir, traversals.unflatten_mapping(restore_as))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(params_dir, f'the parameters do not match config.json ({type(e).__name__}: {e})') from e
+    flat = traversals.flatten_mapping(restored)
+    for path in flat:
+        key = _fused_key(path)
+        if key and mesh is not None:
+            axis = _row_axis(path, saved[path].shape, tp)
+            order = jnp.asarray(_row_order(saved_layout, target_layout, key))
+            regroup = jax.jit(lambda x, i, axis=axis: jnp.take(x, i, axis=axis),
+                              out_shardings=_sharding(mesh, path, target[path].shape))
+            flat[path] = regroup(flat[path], order)
+    nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
+    return stored, graphdef, abstract
