@@ -28,8 +28,8 @@ import pytest
 import torch
 from test_engine_helpers import run_all
 from test_engine_serving import SESSION, ids, tiny  # noqa: F401 - tiny is a fixture
-from test_tensor_parallel import CHECKPOINTS, TINY, _env, _run_worker
-from transformers import AutoTokenizer
+from test_tensor_parallel import TINY, _env, _run_worker
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lmdeploy_jax.backends import create_backend
 from lmdeploy_jax.checkpoint.source import resolve_model
@@ -215,17 +215,20 @@ def test_pytorch_backend_refuses_kv_quantization(source):
         parser.parse_args(['serve', 'api_server', '--quant-policy', '3'])
 
 
-def test_tp2_int8_gives_tp1_int8_tokens(tmp_path):
-    """Every pool leaf (codes, scale/zero) splits on its KV-head axis: a tiny Llama with 2 KV
-    heads at tp=2 (one KV head a device) gives tp=1's greedy tokens, both with quant_policy=8."""
-    config_cls, model_cls, extra = CHECKPOINTS['llama-kv2']
+def test_tp2_pallas_int8_gives_tp1_reference_int8_tokens(tmp_path):
+    """Every pool leaf (codes, scale/zero) splits on its KV-head axis, and the quantized Pallas
+    kernels (interpret mode) run inside the engine under ``shard_map``: a tiny Llama (head size
+    32, the attention kernels' smallest; 2 KV heads, one a device at tp=2) with quant_policy=8
+    gives the same greedy tokens at tp=2 on the Pallas kernels as at tp=1 on the XLA references."""
     torch.manual_seed(0)
-    model_cls(config_cls(**TINY, **extra)).save_pretrained(tmp_path / 'model')
-    out = _run_worker(_env(tmp_path, 2), '--model', str(tmp_path / 'model'), '--tp', '1', '2',
-                      '--quant-policy', '8')
-    assert all(len(tokens) == 6 for tokens in out[1])
-    assert out[2] == out[1]
-
+    model = tmp_path / 'llama-d32'
+    LlamaForCausalLM(LlamaConfig(**{**TINY, 'hidden_size': 128, 'head_dim': 32, 'num_attention_heads': 4},
+                                 num_key_value_heads=2)).save_pretrained(model)
+    tokens = {impl: _run_worker(_env(tmp_path / impl, 2, LMDEPLOY_JAX_KERNELS=impl), '--model', str(model),
+                                '--tp', tp, '--quant-policy', '8')[int(tp)]
+              for impl, tp in (('reference', '1'), ('pallas_interpret', '2'))}
+    assert all(len(t) == 6 for t in tokens['reference'])
+    assert tokens['pallas_interpret'] == tokens['reference']
 
 
 def test_compare_results_by_quant_sets_each_policy_against_policy_0(tmp_path):
