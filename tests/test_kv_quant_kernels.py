@@ -19,10 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from pallas_cases import (INTERPRET, KERNEL, KV_HEADS, SCALE, Pools, assert_kernels_alone, assert_matches,
-                          lower_for_cuda, window_lens, window_starts)
-from test_pallas_decode_step import rope_tables
-from test_pallas_dispatch import SM90_SHARED_BYTES, compile_for_sm90
+from pallas_cases import (INTERPRET, KERNEL, KV_HEADS, SCALE, SM90_SHARED_BYTES, Pools, assert_kernels_alone,
+                          assert_matches, compile_for_sm90, lower_for_cuda, rope_tables, window_lens, window_starts)
 
 from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu
 from pallas_kernels.decode_step_attention.api import decode_step_attention
