@@ -25,11 +25,12 @@ from lmdeploy_jax.models import load_model
 from lmdeploy_jax.models.layers.moe import grouped_matmul, grouped_mlp, per_choice_mlp, route
 from lmdeploy_jax.models.registry import UnsupportedArchitectureError
 
-# Qwen3-MoE's 16 experts: a decode step of the 4-sequence batch (8 choices) gathers its experts'
-# weights, prefill runs the grouped GEMMs; Qwen2-MoE's 8 and Mixtral's 4 take the grouped GEMMs
+# Qwen3-MoE's 32 experts: a decode step of the 4-sequence batch (8 choices) gathers its experts'
+# weights (layers.moe.gathers_weights), prefill runs the grouped GEMMs; Qwen2-MoE's 8 and Mixtral's
+# 4 take the grouped GEMMs
 FAMILIES = {
     'qwen3_moe': (Qwen3MoeConfig, Qwen3MoeForCausalLM,
-                  dict(vocab_size=300, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=2,
+                  dict(vocab_size=300, moe_intermediate_size=64, num_experts=32, num_experts_per_tok=2,
                        norm_topk_prob=True)),
     'qwen2_moe': (Qwen2MoeConfig, Qwen2MoeForCausalLM,
                   dict(vocab_size=300, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2,

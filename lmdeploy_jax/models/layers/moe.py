@@ -57,13 +57,20 @@ def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: j
     rows, then up rows), ``down [E, hidden, inter]``: every expert's (or one device's slice of every
     expert's) weights; the expert MLP is ``down(act(gate) * up)``.
 
-    A step of few choices (``2 * N * k <= E``, a small decode batch) gathers each choice's expert
+    A step of few choices (``gathers_weights``, a small decode batch) gathers each choice's expert
     weights, so it reads only the chosen experts' (``per_choice_mlp``); a larger one sorts the
     choices by expert and runs grouped GEMMs (``grouped_mlp``). The choice is static (shapes)."""
     n, k = experts.shape
-    mlp = per_choice_mlp if 2 * n * k <= gate_up.shape[0] else grouped_mlp
+    mlp = per_choice_mlp if gathers_weights(n * k, gate_up.shape[0]) else grouped_mlp
     y = mlp(x, experts, gate_up, down, act).reshape(n, k, -1)
     return jnp.einsum('nkh,nk->nh', y, weights.astype(x.dtype))
+
+
+def gathers_weights(choices: int, num_experts: int) -> bool:
+    """Whether ``experts_mlp`` runs a step of ``choices`` (tokens times experts per token) by
+    ``per_choice_mlp``: at most a quarter of the experts, so that even where XLA writes the gathered
+    weights out as a copy and reads them again, the step reads fewer bytes than every expert's."""
+    return 4 * choices <= num_experts
 
 
 def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act) -> jax.Array:
