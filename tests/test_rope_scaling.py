@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from test_engine_helpers import run_all
 from test_models import PagedRun, _assert_logits_close
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
@@ -34,7 +33,6 @@ from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, Turbomi
 from lmdeploy_jax.models import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, load_model
 from lmdeploy_jax.models.layers.attention import _rotate_partial
 from lmdeploy_jax.models.layers.fused import FusedLayout, join_fused, split_fused
-from lmdeploy_jax.models.loader import abstract_params
 from lmdeploy_jax.models.rope import apply_rope, cos_sin, inv_frequencies, rotary_dim
 from lmdeploy_jax.models.spec import ModelSpec, RopeSpec, dynamic_ntk, rope_from_config
 from lmdeploy_jax.pytorch.engine import PytorchEngine
@@ -209,34 +207,7 @@ def test_partial_rotation_at_decode_keeps_the_fused_layout(rng, tp):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
 
 
-# ---- the decoder: a Phi-3 with longrope and partial rotary dims, through the Llama layers ----
-
-def phi3_as_llama(phi3: Phi3ForCausalLM, path) -> ModelSource:
-    """Save ``phi3``'s weights in Llama's layout (its packed qkv and gate/up split), under a Llama
-    config with the default rope: Phi-3 is Llama with packed projections."""
-    c = phi3.config
-    q_rows, kv_rows = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    tensors = {}
-    for name, w in phi3.state_dict().items():
-        if name.endswith('qkv_proj.weight'):
-            q, k, v = w.split([q_rows, kv_rows, kv_rows])
-            for part, t in zip('qkv', (q, k, v)):
-                tensors[name.replace('qkv_proj', f'{part}_proj')] = t.contiguous()
-        elif name.endswith('gate_up_proj.weight'):
-            gate, up = w.chunk(2)
-            tensors[name.replace('gate_up_proj', 'gate_proj')] = gate.contiguous()
-            tensors[name.replace('gate_up_proj', 'up_proj')] = up.contiguous()
-        else:
-            tensors[name] = w.contiguous()
-    save_file(tensors, str(path / 'model.safetensors'))
-    llama = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-                        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-                        tie_word_embeddings=False, architectures=['LlamaForCausalLM'], dtype='float32')
-    llama.save_pretrained(path)
-    return ModelSource(str(path), 'phi3-as-llama')
-
+# ---- the decoder: a Phi-3 with longrope and partial rotary dims ----
 
 def test_longrope_partial_decoder_matches_phi3(rng, tmp_path):
     """One-chunk prefill and token-by-token decode of a Phi-3 (longrope, 3/4 of each head rotated)
@@ -251,10 +222,9 @@ def test_longrope_partial_decoder_matches_phi3(rng, tmp_path):
                         pad_token_id=0)
     torch.manual_seed(int(rng.integers(1 << 30)))
     phi3 = Phi3ForCausalLM(config).float().eval()
-    model = load_model(phi3_as_llama(phi3, tmp_path))
-    spec = dataclasses.replace(model.spec, rope=rope_from_config(config.to_dict(), 'Phi3ForCausalLM', True))
-    assert spec.rope.rope_type == 'longrope' and rotary_dim(spec.rope, head_dim) == 12
-    model = dataclasses.replace(model, spec=spec, graphdef=abstract_params(spec)[0])
+    phi3.save_pretrained(tmp_path)
+    model = load_model(ModelSource(str(tmp_path), str(tmp_path)))
+    assert model.spec.rope.rope_type == 'longrope' and rotary_dim(model.spec.rope, head_dim) == 12
     # the first call of one is below the threshold, of the other above; decoding crosses it
     prompts = [rng.integers(0, 128, n).tolist() for n in (original + 2, original + 9)]
     decoded = 6
