@@ -8,8 +8,10 @@ over those ragged groups (``jax.lax.ragged_dot_general``): expert ``e``'s rows m
 step of few choices (a small decode batch) instead gathers each choice's expert weights, so it
 reads only the chosen experts' (``experts_mlp``).
 
-How ``ragged_dot`` runs is the backend's: XLA may expand it into one dense product per group (its
-CPU lowering does), which reads every expert's weights.
+How ``ragged_dot`` runs is the backend's: on a GPU it reaches XLA as a ``chlo.ragged_dot``
+composite, which XLA may run as a grouped GEMM or expand into one dense product per group over
+every row (the composite's own decomposition, and the CPU lowering): that reads every expert's
+weights and multiplies every row by each of them.
 
 Tensor parallelism is inside each expert (``parallel.rules``): every device routes all tokens
 (the router is replicated), runs its slice of every expert's gate/up rows and down columns, and
