@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 from family_harness import WINDOW, check_the_window_matters, family_checks
 from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
@@ -24,6 +25,7 @@ from lmdeploy_jax.checkpoint.source import ModelSource
 from lmdeploy_jax.models import load_model
 from lmdeploy_jax.models.layers.moe import grouped_matmul, grouped_mlp, per_choice_mlp, route
 from lmdeploy_jax.models.registry import UnsupportedArchitectureError
+from lmdeploy_jax.parallel.rules import TP, param_spec
 
 # Qwen3-MoE's 32 experts: a decode step of the 4-sequence batch (8 choices) gathers its experts'
 # weights (layers.moe.gathers_weights), prefill runs the grouped GEMMs; Qwen2-MoE's 8 and Mixtral's
@@ -70,6 +72,19 @@ def test_a_missing_expert_tensor_is_named(families, tmp_path, name, expert):
     os.symlink(f'{path}/config.json', tmp_path / 'config.json')
     with pytest.raises(CheckpointError, match=expert.replace('.', r'\.')):
         load_model(ModelSource(str(tmp_path), str(tmp_path)), 'float32')
+
+
+def test_experts_split_inside_each_expert_over_the_mesh():
+    """At tp=2 each device holds half of every expert: gate_up's rows, down's columns (one layer's
+    shapes); the router and the shared expert's gate are replicated, the shared expert split as a
+    dense MLP."""
+    E, inter, hidden = 8, 64, 128
+    assert param_spec(('layers', 'mlp', 'experts', 'gate_up'), (E, 2 * inter, hidden), 2) == P(None, TP, None)
+    assert param_spec(('layers', 'mlp', 'experts', 'down'), (E, hidden, inter), 2) == P(None, None, TP)
+    assert param_spec(('layers', 'mlp', 'router', 'w'), (E, hidden), 2) == P()
+    assert param_spec(('layers', 'mlp', 'shared_gate_up', 'w'), (2 * inter, hidden), 2) == P(TP, None)
+    assert param_spec(('layers', 'mlp', 'shared_down', 'w'), (hidden, inter), 2) == P(None, TP)
+    assert param_spec(('layers', 'mlp', 'shared_expert_gate', 'w'), (1, hidden), 2) == P()
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
