@@ -274,7 +274,8 @@ def _is_host_port(address: str) -> bool:
 
 @dataclass
 class PytorchEngineConfig:
-    """Configuration of the reference backend (``backend='pytorch'``), the transformers model in torch."""
+    """Configuration of the reference backend (``backend='pytorch'``), the transformers model in torch.
+    ``quant_policy`` (LMDeploy's field) must be 0: this backend keeps its KV cache in the model dtype."""
     dtype: str = 'auto'
     tp: int = 1
     session_len: int | None = None
@@ -283,12 +284,15 @@ class PytorchEngineConfig:
     block_size: int = 64
     enable_prefix_caching: bool = False
     device_type: str = 'cuda'
+    quant_policy: int = 0
 
     def __post_init__(self):
         _check_engine_common(self)
         _require(isinstance(self.device_type, str) and self.device_type in ('cuda', 'cpu'), 'device_type',
                  "'cuda' or 'cpu'", self.device_type)
         _int_field('block_size', self.block_size, 1)
+        _require(_is_int(self.quant_policy) and self.quant_policy == 0, 'quant_policy',
+                 '0 on the pytorch backend (KV quantization runs on the turbomind backend)', self.quant_policy)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from lmdeploy_jax.cli.main import build_parser
 from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine.kv_pool import plan_num_blocks
 from lmdeploy_jax.engine_api import EngineRequest
-from lmdeploy_jax.messages import KV_QUANT_POLICIES, GenerationConfig, TurbomindEngineConfig
+from lmdeploy_jax.messages import KV_QUANT_POLICIES, GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
 from lmdeploy_jax.models.kv_cache import QUANT_POLICIES, init_kv_caches, kv_bytes_per_block, kv_cache_leaves
 from pallas_kernels.kv_quant import QuantizedPages
 
@@ -213,6 +213,10 @@ def test_pytorch_backend_refuses_kv_quantization(source):
             engine_config(parser.parse_args([*command, '--backend', 'pytorch', '--quant-policy', '8']))
     with pytest.raises(SystemExit):
         parser.parse_args(['serve', 'api_server', '--quant-policy', '3'])
+    # LMDeploy's PytorchEngineConfig has the field too: accepted at 0, refused by name otherwise
+    assert PytorchEngineConfig().quant_policy == 0
+    with pytest.raises(ValueError, match=r'^quant_policy must be 0 on the pytorch backend .*, got 8$'):
+        PytorchEngineConfig(quant_policy=8)
 
 
 def test_tp2_pallas_int8_gives_tp1_reference_int8_tokens(tmp_path):
