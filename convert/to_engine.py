@@ -6,8 +6,8 @@ import os
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from lmdeploy_jax.checkpoint.engine_checkpoint import (METADATA_FILE, PARAMS_DIR, EngineCheckpointInfo,
-                                                       copy_model_files)
+from lmdeploy_jax.checkpoint.engine_checkpoint import (PARAMS_DIR, EngineCheckpointInfo, copy_model_files,
+                                                       new_directory)
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.models import load_model
 
@@ -20,17 +20,13 @@ def convert(model_path: str, dst_path: str, dtype: str = 'auto') -> str:
     Raises ValueError when ``dst_path`` holds files or ``dtype`` is not one of those,
     UnsupportedArchitectureError when the JAX engine has no model for the architecture,
     CheckpointError naming a broken file."""
-    dst = os.path.abspath(os.path.expanduser(dst_path))
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise ValueError(f'--dst-path {dst_path!r} exists and is not an empty directory')
+    dst = new_directory(dst_path)
     source = resolve_model(model_path)
     model = load_model(source, dtype)          # on one device, as the engine lays it out at tp=1
     os.makedirs(dst, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(dst, PARAMS_DIR), nnx.to_pure_dict(model.params))
-    copied = copy_model_files(source.hf_dir, dst)
-    if METADATA_FILE in copied:                # converting an engine checkpoint again: fresh metadata below
-        os.remove(os.path.join(dst, METADATA_FILE))
+    copy_model_files(source.hf_dir, dst)
     EngineCheckpointInfo(model.spec.architecture, model.spec.dtype.name, model.spec.biases,
                          os.fspath(model_path)).write(dst)
     return dst_path

@@ -1,6 +1,7 @@
 """``lmdeploy_jax convert``: a Hugging Face directory or a GGUF file -> an engine checkpoint (Orbax),
 restored bitwise (float32) at tp=1 and into the shardings of a tp=2 / tp=4 mesh of simulated CPU
-devices (KV heads repeated at tp=4), giving the same greedy tokens as the directory it came from."""
+devices (KV heads repeated at tp=4), giving the same greedy tokens as the directory it came from;
+and back to Hugging Face safetensors, bitwise, for every family the JAX engine supports."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,10 @@ import pytest
 import torch
 from flax import nnx
 from flax.nnx import traversals
+from safetensors.numpy import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from family_harness import TINY as FAMILY_TINY
 from gguf_export import export_gguf
 from lmdeploy_jax.backends import check_supported
 from lmdeploy_jax.checkpoint.engine_checkpoint import METADATA_FILE
@@ -22,10 +25,22 @@ from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.cli.main import main as cli
 from lmdeploy_jax.models import load_model
+from lmdeploy_jax.models.registry import family
+from lmdeploy_jax.models.weight_map import Tensor
+from test_family_gemma import FAMILIES as GEMMA
+from test_family_glm4 import FAMILIES as GLM4
+from test_family_internlm import FAMILIES as INTERNLM
+from test_family_moe import FAMILIES as MOE
+from test_family_phi3 import FAMILIES as PHI3
 from test_gguf_families import save_byte_level_tokenizer
+from test_model_families import FAMILIES as DENSE
 from test_tensor_parallel import TINY, _env, _run_worker
 
 from convert import convert
+
+# every family of the engine, as its tests build it: packed (phi3, glm4 gate_up), permuted (glm4 q/k,
+# internlm2's grouped wqkv), offset norms (gemma), experts (moe)
+FAMILIES = {**DENSE, **PHI3, **GLM4, **GEMMA, **MOE, **INTERNLM}
 
 COMPARE_AT_TP = """
 import sys
@@ -34,6 +49,8 @@ from flax import nnx
 from flax.nnx import traversals
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.models import load_model
+from lmdeploy_jax.models.registry import family
+from lmdeploy_jax.models.weight_map import Tensor
 from lmdeploy_jax.parallel import make_tp_mesh
 hf, converted = sys.argv[1:3]
 for tp in map(int, sys.argv[3:]):
@@ -129,3 +146,47 @@ def test_refuses_a_non_empty_destination_and_a_broken_checkpoint(checkpoint, tmp
     (broken / METADATA_FILE).write_text(json.dumps({**meta, 'version': 99}))
     with pytest.raises(CheckpointError, match='convert the model again'):
         load_model(resolve_model(str(broken)))
+
+
+def _offset_tensors(spec) -> dict[str, float]:
+    """The checkpoint tensors the engine stores plus a constant (Gemma's norms: ``1 + w``), by name."""
+    return {source.name.format(i=i): source.add for source in family(spec.architecture).weight_map(spec).values()
+            if isinstance(source, Tensor) and source.add for i in range(spec.num_layers)}
+
+
+def _safetensors(directory: str) -> dict[str, np.ndarray]:
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith('.safetensors'):
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+@pytest.mark.parametrize('name', sorted(FAMILIES))
+def test_hf_to_engine_to_hf_is_bitwise(name, tmp_path, rng):
+    family = FAMILIES[name]
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    hf = str(tmp_path / 'hf')
+    os.makedirs(hf)
+    if len(family) == 2:             # a layout transformers lacks, written from a Llama's weights
+        make, extra = family
+        make({**FAMILY_TINY, **extra}, hf, rng)
+    else:                            # every weight random, the norms too (transformers starts Gemma's at 0)
+        config_cls, model_cls, extra = family
+        model = model_cls(config_cls(**{**FAMILY_TINY, **extra})).float()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(torch.randn_like(param) * 0.3)
+        model.save_pretrained(hf)
+    engine, back = str(tmp_path / 'engine'), str(tmp_path / 'back')
+    convert(hf, engine)
+    assert cli(['convert', engine, '--dst-path', back, '--dst-format', 'hf']) == 0
+    original, exported = _safetensors(hf), _safetensors(back)
+    assert sorted(exported) == sorted(original)
+    offsets = _offset_tensors(load_model(resolve_model(engine)).spec)
+    for tensor, value in original.items():
+        assert exported[tensor].dtype == value.dtype and exported[tensor].shape == value.shape, tensor
+        if tensor in offsets:        # stored as 1 + w in float32: w comes back as (1 + w) - 1
+            value = (value + np.float32(offsets[tensor])) - np.float32(offsets[tensor])
+        assert np.array_equal(exported[tensor].view(np.uint8), value.view(np.uint8)), tensor
+    assert set(os.listdir(hf)) - {'model.safetensors'} <= set(os.listdir(back))

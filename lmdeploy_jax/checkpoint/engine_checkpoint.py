@@ -28,6 +28,15 @@ VERSION = 1
 _WEIGHT_SUFFIXES = ('.safetensors', '.safetensors.index.json', '.bin', '.bin.index.json', '.pt', '.pth', '.gguf')
 
 
+def new_directory(dst_path: str) -> str:
+    """``dst_path`` made absolute, after checking it is a directory to write into: absent or empty
+    (ValueError naming it otherwise)."""
+    dst = os.path.abspath(os.path.expanduser(dst_path))
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise ValueError(f'--dst-path {dst_path!r} exists and is not an empty directory')
+    return dst
+
+
 def is_engine_checkpoint(path: str) -> bool:
     """Whether the directory ``path`` is an engine checkpoint (it has ``engine_checkpoint.json``)."""
     return os.path.isfile(os.path.join(path, METADATA_FILE))
@@ -72,10 +81,10 @@ def read_info(path: str, config_architecture: str) -> EngineCheckpointInfo:
 
 
 def copy_model_files(hf_dir: str, dst: str) -> list[str]:
-    """Copy every file of ``hf_dir`` but the weights (config, generation config, tokenizer, chat
-    template, ...) into ``dst``; the names copied."""
-    names = sorted(n for n in os.listdir(hf_dir)
-                   if os.path.isfile(os.path.join(hf_dir, n)) and not n.endswith(_WEIGHT_SUFFIXES))
+    """Copy every file of ``hf_dir`` but the weights and an engine checkpoint's metadata (config,
+    generation config, tokenizer, chat template, ...) into ``dst``; the names copied."""
+    names = sorted(n for n in os.listdir(hf_dir) if os.path.isfile(os.path.join(hf_dir, n))
+                   and not n.endswith(_WEIGHT_SUFFIXES) and n != METADATA_FILE)
     for name in names:
         shutil.copyfile(os.path.join(hf_dir, name), os.path.join(dst, name))
     return names

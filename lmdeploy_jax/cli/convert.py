@@ -4,21 +4,27 @@ from __future__ import annotations
 import argparse
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+FORMATS = ('engine', 'hf')
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         'convert', help='convert a model to an engine checkpoint (Orbax, the JAX engine\'s layout)',
         description='Convert a Hugging Face safetensors directory, a GGUF file or a hub id to an engine '
-                    'checkpoint directory that `lmdeploy_jax serve/chat/run` and pipeline() load directly.')
+                    'checkpoint directory that `lmdeploy_jax serve/chat/run` and pipeline() load directly, '
+                    'or (--dst-format hf) a model back to a Hugging Face safetensors directory.')
     parser.add_argument('model_path', help='Hugging Face directory, .gguf file or hub id')
     parser.add_argument('--dst-path', default='./workspace', help='the new directory to write (default: %(default)s)')
     parser.add_argument('--dtype', default='auto', choices=DTYPES,
                         help="the parameters' dtype ('auto': the checkpoint's; default: %(default)s)")
+    parser.add_argument('--dst-format', default='engine', choices=FORMATS,
+                        help="'engine': an engine checkpoint (Orbax); 'hf': a Hugging Face safetensors "
+                             'directory, e.g. from an engine checkpoint (default: %(default)s)')
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from convert import convert
-    print(f'converted {args.model_path} -> {convert(args.model_path, args.dst_path, args.dtype)}')
+    from convert import convert, export_hf
+    write = convert if args.dst_format == 'engine' else export_hf
+    print(f'converted {args.model_path} -> {write(args.model_path, args.dst_path, args.dtype)}')
     return 0

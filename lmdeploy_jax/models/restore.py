@@ -53,7 +53,8 @@ def _stacked(path: Path) -> bool:
     return path[0] == 'layers'
 
 
-def _fused_key(path: Path) -> str | None:
+def fused_key(path: Path) -> str | None:
+    """The ``FUSED`` key of the parameter at ``path`` (``qkv`` for ``.../qkv/w``), None if not fused."""
     key = path[-2] if path[-1] in ('w', 'b') and len(path) > 1 else path[-1]
     return key if key in FUSED else None
 
@@ -108,7 +109,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
     restore_as = {}
     for path, leaf in saved.items():
         sharding = _sharding(mesh, path, target[path].shape)
-        if _fused_key(path) and mesh is not None:     # rows regrouped below: restore them split evenly
+        if fused_key(path) and mesh is not None:     # rows regrouped below: restore them split evenly
             axis = _row_axis(path, leaf.shape, tp)
             spec_rows = [None] * len(leaf.shape)
             if leaf.shape[axis] % tp == 0:
@@ -123,7 +124,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
         raise CheckpointError(params_dir, f'the parameters do not match config.json ({type(e).__name__}: {e})') from e
     flat = traversals.flatten_mapping(restored)
     for path in flat:
-        key = _fused_key(path)
+        key = fused_key(path)
         if key and mesh is not None:
             axis = _row_axis(path, saved[path].shape, tp)
             order = jnp.asarray(_row_order(saved_layout, target_layout, key))
