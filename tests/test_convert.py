@@ -103,6 +103,8 @@ def test_restore_is_bitwise_and_keeps_the_model_files(checkpoint):
     assert source.is_engine_checkpoint and not resolve_model(checkpoint['hf']).is_engine_checkpoint
     check_supported(source)      # pipeline()'s checks before loading
     assert_bitwise_equal(load_model(resolve_model(checkpoint['hf'])), load_model(source))
+    # another dtype than the one stored: cast while restoring, as the loader casts the safetensors
+    assert_bitwise_equal(load_model(resolve_model(checkpoint['hf']), 'bfloat16'), load_model(source, 'bfloat16'))
 
 
 def test_cli_converts_a_gguf_file_to_bfloat16(checkpoint, capsys):
