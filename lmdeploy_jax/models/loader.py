@@ -18,7 +18,7 @@ from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 
 from ..checkpoint.quantization import check_not_quantized
 from ..checkpoint.source import ModelSource
-from ..parallel import split_heads
+from ..parallel import HeadSplit, split_heads
 from .kv_cache import init_kv_caches, kv_bytes_per_block
 from .layers.attention import KVCache
 from .layers.decoder import rope_inv_frequencies
@@ -121,6 +121,17 @@ def check_checkpoint(source: ModelSource) -> None:
         check_tensors(ckpt, _expected_shapes(model_spec(source, ckpt)), source.config_path)
 
 
+def split_for_mesh(spec: ModelSpec, mesh: Mesh | None) -> HeadSplit | None:
+    """How ``mesh``'s devices share ``spec``'s heads and MLPs (None without a mesh); ValueError
+    naming the numbers when they cannot split them evenly."""
+    if mesh is None:
+        return None
+    split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
+    if spec.shared_expert_size % mesh.size:
+        raise ValueError(f'tp={mesh.size} cannot split the shared expert size {spec.shared_expert_size} evenly')
+    return split
+
+
 def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
                rope_scaling_factor: float = 0.0, p2p_all_reduce: bool = True) -> LoadedModel:
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
@@ -143,13 +154,8 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
             spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor,
                                                               spec.max_position_embeddings))
         check_tensors(ckpt, _expected_shapes(spec), source.config_path)
-        split, tp = None, 1
-        if mesh is not None:
-            split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
-            if spec.shared_expert_size % mesh.size:
-                raise ValueError(f'tp={mesh.size} cannot split the shared expert size {spec.shared_expert_size} evenly')
-            tp = mesh.size
-        layout = FusedLayout(spec, tp, split.kv_replicas if split is not None else 1)
+        split = split_for_mesh(spec, mesh)
+        layout = FusedLayout(spec, split.tp if split is not None else 1, split.kv_replicas if split is not None else 1)
         stored = spec if split is None else dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
         graphdef, abstract = abstract_params(stored)
         flat = load_state(ckpt, fam.weight_map(spec), traversals.flatten_mapping(nnx.to_pure_dict(abstract)),

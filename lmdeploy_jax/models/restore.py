@@ -12,7 +12,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from flax.nnx import traversals
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -20,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from ..checkpoint.engine_checkpoint import PARAMS_DIR, EngineCheckpointInfo, read_info
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.source import ModelSource
-from ..parallel import param_spec, split_heads
+from ..parallel import param_spec
 from ..parallel.rules import TP
 from .layers.fused import FUSED, FusedLayout
 from .registry import family
@@ -90,16 +89,12 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
     checkpoint's), sharded over ``mesh`` when given. CheckpointError naming the file when the
     metadata or the parameters disagree with config.json; ValueError when the mesh cannot split the
     heads."""
-    from .loader import abstract_params
+    from .loader import abstract_params, split_for_mesh
     spec = checkpoint_spec(source, dtype)
     if rope_scaling_factor:
         spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor, spec.max_position_embeddings))
-    tp, replicas = 1, 1
-    if mesh is not None:
-        split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
-        if spec.shared_expert_size % mesh.size:
-            raise ValueError(f'tp={mesh.size} cannot split the shared expert size {spec.shared_expert_size} evenly')
-        tp, replicas = mesh.size, split.kv_replicas
+    split = split_for_mesh(spec, mesh)
+    tp, replicas = (split.tp, split.kv_replicas) if split is not None else (1, 1)
     saved_layout, target_layout = FusedLayout(spec), FusedLayout(spec, tp, replicas)
     stored = dataclasses.replace(spec, num_kv_heads=target_layout.stored_kv_heads)
     _, saved_abstract = abstract_params(spec)
@@ -118,6 +113,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
         restore_as[path] = jax.ShapeDtypeStruct(leaf.shape, spec.dtype, sharding=sharding)
     params_dir = os.path.join(os.path.abspath(source.hf_dir), PARAMS_DIR)
     try:
+        import orbax.checkpoint as ocp     # here: Orbax and tensorstore load only to restore a converted checkpoint
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(params_dir, traversals.unflatten_mapping(restore_as))
     except (ValueError, KeyError, FileNotFoundError) as e:
