@@ -95,5 +95,9 @@ def create_backend(source: ModelSource, backend: str,
         engine = _jax_engine_or_none(source, _convert_config(backend_config, TurbomindEngineConfig))
         if engine is not None:
             return engine
+    if source.is_engine_checkpoint:
+        raise ValueError(f'{source.given} is an engine checkpoint (written by `lmdeploy_jax convert`), which only the '
+                         'turbomind backend loads; for the pytorch backend, convert it back with '
+                         '`lmdeploy_jax convert ... --dst-format hf`')
     from .pytorch.engine import PytorchEngine
     return PytorchEngine(source, _convert_config(backend_config, PytorchEngineConfig))

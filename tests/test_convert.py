@@ -107,6 +107,12 @@ def test_restore_is_bitwise_and_keeps_the_model_files(checkpoint):
     assert_bitwise_equal(load_model(resolve_model(checkpoint['hf']), 'bfloat16'), load_model(source, 'bfloat16'))
 
 
+def test_the_pytorch_backend_refuses_an_engine_checkpoint(checkpoint):
+    from lmdeploy_jax.backends import create_backend
+    with pytest.raises(ValueError, match=r'is an engine checkpoint .* only the turbomind backend loads'):
+        create_backend(resolve_model(checkpoint['engine']), 'pytorch', None)
+
+
 def test_cli_converts_a_gguf_file_to_bfloat16(checkpoint, capsys):
     dst = os.path.join(checkpoint['root'], 'from_gguf_bf16')
     assert cli(['convert', checkpoint['gguf'], '--dst-path', dst, '--dtype', 'bfloat16']) == 0
