@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
+from typing import Callable
 
 from .engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback, token_ids_error
 
@@ -35,7 +36,7 @@ class ThreadedEngine(InferenceEngine):
         self._commands: queue.Queue = queue.Queue()
         self._lock = threading.Lock()          # guards _closed and _num_queued
         self._closed = False
-        self._num_queued = 0                   # submitted, not yet taken by the engine thread
+        self._num_queued = 0                   # submitted, not yet taken by the engine thread (_count_taken)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -97,8 +98,13 @@ class ThreadedEngine(InferenceEngine):
                 commands.append(self._commands.get_nowait())
             except queue.Empty:
                 break
-        submits = sum(kind == 'submit' for kind, _ in commands)
-        if submits:
-            with self._lock:
-                self._num_queued -= submits
         return commands
+
+    def _count_taken(self, place: Callable[[], None] | None = None) -> None:
+        """A drained submit is out of the command queue: count it taken, with ``place()`` (which puts
+        it in the engine's own queue and calls no callback) under the same lock, so that
+        ``num_waiting`` never counts it in neither queue."""
+        with self._lock:
+            self._num_queued -= 1
+            if place is not None:
+                place()

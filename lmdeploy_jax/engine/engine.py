@@ -248,6 +248,7 @@ class JaxEngine(ThreadedEngine):
         except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
             logger.exception('jax engine: could not accept a request')
             emit(on_output, EngineOutput([], finish_reason='error', error=f'{type(exc).__name__}: {exc}'))
+        self._count_taken()
 
     def _perplexity(self, seqs: list[list[int]], result: Future) -> None:
         try:

@@ -151,11 +151,13 @@ class PytorchEngine(ThreadedEngine):
 
     def _handle(self, kind: str, payload) -> None:
         if kind == 'submit':
+            run = None
             try:
-                self._accept(*payload)
+                run = self._accept(*payload)
             except Exception as exc:  # noqa: BLE001 - a malformed request fails alone
                 logger.exception('pytorch backend: could not accept a request')
                 emit(payload[1], EngineOutput([], finish_reason='error', error=f'{type(exc).__name__}: {exc}'))
+            self._count_taken(None if run is None else lambda: self._waiting.append(run))
         elif kind == 'cancel':
             self._abort(payload)
         elif kind == 'end':
@@ -168,12 +170,13 @@ class PytorchEngine(ThreadedEngine):
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 result.set_exception(exc)
 
-    def _accept(self, request: EngineRequest, on_output: OutputCallback) -> None:
-        """Check a request and attach it to its session; it waits for a running slot."""
+    def _accept(self, request: EngineRequest, on_output: OutputCallback) -> _Run | None:
+        """Check a request and attach it to its session: the run that waits for a running slot, or
+        None when the request is already answered (refused, or nothing to generate)."""
         error = self._refusal(request)
         if error is not None:
             emit(on_output, EngineOutput([], finish_reason='error', error=error))
-            return
+            return None
         session = self._sessions.get(request.session_id)
         if session is None or request.sequence_start:
             session = self._sessions[request.session_id] = _Session()
@@ -182,9 +185,8 @@ class PytorchEngine(ThreadedEngine):
         session.owner = run
         if request.gen_config.max_new_tokens == 0 or len(session.history) >= self.session_len:
             self._finish(run, 'length')
-            return
-        with self._lock:
-            self._waiting.append(run)
+            return None
+        return run
 
     def _refusal(self, request: EngineRequest) -> str | None:
         """Why the request cannot run, or None; a refused request leaves its session as it was."""
