@@ -172,7 +172,7 @@ class DecodeStep:
 
 
 def models_decode_path(qkv, cos, sin, k_pages, v_pages, layer, slots, tables, lens, scale):
-    """What ``models/llama.py`` ran for a decode step before the op: the fused output split into
+    """A decode step as separate ops, which the fused op must equal: the fused output split into
     q, k, v, rope on ``[B, T=1, heads, head_dim]``, the KV write, then decode attention."""
     batch, heads = qkv.shape[0], qkv.shape[1] // HEAD_DIM - 2 * KV_HEADS
     q, k, v = jnp.split(qkv.reshape(batch, 1, -1, HEAD_DIM), [heads, heads + KV_HEADS], axis=2)
