@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from flax import nnx
-from flax.nnx import traversals
 
 from lmdeploy_jax.checkpoint.engine_checkpoint import copy_model_files, new_directory
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.models import load_model
 from lmdeploy_jax.models.layers.fused import FusedLayout
+from lmdeploy_jax.models.loader import flat_state
 from lmdeploy_jax.models.registry import family
 from lmdeploy_jax.models.restore import fused_key
 from lmdeploy_jax.models.weight_map import Experts, Fused, Source, Tensor
@@ -79,7 +78,7 @@ def export_hf(model_path: str, dst_path: str, dtype: str = 'auto') -> str:
     weight_map = family(model.spec.architecture).weight_map(model.spec)
     layout = FusedLayout(model.spec)
     tensors = {}
-    for path, value in traversals.flatten_mapping(nnx.to_pure_dict(model.params)).items():
+    for path, value in flat_state(model.params).items():
         tensors.update(_checkpoint_tensors(weight_map[path], layout, fused_key(path), np.asarray(value)))
     os.makedirs(dst, exist_ok=True)
     _save_safetensors(tensors, os.path.join(dst, WEIGHTS_FILE))

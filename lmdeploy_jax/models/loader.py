@@ -104,10 +104,14 @@ def abstract_params(spec: ModelSpec) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model)
 
 
-def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    _, abstract = abstract_params(spec)
-    return expected_shapes(spec, family(spec.architecture).weight_map(spec),
-                           traversals.flatten_mapping(nnx.to_pure_dict(abstract)))
+def flat_state(state: nnx.State) -> dict:
+    """``state``'s leaves by state path (``('layers', 'attn', 'qkv', 'w')``)."""
+    return traversals.flatten_mapping(nnx.to_pure_dict(state))
+
+
+def _expected_shapes(spec: ModelSpec, abstract: nnx.State) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors (name -> shape) the parameters ``abstract`` of ``spec``'s model read."""
+    return expected_shapes(spec, family(spec.architecture).weight_map(spec), flat_state(abstract))
 
 
 def check_checkpoint(source: ModelSource) -> None:
@@ -118,7 +122,8 @@ def check_checkpoint(source: ModelSource) -> None:
         checkpoint_spec(source)
         return
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
-        check_tensors(ckpt, _expected_shapes(model_spec(source, ckpt)), source.config_path)
+        spec = model_spec(source, ckpt)
+        check_tensors(ckpt, _expected_shapes(spec, abstract_params(spec)[1]), source.config_path)
 
 
 def split_for_mesh(spec: ModelSpec, mesh: Mesh | None) -> HeadSplit | None:
@@ -142,27 +147,34 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
     NTK rope, ``spec.dynamic_ntk``). ``p2p_all_reduce``: small tensor-parallel steps on a mesh of GPUs
     sum with the ``reduce_add_rms_norm`` CUDA kernel where it can be prepared
     (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce."""
-    fam = family(source.architecture)
+    family(source.architecture)      # UnsupportedArchitectureError before anything is read
     check_not_quantized(source.config_path, source.config_dict())
     if source.is_engine_checkpoint:      # written by `lmdeploy_jax convert`: restored by Orbax (restore.py)
         stored, graphdef, params = restore_params(source, dtype, mesh, rope_scaling_factor)
-        claim = _prepare_p2p_all_reduce(mesh) if mesh is not None and p2p_all_reduce else None
-        return LoadedModel(stored, graphdef, params, mesh, p2p_claim=claim)
+    else:
+        stored, graphdef, params = _load_safetensors(source, dtype, mesh, rope_scaling_factor)
+    claim = _prepare_p2p_all_reduce(mesh) if mesh is not None and p2p_all_reduce else None
+    return LoadedModel(stored, graphdef, params, mesh, p2p_claim=claim)
+
+
+def _load_safetensors(source: ModelSource, dtype: str, mesh: Mesh | None,
+                      rope_scaling_factor: float) -> tuple[ModelSpec, nnx.GraphDef, nnx.State]:
+    """``load_model`` of a Hugging Face directory: the spec as stored, the graph and the loaded state."""
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = model_spec(source, ckpt, dtype)
         if rope_scaling_factor:
             spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor,
                                                               spec.max_position_embeddings))
-        check_tensors(ckpt, _expected_shapes(spec), source.config_path)
+        graphdef, abstract = abstract_params(spec)
+        check_tensors(ckpt, _expected_shapes(spec, abstract), source.config_path)
         split = split_for_mesh(spec, mesh)
-        layout = FusedLayout(spec, split.tp if split is not None else 1, split.kv_replicas if split is not None else 1)
-        stored = spec if split is None else dataclasses.replace(spec, num_kv_heads=split.stored_kv_heads)
-        graphdef, abstract = abstract_params(stored)
-        flat = load_state(ckpt, fam.weight_map(spec), traversals.flatten_mapping(nnx.to_pure_dict(abstract)),
-                          layout, mesh)
+        layout = FusedLayout(spec) if split is None else FusedLayout(spec, split.tp, split.kv_replicas)
+        stored = dataclasses.replace(spec, num_kv_heads=layout.stored_kv_heads)
+        if stored != spec:       # KV heads repeated over a mesh wider than them
+            graphdef, abstract = abstract_params(stored)
+        flat = load_state(ckpt, family(spec.architecture).weight_map(spec), flat_state(abstract), layout, mesh)
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
-    claim = _prepare_p2p_all_reduce(mesh) if mesh is not None and p2p_all_reduce else None
-    return LoadedModel(stored, graphdef, abstract, mesh, p2p_claim=claim)
+    return stored, graphdef, abstract
 
 
 def _prepare_p2p_all_reduce(mesh: Mesh):

@@ -89,7 +89,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
     checkpoint's), sharded over ``mesh`` when given. CheckpointError naming the file when the
     metadata or the parameters disagree with config.json; ValueError when the mesh cannot split the
     heads."""
-    from .loader import abstract_params, split_for_mesh
+    from .loader import abstract_params, flat_state, split_for_mesh
     spec = checkpoint_spec(source, dtype)
     if rope_scaling_factor:
         spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor, spec.max_position_embeddings))
@@ -99,8 +99,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
     stored = dataclasses.replace(spec, num_kv_heads=target_layout.stored_kv_heads)
     _, saved_abstract = abstract_params(spec)
     graphdef, abstract = abstract_params(stored)
-    saved = traversals.flatten_mapping(nnx.to_pure_dict(saved_abstract))
-    target = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
+    saved, target = flat_state(saved_abstract), flat_state(abstract)
     restore_as = {}
     for path, leaf in saved.items():
         sharding = _sharding(mesh, path, target[path].shape)

@@ -201,7 +201,7 @@ def _yarn_attention_factor(params: dict, factor: float) -> float:
     return _yarn_mscale(factor)
 
 
-def _config_int(config: dict, name: str, path: str, default: int | None = None) -> int:
+def config_int(config: dict, name: str, path: str, default: int | None = None) -> int:
     """``config[name]`` as a positive int (``default`` when absent or null, if given)."""
     value = config.get(name)
     if value is None:
@@ -213,7 +213,7 @@ def _config_int(config: dict, name: str, path: str, default: int | None = None) 
     return value
 
 
-def _config_float(config: dict, name: str, path: str, default: float) -> float:
+def config_float(config: dict, name: str, path: str, default: float) -> float:
     """``config[name]`` as a positive finite float (``default`` when absent)."""
     value = config.get(name, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float('inf'):
@@ -231,16 +231,16 @@ def spec_from_config(config: dict, family, architecture: str, dtype, eos_token_i
     rope the engine cannot run."""
     if family.read_config is not None:
         config = family.read_config(config)
-    num_heads = _config_int(config, 'num_attention_heads', path)
-    hidden = _config_int(config, 'hidden_size', path)
-    num_kv_heads = _config_int(config, 'num_key_value_heads', path, num_heads)
+    num_heads = config_int(config, 'num_attention_heads', path)
+    hidden = config_int(config, 'hidden_size', path)
+    num_kv_heads = config_int(config, 'num_key_value_heads', path, num_heads)
     if num_heads % num_kv_heads:
         raise CheckpointError(path, f'num_key_value_heads ({num_kv_heads}) must divide '
                                     f'num_attention_heads ({num_heads})')
     tie = config.get('tie_word_embeddings') or False
     if not isinstance(tie, bool):
         raise CheckpointError(path, f"field 'tie_word_embeddings' must be true or false, got {tie!r}")
-    num_layers = _config_int(config, 'num_hidden_layers', path)
+    num_layers = config_int(config, 'num_hidden_layers', path)
     hidden_act = config.get('hidden_activation') or config.get('hidden_act') or 'silu'
     if hidden_act not in ACTIVATIONS:
         raise UnsupportedArchitectureError(architecture, f'hidden activation {hidden_act!r}')
@@ -249,14 +249,14 @@ def spec_from_config(config: dict, family, architecture: str, dtype, eos_token_i
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=_config_int(config, 'head_dim', path, max(1, hidden // num_heads)),
+        head_dim=config_int(config, 'head_dim', path, max(1, hidden // num_heads)),
         hidden_size=hidden,
-        vocab_size=_config_int(config, 'vocab_size', path),
-        max_position_embeddings=_config_int(config, 'max_position_embeddings', path, 2048),
+        vocab_size=config_int(config, 'vocab_size', path),
+        max_position_embeddings=config_int(config, 'max_position_embeddings', path, 2048),
         dtype=jnp.dtype(dtype),
         eos_token_ids=tuple(eos_token_ids),
-        intermediate_size=_config_int(config, 'intermediate_size', path),
-        rms_norm_eps=_config_float(config, 'rms_norm_eps', path, 1e-6),
+        intermediate_size=config_int(config, 'intermediate_size', path),
+        rms_norm_eps=config_float(config, 'rms_norm_eps', path, 1e-6),
         tie_word_embeddings=tie,
         rope=_layer_type_rope(config, family, 'full_attention', architecture, path),
         local_rope=_layer_type_rope(config, family, 'sliding_attention', architecture, path),

@@ -13,7 +13,7 @@ from ..family import Family
 from ..layers.decoder import CausalLM
 from ..layers.sandwich import SandwichDecoderLayer
 from ..registry import UnsupportedArchitectureError
-from ..spec import LAYER_TYPES, ModelSpec, sliding_windows
+from ..spec import LAYER_TYPES, ModelSpec, config_float, sliding_windows
 from ..weight_map import Path, Source, Tensor, linear
 
 LAYER = 'model.layers.{i}.'
@@ -67,9 +67,7 @@ def _adjust(pattern: int):
         attention (EmbeddingGemma's ``use_bidirectional_attention``) is refused."""
         if config.get('use_bidirectional_attention'):
             raise UnsupportedArchitectureError(spec.architecture, 'use_bidirectional_attention')
-        scalar = config.get('query_pre_attn_scalar', 256)
-        if not isinstance(scalar, (int, float)) or isinstance(scalar, bool) or not 0 < scalar < math.inf:
-            raise CheckpointError(path, f"field 'query_pre_attn_scalar' must be a positive number, got {scalar!r}")
+        scalar = config_float(config, 'query_pre_attn_scalar', path, 256)
         every = config.get('sliding_window_pattern', pattern)
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise CheckpointError(path, f"field 'sliding_window_pattern' must be a positive integer, got {every!r}")
@@ -77,7 +75,7 @@ def _adjust(pattern: int):
         windows = sliding_windows({**config, 'use_sliding_window': True, 'layer_types': types}, 'per_layer',
                                   spec.num_layers, path)
         return dataclasses.replace(
-            spec, attention_scale=float(scalar) ** -0.5, embed_scale=spec.hidden_size ** 0.5,
+            spec, attention_scale=scalar ** -0.5, embed_scale=spec.hidden_size ** 0.5,
             attn_logit_softcap=_optional_cap(config, 'attn_logit_softcapping', path),
             final_logit_softcap=_optional_cap(config, 'final_logit_softcapping', path), sliding_windows=windows)
     return adjust

@@ -13,7 +13,7 @@ import dataclasses
 from ..family import Family
 from ..layers.moe import MoeCausalLM
 from ..registry import UnsupportedArchitectureError
-from ..spec import ModelSpec, _config_int
+from ..spec import ModelSpec, config_int
 from ..weight_map import Experts, Fused, Part, Path, Source, Tensor, linear
 from .llama import LAYER
 from .llama import weight_map as llama_weight_map
@@ -58,9 +58,9 @@ def _moe_fields(spec: ModelSpec, config: dict, path: str, expert_size_key: str |
     ``num_local_experts``, as Mixtral's and transformers 5's), top-k and width."""
     experts_key = 'num_experts' if config.get('num_experts') is not None else 'num_local_experts'
     return dataclasses.replace(
-        spec, num_experts=_config_int(config, experts_key, path),
-        experts_per_token=_config_int(config, 'num_experts_per_tok', path),
-        intermediate_size=_config_int(config, expert_size_key, path) if expert_size_key else spec.intermediate_size,
+        spec, num_experts=config_int(config, experts_key, path),
+        experts_per_token=config_int(config, 'num_experts_per_tok', path),
+        intermediate_size=config_int(config, expert_size_key, path) if expert_size_key else spec.intermediate_size,
         norm_topk_prob=norm_topk_prob)
 
 
@@ -76,7 +76,7 @@ def _qwen_spec(shared: bool):
         spec = _moe_fields(spec, config, path, 'moe_intermediate_size',
                            bool(config.get('norm_topk_prob', False)))
         if shared:
-            spec = dataclasses.replace(spec, shared_expert_size=_config_int(config, 'shared_expert_intermediate_size',
+            spec = dataclasses.replace(spec, shared_expert_size=config_int(config, 'shared_expert_intermediate_size',
                                                                             path))
         return spec
     return adjust
