@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from lmdeploy_jax.settings import current as current_settings
+from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.paged_attention.api import paged_decode_attention
 
 # The kernels as the tests run them: interpreted on the CPU, or compiled for the GPU when asked.
@@ -109,6 +110,20 @@ def rope_tables(rng, batch, head_dim=HEAD_DIM):
     angles = rng.uniform(-np.pi, np.pi, (batch, head_dim // 2)).astype(np.float32)
     angles = np.concatenate([angles, angles], axis=-1)
     return jnp.asarray(np.cos(angles)), jnp.asarray(np.sin(angles))
+
+
+def decode_steps_over_layers(pools, qkv, cos, sin, windows, stack, impl: str):
+    """``decode_step_attention`` as the model calls it: the K and V pools ``stack`` (stacked over the
+    layers) carried through a jitted ``lax.scan`` whose index is the layer (traced), each layer its
+    own ``qkv [layers, B, F]`` and sliding window (``windows`` int32 ``[layers]``), writing the slots
+    of ``pools`` (a ``Pools``). Returns ``((k, v), outputs [layers, B, heads, head_dim])``."""
+    def step(kv, xs):
+        x, layer, window = xs
+        out, *kv = decode_step_attention(x, cos, sin, *kv, layer, pools.last_slots(), *pools.tables(), SCALE,
+                                         sliding_window=window, impl=impl)
+        return tuple(kv), out
+    layer_index = jnp.arange(qkv.shape[0], dtype=jnp.int32)
+    return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, layer_index, windows)))(stack)
 
 
 def decode_case(seed, block_size, group, context_lens, dtype=jnp.float32, head_dim=HEAD_DIM, **options):

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from pallas_cases import (INTERPRET, KERNEL, KV_HEADS, SCALE, SM90_SHARED_BYTES, Pools, assert_kernels_alone,
-                          assert_matches, compile_for_sm90, lower_for_cuda, rope_tables, window_lens, window_starts)
+                          assert_matches, compile_for_sm90, decode_steps_over_layers, lower_for_cuda, rope_tables,
+                          window_lens, window_starts)
 
 from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu
 from pallas_kernels.decode_step_attention.api import decode_step_attention
@@ -223,17 +224,8 @@ def test_quantized_pools_carried_through_a_scan_over_layers(rng):
     cos, sin = rope_tables(rng, 3, head_dim)
     stack = quantized([jnp.stack([p] * layers) for p in pools.clean], 4)
 
-    def run(impl):
-        def step(kv, xs):
-            x, layer, window = xs
-            out, *kv = decode_step_attention(x, cos, sin, *kv, layer, pools.last_slots(), *pools.tables(), SCALE,
-                                             sliding_window=window, impl=impl)
-            return tuple(kv), out
-        layer_index = jnp.arange(layers, dtype=jnp.int32)
-        return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, layer_index, windows)))(stack)
-
-    (_, v_out), out = run(KERNEL)
-    (_, v_ref), ref = run('reference')
+    (_, v_out), out = decode_steps_over_layers(pools, qkv, cos, sin, windows, stack, KERNEL)
+    (_, v_ref), ref = decode_steps_over_layers(pools, qkv, cos, sin, windows, stack, 'reference')
     assert isinstance(v_out, QuantizedPages) and v_out.bits == 4
     assert_same_quantization(v_out, v_ref)
     assert_matches(out, ref, jnp.bfloat16, np.broadcast_to(np.asarray(lens) == 0, out.shape[:2]))

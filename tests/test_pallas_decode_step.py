@@ -24,6 +24,7 @@ from pallas_cases import (
     Pools,
     assert_kernels_alone,
     assert_matches,
+    decode_steps_over_layers,
     lower_for_cuda,
     relative_error,
     rope_tables,
@@ -121,17 +122,8 @@ def test_decode_step_in_a_scan_over_layers(rng):
     cos, sin = rope_tables(rng, 3)
     stack = tuple(jnp.stack([p] * layers) for p in pools.clean)
 
-    def run(impl):
-        def step(kv, xs):
-            x, layer, window = xs
-            out, *kv = decode_step_attention(x, cos, sin, *kv, layer, pools.last_slots(), *pools.tables(), SCALE,
-                                             sliding_window=window, impl=impl)
-            return tuple(kv), out
-        layer_index = jnp.arange(layers, dtype=jnp.int32)
-        return jax.jit(lambda kv: jax.lax.scan(step, kv, (qkv, layer_index, windows)))(stack)
-
-    (k_out, v_out), out = run(KERNEL)
-    (k_ref, v_ref), ref = run('reference')
+    (k_out, v_out), out = decode_steps_over_layers(pools, qkv, cos, sin, windows, stack, KERNEL)
+    (k_ref, v_ref), ref = decode_steps_over_layers(pools, qkv, cos, sin, windows, stack, 'reference')
     assert_matches(out, ref, jnp.bfloat16, np.broadcast_to(np.asarray(lens) == 0, out.shape[:2]))
     np.testing.assert_array_equal(np.asarray(v_out, np.float32), np.asarray(v_ref, np.float32))
     assert relative_error(np.asarray(k_out, np.float32), np.asarray(k_ref, np.float32)) < TOLERANCE[jnp.bfloat16]
