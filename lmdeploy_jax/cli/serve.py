@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..serve.openai import limits
+from ..serve.reasoning_parsers.formats import REASONING_PARSER_NAMES
 from ..serve.tool_parsers.formats import TOOL_CALL_PARSER_NAMES
 from .engine_args import add_engine_args, add_model_arg, pipeline_kwargs
 
@@ -29,6 +30,9 @@ def add_parser(subparsers) -> None:
     api.add_argument('--tool-call-parser', default=None, choices=TOOL_CALL_PARSER_NAMES,
                      help="how the model writes tool calls (LMDeploy's names); without it, requests with tools "
                           'are refused')
+    api.add_argument('--reasoning-parser', default=None, choices=REASONING_PARSER_NAMES,
+                     help="how the model marks its reasoning (LMDeploy's names); chat answers then carry it "
+                          'apart, as reasoning_content')
     add_engine_args(api)
     api.set_defaults(func=main)
 
@@ -38,5 +42,5 @@ def main(args: argparse.Namespace) -> int:
     serve(args.model_path, server_name=args.server_name, server_port=args.server_port, api_keys=args.api_keys,
           allow_origins=args.allow_origins, max_concurrent_requests=args.max_concurrent_requests,
           body_timeout=args.body_timeout, shutdown_timeout=args.shutdown_timeout,
-          tool_call_parser=args.tool_call_parser, **pipeline_kwargs(args))
+          tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser, **pipeline_kwargs(args))
     return 0

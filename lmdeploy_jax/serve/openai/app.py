@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 
+from ..reasoning_parsers import ReasoningFormat, reasoning_format
 from ..tool_parsers import ToolCallFormat, tool_call_format
 from .errors import install_error_handlers
 from .generation import ClientDisconnected, Runner
@@ -29,6 +30,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     open_sessions: set[int] = field(default_factory=set)   # engine ids of /generate sessions kept by interactive mode
     tool_call_format: ToolCallFormat | None = None         # --tool-call-parser's; None: tools are refused
+    reasoning_format: ReasoningFormat | None = None        # --reasoning-parser's; None: answers are all content
 
 
 def served_model_name(engine) -> str:
@@ -44,11 +46,13 @@ def served_model_name(engine) -> str:
 def create_app(engine, api_keys: list[str] | None = None, allow_origins: list[str] | None = None,
                max_concurrent_requests: int | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                body_timeout_s: float = BODY_TIMEOUT_S, close_engine: bool = True,
-               tool_call_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> FastAPI:
     """An app serving ``engine``; it closes the engine when the server shuts down unless told not to.
 
     ``tool_call_parser`` names how the model writes tool calls (``tool_parsers.formats``; an
-    unknown name is a ValueError); without it, requests with tools are refused.
+    unknown name is a ValueError); without it, requests with tools are refused. ``reasoning_parser``
+    names how the model marks its reasoning (``reasoning_parsers.formats``; an unknown name is a
+    ValueError); with it, chat answers carry their reasoning apart, as ``reasoning_content``.
 
     Empty ``api_keys`` are dropped (ValueError when none remain); ``max_body_bytes`` and
     ``body_timeout_s`` bound each request's body (413, 408), which is read in full before the
@@ -56,7 +60,9 @@ def create_app(engine, api_keys: list[str] | None = None, allow_origins: list[st
     api_keys = usable_api_keys(api_keys)
     metrics = Metrics(engine.engine)
     fmt = None if tool_call_parser is None else tool_call_format(tool_call_parser)
-    state = ServerState(engine, metrics, Runner(engine, metrics), served_model_name(engine), tool_call_format=fmt)
+    thinking = None if reasoning_parser is None else reasoning_format(reasoning_parser)
+    state = ServerState(engine, metrics, Runner(engine, metrics), served_model_name(engine), tool_call_format=fmt,
+                        reasoning_format=thinking)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -5,6 +5,7 @@ import asyncio
 
 import uvicorn
 
+from ..reasoning_parsers import reasoning_format
 from ..tool_parsers import tool_call_format
 from .app import create_app
 from .limits import ABORTED_REQUESTS_END_S, BODY_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
@@ -17,7 +18,7 @@ def serve(model_path: str | None = None, server_name: str = '0.0.0.0', server_po
           api_keys: list[str] | str | None = None, allow_origins: list[str] | None = None,
           max_concurrent_requests: int | None = None, body_timeout: float = BODY_TIMEOUT_S,
           shutdown_timeout: float = SHUTDOWN_TIMEOUT_S, log_level: str = 'ERROR', tool_call_parser: str | None = None,
-          **pipeline_kwargs) -> None:
+          reasoning_parser: str | None = None, **pipeline_kwargs) -> None:
     """Serve ``model_path`` until interrupted. ``pipeline_kwargs`` go to ``pipeline()`` (backend, configs).
 
     On SIGTERM/SIGINT new connections are refused; running generations get ``shutdown_timeout``
@@ -26,7 +27,8 @@ def serve(model_path: str | None = None, server_name: str = '0.0.0.0', server_po
     still running ``ABORTED_REQUESTS_END_S`` later are cancelled, and the engine is closed.
     ``body_timeout``: seconds a request's body may take to arrive (408 after). Raises ValueError,
     before loading anything, when ``api_keys`` were given but all are empty, or when
-    ``tool_call_parser`` names no known format (``--tool-call-parser``: how answers become tool calls).
+    ``tool_call_parser`` names no known format (``--tool-call-parser``: how answers become tool calls)
+    or ``reasoning_parser`` none (``--reasoning-parser``: how answers mark their reasoning).
     """
     from ...api import pipeline
     if isinstance(api_keys, str):
@@ -37,10 +39,12 @@ def serve(model_path: str | None = None, server_name: str = '0.0.0.0', server_po
                          f'{body_timeout}')
     if tool_call_parser is not None:
         tool_call_format(tool_call_parser)
+    if reasoning_parser is not None:
+        reasoning_format(reasoning_parser)
     engine = pipeline(model_path, log_level=log_level, **pipeline_kwargs)
     app = create_app(engine, api_keys=api_keys, allow_origins=allow_origins,
                      max_concurrent_requests=max_concurrent_requests, body_timeout_s=body_timeout,
-                     tool_call_parser=tool_call_parser)
+                     tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser)
     name = app.state.server.model_name
     print(f'HINT: serving {name!r}; the API is documented at http://{server_name}:{server_port}/docs', flush=True)
     level = log_level.lower()

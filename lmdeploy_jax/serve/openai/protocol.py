@@ -187,6 +187,7 @@ class UsageInfo(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal['assistant'] | None = None
     content: str | None = None
+    reasoning_content: str | None = None     # with --reasoning-parser: the answer's reasoning (LMDeploy's, vLLM's)
     tool_calls: list[ToolCall] | list[DeltaToolCall] | None = None
 
 

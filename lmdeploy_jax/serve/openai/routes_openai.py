@@ -1,12 +1,14 @@
 """OpenAI's routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions`` (JSON or SSE)."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 
+from ..reasoning_parsers import ReasoningParser
 from .errors import APIError, error_body
 from .generation import Job
 from .protocol import ChatCompletionRequest, CompletionBody, CompletionRequest, OpenAIRequest, UsageInfo, random_id
@@ -46,7 +48,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     vocab = server.engine.vocab_size
     skip = plan.skip_special_tokens(body.skip_special_tokens)
     jobs = [Job(i, generation_config(body, new, vocab, top, i, skip), input_ids=ids) for i in range(body.n)]
-    return await _respond(request, body, jobs, ChatShape(server.engine.tokenizer, top, plan), len(ids))
+    shape = ChatShape(server.engine.tokenizer, top, plan, _reasoning_parsers(server, ids))
+    return await _respond(request, body, jobs, shape, len(ids))
+
+
+def _reasoning_parsers(server, prompt_ids: list[int]):
+    """A factory of one answer's ``ReasoningParser`` (None: no ``--reasoning-parser``), told
+    whether the prompt's last tokens leave the reasoning open."""
+    fmt = server.reasoning_format
+    if fmt is None:
+        return None
+    tail = server.engine.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
+    return functools.partial(ReasoningParser, fmt, fmt.prompt_opens_reasoning(tail))
 
 
 @router.post('/v1/completions')

@@ -1,6 +1,7 @@
 """How a generation's text, tokens and logprobs become a choice: chat (message / delta) or text completion."""
 from __future__ import annotations
 
+from ..reasoning_parsers import ReasoningParser
 from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import ChatChoice, ChatDelta, ChatStreamChoice, CompletionChoice, DeltaToolCall, ToolCall
 from .tools import ToolPlan
@@ -13,37 +14,50 @@ def _finish(reason: str | None, called: bool) -> str | None:
 
 class ChatShape:
     """Chat choices; with a ``ToolPlan`` that parses, each answer's tool calls are split from its
-    text (whole, or incrementally per streamed choice)."""
+    text (whole, or incrementally per streamed choice). With ``reasoning`` (a fresh
+    ``ReasoningParser`` per call), each answer's reasoning is split off first, as
+    ``reasoning_content``; tool calls are looked for in the content that follows it."""
     object, chunk_object, id_prefix = 'chat.completion', 'chat.completion.chunk', 'chatcmpl'
 
-    def __init__(self, tokenizer, top_logprobs: int | None, tools: ToolPlan | None = None):
+    def __init__(self, tokenizer, top_logprobs: int | None, tools: ToolPlan | None = None, reasoning=None):
         self.tokenizer, self.top = tokenizer, top_logprobs
         self.tools = tools or ToolPlan(None, None)
+        self.reasoning = reasoning
         self._parsers: dict[int, object] = {}     # per streamed choice
+        self._reasoners: dict[int, ReasoningParser | None] = {}
 
     def _logprobs(self, token_ids, logprobs):
         return None if self.top is None else chat_logprobs(self.tokenizer, token_ids, logprobs, self.top)
 
     def choice(self, index, text, token_ids, logprobs, finish_reason, offset=0):
         parser = self.tools.parser()
-        calls = []
+        calls, reasoning = [], ''
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning().parse_whole(text)
         if parser is not None:
             text, calls = parser.parse_whole(text)
             calls = self.tools.kept(calls)
-        message = ChatDelta(role='assistant', content=text if text or not calls else None,
+        message = ChatDelta(role='assistant', content=text if text or not (calls or reasoning) else None,
+                            reasoning_content=reasoning or None,
                             tool_calls=[ToolCall(**c.openai()) for c in calls] or None)
         return ChatChoice(index=index, message=message, logprobs=self._logprobs(token_ids, logprobs),
                           finish_reason=_finish(finish_reason, bool(calls)))
 
     def delta(self, index, text, token_ids, logprobs, finish_reason, offset=0):
         parser = self._parsers.setdefault(index, self.tools.parser())
-        fields, called = {'content': text}, False
+        reasoner = self._reasoners.setdefault(index, self.reasoning and self.reasoning())
+        final, fields, called, reasoning, calls = finish_reason is not None, {}, False, '', []
+        if reasoner is not None:
+            reasoning, text = reasoner.feed(text, final)
+            if reasoning:
+                fields['reasoning_content'] = reasoning
         if parser is not None:
-            text, calls = parser.feed(text, final=finish_reason is not None)
+            text, calls = parser.feed(text, final)
             calls, called = self.tools.kept(calls), bool(self.tools.kept(parser.calls))
-            fields = {'content': text} if text or not calls else {}
             if calls:
                 fields['tool_calls'] = [DeltaToolCall(**c.openai(with_index=True)) for c in calls]
+        if text or not (calls or reasoning):
+            fields['content'] = text
         return ChatStreamChoice(index=index, delta=ChatDelta(**fields), logprobs=self._logprobs(token_ids, logprobs),
                                 finish_reason=_finish(finish_reason, called))
 
