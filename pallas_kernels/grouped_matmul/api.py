@@ -1,0 +1,43 @@
+"""The grouped matmul the models call: the Pallas kernel on a GPU, the XLA reference elsewhere,
+behind one function, so the models never change when an implementation does."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .._checks import check_int32, require
+from .._dispatch import choose_impl
+from .reference import grouped_matmul_reference
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
+                   impl: str | None = None) -> jax.Array:
+    """``out [M, N]`` in ``lhs``'s dtype: the rows of ``lhs [M, K]`` in consecutive groups of
+    ``group_sizes`` (int32 ``[G]``; group ``g`` is rows ``[sum(sizes[:g]), sum(sizes[:g + 1]))``),
+    group ``g``'s rows times ``rhs[g]``: ``rhs [G, K, N]``, or with ``transpose_rhs`` ``rhs [G, N,
+    K]`` (a layer's ``[out, in]`` weights, Hugging Face's orientation) times its transpose. Rows
+    past the sizes' sum come out as zeros; sizes summing past M are cut at M. Products accumulate
+    in float32. A mixture of experts' tokens sorted by expert, each expert's weights one group.
+    ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU)."""
+    require(lhs.ndim == 2 and jnp.issubdtype(lhs.dtype, jnp.floating),
+            f'lhs must be a float array [M, K], got {lhs.dtype} {tuple(lhs.shape)}')
+    layout = '[G, N, K]' if transpose_rhs else '[G, K, N]'
+    k_axis = 2 if transpose_rhs else 1
+    require(rhs.ndim == 3 and rhs.shape[k_axis] == lhs.shape[1],
+            f'rhs must be {layout} with K = {lhs.shape[1]} (lhs\'s columns), got {tuple(rhs.shape)}')
+    require(rhs.dtype == lhs.dtype, f'rhs dtype {rhs.dtype} does not match lhs dtype {lhs.dtype}')
+    check_int32('group_sizes', group_sizes, (rhs.shape[0],))
+    # -- implementation choice: the Pallas GPU kernel, else the reference --
+    from . import pallas_gpu
+    chosen = choose_impl(impl, pallas_gpu.supports(lhs, rhs))
+    if chosen == 'reference':
+        return grouped_matmul_reference(lhs, rhs, group_sizes, transpose_rhs)
+    return pallas_gpu.grouped_matmul_pallas(lhs, rhs, group_sizes, transpose_rhs,
+                                            interpret=chosen == 'pallas_interpret')
+
+
+def runs_kernel(dtype, impl: str | None = None) -> bool:
+    """Whether ``grouped_matmul`` on non-empty inputs of ``dtype`` runs the Pallas kernel (compiled
+    or interpreted) rather than the reference, under ``impl`` (``_dispatch.choose_impl``)."""
+    from . import pallas_gpu
+    return choose_impl(impl, jnp.dtype(dtype) in pallas_gpu.TRITON_FLOATS) != 'reference'
