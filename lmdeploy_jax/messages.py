@@ -9,6 +9,7 @@ or ``float``. Integers the engine packs into int32 arrays are bounded by ``INT32
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -79,11 +80,13 @@ class GenerationConfig:
     """How to generate one request (LMDeploy's ``GenerationConfig``).
 
     ``do_sample=False`` means greedy decoding whatever the temperature; ``logprobs=N`` returns the
-    top-N log-probabilities of every generated position. ``n`` answers per prompt (at most
+    top-N log-probabilities of every generated position. ``response_format`` (LMDeploy's forms,
+    ``response_format_grammar``) constrains the answer to a JSON schema or a regex by guided
+    decoding (the turbomind backend). ``n`` answers per prompt (at most
     ``MAX_SAMPLES``), sampled independently: the pipeline runs each as a request of its own, the
     j-th seeded ``random_seed + j`` when a seed is given. LMDeploy's other fields are declared so
     that code written for it runs; those whose effect is not implemented (``_NOT_IMPLEMENTED``:
-    ``response_format``, ``logits_processors``, ...) raise ``ValueError`` saying why unless left at
+    ``logits_processors``, ``output_logits``, ...) raise ``ValueError`` saying why unless left at
     their default.
     """
     n: int = 1
@@ -103,9 +106,9 @@ class GenerationConfig:
     min_new_tokens: int | None = None
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    response_format: dict | None = None
     # LMDeploy's fields whose effect is not implemented: refused unless left at their default
     spaces_between_special_tokens: bool = True
-    response_format: dict | None = None
     logits_processors: list | None = None
     output_logits: str | None = None
     output_last_hidden_state: str | None = None
@@ -145,6 +148,8 @@ class GenerationConfig:
         _int_field('min_new_tokens', self.min_new_tokens, 0, optional=True)
         _bool_field('skip_special_tokens', self.skip_special_tokens)
         _int_field('logprobs', self.logprobs, 0, 20, optional=True)
+        if self.response_format is not None:
+            response_format_grammar(self.response_format)
         for name, why in _NOT_IMPLEMENTED.items():
             default = GenerationConfig.__dataclass_fields__[name].default
             value = getattr(self, name)
@@ -163,9 +168,45 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
 
+RESPONSE_FORMAT_TYPES = ('text', 'json_object', 'json_schema', 'regex_schema')
+
+
+def response_format_grammar(response_format) -> tuple[str, str] | None:
+    """The grammar LMDeploy's ``response_format`` asks for: ('json', a JSON schema as JSON text, its
+    properties in their given order, which the answer keeps), ('regex', the pattern), or None for
+    ``{'type': 'text'}`` (no constraint). The forms: ``{'type': 'json_object'}`` (any JSON object);
+    ``{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}`` (the schema may also
+    be given as JSON text); ``{'type': 'regex_schema', 'regex_schema': 'pattern'}``.
+    ValueError naming the field and the fault for any other value. Whether the schema or the
+    pattern compiles is checked by the engine (``engine/guided.py``)."""
+    _require(isinstance(response_format, dict) and response_format.get('type') in RESPONSE_FORMAT_TYPES,
+             'response_format', f'a dict whose type is one of {RESPONSE_FORMAT_TYPES}', response_format)
+    kind = response_format['type']
+    if kind == 'text':
+        return None
+    if kind == 'json_object':
+        return 'json', json.dumps({'type': 'object'})
+    if kind == 'regex_schema':
+        pattern = response_format.get('regex_schema')
+        _require(isinstance(pattern, str) and pattern, "response_format['regex_schema']", 'a non-empty regex',
+                 pattern)
+        return 'regex', pattern
+    spec = response_format.get('json_schema')
+    _require(isinstance(spec, dict) and 'schema' in spec, "response_format['json_schema']",
+             "a dict with a 'schema' (and a 'name')", spec)
+    schema = spec['schema']
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise ValueError(f"response_format['json_schema']['schema'] is not valid JSON: {exc}") from None
+    _require(isinstance(schema, (dict, bool)), "response_format['json_schema']['schema']",
+             'a JSON schema (an object)', schema)
+    return 'json', json.dumps(schema)
+
+
 _NOT_IMPLEMENTED = {
     'spaces_between_special_tokens': 'special tokens are detokenized as the tokenizer joins them',
-    'response_format': 'guided decoding is not implemented yet',
     'logits_processors': 'sampling runs on the device inside compiled steps, where no Python callback can run',
     'output_logits': 'logits are not returned; logprobs=N gives the top-N log-probabilities',
     'output_last_hidden_state': 'hidden states are not returned',
@@ -306,6 +347,17 @@ class Response:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     index: int = 0
+
+    def extend(self, other: 'Response') -> 'Response':
+        """Append the next increment ``other`` of the same answer (LMDeploy's): its text, token ids
+        and logprobs are added, its counts, ``finish_reason`` and ``index`` taken. Returns self."""
+        self.text += other.text
+        self.generate_token_len, self.input_token_len = other.generate_token_len, other.input_token_len
+        self.finish_reason, self.index = other.finish_reason, other.index
+        self.token_ids = self.token_ids + list(other.token_ids)
+        if other.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(other.logprobs)
+        return self
 
     def __repr__(self):
         return (f'Response(text={self.text!r}, generate_token_len={self.generate_token_len}, '

@@ -31,6 +31,7 @@ from ..models import load_model
 from ..parallel import agree_min, init_distributed, local_devices, make_tp_mesh
 from .block_manager import BlockManager
 from .buckets import make_buckets
+from .guided import GrammarCache, Guide
 from .kv_pool import cache_state_spec, free_device_bytes, plan_num_blocks
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
@@ -81,7 +82,8 @@ class JaxEngine(ThreadedEngine):
                                    env)
         self._runner.warmup()
         self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
-                                    self.session_len, self.max_batch_size, spec.vocab_size, decode_steps)
+                                    self.session_len, self.max_batch_size, spec.vocab_size, decode_steps,
+                                    Guide(GrammarCache(source.hf_dir, spec.vocab_size)))
         logger.info('jax engine: %s (%s, %s), session_len=%d, max_batch_size=%d, prefix caching %s',
                     source.given, spec.architecture, spec.dtype, self.session_len, self.max_batch_size,
                     'on' if config.enable_prefix_caching else 'off')
@@ -171,7 +173,7 @@ class JaxEngine(ThreadedEngine):
         self._chained_calls += background
         try:
             with self._timed('dispatch'):
-                call = self._runner.prepare(plan)
+                call = self._runner.prepare(plan, self._scheduler.bitmask(plan))
                 if background:
                     return self._launcher.submit(self._runner.launch, call)
                 return plan, self._runner.launch(call)

@@ -77,9 +77,10 @@ def _advance(batch: StepBatch, k: jax.Array, tokens: jax.Array, block_size: int)
 
 
 def decode_steps(step: StepFn, block_size: int, num_steps: int, params, cache: CacheState, batch: StepBatch,
-                 sp: SamplingParams, rows: RowSlots) -> tuple[CacheState, SampleOutput]:
+                 sp: SamplingParams, rows: RowSlots, *bitmask: jax.Array) -> tuple[CacheState, SampleOutput]:
     """Run ``num_steps`` decode steps; the outputs gain a leading [num_steps] axis. The first
-    step's input token of a row ``rows.from_device`` is the one last sampled for its slot."""
+    step's input token of a row ``rows.from_device`` is the one last sampled for its slot.
+    ``bitmask`` (a guided call's token bitmask, ``guided.py``) is passed to every step."""
     b = batch.num_rows
     outs = SampleOutput(jnp.zeros((num_steps, b), jnp.int32), jnp.zeros((num_steps, b), jnp.float32),
                         jnp.zeros((num_steps, b, MAX_LOGPROBS), jnp.float32),
@@ -88,7 +89,7 @@ def decode_steps(step: StepFn, block_size: int, num_steps: int, params, cache: C
     def body(k, carry):
         cache, tokens, outs = carry
         cache, out = step(params, cache, _advance(batch, k, tokens, block_size),
-                          dataclasses.replace(sp, step=sp.step + k), rows)
+                          dataclasses.replace(sp, step=sp.step + k), rows, *bitmask)
         outs = jax.tree.map(lambda buf, x: buf.at[k].set(x), outs, out)
         return cache, out.token, outs
 

@@ -9,6 +9,10 @@ tokens and KV into the pool, runs the model, takes each row's last-position logi
 samples on the device, and keeps each row's sampled token in the pool (``CacheState.last``, by row
 slot), where a decode call queued behind it reads its inputs. Every shape of the bucket set is
 compiled ahead of time, so serving never compiles; a shape outside the set is a bug and raises.
+The exception is guided decoding (``guided.py``): a decode call with a guided row takes one more
+input, the token bitmask, and runs an executable of its own (``GUIDED_KINDS``), compiled (or
+loaded from the executable store) when a call first needs it, so that engines that never guide
+compile nothing more and unguided calls move no bitmask.
 ``get_ppl`` has its own function, compiled on first use per chunk shape (not on the serving path).
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .buckets import Buckets
 from .kv_pool import CacheState, RowSlots, allocate_cache_state
 from . import multistep
 from .executable_store import ExecutableStore, compile_tracked, describe_inputs
+from .guided import apply_bitmask, bitmask_words
 from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
 from .xla_flags import executable_options, is_small_batch_tp_decode
@@ -41,6 +46,9 @@ from .xla_flags import executable_options, is_small_batch_tp_decode
 logger = logging.getLogger('lmdeploy_jax')
 
 PPL_MAX_CHUNK = 512      # tokens per get_ppl chunk: bounds its [T, vocab] float32 logits
+# decode kinds with a token bitmask input -> (general sampler, one step a call instead of decode_steps)
+GUIDED_KINDS = {'guided_decode': (True, False), 'guided_greedy_decode': (False, False),
+                'guided_step': (True, True), 'guided_greedy_step': (False, True)}
 
 
 def enable_compilation_cache(path: str | None, env: settings.Settings | None = None) -> None:
@@ -85,7 +93,7 @@ def _abstract(tree):
 
 
 def _step(model: LoadedModel, block_size: int, general: bool, params, cache: CacheState, batch: StepBatch,
-          sp: SamplingParams, rows: RowSlots) -> tuple[CacheState, SampleOutput]:
+          sp: SamplingParams, rows: RowSlots, bitmask: jax.Array | None = None) -> tuple[CacheState, SampleOutput]:
     tokens = cache.tokens.at[batch.slot_mapping.reshape(-1)].set(batch.token_ids.reshape(-1))
     hidden, kv = model.forward(params, cache.kv, batch)
     last_position = jnp.maximum(batch.query_lens - 1, 0)
@@ -103,7 +111,10 @@ def _step(model: LoadedModel, block_size: int, general: bool, params, cache: Cac
         # replicated constraint alone XLA may all-gather the whole lm_head weight instead.
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(model.mesh, rules.VOCAB_LOGITS))
         logits = jax.lax.with_sharding_constraint(logits, NamedSharding(model.mesh, rules.REPLICATED))
-    out = sample(logits.astype(jnp.float32), history, sp, general)
+    logits = logits.astype(jnp.float32)
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
+    out = sample(logits, history, sp, general)
     return CacheState(kv, tokens, cache.last.at[rows.slot].set(out.token)), out
 
 
@@ -125,6 +136,10 @@ class PreparedCall:
     sp: SamplingParams
     rows: RowSlots
     host_shardings: tuple | None
+    bitmask: np.ndarray | None = None       # a guided call's token bitmask [rows, words] (int32)
+
+    def host_inputs(self) -> tuple:
+        return (self.batch, self.sp, self.rows) + ((self.bitmask,) if self.bitmask is not None else ())
 
 
 class ModelRunner:
@@ -145,10 +160,10 @@ class ModelRunner:
         self.row_slots = cache_spec.last.shape[0] - 1     # running sequences at most; the last entry is padding's
         self.decode_steps = decode_steps
 
-        def decode(general: bool, unrolled: bool):
+        def decode(general: bool, unrolled: bool, steps: int = decode_steps):
             step = functools.partial(_step, dataclasses.replace(model, layer_unroll=True) if unrolled else model,
                                      block_size, general)
-            return jax.jit(functools.partial(multistep.decode_steps, step, block_size, decode_steps),
+            return jax.jit(functools.partial(multistep.decode_steps, step, block_size, steps),
                            donate_argnums=(1,))
 
         # by (kind, layers unrolled): prefill and decode run the general sampler, greedy_decode the
@@ -157,6 +172,8 @@ class ModelRunner:
                                                        donate_argnums=(1,))}
         self._functions.update({(kind, unrolled): decode(kind == 'decode', unrolled)
                                 for kind in ('decode', 'greedy_decode') for unrolled in (False, True)})
+        self._functions.update({(kind, unrolled): decode(general, unrolled, 1 if one_step else decode_steps)
+                                for kind, (general, one_step) in GUIDED_KINDS.items() for unrolled in (False, True)})
         self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,),
                             compiler_options=self.options(('prefill', (1, PPL_MAX_CHUNK))))
         # (kind, shape) -> executable: a decode shape may equal a one-token prefill shape
@@ -178,7 +195,7 @@ class ModelRunner:
         start = time.perf_counter()
         shapes = ([(kind, (b, 1)) for b in self.buckets.decode_batch for kind in ('decode', 'greedy_decode')]
                   + [('prefill', s) for s in self.buckets.prefill])
-        inputs = {key: _abstract(self._example_inputs(key[1])) for key in shapes}
+        inputs = {key: _abstract(self._example_inputs(key)) for key in shapes}
         descriptions = {key: self._describe(key, inputs[key]) for key in shapes}
         store = self._store()
         if store is not None:
@@ -204,16 +221,21 @@ class ModelRunner:
                     len(self._executables), time.perf_counter() - start, self.store_counts['loaded'],
                     traced - start, list(self.buckets.decode_batch), self.decode_steps, list(self.buckets.prefill))
 
-    def _example_inputs(self, shape: tuple[int, int]) -> tuple:
-        """Host inputs of a call of ``shape`` (batch, sampling, row slots): what the shape is traced with."""
+    def _example_inputs(self, key: tuple[str, tuple[int, int]]) -> tuple:
+        """Host inputs of the call ``key`` = (kind, shape) (batch, sampling, row slots, and a guided
+        kind's bitmask): what it is traced with."""
+        kind, shape = key
         batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
-        return batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0])
+        inputs = batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0])
+        if kind in GUIDED_KINDS:
+            inputs += (np.full((shape[0], bitmask_words(self.model.spec.vocab_size)), -1, np.int32),)
+        return inputs
 
     def lower(self, key: tuple[str, tuple[int, int]], inputs: tuple | None = None) -> jax.stages.Lowered:
         """The step ``key`` = (kind, (rows, tokens)) traced and lowered for this engine's params and
         pool; ``inputs``: its abstract host inputs (default: made here)."""
         if inputs is None:
-            inputs = _abstract(self._example_inputs(key[1]))
+            inputs = _abstract(self._example_inputs(key))
         with self._precision():
             return self._functions[key[0], self._unrolled(key)].lower(self.model.params, self.cache_spec, *inputs)
 
@@ -284,11 +306,13 @@ class ModelRunner:
         device[:len(plan_rows)] = from_device or False
         return RowSlots(slots, device)
 
-    def prepare(self, plan: StepPlan) -> PreparedCall:
+    def prepare(self, plan: StepPlan, bitmask: np.ndarray | None = None) -> PreparedCall:
         """The host arrays of a plan's call, read from the sequences' state: on the engine thread,
         which alone changes that state. A chained decode plan (``plan.carry``) marks the rows
         whose input token the call reads on the device (``CacheState.last``), where the call
-        before it leaves it."""
+        before it leaves it. ``bitmask``: a decode call's token bitmask when a row is guided
+        (``Scheduler.bitmask``); the call then runs a guided kind, of one step when the plan has
+        one (every row guided)."""
         if plan.prefill:
             rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                     for seq, n, _ in plan.rows]
@@ -302,9 +326,26 @@ class ModelRunner:
                                    for (seq, _, _), k in zip(plan.rows, sampled)], plan.shape[0])
         from_device = [src >= 0 for src in carry.source] if carry is not None else None
         kind = 'prefill' if plan.prefill else 'decode' if needs_general(sp) else 'greedy_decode'
+        if bitmask is not None:
+            kind = ('guided_' + ('decode' if kind == 'decode' else 'greedy_decode') if plan.steps == self.decode_steps
+                    else 'guided_step' if kind == 'decode' else 'guided_greedy_step')
+            self._ensure_compiled((kind, plan.shape))
         return PreparedCall(self._executables[kind, plan.shape], batch, sp,
                             self._row_slots(plan.rows, plan.shape[0], from_device),
-                            self._host_input_shardings((kind, plan.shape)))
+                            self._host_input_shardings((kind, plan.shape)), bitmask)
+
+    def _ensure_compiled(self, key: tuple[str, tuple[int, int]]) -> None:
+        """Load the guided executable ``key`` from the store, or compile (and store) it, once."""
+        if key in self._executables:
+            return
+        store = self._store()
+        description = self._describe(key, _abstract(self._example_inputs(key)))
+        executable = store.load(description) if store is not None else None
+        if executable is None:
+            executable, fresh = compile_tracked(self.lower(key), self.options(key))
+            if store is not None and fresh:
+                store.save(description, executable)
+        self._executables[key] = executable
 
     def _host_input_shardings(self, key: tuple[str, tuple[int, int]]) -> tuple | None:
         """The shardings the executable takes its host inputs (batch, sampling params, rows) in,
@@ -320,8 +361,8 @@ class ModelRunner:
         """Dispatch a prepared call: one step (prefill) or ``decode_steps`` steps (decode); returns
         the device outputs, already on their way to the host. Touches no scheduler state, so it
         may run on another thread while the engine thread takes earlier results."""
-        batch, sp, rows = jax.device_put((call.batch, call.sp, call.rows), call.host_shardings)
-        self.cache, out = call.executable(self.model.params, self.cache, batch, sp, rows)
+        inputs = jax.device_put(call.host_inputs(), call.host_shardings)
+        self.cache, out = call.executable(self.model.params, self.cache, *inputs)
         if not call.sp.want_logprobs.any():          # only the tokens cross to the host
             out = SampleOutput(out.token, None, None, None)
         for leaf in jax.tree.leaves(out):

@@ -10,6 +10,12 @@ preempted: their blocks are released and their tokens recomputed later, never dr
 prefix caching, a sequence starting without KV reuses the registered blocks of its longest cached
 prefix, and each block it fills is offered to the cache.
 
+Guided requests (``guided.py``) sample every token under a mask their matcher computes on the host
+from the tokens before it, so such a row takes one token per decode call (its later steps in the
+call are dropped, as for a row that finishes mid-call), is left out of the call chained behind
+one it is in (its mask needs that call's token), and its prefill stops one token short of the
+prompt's end, so that even its first token is sampled by a decode call under its mask.
+
 The scheduler also owns the request lifecycle (the ``InferenceEngine`` session semantics): it
 checks and queues requests, turns sampled tokens into outputs, and finishes requests. It runs on
 the engine thread only.
@@ -20,12 +26,14 @@ import logging
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+import numpy as np
 
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
 from ..engine_thread import emit
 from ..messages import FinishReason
 from .block_manager import BlockManager
 from .buckets import Buckets
+from .guided import Guide
 from .sampler import SampleOutput, id_list_error, logprob_dict
 from .sequence import Sequence
 
@@ -56,8 +64,10 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, buckets: Buckets, session_len: int, max_batch_size: int,
-                 vocab_size: int, decode_steps: int = 1):
+                 vocab_size: int, decode_steps: int = 1, guide: Guide | None = None):
+        """``guide``: the engine's guided decoding (None: requests with a ``response_format`` are refused)."""
         self.blocks = blocks
+        self.guide = guide
         self.buckets = buckets
         self.session_len = session_len
         self.max_batch_size = max_batch_size
@@ -82,7 +92,7 @@ class Scheduler:
     # ---- requests and sessions ----
 
     def submit(self, request: EngineRequest, on_output: OutputCallback) -> None:
-        error = self._refusal(request)
+        error = self._refusal(request) or self._start_guide(request)
         if error is not None:
             emit(on_output, EngineOutput([], finish_reason='error', error=error))
             return
@@ -108,6 +118,23 @@ class Scheduler:
         return (request_refusal(request, vocab_size=self.vocab_size, session_len=self.session_len,
                                 busy=seq is not None and seq.request is not None, held=held)
                 or id_list_error(request.gen_config))
+
+    def _start_guide(self, request: EngineRequest) -> str | None:
+        """Give a guided request its matcher; why it cannot run, or None."""
+        if self.guide is not None:
+            return self.guide.start(request)
+        if request.gen_config.response_format not in (None, {'type': 'text'}):
+            return 'response_format: this engine has no guided decoding'
+        return None
+
+    def _guided(self, seq: Sequence) -> bool:
+        return self.guide is not None and self.guide.is_guided(seq.request)
+
+    def bitmask(self, plan: StepPlan) -> np.ndarray | None:
+        """The token bitmask of a decode call with a guided row (``Guide.bitmask``), or None."""
+        if self.guide is None or plan.prefill:
+            return None
+        return self.guide.bitmask([request for _, _, request in plan.rows], plan.shape[0])
 
     def cancel(self, session_id: int) -> None:
         seq = self.sessions.get(session_id)
@@ -141,6 +168,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         on_output, request = seq.on_output, seq.request
+        if self.guide is not None:
+            self.guide.stop(request)
         seq.detach()
         if request.sequence_end or reason == 'error':
             if self.sessions.get(seq.session_id) is seq:
@@ -256,7 +285,7 @@ class Scheduler:
     def _plan_prefill(self, candidates: list[Sequence]) -> StepPlan | None:
         rows, chunks = [], []
         for seq in candidates:
-            chunk = min(seq.pending, self.buckets.max_chunk)
+            chunk = min(seq.pending - self._guided(seq), self.buckets.max_chunk)
             if rows and self.buckets.prefill_shape(chunks + [chunk]) is None:
                 chunk = min(chunk, self.buckets.prefill_shape(chunks)[1])
                 if self.buckets.prefill_shape(chunks + [chunk]) is None:
@@ -286,14 +315,18 @@ class Scheduler:
         for seq in candidates:
             if seq in alive:
                 gen = seq.gen_config
-                useful = min(self.decode_steps, gen.max_new_tokens - seq.num_generated,
-                             self.session_len - len(seq.tokens))
+                steps = 1 if self._guided(seq) else self.decode_steps
+                useful = min(steps, gen.max_new_tokens - seq.num_generated, self.session_len - len(seq.tokens))
                 if useful > 1 and seq.blocks_needed(seq.num_cached + useful, bs) > 0:
                     useful = max(1, self._grant(seq, useful))
                 rows.append((seq, useful, seq.request))
         if not rows:
             return None
-        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self.decode_steps)
+        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self._call_steps(rows))
+
+    def _call_steps(self, rows: list) -> int:
+        """Device steps of a decode call: one when every row is guided (each takes one token a call)."""
+        return 1 if all(self._guided(seq) for seq, _, _ in rows) else self.decode_steps
 
     def chain(self, plan: StepPlan) -> StepPlan | None:
         """The call to dispatch right behind ``plan`` (still in flight), planned before its results
@@ -333,8 +366,9 @@ class Scheduler:
         rows, carry = [], Carry([], [], [])
         for seq in self.running:
             i, fed, request = in_flight.get(id(seq), (-1, 0, seq.request))
-            if 0 <= i and not plan.prefill and fed < steps and self._reaches_limit(seq, fed):
-                continue                                   # it ends inside ``plan``
+            guided = self._guided(seq)
+            if 0 <= i and (guided or not plan.prefill and fed < steps and self._reaches_limit(seq, fed)):
+                continue                                   # it ends inside ``plan``, or its mask needs its token
             if i < 0:
                 cached = sampled = 0                       # not in ``plan``: decoding already
                 ready = seq.pending == 1
@@ -349,7 +383,7 @@ class Scheduler:
             left = min(request.gen_config.max_new_tokens - seq.num_generated,
                        self.session_len - len(seq.tokens)) - sampled
             if left > 0:
-                rows.append((seq, min(steps, left), request))
+                rows.append((seq, min(1 if guided else steps, left), request))
                 carry.source.append(i)
                 carry.cached.append(cached)
                 carry.sampled.append(sampled)
@@ -363,7 +397,7 @@ class Scheduler:
             if n:
                 seq.blocks += self.blocks.allocate(n)
         self._prefill_streak = 0
-        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), steps, carry)
+        return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self._call_steps(rows), carry)
 
     def _reaches_limit(self, seq: Sequence, tokens: int) -> bool:
         """Whether ``tokens`` more generated tokens take ``seq`` to its length limit."""
@@ -414,6 +448,12 @@ class Scheduler:
             if token in stop_ids:
                 self._finish(seq, 'stop', reported, logprobs)
                 return
+            if self._guided(seq):
+                verdict = self.guide.accept(seq.request, token)
+                if verdict != 'ok':
+                    self._finish(seq, 'stop' if verdict == 'terminated' else 'error', reported, logprobs,
+                                 None if verdict == 'terminated' else f'token {token} breaks the response_format')
+                    return
             reported.append(token)
             if logprobs is not None:
                 logprobs.append(logprob_dict(out, row, gen.logprobs, None if first_step is None else k))
