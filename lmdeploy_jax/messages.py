@@ -178,7 +178,7 @@ def response_format_grammar(response_format) -> tuple[str, str] | None:
     ``{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}`` (the schema may also
     be given as JSON text); ``{'type': 'regex_schema', 'regex_schema': 'pattern'}``.
     ValueError naming the field and the fault for any other value. Whether the schema or the
-    pattern compiles is checked by the engine (``engine/guided.py``)."""
+    pattern compiles is checked by the engines (``guided.py``)."""
     _require(isinstance(response_format, dict) and response_format.get('type') in RESPONSE_FORMAT_TYPES,
              'response_format', f'a dict whose type is one of {RESPONSE_FORMAT_TYPES}', response_format)
     kind = response_format['type']

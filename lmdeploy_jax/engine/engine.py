@@ -25,13 +25,13 @@ import jax
 from ..checkpoint.source import ModelSource
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback
 from ..engine_thread import ThreadedEngine, emit
+from ..guided import GrammarCache, Guide
 from ..messages import TurbomindEngineConfig
 from .. import settings
 from ..models import load_model
 from ..parallel import agree_min, init_distributed, local_devices, make_tp_mesh
 from .block_manager import BlockManager
 from .buckets import make_buckets
-from .guided import GrammarCache, Guide
 from .kv_pool import cache_state_spec, free_device_bytes, plan_num_blocks
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan

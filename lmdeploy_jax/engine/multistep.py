@@ -80,7 +80,7 @@ def decode_steps(step: StepFn, block_size: int, num_steps: int, params, cache: C
                  sp: SamplingParams, rows: RowSlots, *bitmask: jax.Array) -> tuple[CacheState, SampleOutput]:
     """Run ``num_steps`` decode steps; the outputs gain a leading [num_steps] axis. The first
     step's input token of a row ``rows.from_device`` is the one last sampled for its slot.
-    ``bitmask`` (a guided call's token bitmask, ``guided.py``) is passed to every step."""
+    ``bitmask`` (a guided call's token bitmask, ``lmdeploy_jax/guided.py``) is passed to every step."""
     b = batch.num_rows
     outs = SampleOutput(jnp.zeros((num_steps, b), jnp.int32), jnp.zeros((num_steps, b), jnp.float32),
                         jnp.zeros((num_steps, b, MAX_LOGPROBS), jnp.float32),

@@ -9,7 +9,7 @@ tokens and KV into the pool, runs the model, takes each row's last-position logi
 samples on the device, and keeps each row's sampled token in the pool (``CacheState.last``, by row
 slot), where a decode call queued behind it reads its inputs. Every shape of the bucket set is
 compiled ahead of time, so serving never compiles; a shape outside the set is a bug and raises.
-The exception is guided decoding (``guided.py``): a decode call with a guided row takes one more
+The exception is guided decoding (``lmdeploy_jax/guided.py``): a decode call with a guided row takes one more
 input, the token bitmask, and runs an executable of its own (``GUIDED_KINDS``), compiled (or
 loaded from the executable store) when a call first needs it, so that engines that never guide
 compile nothing more and unguided calls move no bitmask.
@@ -38,8 +38,8 @@ from .buckets import Buckets
 from .kv_pool import CacheState, RowSlots, allocate_cache_state
 from . import multistep
 from .executable_store import ExecutableStore, compile_tracked, describe_inputs
-from .guided import apply_bitmask, bitmask_words
-from .sampler import SampleOutput, SamplingParams, host_sampling_params, needs_general, sample
+from ..guided import bitmask_words
+from .sampler import SampleOutput, SamplingParams, apply_bitmask, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
 from .xla_flags import executable_options, is_small_batch_tp_decode
 

@@ -109,6 +109,14 @@ def _mask_ids(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return logits.at[rows, jnp.where(ids < 0, vocab, ids)].set(-jnp.inf, mode='drop')
 
 
+def apply_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """``logits`` [B, V] with -inf wherever ``bitmask`` [B, ceil(V / 32)] (int32; bit ``j`` of word
+    ``i`` is token ``32 * i + j``) has a 0 bit: guided decoding's grammar mask (``lmdeploy_jax/guided.py``)."""
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :logits.shape[-1]].astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def needs_general(sp: SamplingParams) -> bool:
     """Whether a call's (host) settings need the general sampler: some row samples or asks for
     logprobs. Padding rows are greedy without logprobs."""

@@ -10,7 +10,7 @@ preempted: their blocks are released and their tokens recomputed later, never dr
 prefix caching, a sequence starting without KV reuses the registered blocks of its longest cached
 prefix, and each block it fills is offered to the cache.
 
-Guided requests (``guided.py``) sample every token under a mask their matcher computes on the host
+Guided requests (``lmdeploy_jax/guided.py``) sample every token under a mask their matcher computes on the host
 from the tokens before it, so such a row takes one token per decode call (its later steps in the
 call are dropped, as for a row that finishes mid-call), is left out of the call chained behind
 one it is in (its mask needs that call's token), and its prefill stops one token short of the
@@ -30,10 +30,10 @@ import numpy as np
 
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
 from ..engine_thread import emit
+from ..guided import Guide
 from ..messages import FinishReason
 from .block_manager import BlockManager
 from .buckets import Buckets
-from .guided import Guide
 from .sampler import SampleOutput, id_list_error, logprob_dict
 from .sequence import Sequence
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from ..checkpoint.errors import CheckpointError
 from ..checkpoint.source import ModelSource
 from ..engine_thread import ThreadedEngine, emit
+from ..guided import GrammarCache, Guide, allowed_tokens
 from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
 from ..messages import FinishReason, PytorchEngineConfig
 from .sampling import next_token
@@ -108,6 +109,7 @@ class PytorchEngine(ThreadedEngine):
         self.vocab_size = text_config.vocab_size
         self.session_len = config.session_len or text_config.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        self._guide = Guide(GrammarCache(source.hf_dir, self.vocab_size))     # response_format
         logger.info('pytorch backend: %s on %s (%s), session_len=%d, max_batch_size=%d', source.given,
                     self.device, self.model.dtype, self.session_len, self.max_batch_size)
 
@@ -173,7 +175,7 @@ class PytorchEngine(ThreadedEngine):
     def _accept(self, request: EngineRequest, on_output: OutputCallback) -> _Run | None:
         """Check a request and attach it to its session: the run that waits for a running slot, or
         None when the request is already answered (refused, or nothing to generate)."""
-        error = self._refusal(request)
+        error = self._refusal(request) or self._guide.start(request)
         if error is not None:
             emit(on_output, EngineOutput([], finish_reason='error', error=error))
             return None
@@ -219,11 +221,19 @@ class PytorchEngine(ThreadedEngine):
                              **{self._cache_kwarg: session.cache})
         session.cached_len = len(session.history)
         logits = out.logits[0, -1].float().cpu()
+        bitmask = self._guide.bitmask([run.request], 1)
+        if bitmask is not None:
+            logits[torch.from_numpy(~allowed_tokens(bitmask[0], logits.shape[-1]))] = float('-inf')
         token, logprobs = next_token(logits, gen, session.history, run.num_generated, run.generator)
         session.history.append(token)
         run.num_generated += 1
         if token in (gen.stop_token_ids or ()):
             self._finish(run, 'stop', logprobs=None if logprobs is None else [])
+            return
+        verdict = self._guide.accept(run.request, token) if self._guide.is_guided(run.request) else 'ok'
+        if verdict != 'ok':
+            self._finish(run, 'stop' if verdict == 'terminated' else 'error', logprobs=None if logprobs is None else [],
+                         error=None if verdict == 'terminated' else f'token {token} breaks the response_format')
             return
         out_logprobs = None if logprobs is None else [logprobs]
         if run.num_generated >= gen.max_new_tokens or len(session.history) >= self.session_len:
@@ -246,6 +256,7 @@ class PytorchEngine(ThreadedEngine):
                 self._waiting.remove(run)
         session, sid = run.session, run.request.session_id
         session.owner = None
+        self._guide.stop(run.request)
         if (forget or run.request.sequence_end) and self._sessions.get(sid) is session:
             del self._sessions[sid]
         emit(run.on_output, EngineOutput(token_ids or [], logprobs, reason, error))

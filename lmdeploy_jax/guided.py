@@ -5,9 +5,10 @@ distinct grammar and kept in a bounded LRU cache; each guided request gets its o
 the scheduler advances on the host with every token the request takes. Before a call is
 launched, ``Guide.bitmask`` packs the rows' next-token masks into one int32 array [rows,
 ceil(vocab / 32)] (bit ``j`` of word ``i``: token ``32 * i + j`` allowed; unguided and padding
-rows allow everything), and the compiled step applies it to the logits on the device
-(``apply_bitmask``) before sampling. Only calls with a guided row take a bitmask: they run their
-own executables (``runner.py``), so unguided calls move no extra data.
+rows allow everything). The JAX engine applies it to the logits on the device before sampling
+(``engine/sampler.apply_bitmask``); only its calls with a guided row take a bitmask, and they run
+executables of their own (``engine/runner.py``), so unguided calls move no extra data. The
+reference backend applies it on the host (``allowed_tokens``). Host side only: no JAX here.
 
 JSON grammars allow no free whitespace (compact separators): a small model otherwise may spend its
 token budget on blank lines the schema allows. The matcher stops on the request's stop ids (the
@@ -18,11 +19,10 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 
-import jax.numpy as jnp
 import numpy as np
 
-from ..engine_api import EngineRequest
-from ..messages import response_format_grammar
+from .engine_api import EngineRequest
+from .messages import response_format_grammar
 
 GRAMMAR_CACHE_SIZE = 128      # distinct compiled grammars kept
 
@@ -32,11 +32,10 @@ def bitmask_words(vocab_size: int) -> int:
     return -(-vocab_size // 32)
 
 
-def apply_bitmask(logits: jnp.ndarray, bitmask: jnp.ndarray) -> jnp.ndarray:
-    """``logits`` [B, V] with -inf wherever ``bitmask`` [B, ceil(V / 32)] (int32) has a 0 bit."""
-    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
-    allowed = bits.reshape(bitmask.shape[0], -1)[:, :logits.shape[-1]].astype(bool)
-    return jnp.where(allowed, logits, -jnp.inf)
+def allowed_tokens(bitmask_row: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The bool [vocab_size] mask of one bitmask row (host side, for the reference backend)."""
+    bits = np.unpackbits(np.ascontiguousarray(bitmask_row, '<i4').view(np.uint8), bitorder='little')
+    return bits[:vocab_size].astype(bool)
 
 
 class GrammarCache:
