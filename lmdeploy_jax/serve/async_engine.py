@@ -65,6 +65,11 @@ def _check_prompts(prompts) -> tuple[list, bool]:
     return items, single
 
 
+def _is_gen_configs(value) -> bool:
+    return isinstance(value, GenerationConfig) or (
+        isinstance(value, list) and bool(value) and all(isinstance(c, GenerationConfig) for c in value))
+
+
 def _timed(what: str, fn, *args):
     """``fn(*args)``, logging how long it took (start-up phases)."""
     start = time.perf_counter()
@@ -312,20 +317,60 @@ class AsyncEngine:
 
     __call__ = batch_infer
 
-    def stream_infer(self, prompts, gen_config=None, do_preprocess: bool = True, tools: list[dict] | None = None,
+    infer = batch_infer     # LMDeploy 0.12+'s name; batch_infer stays, as there
+
+    def stream_infer(self, prompts, sessions: Session | list[Session] | None = None, gen_config=None,
+                     do_preprocess: bool = True, tools: list[dict] | None = None, stream_response: bool = True,
                      **kwargs) -> Iterator[Response]:
         """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by
-        ``index``: the prompt's, or with ``n > 1`` the answer's (``samples.py``)."""
+        ``index``: the prompt's, or with ``n > 1`` the answer's (``samples.py``).
+
+        ``sessions`` (LMDeploy 0.12+): a ``Session`` per prompt (one for a single prompt), whose id
+        each prompt's request runs under, so ``session.abort()`` stops it; the prompt is a whole
+        request, its history given in its messages, as LMDeploy's. Sessions need ``n == 1`` and
+        may appear once in a call (a session runs one request at a time): ``ValueError`` otherwise,
+        as for a count that differs from the prompts'. A ``GenerationConfig`` (or a list of them)
+        in the second position is ``gen_config``, the signature before LMDeploy 0.12.
+        ``stream_response=False`` yields one ``Response`` per answer, with its whole text, when it ends."""
+        if gen_config is None and _is_gen_configs(sessions):
+            sessions, gen_config = None, sessions
         items, _ = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
+        samples = fan_out(items, configs)
+        session_ids = self._session_ids_of(sessions, len(items), configs)
+        if not isinstance(stream_response, bool):
+            raise ValueError(f'stream_response must be True or False, got {stream_response!r}')
 
         async def one(sample: Sample):
-            session_id = next(self._session_ids)
-            async for out in self.generate(sample.prompt, session_id, sample.config, do_preprocess=do_preprocess,
-                                           tools=tools, **kwargs):
-                yield Response(out.response, out.generate_token_len, out.input_token_len, session_id,
-                               out.finish_reason, out.token_ids, out.logprobs, sample.index)
-        yield from self._loop.iterate(merge([one(s) for s in fan_out(items, configs)]))
+            session_id = session_ids[sample.prompt_index] if session_ids else next(self._session_ids)
+            total = Response('', 0, 0, session_id, index=sample.index)
+            async for out in self.generate(sample.prompt, session_id, sample.config, stream_response=stream_response,
+                                           do_preprocess=do_preprocess, tools=tools, **kwargs):
+                delta = Response(out.response, out.generate_token_len, out.input_token_len, session_id,
+                                 out.finish_reason, out.token_ids, out.logprobs, sample.index)
+                if stream_response:
+                    yield delta
+                else:
+                    total = total.extend(delta)
+            if not stream_response:
+                yield total
+        yield from self._loop.iterate(merge([one(s) for s in samples]))
+
+    def _session_ids_of(self, sessions, n_prompts: int, configs: list[GenerationConfig]) -> list[int] | None:
+        """The engine session id of each prompt's request, from ``stream_infer``'s ``sessions``."""
+        if sessions is None:
+            return None
+        sessions = [sessions] if isinstance(sessions, Session) else sessions
+        if not isinstance(sessions, list) or not all(isinstance(s, Session) for s in sessions):
+            raise ValueError(f'sessions must be a Session, a list of Sessions or None, got {sessions!r}')
+        if len(sessions) != n_prompts:
+            raise ValueError(f'sessions has {len(sessions)} entries for {n_prompts} prompts')
+        ids = [s.session_id for s in sessions]
+        if len(set(ids)) != len(ids):
+            raise ValueError('sessions lists a session twice; a session runs one request at a time')
+        if any(c.n != 1 for c in configs):
+            raise ValueError('n > 1 with sessions: a session runs one request at a time; pass sessions=None')
+        return ids
 
     def session(self) -> Session:
         """A new multi-turn session (LMDeploy's ``pipe.session()``), to pass to ``chat``."""

@@ -20,6 +20,10 @@ class Session:
     def __call__(self, prompt: str, gen_config=None, stream_response: bool = False, **kwargs):
         return self._engine.chat(prompt, self, gen_config, stream_response, **kwargs)
 
+    def abort(self) -> None:
+        """Stop the request running in this session; it finishes with 'abort' (LMDeploy's)."""
+        self._engine.stop_session(self.session_id)
+
     def close(self) -> None:
         """End the session: the engine forgets its history and frees its KV."""
         self._engine.end_session(self.session_id)
