@@ -1,6 +1,7 @@
 """``lmdeploy_jax.load_model``: a checkpoint as an ``nnx`` module, called on token ids without the
-engine, and ``jax.grad`` through it, against transformers' logits and torch's autograd on the same
-random float32 weights."""
+engine, ``jax.grad`` through it, the logit lens and the input embeddings' gradients, against
+transformers' logits and hidden states and torch's autograd on the same random float32 weights
+(with a separate output head and with one tied to the embeddings)."""
 from __future__ import annotations
 
 import jax
@@ -14,24 +15,37 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lmdeploy_jax
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.models.layers.decoder import CausalLM
+from lmdeploy_jax.research import input_embedding_grad, logit_lens
 
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, initializer_range=0.2, max_position_embeddings=64,
               tie_word_embeddings=False)
 
 
-@pytest.fixture(scope='module')
-def checkpoint(tmp_path_factory):
-    """A tiny random Llama (transformers' class, float32) with the default model's tokenizer files."""
+def _tiny_llama(tmp_path_factory, tied: bool):
+    """A tiny random Llama (transformers' class, float32) with the default model's tokenizer files:
+    ``(directory, model)``."""
     import shutil
     torch.manual_seed(int(np.random.SeedSequence().entropy % (1 << 30)))
-    hf = LlamaForCausalLM(LlamaConfig(**CONFIG)).float().eval()
+    hf = LlamaForCausalLM(LlamaConfig(**{**CONFIG, 'tie_word_embeddings': tied})).float().eval()
     path = tmp_path_factory.mktemp('llama')
     hf.save_pretrained(path)
     default = resolve_model(None).hf_dir
     for name in ('tokenizer.json', 'tokenizer_config.json'):
         shutil.copy(f'{default}/{name}', path)
     return str(path), hf
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    """``_tiny_llama`` with its own output head."""
+    return _tiny_llama(tmp_path_factory, tied=False)
+
+
+@pytest.fixture(scope='module')
+def tied_checkpoint(tmp_path_factory):
+    """``_tiny_llama`` with the output head tied to the embeddings (as the default model's is)."""
+    return _tiny_llama(tmp_path_factory, tied=True)
 
 
 def _nll(logits, ids):
@@ -52,7 +66,8 @@ def test_logits_and_gradients_match_transformers(checkpoint, rng):
     np.testing.assert_allclose(np.asarray(logits), ref_logits.detach().numpy(), rtol=1e-4, atol=1e-4)
 
     graph, state = nnx.split(model)
-    grads = jax.grad(lambda s: _nll(nnx.merge(graph, s).token_logits(jnp.asarray(ids)), jnp.asarray(ids)))(state)
+    ids = jnp.asarray(ids)
+    grads = jax.jit(jax.grad(lambda s: _nll(nnx.merge(graph, s).token_logits(ids), ids)))(state)
     ref_loss = torch.nn.functional.cross_entropy(ref_logits[:, :-1].reshape(-1, CONFIG['vocab_size']),
                                                  ref_ids[:, 1:].reshape(-1))
     ref_loss.backward()
@@ -60,17 +75,62 @@ def test_logits_and_gradients_match_transformers(checkpoint, rng):
     pairs = [(grads['norm']['weight'], ref['model.norm.weight']),
              (grads['embed'], ref['model.embed_tokens.weight']),
              (grads['layers']['attn']['o']['w'][1], ref['model.layers.1.self_attn.o_proj.weight']),
+             (grads['layers']['mlp']['down']['w'][1], ref['model.layers.1.mlp.down_proj.weight']),
              (grads['layers']['mlp']['gate_up']['w'][0][:CONFIG['intermediate_size']],
               ref['model.layers.0.mlp.gate_proj.weight']),
              (grads['layers']['attn']['qkv']['w'][0][:CONFIG['num_attention_heads'] * CONFIG['head_dim']],
               ref['model.layers.0.self_attn.q_proj.weight'])]
     for ours, expected in pairs:
-        ours = np.asarray(ours[...] if hasattr(ours, 'value') else ours)
-        np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+        assert_close(np.asarray(ours.get_value() if hasattr(ours, 'get_value') else ours), expected)
+
+
+def assert_close(ours: np.ndarray, expected: np.ndarray, rel: float = 1e-4) -> None:
+    """``ours`` equals ``expected`` within ``rel`` of its norm (both float32)."""
+    assert ours.shape == expected.shape
+    error = np.linalg.norm(ours - expected) / np.linalg.norm(expected)
+    assert error < rel, f'relative error {error:.2e}'
+
+
+def test_logit_lens_equals_the_head_on_each_layers_hidden_state(checkpoint, rng):
+    """Depth k: the final norm and the head on transformers' hidden state after k layers; the
+    last depth: the logits."""
+    path, hf = checkpoint
+    model, _ = lmdeploy_jax.load_model(path)
+    ids = rng.integers(0, CONFIG['vocab_size'], (2, 9))
+    lens = np.asarray(logit_lens(model, jnp.asarray(ids)))
+    with torch.no_grad():
+        out = hf(torch.tensor(ids), output_hidden_states=True)
+        expected = [hf.lm_head(hf.model.norm(h)) for h in out.hidden_states[:-1]] + [out.logits]
+    assert lens.shape == (CONFIG['num_hidden_layers'] + 1, *ids.shape, CONFIG['vocab_size'])
+    for depth, ref in enumerate(expected):
+        assert_close(lens[depth], ref.numpy())
+    assert not np.allclose(lens[0], lens[-1])
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_input_embedding_grad_matches_torch_autograd(tied, checkpoint, tied_checkpoint, rng):
+    """The gradient of the last position's log-probability of a chosen token with respect to each
+    input position's embedding (a token repeated: one gradient per occurrence), as torch's
+    autograd gives it with ``inputs_embeds``; a tied head's use of the table is not counted."""
+    path, hf = tied_checkpoint if tied else checkpoint
+    model, _ = lmdeploy_jax.load_model(path)
+    ids = rng.integers(0, CONFIG['vocab_size'], (2, 10))
+    ids[:, 7] = ids[:, 2]
+    target = int(rng.integers(CONFIG['vocab_size']))
+    value, grad = input_embedding_grad(model, jnp.asarray(ids),
+                                       lambda logits: jax.nn.log_softmax(logits[:, -1])[:, target].sum())
+    embeds = hf.model.embed_tokens(torch.tensor(ids)).detach().requires_grad_()
+    ref = torch.log_softmax(hf(inputs_embeds=embeds).logits[:, -1], -1)[:, target].sum()
+    ref.backward()
+    np.testing.assert_allclose(float(value), ref.item(), rtol=1e-5)
+    assert grad.shape == (*ids.shape, CONFIG['hidden_size']) and grad.dtype == jnp.float32
+    assert_close(np.asarray(grad), embeds.grad.numpy())
 
 
 def test_token_ids_must_be_a_matrix_of_integers(checkpoint):
     model, _ = lmdeploy_jax.load_model(checkpoint[0])
     for bad in (jnp.zeros((4,), jnp.int32), jnp.ones((1, 3), jnp.float32)):
-        with pytest.raises(ValueError, match=r'token_ids must be an integer array \[batch, tokens\]'):
-            model.token_logits(bad)
+        for call in (model.token_logits, lambda ids: logit_lens(model, ids),
+                     lambda ids: input_embedding_grad(model, ids, jnp.sum)):
+            with pytest.raises(ValueError, match=r'token_ids must be an integer array \[batch, tokens\]'):
+                call(bad)
