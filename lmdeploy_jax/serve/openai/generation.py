@@ -68,9 +68,11 @@ class Runner:
         self.metrics.generations.inc()
         self.metrics.running.inc()
         self._running[session_id] += 1
+        timer = self.metrics.timer()
         try:
             async for out in self.engine.generate(None, session_id, job.config, sequence_start=job.sequence_start,
                                                   sequence_end=job.sequence_end, input_ids=job.input_ids):
+                timer.output(len(out.token_ids), out.finish_reason is not None)
                 self.metrics.generation_tokens.inc(len(out.token_ids))
                 if out.finish_reason is not None:
                     self.metrics.prompt_tokens.inc(out.input_token_len)
