@@ -3,10 +3,12 @@ Qwen2-MoE (a shared expert behind a sigmoid gate, q/k/v biases) and Mixtral (a s
 tiny random float32 checkpoints made by transformers' own classes, which write one tensor per
 expert as the published checkpoints do. At tp=1 and tp=2 (``family_harness.py``): greedy tokens
 equal the PyTorch reference backend's for 32 new tokens on 4 prompts and a prefix-cached fifth,
-last-position logits within 1e-4 of transformers'. The MoE block's routing and expert MLP against
-a dense numpy reference, on random inputs with experts that receive no tokens."""
+last-position logits within 1e-4 of transformers'. The MoE block's routing and expert MLP (XLA's
+grouped GEMMs, the per-choice gather, and the Pallas grouped-GEMM kernel) against a dense numpy
+reference, on random inputs with experts that receive no tokens."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -17,13 +19,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 from family_harness import WINDOW, check_the_window_matters, family_checks
+from pallas_cases import KERNEL
 from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM)
 
 from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.source import ModelSource
 from lmdeploy_jax.models import load_model
-from lmdeploy_jax.models.layers.moe import grouped_matmul, grouped_mlp, per_choice_mlp, route
+from lmdeploy_jax.models.layers.moe import grouped_mlp, per_choice_mlp, route
 from lmdeploy_jax.models.registry import UnsupportedArchitectureError
 from lmdeploy_jax.parallel.rules import TP, param_spec
 
@@ -106,17 +109,6 @@ def test_route_takes_the_top_k_softmax_probabilities(renormalize):
     np.testing.assert_allclose(np.asarray(weights), expected, rtol=1e-5)
 
 
-def test_grouped_matmul_with_empty_groups_and_one_group_taking_every_row():
-    rng = np.random.default_rng()
-    x = rng.standard_normal((7, 5)).astype(np.float32)
-    w = rng.standard_normal((4, 3, 5)).astype(np.float32)
-    for sizes in ([0, 3, 0, 4], [7, 0, 0, 0], [0, 0, 0, 7]):
-        starts = np.cumsum([0] + sizes)
-        expected = np.concatenate([x[a:b] @ w[g].T for g, (a, b) in enumerate(zip(starts, starts[1:]))])
-        np.testing.assert_allclose(np.asarray(grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32))), expected,
-                                   rtol=1e-5, atol=1e-5)
-
-
 def _dense_reference(x, experts, gate_up, down):
     """Each choice's expert MLP (silu), in float64, one token and expert at a time."""
     silu = lambda v: v / (1 + np.exp(-v))      # noqa: E731
@@ -128,8 +120,13 @@ def _dense_reference(x, experts, gate_up, down):
     return np.stack(out)
 
 
-@pytest.mark.parametrize('mlp', [grouped_mlp, per_choice_mlp])
-@pytest.mark.parametrize('chosen_from', [(1, 4), (0, 2, 5), tuple(range(6))])
+# the grouped GEMMs through the Pallas kernel (``pallas_kernels.grouped_matmul``, interpreted on a CPU)
+grouped_kernel_mlp = functools.partial(grouped_mlp, impl=KERNEL)
+
+
+@pytest.mark.parametrize('mlp, chosen_from', [
+    *((mlp, chosen) for mlp in (grouped_mlp, per_choice_mlp) for chosen in ((1, 4), (0, 2, 5), tuple(range(6)))),
+    (grouped_kernel_mlp, (0, 2, 5))])
 def test_expert_mlp_matches_a_dense_reference(mlp, chosen_from):
     """Tokens routed only among ``chosen_from`` of 6 experts (the others receive none; with two
     candidates each of them takes every token)."""

@@ -3,15 +3,19 @@
 Each token's router logits ``x @ router.T`` pick its ``experts_per_token`` experts by softmax
 probability (in float32, as transformers), optionally renormalized to sum to one; the choices are
 sorted by expert so each expert's tokens are consecutive, and each projection is one grouped GEMM
-over those ragged groups (``jax.lax.ragged_dot_general``): expert ``e``'s rows meet only expert
-``e``'s weights. The results go back to token order and are summed with the routing weights. A
-step of few choices (a small decode batch) instead gathers each choice's expert weights, so it
-reads only the chosen experts' (``experts_mlp``).
+over those ragged groups (``pallas_kernels.grouped_matmul``): expert ``e``'s rows meet only expert
+``e``'s weights. The results go back to token order and are summed with the routing weights.
 
-How ``ragged_dot`` runs is the backend's: on a GPU it reaches XLA as a ``chlo.ragged_dot``
-composite, which XLA may run as a grouped GEMM or expand into one dense product per group over
-every row (the composite's own decomposition, and the CPU lowering): that reads every expert's
-weights and multiplies every row by each of them.
+Which path a step takes (``experts_mlp``; static, from the shapes and the backend):
+
+- Where the grouped GEMM runs the Pallas kernel (a GPU), every step takes it: the kernel visits
+  only the experts that received rows and reads each of their weight tiles once per tile of rows,
+  so a small decode batch reads only the chosen experts' weights.
+- Elsewhere (the CPU, or ``LMDEPLOY_JAX_KERNELS=reference``) the grouped GEMM is XLA's
+  ``jax.lax.ragged_dot_general``, which XLA may expand into one dense product per group over every
+  row: that reads every expert's weights. A step of few choices (a small decode batch) there
+  instead gathers each choice's expert weights, so it reads only the chosen experts'
+  (``per_choice_mlp``).
 
 Tensor parallelism is inside each expert (``parallel.rules``): every device routes all tokens
 (the router is replicated), runs its slice of every expert's gate/up rows and down columns, and
@@ -24,15 +28,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.grouped_matmul.api import grouped_matmul, runs_kernel
+
 from ...parallel import rules
 from ..spec import ModelSpec
 from .activations import ACTIVATIONS
 from .decoder import CausalLM, DecoderLayer
 from .linear import INIT_STD, Linear, linear
-
-# lhs [tokens, in] against rhs [groups, out, in] (Hugging Face's orientation): contract the last dims
-_GROUPED = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
-                                             lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
 
 
 def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -45,13 +47,6 @@ def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.
     return weights, experts.astype(jnp.int32)
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """``[M, out]``: rows ``x [M, in]`` in consecutive groups of ``group_sizes [G]`` (int32, summing
-    to at most M; rows past the sum give zeros), group ``g``'s rows times ``w[g].T``
-    (``w [G, out, in]``)."""
-    return jax.lax.ragged_dot_general(x, w, group_sizes, _GROUPED)
-
-
 def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
                 act) -> jax.Array:
     """``[N, hidden]``: each token of ``x [N, hidden]`` through its experts ``experts [N, k]``,
@@ -59,31 +54,37 @@ def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: j
     rows, then up rows), ``down [E, hidden, inter]``: every expert's (or one device's slice of every
     expert's) weights; the expert MLP is ``down(act(gate) * up)``.
 
-    A step of few choices (``gathers_weights``, a small decode batch) gathers each choice's expert
-    weights, so it reads only the chosen experts' (``per_choice_mlp``); a larger one sorts the
-    choices by expert and runs grouped GEMMs (``grouped_mlp``). The choice is static (shapes)."""
+    The choices run sorted by expert through grouped GEMMs (``grouped_mlp``), or, where the
+    grouped GEMM is not the Pallas kernel and ``gathers_weights`` (a small decode batch), each with
+    its own gathered expert weights (``per_choice_mlp``); see the module docstring."""
     n, k = experts.shape
-    mlp = per_choice_mlp if gathers_weights(n * k, gate_up.shape[0]) else grouped_mlp
+    gathers = not runs_kernel(x.dtype) and gathers_weights(n * k, gate_up.shape[0])
+    mlp = per_choice_mlp if gathers else grouped_mlp
     y = mlp(x, experts, gate_up, down, act).reshape(n, k, -1)
     return jnp.einsum('nkh,nk->nh', y, weights.astype(x.dtype))
 
 
 def gathers_weights(choices: int, num_experts: int) -> bool:
-    """Whether ``experts_mlp`` runs a step of ``choices`` (tokens times experts per token) by
-    ``per_choice_mlp``: at most a quarter of the experts, so that even where XLA writes the gathered
-    weights out as a copy and reads them again, the step reads fewer bytes than every expert's."""
+    """Whether ``experts_mlp``, where the grouped GEMM is XLA's ``ragged_dot``, runs a step of
+    ``choices`` (tokens times experts per token) by ``per_choice_mlp``: at most a quarter of the
+    experts, so that even where XLA writes the gathered weights out as a copy and reads them again,
+    the step reads fewer bytes than every expert's. (The Pallas kernel reads only the routed
+    experts' weights, so it never needs the gather.)"""
     return 4 * choices <= num_experts
 
 
-def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act) -> jax.Array:
+def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act,
+                impl: str | None = None) -> jax.Array:
     """``[N * k, hidden]``: the expert MLP of each choice (``experts [N, k]`` flattened), by grouped
-    GEMMs over the choices sorted by expert (``grouped_matmul``), back in choice order."""
+    GEMMs over the choices sorted by expert (``grouped_matmul``, run by ``impl``: see
+    ``pallas_kernels._dispatch``), back in choice order."""
     k = experts.shape[1]
     choices = experts.reshape(-1)
     order = jnp.argsort(choices, stable=True)                  # the N * k choices, grouped by expert
     group_sizes = jnp.bincount(choices, length=gate_up.shape[0]).astype(jnp.int32)
-    gate, up = jnp.split(grouped_matmul(x[order // k], gate_up, group_sizes), 2, axis=-1)
-    y = grouped_matmul(act(gate) * up, down, group_sizes)
+    gate, up = jnp.split(grouped_matmul(x[order // k], gate_up, group_sizes, transpose_rhs=True, impl=impl),
+                         2, axis=-1)
+    y = grouped_matmul(act(gate) * up, down, group_sizes, transpose_rhs=True, impl=impl)
     return y[jnp.argsort(order)]
 
 
