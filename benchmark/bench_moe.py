@@ -1,6 +1,7 @@
 """One MoE layer's expert MLP (``lmdeploy_jax/models/layers/moe.py``) on the GPU, bf16, at a real
-model's expert shapes: for each token count and path (``grouped``: ragged_dot GEMMs over the
-choices sorted by expert; ``per_choice``: each choice's expert weights gathered), the time, the
+model's expert shapes: for each token count and path (``grouped_xla``: XLA's ragged_dot GEMMs over
+the choices sorted by expert; ``grouped_pallas``: the same through the Pallas grouped-GEMM kernel,
+the path the layer takes on a GPU; ``per_choice``: each choice's expert weights gathered), the time, the
 bytes of the chosen experts' weights and of every expert's (``per_choice_sliced``: the
 weights sliced per choice rather than gathered, an alternative to ``per_choice``), the FLOPs of the routed tokens, and
 the bandwidth and FLOP rate those imply, beside the card's measured ceilings (a copy's bandwidth,
@@ -16,6 +17,7 @@ that reads every expert takes about ``all bytes / copy bandwidth``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -43,7 +45,9 @@ def per_choice_sliced_mlp(x, experts, gate_up, down, act):
     return jnp.stack(rows)
 
 
-PATHS = {'grouped': grouped_mlp, 'per_choice': per_choice_mlp, 'per_choice_sliced': per_choice_sliced_mlp}
+PATHS = {'grouped_xla': functools.partial(grouped_mlp, impl='reference'),
+         'grouped_pallas': functools.partial(grouped_mlp, impl='pallas'),
+         'per_choice': per_choice_mlp, 'per_choice_sliced': per_choice_sliced_mlp}
 SLICED_MAX_CHOICES = 64       # the sliced loop is unrolled: only for small steps
 
 
