@@ -256,9 +256,14 @@ class TurbomindEngineConfig:
     ``'cuda-ipc'`` (the default here, unlike LMDeploy's ``'nccl'``, since it is the faster one on
     our engine) with the peer-memory ``reduce_add_rms_norm`` kernel where the GPUs allow it, else
     XLA's all-reduce; ``'nccl'`` always with XLA's all-reduce (NCCL on GPUs).
+
+    ``ep`` (LMDeploy's): expert parallelism, each device holding whole experts. Only 1 is taken:
+    a mixture of experts' experts are split inside each expert over the ``tp`` devices instead
+    (``models/layers/moe.py``); any other value is refused.
     """
     dtype: str = 'auto'
     tp: int = 1
+    ep: int = 1
     communicator: str = 'cuda-ipc'
     nnodes: int = 1
     node_rank: int = 0
@@ -289,6 +294,9 @@ class TurbomindEngineConfig:
                  'compilation_cache_dir', 'a path or None', self.compilation_cache_dir)
         _check_nodes(self)
         _require(self.communicator in COMMUNICATORS, 'communicator', f'one of {COMMUNICATORS}', self.communicator)
+        _require(_is_int(self.ep) and self.ep == 1, 'ep',
+                 '1 (expert parallelism is not built: the experts are split inside each expert over the tp devices)',
+                 self.ep)
 
 
 def _check_nodes(cfg) -> None:
