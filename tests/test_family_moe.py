@@ -25,6 +25,7 @@ from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwe
 
 from lmdeploy_jax.checkpoint.errors import CheckpointError
 from lmdeploy_jax.checkpoint.source import ModelSource
+from lmdeploy_jax.messages import TurbomindEngineConfig
 from lmdeploy_jax.models import load_model
 from lmdeploy_jax.models.layers.moe import grouped_mlp, per_choice_mlp, route
 from lmdeploy_jax.models.registry import UnsupportedArchitectureError
@@ -138,3 +139,13 @@ def test_expert_mlp_matches_a_dense_reference(mlp, chosen_from):
     experts = np.stack([rng.choice(chosen_from, 2, replace=False) for _ in range(n)]).astype(np.int32)
     ours = jax.jit(mlp, static_argnums=4)(x, experts, gate_up, down, jax.nn.silu)
     np.testing.assert_allclose(np.asarray(ours), _dense_reference(x, experts, gate_up, down), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_parallelism_is_refused_naming_what_is_supported():
+    """LMDeploy's ``ep``: 1 is taken; expert parallelism is not built, so any other value is
+    refused saying the experts are split inside each expert over the tp devices."""
+    assert TurbomindEngineConfig(tp=2, ep=1).ep == 1
+    for ep in (2, 0, True):
+        with pytest.raises(ValueError, match=r'ep must be 1 \(expert parallelism is not built: the experts are split '
+                                             r'inside each expert over the tp devices\), got'):
+            TurbomindEngineConfig(tp=2, ep=ep)
