@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, check_env, convert, list_templates, run, serve
+from . import chat, check_env, convert, list_templates, lite, run, serve
 
-SUBCOMMANDS = [run, chat, serve, convert, list_templates, check_env]
+SUBCOMMANDS = [run, chat, serve, convert, lite, list_templates, check_env]
 
 
 def build_parser() -> argparse.ArgumentParser:
