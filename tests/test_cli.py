@@ -15,7 +15,8 @@ from lmdeploy_jax.cli.main import SUBCOMMANDS, build_parser, main
 from test_server import BACKEND, CHILD_ENV
 
 COMMAND = [sys.executable, '-m', 'lmdeploy_jax.cli.main']
-SUBCOMMAND_ARGS = [['run'], ['chat'], ['serve'], ['serve', 'api_server'], ['convert'], ['list'], ['check_env']]
+SUBCOMMAND_ARGS = [['run'], ['chat'], ['serve'], ['serve', 'api_server'], ['convert'], ['lite'], ['lite', 'auto_awq'],
+                   ['list'], ['check_env']]
 
 
 @pytest.mark.parametrize('args', [[]] + SUBCOMMAND_ARGS, ids=lambda a: ' '.join(a) or 'top')
