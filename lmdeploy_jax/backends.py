@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .checkpoint.quantization import check_not_quantized
+from .checkpoint.quantization import check_model_format, check_not_quantized, weight_quantization
 from .checkpoint.source import ModelSource
 from .engine_api import InferenceEngine
 from .messages import PytorchEngineConfig, TurbomindEngineConfig
@@ -60,8 +60,9 @@ def _jax_engine_or_none(source: ModelSource, config: TurbomindEngineConfig) -> I
 
 def check_supported(source: ModelSource) -> None:
     """Fail early, before any weight or the tokenizer is read, when no backend can run the model:
-    UnsupportedQuantizationError naming the method when config.json has a ``quantization_config``
-    (whichever backend was asked for: the fallback would fail too), CheckpointError naming the file
+    UnsupportedQuantizationError naming the method when config.json's ``quantization_config`` is
+    one the JAX engine does not load (whichever backend was asked for: the fallback would fail
+    too), or the architecture of a 4-bit AWQ/GPTQ one has no JAX model, CheckpointError naming the file
     and the fault when its files are broken (invalid JSON, a missing or bad config field, a
     truncated or corrupt safetensors file, a tensor missing or of another shape than the config
     implies, no tokenizer), ValueError naming the architecture when neither engine knows it. The
@@ -72,8 +73,10 @@ def check_supported(source: ModelSource) -> None:
     from .models.loader import check_checkpoint
     from .models.safetensors_file import check_files
     from .tokenizer import check_tokenizer_files
-    check_not_quantized(source.config_path, source.config_dict())
+    quantized = weight_quantization(source.config_path, source.config_dict()) is not None
     architecture = source.architecture
+    if quantized and not is_supported(architecture):
+        check_not_quantized(source.config_path, source.config_dict())
     try:     # the JAX engine's checks; a feature of the config it lacks (a rope type) leaves it to transformers
         if not is_supported(architecture):
             raise UnsupportedArchitectureError(architecture)
@@ -92,9 +95,12 @@ def create_backend(source: ModelSource, backend: str,
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if backend == 'turbomind':
-        engine = _jax_engine_or_none(source, _convert_config(backend_config, TurbomindEngineConfig))
+        config = _convert_config(backend_config, TurbomindEngineConfig)
+        check_model_format(config.model_format, source.config_path, source.config_dict())
+        engine = _jax_engine_or_none(source, config)
         if engine is not None:
             return engine
+    check_not_quantized(source.config_path, source.config_dict())      # the pytorch backend loads none
     if source.is_engine_checkpoint:
         raise ValueError(f'{source.given} is an engine checkpoint (written by `lmdeploy_jax convert`), which only the '
                          'turbomind backend loads; for the pytorch backend, convert it back with '

@@ -231,6 +231,7 @@ def _check_engine_common(cfg) -> None:
 
 
 COMMUNICATORS = ('cuda-ipc', 'nccl')
+MODEL_FORMATS = (None, 'hf', 'awq', 'gptq')      # TurbomindEngineConfig.model_format
 
 
 @dataclass
@@ -260,8 +261,13 @@ class TurbomindEngineConfig:
     ``ep`` (LMDeploy's): expert parallelism, each device holding whole experts. Only 1 is taken:
     a mixture of experts' experts are split inside each expert over the ``tp`` devices instead
     (``models/layers/moe.py``); any other value is refused.
+
+    ``model_format`` (LMDeploy's): the checkpoint's weights, ``'hf'`` (float), ``'awq'`` or
+    ``'gptq'`` (4-bit, W4A16); None reads it from config.json's ``quantization_config``. A value
+    the checkpoint does not match is refused when the engine is built.
     """
     dtype: str = 'auto'
+    model_format: str | None = None
     tp: int = 1
     ep: int = 1
     communicator: str = 'cuda-ipc'
@@ -297,6 +303,8 @@ class TurbomindEngineConfig:
         _require(_is_int(self.ep) and self.ep == 1, 'ep',
                  '1 (expert parallelism is not built: the experts are split inside each expert over the tp devices)',
                  self.ep)
+        _require(self.model_format in MODEL_FORMATS, 'model_format',
+                 f"one of {MODEL_FORMATS} (None: read from the checkpoint)", self.model_format)
 
 
 def _check_nodes(cfg) -> None:

@@ -1,12 +1,16 @@
-"""A quantized checkpoint (a ``quantization_config`` in config.json) is refused before anything loads,
-with an error naming the method, whichever backend is asked for and whether or not the JAX engine
-knows the architecture: never a missing ``q_proj.weight``, never a fallback to the pytorch backend
-that then fails. Each checkpoint is a tiny random model saved by transformers, its linear weights
-then rewritten in the method's own tensor layout and its method's config added to config.json."""
+"""A quantized checkpoint (a ``quantization_config`` in config.json) that no backend runs is refused
+before anything loads, with an error naming the method (or the setting), whichever backend is asked
+for and whether or not the JAX engine knows the architecture: never a missing ``q_proj.weight``,
+never a fallback to the pytorch backend that then fails. The JAX engine loads 4-bit AWQ and GPTQ
+(``test_w4a16_engine.py``); the pytorch backend refuses them too, and the JAX engine refuses their
+settings it cannot run by name. Each checkpoint is a tiny random model saved by transformers, its
+linear weights then rewritten in the method's own tensor layout and its method's config added to
+config.json."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -56,6 +60,7 @@ METHODS = {
                                    'weight.quant_map': torch.randn(16)}),
 }
 BACKENDS = ('turbomind', 'pytorch')
+JAX_METHODS = ('awq', 'gptq')      # loaded by the JAX engine
 
 
 def quantize_layout(path: str, method: str) -> str:
@@ -91,7 +96,7 @@ def set_quantization_config(path: str, value) -> str:
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """A tiny random Llama (the JAX engine's) and GPT-2 (the pytorch backend's alone), with tokenizers."""
     root = tmp_path_factory.mktemp('tiny')
-    llama = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    llama = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     gpt2 = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=64)
     paths = {}
@@ -109,12 +114,13 @@ def copy_of(tiny_models, tmp_path):
 
 def _assert_names_the_method(error: UnsupportedQuantizationError, config_path: str, method: str) -> None:
     assert isinstance(error, ValueError) and error.method == method and error.path == config_path
-    assert str(error).startswith(f"{config_path}: quantization method '{method}' is not supported yet")
+    assert str(error).startswith(f"{config_path}: quantization method '{method}' is not supported")
 
 
-@pytest.mark.parametrize('backend', BACKENDS)
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method, backend', [(m, b) for m in METHODS for b in BACKENDS
+                                             if b == 'pytorch' or m not in JAX_METHODS])
 def test_a_quantized_checkpoint_is_refused_naming_its_method(method, backend, copy_of):
+    """Every method on the pytorch backend; all but AWQ and GPTQ on the JAX engine."""
     path = copy_of('llama')
     config_path = quantize_layout(path, method)
     with pytest.raises(UnsupportedQuantizationError) as caught:
@@ -128,10 +134,10 @@ def test_the_jax_loader_refuses_it_too(copy_of):
     from lmdeploy_jax.checkpoint.source import ModelSource
     from lmdeploy_jax.models import load_model
     path = copy_of('llama')
-    config_path = quantize_layout(path, 'awq')
+    config_path = quantize_layout(path, 'fp8')
     with pytest.raises(UnsupportedQuantizationError) as caught:
         load_model(ModelSource(path, path))
-    _assert_names_the_method(caught.value, config_path, 'awq')
+    _assert_names_the_method(caught.value, config_path, 'fp8')
 
 
 @pytest.mark.parametrize('method', ['awq', 'fp8'])
@@ -148,10 +154,43 @@ def test_an_architecture_only_the_fallback_runs_is_refused_too(method, copy_of, 
 def test_quantization_settings_over_plain_weights_are_refused(copy_of):
     """The method's config alone is enough: its settings would be ignored, not applied."""
     path = copy_of('llama')
-    config_path = set_quantization_config(path, METHODS['awq'][0])
+    config_path = set_quantization_config(path, METHODS['fp8'][0])
     with pytest.raises(UnsupportedQuantizationError) as caught:
         check_supported(ModelSource(path, path))
-    _assert_names_the_method(caught.value, config_path, 'awq')
+    _assert_names_the_method(caught.value, config_path, 'fp8')
+
+
+@pytest.mark.parametrize('method, setting, fault', [
+    ('awq', {'bits': 8}, 'bits=8: only 4-bit weights'),
+    ('awq', {'version': 'gemv'}, "version='gemv': only AutoAWQ's GEMM packing"),
+    ('awq', {'group_size': 100}, 'group_size=100: the W4A16 kernels take'),
+    ('gptq', {'desc_act': True}, 'desc_act=True: act-order (desc_act) GPTQ checkpoints are not supported'),
+    ('gptq', {'checkpoint_format': 'gptq_v2'}, "checkpoint_format='gptq_v2'"),
+    ('awq', {'modules_to_not_convert': ['mlp']}, "modules_to_not_convert=['mlp']: layers left unquantized")])
+def test_awq_gptq_settings_the_engine_cannot_run_are_named(method, setting, fault, copy_of):
+    path = copy_of('llama')
+    config_path = set_quantization_config(path, {**METHODS[method][0], **setting})
+    with pytest.raises(UnsupportedQuantizationError, match=re.escape(f'quantization_config.{fault}')) as caught:
+        check_supported(ModelSource(path, path))
+    _assert_names_the_method(caught.value, config_path, method)
+
+
+def test_inputs_not_in_whole_groups_are_refused(copy_of):
+    """The tiny Llama's 128-wide hidden states are half a group of 256."""
+    path = copy_of('llama')
+    quantize_layout(path, 'awq')
+    set_quantization_config(path, {**METHODS['awq'][0], 'group_size': 256})
+    with pytest.raises(ValueError, match="4-bit qkv and gate_up projection's 128 inputs cannot be split"):
+        check_supported(ModelSource(path, path))
+
+
+def test_model_format_must_match_the_checkpoint(copy_of):
+    from lmdeploy_jax.messages import TurbomindEngineConfig
+    path = copy_of('llama')
+    with pytest.raises(ValueError, match="model_format='awq' does not match the checkpoint: .* unquantized"):
+        pipeline(path, backend_config=TurbomindEngineConfig(model_format='awq'))
+    with pytest.raises(ValueError, match='model_format'):
+        TurbomindEngineConfig(model_format='fp8')
 
 
 @pytest.mark.parametrize('value, fault', [('awq', "must be an object, got 'awq'"),

@@ -16,13 +16,14 @@ from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 
-from ..checkpoint.quantization import check_not_quantized
+from ..checkpoint.quantization import weight_quantization
 from ..checkpoint.source import ModelSource
 from ..parallel import HeadSplit, split_heads
 from .kv_cache import init_kv_caches, kv_bytes_per_block
 from .layers.attention import KVCache
 from .layers.decoder import rope_inv_frequencies
 from .layers.fused import FusedLayout
+from .layers.quantized_linear import check_tensor_parallel, quantized_weight_map
 from .registry import family
 from .restore import checkpoint_spec, restore_params
 from .safetensors_file import SafetensorsCheckpoint
@@ -88,14 +89,19 @@ def _resolve_dtype(dtype: str, config: dict, ckpt: SafetensorsCheckpoint, embed_
 def model_spec(source: ModelSource, ckpt: SafetensorsCheckpoint, dtype: str = 'auto') -> ModelSpec:
     """The spec of ``source``'s config and checkpoint (its biases: where the checkpoint has them);
     CheckpointError naming config.json when a field is missing or bad, UnsupportedArchitectureError
-    when the JAX engine has no model for it."""
+    when the JAX engine has no model for it; with 4-bit weights (``spec.quantization``),
+    UnsupportedQuantizationError for a method or setting the engine does not run and ValueError
+    when a projection's inputs are not whole packed tiles and groups."""
     config, fam = source.config_dict(), family(source.architecture)
     spec = spec_from_config(config, fam, source.architecture, DTYPES['float32'], source.generation_eos_ids(),
                             source.config_path)
     weight_map = fam.weight_map(spec)
     embed_name = weight_map[('embed',)].name
-    return dataclasses.replace(spec, dtype=jnp.dtype(DTYPES[_resolve_dtype(dtype, config, ckpt, embed_name)]),
-                               biases=biases_present(weight_map, ckpt.__contains__))
+    spec = dataclasses.replace(spec, dtype=jnp.dtype(DTYPES[_resolve_dtype(dtype, config, ckpt, embed_name)]),
+                               biases=biases_present(weight_map, ckpt.__contains__),
+                               quantization=weight_quantization(source.config_path, config))
+    check_tensor_parallel(spec)
+    return spec
 
 
 def abstract_params(spec: ModelSpec) -> tuple[nnx.GraphDef, nnx.State]:
@@ -109,9 +115,17 @@ def flat_state(state: nnx.State) -> dict:
     return traversals.flatten_mapping(nnx.to_pure_dict(state))
 
 
+def _weight_map(spec: ModelSpec, params: dict):
+    """The family's weight map of ``spec``, that of the 4-bit linears of a quantized checkpoint
+    (``quantized_weight_map``) where ``params`` (by state path) has them."""
+    weight_map = family(spec.architecture).weight_map(spec)
+    return weight_map if spec.quantization is None else quantized_weight_map(spec, weight_map, params)
+
+
 def _expected_shapes(spec: ModelSpec, abstract: nnx.State) -> dict[str, tuple[int, ...]]:
     """The checkpoint tensors (name -> shape) the parameters ``abstract`` of ``spec``'s model read."""
-    return expected_shapes(spec, family(spec.architecture).weight_map(spec), flat_state(abstract))
+    params = flat_state(abstract)
+    return expected_shapes(spec, _weight_map(spec, params), params)
 
 
 def check_checkpoint(source: ModelSource) -> None:
@@ -134,6 +148,7 @@ def split_for_mesh(spec: ModelSpec, mesh: Mesh | None) -> HeadSplit | None:
     split = split_heads(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, mesh.size)
     if spec.shared_expert_size % mesh.size:
         raise ValueError(f'tp={mesh.size} cannot split the shared expert size {spec.shared_expert_size} evenly')
+    check_tensor_parallel(spec, mesh.size)
     return split
 
 
@@ -141,14 +156,15 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
                rope_scaling_factor: float = 0.0, p2p_all_reduce: bool = True) -> LoadedModel:
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
     UnsupportedArchitectureError first when its architecture has no JAX model,
-    UnsupportedQuantizationError naming the method of a quantized checkpoint, CheckpointError
+    UnsupportedQuantizationError naming the method of a quantized checkpoint other than 4-bit
+    AWQ/GPTQ (or the setting of one it cannot run), CheckpointError
     naming the file when the files are broken or disagree with the config, ValueError when the
     mesh cannot split its heads. ``rope_scaling_factor``: ``TurbomindEngineConfig``'s (not 0: dynamic
     NTK rope, ``spec.dynamic_ntk``). ``p2p_all_reduce``: small tensor-parallel steps on a mesh of GPUs
     sum with the ``reduce_add_rms_norm`` CUDA kernel where it can be prepared
     (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce."""
     family(source.architecture)      # UnsupportedArchitectureError before anything is read
-    check_not_quantized(source.config_path, source.config_dict())
+    weight_quantization(source.config_path, source.config_dict())
     if source.is_engine_checkpoint:      # written by `lmdeploy_jax convert`: restored by Orbax (restore.py)
         stored, graphdef, params = restore_params(source, dtype, mesh, rope_scaling_factor)
     else:
@@ -172,7 +188,8 @@ def _load_safetensors(source: ModelSource, dtype: str, mesh: Mesh | None,
         stored = dataclasses.replace(spec, num_kv_heads=layout.stored_kv_heads)
         if stored != spec:       # KV heads repeated over a mesh wider than them
             graphdef, abstract = abstract_params(stored)
-        flat = load_state(ckpt, family(spec.architecture).weight_map(spec), flat_state(abstract), layout, mesh)
+        params = flat_state(abstract)
+        flat = load_state(ckpt, _weight_map(spec, params), params, layout, mesh)
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
     return stored, graphdef, abstract
 

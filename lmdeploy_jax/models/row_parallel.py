@@ -100,16 +100,17 @@ class PartialSums:
 
     def project(self, x: jax.Array, p: dict) -> jax.Array:
         """Each device's partial product ``[1, B, T, out]`` of ``x [B, T, in]`` (its columns) and its
-        columns of the weight; a bias joins the first device's share, so the sum has it once."""
-        def partial(x, w, *b):
-            own = {'w': w}
-            if b:
-                own['b'] = jnp.where(jax.lax.axis_index(rules.TP) == 0, b[0], jnp.zeros_like(b[0]))
+        columns of the weight (its rows, of 4-bit weights); a bias joins the first device's share,
+        so the sum has it once."""
+        keys = tuple(p)
+
+        def partial(x, *leaves):
+            own = dict(zip(keys, leaves))
+            if 'b' in own:
+                own['b'] = jnp.where(jax.lax.axis_index(rules.TP) == 0, own['b'], jnp.zeros_like(own['b']))
             return linear(x, own)[None]
-        r = rules.REPLICATED
-        biases = (p['b'],) if 'b' in p else ()
-        return per_device(partial, self.mesh, in_specs=(rules.ROW_INPUT, rules.ROW_WEIGHT, *(r for _ in biases)),
-                          out_specs=rules.PARTIAL_SUMS)(x, p['w'], *biases)
+        return per_device(partial, self.mesh, in_specs=(rules.ROW_INPUT, *(rules.row_weight_spec(k) for k in keys)),
+                          out_specs=rules.PARTIAL_SUMS)(x, *p.values())
 
     def sum_of_shares(self, fn, in_specs: tuple, *args) -> jax.Array:
         """``ReducedSums.sum_of_shares``, each device's share left unsummed, stacked ``[tp, ...]``."""

@@ -18,8 +18,9 @@ import numpy as np
 
 from ..checkpoint.errors import CheckpointError, read_json_object
 
-_DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype(np.float16)}
-_DTYPE_NAMES = {'F32': 'float32', 'BF16': 'bfloat16', 'F16': 'float16'}
+_DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype(np.float16),
+           'I32': np.dtype(np.int32)}       # int32: the packed codes of AWQ/GPTQ checkpoints
+_DTYPE_NAMES = {'F32': 'float32', 'BF16': 'bfloat16', 'F16': 'float16', 'I32': 'int32'}
 # bytes per element of the format's dtypes (others, e.g. sub-byte ones, are not size-checked)
 _ITEM_BYTES = {'F64': 8, 'I64': 8, 'U64': 8, 'F32': 4, 'I32': 4, 'U32': 4, 'F16': 2, 'BF16': 2, 'I16': 2,
                'U16': 2, 'I8': 1, 'U8': 1, 'BOOL': 1, 'F8_E4M3': 1, 'F8_E5M2': 1, 'F8_E8M0': 1}

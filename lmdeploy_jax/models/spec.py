@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from ..checkpoint.errors import CheckpointError
+from ..checkpoint.quantization import WeightQuantization
 from .layers.activations import ACTIVATIONS
 from .registry import UnsupportedArchitectureError
 
@@ -65,7 +66,10 @@ class ModelSpec:
     ``experts_per_token`` of them (``layers.moe``); ``intermediate_size`` is then each expert's
     width; ``norm_topk_prob``: the chosen experts' probabilities are renormalized to sum to 1;
     ``shared_expert_size``: the width of the shared expert every token also passes through (its
-    output scaled by a sigmoid gate, Qwen2-MoE; 0: none)."""
+    output scaled by a sigmoid gate, Qwen2-MoE; 0: none).
+
+    ``quantization``: the attention and MLP projections hold 4-bit AWQ/GPTQ weights
+    (``layers.quantized_linear``; None: float weights)."""
 
     def __post_init__(self):
         if not self.attention_scale:
@@ -97,6 +101,7 @@ class ModelSpec:
     experts_per_token: int = 0
     norm_topk_prob: bool = False
     shared_expert_size: int = 0
+    quantization: WeightQuantization | None = None
 
 
 ROPE_TYPES = ('default', 'linear', 'dynamic', 'yarn', 'llama3', 'longrope')

@@ -70,7 +70,17 @@ class Experts:
         return Fused(tuple(Part(p.name.replace('{e}', str(e)), p.rows, p.tensor_rows) for p in self.source.parts))
 
 
-Source = Tensor | Fused | Experts
+@dataclass(frozen=True)
+class Quantized:
+    """One device array (``leaf``: 'qweight', 'scales' or 'zeros') of a 4-bit linear of an AWQ/GPTQ
+    checkpoint (``method``), read from the tensors of the module(s) ``source`` names by their float
+    ``<module>.weight`` (``layers.quantized_linear``; ``checkpoint.quantization.device_array``)."""
+    source: Tensor | Fused
+    leaf: str
+    method: str
+
+
+Source = Tensor | Fused | Experts | Quantized
 
 
 def linear(path: Path, source: str | tuple[str, ...] | tuple[Part, ...]) -> dict[Path, Source]:
@@ -96,8 +106,18 @@ def _with_suffix(part: Part, suffix: str) -> Part:
     return Part(name[:-len('.weight')] + suffix, part.rows, part.tensor_rows)
 
 
+def module_name(weight_name: str) -> str:
+    """``'model.layers.{i}.self_attn.o_proj'`` of ``'model.layers.{i}.self_attn.o_proj.weight'``: a
+    quantized linear's tensors are named after its module."""
+    if not weight_name.endswith('.weight'):
+        raise ValueError(f'a quantized linear is read from <module>.weight entries, got {weight_name!r}')
+    return weight_name[:-len('.weight')]
+
+
 def first_tensor(source: Source, layer: int = 0) -> str:
     """The checkpoint name of ``source``'s first tensor in layer ``layer``."""
+    if isinstance(source, Quantized):
+        source = source.source
     name = source.parts[0].name if isinstance(source, Fused) else source.name
     return name.format(i=layer)
 

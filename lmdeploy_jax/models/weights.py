@@ -13,10 +13,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from ..checkpoint.errors import CheckpointError
+from ..checkpoint.quantization import checkpoint_shapes, device_array
 from ..parallel import param_spec
+from ..parallel.rules import QUANTIZED_LEAVES
 from .layers.fused import FUSED, FusedLayout
 from .safetensors_file import SafetensorsCheckpoint
-from .weight_map import Experts, Fused, Path, Source, Tensor
+from .weight_map import Experts, Fused, Path, Quantized, Source, Tensor, module_name
 
 PREFETCH_LAYERS = 4      # layers read from disk and sent to the device ahead of the one being placed
 
@@ -24,13 +26,15 @@ ReadFn = Callable[[tuple[slice, ...]], np.ndarray]
 
 
 def _stacked(source: Source) -> bool:
+    if isinstance(source, Quantized):
+        return _stacked(source.source)
     return isinstance(source, (Fused, Experts)) or '{i}' in source.name
 
 
 def _fused_key(path: Path) -> str:
     """The ``FUSED`` key of the parameter at ``path``: its ``Linear``'s name (``.../gate_up/w``), or
     the parameter's own (an expert stack's ``.../experts/gate_up``)."""
-    return path[-2] if path[-1] in ('w', 'b') and len(path) > 1 else path[-1]
+    return path[-2] if path[-1] in ('w', 'b', *QUANTIZED_LEAVES) and len(path) > 1 else path[-1]
 
 
 def _sources(weight_map: dict[Path, Source], abstract: dict[Path, jax.ShapeDtypeStruct]) -> dict[Path, Source]:
@@ -59,6 +63,8 @@ def _tensor_shapes(layout: FusedLayout, key: str, source: Source, shape: tuple[i
         for e in range(source.count):
             shapes.update(_tensor_shapes(layout, key, source.expert(e), (shape[0], *shape[2:])))
         return shapes
+    if isinstance(source, Quantized):
+        return _quantized_shapes(layout, key, source, shape)
     if isinstance(source, Tensor):
         if '{i}' in source.name:
             return {source.name.format(i=i): shape[1:] for i in range(shape[0])}
@@ -67,6 +73,23 @@ def _tensor_shapes(layout: FusedLayout, key: str, source: Source, shape: tuple[i
     for kind, part in zip(FUSED[key], source.parts):
         rows = part.tensor_rows or layout.shard_part_rows(kind, 0)[1]
         shapes.update({part.name.format(i=i): (rows, *shape[2:]) for i in range(shape[0])})
+    return shapes
+
+
+def _module_columns(layout: FusedLayout, key: str, source: Tensor | Fused, columns: int) -> dict[str, int]:
+    """The module name (with ``{i}``) of each tensor of a quantized linear, and its output columns."""
+    if isinstance(source, Tensor):
+        return {module_name(source.name): columns}
+    return {module_name(part.name): part.tensor_rows or layout.shard_part_rows(kind, 0)[1]
+            for kind, part in zip(FUSED[key], source.parts)}
+
+
+def _quantized_shapes(layout: FusedLayout, key: str, source: Quantized, shape: tuple[int, ...]):
+    """The checkpoint tensors (name -> shape) the stacked 4-bit array ``shape [layers, rows, out]`` reads."""
+    shapes = {}
+    for module, columns in _module_columns(layout, key, source.source, shape[-1]).items():
+        for i in range(shape[0]):
+            shapes.update(checkpoint_shapes(source.method, module.format(i=i), source.leaf, shape[-2], columns))
     return shapes
 
 
@@ -96,6 +119,23 @@ def _read_fused(ckpt: SafetensorsCheckpoint, source: Fused, segments, layer: int
             pieces.append(part.read(view, start + a - offset, start + b - offset, rest))
         offset += n
     return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _read_quantized(ckpt: SafetensorsCheckpoint, source: Quantized, segments, layer: int,
+                    index: tuple[slice, ...]) -> np.ndarray:
+    """``index`` of one layer's 4-bit device array (``checkpoint.quantization.device_array``); a
+    fused one's parts side by side along its last axis by ``segments`` (``FusedLayout.segments``)."""
+    convert = lambda module: device_array(source.method, ckpt.view, module.format(i=layer), source.leaf)  # noqa: E731
+    if segments is None:
+        return convert(module_name(source.source.name))[index]
+    arrays, columns = {}, []
+    for part_index, start, n in segments:
+        part = source.source.parts[part_index]
+        module = module_name(part.name)
+        if module not in arrays:
+            arrays[module] = convert(module)
+        columns.append(part.read(arrays[module].T, start, start + n, ()).T)
+    return np.concatenate(columns, axis=1)[index]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -144,6 +184,9 @@ def _reader(ckpt: SafetensorsCheckpoint, source: Source, layout: FusedLayout, ke
     if isinstance(source, Fused):
         segments = layout.segments(key)
         return lambda i, index: _read_fused(ckpt, source, segments, i, index)
+    if isinstance(source, Quantized):
+        segments = layout.segments(key) if isinstance(source.source, Fused) else None
+        return functools.partial(_read_quantized, ckpt, source, segments)
 
     def read(i, index):
         values = ckpt.view(source.name if i is None else source.name.format(i=i))[index]

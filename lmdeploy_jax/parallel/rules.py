@@ -43,6 +43,12 @@ VOCAB_ROWS = P(TP, None)               # an embedding / lm_head [vocab, hidden] 
 VOCAB_LOGITS = P(None, TP)             # logits [B, vocab] as the vocabulary-split lm_head computes them
 EXPERT_ROWS = P(None, TP, None)        # one layer's stacked expert gate_up [experts, 2 * inter, hidden]
 EXPERT_COLUMNS = P(None, None, TP)     # one layer's stacked expert down [experts, hidden, inter]
+# A 4-bit linear's qweight [in // 8, out] and scales/zeros [groups, out] (models/layers/
+# quantized_linear.py) are [in, out]-oriented: column-parallel splits their last axis, row-parallel
+# their first (K split at a whole packed tile and a whole group: checked at load).
+QUANTIZED_LEAVES = ('qweight', 'scales', 'zeros')
+QUANTIZED_COLUMNS = P(None, TP)
+QUANTIZED_ROWS = P(TP, None)
 
 
 @dataclass(frozen=True)
@@ -76,11 +82,19 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> P:
     leaf = path[-1]
     if 'experts' in path:
         return EXPERT_ROWS if leaf == 'gate_up' else EXPERT_COLUMNS
-    key = path[-2] if leaf in ('w', 'b') else leaf
+    key = path[-2] if leaf in ('w', 'b', *QUANTIZED_LEAVES) else leaf
     if key in COLUMN_PARALLEL:
-        return COLUMN_WEIGHT if leaf == 'w' else P(TP)
+        return QUANTIZED_COLUMNS if leaf in QUANTIZED_LEAVES else COLUMN_WEIGHT if leaf == 'w' else P(TP)
     if key in ROW_PARALLEL:
-        return ROW_WEIGHT if leaf == 'w' else REPLICATED
+        return row_weight_spec(leaf)
     if key in VOCAB_PARALLEL and leaf != 'b' and shape[0] % tp == 0:
         return VOCAB_ROWS
     return REPLICATED
+
+
+def row_weight_spec(leaf: str) -> P:
+    """The partition of a row-parallel linear's parameter ``leaf`` ('w', 'b' or a 4-bit leaf) for
+    one layer: split on the input axis, the bias replicated."""
+    if leaf in QUANTIZED_LEAVES:
+        return QUANTIZED_ROWS
+    return ROW_WEIGHT if leaf == 'w' else REPLICATED

@@ -29,7 +29,8 @@ from ..row_parallel import PartialSums, ReducedSums, per_device
 from ..spec import ModelSpec
 from ..step_batch import StepBatch
 from .fused import FusedLayout, join_fused, split_fused
-from .linear import Linear, RMSNorm, head_rms_norm
+from .linear import RMSNorm, head_rms_norm
+from .quantized_linear import make_linear
 
 KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
 
@@ -91,8 +92,8 @@ class PagedAttention(nnx.Module):
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         L, d, hidden = spec.num_layers, spec.head_dim, spec.hidden_size
         rows = (spec.num_heads + 2 * spec.num_kv_heads) * d
-        self.qkv = Linear(L, rows, hidden, spec.dtype, bias='qkv' in spec.biases, rngs=rngs)
-        self.o = Linear(L, hidden, spec.num_heads * d, spec.dtype, bias='o' in spec.biases, rngs=rngs)
+        self.qkv = make_linear(spec, L, rows, hidden, bias='qkv' in spec.biases, rngs=rngs)
+        self.o = make_linear(spec, L, hidden, spec.num_heads * d, bias='o' in spec.biases, rngs=rngs)
         if spec.qk_norm:
             self.q_norm = RMSNorm(L, d, spec.dtype)
             self.k_norm = RMSNorm(L, d, spec.dtype)

@@ -5,12 +5,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.w4a16.api import w4a16_matmul
+
 INIT_STD = 0.02      # the initializer_range of a freshly made model (research use; loading replaces it)
 
 
 def linear(x: jax.Array, p: dict) -> jax.Array:
-    """A projection with Hugging Face's weight orientation: ``x @ p['w'].T`` (+ ``p['b']`` where present)."""
-    y = jnp.einsum('...i,oi->...o', x, p['w'])
+    """A projection with Hugging Face's weight orientation: ``x @ p['w'].T`` (+ ``p['b']`` where
+    present); of 4-bit weights (``p['qweight']``, ``p['scales']``, ``p['zeros']``:
+    ``quantized_linear.QuantizedLinear``) by the W4A16 matmul."""
+    if 'qweight' in p:
+        y = w4a16_matmul(x, p['qweight'], p['scales'], p['zeros'])
+    else:
+        y = jnp.einsum('...i,oi->...o', x, p['w'])
     return y + p['b'] if 'b' in p else y
 
 

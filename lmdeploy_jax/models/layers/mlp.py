@@ -7,7 +7,7 @@ from flax import nnx
 from ..spec import ModelSpec
 from .activations import ACTIVATIONS
 from .fused import split_fused
-from .linear import Linear
+from .quantized_linear import make_linear
 
 
 
@@ -17,8 +17,8 @@ class GatedMLP(nnx.Module):
 
     def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
         L, hidden, inter = spec.num_layers, spec.hidden_size, spec.intermediate_size
-        self.gate_up = Linear(L, 2 * inter, hidden, spec.dtype, bias='gate_up' in spec.biases, rngs=rngs)
-        self.down = Linear(L, hidden, inter, spec.dtype, bias='down' in spec.biases, rngs=rngs)
+        self.gate_up = make_linear(spec, L, 2 * inter, hidden, bias='gate_up' in spec.biases, rngs=rngs)
+        self.down = make_linear(spec, L, hidden, inter, bias='down' in spec.biases, rngs=rngs)
 
     def __call__(self, ctx, index: jax.Array, x: jax.Array) -> jax.Array:
         """Layer ``index``'s MLP of ``x [B, T, hidden]``, its output in ``ctx.row_parallel``'s form
