@@ -41,18 +41,22 @@ SWEEP = [GroupedConfig(m, n, k, w, 3) for m, n, k, w in itertools.product((None,
                                                                          (4, 8))]
 
 
-def projections(shape: str) -> dict[str, tuple[int, int]]:
-    """An expert's ``(K, N)`` per projection: gate and up fused (``hidden -> 2 * inter``), down."""
+def projections(shape: str) -> dict[str, tuple[int, int, bool]]:
+    """An expert's ``(K, N, gathered)`` per projection, as the MoE layer runs them: gate and up
+    fused (``hidden -> 2 * inter``), reading each token's row through ``lhs_rows``; down, over
+    rows already in sorted order."""
     _, _, hidden, inter = SHAPES[shape]
-    return {'gate_up': (hidden, 2 * inter), 'down': (inter, hidden)}
+    return {'gate_up': (hidden, 2 * inter, True), 'down': (inter, hidden, False)}
 
 
-def routed(key, tokens: int, experts: int, k: int) -> tuple[jax.Array, int]:
-    """int32 ``[experts]`` group sizes of ``tokens`` tokens each routed to ``k`` experts by a
-    random router, and how many experts received a row."""
+def routed(key, tokens: int, experts: int, k: int) -> tuple[jax.Array, jax.Array, int]:
+    """``tokens`` tokens each routed to ``k`` experts by a random router, as the MoE layer sorts
+    them: the int32 ``[experts]`` group sizes, each sorted choice's token (int32 ``[tokens * k]``,
+    the layer's ``lhs_rows``), and how many experts received a row."""
     _, chosen = route(jax.random.normal(key, (tokens, experts)), k, True)
-    sizes = jnp.bincount(chosen.reshape(-1), length=experts).astype(jnp.int32)
-    return sizes, int(jnp.sum(sizes > 0))
+    choices = chosen.reshape(-1)
+    sizes = jnp.bincount(choices, length=experts).astype(jnp.int32)
+    return sizes, (jnp.argsort(choices, stable=True) // k).astype(jnp.int32), int(jnp.sum(sizes > 0))
 
 
 def row(limits, seconds, bytes_read, flops, **fields) -> dict:
@@ -73,29 +77,29 @@ def main() -> None:
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 64))
     for shape in args.shape:
         E, k, _, _ = SHAPES[shape]
-        for name, (K, N) in projections(shape).items():
+        for name, (K, N, gathered) in projections(shape).items():
             rhs = (jax.random.normal(next(keys), (E, N, K)) * 0.02).astype(jnp.bfloat16)   # [out, in] per expert
             expert_bytes = rhs.nbytes // E
             for tokens in args.tokens:
                 M = tokens * k
-                lhs = jax.random.normal(next(keys), (M, K)).astype(jnp.bfloat16)
-                sizes, active = routed(next(keys), tokens, E, k)
+                sizes, rows, active = routed(next(keys), tokens, E, k)
+                lhs = jax.random.normal(next(keys), (tokens if gathered else M, K)).astype(jnp.bfloat16)
+                rows = rows if gathered else None
+                inputs = (lhs, rhs, sizes, rows)
                 bytes_read = active * expert_bytes + lhs.nbytes + M * N * 2
                 case = dict(shape=shape, projection=name, tokens=tokens, rows=M, experts_active=active,
                             all_expert_bytes=rhs.nbytes)
-                impls = {'reference': jax.jit(lambda x, w, s: grouped_matmul(x, w, s, transpose_rhs=True,
-                                                                            impl='reference')),
-                         'pallas': jax.jit(lambda x, w, s: grouped_matmul(x, w, s, transpose_rhs=True,
-                                                                         impl='pallas'))}
-                expected = impls['reference'](lhs, rhs, sizes).astype(jnp.float32)
+                impls = {impl: jax.jit(lambda x, w, s, r, impl=impl: grouped_matmul(
+                    x, w, s, lhs_rows=r, transpose_rhs=True, impl=impl)) for impl in ('reference', 'pallas')}
+                expected = impls['reference'](*inputs).astype(jnp.float32)
                 scale = float(jnp.max(jnp.abs(expected)))
                 for impl, fn in impls.items():
-                    error = float(jnp.max(jnp.abs(fn(lhs, rhs, sizes).astype(jnp.float32) - expected))) / scale
-                    print(json.dumps(row(limits, timed(fn, lhs, rhs, sizes), bytes_read, 2 * M * K * N, **case,
+                    error = float(jnp.max(jnp.abs(fn(*inputs).astype(jnp.float32) - expected))) / scale
+                    print(json.dumps(row(limits, timed(fn, *inputs), bytes_read, 2 * M * K * N, **case,
                                          impl=impl, max_error_vs_reference=error)))
                 for config in SWEEP if args.sweep else ():
-                    fn = jax.jit(lambda x, w, s, c=config: grouped_matmul_pallas(x, w, s, True, c))
-                    print(json.dumps(row(limits, timed(fn, lhs, rhs, sizes), bytes_read, 2 * M * K * N, **case,
+                    fn = jax.jit(lambda x, w, s, r, c=config: grouped_matmul_pallas(x, w, s, True, c, lhs_rows=r))
+                    print(json.dumps(row(limits, timed(fn, *inputs), bytes_read, 2 * M * K * N, **case,
                                          impl='pallas', config=dataclasses.asdict(config))))
 
 

@@ -2,7 +2,8 @@
 the GPU under ``LMDEPLOY_JAX_KERNELS=pallas``) against a float64 numpy product group by group and
 against the XLA reference (``jax.lax.ragged_dot_general``), on fresh random inputs: ragged sizes
 with empty groups, one group taking every row, sizes summing short of the rows (the rest zeros),
-row counts that are not a multiple of the tile, both weight layouts, float32 and bfloat16. The
+row counts that are not a multiple of the tile, both weight layouts, float32 and bfloat16, rows
+gathered through ``lhs_rows`` as the MoE layer sorts its tokens' choices by expert. The
 tile plan covers each row exactly once and never visits an empty group; the kernel compiles for
 sm_90 within its shared memory."""
 from __future__ import annotations
@@ -65,6 +66,26 @@ def test_kernel_matches_the_groups_products(rows, K, N, sizes, transpose_rhs, dt
     assert np.all(np.asarray(ours)[sum(sizes):] == 0)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_kernel_gathers_the_rows_named_by_lhs_rows(dtype):
+    """``lhs_rows``: 13 tokens each choosing 3 of 6 experts (one expert chosen by none), the 39
+    choices sorted by expert as the MoE layer sorts them; row ``r`` is token ``lhs_rows[r]``."""
+    rng = np.random.default_rng()
+    tokens, k, E, K, N = 13, 3, 6, 40, 24
+    experts = np.stack([rng.choice(E - 1, k, replace=False) for _ in range(tokens)]).reshape(-1)
+    order = np.argsort(experts, kind='stable')
+    sizes = np.bincount(experts, minlength=E).tolist()
+    x = jnp.asarray(rng.standard_normal((tokens, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((E, N, K)), dtype)
+    rows = jnp.asarray(order // k, jnp.int32)
+    expected = _expected(np.asarray(x, np.float32)[order // k], np.asarray(w, np.float32), sizes, True)
+    for impl in (KERNEL, 'reference'):
+        got = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), lhs_rows=rows, transpose_rhs=True, impl=impl)
+        assert got.shape == (tokens * k, N)
+        atol = TOLERANCE[dtype] * np.abs(expected).max()
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize('sizes', [[0, 5, 0, 40, 19], [64, 0, 0, 0, 0], [0] * 5, [1, 1, 1, 1, 1]])
 def test_tile_plan_covers_each_row_once_and_skips_empty_groups(sizes):
     """Every row of ``[0, rows)`` falls in exactly one item's tile, that of its group (or of the
@@ -101,14 +122,18 @@ def test_bad_inputs_are_named():
         grouped_matmul(x, w, jnp.ones((2,), jnp.int32), transpose_rhs=True)
     with pytest.raises(ValueError, match='rhs dtype bfloat16 does not match lhs dtype float32'):
         grouped_matmul(x, w.astype(jnp.bfloat16), jnp.ones((2,), jnp.int32))
+    with pytest.raises(ValueError, match='lhs_rows must be int32'):
+        grouped_matmul(x, w, jnp.ones((2,), jnp.int32), lhs_rows=jnp.zeros((6,), jnp.float32))
 
 
 @pytest.mark.parametrize('dtype, rows', [(jnp.bfloat16, 8), (jnp.bfloat16, 4096), (jnp.float32, 4096)])
 def test_kernel_fits_sm90(monkeypatch, tmp_path, dtype, rows):
-    """Qwen3-30B-A3B's gate/up shapes (128 experts, 2048 -> 1536) compile for sm_90 within its
-    shared memory per block, at a decode step's rows and a prefill's."""
+    """Qwen3-30B-A3B's gate/up shapes (128 experts, 2048 -> 1536, 8 choices per token, rows
+    gathered by ``lhs_rows``) compile for sm_90 within its shared memory per block, at a decode
+    step's rows and a prefill's."""
     shape = jax.ShapeDtypeStruct
-    args = (shape((rows, 2048), dtype), shape((128, 1536, 2048), dtype), shape((128,), jnp.int32))
-    _, shared = compile_for_sm90(monkeypatch, tmp_path,
-                                 lambda x, w, s: grouped_matmul(x, w, s, transpose_rhs=True, impl='pallas'), *args)
+    args = (shape((rows // 8, 2048), dtype), shape((128, 1536, 2048), dtype), shape((128,), jnp.int32),
+            shape((rows,), jnp.int32))
+    _, shared = compile_for_sm90(monkeypatch, tmp_path, lambda x, w, s, r: grouped_matmul(
+        x, w, s, lhs_rows=r, transpose_rhs=True, impl='pallas'), *args)
     assert shared and max(shared.values()) <= SM90_SHARED_BYTES, shared

@@ -10,14 +10,17 @@ from .._dispatch import choose_impl
 from .reference import grouped_matmul_reference
 
 
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
-                   impl: str | None = None) -> jax.Array:
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, lhs_rows: jax.Array | None = None,
+                   transpose_rhs: bool = False, impl: str | None = None) -> jax.Array:
     """``out [M, N]`` in ``lhs``'s dtype: the rows of ``lhs [M, K]`` in consecutive groups of
     ``group_sizes`` (int32 ``[G]``; group ``g`` is rows ``[sum(sizes[:g]), sum(sizes[:g + 1]))``),
     group ``g``'s rows times ``rhs[g]``: ``rhs [G, K, N]``, or with ``transpose_rhs`` ``rhs [G, N,
     K]`` (a layer's ``[out, in]`` weights, Hugging Face's orientation) times its transpose. Rows
     past the sizes' sum come out as zeros; sizes summing past M are cut at M. Products accumulate
     in float32. A mixture of experts' tokens sorted by expert, each expert's weights one group.
+    ``lhs_rows`` (int32 ``[M]``, values in ``[0, T)``): the grouped rows are ``lhs[lhs_rows]``
+    (``lhs [T, K]`` then: each token once, the rows its experts' choices, sorted by expert), read
+    in place by the kernel rather than copied out first.
     ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU)."""
     require(lhs.ndim == 2 and jnp.issubdtype(lhs.dtype, jnp.floating),
             f'lhs must be a float array [M, K], got {lhs.dtype} {tuple(lhs.shape)}')
@@ -27,13 +30,17 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tr
             f'rhs must be {layout} with K = {lhs.shape[1]} (lhs\'s columns), got {tuple(rhs.shape)}')
     require(rhs.dtype == lhs.dtype, f'rhs dtype {rhs.dtype} does not match lhs dtype {lhs.dtype}')
     check_int32('group_sizes', group_sizes, (rhs.shape[0],))
+    if lhs_rows is not None:
+        require(lhs_rows.ndim == 1, f'lhs_rows must be [M], got shape {tuple(lhs_rows.shape)}')
+        check_int32('lhs_rows', lhs_rows)
+    rows = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
     # -- implementation choice: the Pallas GPU kernel, else the reference --
     from . import pallas_gpu
-    chosen = choose_impl(impl, pallas_gpu.supports(lhs, rhs))
+    chosen = choose_impl(impl, pallas_gpu.supports(lhs, rhs, rows))
     if chosen == 'reference':
-        return grouped_matmul_reference(lhs, rhs, group_sizes, transpose_rhs)
+        return grouped_matmul_reference(lhs if lhs_rows is None else lhs[lhs_rows], rhs, group_sizes, transpose_rhs)
     return pallas_gpu.grouped_matmul_pallas(lhs, rhs, group_sizes, transpose_rhs,
-                                            interpret=chosen == 'pallas_interpret')
+                                            interpret=chosen == 'pallas_interpret', lhs_rows=lhs_rows)
 
 
 def runs_kernel(dtype, impl: str | None = None) -> bool:

@@ -17,12 +17,14 @@ slots past the real tiles store nothing and read nothing. Item ``i`` carries its
 first row and its span's end.
 
 A program (column tile ``j``, item ``i``) loops over K in ``block_k`` steps: loads a ``[block_m,
-block_k]`` lhs tile (rows past the span masked to zero) and the ``[block_k, block_n]`` (or, with
-``transpose_rhs``, ``[block_n, block_k]``) tile of ``rhs[group]``, accumulates their dot in float32
-and stores the ``[block_m, block_n]`` result in the output's dtype under the span's row mask.
-Tail items run no K steps and store zeros. The column tiles vary fastest in the launch, so the
-programs running together share one lhs tile and the next item (mostly the same group) finds
-that group's weight tiles in L2.
+block_k]`` lhs tile (rows past the span masked to zero; with ``lhs_rows``, row ``r`` of the tile
+read from ``lhs[lhs_rows[r]]``, so the rows sorted by group are gathered as they are loaded, as
+vLLM's fused-MoE kernel reads its sorted token ids, instead of being copied out first) and the
+``[block_k, block_n]`` (or, with ``transpose_rhs``, ``[block_n, block_k]``) tile of
+``rhs[group]``, accumulates their dot in float32 and stores the ``[block_m, block_n]`` result in
+the output's dtype under the span's row mask. Tail items run no K steps and store zeros. The
+column tiles vary fastest in the launch, so the programs running together share one lhs tile and
+the next item (mostly the same group) finds that group's weight tiles in L2.
 
 Tiles: Triton dots need every extent at least 16 and a power of two; K and N need not be multiples
 of the tiles (masked). Float32 dots are IEEE (``EXACT``), which the float32 engine needs.
@@ -54,9 +56,10 @@ class GroupedConfig:
     num_stages: int = 3
 
 
-def supports(lhs, rhs) -> bool:
-    """Inputs this kernel handles: both of one Triton float dtype, at least one row."""
-    return lhs.dtype in TRITON_FLOATS and rhs.dtype == lhs.dtype and lhs.shape[0] > 0
+def supports(lhs, rhs, rows: int) -> bool:
+    """Inputs this kernel handles: both of one Triton float dtype, at least one row (``rows``) to
+    compute."""
+    return lhs.dtype in TRITON_FLOATS and rhs.dtype == lhs.dtype and rows > 0
 
 
 def block_m_for(rows: int, groups: int) -> int:
@@ -90,9 +93,10 @@ def tile_plan(group_sizes: jax.Array, rows: int, block_m: int) -> tuple[jax.Arra
     return span, first_row, span_end
 
 
-def _grouped_kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, o_ref, *, block_m, block_n, block_k,
-                    transpose_rhs):
-    """Column tile ``program_id(0)`` of item ``program_id(1)`` (module docstring)."""
+def _grouped_kernel(group_ref, first_ref, end_ref, *refs, block_m, block_n, block_k, transpose_rhs, gathered):
+    """Column tile ``program_id(0)`` of item ``program_id(1)`` (module docstring); with
+    ``gathered`` the refs start with ``lhs_rows``."""
+    rows_ref, (lhs_ref, rhs_ref, o_ref) = (refs[0], refs[1:]) if gathered else (None, refs)
     j, i = pl.program_id(0), pl.program_id(1)
     groups = rhs_ref.shape[0]
     group, first, end = group_ref[i], first_ref[i], end_ref[i]
@@ -100,6 +104,7 @@ def _grouped_kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, o_ref, *, b
     N = o_ref.shape[1]
     rows = first + jnp.arange(block_m)
     row_ok = rows < end
+    sources = plgpu.load(rows_ref.at[rows], mask=row_ok, other=0) if gathered else rows
     cols = j * block_n + jnp.arange(block_n)
     col_ok = cols < N
     g = jnp.minimum(group, groups - 1)
@@ -108,7 +113,7 @@ def _grouped_kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, o_ref, *, b
     def body(step, acc):
         ks = step * block_k + jnp.arange(block_k)
         k_ok = ks < K
-        a = plgpu.load(lhs_ref.at[rows[:, None], ks[None, :]], mask=row_ok[:, None] & k_ok[None, :], other=0)
+        a = plgpu.load(lhs_ref.at[sources[:, None], ks[None, :]], mask=row_ok[:, None] & k_ok[None, :], other=0)
         if transpose_rhs:
             b = plgpu.load(rhs_ref.at[g, cols[:, None], ks[None, :]], mask=col_ok[:, None] & k_ok[None, :], other=0)
             return acc + plgpu.dot(a, b, trans_b=True, precision=EXACT)
@@ -122,9 +127,10 @@ def _grouped_kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, o_ref, *, b
 
 @functools.partial(jax.jit, static_argnames=('transpose_rhs', 'config', 'interpret'))
 def grouped_matmul_pallas(lhs, rhs, group_sizes, transpose_rhs: bool, config: GroupedConfig = GroupedConfig(),
-                          interpret: bool = False):
+                          interpret: bool = False, lhs_rows=None):
     """Same contract as ``api.grouped_matmul`` (inputs validated there)."""
-    M, K = lhs.shape
+    K = lhs.shape[1]
+    M = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
     groups = rhs.shape[0]
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     block_m = config.block_m or block_m_for(M, groups)
@@ -134,7 +140,7 @@ def grouped_matmul_pallas(lhs, rhs, group_sizes, transpose_rhs: bool, config: Gr
     block_k = max(MIN_DOT, min(block_k, next_pow2(K)))
     plan = tile_plan(group_sizes, M, block_m)
     kernel = functools.partial(_grouped_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
-                               transpose_rhs=transpose_rhs)
+                               transpose_rhs=transpose_rhs, gathered=lhs_rows is not None)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(N, block_n), plan[0].shape[0]),
@@ -142,4 +148,4 @@ def grouped_matmul_pallas(lhs, rhs, group_sizes, transpose_rhs: bool, config: Gr
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name='grouped_matmul',
-    )(*plan, lhs, rhs)
+    )(*plan, *([] if lhs_rows is None else [lhs_rows]), lhs, rhs)

@@ -82,8 +82,8 @@ def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.
     choices = experts.reshape(-1)
     order = jnp.argsort(choices, stable=True)                  # the N * k choices, grouped by expert
     group_sizes = jnp.bincount(choices, length=gate_up.shape[0]).astype(jnp.int32)
-    gate, up = jnp.split(grouped_matmul(x[order // k], gate_up, group_sizes, transpose_rhs=True, impl=impl),
-                         2, axis=-1)
+    gate, up = jnp.split(grouped_matmul(x, gate_up, group_sizes, lhs_rows=(order // k).astype(jnp.int32),
+                                        transpose_rhs=True, impl=impl), 2, axis=-1)
     y = grouped_matmul(act(gate) * up, down, group_sizes, transpose_rhs=True, impl=impl)
     return y[jnp.argsort(order)]
 
