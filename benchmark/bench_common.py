@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import time
 from dataclasses import dataclass
 
@@ -50,6 +51,104 @@ def build_pipeline(args: argparse.Namespace):
 def random_prompt_ids(rng: np.random.Generator, vocab_size: int, length: int) -> list[int]:
     """Token ids away from the special ids at the bottom of the vocabulary."""
     return rng.integers(16, vocab_size, size=length).tolist()
+
+
+# The ShareGPT workload's means: vLLM's benchmark_serving.py on 1000 prompts of
+# ShareGPT_V3_unfiltered_cleaned_split.json (seed 0, Llama-3 tokenizer) printed "Total input tokens: 215196"
+# and "Total generated tokens: 197090" in the log of vllm-project/vllm pull request #15911; other published
+# runs print the same input total and 185671 to 197090 generated tokens (the model may stop before the
+# reference reply's length). The range is that script's filter (a prompt of 4 to 1024 tokens, a reply
+# of at least 4, together at most 2048). No spread is published with these figures: lengths are drawn
+# log-normal with SHAREGPT_SIGMA, our assumption, its location set so that the mean over the range
+# equals the published mean.
+SHAREGPT_INPUT_MEAN = 215.2
+SHAREGPT_OUTPUT_MEAN = 197.1
+SHAREGPT_RANGE = (4, 1024)
+SHAREGPT_SIGMA = 1.0
+WORKLOADS = ('fixed', 'sharegpt')
+
+
+def _truncated_lognormal_mean(mu: float, sigma: float, low: float, high: float) -> float:
+    def cdf(x):
+        return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+    a, b = math.log(low), math.log(high)
+    inside = cdf((b - mu) / sigma) - cdf((a - mu) / sigma)
+    shifted = cdf((b - mu - sigma ** 2) / sigma) - cdf((a - mu - sigma ** 2) / sigma)
+    return math.exp(mu + sigma ** 2 / 2) * shifted / inside
+
+
+def truncated_lognormal_lengths(rng: np.random.Generator, num: int, mean: float, sigma: float = SHAREGPT_SIGMA,
+                                low: int = SHAREGPT_RANGE[0], high: int = SHAREGPT_RANGE[1]) -> list[int]:
+    """``num`` integer lengths in [low, high] from a log-normal of shape ``sigma`` restricted to that range
+    (draws outside are drawn again), whose expected value is ``mean``; ValueError unless low < mean < high."""
+    if not low < mean < high:
+        raise ValueError(f'mean {mean} is not inside the range [{low}, {high}]')
+    lo, hi = math.log(low) - 10 * sigma, math.log(high)
+    for _ in range(200):             # bisection on the location: the truncated mean grows with it
+        mu = (lo + hi) / 2
+        lo, hi = (mu, hi) if _truncated_lognormal_mean(mu, sigma, low, high) < mean else (lo, mu)
+    out = np.empty(0, dtype=np.int64)
+    while out.size < num:
+        draw = np.rint(rng.lognormal(mu, sigma, size=2 * (num - out.size) + 16)).astype(np.int64)
+        out = np.concatenate([out, draw[(draw >= low) & (draw <= high)]])
+    return out[:num].tolist()
+
+
+def make_requests(rng: np.random.Generator, vocab_size: int, num: int, workload: str = 'fixed',
+                  input_len: int = 512, output_len: int = 256,
+                  random_range_ratio: float = 1.0) -> list[tuple[list[int], int]]:
+    """``num`` (prompt token ids, output length) pairs, the same for a given generator state in every
+    engine. ``fixed``: lengths drawn uniformly from [ratio * len, len] (1.0: exactly ``input_len`` and
+    ``output_len``). ``sharegpt``: lengths drawn with ShareGPT's published means (above); the length
+    arguments do not apply. ValueError for another workload."""
+    if workload == 'sharegpt':
+        inputs = truncated_lognormal_lengths(rng, num, SHAREGPT_INPUT_MEAN)
+        outputs = truncated_lognormal_lengths(rng, num, SHAREGPT_OUTPUT_MEAN)
+        return [(random_prompt_ids(rng, vocab_size, n_in), n_out) for n_in, n_out in zip(inputs, outputs)]
+    if workload != 'fixed':
+        raise ValueError(f'workload {workload!r}: expected one of {WORKLOADS}')
+
+    def length(n):
+        return int(rng.integers(max(1, int(n * random_range_ratio)), n + 1))
+    return [(random_prompt_ids(rng, vocab_size, length(input_len)), length(output_len)) for _ in range(num)]
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """--workload and the fixed workload's lengths (None where not given: ``workload_kwargs`` refuses
+    them for the ShareGPT workload)."""
+    parser.add_argument('--num-prompts', type=int, default=1000)
+    parser.add_argument('--workload', default='fixed', choices=WORKLOADS,
+                        help='fixed: --input-len / --output-len; sharegpt: lengths drawn with ShareGPT\'s '
+                             'published means (bench_common.py)')
+    parser.add_argument('--input-len', type=int, default=None, help='fixed workload (default 512)')
+    parser.add_argument('--output-len', type=int, default=None, help='fixed workload (default 256)')
+    parser.add_argument('--random-range-ratio', type=float, default=None,
+                        help='fixed workload: lengths drawn uniformly from [ratio * len, len]; 1.0 = fixed lengths')
+
+
+def workload_kwargs(args: argparse.Namespace) -> dict:
+    """``make_requests``'s keyword arguments from ``add_workload_args``' flags; SystemExit naming a length
+    flag given with the ShareGPT workload."""
+    lengths = {'input_len': args.input_len, 'output_len': args.output_len,
+               'random_range_ratio': args.random_range_ratio}
+    if args.workload == 'sharegpt':
+        given = [f'--{k.replace("_", "-")}' for k, v in lengths.items() if v is not None]
+        if given:
+            raise SystemExit(f'{", ".join(given)}: not with --workload sharegpt, which draws its own lengths')
+        return {'workload': 'sharegpt'}
+    defaults = {'input_len': 512, 'output_len': 256, 'random_range_ratio': 1.0}
+    return {'workload': 'fixed', **{k: defaults[k] if v is None else v for k, v in lengths.items()}}
+
+
+def workload_fields(workload: dict, requests: list[tuple[list[int], int]]) -> dict:
+    """A RESULT record's workload fields: its name, and the fixed workload's configured lengths or the
+    mean lengths of ``requests`` (any other workload)."""
+    if 'input_len' in workload:
+        return {'workload': workload['workload'], 'input_len': workload['input_len'],
+                'output_len': workload['output_len']}
+    return {'workload': workload['workload'],
+            'input_len': round(float(np.mean([len(ids) for ids, _ in requests])), 1),
+            'output_len': round(float(np.mean([n for _, n in requests])), 1)}
 
 
 @dataclass

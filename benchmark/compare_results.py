@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Pair LMDeploy's and our ``RESULT`` lines from one log and print the ratios (ours / theirs);
+"""Pair our ``RESULT`` lines with each peer engine's (LMDeploy, vLLM) from one log and print the ratios
+(ours / theirs), per workload;
 with ``--by-tp``, our lines of each tensor-parallel size against tp=1 of the same log; with
 ``--by-quant``, our throughput lines of each KV ``quant_policy`` against quant_policy=0."""
 from __future__ import annotations
@@ -13,20 +14,36 @@ def load(path: str) -> list[dict]:
         return [json.loads(line.split('RESULT ', 1)[1]) for line in f if line.startswith('RESULT ')]
 
 
+PEERS = (('lmdeploy-', 'LMDeploy'), ('vllm-', 'vLLM'))
+
+
+def _key(record: dict) -> str:
+    """The measurement a record belongs to: 'throughput' (fixed lengths), 'throughput-<workload>' or 'batch1'."""
+    if record['bench'] == 'generation' and record.get('batch_size') == 1:
+        return 'batch1'
+    workload = record.get('workload', 'fixed')
+    return record['bench'] if workload == 'fixed' else f"{record['bench']}-{workload}"
+
+
 def main(path: str) -> None:
+    """Our figure against each peer engine of the log (LMDeploy where none is), per measurement."""
     records = load(path)
-    peer = {r['bench']: r for r in records if r['engine'].startswith('lmdeploy-')}
-    ours = {('batch1' if r['bench'] == 'generation' and r.get('batch_size') == 1 else r['bench']): r
-            for r in records if r['engine'].startswith('lmdeploy_jax')}
-    for bench in ('throughput', 'batch1'):
-        a, b = ours.get(bench), peer.get(bench)
-        # batch 1: whole-request tokens over whole-request time, as lmdeploy_bench.py counts it
-        ours_value = a and a['output_tok_per_s' if bench == 'throughput' else 'total_tok_per_s']
-        peer_value = b and b['output_tok_per_s']
-        ratio = f'{ours_value / peer_value:.3f}' if ours_value and peer_value else 'n/a'
-        print(f'{bench:10s} ours {ours_value} tok/s, LMDeploy {peer_value} tok/s, ratio {ratio}')
-        if bench == 'throughput' and a and b:
-            print(f'{"":10s} start-up ours {a["startup_s"]} s, LMDeploy {b["startup_s"]} s')
+    ours = {_key(r): r for r in records if r['engine'].startswith('lmdeploy_jax')}
+    peers = {label: {_key(r): r for r in records if r['engine'].startswith(prefix)} for prefix, label in PEERS}
+    present = [label for label in peers if peers[label]] or ['LMDeploy']
+    benches = [b for b in ('throughput', 'throughput-sharegpt', 'batch1')
+               if b in ours or any(b in peers[label] for label in present)]
+    for bench in benches:
+        a = ours.get(bench)
+        # batch 1: whole-request tokens over whole-request time, as the peers' scripts count it
+        ours_value = a and a['total_tok_per_s' if bench == 'batch1' else 'output_tok_per_s']
+        for label in present:
+            b = peers[label].get(bench)
+            peer_value = b and b['output_tok_per_s']
+            ratio = f'{ours_value / peer_value:.3f}' if ours_value and peer_value else 'n/a'
+            print(f'{bench:10s} ours {ours_value} tok/s, {label} {peer_value} tok/s, ratio {ratio}')
+            if bench == 'throughput' and a and b:
+                print(f'{"":10s} start-up ours {a["startup_s"]} s, {label} {b["startup_s"]} s')
 
 
 def by_tp(path: str) -> None:

@@ -3,6 +3,7 @@
 
     python benchmark/profile_throughput.py /tmp/llama3-8b --num-prompts 1000 --input-len 512 --output-len 256
     python benchmark/profile_throughput.py --num-prompts 8 --input-len 32 --output-len 16     # CPU smoke run
+    python benchmark/profile_throughput.py MODEL --workload sharegpt     # ShareGPT's lengths (bench_common.py)
     python benchmark/profile_throughput.py MODEL --dataset ShareGPT_V3_unfiltered_cleaned_split.json
 
 Reports req/s, input and output tok/s, TTFT and TPOT (mean/p50/p99, ms) and start-up time, and
@@ -17,8 +18,8 @@ import tempfile
 
 import numpy as np
 
-from bench_common import (add_engine_args, build_pipeline, device_description, percentiles, print_result,
-                          random_prompt_ids, run_requests)
+from bench_common import (add_engine_args, add_workload_args, build_pipeline, device_description, make_requests,
+                          percentiles, print_result, run_requests, workload_fields, workload_kwargs)
 
 
 def sharegpt_requests(path: str, tokenizer, num: int, rng: np.random.Generator, max_len: int):
@@ -60,11 +61,7 @@ def _traced(trace_dir: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(parser)
-    parser.add_argument('--num-prompts', type=int, default=1000)
-    parser.add_argument('--input-len', type=int, default=512)
-    parser.add_argument('--output-len', type=int, default=256)
-    parser.add_argument('--random-range-ratio', type=float, default=1.0,
-                        help='lengths drawn uniformly from [ratio * len, len]; 1.0 = fixed lengths')
+    add_workload_args(parser)
     parser.add_argument('--dataset', default=None, help='a ShareGPT-format JSON file instead of random prompts')
     parser.add_argument('--warmup', type=int, default=8, help='requests run before timing')
     parser.add_argument('--trace', nargs='?', const='', default=None, metavar='DIR',
@@ -73,16 +70,17 @@ def main() -> None:
                              'With DIR the trace is kept there (trace_summary.py DIR reads it again)')
     args = parser.parse_args()
 
+    lengths_given = {args.input_len, args.output_len, args.random_range_ratio} != {None}
+    if args.dataset and (args.workload != 'fixed' or lengths_given):
+        raise SystemExit('--dataset takes its lengths from the file: not with --workload, --input-len, --output-len '
+                         'or --random-range-ratio')
+    workload = {'workload': 'dataset'} if args.dataset else workload_kwargs(args)
     pipe, startup = build_pipeline(args)
     rng = np.random.default_rng(args.seed)
-    vocab = pipe.tokenizer.vocab_size
     if args.dataset:
         requests = sharegpt_requests(args.dataset, pipe.tokenizer, args.num_prompts, rng, args.session_len)
     else:
-        def length(n):
-            return int(rng.integers(max(1, int(n * args.random_range_ratio)), n + 1))
-        requests = [(random_prompt_ids(rng, vocab, length(args.input_len)), length(args.output_len))
-                    for _ in range(args.num_prompts)]
+        requests = make_requests(rng, pipe.tokenizer.vocab_size, args.num_prompts, **workload)
     if args.warmup:
         run_requests(pipe, requests[:args.warmup], progress=False, session_base=10_000_000)
     before = _engine_stats(pipe)
@@ -99,7 +97,7 @@ def main() -> None:
     n_out = sum(t.output_len for t in timings)
     record = dict(engine=f'lmdeploy_jax-{args.backend}', bench='throughput', device=device_description(),
                   model=args.model_path or 'default', tp=args.tp, num_prompts=len(timings),
-                  input_len=args.input_len, output_len=args.output_len, max_batch_size=args.max_batch_size,
+                  **workload_fields(workload, requests), max_batch_size=args.max_batch_size,
                   seconds=round(seconds, 2), req_per_s=round(len(timings) / seconds, 2),
                   input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
                   total_tok_per_s=round((n_in + n_out) / seconds, 1),
