@@ -21,6 +21,7 @@ figures per batch:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
+from lmdeploy_jax.checkpoint.quantization import weight_quantization
 from lmdeploy_jax.models.layers.moe import gathers_weights
 from lmdeploy_jax.models.loader import abstract_params
 from lmdeploy_jax.models.registry import family
@@ -52,6 +54,7 @@ def shape_config(shape: str) -> dict:
 def decode_bytes(config: dict, dtype: str, batches: list[int]) -> dict:
     arch = config['architectures'][0]
     spec = spec_from_config(config, family(arch), arch, jnp.dtype(DTYPES[dtype]), ())
+    spec = dataclasses.replace(spec, quantization=weight_quantization('config.json', config))   # 4-bit AWQ/GPTQ
     _, abstract = abstract_params(spec)
     flat = traversals.flatten_mapping(nnx.to_pure_dict(abstract))
     size = {path: int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for path, x in flat.items()}
