@@ -84,10 +84,18 @@ class GenerationConfig:
     ``response_format_grammar``) constrains the answer to a JSON schema or a regex by guided
     decoding (the turbomind backend). ``n`` answers per prompt (at most
     ``MAX_SAMPLES``), sampled independently: the pipeline runs each as a request of its own, the
-    j-th seeded ``random_seed + j`` when a seed is given. LMDeploy's other fields are declared so
-    that code written for it runs; those whose effect is not implemented (``_NOT_IMPLEMENTED``:
-    ``logits_processors``, ``output_logits``, ...) raise ``ValueError`` saying why unless left at
-    their default.
+    j-th seeded ``random_seed + j`` when a seed is given.
+
+    ``include_stop_str_in_output`` (LMDeploy's): an answer that stopped on a stop word ends with
+    it, and one that stopped on a stop token (EOS, ``stop_token_ids``) ends with that token, in
+    ``token_ids`` and as its text (special tokens included), as LMDeploy returns them.
+    ``spaces_between_special_tokens`` (LMDeploy's) is taken and has no effect, as in LMDeploy with a
+    fast tokenizer: LMDeploy puts the spaces only for slow (Python) tokenizers, and transformers 5,
+    which loads every tokenizer here, ignores the flag for every kind it builds.
+
+    LMDeploy's other fields are declared so that code written for it runs; those whose effect is
+    not implemented (``_NOT_IMPLEMENTED``: ``logits_processors``, ``output_logits``, ...) raise
+    ``ValueError`` saying why unless left at their default.
     """
     n: int = 1
     max_new_tokens: int = 512
@@ -107,12 +115,12 @@ class GenerationConfig:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     response_format: dict | None = None
-    # LMDeploy's fields whose effect is not implemented: refused unless left at their default
+    include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    # LMDeploy's fields whose effect is not implemented: refused unless left at their default
     logits_processors: list | None = None
     output_logits: str | None = None
     output_last_hidden_state: str | None = None
-    include_stop_str_in_output: bool = False
     return_ppl: bool = False
     with_cache: bool = False
     preserve_cache: bool = False
@@ -148,6 +156,8 @@ class GenerationConfig:
         _int_field('min_new_tokens', self.min_new_tokens, 0, optional=True)
         _bool_field('skip_special_tokens', self.skip_special_tokens)
         _int_field('logprobs', self.logprobs, 0, 20, optional=True)
+        _bool_field('include_stop_str_in_output', self.include_stop_str_in_output)
+        _bool_field('spaces_between_special_tokens', self.spaces_between_special_tokens)
         if self.response_format is not None:
             response_format_grammar(self.response_format)
         for name, why in _NOT_IMPLEMENTED.items():
@@ -206,11 +216,9 @@ def response_format_grammar(response_format) -> tuple[str, str] | None:
 
 
 _NOT_IMPLEMENTED = {
-    'spaces_between_special_tokens': 'special tokens are detokenized as the tokenizer joins them',
     'logits_processors': 'sampling runs on the device inside compiled steps, where no Python callback can run',
     'output_logits': 'logits are not returned; logprobs=N gives the top-N log-probabilities',
     'output_last_hidden_state': 'hidden states are not returned',
-    'include_stop_str_in_output': 'the answer ends before its stop string',
     'return_ppl': 'use the pipeline\'s get_ppl',
     'with_cache': 'no disaggregated serving (KV migration)',
     'preserve_cache': 'no disaggregated serving (KV migration)',

@@ -84,3 +84,31 @@ def test_kv_cache_usage_is_the_fraction_of_blocks_in_use(server):
     total = busy['lmdeploy_jax_engine_kv_blocks_total'][('lmdeploy_jax_engine_kv_blocks_total', ())]
     usage = busy['lmdeploy:gpu_cache_usage_perc'][('lmdeploy:gpu_cache_usage_perc', ())]
     assert used >= 1 and usage == used / total and 0 < usage < 1
+
+
+# ---- include_stop_str_in_output on the JAX engine, with this module's server ----------------------
+
+FRANCE = [{'role': 'user', 'content': 'What is the capital of France?'}]
+
+
+def _chat(client, model, stream=False, **fields):
+    kwargs = dict(model=model, messages=FRANCE, max_tokens=40, temperature=0, extra_body=fields)
+    if not stream:
+        resp = client.chat.completions.create(**kwargs)
+        return resp.choices[0].message.content, resp.choices[0].finish_reason, resp.usage.completion_tokens
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={'include_usage': True}))
+    text = ''.join(c.choices[0].delta.content or '' for c in chunks if c.choices)
+    return text, [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage.completion_tokens
+
+
+def test_include_stop_str_in_output_keeps_the_stop_token_and_word(server):
+    _, client, model = server
+    plain, reason, tokens = _chat(client, model)
+    assert reason == 'stop' and 'Paris' in plain
+    kept = (plain + '<|im_end|>', 'stop', tokens + 1)
+    assert _chat(client, model, include_stop_str_in_output=True) == kept
+    assert _chat(client, model, True, include_stop_str_in_output=True) == kept
+    cut = plain.index('Paris')
+    assert _chat(client, model, stop=['Paris'])[:2] == (plain[:cut], 'stop')
+    assert _chat(client, model, stop=['Paris'], include_stop_str_in_output=True)[:2] == (
+        plain[:cut + len('Paris')], 'stop')

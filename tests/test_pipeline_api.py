@@ -83,6 +83,18 @@ def test_bad_sessions_are_refused_before_anything_runs(pipe, sessions, config, w
         next(pipe.stream_infer(PROMPTS, sessions=sessions(pipe), gen_config=config))
 
 
+def test_include_stop_str_in_output_on_the_reference_backend(pipe):
+    """The stop token comes back in ``token_ids`` and as its text (LMDeploy's); the JAX engine's
+    case is in ``test_metrics.py``, beside its server."""
+    plain = pipe.infer(PROMPTS[0], gen_config=GenerationConfig(max_new_tokens=40))
+    kept = pipe.infer(PROMPTS[0], gen_config=GenerationConfig(max_new_tokens=40, include_stop_str_in_output=True))
+    assert plain.finish_reason == kept.finish_reason == 'stop'
+    eos = pipe.tokenizer.eos_token_id
+    assert (kept.text, kept.token_ids, kept.generate_token_len) == (
+        plain.text + pipe.tokenizer.decode([eos], skip_special_tokens=False), plain.token_ids + [eos],
+        plain.generate_token_len + 1)
+
+
 def test_close_ends_the_pipeline_and_every_later_call_says_so(pipe):
     """The module's last test: it closes the module's pipeline (the fixture's ``with`` closes it again)."""
     pipe.close()

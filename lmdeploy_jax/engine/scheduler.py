@@ -446,6 +446,10 @@ class Scheduler:
             seq.tokens.append(token)
             seq.num_generated += 1
             if token in stop_ids:
+                if gen.include_stop_str_in_output:    # LMDeploy's: the stop token ends the reported answer
+                    reported.append(token)
+                    if logprobs is not None:
+                        logprobs.append(logprob_dict(out, row, gen.logprobs, None if first_step is None else k))
                 self._finish(seq, 'stop', reported, logprobs)
                 return
             if self._guided(seq):

@@ -228,7 +228,8 @@ class PytorchEngine(ThreadedEngine):
         session.history.append(token)
         run.num_generated += 1
         if token in (gen.stop_token_ids or ()):
-            self._finish(run, 'stop', logprobs=None if logprobs is None else [])
+            kept = [token] if gen.include_stop_str_in_output else []   # LMDeploy's: the stop token is reported
+            self._finish(run, 'stop', kept, logprobs=None if logprobs is None else [logprobs] * len(kept))
             return
         verdict = self._guide.accept(run.request, token) if self._guide.is_guided(run.request) else 'ok'
         if verdict != 'ok':

@@ -65,6 +65,15 @@ def _check_prompts(prompts) -> tuple[list, bool]:
     return items, single
 
 
+def _reported_stop_token(config: GenerationConfig, out: EngineOutput) -> int | None:
+    """The stop token that ended ``out``'s request, when the engine reported it (it does so for
+    ``include_stop_str_in_output``); None otherwise."""
+    if out.finish_reason == 'stop' and config.include_stop_str_in_output and out.token_ids \
+            and out.token_ids[-1] in (config.stop_token_ids or ()):
+        return out.token_ids[-1]
+    return None
+
+
 def _is_gen_configs(value) -> bool:
     return isinstance(value, GenerationConfig) or (
         isinstance(value, list) and bool(value) and all(isinstance(c, GenerationConfig) for c in value))
@@ -191,17 +200,19 @@ class AsyncEngine:
         queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self.engine.submit(EngineRequest(session_id, ids, config, sequence_start, sequence_end),
                            lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-        matcher, state = StopStringMatcher(text_stops), DetokenizeState()
+        matcher, state = StopStringMatcher(text_stops, config.include_stop_str_in_output), DetokenizeState()
         generated: list[int] = []
         finished = False
         try:
             while True:
                 out = await queue.get()
                 generated.extend(out.token_ids)
+                stop_token = _reported_stop_token(config, out)
+                text_ids = generated[:-1] if stop_token is not None else generated
                 text, hit_stop = '', False
                 if incremental:
                     delta, state = self.tokenizer.detokenize_incrementally(
-                        generated, state, skip_special_tokens=config.skip_special_tokens,
+                        text_ids, state, skip_special_tokens=config.skip_special_tokens,
                         flush=out.finish_reason is not None)
                     text, hit_stop = matcher.feed(delta)
                 if hit_stop:
@@ -215,11 +226,13 @@ class AsyncEngine:
                 if reason is not None:
                     finished = True
                     text += (matcher.flush() if incremental else
-                             self.tokenizer.decode(generated, skip_special_tokens=config.skip_special_tokens))
+                             self.tokenizer.decode(text_ids, skip_special_tokens=config.skip_special_tokens))
+                    if stop_token is not None:   # LMDeploy's: the stop token's text, special or not
+                        text += self.tokenizer.decode([stop_token], skip_special_tokens=False)
                     if reason == 'error':
                         text = f'error: {out.error}'
-                    self._record_history(session_id, sequence_end,
-                                         history + len(ids) + len(generated) + (reason == 'stop'))
+                    unreported_stop = reason == 'stop' and stop_token is None
+                    self._record_history(session_id, sequence_end, history + len(ids) + len(generated) + unreported_stop)
                 yield GenOut(text, history, len(ids), len(generated), reason, out.token_ids, out.logprobs)
                 if finished:
                     return

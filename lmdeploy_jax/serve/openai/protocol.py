@@ -56,6 +56,8 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False     # LMDeploy's and vLLM's (GenerationConfig's)
+    spaces_between_special_tokens: StrictBool = True
 
 
 class OpenAIRequest(SamplingFields):

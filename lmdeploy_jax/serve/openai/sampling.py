@@ -29,6 +29,8 @@ def generation_config(req: SamplingFields, max_new_tokens: int, vocab_size: int,
                                   repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
                                   random_seed=None if req.seed is None else req.seed + seed_offset,
                                   stop_words=stop or None, logprobs=logprobs,
+                                  include_stop_str_in_output=req.include_stop_str_in_output,
+                                  spaces_between_special_tokens=req.spaces_between_special_tokens,
                                   skip_special_tokens=(req.skip_special_tokens if skip_special_tokens is None
                                                        else skip_special_tokens))
         config.validate(vocab_size)
