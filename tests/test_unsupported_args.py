@@ -39,10 +39,10 @@ def test_pipeline_takes_lmdeploys_no_op_arguments(pipe):
 
 @pytest.mark.parametrize('field, value', [
     ('response_format', {'type': 'json_object'}), ('logits_processors', [lambda ids, logits: logits]),
-    ('include_stop_str_in_output', True), ('spaces_between_special_tokens', False), ('output_logits', 'all'),
+    ('output_logits', 'all'),
     ('output_last_hidden_state', 'generation'), ('return_ppl', True), ('with_cache', True), ('preserve_cache', True),
     ('migration_request', {}), ('return_routed_experts', True), ('repetition_ngram_size', 3),
-    ('repetition_ngram_threshold', 2), ('include_stop_str_in_output', 0)])
+    ('repetition_ngram_threshold', 2)])
 def test_lmdeploys_generation_fields_we_lack_are_refused_unless_default(field, value):
     with pytest.raises(ValueError, match=rf'^{field} must be .*\(.+\)'):
         GenerationConfig(**{field: value})
