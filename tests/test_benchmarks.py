@@ -166,3 +166,60 @@ def test_executable_report_shows_the_options_each_executable_was_compiled_with()
         applied = r['xla_options'].get('xla_gpu_disable_async_collectives', '')
         assert sorted(applied.split(',')) == (['ALLGATHER', 'ALLREDUCE'] if small else ['']), r
         assert ('COLLECTIVES' in r['xla_options'].get('xla_gpu_enable_command_buffer', '')) == small, r
+
+
+def _benchmark_module(name: str):
+    sys.path.insert(0, str(ROOT / 'benchmark'))
+    return __import__(name)
+
+
+def test_workloads_are_deterministic_and_sharegpt_lengths_follow_the_published_means():
+    """``make_requests``: the same generator seed gives the same requests (every engine sees the same
+    prompts), another seed others; the fixed workload has exactly its lengths; the ShareGPT one draws
+    lengths inside vLLM's filter range whose means are the published ones, spread (not constant)."""
+    import numpy as np
+    bench_common = _benchmark_module('bench_common')
+    seed = int(np.random.default_rng().integers(1 << 30))
+
+    def requests(s, **kw):
+        return bench_common.make_requests(np.random.default_rng(s), 8003, 3000, **kw)
+    sharegpt = requests(seed, workload='sharegpt')
+    assert sharegpt == requests(seed, workload='sharegpt') and sharegpt != requests(seed + 1, workload='sharegpt')
+    inputs = np.array([len(ids) for ids, _ in sharegpt])
+    outputs = np.array([n for _, n in sharegpt])
+    low, high = bench_common.SHAREGPT_RANGE
+    for lengths, mean in ((inputs, bench_common.SHAREGPT_INPUT_MEAN), (outputs, bench_common.SHAREGPT_OUTPUT_MEAN)):
+        assert lengths.min() >= low and lengths.max() <= high
+        assert abs(lengths.mean() - mean) < 0.06 * mean, (lengths.mean(), mean)
+        assert lengths.std() > 0.5 * mean and np.median(lengths) < mean      # log-normal: right-skewed
+    ids = np.concatenate([ids for ids, _ in sharegpt])
+    assert ids.min() >= 16 and ids.max() < 8003
+    fixed = requests(seed, workload='fixed', input_len=37, output_len=11)
+    assert {(len(ids), n) for ids, n in fixed} == {(37, 11)}
+    with pytest.raises(ValueError, match='workload'):
+        requests(seed, workload='burst')
+
+
+def test_poisson_schedule_has_exponential_gaps_at_the_rate():
+    """Arrival times start at 0, grow, and their gaps have the rate's mean and an exponential's
+    spread (coefficient of variation 1); same seed, same schedule; an infinite rate sends all at once."""
+    import numpy as np
+    api = _benchmark_module('profile_restful_api')
+    seed = int(np.random.default_rng().integers(1 << 30))
+    times = np.array(api.poisson_schedule(20000, 40.0, seed))
+    gaps = np.diff(times)
+    assert times[0] == 0 and (gaps >= 0).all()
+    assert gaps.mean() == pytest.approx(1 / 40.0, rel=0.03) and gaps.std() / gaps.mean() == pytest.approx(1, rel=0.05)
+    assert api.poisson_schedule(50, 3.0, seed) == api.poisson_schedule(50, 3.0, seed)
+    assert api.poisson_schedule(50, 3.0, seed) != api.poisson_schedule(50, 3.0, seed + 1)
+    assert api.poisson_schedule(4, float('inf'), seed) == [0.0] * 4
+    with pytest.raises(ValueError, match='rate'):
+        api.poisson_schedule(4, 0.0, seed)
+
+
+
+def test_throughput_refuses_lengths_with_the_sharegpt_workload():
+    """The ShareGPT workload draws its own lengths: an explicit length flag is an error, not ignored."""
+    out = subprocess.run([sys.executable, 'profile_throughput.py', '--workload', 'sharegpt', '--input-len', '64'],
+                         cwd=ROOT / 'benchmark', capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode != 0 and '--input-len: not with --workload sharegpt' in out.stderr

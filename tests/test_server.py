@@ -367,3 +367,24 @@ def test_profile_restful_api_measures_the_server(base, pacing):
     assert result['completed'] == 4 and result['failed'] == 0 and result['output_tokens'] == 16
     assert 0 < result['ttft_ms']['p50'] <= result['e2e_latency_ms']['p50'] and result['tpot_ms']['p99'] > 0
     assert result['itl_ms']['mean'] > 0 and result['output_throughput'] > 0
+
+
+def test_profile_restful_api_reports_latencies_at_each_request_rate(base):
+    """Several ``--request-rate`` values: one JSON line per rate, every request answered with exactly
+    its tokens, TTFT within end-to-end latency, each run lasting at least until its Poisson schedule's
+    last arrival (the pacing holds)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, 'benchmark'))
+    from profile_restful_api import poisson_schedule
+    rates, prompts = (2.0, 8.0), 3
+    out = subprocess.run([sys.executable, 'benchmark/profile_restful_api.py', '--base-url', base, '--endpoint',
+                          'completions', '--num-prompts', str(prompts), '--input-len', '6', '--output-len', '3',
+                          '--ignore-eos', '--request-rate', *map(str, rates)],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r['request_rate'] for r in records] == list(rates)
+    for r in records:
+        assert (r['completed'], r['failed'], r['output_tokens']) == (prompts, 0, 3 * prompts), r
+        assert 0 < r['ttft_ms']['p50'] <= r['e2e_latency_ms']['p99'] and r['tpot_ms']['p99'] > 0
+        assert r['duration_s'] >= poisson_schedule(prompts, r['request_rate'], 0)[-1]
