@@ -2,7 +2,8 @@
 """Pair our ``RESULT`` lines with each peer engine's (LMDeploy, vLLM) from one log and print the ratios
 (ours / theirs), per workload;
 with ``--by-tp``, our lines of each tensor-parallel size against tp=1 of the same log; with
-``--by-quant``, our throughput lines of each KV ``quant_policy`` against quant_policy=0."""
+``--by-quant``, our throughput lines of each KV ``quant_policy`` against quant_policy=0; with
+``--serving``, the serving benchmark's p99 latencies per request rate, ours against vLLM's."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,24 @@ def main(path: str) -> None:
                 print(f'{"":10s} start-up ours {a["startup_s"]} s, {label} {b["startup_s"]} s')
 
 
+def serving(path: str) -> None:
+    """The serving lines (``SERVING {json}``, profile_restful_api.py's, with ``--engine``): per request
+    rate, each engine's p99 TTFT and TPOT and our ratio to vLLM's (lower is better: under 1 we are ahead)."""
+    with open(path) as f:
+        lines = [json.loads(line.split('SERVING ', 1)[1]) for line in f if line.startswith('SERVING ')]
+    table = {}
+    for r in lines:
+        table.setdefault(r['request_rate'], {})[r['engine']] = r
+    for rate, engines in sorted(table.items(), key=lambda item: float('inf') if item[0] is None else item[0]):
+        cells = [f"{name} TTFT p99 {r['ttft_ms'].get('p99')} ms, TPOT p99 {r['tpot_ms'].get('p99')} ms, "
+                 f"{r['output_throughput']} tok/s, {r['failed']} failed" for name, r in sorted(engines.items())]
+        ours, peer = engines.get('lmdeploy_jax'), engines.get('vllm')
+        if ours and peer and ours['ttft_ms'] and peer['ttft_ms'] and ours['tpot_ms'] and peer['tpot_ms']:
+            cells.append(f"ours / vLLM: TTFT p99 {ours['ttft_ms']['p99'] / peer['ttft_ms']['p99']:.2f} x, "
+                         f"TPOT p99 {ours['tpot_ms']['p99'] / peer['tpot_ms']['p99']:.2f} x")
+        print(f'rate {rate} req/s: ' + '; '.join(cells))
+
+
 def by_tp(path: str) -> None:
     """Per model and tp: throughput and batch-1 tok/s, and their ratio to the same model at tp=1."""
     table = {}
@@ -79,7 +98,9 @@ def by_quant(path: str) -> None:
 
 
 if __name__ == '__main__':
-    if sys.argv[1] == '--by-tp':
+    if sys.argv[1] == '--serving':
+        serving(sys.argv[2])
+    elif sys.argv[1] == '--by-tp':
         by_tp(sys.argv[2])
     elif sys.argv[1] == '--by-quant':
         by_quant(sys.argv[2])

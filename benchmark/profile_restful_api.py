@@ -141,7 +141,7 @@ def report(args, outcomes: list[Outcome], duration: float, rate: float, max_toke
     itl = [b - a for o in done for a, b in zip(o.chunk_times, o.chunk_times[1:])]
     output_tokens = sum(o.output_tokens for o in done)
     return {
-        'endpoint': args.endpoint, 'num_prompts': len(outcomes), 'completed': len(done),
+        'engine': args.engine, 'endpoint': args.endpoint, 'num_prompts': len(outcomes), 'completed': len(done),
         'failed': len(outcomes) - len(done), 'first_error': next((o.error for o in outcomes if not o.ok), None),
         'request_rate': None if rate == float('inf') else rate, 'workload': args.workload,
         'concurrency': args.concurrency, 'input_len_words': args.input_len if args.workload == 'fixed' else None,
@@ -175,6 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--timeout', type=float, default=600.0, help='seconds per request')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default=None, help='append the JSON line to this file too')
+    p.add_argument('--engine', default=None, help="the server's name in each line's 'engine' field, for "
+                   "compare_results.py's serving table (e.g. lmdeploy_jax, vllm)")
     args = p.parse_args(argv)
     if any(not rate > 0 for rate in args.request_rate):
         p.error(f'--request-rate {args.request_rate}: every rate must be > 0')

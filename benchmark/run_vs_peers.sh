@@ -7,7 +7,8 @@
 # the calls of vllm_carry_step.sh (vLLM in /tmp/vllm-site), then in the next call (carry .peer):
 #     bash benchmark/run_vs_peers.sh [SHAPE]
 # PROMPTS / INPUT_LEN / OUTPUT_LEN change the fixed workload, as in run_vs_lmdeploy.sh; SHAREGPT=0 skips the
-# ShareGPT-length workload (lmdeploy_bench.py takes fixed lengths only, so LMDeploy sits that one out).
+# ShareGPT-length workload (lmdeploy_bench.py takes fixed lengths only, so LMDeploy sits that one out);
+# RATES="4 16 64" adds the serving benchmark (below) of vLLM's server and ours (SERVE_PROMPTS each).
 source "$(dirname "$0")/device_workload.sh" run_vs_peers "$@"
 [ -d /tmp/vllm-site/vllm ] || { echo 'no /tmp/vllm-site: run the vllm_carry_step.sh calls first' >&2; exit 2; }
 vllm_bench() {
@@ -24,3 +25,40 @@ if [ "${SHAREGPT:-1}" != 0 ]; then
 fi
 echo "== all engines (ours / peer)"
 python3 benchmark/compare_results.py "$log"
+
+# Serving (RATES="4 16 64" turns it on): each server in turn on the ShareGPT-length workload, Poisson
+# arrivals at every rate of RATES (SERVE_PROMPTS requests each) over HTTP; p99 TTFT and TPOT per rate.
+serve_and_load() {   # NAME PORT COMMAND...: start the server, wait for /health, load it, stop it
+    local name=$1 port=$2
+    shift 2
+    "$@" > "${OUT:-/tmp}/serve_$name.log" 2>&1 &
+    local pid=$!
+    if python3 -c "
+import os, sys, time, urllib.request
+for _ in range(900):
+    try:
+        if urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2).status == 200:
+            sys.exit(0)
+    except OSError:
+        pass
+    if not os.path.exists('/proc/$pid'):
+        break
+    time.sleep(1)
+sys.exit('the $name server did not answer /health')"; then
+        python3 benchmark/profile_restful_api.py --base-url "http://127.0.0.1:$port" --endpoint completions \
+            --engine "$name" --request-rate $RATES --num-prompts "${SERVE_PROMPTS:-200}" --workload sharegpt \
+            --ignore-eos | sed 's/^/SERVING /' | tee -a "$log"
+    else
+        tail -20 "${OUT:-/tmp}/serve_$name.log"
+    fi
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+}
+if [ -n "${RATES:-}" ]; then
+    serve_and_load vllm 8000 env HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONPATH=/tmp/vllm-site \
+        python3 -m vllm.entrypoints.cli.main serve "$model" --port 8000
+    serve_and_load lmdeploy_jax 23333 env PYTHONPATH="$PWD" python3 -m lmdeploy_jax.cli.main serve api_server \
+        "$model" --server-name 127.0.0.1 --server-port 23333 --max-batch-size 256 --session-len 4096
+    echo "== serving (p99; ours / vLLM under 1: ours lower)"
+    python3 benchmark/compare_results.py --serving "$log"
+fi

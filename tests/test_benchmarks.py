@@ -223,3 +223,35 @@ def test_throughput_refuses_lengths_with_the_sharegpt_workload():
     out = subprocess.run([sys.executable, 'profile_throughput.py', '--workload', 'sharegpt', '--input-len', '64'],
                          cwd=ROOT / 'benchmark', capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode != 0 and '--input-len: not with --workload sharegpt' in out.stderr
+
+
+def test_compare_results_sets_ours_against_each_peer_per_workload_and_rate(tmp_path):
+    """``run_vs_peers.sh``'s summary: each peer's throughput per workload and batch 1, and the serving
+    lines' p99 latencies per request rate with our ratio to vLLM's."""
+    def line(engine, bench, value, **fields):
+        return 'RESULT ' + json.dumps(dict(engine=engine, bench=bench, output_tok_per_s=value, startup_s=1.0,
+                                           **fields))
+    def serving(engine, rate, ttft, tpot):
+        return 'SERVING ' + json.dumps(dict(engine=engine, request_rate=rate, ttft_ms={'p99': ttft},
+                                            tpot_ms={'p99': tpot}, output_throughput=10.0, failed=0))
+    log = tmp_path / 'run.log'
+    log.write_text('\n'.join([
+        line('vllm-0.26.0', 'throughput', 200.0, workload='fixed'), line('vllm-0.26.0', 'batch1', 100.0),
+        line('vllm-0.26.0', 'throughput', 50.0, workload='sharegpt'),
+        line('lmdeploy-0.18.0-pytorch', 'throughput', 100.0),
+        line('lmdeploy_jax-turbomind', 'throughput', 150.0, workload='fixed'),
+        line('lmdeploy_jax-turbomind', 'generation', None, batch_size=1, total_tok_per_s=90.0),
+        line('lmdeploy_jax-turbomind', 'throughput', 60.0, workload='sharegpt'),
+        serving('vllm', 4.0, 100.0, 20.0), serving('lmdeploy_jax', 4.0, 50.0, 30.0)]) + '\n')
+    assert run_benchmark('compare_results.py', str(log)).splitlines() == [
+        'throughput ours 150.0 tok/s, LMDeploy 100.0 tok/s, ratio 1.500',
+        '           start-up ours 1.0 s, LMDeploy 1.0 s',
+        'throughput ours 150.0 tok/s, vLLM 200.0 tok/s, ratio 0.750',
+        '           start-up ours 1.0 s, vLLM 1.0 s',
+        'throughput-sharegpt ours 60.0 tok/s, LMDeploy None tok/s, ratio n/a',
+        'throughput-sharegpt ours 60.0 tok/s, vLLM 50.0 tok/s, ratio 1.200',
+        'batch1     ours 90.0 tok/s, LMDeploy None tok/s, ratio n/a',
+        'batch1     ours 90.0 tok/s, vLLM 100.0 tok/s, ratio 0.900']
+    assert run_benchmark('compare_results.py', '--serving', str(log)).splitlines() == [
+        'rate 4.0 req/s: lmdeploy_jax TTFT p99 50.0 ms, TPOT p99 30.0 ms, 10.0 tok/s, 0 failed; '
+        'vllm TTFT p99 100.0 ms, TPOT p99 20.0 ms, 10.0 tok/s, 0 failed; ours / vLLM: TTFT p99 0.50 x, TPOT p99 1.50 x']
