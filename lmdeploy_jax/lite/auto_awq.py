@@ -61,14 +61,13 @@ def auto_awq(model: str | None, work_dir: str = './work_dir', calib_dataset: str
                             source.config_path)
     _check_widths(spec, w_group_size)
     dst = os.path.abspath(os.path.expanduser(work_dir))
-    os.makedirs(dst, exist_ok=True)
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         dtype_name = _output_dtype(dtype, ckpt.dtype_name(EMBED))
         hidden = _calibration_hidden(source.hf_dir, ckpt, calib_dataset, calib_samples, calib_seqlen, batch_size)
+        os.makedirs(dst, exist_ok=True)
         writer = AwqCheckpointWriter(dst, jnp.dtype(dtype_name))
         layer = DecoderLayer(spec, calib_seqlen)
-        searches = ({g: RatioSearch(block, w_bits, w_group_size) for g, block in _blocks(layer).items()}
-                    if search_scale else None)
+        searches = _searches(layer, w_bits, w_group_size) if search_scale else None
         for i in tqdm(range(spec.num_layers), desc='auto_awq', unit='layer'):
             t = {**read_layer(ckpt, i), 'window': window_tensor(spec, i)}
             if hidden:
@@ -132,8 +131,13 @@ def _calibration_hidden(hf_dir: str, ckpt: SafetensorsCheckpoint, dataset: str, 
             for b in range(0, samples, batch_size)]
 
 
-def _blocks(layer: DecoderLayer) -> dict:
-    return {'qkv': layer.qkv_block, 'o': layer.linear_block, 'gate_up': layer.gate_up_block, 'down': layer.down_block}
+def _searches(layer: DecoderLayer, bits: int, group_size: int) -> dict[str, RatioSearch]:
+    """Each group's search, the block it measures as AutoAWQ's ``module2inspect``: the attention
+    for q/k/v, the MLP for gate/up, the linear alone for o_proj and down_proj."""
+    return {'qkv': RatioSearch(layer.qkv_block, bits, group_size),
+            'o': RatioSearch(layer.linear_block, bits, group_size),
+            'gate_up': RatioSearch(layer.gate_up_block, bits, group_size),
+            'down': RatioSearch(layer.linear_block, bits, group_size, feed=layer.down_input)}
 
 
 def _smooth(layer: DecoderLayer, t: dict, hidden: list[jax.Array], searches: dict | None,

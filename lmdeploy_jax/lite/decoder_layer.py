@@ -98,10 +98,10 @@ class DecoderLayer:
     def gate_up_block(self, weights: list, t: LayerTensors, x: jax.Array) -> jax.Array:
         return self.gated(*weights, x) @ t['down'].T
 
-    def down_block(self, weights: list, t: LayerTensors, x: jax.Array) -> jax.Array:
-        """``down_proj`` alone, fed from the normed MLP input ``x`` (its own input is recomputed,
-        so only hidden-wide activations are kept between layers)."""
-        return self.gated(t['gate'], t['up'], x) @ weights[0].T
+    def down_input(self, t: LayerTensors, x: jax.Array) -> jax.Array:
+        """down_proj's input from the normed MLP input ``x`` (a ``RatioSearch`` feed: only
+        hidden-wide activations are kept between the forward and the search)."""
+        return self.gated(t['gate'], t['up'], x)
 
     @staticmethod
     def linear_block(weights: list, t: LayerTensors, x: jax.Array) -> jax.Array:

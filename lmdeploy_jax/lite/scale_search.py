@@ -101,13 +101,20 @@ class RatioSearch:
     ratio of the grid (0, 1/GRID, ..., (GRID-1)/GRID) whose smoothing scales give the least output
     error of ``block`` (as in ``ratio_losses``) summed over ``batches`` (its inputs) when
     ``weights`` are quantized; ``activation [in]`` is the mean ``|x|`` per input channel of the
-    linears. ``block`` must be a pure function jit can trace; it is compiled once per shapes, so
-    one RatioSearch serves every layer of a model, each layer's tensors passed in ``params``."""
+    linears. ``feed(params, x)``, when given, maps each batch to the block's input once, before
+    the grid (e.g. down_proj's input from the normed MLP input, so that only hidden-wide
+    activations need be kept). ``block`` and ``feed`` must be pure functions jit can trace; they
+    are compiled once per shapes, so one RatioSearch serves every layer of a model, each layer's
+    tensors passed in ``params``."""
 
-    def __init__(self, block: Block, bits: int, group_size: int):
+    def __init__(self, block: Block, bits: int, group_size: int,
+                 feed: Callable[[object, jax.Array], jax.Array] | None = None):
         self.group_size = group_size
-        self._losses = jax.jit(lambda weights, params, x, activation, w_mean: ratio_losses(
-            block, weights, params, x, activation, w_mean, bits, group_size))
+
+        def losses(weights, params, x, activation, w_mean):
+            x = feed(params, x) if feed is not None else x
+            return ratio_losses(block, weights, params, x, activation, w_mean, bits, group_size)
+        self._losses = jax.jit(losses)
 
     def __call__(self, weights: Sequence[jax.Array], params, batches: Sequence[jax.Array],
                  activation: jax.Array) -> float:
