@@ -4,8 +4,9 @@
 #     bash benchmark/vllm_carry_step.sh N
 # It checks the chunk's sum and keeps it in /tmp/vllm-parts; the call of the last chunk checks
 # every part and the whole tar, unpacks the wheels and installs them, without their requirements
-# (the carry set is already resolved), into /tmp/vllm-site, then imports vLLM's offline and server
-# entry points with PYTHONPATH=/tmp/vllm-site. The calls must follow each other while the machine
+# (the carry set is already resolved), into /tmp/vllm-site, lists the carried packages' requirements
+# the image does not meet, then imports vLLM's offline and server entry points with
+# PYTHONPATH=/tmp/vllm-site. The calls must follow each other while the machine
 # is warm (about 30 s): /tmp is gone with it. Step 1 also writes the image's `pip freeze` to
 # $OUT/image_freeze.txt (prepare_vllm.sh's IMAGE_FREEZE).
 set -euo pipefail
@@ -33,6 +34,22 @@ cat part.* > vllm-wheels.tar
 grep ' vllm-wheels.tar$' SHA256SUMS | sha256sum -c --quiet
 rm -rf wheels /tmp/vllm-site && mkdir wheels && tar -xf vllm-wheels.tar -C wheels && rm vllm-wheels.tar part.*
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/vllm-site wheels/*.whl
+# Requirements of the carried packages that the image meets at another version or not at all (the
+# optional ones prepare_vllm.sh leaves out among them): leads when an import below fails.
+PYTHONPATH=/tmp/vllm-site python3 -c "
+import importlib.metadata as md
+from packaging.requirements import Requirement
+for dist in md.distributions(path=['/tmp/vllm-site']):
+    for req in map(Requirement, dist.requires or []):
+        if req.marker and not req.marker.evaluate({'extra': ''}):
+            continue
+        try:
+            version = md.version(req.name)
+        except md.PackageNotFoundError:
+            version = None
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            print(f'unmet: {dist.metadata[\"Name\"]} needs {req}, found {version}')
+" | sort -u
 PYTHONPATH=/tmp/vllm-site python3 -c "
 import vllm, vllm.entrypoints.llm, vllm.entrypoints.openai.api_server
 print('vllm', vllm.__version__, 'installed in /tmp/vllm-site')"
