@@ -13,7 +13,8 @@
 # already has, minus OPTIONAL: kernel and media packages vLLM imports only for paths a bf16 Llama on
 # Hopper does not take (MLA, CuTe-DSL and TileLang kernels, FlashInfer, video/audio decoding), and
 # minus FlashAttention 2's library (vLLM uses FlashAttention 3 on Hopper and imports FA2 under a
-# try). VLLM_FULL=1 keeps all of them.
+# try). Without FlashInfer, vLLM needs VLLM_USE_FLASHINFER_SAMPLER=0 (run_vs_peers.sh sets it).
+# VLLM_FULL=1 keeps all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${VLLM_VERSION:-0.26.0}

@@ -11,9 +11,14 @@
 # RATES="4 16 64" adds the serving benchmark (below) of vLLM's server and ours (SERVE_PROMPTS each).
 source "$(dirname "$0")/device_workload.sh" run_vs_peers "$@"
 [ -d /tmp/vllm-site/vllm ] || { echo 'no /tmp/vllm-site: run the vllm_carry_step.sh calls first' >&2; exit 2; }
+# vLLM's environment: offline; FlashInfer's top-k/top-p sampler off, since FlashInfer is not carried
+# (prepare_vllm.sh) and vLLM imports it for that sampler unless told not to; greedy decoding never
+# runs that sampler, so the figures are those of vLLM's defaults.
+vllm_env=(env HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_USE_FLASHINFER_SAMPLER=0
+          PYTHONPATH=/tmp/vllm-site)
 vllm_bench() {
-    HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONPATH=/tmp/vllm-site \
-        python3 benchmark/vllm_bench.py "$model" "$@" 2>&1 | grep -E '^RESULT|Error|error' | tee -a "$log"
+    "${vllm_env[@]}" python3 benchmark/vllm_bench.py "$model" "$@" 2>&1 | grep -E '^RESULT|Error|error' \
+        | tee -a "$log"
 }
 vllm_bench --num-prompts "$prompts" --input-len "$input_len" --output-len "$output_len"
 bash benchmark/run_vs_lmdeploy.sh "$shape"
@@ -55,8 +60,7 @@ sys.exit('the $name server did not answer /health')"; then
     wait "$pid" 2>/dev/null
 }
 if [ -n "${RATES:-}" ]; then
-    serve_and_load vllm 8000 env HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONPATH=/tmp/vllm-site \
-        python3 -m vllm.entrypoints.cli.main serve "$model" --port 8000
+    serve_and_load vllm 8000 "${vllm_env[@]}" python3 -m vllm.entrypoints.cli.main serve "$model" --port 8000
     serve_and_load lmdeploy_jax 23333 env PYTHONPATH="$PWD" python3 -m lmdeploy_jax.cli.main serve api_server \
         "$model" --server-name 127.0.0.1 --server-port 23333 --max-batch-size 256 --session-len 4096
     echo "== serving (p99; ours / vLLM under 1: ours lower)"

@@ -4,12 +4,13 @@ the same requests as token ids (``bench_common.make_requests``, same seed and to
 ignored, greedy; then, with the fixed workload, one request of 128 tokens in, 256 out, as
 ``lmdeploy_bench.py`` measures batch 1.
 
-    PYTHONPATH=/tmp/vllm-site python3 benchmark/vllm_bench.py /tmp/llama3-8b --num-prompts 1000 \\
-        --input-len 512 --output-len 256
-    PYTHONPATH=/tmp/vllm-site python3 benchmark/vllm_bench.py /tmp/llama3-8b --workload sharegpt
+    export PYTHONPATH=/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+    python3 benchmark/vllm_bench.py /tmp/llama3-8b --num-prompts 1000 --input-len 512 --output-len 256
+    python3 benchmark/vllm_bench.py /tmp/llama3-8b --workload sharegpt
 
 Prints one ``RESULT {json}`` line per measurement (``compare_results.py`` reads them). Needs vLLM
-importable (prepare_vllm.sh, vllm_carry_step.sh on the GPU machine).
+importable (prepare_vllm.sh, vllm_carry_step.sh on the GPU machine); the FlashInfer sampler off where
+FlashInfer is not installed (prepare_vllm.sh leaves it out; greedy decoding never runs it).
 """
 from __future__ import annotations
 
