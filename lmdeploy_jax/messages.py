@@ -118,6 +118,7 @@ class GenerationConfig:
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
     # LMDeploy's fields whose effect is not implemented: refused unless left at their default
+    logprob_start_len: int = -1
     logits_processors: list | None = None
     output_logits: str | None = None
     output_last_hidden_state: str | None = None
@@ -216,7 +217,10 @@ def response_format_grammar(response_format) -> tuple[str, str] | None:
 
 
 _NOT_IMPLEMENTED = {
-    'logits_processors': 'sampling runs on the device inside compiled steps, where no Python callback can run',
+    'logprob_start_len': 'logprobs are returned for generated tokens only, not for the prompt',
+    'logits_processors': 'sampling runs on the device inside compiled multi-token steps, where a Python callable '
+                         'cannot run per token; bad_words, bad_token_ids, min_p, top_k or response_format '
+                         'constrain the choice there',
     'output_logits': 'logits are not returned; logprobs=N gives the top-N log-probabilities',
     'output_last_hidden_state': 'hidden states are not returned',
     'return_ppl': 'use the pipeline\'s get_ppl',

@@ -95,6 +95,13 @@ def test_include_stop_str_in_output_on_the_reference_backend(pipe):
         plain.generate_token_len + 1)
 
 
+
+def test_bad_words_keep_a_word_out_of_the_answer(pipe):
+    config = GenerationConfig(max_new_tokens=8)
+    assert 'Paris' in pipe.infer(PROMPTS[0], gen_config=config).text
+    avoided = pipe.infer(PROMPTS[0], gen_config=config.replace(bad_words=['Paris'])).text
+    assert avoided.startswith('The capital of France is') and 'Paris' not in avoided
+
 def test_close_ends_the_pipeline_and_every_later_call_says_so(pipe):
     """The module's last test: it closes the module's pipeline (the fixture's ``with`` closes it again)."""
     pipe.close()
