@@ -114,30 +114,29 @@ def make_requests(rng: np.random.Generator, vocab_size: int, num: int, workload:
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
-    """--workload and the fixed workload's lengths (None where not given: ``workload_kwargs`` refuses
-    them for the ShareGPT workload)."""
+    """--num-prompts, --workload (one or more, run in turn on one engine) and the fixed workload's
+    lengths (None where not given: ``workload_kwargs`` fills them in or refuses them)."""
     parser.add_argument('--num-prompts', type=int, default=1000)
-    parser.add_argument('--workload', default='fixed', choices=WORKLOADS,
-                        help='fixed: --input-len / --output-len; sharegpt: lengths drawn with ShareGPT\'s '
-                             'published means (bench_common.py)')
+    parser.add_argument('--workload', nargs='+', default=['fixed'], choices=WORKLOADS,
+                        help='one run per workload, in turn, on one engine. fixed: --input-len / --output-len; '
+                             "sharegpt: lengths drawn with ShareGPT's published means (bench_common.py)")
     parser.add_argument('--input-len', type=int, default=None, help='fixed workload (default 512)')
     parser.add_argument('--output-len', type=int, default=None, help='fixed workload (default 256)')
     parser.add_argument('--random-range-ratio', type=float, default=None,
                         help='fixed workload: lengths drawn uniformly from [ratio * len, len]; 1.0 = fixed lengths')
 
 
-def workload_kwargs(args: argparse.Namespace) -> dict:
-    """``make_requests``'s keyword arguments from ``add_workload_args``' flags; SystemExit naming a length
-    flag given with the ShareGPT workload."""
+def workload_kwargs(args: argparse.Namespace) -> list[dict]:
+    """``make_requests``' keyword arguments for each ``--workload`` (``add_workload_args``' flags);
+    SystemExit naming the length flags given without the fixed workload, which alone takes them."""
     lengths = {'input_len': args.input_len, 'output_len': args.output_len,
                'random_range_ratio': args.random_range_ratio}
-    if args.workload == 'sharegpt':
-        given = [f'--{k.replace("_", "-")}' for k, v in lengths.items() if v is not None]
-        if given:
-            raise SystemExit(f'{", ".join(given)}: not with --workload sharegpt, which draws its own lengths')
-        return {'workload': 'sharegpt'}
+    given = [f'--{k.replace("_", "-")}' for k, v in lengths.items() if v is not None]
+    if given and 'fixed' not in args.workload:
+        raise SystemExit(f'{", ".join(given)}: not with --workload sharegpt, which draws its own lengths')
     defaults = {'input_len': 512, 'output_len': 256, 'random_range_ratio': 1.0}
-    return {'workload': 'fixed', **{k: defaults[k] if v is None else v for k, v in lengths.items()}}
+    fixed = {'workload': 'fixed', **{k: defaults[k] if v is None else v for k, v in lengths.items()}}
+    return [fixed if name == 'fixed' else {'workload': name} for name in dict.fromkeys(args.workload)]
 
 
 def workload_fields(workload: dict, requests: list[tuple[list[int], int]]) -> dict:

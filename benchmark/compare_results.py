@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Pair our ``RESULT`` lines with each peer engine's (LMDeploy, vLLM) from one log and print the ratios
-(ours / theirs), per workload;
+"""Pair our ``RESULT`` lines with each peer engine's (LMDeploy, vLLM) from one or more logs (the
+calls of one warm machine) and print the ratios (ours / theirs), per workload;
 with ``--by-tp``, our lines of each tensor-parallel size against tp=1 of the same log; with
 ``--by-quant``, our throughput lines of each KV ``quant_policy`` against quant_policy=0; with
 ``--serving``, the serving benchmark's p99 latencies per request rate, ours against vLLM's."""
@@ -10,9 +10,13 @@ import json
 import sys
 
 
-def load(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line.split('RESULT ', 1)[1]) for line in f if line.startswith('RESULT ')]
+def load(*paths: str, prefix: str = 'RESULT ') -> list[dict]:
+    """The JSON records of the lines starting with ``prefix`` in the logs, in order."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += [json.loads(line.split(prefix, 1)[1]) for line in f if line.startswith(prefix)]
+    return records
 
 
 PEERS = (('lmdeploy-', 'LMDeploy'), ('vllm-', 'vLLM'))
@@ -26,9 +30,9 @@ def _key(record: dict) -> str:
     return record['bench'] if workload == 'fixed' else f"{record['bench']}-{workload}"
 
 
-def main(path: str) -> None:
-    """Our figure against each peer engine of the log (LMDeploy where none is), per measurement."""
-    records = load(path)
+def main(*paths: str) -> None:
+    """Our figure against each peer engine of the logs (LMDeploy where none is), per measurement."""
+    records = load(*paths)
     ours = {_key(r): r for r in records if r['engine'].startswith('lmdeploy_jax')}
     peers = {label: {_key(r): r for r in records if r['engine'].startswith(prefix)} for prefix, label in PEERS}
     present = [label for label in peers if peers[label]] or ['LMDeploy']
@@ -47,13 +51,11 @@ def main(path: str) -> None:
                 print(f'{"":10s} start-up ours {a["startup_s"]} s, {label} {b["startup_s"]} s')
 
 
-def serving(path: str) -> None:
+def serving(*paths: str) -> None:
     """The serving lines (``SERVING {json}``, profile_restful_api.py's, with ``--engine``): per request
     rate, each engine's p99 TTFT and TPOT and our ratio to vLLM's (lower is better: under 1 we are ahead)."""
-    with open(path) as f:
-        lines = [json.loads(line.split('SERVING ', 1)[1]) for line in f if line.startswith('SERVING ')]
     table = {}
-    for r in lines:
+    for r in load(*paths, prefix='SERVING '):
         table.setdefault(r['request_rate'], {})[r['engine']] = r
     for rate, engines in sorted(table.items(), key=lambda item: float('inf') if item[0] is None else item[0]):
         cells = [f"{name} TTFT p99 {r['ttft_ms'].get('p99')} ms, TPOT p99 {r['tpot_ms'].get('p99')} ms, "
@@ -99,10 +101,10 @@ def by_quant(path: str) -> None:
 
 if __name__ == '__main__':
     if sys.argv[1] == '--serving':
-        serving(sys.argv[2])
+        serving(*sys.argv[2:])
     elif sys.argv[1] == '--by-tp':
         by_tp(sys.argv[2])
     elif sys.argv[1] == '--by-quant':
         by_quant(sys.argv[2])
     else:
-        main(sys.argv[1])
+        main(*sys.argv[1:])

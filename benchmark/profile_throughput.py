@@ -71,16 +71,31 @@ def main() -> None:
     args = parser.parse_args()
 
     lengths_given = {args.input_len, args.output_len, args.random_range_ratio} != {None}
-    if args.dataset and (args.workload != 'fixed' or lengths_given):
+    if args.dataset and (args.workload != ['fixed'] or lengths_given):
         raise SystemExit('--dataset takes its lengths from the file: not with --workload, --input-len, --output-len '
                          'or --random-range-ratio')
-    workload = {'workload': 'dataset'} if args.dataset else workload_kwargs(args)
+    if args.trace and len(args.workload) > 1:
+        raise SystemExit('--trace DIR keeps one trace: give one --workload')
+    workloads = [{'workload': 'dataset'}] if args.dataset else workload_kwargs(args)
     pipe, startup = build_pipeline(args)
-    rng = np.random.default_rng(args.seed)
-    if args.dataset:
-        requests = sharegpt_requests(args.dataset, pipe.tokenizer, args.num_prompts, rng, args.session_len)
-    else:
-        requests = make_requests(rng, pipe.tokenizer.vocab_size, args.num_prompts, **workload)
+    for workload in workloads:
+        rng = np.random.default_rng(args.seed)
+        if args.dataset:
+            requests = sharegpt_requests(args.dataset, pipe.tokenizer, args.num_prompts, rng, args.session_len)
+        else:
+            requests = make_requests(rng, pipe.tokenizer.vocab_size, args.num_prompts, **workload)
+        record = measure(pipe, args, requests, workload_fields(workload, requests))
+        record['startup_s'] = round(startup, 1)
+        print(f"{record['workload']}: {record['req_per_s']} req/s, {record['output_tok_per_s']} output tok/s, "
+              f"TTFT p50 {record['ttft_ms']['p50']} ms, TPOT p50 {record['tpot_ms']['p50']} ms, "
+              f"start-up {startup:.1f} s")
+        print_result(record)
+    pipe.close()
+
+
+def measure(pipe, args: argparse.Namespace, requests: list[tuple[list[int], int]], fields: dict) -> dict:
+    """Warm up on the first ``--warmup`` requests, then time all of them at once (under the profiler
+    with ``--trace``); the RESULT record, ``fields`` (the workload's) included, start-up time excluded."""
     if args.warmup:
         run_requests(pipe, requests[:args.warmup], progress=False, session_base=10_000_000)
     before = _engine_stats(pipe)
@@ -92,25 +107,19 @@ def main() -> None:
             import trace_summary
             trace_summary.print_gaps_and_threads(trace_summary.load(trace_dir))
     after = _engine_stats(pipe)
-    pipe.close()
     n_in = sum(t.input_len for t in timings)
     n_out = sum(t.output_len for t in timings)
-    record = dict(engine=f'lmdeploy_jax-{args.backend}', bench='throughput', device=device_description(),
-                  model=args.model_path or 'default', tp=args.tp, num_prompts=len(timings),
-                  **workload_fields(workload, requests), max_batch_size=args.max_batch_size,
-                  seconds=round(seconds, 2), req_per_s=round(len(timings) / seconds, 2),
-                  input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
-                  total_tok_per_s=round((n_in + n_out) / seconds, 1),
-                  ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
-                  startup_s=round(startup, 1), traced=traced, quant_policy=args.quant_policy,
-                  kv_pool_tokens=_pool_tokens(pipe.engine),
-                  engine_counters={k: round(after[k] - before[k], 3)
-                                   for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s', 'result_wait_s',
-                                             'complete_s')
-                                   if k in after})
-    print(f"{record['req_per_s']} req/s, {record['output_tok_per_s']} output tok/s, "
-          f"TTFT p50 {record['ttft_ms']['p50']} ms, TPOT p50 {record['tpot_ms']['p50']} ms, start-up {startup:.1f} s")
-    print_result(record)
+    return dict(engine=f'lmdeploy_jax-{args.backend}', bench='throughput', device=device_description(),
+                model=args.model_path or 'default', tp=args.tp, num_prompts=len(timings), **fields,
+                max_batch_size=args.max_batch_size, seconds=round(seconds, 2),
+                req_per_s=round(len(timings) / seconds, 2), input_tok_per_s=round(n_in / seconds, 1),
+                output_tok_per_s=round(n_out / seconds, 1), total_tok_per_s=round((n_in + n_out) / seconds, 1),
+                ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
+                traced=traced, quant_policy=args.quant_policy, kv_pool_tokens=_pool_tokens(pipe.engine),
+                engine_counters={k: round(after[k] - before[k], 3)
+                                 for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s', 'result_wait_s',
+                                           'complete_s')
+                                 if k in after})
 
 
 if __name__ == '__main__':

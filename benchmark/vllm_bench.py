@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """vLLM's offline engine (``vllm.LLM``, its defaults) on the workload of ``profile_throughput.py``:
-the same requests as token ids (``bench_common.make_requests``, same seed and tokenizer size), EOS
-ignored, greedy; then, with the fixed workload, one request of 128 tokens in, 256 out, as
-``lmdeploy_bench.py`` measures batch 1.
+the same requests as token ids (``bench_common.make_requests``, same seed and tokenizer size) for
+each ``--workload`` in turn on one engine, EOS ignored, greedy; then one request of 128 tokens in,
+256 out, as ``lmdeploy_bench.py`` measures batch 1.
 
     export PYTHONPATH=/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
     python3 benchmark/vllm_bench.py /tmp/llama3-8b --num-prompts 1000 --input-len 512 --output-len 256
-    python3 benchmark/vllm_bench.py /tmp/llama3-8b --workload sharegpt
+    python3 benchmark/vllm_bench.py /tmp/llama3-8b --workload fixed sharegpt
 
 Prints one ``RESULT {json}`` line per measurement (``compare_results.py`` reads them). Needs vLLM
 importable (prepare_vllm.sh, vllm_carry_step.sh on the GPU machine); the FlashInfer sampler off where
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--warmup', type=int, default=8, help='requests run before timing')
     args = parser.parse_args()
-    workload = workload_kwargs(args)
+    workloads = workload_kwargs(args)
 
     import torch
     import vllm
@@ -51,19 +51,19 @@ def main() -> None:
     llm = vllm.LLM(model=args.model_path, seed=args.seed)
     startup = time.perf_counter() - start
     vocab = len(llm.get_tokenizer())
-    requests = make_requests(np.random.default_rng(args.seed), vocab, args.num_prompts, **workload)
-    if args.warmup:
-        generate(llm, requests[:args.warmup])
-    n_in, n_out, seconds = generate(llm, requests)
     engine = f'vllm-{vllm.__version__}'
     device = f'cuda:{torch.cuda.get_device_name()}'
-    print_result(dict(engine=engine, bench='throughput', device=device, model=args.model_path,
-                      num_prompts=len(requests), **workload_fields(workload, requests), seconds=round(seconds, 2),
-                      req_per_s=round(len(requests) / seconds, 2), input_tok_per_s=round(n_in / seconds, 1),
-                      output_tok_per_s=round(n_out / seconds, 1), total_tok_per_s=round((n_in + n_out) / seconds, 1),
-                      startup_s=round(startup, 1)))
-    if workload['workload'] == 'fixed':
-        batch1(llm, vocab, args.seed, engine, device, args.model_path)
+    for workload in workloads:
+        requests = make_requests(np.random.default_rng(args.seed), vocab, args.num_prompts, **workload)
+        if args.warmup:
+            generate(llm, requests[:args.warmup])
+        n_in, n_out, seconds = generate(llm, requests)
+        print_result(dict(engine=engine, bench='throughput', device=device, model=args.model_path,
+                          num_prompts=len(requests), **workload_fields(workload, requests),
+                          seconds=round(seconds, 2), req_per_s=round(len(requests) / seconds, 2),
+                          input_tok_per_s=round(n_in / seconds, 1), output_tok_per_s=round(n_out / seconds, 1),
+                          total_tok_per_s=round((n_in + n_out) / seconds, 1), startup_s=round(startup, 1)))
+    batch1(llm, vocab, args.seed, engine, device, args.model_path)
 
 
 def batch1(llm, vocab: int, seed: int, engine: str, device: str, model: str) -> None:

@@ -226,24 +226,25 @@ def test_throughput_refuses_lengths_with_the_sharegpt_workload():
 
 
 def test_compare_results_sets_ours_against_each_peer_per_workload_and_rate(tmp_path):
-    """``run_vs_peers.sh``'s summary: each peer's throughput per workload and batch 1, and the serving
-    lines' p99 latencies per request rate with our ratio to vLLM's."""
+    """``run_vs_peers.sh``'s summary over the logs of its calls: each peer's throughput per workload and
+    batch 1, and the serving lines' p99 latencies per request rate with our ratio to vLLM's."""
     def line(engine, bench, value, **fields):
         return 'RESULT ' + json.dumps(dict(engine=engine, bench=bench, output_tok_per_s=value, startup_s=1.0,
                                            **fields))
     def serving(engine, rate, ttft, tpot):
         return 'SERVING ' + json.dumps(dict(engine=engine, request_rate=rate, ttft_ms={'p99': ttft},
                                             tpot_ms={'p99': tpot}, output_throughput=10.0, failed=0))
-    log = tmp_path / 'run.log'
-    log.write_text('\n'.join([
+    vllm_log, log = tmp_path / 'vllm.log', tmp_path / 'run.log'      # two calls' logs
+    vllm_log.write_text('\n'.join([
         line('vllm-0.26.0', 'throughput', 200.0, workload='fixed'), line('vllm-0.26.0', 'batch1', 100.0),
-        line('vllm-0.26.0', 'throughput', 50.0, workload='sharegpt'),
+        line('vllm-0.26.0', 'throughput', 50.0, workload='sharegpt')]) + '\n')
+    log.write_text('\n'.join([
         line('lmdeploy-0.18.0-pytorch', 'throughput', 100.0),
         line('lmdeploy_jax-turbomind', 'throughput', 150.0, workload='fixed'),
         line('lmdeploy_jax-turbomind', 'generation', None, batch_size=1, total_tok_per_s=90.0),
         line('lmdeploy_jax-turbomind', 'throughput', 60.0, workload='sharegpt'),
         serving('vllm', 4.0, 100.0, 20.0), serving('lmdeploy_jax', 4.0, 50.0, 30.0)]) + '\n')
-    assert run_benchmark('compare_results.py', str(log)).splitlines() == [
+    assert run_benchmark('compare_results.py', str(vllm_log), str(log)).splitlines() == [
         'throughput ours 150.0 tok/s, LMDeploy 100.0 tok/s, ratio 1.500',
         '           start-up ours 1.0 s, LMDeploy 1.0 s',
         'throughput ours 150.0 tok/s, vLLM 200.0 tok/s, ratio 0.750',
