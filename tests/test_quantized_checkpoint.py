@@ -163,7 +163,7 @@ def test_quantization_settings_over_plain_weights_are_refused(copy_of):
 @pytest.mark.parametrize('method, setting, fault', [
     ('awq', {'bits': 8}, 'bits=8: only 4-bit weights'),
     ('awq', {'version': 'gemv'}, "version='gemv': only AutoAWQ's GEMM packing"),
-    ('awq', {'group_size': 100}, 'group_size=100: the W4A16 kernels take'),
+    ('awq', {'group_size': 100}, 'group_size=100: groups of a multiple of 8 rows'),
     ('gptq', {'desc_act': True}, 'desc_act=True: act-order (desc_act) GPTQ checkpoints are not supported'),
     ('gptq', {'checkpoint_format': 'gptq_v2'}, "checkpoint_format='gptq_v2'"),
     ('awq', {'modules_to_not_convert': ['mlp']}, "modules_to_not_convert=['mlp']: layers left unquantized")])

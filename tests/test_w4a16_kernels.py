@@ -1,5 +1,6 @@
 """The W4A16 matmul (pallas_kernels/w4a16) on fresh random codes, zeros, scales and activations:
-the XLA reference against numpy's dequantize-then-matmul, the Pallas kernel (interpreted on the
+the tile layout's round trip, the XLA reference against numpy's dequantize-then-matmul (with
+K no multiple of 128 too), the Pallas kernel (interpreted on the
 CPU; compiled with LMDEPLOY_JAX_KERNELS=pallas) against the reference at decode and prefill
 launches, odd group counts and M not a multiple of the M tile, and the kernel compiled by Triton
 for sm_90 within its shared memory."""
@@ -24,12 +25,14 @@ def random_case(rng, m, k, n, group, dtype=jnp.float32):
     return args, dequantize(codes, zeros, scales)
 
 
-def test_layout_round_trip():
-    codes = np.random.default_rng().integers(0, 16, (256, 24), dtype=np.uint8)
+@pytest.mark.parametrize('k', [256, 576, 40])
+def test_layout_round_trip(k):
+    """Tiles of 128 rows, and of 64 and 8 where K is no multiple of 128 (SmolLM2's 576)."""
+    codes = np.random.default_rng().integers(0, 16, (k, 24), dtype=np.uint8)
     np.testing.assert_array_equal(np.asarray(unpack_codes(jnp.asarray(pack_codes(codes)))), codes)
 
 
-@pytest.mark.parametrize('m,k,n,group', [(3, 384, 48, 128), (1, 256, 32, 64)])
+@pytest.mark.parametrize('m,k,n,group', [(3, 384, 48, 128), (1, 256, 32, 64), (2, 192, 16, 64)])
 def test_reference_matches_numpy(m, k, n, group):
     args, weight = random_case(np.random.default_rng(), m, k, n, group)
     got = np.asarray(w4a16_matmul(*args, impl='reference'))

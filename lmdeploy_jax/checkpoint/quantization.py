@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pallas_kernels.w4a16.layout import TILE_K, pack_codes
+from pallas_kernels.w4a16.layout import pack_codes
 
 from . import awq_packing
 from .errors import CheckpointError
@@ -83,7 +83,7 @@ def weight_quantization(config_path: str, config: dict) -> WeightQuantization | 
     setting for AWQ/GPTQ settings it cannot run: bits other than 4, AWQ other than the GEMM
     version or without zero points, GPTQ with act-order (``desc_act``) or another
     ``checkpoint_format``, layers left unquantized (``modules_to_not_convert``), a group size that is
-    not a multiple of 16 dividing 128 or a multiple of 128 (or -1)."""
+    not a multiple of 8 (or -1)."""
     method = quantization_method(config_path, config)
     if method is None:
         return None
@@ -102,10 +102,9 @@ def weight_quantization(config_path: str, config: dict) -> WeightQuantization | 
         check('checkpoint_format', ('gptq',), 'gptq', "only GPTQ's v1 'gptq' format is loaded")
     check('modules_to_not_convert', (None, []), None, 'layers left unquantized are not loaded')
     group = quant.get('group_size', quant.get('q_group_size'))
-    if not (group == -1 or (isinstance(group, int) and group > 0 and group % 16 == 0
-                            and (TILE_K % group == 0 or group % TILE_K == 0))):
+    if not (group == -1 or (isinstance(group, int) and group > 0 and group % 8 == 0)):
         raise UnsupportedQuantizationError(config_path, method, f'{QUANTIZATION_FIELD}.group_size={group!r}: '
-                                           'the W4A16 kernels take 16, 32, 64, 128, a multiple of 128, or -1')
+                                           'groups of a multiple of 8 rows (or -1) are loaded')
     return WeightQuantization(method, 0 if group == -1 else group)
 
 

@@ -54,7 +54,16 @@ class ReducedSums:
         return x, jnp.zeros_like(x)
 
     def project(self, x: jax.Array, p: dict) -> jax.Array:
-        return linear(x, p)
+        """``linear(x, p)``, summed over the devices by XLA; 4-bit weights (which XLA cannot
+        partition the Pallas kernel's call over) on each device's own input rows under
+        ``shard_map``, the bias added after the sum."""
+        if self.mesh is None or 'qweight' not in p:
+            return linear(x, p)
+        weights = {k: v for k, v in p.items() if k != 'b'}
+        keys = tuple(weights)
+        y = self.sum_of_shares(lambda x, *leaves: linear(x, dict(zip(keys, leaves))),
+                               (rules.ROW_INPUT, *(rules.row_weight_spec(k) for k in keys)), x, *weights.values())
+        return y + p['b'] if 'b' in p else y
 
     def sum_of_shares(self, fn, in_specs: tuple, *args) -> jax.Array:
         """``fn(*args)`` run on each device's shards (``in_specs``), whose result is that device's

@@ -49,6 +49,8 @@ EXPERT_COLUMNS = P(None, None, TP)     # one layer's stacked expert down [expert
 QUANTIZED_LEAVES = ('qweight', 'scales', 'zeros')
 QUANTIZED_COLUMNS = P(None, TP)
 QUANTIZED_ROWS = P(TP, None)
+COLUMN_BIAS = P(TP)                    # a column-parallel bias [out]
+COLUMN_OUTPUT = P(None, None, TP)      # a column-parallel projection's output [B, T, out], each device its columns
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> P:
         return EXPERT_ROWS if leaf == 'gate_up' else EXPERT_COLUMNS
     key = path[-2] if leaf in ('w', 'b', *QUANTIZED_LEAVES) else leaf
     if key in COLUMN_PARALLEL:
-        return QUANTIZED_COLUMNS if leaf in QUANTIZED_LEAVES else COLUMN_WEIGHT if leaf == 'w' else P(TP)
+        return QUANTIZED_COLUMNS if leaf in QUANTIZED_LEAVES else COLUMN_WEIGHT if leaf == 'w' else COLUMN_BIAS
     if key in ROW_PARALLEL:
         return row_weight_spec(leaf)
     if key in VOCAB_PARALLEL and leaf != 'b' and shape[0] % tp == 0:

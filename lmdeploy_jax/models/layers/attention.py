@@ -30,7 +30,7 @@ from ..spec import ModelSpec
 from ..step_batch import StepBatch
 from .fused import FusedLayout, join_fused, split_fused
 from .linear import RMSNorm, head_rms_norm
-from .quantized_linear import make_linear
+from .quantized_linear import make_linear, project_columns
 
 KVCache = tuple[jax.Array, jax.Array]     # K and V stacks [layers, kv_heads, num_blocks, block_size, head_dim]
 
@@ -107,7 +107,7 @@ class PagedAttention(nnx.Module):
         spec, layout, batch = ctx.spec, ctx.layout, ctx.batch
         b, t, _ = x.shape
         d = spec.head_dim
-        qkv = self.qkv(x, index)
+        qkv = project_columns(self.qkv, x, index, ctx.mesh)
         r = rules.REPLICATED
         paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
         windowed = () if window is None else (window,)

@@ -7,7 +7,7 @@ from flax import nnx
 from ..spec import ModelSpec
 from .activations import ACTIVATIONS
 from .fused import split_fused
-from .quantized_linear import make_linear
+from .quantized_linear import make_linear, project_columns
 
 
 
@@ -23,5 +23,5 @@ class GatedMLP(nnx.Module):
     def __call__(self, ctx, index: jax.Array, x: jax.Array) -> jax.Array:
         """Layer ``index``'s MLP of ``x [B, T, hidden]``, its output in ``ctx.row_parallel``'s form
         (``attention.StepContext``)."""
-        gate, up = split_fused(self.gate_up(x, index), ctx.layout, 'gate_up')
+        gate, up = split_fused(project_columns(self.gate_up, x, index, ctx.mesh), ctx.layout, 'gate_up')
         return ctx.row_parallel.project(ACTIVATIONS[ctx.spec.hidden_act](gate) * up, self.down.weights(index))

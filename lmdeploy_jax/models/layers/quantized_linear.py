@@ -7,16 +7,21 @@ not Hugging Face's ``[out, in]`` weight but, per layer, ``qweight`` int32 ``[in 
 tile layout of ``pallas_kernels.w4a16.layout``), ``scales`` and ``zeros`` float16 ``[groups, out]``;
 a fused one (qkv, gate_up) has its parts side by side along ``out``, laid out shard by shard as the
 float one's rows are (``fused.py``). ``quantized_weight_map`` turns a family's float weight map into
-the map of these parameters, so a family needs no change to load AWQ/GPTQ weights.
+the map of these parameters, so a family needs no change to load AWQ/GPTQ weights. Over a mesh
+the 4-bit matmuls run per device under ``shard_map`` (``project_columns`` here for qkv and gate_up,
+``row_parallel`` for o and down), since XLA cannot partition the Pallas kernel's call.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
-from pallas_kernels.w4a16.layout import NIBBLES, TILE_K
+from pallas_kernels.w4a16.layout import NIBBLES, layout_tile
 
+from ...parallel import rules
+from ..row_parallel import per_device
 from ..spec import ModelSpec
 from ..weight_map import Path, Quantized, Source
 from .linear import Linear, _leading, linear
@@ -60,6 +65,21 @@ def make_linear(spec: ModelSpec, layers: int | None, out_features: int, in_featu
                            bias=bias)
 
 
+def project_columns(layer: Linear | QuantizedLinear, x: jax.Array, index: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """``layer(x, index)`` of a column-parallel projection (qkv, gate_up) of ``x [B, T, in]``: a
+    4-bit one over a mesh runs on each device's own output columns under ``shard_map`` (XLA cannot
+    partition the Pallas kernel's call, and would gather the weights to every device); a float one
+    as XLA partitions it."""
+    if mesh is None or isinstance(layer, Linear):
+        return layer(x, index)
+    p = layer.weights(index)
+    keys = tuple(p)
+    specs = tuple(rules.COLUMN_BIAS if k == 'b' else rules.QUANTIZED_COLUMNS for k in keys)
+    fn = per_device(lambda x, *leaves: linear(x, dict(zip(keys, leaves))), mesh,
+                    in_specs=(rules.REPLICATED, *specs), out_specs=rules.COLUMN_OUTPUT)
+    return fn(x, *p.values())
+
+
 def quantized_weight_map(spec: ModelSpec, weight_map: dict[Path, Source], params: dict) -> dict[Path, Source]:
     """``weight_map`` with each quantized linear's ``w`` entry (a ``Tensor`` or ``Fused`` naming
     ``<module>.weight``) replaced by one ``Quantized`` entry per leaf of ``QUANTIZED_LEAVES``;
@@ -75,14 +95,15 @@ def quantized_weight_map(spec: ModelSpec, weight_map: dict[Path, Source], params
 
 
 def check_tensor_parallel(spec: ModelSpec, tp: int = 1) -> None:
-    """ValueError naming the projection when its inputs do not fall in whole ``TILE_K``-row packed
-    tiles and whole groups, on each of ``tp`` devices for the row-parallel ones (o: heads x
-    head_dim, down: the intermediate size), which split their inputs."""
+    """ValueError naming the projection when its inputs do not fall in whole groups and whole
+    packed tiles (``pallas_kernels.w4a16.layout.layout_tile``), on each of ``tp`` devices for the
+    row-parallel ones (o: heads x head_dim, down: the intermediate size), which split their inputs."""
     if spec.quantization is None:
         return
     group = spec.quantization.group_size
     for name, k, parts in (('qkv and gate_up', spec.hidden_size, 1), ('o', spec.num_heads * spec.head_dim, tp),
                            ('down', spec.intermediate_size, tp)):
-        if k % (parts * TILE_K) or (k // parts) % (group or k):
+        tile = layout_tile(k) if k % NIBBLES == 0 else 0
+        if not tile or k % parts or (k // parts) % tile or (k // parts) % (group or k):
             raise ValueError(f"the 4-bit {name} projection's {k} inputs cannot be split in {parts} part(s) of whole "
-                             f'{TILE_K}-row tiles and groups of {group or k}')
+                             f'packed tiles ({tile or NIBBLES} rows) and groups of {group or k}')
