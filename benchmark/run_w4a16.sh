@@ -4,7 +4,9 @@
 # (make_awq_model.py); for each, batch-1 decode (128 in / 256 out) and offline throughput
 # (1000 x 512 in / 256 out); then LMDeploy's PyTorch engine on the same AWQ directory (unless
 # SKIP_PEER=1); the W4A16 kernel against a bf16 matmul at the shape's projections
-# (bench_w4a16.py); and the AWQ figures over the bf16 ones.
+# (bench_w4a16.py; unless SKIP_KERNELS=1); and the AWQ figures over the bf16 ones. First (unless
+# SKIP_CHECK=1) the engine's greedy tokens with the kernel against the XLA reference on a tiny
+# AWQ model (check_w4a16_gpu.py).
 #
 # Here (once):  bash ../shared/peers/prepare_lmdeploy.sh .peer && cp ../shared/peers/*.py .peer/
 # On the GPU machine (device tool, carry .peer):
@@ -14,6 +16,11 @@ source "$(dirname "$0")/device_workload.sh" run_w4a16 "$@"
 awq=$model-awq
 [ -f "$awq/config.json" ] || python3 benchmark/make_awq_model.py "$model" "$awq" 2>&1 | tail -1 | tee -a "$log"
 export PYTHONPATH=$PWD
+if [ -z "${SKIP_CHECK:-}" ]; then      # the kernel inside the engine against the XLA reference, tiny shape
+    [ -f /tmp/tiny/config.json ] || python3 .peer/make_random_model.py tiny /tmp/tiny > /dev/null 2>&1
+    [ -f /tmp/tiny-awq/config.json ] || python3 benchmark/make_awq_model.py /tmp/tiny /tmp/tiny-awq > /dev/null
+    python3 benchmark/check_w4a16_gpu.py /tmp/tiny-awq 2>&1 | grep -E 'RESULT|mismatch|Error' | tee -a "$log"
+fi
 for dir in "$model" "$awq"; do
     python3 benchmark/decode_bytes.py "$dir" --batch 1 2>&1 | grep -E '"(param|chosen)_bytes"' | sed "s|^|$dir |" | tee -a "$log"
     python3 benchmark/profile_generation.py "$dir" --batch-sizes 1 --input-lens 128 --output-len 256 \
