@@ -174,6 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--temperature', type=float, default=0.0)
     p.add_argument('--timeout', type=float, default=600.0, help='seconds per request')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--warmup', type=int, default=0,
+                   help='send the first N requests all at once before the timed runs, unreported')
     p.add_argument('--output', default=None, help='append the JSON line to this file too')
     p.add_argument('--engine', default=None, help="the server's name in each line's 'engine' field, for "
                    "compare_results.py's serving table (e.g. lmdeploy_jax, vllm)")
@@ -196,6 +198,9 @@ def main(argv=None) -> int:
         args.model = httpx.get(f'{args.base_url}/v1/models', headers=headers, timeout=30).json()['data'][0]['id']
     requests = make_workload(args)
     all_ok = True
+    if args.warmup:
+        outcomes, _ = asyncio.run(run_load(args, requests[:args.warmup], float('inf')))
+        all_ok &= all(o.ok for o in outcomes)
     for rate in args.request_rate:
         outcomes, duration = asyncio.run(run_load(args, requests, rate))
         all_ok &= all(o.ok for o in outcomes)

@@ -60,7 +60,7 @@ for _ in range(900):
 sys.exit('the $name server did not answer /health')"; then
         python3 benchmark/profile_restful_api.py --base-url "http://127.0.0.1:$port" --endpoint completions \
             --engine "$name" --request-rate ${RATES:?serving needs RATES} --num-prompts "${SERVE_PROMPTS:-200}" \
-            --workload sharegpt --ignore-eos | sed 's/^/SERVING /' | tee -a "$log"
+            --workload sharegpt --ignore-eos --warmup 16 | sed 's/^/SERVING /' | tee -a "$log"
     else
         tail -20 "${OUT:-/tmp}/serve_$name.log"
     fi

@@ -370,16 +370,16 @@ def test_profile_restful_api_measures_the_server(base, pacing):
 
 
 def test_profile_restful_api_reports_latencies_at_each_request_rate(base):
-    """Several ``--request-rate`` values: one JSON line per rate, every request answered with exactly
-    its tokens, TTFT within end-to-end latency, each run lasting at least until its Poisson schedule's
-    last arrival (the pacing holds)."""
+    """Several ``--request-rate`` values after an unreported warm-up: one JSON line per rate, every
+    request answered with exactly its tokens, TTFT within end-to-end latency, each run lasting at
+    least until its Poisson schedule's last arrival (the pacing holds)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, 'benchmark'))
     from profile_restful_api import poisson_schedule
     rates, prompts = (2.0, 8.0), 3
     out = subprocess.run([sys.executable, 'benchmark/profile_restful_api.py', '--base-url', base, '--endpoint',
                           'completions', '--num-prompts', str(prompts), '--input-len', '6', '--output-len', '3',
-                          '--ignore-eos', '--request-rate', *map(str, rates)],
+                          '--ignore-eos', '--warmup', '1', '--request-rate', *map(str, rates)],
                          capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     records = [json.loads(line) for line in out.stdout.splitlines()]
