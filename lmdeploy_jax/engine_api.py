@@ -13,8 +13,10 @@ once the request finishes; otherwise its history (and KV) is kept for the next r
 from __future__ import annotations
 
 import abc
+import collections
 import numbers
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .messages import FinishReason, GenerationConfig
@@ -31,6 +33,27 @@ class EngineRequest:
     gen_config: GenerationConfig    # resolved: stop_token_ids hold EOS + template stop ids, max_new_tokens clipped
     sequence_start: bool = True
     sequence_end: bool = True
+    arrival: float = field(default_factory=time.perf_counter, compare=False)   # made: its queue time starts
+
+
+class QueueTimes:
+    """Seconds each request waited from its arrival until the backend first scheduled it (its
+    queue time, LMDeploy's WAITING phase), kept until the server's metrics take them. The backend
+    thread adds, a scrape takes: a deque's appends and pops are thread-safe."""
+
+    def __init__(self, keep: int = 100_000):
+        self._times: collections.deque[float] = collections.deque(maxlen=keep)
+
+    def started(self, request: EngineRequest) -> None:
+        """``request`` is scheduled for the first time now."""
+        self._times.append(time.perf_counter() - request.arrival)
+
+    def take(self) -> list[float]:
+        """The queue times recorded since the last call."""
+        taken = []
+        while self._times:
+            taken.append(self._times.popleft())
+        return taken
 
 
 @dataclass
@@ -123,6 +146,10 @@ class InferenceEngine(abc.ABC):
         """Load figures for metrics: 'running', 'waiting', and where there is a paged cache
         'kv_blocks_free', 'kv_blocks_total'."""
         return {}
+
+    def take_queue_times(self) -> list[float]:
+        """The queue times (``QueueTimes``) of the requests first scheduled since the last call."""
+        return []
 
     @abc.abstractmethod
     def close(self) -> None:

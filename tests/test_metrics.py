@@ -1,6 +1,7 @@
 """``/metrics`` after real requests on a real server (the JAX engine, the default model): the
-latency histograms (LMDeploy's names and buckets) count every generation, their buckets are
-cumulative and sane, and the KV cache gauge reads the engine's blocks in use."""
+latency histograms (LMDeploy's names and buckets: first token, per output token, end to end,
+queue) count every generation, their buckets are cumulative and sane, and the KV cache gauge
+reads the engine's blocks in use."""
 from __future__ import annotations
 
 import math
@@ -16,7 +17,8 @@ from test_server import ENGINE_FLAGS, running_server
 
 HISTOGRAMS = {'lmdeploy:time_to_first_token_seconds': TTFT_BUCKETS,
               'lmdeploy:time_per_output_token_seconds': TPOT_BUCKETS,
-              'lmdeploy:e2e_request_latency_seconds': REQUEST_BUCKETS}
+              'lmdeploy:e2e_request_latency_seconds': REQUEST_BUCKETS,
+              'lmdeploy:request_queue_time_seconds': REQUEST_BUCKETS}
 ASK = [{'role': 'user', 'content': 'Tell me about the sea.'}]
 
 
@@ -68,7 +70,9 @@ def test_latency_histograms_count_generations_with_sane_buckets(server):
         before, 'lmdeploy:time_to_first_token_seconds')[2]
     e2e = histogram(after, 'lmdeploy:e2e_request_latency_seconds')[2] - histogram(
         before, 'lmdeploy:e2e_request_latency_seconds')[2]
-    assert 0 < ttft < e2e
+    queued = histogram(after, 'lmdeploy:request_queue_time_seconds')[2] - histogram(
+        before, 'lmdeploy:request_queue_time_seconds')[2]
+    assert 0 < ttft < e2e and 0 < queued < ttft
 
 
 def test_kv_cache_usage_is_the_fraction_of_blocks_in_use(server):

@@ -3,6 +3,8 @@ with ``stream_response``, ``session()`` with ``abort``, ``close()`` and the cont
 real default model (greedy, so every way of asking gives the same answer)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from lmdeploy_jax import GenerationConfig, Response, pipeline
@@ -101,6 +103,17 @@ def test_bad_words_keep_a_word_out_of_the_answer(pipe):
     assert 'Paris' in pipe.infer(PROMPTS[0], gen_config=config).text
     avoided = pipe.infer(PROMPTS[0], gen_config=config.replace(bad_words=['Paris'])).text
     assert avoided.startswith('The capital of France is') and 'Paris' not in avoided
+
+
+def test_the_reference_backend_reports_each_requests_queue_time(pipe):
+    """For the server's ``lmdeploy:request_queue_time_seconds`` (the JAX engine's: test_metrics.py)."""
+    pipe.engine.take_queue_times()
+    start = time.perf_counter()
+    pipe.infer(PROMPTS, gen_config=GenerationConfig(max_new_tokens=1))
+    took = time.perf_counter() - start
+    times = pipe.engine.take_queue_times()
+    assert len(times) == len(PROMPTS) and all(0 <= t < took for t in times)
+    assert pipe.engine.take_queue_times() == []
 
 def test_close_ends_the_pipeline_and_every_later_call_says_so(pipe):
     """The module's last test: it closes the module's pipeline (the fixture's ``with`` closes it again)."""

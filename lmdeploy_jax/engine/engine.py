@@ -115,6 +115,9 @@ class JaxEngine(ThreadedEngine):
         """Requests submitted but not running yet (queued or admitted to wait)."""
         return self._num_queued + len(self._scheduler.waiting)
 
+    def take_queue_times(self) -> list[float]:
+        return self._scheduler.queue_times.take()
+
     def stats(self) -> dict[str, int]:
         s = self._scheduler
         return {'running': self.num_running(), 'waiting': self.num_waiting(),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
+from ..engine_api import EngineOutput, EngineRequest, OutputCallback, QueueTimes, request_refusal
 from ..engine_thread import emit
 from ..guided import Guide
 from ..messages import FinishReason
@@ -68,6 +68,7 @@ class Scheduler:
         """``guide``: the engine's guided decoding (None: requests with a ``response_format`` are refused)."""
         self.blocks = blocks
         self.guide = guide
+        self.queue_times = QueueTimes()
         self.buckets = buckets
         self.session_len = session_len
         self.max_batch_size = max_batch_size
@@ -204,6 +205,9 @@ class Scheduler:
     def _start_running(self, seq: Sequence) -> None:
         seq.slot = self._free_slots.pop()
         self.running.append(seq)
+        if seq.queued:     # its first admission (a preempted sequence comes back later)
+            seq.queued = False
+            self.queue_times.started(seq.request)
 
     def _stop_running(self, seq: Sequence) -> None:
         """Out of the batch; its row slot is free for the next sequence admitted. (A call still

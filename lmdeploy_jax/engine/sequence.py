@@ -27,6 +27,7 @@ class Sequence:
     num_generated: int = 0
     seed: int = 0
     slot: int | None = None                            # its row slot while running (kv_pool.CacheState.last)
+    queued: bool = False                               # its request waits for its first admission
 
     @property
     def pending(self) -> int:
@@ -40,7 +41,7 @@ class Sequence:
     def start(self, request: EngineRequest, on_output: OutputCallback) -> None:
         """Attach a request; ``sequence_start`` must have been handled (``reset``) by the caller."""
         self.tokens.extend(request.input_ids)
-        self.request, self.on_output, self.num_generated = request, on_output, 0
+        self.request, self.on_output, self.num_generated, self.queued = request, on_output, 0, True
         seed = request.gen_config.random_seed
         self.seed = (secrets.randbits(32) if seed is None else seed) & 0xFFFFFFFF
 

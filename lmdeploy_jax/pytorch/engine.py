@@ -22,7 +22,7 @@ from ..checkpoint.errors import CheckpointError
 from ..checkpoint.source import ModelSource
 from ..engine_thread import ThreadedEngine, emit
 from ..guided import GrammarCache, Guide, allowed_tokens
-from ..engine_api import EngineOutput, EngineRequest, OutputCallback, request_refusal
+from ..engine_api import EngineOutput, EngineRequest, OutputCallback, QueueTimes, request_refusal
 from ..messages import FinishReason, PytorchEngineConfig
 from .sampling import next_token
 
@@ -110,6 +110,7 @@ class PytorchEngine(ThreadedEngine):
         self.session_len = config.session_len or text_config.max_position_embeddings
         self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
         self._guide = Guide(GrammarCache(source.hf_dir, self.vocab_size))     # response_format
+        self._queue_times = QueueTimes()
         logger.info('pytorch backend: %s on %s (%s), session_len=%d, max_batch_size=%d', source.given,
                     self.device, self.model.dtype, self.session_len, self.max_batch_size)
 
@@ -200,7 +201,12 @@ class PytorchEngine(ThreadedEngine):
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch_size:
             with self._lock:
-                self._running.append(self._waiting.popleft())
+                run = self._waiting.popleft()
+                self._running.append(run)
+            self._queue_times.started(run.request)
+
+    def take_queue_times(self) -> list[float]:
+        return self._queue_times.take()
 
     def _step(self) -> None:
         for run in list(self._running):

@@ -231,8 +231,8 @@ class AsyncEngine:
                         text += self.tokenizer.decode([stop_token], skip_special_tokens=False)
                     if reason == 'error':
                         text = f'error: {out.error}'
-                    unreported_stop = reason == 'stop' and stop_token is None
-                    self._record_history(session_id, sequence_end, history + len(ids) + len(generated) + unreported_stop)
+                    held = history + len(ids) + len(generated) + (reason == 'stop' and stop_token is None)
+                    self._record_history(session_id, sequence_end, held)
                 yield GenOut(text, history, len(ids), len(generated), reason, out.token_ids, out.logprobs)
                 if finished:
                     return

@@ -7,7 +7,9 @@ time, so they are never stale; each server has its own registry, so several can 
 The latency histograms and the KV cache gauge carry LMDeploy's names and buckets (vLLM's names,
 ``lmdeploy:`` for ``vllm:``), measured per generation as the server sees it (``RequestTimer``):
 time to first token, time per output token (each increment's wait over its tokens), and
-end-to-end latency, from the generation's submission to its last increment.
+end-to-end latency, from the generation's submission to its last increment. The queue time (from
+a request's arrival at the backend to its first scheduling) is the backend's own figure, taken at
+each scrape (``take_queue_times``).
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class _EngineCollector:
 
 class Metrics:
     def __init__(self, backend):
+        self.backend = backend
         self.registry = CollectorRegistry()
         self.http_requests = Counter(f'{PREFIX}_http_requests', 'HTTP requests answered, by route and status',
                                      ['route', 'status'], registry=self.registry)
@@ -72,6 +75,9 @@ class Metrics:
         self.e2e_request_latency = Histogram(f'{LMDEPLOY}e2e_request_latency_seconds',
                                              'Histogram of e2e request latency in seconds.',
                                              buckets=REQUEST_BUCKETS, registry=self.registry)
+        self.request_queue_time = Histogram(f'{LMDEPLOY}request_queue_time_seconds',
+                                            'Histogram of time spent in WAITING phase for request.',
+                                            buckets=REQUEST_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(backend))
 
     def timer(self) -> 'RequestTimer':
@@ -79,6 +85,8 @@ class Metrics:
         return RequestTimer(self)
 
     def render(self) -> bytes:
+        for seconds in self.backend.take_queue_times():
+            self.request_queue_time.observe(seconds)
         return generate_latest(self.registry)
 
     def middleware(self, app):
