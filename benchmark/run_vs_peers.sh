@@ -64,8 +64,35 @@ sys.exit('the $name server did not answer /health')"; then
     else
         tail -20 "${OUT:-/tmp}/serve_$name.log"
     fi
-    kill "$pid" 2>/dev/null
+    stop_tree "$pid"
     wait "$pid" 2>/dev/null
+}
+stop_tree() {   # PID: SIGTERM to it, then wait (60 s at most, then SIGKILL) until it and every process
+                # under it (vLLM's engine core) are gone, so that the next server finds the GPU's memory free
+    python3 - "$1" <<'PY'
+import os, signal, sys, time
+def children(pid):
+    try:
+        return [int(c) for t in os.listdir(f'/proc/{pid}/task')
+                for c in open(f'/proc/{pid}/task/{t}/children').read().split()]
+    except OSError:
+        return []
+def alive(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+tree, todo = [], [int(sys.argv[1])]
+while todo:
+    tree.append(todo.pop())
+    todo += children(tree[-1])
+os.kill(tree[0], signal.SIGTERM)
+deadline = time.time() + 60
+while any(map(alive, tree)) and time.time() < deadline:
+    time.sleep(1)
+for pid in filter(alive, tree):
+    os.kill(pid, signal.SIGKILL)
+PY
 }
 if [[ $parts == *" serving "* ]]; then
     serve_and_load vllm 8000 "${vllm_env[@]}" python3 -m vllm.entrypoints.cli.main serve "$model" --port 8000
