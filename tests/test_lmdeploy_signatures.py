@@ -108,7 +108,9 @@ def test_every_declared_field_is_tested_or_refused(cls):
     assert sum(map(len, kinds)) == len(set().union(*kinds)), 'a field is in two lists'
     assert declared <= set().union(*kinds), sorted(declared - set().union(*kinds))
     for name in declared & set(WORKS[cls]):
-        text = (TESTS / WORKS[cls][name]).read_text()
+        path = TESTS / WORKS[cls][name]
+        assert path.exists(), f'{cls.__name__}.{name} is taken, but {path.name}, which tests it, is missing'
+        text = path.read_text()
         assert re.search(rf'\b{name}\b', text), f'{WORKS[cls][name]} does not exercise {cls.__name__}.{name}'
 
 
