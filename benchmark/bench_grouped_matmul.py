@@ -98,7 +98,8 @@ def main() -> None:
                     print(json.dumps(row(limits, timed(fn, *inputs), bytes_read, 2 * M * K * N, **case,
                                          impl=impl, max_error_vs_reference=error)))
                 for config in SWEEP if args.sweep else ():
-                    fn = jax.jit(lambda x, w, s, r, c=config: grouped_matmul_pallas(x, w, s, True, c, lhs_rows=r))
+                    fn = jax.jit(lambda x, w, s, r, c=config: grouped_matmul_pallas(
+                        x, w[None], s, jnp.zeros((), jnp.int32), True, c, lhs_rows=r))
                     print(json.dumps(row(limits, timed(fn, *inputs), bytes_read, 2 * M * K * N, **case,
                                          impl='pallas', config=dataclasses.asdict(config))))
 

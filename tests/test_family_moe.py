@@ -130,15 +130,17 @@ grouped_kernel_mlp = functools.partial(grouped_mlp, impl=KERNEL)
     (grouped_kernel_mlp, (0, 2, 5))])
 def test_expert_mlp_matches_a_dense_reference(mlp, chosen_from):
     """Tokens routed only among ``chosen_from`` of 6 experts (the others receive none; with two
-    candidates each of them takes every token)."""
+    candidates each of them takes every token). The weights are three layers' stacked, as the
+    layer passes them, the middle one used."""
     rng = np.random.default_rng()
     n, hidden, inter, E = 10, 16, 8, 6
     x = rng.standard_normal((n, hidden)).astype(np.float32)
-    gate_up = rng.standard_normal((E, 2 * inter, hidden)).astype(np.float32) * 0.3
-    down = rng.standard_normal((E, hidden, inter)).astype(np.float32) * 0.3
+    gate_up = rng.standard_normal((3, E, 2 * inter, hidden)).astype(np.float32) * 0.3
+    down = rng.standard_normal((3, E, hidden, inter)).astype(np.float32) * 0.3
     experts = np.stack([rng.choice(chosen_from, 2, replace=False) for _ in range(n)]).astype(np.int32)
-    ours = jax.jit(mlp, static_argnums=4)(x, experts, gate_up, down, jax.nn.silu)
-    np.testing.assert_allclose(np.asarray(ours), _dense_reference(x, experts, gate_up, down), rtol=1e-4, atol=1e-5)
+    ours = jax.jit(mlp, static_argnums=4)(x, experts, gate_up, down, jax.nn.silu, jnp.int32(1))
+    np.testing.assert_allclose(np.asarray(ours), _dense_reference(x, experts, gate_up[1], down[1]), rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_expert_parallelism_is_refused_naming_what_is_supported():

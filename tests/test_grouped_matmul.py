@@ -69,18 +69,20 @@ def test_kernel_matches_the_groups_products(rows, K, N, sizes, transpose_rhs, dt
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_kernel_gathers_the_rows_named_by_lhs_rows(dtype):
     """``lhs_rows``: 13 tokens each choosing 3 of 6 experts (one expert chosen by none), the 39
-    choices sorted by expert as the MoE layer sorts them; row ``r`` is token ``lhs_rows[r]``."""
+    choices sorted by expert as the MoE layer sorts them; row ``r`` is token ``lhs_rows[r]``. The
+    weights are three layers' stacked, the last used (``layer``), as the MoE layer passes them."""
     rng = np.random.default_rng()
     tokens, k, E, K, N = 13, 3, 6, 40, 24
     experts = np.stack([rng.choice(E - 1, k, replace=False) for _ in range(tokens)]).reshape(-1)
     order = np.argsort(experts, kind='stable')
     sizes = np.bincount(experts, minlength=E).tolist()
     x = jnp.asarray(rng.standard_normal((tokens, K)), dtype)
-    w = jnp.asarray(rng.standard_normal((E, N, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((3, E, N, K)), dtype)
     rows = jnp.asarray(order // k, jnp.int32)
-    expected = _expected(np.asarray(x, np.float32)[order // k], np.asarray(w, np.float32), sizes, True)
+    expected = _expected(np.asarray(x, np.float32)[order // k], np.asarray(w[2], np.float32), sizes, True)
     for impl in (KERNEL, 'reference'):
-        got = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), lhs_rows=rows, transpose_rhs=True, impl=impl)
+        got = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), jnp.int32(2), lhs_rows=rows, transpose_rhs=True,
+                             impl=impl)
         assert got.shape == (tokens * k, N)
         atol = TOLERANCE[dtype] * np.abs(expected).max()
         np.testing.assert_allclose(np.asarray(got, np.float64), expected, atol=atol, rtol=0)
@@ -118,22 +120,26 @@ def test_bad_inputs_are_named():
         grouped_matmul(x, w, jnp.ones((2,), jnp.float32))
     with pytest.raises(ValueError, match=r'group_sizes must have shape \(2,\)'):
         grouped_matmul(x, w, jnp.ones((3,), jnp.int32))
-    with pytest.raises(ValueError, match=r'rhs must be \[G, N, K\] with K = 8'):
+    with pytest.raises(ValueError, match=r'rhs must be \[G, N, K\] or layer-stacked \[layers, \*\[G, N, K\]\] '
+                                         r'with K = 8'):
         grouped_matmul(x, w, jnp.ones((2,), jnp.int32), transpose_rhs=True)
     with pytest.raises(ValueError, match='rhs dtype bfloat16 does not match lhs dtype float32'):
         grouped_matmul(x, w.astype(jnp.bfloat16), jnp.ones((2,), jnp.int32))
+    with pytest.raises(ValueError, match=r'layer-stacked rhs \[layers, \*\[G, K, N\]\] need the layer to use'):
+        grouped_matmul(x, w[None], jnp.ones((2,), jnp.int32))
     with pytest.raises(ValueError, match='lhs_rows must be int32'):
         grouped_matmul(x, w, jnp.ones((2,), jnp.int32), lhs_rows=jnp.zeros((6,), jnp.float32))
 
 
 @pytest.mark.parametrize('dtype, rows', [(jnp.bfloat16, 8), (jnp.bfloat16, 4096), (jnp.float32, 4096)])
 def test_kernel_fits_sm90(monkeypatch, tmp_path, dtype, rows):
-    """Qwen3-30B-A3B's gate/up shapes (128 experts, 2048 -> 1536, 8 choices per token, rows
-    gathered by ``lhs_rows``) compile for sm_90 within its shared memory per block, at a decode
-    step's rows and a prefill's."""
+    """Qwen3-30B-A3B's gate/up shapes (48 layers of 128 experts, 2048 -> 1536, 8 choices per
+    token, rows gathered by ``lhs_rows``) compile for sm_90 within its shared memory per block, at
+    a decode step's rows and a prefill's. The layer-stacked weights pass more than 2**32 bytes:
+    64-bit addressing."""
     shape = jax.ShapeDtypeStruct
-    args = (shape((rows // 8, 2048), dtype), shape((128, 1536, 2048), dtype), shape((128,), jnp.int32),
-            shape((rows,), jnp.int32))
-    _, shared = compile_for_sm90(monkeypatch, tmp_path, lambda x, w, s, r: grouped_matmul(
-        x, w, s, lhs_rows=r, transpose_rhs=True, impl='pallas'), *args)
+    args = (shape((rows // 8, 2048), dtype), shape((48, 128, 1536, 2048), dtype), shape((128,), jnp.int32),
+            shape((), jnp.int32), shape((rows,), jnp.int32))
+    _, shared = compile_for_sm90(monkeypatch, tmp_path, lambda x, w, s, i, r: grouped_matmul(
+        x, w, s, i, lhs_rows=r, transpose_rhs=True, impl='pallas'), *args)
     assert shared and max(shared.values()) <= SM90_SHARED_BYTES, shared

@@ -93,12 +93,13 @@ def tile_plan(group_sizes: jax.Array, rows: int, block_m: int) -> tuple[jax.Arra
     return span, first_row, span_end
 
 
-def _grouped_kernel(group_ref, first_ref, end_ref, *refs, block_m, block_n, block_k, transpose_rhs, gathered):
-    """Column tile ``program_id(0)`` of item ``program_id(1)`` (module docstring); with
-    ``gathered`` the refs start with ``lhs_rows``."""
+def _grouped_kernel(group_ref, first_ref, end_ref, layer_ref, *refs, groups, block_m, block_n, block_k,
+                    transpose_rhs, gathered):
+    """Column tile ``program_id(0)`` of item ``program_id(1)`` (module docstring); ``rhs_ref`` is
+    every layer's groups, ``[layers * groups, ...]``; with ``gathered`` the refs start with
+    ``lhs_rows``."""
     rows_ref, (lhs_ref, rhs_ref, o_ref) = (refs[0], refs[1:]) if gathered else (None, refs)
     j, i = pl.program_id(0), pl.program_id(1)
-    groups = rhs_ref.shape[0]
     group, first, end = group_ref[i], first_ref[i], end_ref[i]
     K = lhs_ref.shape[1]
     N = o_ref.shape[1]
@@ -107,7 +108,7 @@ def _grouped_kernel(group_ref, first_ref, end_ref, *refs, block_m, block_n, bloc
     sources = plgpu.load(rows_ref.at[rows], mask=row_ok, other=0) if gathered else rows
     cols = j * block_n + jnp.arange(block_n)
     col_ok = cols < N
-    g = jnp.minimum(group, groups - 1)
+    g = layer_ref[0] * groups + jnp.minimum(group, groups - 1)          # its weights' row in the stack
     steps = (group < groups).astype(jnp.int32) * pl.cdiv(K, block_k)    # the tail and unused slots: none
 
     def body(step, acc):
@@ -126,20 +127,21 @@ def _grouped_kernel(group_ref, first_ref, end_ref, *refs, block_m, block_n, bloc
 
 
 @functools.partial(jax.jit, static_argnames=('transpose_rhs', 'config', 'interpret'))
-def grouped_matmul_pallas(lhs, rhs, group_sizes, transpose_rhs: bool, config: GroupedConfig = GroupedConfig(),
+def grouped_matmul_pallas(lhs, rhs, group_sizes, layer, transpose_rhs: bool, config: GroupedConfig = GroupedConfig(),
                           interpret: bool = False, lhs_rows=None):
-    """Same contract as ``api.grouped_matmul`` (inputs validated there)."""
+    """Same contract as ``api.grouped_matmul`` (inputs validated there; ``rhs`` layer-stacked
+    ``[layers, G, ...]``, ``layer`` an int32 scalar)."""
     K = lhs.shape[1]
     M = lhs.shape[0] if lhs_rows is None else lhs_rows.shape[0]
-    groups = rhs.shape[0]
-    N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    layers, groups = rhs.shape[:2]
+    N = rhs.shape[-2] if transpose_rhs else rhs.shape[-1]
     block_m = config.block_m or block_m_for(M, groups)
     block_n = config.block_n or (64 if block_m == MIN_DOT else 128)
     block_n = min(block_n, max(MIN_DOT, next_pow2(N)))
     block_k = config.block_k if lhs.dtype.itemsize <= 2 else config.block_k // 2
     block_k = max(MIN_DOT, min(block_k, next_pow2(K)))
     plan = tile_plan(group_sizes, M, block_m)
-    kernel = functools.partial(_grouped_kernel, block_m=block_m, block_n=block_n, block_k=block_k,
+    kernel = functools.partial(_grouped_kernel, groups=groups, block_m=block_m, block_n=block_n, block_k=block_k,
                                transpose_rhs=transpose_rhs, gathered=lhs_rows is not None)
     return pl.pallas_call(
         kernel,
@@ -148,4 +150,5 @@ def grouped_matmul_pallas(lhs, rhs, group_sizes, transpose_rhs: bool, config: Gr
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name='grouped_matmul',
-    )(*plan, *([] if lhs_rows is None else [lhs_rows]), lhs, rhs)
+    )(*plan, layer.reshape(1), *([] if lhs_rows is None else [lhs_rows]), lhs,
+      rhs.reshape(layers * groups, *rhs.shape[2:]))        # free, row-major: the kernel addresses the layer

@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.grouped_matmul.api import grouped_matmul, runs_kernel
 
@@ -48,19 +49,20 @@ def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.
 
 
 def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
-                act) -> jax.Array:
+                act, layer: jax.Array | None = None) -> jax.Array:
     """``[N, hidden]``: each token of ``x [N, hidden]`` through its experts ``experts [N, k]``,
     summed with ``weights [N, k]`` (cast to ``x``'s dtype). ``gate_up [E, 2 * inter, hidden]`` (gate
     rows, then up rows), ``down [E, hidden, inter]``: every expert's (or one device's slice of every
-    expert's) weights; the expert MLP is ``down(act(gate) * up)``.
+    expert's) weights; the expert MLP is ``down(act(gate) * up)``. Both may also be every layer's,
+    stacked ``[layers, E, ...]``, with ``layer`` (int32 scalar) the one to use: read in place.
 
     The choices run sorted by expert through grouped GEMMs (``grouped_mlp``), or, where the
     grouped GEMM is not the Pallas kernel and ``gathers_weights`` (a small decode batch), each with
     its own gathered expert weights (``per_choice_mlp``); see the module docstring."""
     n, k = experts.shape
-    gathers = not runs_kernel(x.dtype) and gathers_weights(n * k, gate_up.shape[0])
+    gathers = not runs_kernel(x.dtype) and gathers_weights(n * k, gate_up.shape[-3])
     mlp = per_choice_mlp if gathers else grouped_mlp
-    y = mlp(x, experts, gate_up, down, act).reshape(n, k, -1)
+    y = mlp(x, experts, gate_up, down, act, layer).reshape(n, k, -1)
     return jnp.einsum('nkh,nk->nh', y, weights.astype(x.dtype))
 
 
@@ -74,26 +76,29 @@ def gathers_weights(choices: int, num_experts: int) -> bool:
 
 
 def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act,
-                impl: str | None = None) -> jax.Array:
-    """``[N * k, hidden]``: the expert MLP of each choice (``experts [N, k]`` flattened), by grouped
-    GEMMs over the choices sorted by expert (``grouped_matmul``, run by ``impl``: see
-    ``pallas_kernels._dispatch``), back in choice order."""
+                layer: jax.Array | None = None, impl: str | None = None) -> jax.Array:
+    """``[N * k, hidden]``: the expert MLP of each choice (``experts [N, k]`` flattened; weights and
+    ``layer`` as in ``experts_mlp``), by grouped GEMMs over the choices sorted by expert
+    (``grouped_matmul``, run by ``impl``: see ``pallas_kernels._dispatch``), back in choice order."""
     k = experts.shape[1]
     choices = experts.reshape(-1)
     order = jnp.argsort(choices, stable=True)                  # the N * k choices, grouped by expert
-    group_sizes = jnp.bincount(choices, length=gate_up.shape[0]).astype(jnp.int32)
-    gate, up = jnp.split(grouped_matmul(x, gate_up, group_sizes, lhs_rows=(order // k).astype(jnp.int32),
+    group_sizes = jnp.bincount(choices, length=gate_up.shape[-3]).astype(jnp.int32)
+    gate, up = jnp.split(grouped_matmul(x, gate_up, group_sizes, layer, lhs_rows=(order // k).astype(jnp.int32),
                                         transpose_rhs=True, impl=impl), 2, axis=-1)
-    y = grouped_matmul(act(gate) * up, down, group_sizes, transpose_rhs=True, impl=impl)
+    y = grouped_matmul(act(gate) * up, down, group_sizes, layer, transpose_rhs=True, impl=impl)
     return y[jnp.argsort(order)]
 
 
-def per_choice_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act) -> jax.Array:
-    """``grouped_mlp``'s result, each choice's token times its own expert's gathered weights."""
+def per_choice_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act,
+                   layer: jax.Array | None = None) -> jax.Array:
+    """``grouped_mlp``'s result, each choice's token times its own expert's gathered weights (one
+    gather of the layer's chosen experts where the weights are layer-stacked)."""
     choices = experts.reshape(-1)
+    chosen = (lambda w: w[choices]) if layer is None else (lambda w: w[layer, choices])
     tokens = jnp.repeat(x, experts.shape[1], axis=0)
-    gate, up = jnp.split(jnp.einsum('mi,moi->mo', tokens, gate_up[choices]), 2, axis=-1)
-    return jnp.einsum('mi,moi->mo', act(gate) * up, down[choices])
+    gate, up = jnp.split(jnp.einsum('mi,moi->mo', tokens, chosen(gate_up)), 2, axis=-1)
+    return jnp.einsum('mi,moi->mo', act(gate) * up, chosen(down))
 
 
 class Experts(nnx.Module):
@@ -107,9 +112,8 @@ class Experts(nnx.Module):
         self.down = nnx.Param(init(rngs.params(), (L, E, hidden, inter), spec.dtype))
 
 
-def _layer(param: nnx.Param | Linear, index: jax.Array) -> jax.Array:
-    value = param.w[...] if isinstance(param, Linear) else param[...]
-    return jax.lax.dynamic_index_in_dim(value, index, keepdims=False)
+def _layer(stacked: Linear, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(stacked.w[...], index, keepdims=False)
 
 
 class MoeMLP(nnx.Module):
@@ -131,16 +135,17 @@ class MoeMLP(nnx.Module):
         spec = ctx.spec
         act = ACTIVATIONS[spec.hidden_act]
         r = rules.REPLICATED
-        args = [x, _layer(self.router, index), _layer(self.experts.gate_up, index), _layer(self.experts.down, index)]
-        in_specs = [r, r, rules.EXPERT_ROWS, rules.EXPERT_COLUMNS]
+        # the experts go in layer-stacked with the layer index (the kernel reads the layer in place)
+        args = [x, _layer(self.router, index), index, self.experts.gate_up[...], self.experts.down[...]]
+        in_specs = [r, r, r, P(None, *rules.EXPERT_ROWS), P(None, *rules.EXPERT_COLUMNS)]
         if spec.shared_expert_size:
             args += [_layer(p, index) for p in (self.shared_gate_up, self.shared_down, self.shared_expert_gate)]
             in_specs += [rules.COLUMN_WEIGHT, rules.ROW_WEIGHT, r]
 
-        def share(x, router, gate_up, down, *shared):
+        def share(x, router, index, gate_up, down, *shared):
             tokens = x.reshape(-1, x.shape[-1])
             weights, experts = route(linear(tokens, {'w': router}), spec.experts_per_token, spec.norm_topk_prob)
-            y = experts_mlp(tokens, weights, experts, gate_up, down, act)
+            y = experts_mlp(tokens, weights, experts, gate_up, down, act, index)
             if shared:
                 shared_gate_up, shared_down, shared_gate = shared
                 gate, up = jnp.split(linear(tokens, {'w': shared_gate_up}), 2, axis=-1)
