@@ -40,8 +40,8 @@ from pallas_kernels.kv_write import pallas_gpu as write_gpu  # noqa: E402
 from pallas_kernels.kv_write.api import write_kv  # noqa: E402
 from experiments import mosaic_gpu as decode_mosaic  # noqa: E402
 from experiments import triton_jax as decode_triton  # noqa: E402
-from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
-from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
+from experiments import paged_decode as decode_gpu  # noqa: E402
+from experiments.paged_decode import paged_decode_attention  # noqa: E402
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu  # noqa: E402
 from pallas_kernels.prefill_attention.api import paged_prefill_attention  # noqa: E402
 from pallas_kernels.rms_norm import pallas_gpu as norm_gpu  # noqa: E402
@@ -154,7 +154,7 @@ def decode_impls(args):
 
 
 def _stacked_decode(kernel, q, k, v, tables, lens, **launch):
-    """A decode kernel of ``paged_attention`` on one layer's pools, as a stack of one (``launch``:
+    """A decode kernel on one layer's pools, as a stack of one (``launch``:
     its scale and launch arguments)."""
     return kernel(q, k[None], v[None], jnp.int32(0), tables, lens, **launch)
 

@@ -28,8 +28,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from bench_kernels import make_pages, relative_error, time_calls  # noqa: E402
 from pallas_kernels import kv_quant  # noqa: E402
-from pallas_kernels.paged_attention import pallas_gpu as decode_gpu  # noqa: E402
-from pallas_kernels.paged_attention.api import paged_decode_attention  # noqa: E402
+from experiments import paged_decode as decode_gpu  # noqa: E402
+from experiments.paged_decode import paged_decode_attention  # noqa: E402
 
 POLICIES = (0, 8, 4)          # quant_policy: 0 unquantized, else bits
 

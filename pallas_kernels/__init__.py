@@ -3,6 +3,7 @@ implementation (``_dispatch``: the Pallas GPU kernel on a GPU, the XLA ``referen
 
 Ops: ``decode_step_attention`` (a decode step's rope, KV write and attention), ``prefill_attention``,
 ``kv_write``, ``rms_norm`` (with ``add_rms_norm``), ``reduce_add_rms_norm`` (the tensor-parallel sum
-before it; CUDA). ``paged_attention`` is the plain decode attention op and the parts library its
-Pallas kernel shares with ``decode_step_attention``. ``rope.py`` and ``_dense.py`` are XLA helpers
-of the references."""
+before it; CUDA). Shared pieces: ``_pallas_tiles`` (the
+attention kernels' tiles and online softmax), ``_flash_decoding`` (the decode kernels' split over
+the sequence and its combine), ``_checks`` (input checks), ``_dispatch`` (the implementation
+choice); ``rope.py`` and ``_dense.py`` are XLA helpers of the references."""

@@ -23,7 +23,7 @@ import pytest
 
 from lmdeploy_jax.settings import current as current_settings
 from pallas_kernels.decode_step_attention.api import decode_step_attention
-from pallas_kernels.paged_attention.api import paged_decode_attention
+from pallas_kernels.decode_step_attention.reference import paged_decode_attention_reference
 
 # The kernels as the tests run them: interpreted on the CPU, or compiled for the GPU when asked.
 ON_GPU = current_settings().kernels == 'pallas'
@@ -127,15 +127,17 @@ def decode_steps_over_layers(pools, qkv, cos, sin, windows, stack, impl: str):
 
 
 def decode_case(seed, block_size, group, context_lens, dtype=jnp.float32, head_dim=HEAD_DIM, **options):
-    """Pools, a random query ``[B, KV_HEADS * group, head_dim]`` and the reference's output over
-    the clean pools. ``seed``: an int or a Generator; ``options``: the ops' ``sliding_window`` /
-    ``logits_soft_cap``."""
+    """Pools, a random query ``[B, KV_HEADS * group, head_dim]`` and the decode attention
+    reference's output over the clean pools. ``seed``: an int or a Generator; ``options``: the
+    ops' ``sliding_window`` / ``logits_soft_cap``."""
     rng = np.random.default_rng(seed)
     pools = Pools(rng, context_lens, block_size, dtype, head_dim=head_dim,
                   starts=window_starts(np.asarray(context_lens) - 1, options))
     q = jnp.asarray(rng.standard_normal((len(context_lens), KV_HEADS * group, head_dim)), dtype)
-    tables, lens = pools.tables()
-    ref = paged_decode_attention(q, *pools.clean, tables, lens, SCALE, impl='reference', **options)
+    window = options.get('sliding_window')
+    window = None if window is None else jnp.int32(window)
+    ref = paged_decode_attention_reference(q, *pools.stacked(0, 1, clean=True), jnp.int32(0), *pools.tables(), SCALE,
+                                           window, options.get('logits_soft_cap'))
     return pools, q, ref
 
 

@@ -1,10 +1,11 @@
-"""The ops' XLA references (through their ``api.py``) against a dense float64 numpy computation:
+"""The ops' XLA references (through their ``api.py``; the decode step's attention through its own
+reference function) against a dense float64 numpy computation:
 each sequence's KV contiguous, a plain masked softmax per query. Random inputs, random
 non-contiguous block tables, ragged lengths, several block sizes and GQA ratios; sliding windows
 (Hugging Face's mask, written out) shorter than a page, longer than a page, of one position, and
 soft-capped scores (Gemma 2's formula), on contexts longer than the window. The decode step's
-reference must also be, bit for bit, the path the model took before it (rope, KV write, decode
-attention, each op's own reference). RMSNorm's reference against the float64 formula, rounded where
+reference must also be, bit for bit, the separate ops' path (rope, KV write, decode attention,
+each op's own reference). RMSNorm's reference against the float64 formula, rounded where
 Hugging Face's rounds."""
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from lmdeploy_jax.models.rope import apply_rope, cos_sin
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.kv_write.reference import write_kv_reference
-from pallas_kernels.paged_attention.api import paged_decode_attention
-from pallas_kernels.paged_attention.reference import paged_decode_attention_reference
+from pallas_kernels.decode_step_attention.reference import paged_decode_attention_reference
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
 from pallas_kernels.rms_norm.api import rms_norm
 
@@ -53,6 +53,15 @@ class PagedSequences:
 
     def args(self):
         return tuple(map(jnp.asarray, (self.k_pages, self.v_pages, self.block_tables, self.context_lens)))
+
+
+def decode_attention(q, k_pages, v_pages, block_tables, context_lens, scale, sliding_window=None,
+                     logits_soft_cap=None):
+    """The decode step's attention reference on one layer's pools (``sliding_window`` an int or
+    traced int32 scalar, 0/None: none)."""
+    window = None if sliding_window is None else jnp.asarray(sliding_window, jnp.int32)
+    return paged_decode_attention_reference(q, k_pages[None], v_pages[None], jnp.int32(0), block_tables,
+                                            context_lens, scale, window, logits_soft_cap)
 
 
 def dense_attention(q, k, v, mask=None, soft_cap=None):
@@ -97,7 +106,7 @@ def test_decode_attention_matches_dense(block_size, group):
     seqs = PagedSequences(rng, [1, block_size + 3, 0, 2 * block_size, 5], block_size)
     q = rng.standard_normal((5, KV_HEADS * group, HEAD_DIM), np.float32)
     k_pages, v_pages, tables, ctx = seqs.args()
-    out = np.asarray(jax.jit(paged_decode_attention, static_argnums=5)(
+    out = np.asarray(jax.jit(decode_attention, static_argnums=5)(
         jnp.asarray(q), k_pages, v_pages, tables, ctx, SCALE))
     for b, n in enumerate(seqs.context_lens):
         expected = dense_attention(q[b], seqs.k[b], seqs.v[b]) if n else np.zeros(q[b].shape)
@@ -251,17 +260,17 @@ def test_api_rejects_mismatched_inputs():
     tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
     q = jnp.ones((3, 6, 32), jnp.float32)
     with pytest.raises(ValueError, match='multiple of'):
-        paged_decode_attention(jnp.ones((3, 5, 32), jnp.float32), pages, pages, tables, lens, 1.0)
+        paged_prefill_attention(jnp.ones((3, 1, 5, 32), jnp.float32), pages, pages, tables, lens, lens, 1.0)
     with pytest.raises(ValueError, match='dtype'):
-        paged_decode_attention(q.astype(jnp.bfloat16), pages, pages, tables, lens, 1.0)
+        paged_prefill_attention(q[:, None].astype(jnp.bfloat16), pages, pages, tables, lens, lens, 1.0)
     with pytest.raises(ValueError, match='query_lens'):
         paged_prefill_attention(q[:, None], pages, pages, tables, lens, jnp.ones((2,), jnp.int32), 1.0)
     with pytest.raises(ValueError, match='slot_mapping must be int32'):
         write_kv(pages, pages, jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.float32))
     with pytest.raises(ValueError, match='need the layer'):
-        paged_decode_attention(q, pages[None], pages[None], tables, lens, 1.0)
+        paged_prefill_attention(q[:, None], pages[None], pages[None], tables, lens, lens, 1.0)
     with pytest.raises(ValueError, match='single-layer'):
-        paged_decode_attention(q, pages, pages, tables, lens, 1.0, 2)
+        paged_prefill_attention(q[:, None], pages, pages, tables, lens, lens, 1.0, 2)
     with pytest.raises(ValueError, match='same shape'):
         write_kv(pages, pages[:, :2], jnp.ones((3, 2, 32)), jnp.ones((3, 2, 32)), jnp.zeros((3,), jnp.int32))
     qkv, rope_table = jnp.ones((3, 10 * 32), jnp.float32), jnp.ones((3, 32), jnp.float32)
@@ -298,7 +307,7 @@ def test_windowed_soft_capped_decode_matches_dense(rng, block_size, group, windo
     and one longer than the window by one."""
     seqs = PagedSequences(rng, [1, block_size + 3, 0, 3 * block_size - 1, window + 1], block_size)
     q = rng.standard_normal((5, KV_HEADS * group, HEAD_DIM)).astype(np.float32)
-    op = functools.partial(paged_decode_attention, scale=SCALE, sliding_window=window, logits_soft_cap=soft_cap)
+    op = functools.partial(decode_attention, scale=SCALE, sliding_window=window, logits_soft_cap=soft_cap)
     out = np.asarray(jax.jit(op)(jnp.asarray(q), *seqs.args()))
     for ours, expected in zip(out, decode_expected(q, seqs, window, soft_cap)):
         assert_close(ours, expected)
@@ -334,7 +343,7 @@ def test_traced_window_is_a_per_layer_value(rng):
     q = rng.standard_normal((4, 8, KV_HEADS * 2, HEAD_DIM)).astype(np.float32)
     query_lens = [8, 3, 0, 5]
     prefill = jax.jit(lambda q, k, v, t, c, n, w: paged_prefill_attention(q, k, v, t, c, n, SCALE, sliding_window=w))
-    decode = jax.jit(lambda q, k, v, t, c, w: paged_decode_attention(q, k, v, t, c, SCALE, sliding_window=w))
+    decode = jax.jit(lambda q, k, v, t, c, w: decode_attention(q, k, v, t, c, SCALE, sliding_window=w))
     for window in (5, 0):
         w = jnp.int32(window)
         out = prefill(jnp.asarray(q), *seqs.args(), jnp.asarray(query_lens, jnp.int32), w)
@@ -356,8 +365,6 @@ def test_attention_ops_refuse_bad_window_or_cap(kwargs, message):
     tables, lens = jnp.ones((3, 2), jnp.int32), jnp.ones((3,), jnp.int32)
     q = jnp.ones((3, 4, 32), jnp.float32)
     qkv, rope_table = jnp.ones((3, 8 * 32), jnp.float32), jnp.ones((3, 32), jnp.float32)
-    with pytest.raises(ValueError, match=message):
-        paged_decode_attention(q, pages, pages, tables, lens, 1.0, **kwargs)
     with pytest.raises(ValueError, match=message):
         paged_prefill_attention(q[:, None], pages, pages, tables, lens, lens, 1.0, **kwargs)
     with pytest.raises(ValueError, match=message):

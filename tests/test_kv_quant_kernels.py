@@ -14,6 +14,8 @@ most 0.1 % of the codes.
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +30,13 @@ from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.decode_step_attention.reference import split_qkv
 from pallas_kernels.kv_quant import QuantizedPages, dequantize, quantize, unpack_int4
 from pallas_kernels.kv_write.api import write_kv
-from pallas_kernels.paged_attention import pallas_gpu as decode_gpu
-from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention import pallas_gpu as prefill_gpu
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
 from pallas_kernels.rope import apply_rope
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmark'))   # the decode-only op: an experiment
+from experiments import paged_decode as decode_gpu  # noqa: E402
+from experiments.paged_decode import paged_decode_attention  # noqa: E402
 
 STEP_LAYER, STEP_LAYERS = 1, 2
 

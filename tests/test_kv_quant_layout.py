@@ -20,14 +20,19 @@ Error bounds, derived here and checked on fresh random rows:
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import kv_quant
 from pallas_kernels.kv_quant import QuantizedPages, dequantize, pack_int4, quantize, unpack_int4
-from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmark'))   # the decode-only op: an experiment
+from experiments.paged_decode import paged_decode_attention  # noqa: E402
 
 F32_EPS = float(np.finfo(np.float32).eps)
 

@@ -1,6 +1,7 @@
 """The decode kernels the API never dispatches to, kept for benchmarking in ``benchmark/experiments``:
-Mosaic GPU (``mosaic_gpu.py``, in JAX's Mosaic GPU interpreter and lowered for CUDA) and jax_triton
-(``triton_jax.py``, compiled by Triton for sm_90). No GPU is needed; with
+the decode attention alone (``paged_decode.py``, the Pallas kernel the decode step fuses, in
+interpret mode), Mosaic GPU (``mosaic_gpu.py``, in JAX's Mosaic GPU interpreter and lowered for
+CUDA) and jax_triton (``triton_jax.py``, compiled by Triton for sm_90). No GPU is needed; with
 ``LMDEPLOY_JAX_KERNELS=pallas`` the Mosaic kernel runs on the GPU instead of the interpreter."""
 from __future__ import annotations
 
@@ -12,11 +13,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from pallas_cases import ON_GPU, SCALE, assert_matches, decode_case, lower_for_cuda
+from pallas_cases import INTERPRET, KERNEL, ON_GPU, SCALE, assert_matches, decode_case, lower_for_cuda, window_lens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmark'))   # as bench_kernels.py imports them
 from experiments import mosaic_gpu as decode_mosaic  # noqa: E402
+from experiments import paged_decode  # noqa: E402
 from experiments import triton_jax as decode_triton  # noqa: E402
+
+
+@pytest.mark.parametrize('block_size,group,window,soft_cap,dtype,config', [
+    (16, 4, 20, 1.0, jnp.float32, paged_decode.DecodeConfig(tile_tokens=16, num_splits=3, page_tiles=True)),
+    (32, 3, None, None, jnp.bfloat16, None)])
+def test_paged_decode_matches_reference(rng, block_size, group, window, soft_cap, dtype, config):
+    """Layer 1 of a poisoned stack, at forced splits over page tiles with a window and soft cap,
+    or through the op with its default launch; rows of ``window_lens`` (empty, one position,
+    several pages)."""
+    lens = window_lens(block_size, window or 2 * block_size)
+    options = dict(sliding_window=window, logits_soft_cap=soft_cap)
+    pools, q, ref = decode_case(rng, block_size, group, lens, dtype, **options)
+    if config is None:
+        out = paged_decode.paged_decode_attention(q, *pools.stacked(1, 2), *pools.tables(), SCALE, jnp.int32(1),
+                                                  impl=KERNEL)
+    else:
+        out = paged_decode.paged_decode_attention_pallas(q, *pools.stacked(1, 2), jnp.int32(1), *pools.tables(),
+                                                         SCALE, jnp.int32(window), soft_cap, config=config,
+                                                         interpret=INTERPRET)
+    assert out.dtype == dtype
+    assert_matches(out, ref, dtype, lens == 0)
 
 
 def mosaic_interpreter():

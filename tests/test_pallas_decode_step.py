@@ -1,5 +1,6 @@
 """The decode step kernel (``pallas_kernels/decode_step_attention/pallas_gpu.py``: rope, KV write and
-attention in one kernel) against its XLA reference.
+attention in one kernel) against its XLA reference, and the flash-decoding pieces it launches with
+(``pallas_kernels/_flash_decoding.py``: the split count, the splits' combine).
 
 It reads pools whose new-token slots are poisoned too (the kernel takes the new token from
 registers, never from the pool), inside a stack whose other layers are NaN; it must leave every
@@ -34,7 +35,7 @@ from pallas_cases import (
 
 from pallas_kernels.decode_step_attention import pallas_gpu as step_gpu
 from pallas_kernels.decode_step_attention.api import decode_step_attention
-from pallas_kernels.paged_attention import pallas_gpu as decode_gpu
+from pallas_kernels._flash_decoding import DecodeConfig, choose_num_splits, combine_splits
 
 STEP_LAYER, STEP_LAYERS = 1, 3
 
@@ -91,7 +92,7 @@ def test_decode_step_matches_reference(block_size, group, dtype, num_splits):
     if num_splits is None:
         out, *out_pools = decode_step_attention(*step, *stacked, *rest, impl=KERNEL)
     else:
-        config = decode_gpu.DecodeConfig(tile_tokens=16, num_splits=num_splits)
+        config = DecodeConfig(tile_tokens=16, num_splits=num_splits)
         out, *out_pools = step_gpu.decode_step_attention_pallas(*step, *stacked, *rest, config=config,
                                                                 interpret=INTERPRET)
     assert out.dtype == dtype
@@ -105,7 +106,7 @@ def test_decode_step_page_tiles(block_size, tile_tokens, dtype, num_splits):
     empty (only the new token), and an empty row."""
     lens = [3 * block_size, 1, block_size + 2, 0, 2 * block_size - 5]
     pools, step, rest, ref_out, ref_pools = decode_step_case(block_size - num_splits, block_size, 3, lens, dtype)
-    config = decode_gpu.DecodeConfig(tile_tokens=tile_tokens, num_splits=num_splits, page_tiles=True)
+    config = DecodeConfig(tile_tokens=tile_tokens, num_splits=num_splits, page_tiles=True)
     out, *out_pools = step_gpu.decode_step_attention_pallas(*step, *pools.stacked(STEP_LAYER, STEP_LAYERS), *rest,
                                                             config=config, interpret=INTERPRET)
     assert_matches(out, ref_out, dtype, np.asarray(lens) == 0)
@@ -130,11 +131,12 @@ def test_decode_step_in_a_scan_over_layers(rng):
 
 
 @pytest.mark.parametrize('block_size,group,window,soft_cap,dtype,head_dim,config', [
-    (16, 4, 20, 1.0, jnp.float32, HEAD_DIM, decode_gpu.DecodeConfig(tile_tokens=16, num_splits=3, page_tiles=True)),
+    (16, 4, 20, 1.0, jnp.float32, HEAD_DIM, DecodeConfig(tile_tokens=16, num_splits=3, page_tiles=True)),
+    (16, 1, 1, 0.5, jnp.float16, HEAD_DIM, DecodeConfig(tile_tokens=16, num_splits=2)),
     (32, 2, 33, 2.0, jnp.bfloat16, 256, None)])
 def test_decode_step_window_and_soft_cap(rng, block_size, group, window, soft_cap, dtype, head_dim, config):
-    """The new token (always inside its window) and the cached positions in the window; the rows
-    are ``window_lens``'."""
+    """The new token (always inside its window) and the cached positions in the window, or the
+    token alone (a window of 1); the rows are ``window_lens``'."""
     lens = window_lens(block_size, window)
     options = dict(sliding_window=window, logits_soft_cap=soft_cap)
     pools, step, rest, ref_out, ref_pools = decode_step_case(rng, block_size, group, lens, dtype, head_dim, **options)
@@ -148,8 +150,41 @@ def test_decode_step_window_and_soft_cap(rng, block_size, group, window, soft_ca
     assert_step_written(out_pools, ref_pools, rest[1], block_size, dtype)
 
 
-@pytest.mark.parametrize('config,launches', [(decode_gpu.DecodeConfig(), 2), (decode_gpu.DecodeConfig(num_splits=1), 1),
-                                             (decode_gpu.DecodeConfig(tile_tokens=16, page_tiles=True), 2)],
+def xla_combine(o, m, sums):
+    """The splits' combine as an XLA formula: the splits' outputs ``o``, score maxima ``m``
+    (log2) and exponential sums ``sums``."""
+    m_max = m.max(axis=1, keepdims=True)
+    w = jnp.exp2(m - jnp.where(jnp.isfinite(m_max), m_max, 0.0))
+    total = (w * sums).sum(axis=1)
+    return (w[..., None] * o).sum(axis=1) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+@pytest.mark.parametrize('num_splits,dtype', [(3, jnp.bfloat16), (8, jnp.float32)])
+def test_combine_splits_matches_the_xla_formula(rng, num_splits, dtype):
+    """Random partials with empty splits (max -inf, sum 0) scattered about, and one row whose
+    splits are all empty (zeros out)."""
+    batch, heads = 3, 5
+    o = rng.standard_normal((batch, num_splits, heads, HEAD_DIM)).astype(np.float32)
+    m = (4 * rng.standard_normal((batch, num_splits, heads))).astype(np.float32)
+    sums = rng.uniform(0.5, 3.0, (batch, num_splits, heads)).astype(np.float32)
+    empty = rng.random(m.shape) < 0.3
+    empty[1] = True
+    m[empty], sums[empty], o[empty] = -np.inf, 0.0, 0.0
+    out = combine_splits(*map(jnp.asarray, (o, m, sums)), dtype, interpret=INTERPRET)
+    assert out.dtype == dtype
+    assert_matches(out, xla_combine(o, m, sums), dtype, empty=np.arange(batch) == 1)
+
+
+def test_choose_num_splits_fills_the_device():
+    config = DecodeConfig(target_programs=264)
+    assert choose_num_splits(64, 8, max_tiles=32, config=config) == 1
+    assert choose_num_splits(1, 8, max_tiles=32, config=config) == 32
+    assert choose_num_splits(1, 8, max_tiles=4, config=config) == 4
+    assert choose_num_splits(8, 8, max_tiles=32, config=config) == 5
+
+
+@pytest.mark.parametrize('config,launches', [(DecodeConfig(), 2), (DecodeConfig(num_splits=1), 1),
+                                             (DecodeConfig(tile_tokens=16, page_tiles=True), 2)],
                          ids=['splits', 'one-split', 'page-tiles'])
 def test_decode_step_lowers_to_its_kernels_alone(config, launches):
     """Lowered for CUDA (Triton IR, checked without a GPU): around the kernels only free

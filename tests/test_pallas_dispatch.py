@@ -11,7 +11,6 @@ from pallas_cases import KERNEL, ON_GPU, SCALE, SM90_SHARED_BYTES, assert_kernel
 
 from pallas_kernels._dispatch import choose_impl
 from pallas_kernels.decode_step_attention.api import decode_step_attention
-from pallas_kernels.paged_attention.api import paged_decode_attention
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
 
 
@@ -33,11 +32,13 @@ def test_attention_kernels_refuse_unsupported_heads_with_the_reason():
     for head_dim in (96, 512, 8):
         pages = jnp.ones((2, 4, 16, head_dim), jnp.bfloat16)
         q = jnp.ones((3, 4, head_dim), jnp.bfloat16)
+        qkv, rope_table = jnp.ones((3, 8 * head_dim), jnp.bfloat16), jnp.ones((3, head_dim), jnp.float32)
+        step = (qkv, rope_table, rope_table, pages, pages, None, lens, tables, lens, SCALE)
         with pytest.raises(ValueError, match=f'does not support.*heads of {head_dim} elements.*from 16 to 256'):
-            paged_decode_attention(q, pages, pages, tables, lens, SCALE, impl=KERNEL)
+            decode_step_attention(*step, impl=KERNEL)
         with pytest.raises(ValueError, match=f'heads of {head_dim} elements'):
             paged_prefill_attention(q[:, None], pages, pages, tables, lens, lens, SCALE, impl=KERNEL)
-    assert paged_decode_attention(q, pages, pages, tables, lens, SCALE, impl='auto').shape == q.shape  # the reference
+    assert decode_step_attention(*step, impl='auto')[0].shape == q.shape  # the reference
     pages = jnp.ones((1, 4, 16, 32), jnp.float32)
     with pytest.raises(ValueError, match='128 query heads per KV head: the prefill kernel takes at most 64'):
         paged_prefill_attention(jnp.ones((3, 1, 128, 32)), pages, pages, tables, lens, lens, SCALE,
@@ -54,8 +55,6 @@ def test_windowed_soft_capped_kernels_fit_sm90_at_head_dim_256(monkeypatch, tmp_
     tables, lens = shape((4, 64), jnp.int32), shape((4,), jnp.int32)
     options = dict(logits_soft_cap=50.0, impl='pallas')
     cases = [
-        (lambda q, k, v, i, t, n, w: paged_decode_attention(q, k, v, t, n, SCALE, i, sliding_window=w, **options),
-         (shape((4, 16, hd), dtype), pools, pools, layer, tables, lens, window)),
         (lambda x, c, s_, k, v, i, sl, t, n, w: decode_step_attention(x, c, s_, k, v, i, sl, t, n, SCALE,
                                                                      sliding_window=w, **options),
          (shape((4, 32 * hd), dtype), shape((4, hd), jnp.float32), shape((4, hd), jnp.float32), pools, pools, layer,

@@ -1,11 +1,11 @@
 """Paged decode attention as a Pallas kernel on the Mosaic GPU backend (Hopper TMA + wgmma): a
-benchmark alternative to ``pallas_kernels.paged_attention.pallas_gpu`` that the API never runs
+benchmark alternative to ``paged_decode.py``'s Pallas kernel that the API never runs
 (same contract as ``paged_decode_attention_pallas``, without its sliding window and soft cap).
 
 One warpgroup per (row, kv_head, split) walks the row's pages through a ring of ``stages``
 shared-memory slots filled by TMA; scores and weighted values are two wgmmas inside an online
 softmax in the log2 domain. The query group is padded to the 64 rows of a wgmma. Splits
-(flash-decoding) write float32 partials merged by ``pallas_gpu.finish_splits``.
+(flash-decoding) write float32 partials merged by ``_flash_decoding.finish_splits``.
 
 ``interpret=True`` runs it in JAX's private Mosaic GPU interpreter, where the two products are
 plain ``jnp.dot``s of the same shared-memory tiles. The design and the Mosaic GPU API it relies
@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels._pallas_tiles import LOG2E
-from pallas_kernels.paged_attention.pallas_gpu import choose_num_splits, finish_splits, split_out_shapes
+from pallas_kernels._flash_decoding import choose_num_splits, finish_splits, split_out_shapes
 
 ROWS = 64                    # rows of a wgmma: the query group is padded to this
 STEP_ROWS = 64               # a step holds at least this many positions (whole pages)
@@ -36,7 +36,7 @@ SMEM_BYTES = 227 * 1024      # shared memory of one H100 block
 class MosaicConfig:
     """``stages``: shared-memory slots of K and V steps (the TMA ring; a 64-position bf16 step of
     head_dim 128 is 32 KB, so 2 slots leave room for two blocks per SM, each computing one step
-    while the next arrives); ``target_programs`` / ``num_splits``: as ``pallas_gpu.DecodeConfig``;
+    while the next arrives); ``target_programs`` / ``num_splits``: as ``_flash_decoding.DecodeConfig``;
     ``semantics``: Mosaic GPU's lowering semantics, ``'lane'`` or ``'warpgroup'`` (the one that runs
     Mosaic GPU's layout inference), or None for JAX's default."""
     stages: int = 2
@@ -238,7 +238,7 @@ def _scratch(dtype, head_dim, block_size, stages, num_splits):
 @functools.partial(jax.jit, static_argnames=('scale', 'config', 'interpret'))
 def paged_decode_attention_mosaic(q, k_pages, v_pages, layer, block_tables, context_lens, scale: float,
                                   config: MosaicConfig = MosaicConfig(), interpret: bool = False):
-    """Same contract as ``pallas_gpu.paged_decode_attention_pallas`` (inputs validated by the
+    """Same contract as ``paged_decode.paged_decode_attention_pallas`` (inputs validated by the
     caller, pools layer-stacked, ``supports`` true)."""
     batch, num_heads, head_dim = q.shape
     layers, kv_heads, num_blocks, block_size, _ = k_pages.shape

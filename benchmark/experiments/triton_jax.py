@@ -1,10 +1,10 @@
 """Paged decode attention as a hand-written Triton kernel launched through ``jax_triton``: a
-benchmark alternative to ``pallas_gpu`` (same contract as ``paged_decode_attention_pallas``, without
-its sliding window and soft cap).
+benchmark alternative to ``paged_decode.py``'s Pallas kernel (same contract as
+``paged_decode_attention_pallas``, without its sliding window and soft cap).
 
 Same algorithm as the Pallas kernel (one program per (row, kv_head, split); the query group padded
 to a 16-row ``tl.dot``; an online softmax in the log2 domain over tiles of positions; flash-decoding
-partials merged by ``pallas_gpu.combine_splits``), written directly in Triton so that what Pallas
+partials merged by ``_flash_decoding.combine_splits``), written directly in Triton so that what Pallas
 hides can differ: a tile inside one page (``tile <= block_size``) reads its page number once, as a
 scalar, and its K and V rows as one contiguous block; pool offsets are 64-bit (a stack of every
 layer's pages passes 2**31 elements); the loop is pipelined by Triton's own ``num_stages``.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._pallas_tiles import LOG2E, tile_for
-from pallas_kernels.paged_attention.pallas_gpu import choose_num_splits, finish_splits, group_pad, split_out_shapes
+from pallas_kernels._flash_decoding import choose_num_splits, finish_splits, group_pad, split_out_shapes
 
 tl = None      # triton.language, bound by ``triton_kernel`` (triton is imported lazily)
 INSTALL_HINT = ('the jax_triton decode kernel needs triton and jax_triton: pip install --no-deps '
@@ -31,7 +31,7 @@ INSTALL_HINT = ('the jax_triton decode kernel needs triton and jax_triton: pip i
 
 @dataclasses.dataclass(frozen=True)
 class TritonConfig:
-    """Launch knobs, as ``pallas_gpu.DecodeConfig``: ``tile_tokens`` positions per loop step (16-bit
+    """Launch knobs, as ``_flash_decoding.DecodeConfig``: ``tile_tokens`` positions per loop step (16-bit
     inputs; halved for float32), Triton's ``num_warps`` / ``num_stages``, the split target."""
     tile_tokens: int = 64
     num_warps: int = 4
@@ -130,7 +130,7 @@ def kernel_constants(q, k_pages, block_tables, scale: float, config: TritonConfi
 @functools.partial(jax.jit, static_argnames=('scale', 'config'))
 def paged_decode_attention_triton(q, k_pages, v_pages, layer, block_tables, context_lens, scale: float,
                                   config: TritonConfig = TritonConfig()):
-    """Same contract as ``pallas_gpu.paged_decode_attention_pallas`` (inputs validated by the
+    """Same contract as ``paged_decode.paged_decode_attention_pallas`` (inputs validated by the
     caller, pools layer-stacked); GPU only."""
     try:
         import jax_triton

@@ -24,8 +24,11 @@ def decode_step_attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_page
     ``[B]``; block_tables int32 ``[B, M]``; context_lens int32 ``[B]`` (this token included).
     Returns ``(out [B, heads, head_dim], k_pages, v_pages)``, the pools shaped as given. Rows with
     context_len 0 are padding: zeros out, their K/V written at their slot (block 0, which no
-    sequence reads). ``scale``, ``sliding_window`` and ``logits_soft_cap`` as
-    ``paged_attention.api.paged_decode_attention`` (the token sits at position context_len - 1).
+    sequence reads). ``scale`` multiplies ``q.k`` (``head_dim ** -0.5``, or Gemma's
+    ``query_pre_attn_scalar ** -0.5``). ``sliding_window``: the token, at position
+    ``context_len - 1 = p``, sees only keys ``p - sliding_window < k`` (None/0: all; an int32
+    scalar may be traced, <= 0 then meaning none); ``logits_soft_cap``: scores
+    ``cap * tanh(scores / cap)`` (see ``_checks.check_window_and_cap``).
     Quantized pools (``kv_quant.QuantizedPages``, K and V): the token's K/V are quantized as
     ``kv_write.api.write_kv`` does, and the attention reads every position dequantized to qkv's dtype,
     the new token's too (what a later step reads back). ``impl``: see ``pallas_kernels._dispatch``

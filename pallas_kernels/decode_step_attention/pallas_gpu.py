@@ -1,12 +1,12 @@
 """The decode step's attention as one Pallas kernel (Triton lowering): rope, KV write and paged
 decode attention of one new token per row.
 
-Why one kernel: at batch 1 a decode step is launch-bound, and per layer XLA ran rope on q, rope on
+Why one kernel: at batch 1 a decode step is launch-bound, and per layer XLA runs rope on q, rope on
 k, a copy slicing v out of the fused projection, the KV write and the attention as five launches
 (plus the split combine). Here the kernel reads the fused projection ``qkv`` itself: the program
 of (row b, KV head h, split s) loads its GQA group of q heads rotated in registers
-(``load_rotated``), and attends over the row's cached positions exactly as the decode kernel does
-(``paged_attention.pallas_gpu``: the same tiles, splits, launch knobs and combine).
+(``load_rotated``), and attends over the row's cached positions tile by tile with an online softmax
+(``_pallas_tiles.attend_pages``), split over the sequence as ``_flash_decoding`` plans it.
 
 The new token never goes through the pool on its way to the attention: split 0 of each (row, KV
 head) loads its k (rotated) and v, stores them at the row's slot (the pools are aliased to the
@@ -34,7 +34,7 @@ from .._pallas_tiles import (Logits, attend_pages, attention_unsupported, group_
                              load_rotated, pool_aliases, pool_outputs, pool_rows, pool_stacks, split_refs, split_tiles,
                              store_quantized, store_split, window_input, window_of, window_start)
 from ..kv_quant import is_quantized
-from ..paged_attention.pallas_gpu import DecodeConfig, finish_splits, group_pad, plan_splits, split_out_shapes
+from .._flash_decoding import DecodeConfig, finish_splits, group_pad, plan_splits, split_out_shapes
 
 
 def unsupported(qkv, k_pages) -> str | None:

@@ -1,13 +1,14 @@
-"""XLA reference of the decode step: the model's own path, op by op (split the fused projection,
-rope, KV write, decode attention), so on a CPU the step computes exactly what it did before the op
-existed. Quantized pools go through the same ops (the write quantizes, the attention reads them
-dequantized)."""
+"""XLA reference of the decode step, op by op: split the fused projection, rope, the KV write
+(``kv_write``'s reference), then decode attention over the paged pools
+(``paged_decode_attention_reference``). Quantized pools go through the same ops (the write
+quantizes, the attention reads them dequantized)."""
 from __future__ import annotations
 
 import jax
 
+from .._dense import causal_window_mask, masked_attention
+from ..kv_quant import gather_kv
 from ..kv_write.reference import write_kv_reference
-from ..paged_attention.reference import paged_decode_attention_reference
 from ..rope import apply_rope
 
 
@@ -18,6 +19,17 @@ def split_qkv(qkv: jax.Array, kv_heads: int, head_dim: int) -> tuple[jax.Array, 
     heads = width // head_dim - 2 * kv_heads
     parts = qkv.reshape(batch, width // head_dim, head_dim)
     return parts[:, :heads], parts[:, heads:heads + kv_heads], parts[:, heads + kv_heads:]
+
+
+def paged_decode_attention_reference(q, k_pages, v_pages, layer, block_tables, context_lens, scale,
+                                     window=None, soft_cap=None):
+    """Row ``b``'s single query, at position ``p = context_lens[b] - 1``, attends to cached
+    positions ``0 .. p`` of layer ``layer`` of the stacked pools, only ``p - window < k`` of them
+    with a ``window`` (int32 scalar, <= 0: none); ``soft_cap`` as ``_dense.masked_attention``."""
+    k = gather_kv(k_pages, block_tables, layer, q.dtype)
+    v = gather_kv(v_pages, block_tables, layer, q.dtype)
+    mask = causal_window_mask((context_lens - 1)[:, None], k.shape[2], window)      # [B, 1, S]
+    return masked_attention(q[:, None], k, v, mask, scale, soft_cap)[:, 0]
 
 
 def decode_step_attention_reference(qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens,

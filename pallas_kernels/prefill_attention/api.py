@@ -21,7 +21,7 @@ def paged_prefill_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array
     (cached tokens including the chunk); query_lens int32 ``[B]`` (valid tokens of the row).
     Returns ``[B, T, heads, head_dim]``; padding tokens are zeros. Softmax in float32.
     ``scale``, ``sliding_window`` and ``logits_soft_cap`` as
-    ``paged_attention.api.paged_decode_attention``: query token ``i`` sits at position
+    ``decode_step_attention.api.decode_step_attention``: query token ``i`` sits at position
     ``p = context_len - query_len + i`` and sees keys ``p - sliding_window < k <= p``.
     ``impl``: see ``pallas_kernels._dispatch`` (default: the Pallas kernel on a GPU).
     """
