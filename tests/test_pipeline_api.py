@@ -45,10 +45,14 @@ def test_infer_is_batch_infer(pipe, answers):
 
 def test_stream_infer_runs_each_prompt_in_its_session(pipe, answers):
     sessions = [pipe.session(), pipe.session()]
+    pipe.chat('Hello!', session=sessions[0], gen_config=GREEDY)
+    assert sessions[0].step > 0
     deltas = list(pipe.stream_infer(PROMPTS, sessions=sessions, gen_config=GREEDY))
     assert len(deltas) > len(PROMPTS)
     assert {(d.index, d.session_id) for d in deltas} == {(i, s.session_id) for i, s in enumerate(sessions)}
     assert _texts(deltas) == dict(enumerate(answers))
+    assert sessions[0].step == 0      # the engine holds no history of it now: a chat in it starts afresh
+    assert pipe.chat(PROMPTS[1], session=sessions[0], gen_config=GREEDY).response.text == answers[1]
     [one] = {d.session_id for d in pipe.stream_infer(PROMPTS[0], sessions=sessions[0], gen_config=GREEDY)}
     assert one == sessions[0].session_id
 

@@ -340,7 +340,8 @@ class AsyncEngine:
 
         ``sessions`` (LMDeploy 0.12+): a ``Session`` per prompt (one for a single prompt), whose id
         each prompt's request runs under, so ``session.abort()`` stops it; the prompt is a whole
-        request, its history given in its messages, as LMDeploy's. Sessions need ``n == 1`` and
+        request, its history given in its messages, as LMDeploy's, so the engine keeps none for the
+        session after it (a later ``chat`` in it starts afresh). Sessions need ``n == 1`` and
         may appear once in a call (a session runs one request at a time): ``ValueError`` otherwise,
         as for a count that differs from the prompts'. A ``GenerationConfig`` (or a list of them)
         in the second position is ``gen_config``, the signature before LMDeploy 0.12.
@@ -383,6 +384,8 @@ class AsyncEngine:
             raise ValueError('sessions lists a session twice; a session runs one request at a time')
         if any(c.n != 1 for c in configs):
             raise ValueError('n > 1 with sessions: a session runs one request at a time; pass sessions=None')
+        for session in sessions:
+            session.step = 0     # each request starts and ends its session's engine history
         return ids
 
     def session(self) -> Session:
