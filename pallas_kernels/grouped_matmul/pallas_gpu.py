@@ -85,7 +85,8 @@ def tile_plan(group_sizes: jax.Array, rows: int, block_m: int) -> tuple[jax.Arra
     tiles = pl.cdiv(span_ends - span_starts, block_m)
     tiles_before = jnp.cumsum(tiles) - tiles                                     # first item of each span
     item = jnp.arange(max_items(rows, groups, block_m), dtype=jnp.int32)
-    span = jnp.searchsorted(jnp.cumsum(tiles), item, side='right').astype(jnp.int32)    # G + 1: unused
+    # one fused comparison of [items, G + 1] (the default method is a loop of launches)
+    span = jnp.searchsorted(jnp.cumsum(tiles), item, side='right', method='compare_all').astype(jnp.int32)
     used = span <= groups
     at = jnp.minimum(span, groups)
     first_row = jnp.where(used, span_starts[at] + (item - tiles_before[at]) * block_m, 0)
