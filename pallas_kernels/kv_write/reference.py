@@ -1,8 +1,8 @@
 """XLA reference of the KV write: one scatter per pool, indexed (layer, block, offset).
 
 The pools are indexed in their own 5-D shape, not through a flattened ``[..., slots, d]`` view: with
-the reshape around the scatter, XLA (CPU) kept two versions of the stack inside the model's scan
-and copied the whole pool several times per layer.
+a reshape around the scatter, XLA (CPU) keeps two versions of the stack inside the model's scan and
+copies the whole pool several times per layer.
 """
 from __future__ import annotations
 

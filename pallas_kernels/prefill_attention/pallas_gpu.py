@@ -126,8 +126,8 @@ def paged_prefill_attention_pallas(q, k_pages, v_pages, layer, block_tables, con
     group_pad = next_pow2(group)
     block_q = choose_block_q(tokens, group_pad, config, head_dim)
     # Float32 dots run as IEEE FMAs on the CUDA cores, their operands in registers: twice the
-    # warps keep a 64-row tile from spilling (seen compiling for sm_90: 4 warps spill 8.6 KB a
-    # thread, 8 warps none).
+    # warps keep a 64-row tile from spilling (with 4 warps a thread's operands do not fit its
+    # registers on sm_90).
     warps = config.num_warps * (2 if q.dtype == jnp.float32 else 1)
     k_rows, v_rows, layer = pool_rows(k_pages, v_pages, layer)
     kernel = functools.partial(

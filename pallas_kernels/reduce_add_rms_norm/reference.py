@@ -1,5 +1,5 @@
 """The reference: XLA's all-reduce (``psum``), then the ``add_rms_norm`` op, which is what the models
-did before this op existed and what they still do where the kernel cannot run."""
+run where the kernel cannot."""
 from __future__ import annotations
 
 import jax

@@ -1,5 +1,5 @@
-"""XLA reference of RMSNorm: the models' own function, moved here, so on a CPU the models compute
-exactly what they did before the op existed."""
+"""XLA reference of RMSNorm, the order of operations Hugging Face uses: what the models compute on a
+CPU."""
 from __future__ import annotations
 
 import jax
