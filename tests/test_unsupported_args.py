@@ -38,7 +38,7 @@ def test_pipeline_takes_lmdeploys_no_op_arguments(pipe):
 
 
 @pytest.mark.parametrize('field, value', [
-    ('response_format', {'type': 'json_object'}), ('logits_processors', [lambda ids, logits: logits]),
+    ('logits_processors', [lambda ids, logits: logits]),
     ('output_logits', 'all'),
     ('output_last_hidden_state', 'generation'), ('return_ppl', True), ('with_cache', True), ('preserve_cache', True),
     ('migration_request', {}), ('return_routed_experts', True), ('repetition_ngram_size', 3),
@@ -124,7 +124,7 @@ def test_a_400_names_the_request_field(client, fields, param, words):
 
 @pytest.mark.parametrize('fields', [
     {'presence_penalty': 0.5}, {'frequency_penalty': -1}, {'logit_bias': {'42': 5}},
-    {'response_format': {'type': 'json_object'}}, {'functions': [{'name': 'f', 'parameters': {}}]},
+    {'functions': [{'name': 'f', 'parameters': {}}]},
     {'modalities': ['text', 'audio']}])
 def test_openai_fields_that_would_be_ignored_are_refused(client, fields):
     client, model = client

@@ -145,6 +145,7 @@ class ChatCompletionRequest(OpenAIRequest, UnsupportedChatFields):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal['none', 'auto', 'required'] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
+    response_format: dict | None = None      # OpenAI's, or LMDeploy's regex_schema: messages.response_format_grammar
 
 
 class CompletionRequest(OpenAIRequest, UnsupportedCompletionFields):

@@ -47,7 +47,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     top = (body.top_logprobs or 0) if body.logprobs else None
     vocab = server.engine.vocab_size
     skip = plan.skip_special_tokens(body.skip_special_tokens)
-    jobs = [Job(i, generation_config(body, new, vocab, top, i, skip), input_ids=ids) for i in range(body.n)]
+    jobs = [Job(i, generation_config(body, new, vocab, top, i, skip, plan.response_format or body.response_format),
+                input_ids=ids) for i in range(body.n)]
     shape = ChatShape(server.engine.tokenizer, top, plan, _reasoning_parsers(server, ids))
     return await _respond(request, body, jobs, shape, len(ids))
 

@@ -13,14 +13,16 @@ from .protocol import ChatCompletionRequest, SamplingFields
 
 
 def generation_config(req: SamplingFields, max_new_tokens: int, vocab_size: int, logprobs: int | None = None,
-                      seed_offset: int = 0, skip_special_tokens: bool | None = None) -> GenerationConfig:
+                      seed_offset: int = 0, skip_special_tokens: bool | None = None,
+                      response_format: dict | None = None) -> GenerationConfig:
     """LMDeploy's server mapping: sampling on (temperature 0 is greedy), stop strings as stop words.
 
     ``seed_offset`` makes the n choices of one seeded request independent yet reproducible;
     ``skip_special_tokens`` overrides the request's (a tool-call parser whose tags are special
-    tokens needs them in the text). The config is checked against the model's ``vocab_size`` too
-    (``top_k``), so that a bad one is refused before any stream starts: an ``APIError`` 400 whose
-    message and ``param`` name the request's field (``stop``, not the config's ``stop_words``).
+    tokens needs them in the text); ``response_format`` constrains the answer (guided decoding).
+    The config is checked against the model's ``vocab_size`` too (``top_k``), so that a bad one is
+    refused before any stream starts: an ``APIError`` 400 whose message and ``param`` name the
+    request's field (``stop``, not the config's ``stop_words``).
     """
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     try:
@@ -28,7 +30,7 @@ def generation_config(req: SamplingFields, max_new_tokens: int, vocab_size: int,
                                   top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                                   repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos,
                                   random_seed=None if req.seed is None else req.seed + seed_offset,
-                                  stop_words=stop or None, logprobs=logprobs,
+                                  stop_words=stop or None, logprobs=logprobs, response_format=response_format,
                                   include_stop_str_in_output=req.include_stop_str_in_output,
                                   spaces_between_special_tokens=req.spaces_between_special_tokens,
                                   skip_special_tokens=(req.skip_special_tokens if skip_special_tokens is None
