@@ -148,3 +148,13 @@ def test_server_answers_carry_their_reasoning_whole_and_streamed(server):
         reasoning += getattr(delta, 'reasoning_content', None) or ''
         content += delta.content or ''
     assert (reasoning, content) == (raw, '')
+
+
+@pytest.mark.parametrize('field, value', [('chat_template_kwargs', {'enable_thinking': False}),
+                                          ('enable_thinking', False)])
+def test_chat_template_arguments_are_refused_not_dropped(server, field, value):
+    _, client, model = server
+    with pytest.raises(openai.BadRequestError, match=field) as info:
+        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'Hi'}], max_tokens=1,
+                                       extra_body={field: value})
+    assert info.value.body['param'] == field
