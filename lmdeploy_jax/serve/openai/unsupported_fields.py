@@ -1,6 +1,6 @@
 """OpenAI request fields this server does not implement, refused unless they ask for nothing.
 
-A client that sends ``presence_penalty=0.5`` or a JSON ``response_format`` expects an effect; an
+A client that sends ``presence_penalty=0.5`` or ``logit_bias`` expects an effect; an
 answer that silently ignored it would look right and be wrong. Each field is declared with the
 values that change nothing (OpenAI's defaults), and anything else is a 400 whose ``param`` names
 the field and whose message says what to use instead. Fields that change no answer (``metadata``,
@@ -29,8 +29,6 @@ class UnsupportedSamplingFields(BaseModel):
 
 
 class UnsupportedChatFields(UnsupportedSamplingFields):
-    response_format: refused({'type': 'text'},
-                             why='guided decoding (JSON, JSON schema, regex) is not implemented yet') = None
     functions: refused([], why='the deprecated functions API is not served; use tools') = None
     function_call: refused('none', why='the deprecated functions API is not served; use tool_choice') = None
     modalities: refused(['text'], why='text is the only output') = None
