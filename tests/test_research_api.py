@@ -13,9 +13,13 @@ from flax import nnx
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lmdeploy_jax
+from lmdeploy_jax import GenerationConfig, TurbomindEngineConfig
 from lmdeploy_jax.checkpoint.source import resolve_model
+from lmdeploy_jax.engine.engine import JaxEngine
+from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.models.layers.decoder import CausalLM
 from lmdeploy_jax.research import input_embedding_grad, logit_lens
+from test_engine_helpers import run_all
 
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, initializer_range=0.2, max_position_embeddings=64,
@@ -134,3 +138,65 @@ def test_token_ids_must_be_a_matrix_of_integers(checkpoint):
                      lambda ids: input_embedding_grad(model, ids, jnp.sum)):
             with pytest.raises(ValueError, match=r'token_ids must be an integer array \[batch, tokens\]'):
                 call(bad)
+
+
+SMALL_ENGINE = dict(dtype='float32', session_len=64, max_batch_size=4, num_cache_blocks=24, cache_block_seq_len=16,
+                    max_prefill_token_num=128, enable_prefix_caching=True)
+SMALL_BUCKETS = dict(decode_batch=[4], prefill_tokens=[32], prefill_batch=[4])
+
+
+def _greedy(engine, prompts: list[list[int]], new_tokens: int = 6) -> list[list[int]]:
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return [r.tokens for r in run_all(engine, [EngineRequest(i, p, gen) for i, p in enumerate(prompts)])]
+
+
+def _fresh_greedy(path: str, prompts: list[list[int]]) -> list[list[int]]:
+    engine = JaxEngine(resolve_model(path), TurbomindEngineConfig(**SMALL_ENGINE), **SMALL_BUCKETS)
+    try:
+        return _greedy(engine, prompts)
+    finally:
+        engine.close()
+
+
+def test_update_weights_serves_the_new_weights_without_a_restart(checkpoint, tmp_path_factory, rng):
+    """After the swap the same prompts (whose first block the prefix cache holds, computed with the
+    old weights) get the tokens of a fresh engine on the new weights."""
+    path, _ = checkpoint
+    other, _ = _tiny_llama(tmp_path_factory, tied=False)
+    new_params = nnx.state(lmdeploy_jax.load_model(other)[0])
+    prompts = [rng.integers(0, CONFIG['vocab_size'], 20).tolist() for _ in range(3)]
+    engine = JaxEngine(resolve_model(path), TurbomindEngineConfig(**SMALL_ENGINE), **SMALL_BUCKETS)
+    try:
+        before = _greedy(engine, prompts)
+        engine.update_weights(new_params)
+        after = _greedy(engine, prompts)
+        assert engine.stats()['prefix_hit_blocks'] == 0
+    finally:
+        engine.close()
+    assert after == _fresh_greedy(other, prompts) and after != before
+
+
+def test_pipeline_update_weights_checks_what_it_is_given(checkpoint, tmp_path_factory, rng):
+    """Through the pipeline: perplexities are the new weights' (as the module computes them), and
+    params of another shape, dtype or tree are refused naming the parameter."""
+    path, _ = checkpoint
+    other, _ = _tiny_llama(tmp_path_factory, tied=False)
+    model, _ = lmdeploy_jax.load_model(other)
+    ids = rng.integers(0, CONFIG['vocab_size'], (1, 12))
+    expected = float(_nll(model.token_logits(jnp.asarray(ids)), jnp.asarray(ids)))
+    params = nnx.to_pure_dict(nnx.state(model))
+    with lmdeploy_jax.pipeline(path, backend_config=TurbomindEngineConfig(**SMALL_ENGINE)) as pipe:
+        assert abs(pipe.get_ppl(ids.tolist())[0] - expected) > 1e-3
+        pipe.update_weights(params)
+        np.testing.assert_allclose(pipe.get_ppl(ids.tolist())[0], expected, rtol=1e-4)
+        bad = {**params, 'norm': {'weight': params['norm']['weight'][:-1]}}
+        with pytest.raises(ValueError, match=r'params/norm/weight: float32 \(63,\), the served parameter is float32'):
+            pipe.update_weights(bad)
+        bad = {**params, 'norm': {'weight': params['norm']['weight'].astype(jnp.bfloat16)}}
+        with pytest.raises(ValueError, match=r'params/norm/weight: bfloat16'):
+            pipe.update_weights(bad)
+        with pytest.raises(ValueError, match=r"missing \['norm/weight'\], unknown \[\]"):
+            pipe.update_weights({k: v for k, v in params.items() if k != 'norm'})
+    with lmdeploy_jax.pipeline(path, backend='pytorch') as pipe:
+        with pytest.raises(NotImplementedError, match="update_weights needs the turbomind backend, not 'pytorch'"):
+            pipe.update_weights(params)

@@ -16,6 +16,7 @@ runs there; the host arrays are built on the engine thread, which alone touches 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,7 @@ from .buckets import make_buckets
 from .kv_pool import cache_state_spec, free_device_bytes, plan_num_blocks
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
+from .weight_swap import place_like
 
 logger = logging.getLogger('lmdeploy_jax')
 
@@ -43,7 +45,7 @@ BUCKET_GROWTH = {'cpu': 4}                     # fewer compiled shapes where com
 # decode steps per compiled call (one host round trip per call); more hides more host time but
 # delays newly arrived prompts and wastes the steps after a row's finish
 DEFAULT_DECODE_STEPS = 8
-_DEFERRED = ('ppl', 'stop')     # commands that must wait until no step is in flight
+_DEFERRED = ('ppl', 'stop', 'weights')     # commands that must wait until no step is in flight
 
 
 class JaxEngine(ThreadedEngine):
@@ -139,7 +141,7 @@ class JaxEngine(ThreadedEngine):
                         if kind == 'stop':
                             self._scheduler.abort_all()
                             return
-                        self._perplexity(*payload)
+                        (self._swap_weights if kind == 'weights' else self._perplexity)(*payload)
                     with self._timed('schedule'):
                         plan = self._scheduler.schedule()
                     in_flight = self._dispatch(plan) if plan is not None else None
@@ -254,6 +256,23 @@ class JaxEngine(ThreadedEngine):
             logger.exception('jax engine: could not accept a request')
             emit(on_output, EngineOutput([], finish_reason='error', error=f'{type(exc).__name__}: {exc}'))
         self._count_taken()
+
+    def update_weights(self, params) -> None:
+        """``AsyncEngine.update_weights``: ``params`` checked and placed on the caller's thread,
+        swapped in by the engine thread between steps."""
+        if self._runner.model.mesh is not None:
+            raise NotImplementedError('update_weights at tp > 1: the fused projections of one device\'s '
+                                      'layout are not regrouped for the mesh yet')
+        placed = place_like(params, self._runner.model.params)
+        result: Future = Future()
+        if not self._command('weights', (placed, result)):
+            raise RuntimeError(f'the {self._thread.name} is closed')
+        result.result()
+
+    def _swap_weights(self, params, result: Future) -> None:
+        self._runner.model = dataclasses.replace(self._runner.model, params=params)
+        self._scheduler.forget_all_kv()
+        result.set_result(None)
 
     def _perplexity(self, seqs: list[list[int]], result: Future) -> None:
         try:

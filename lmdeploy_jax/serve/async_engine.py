@@ -438,6 +438,20 @@ class AsyncEngine:
                 raise ValueError(f'sequence {i} has {len(seq)} tokens, over session_len={self.session_len}')
         return self.engine.get_ppl([list(s) for s in batch])
 
+    def update_weights(self, params) -> None:
+        """Serve ``params`` from the next step on, without a restart (an RL loop's weight sync):
+        the model's parameters in one device's layout and the served dtype, as ``nnx.state`` of
+        ``lmdeploy_jax.load_model(path, dtype)``'s module holds them (or their ``nnx.to_pure_dict``).
+        Every cached KV, the prefix cache's too, is dropped, so requests running meanwhile
+        recompute theirs on the new weights. Raises ValueError naming a parameter that is
+        missing, unknown or of another shape or dtype; NotImplementedError on the pytorch backend
+        or at tp > 1; RuntimeError once closed."""
+        self._check_open()
+        update = getattr(self.engine, 'update_weights', None)
+        if update is None:
+            raise NotImplementedError(f'update_weights needs the turbomind backend, not {self.backend!r}')
+        update(params)
+
     def close(self) -> None:
         """Stop the engine and free its devices; every later call raises ``RuntimeError``."""
         if self._closed:
