@@ -12,9 +12,11 @@
 # standing in as stubs (their CUDA dependencies are on the image), minus every package the image
 # already has, minus OPTIONAL: kernel and media packages vLLM imports only for paths a bf16 Llama on
 # Hopper does not take (MLA, CuTe-DSL and TileLang kernels, FlashInfer, video/audio decoding), and
-# minus FlashAttention 2's library (vLLM uses FlashAttention 3 on Hopper and imports FA2 under a
-# try). Without FlashInfer, vLLM needs VLLM_USE_FLASHINFER_SAMPLER=0 (run_vs_peers.sh sets it).
-# VLLM_FULL=1 keeps all of them.
+# minus three files of the vllm wheel: FlashAttention 2's library (vLLM uses FlashAttention 3 on
+# Hopper and imports FA2 under a try), the MoE kernels' library (imported under a try; dense models
+# call none of its ops) and the Rust frontend binary (used only with VLLM_USE_RUST_FRONTEND=1).
+# Without FlashInfer, vLLM needs VLLM_USE_FLASHINFER_SAMPLER=0 (run_vs_peers.sh sets it).
+# VLLM_FULL=1 keeps all of them (MoE models need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${VLLM_VERSION:-0.26.0}
@@ -98,13 +100,14 @@ for item in json.load(open(sys.argv[1]))['install']:
 EOF
 python3 -m pip download -q --no-deps "${plat[@]}" --find-links "$root/dl" -d "$root/wheels" -r "$root/resolve/carry.txt"
 
-if [ -z "${VLLM_FULL:-}" ]; then   # FlashAttention 2's library out of the vllm wheel (and its RECORD)
+if [ -z "${VLLM_FULL:-}" ]; then   # the unused libraries (above) out of the vllm wheel and its RECORD
     whl=$(ls "$root"/wheels/vllm-"$version"-*.whl)
-    zip -q -d "$whl" vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so
+    unused=(vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so vllm/_moe_C_stable_libtorch.abi3.so vllm/vllm-rs)
+    zip -q -d "$whl" "${unused[@]}"
     tmp=$(mktemp -d)
-    (cd "$tmp" && unzip -q "$OLDPWD/$whl" "vllm-$version.dist-info/RECORD" \
-        && sed -i '/_vllm_fa2_C\.abi3\.so/d' "vllm-$version.dist-info/RECORD" \
-        && zip -q "$OLDPWD/$whl" "vllm-$version.dist-info/RECORD")
+    record=vllm-$version.dist-info/RECORD
+    (cd "$tmp" && unzip -q "$OLDPWD/$whl" "$record" && grep -vF -e "${unused[0]}," -e "${unused[1]}," \
+        -e "${unused[2]}," "$record" > RECORD.kept && mv RECORD.kept "$record" && zip -q "$OLDPWD/$whl" "$record")
     rm -rf "$tmp"
 fi
 
