@@ -54,13 +54,13 @@ def random_prompt_ids(rng: np.random.Generator, vocab_size: int, length: int) ->
 
 
 # The ShareGPT workload's means: vLLM's benchmark_serving.py on 1000 prompts of
-# ShareGPT_V3_unfiltered_cleaned_split.json (seed 0, Llama-3 tokenizer) printed "Total input tokens: 215196"
-# and "Total generated tokens: 197090" in the log of vllm-project/vllm pull request #15911; other published
-# runs print the same input total and 185671 to 197090 generated tokens (the model may stop before the
-# reference reply's length). The range is that script's filter (a prompt of 4 to 1024 tokens, a reply
-# of at least 4, together at most 2048). No spread is published with these figures: lengths are drawn
-# log-normal with SHAREGPT_SIGMA, our assumption, its location set so that the mean over the range
-# equals the published mean.
+# ShareGPT_V3_unfiltered_cleaned_split.json (its default seed; Llama-3.1-8B-Instruct's tokenizer) printed
+# "Total input tokens: 215196" and "Total generated tokens: 197090" in vllm-project/vllm pull request
+# #15720; other published runs print the same input total and 185671 to 197119 generated tokens (the
+# model may stop before the reference reply's length). The range is that script's filter (a prompt of
+# 4 to 1024 tokens, a reply of at least 4, together at most 2048). No spread is published with these
+# figures: lengths are drawn log-normal with SHAREGPT_SIGMA, our assumption, its location set so that
+# the mean over the range equals the published mean.
 SHAREGPT_INPUT_MEAN = 215.2
 SHAREGPT_OUTPUT_MEAN = 197.1
 SHAREGPT_RANGE = (4, 1024)
@@ -168,11 +168,12 @@ class RequestTiming:
 
 
 async def timed_request(pipe, session_id: int, input_ids: list[int], output_len: int,
-                        do_sample: bool = False) -> RequestTiming:
+                        do_sample: bool = False, response_format: dict | None = None) -> RequestTiming:
     """One request; ``do_sample`` samples with ``GenerationConfig``'s defaults (top-k 50, top-p 1.0,
-    temperature 0.8) instead of decoding greedily."""
+    temperature 0.8) instead of decoding greedily; ``response_format`` guides it."""
     from lmdeploy_jax import GenerationConfig
-    config = GenerationConfig(max_new_tokens=output_len, ignore_eos=True, do_sample=do_sample)
+    config = GenerationConfig(max_new_tokens=output_len, ignore_eos=True, do_sample=do_sample,
+                              response_format=response_format)
     start = time.perf_counter()
     first = None
     async for out in pipe.generate(None, session_id, config, stream_response=False, input_ids=input_ids,
@@ -186,15 +187,18 @@ async def timed_request(pipe, session_id: int, input_ids: list[int], output_len:
 
 
 def run_requests(pipe, requests: list[tuple[list[int], int]], progress: bool = True,
-                 session_base: int = 1_000_000, do_sample: bool = False) -> tuple[list[RequestTiming], float]:
-    """Submit all requests at once (the engine batches them); timings and wall seconds."""
+                 session_base: int = 1_000_000, do_sample: bool = False,
+                 response_formats: list[dict | None] | None = None) -> tuple[list[RequestTiming], float]:
+    """Submit all requests at once (the engine batches them); timings and wall seconds.
+    ``response_formats``: one per request (None: unguided), for guided decoding."""
     from tqdm import tqdm
 
     async def run_all():
         bar = tqdm(total=len(requests), disable=not progress or len(requests) < 32, desc='requests')
 
         async def one(i, ids, n):
-            timing = await timed_request(pipe, session_base + i, ids, n, do_sample)
+            timing = await timed_request(pipe, session_base + i, ids, n, do_sample,
+                                         response_formats[i] if response_formats else None)
             bar.update(1)
             return timing
         try:
