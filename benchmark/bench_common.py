@@ -57,10 +57,10 @@ def random_prompt_ids(rng: np.random.Generator, vocab_size: int, length: int) ->
 # ShareGPT_V3_unfiltered_cleaned_split.json (its default seed; Llama-3.1-8B-Instruct's tokenizer) printed
 # "Total input tokens: 215196" and "Total generated tokens: 197090" in vllm-project/vllm pull request
 # #15720; other published runs print the same input total and 185671 to 197119 generated tokens (the
-# model may stop before the reference reply's length). The range is that script's filter (a prompt of
-# 4 to 1024 tokens, a reply of at least 4, together at most 2048). No spread is published with these
-# figures: lengths are drawn log-normal with SHAREGPT_SIGMA, our assumption, its location set so that
-# the mean over the range equals the published mean.
+# model may stop before the reference reply's length). That script keeps a prompt of 4 to 1024 tokens
+# with a reply of at least 4, together at most 2048; both are drawn in [4, 1024] here. No spread is
+# published with these figures: lengths are drawn log-normal with SHAREGPT_SIGMA, our assumption, its
+# location set so that the mean over the range equals the published mean.
 SHAREGPT_INPUT_MEAN = 215.2
 SHAREGPT_OUTPUT_MEAN = 197.1
 SHAREGPT_RANGE = (4, 1024)
