@@ -49,6 +49,19 @@ def test_gptq_round_trip_and_bit_layout(rows, cols, group):
     np.testing.assert_array_equal(back_zeros, zeros)
 
 
+def test_a_transposed_weight_packs_into_contiguous_arrays(tmp_path):
+    """A torch ``[out, in]`` weight is quantized as its transpose; the packed arrays saved by
+    safetensors' numpy writer (which writes the buffer as it lies) load back equal."""
+    from safetensors.numpy import load_file, save_file
+    weight = np.random.default_rng().standard_normal((64, 128)).astype(np.float32)
+    for method, pack in (('awq', ap.pack_awq), ('gptq', ap.pack_gptq)):
+        arrays = dict(zip('abcd', pack(*ap.quantize(weight.T, 64))))
+        assert all(a.flags['C_CONTIGUOUS'] for a in arrays.values()), method
+        save_file(arrays, str(tmp_path / f'{method}.safetensors'))
+        for name, back in load_file(str(tmp_path / f'{method}.safetensors')).items():
+            np.testing.assert_array_equal(back, arrays[name])
+
+
 def test_symmetric_gptq_stores_sevens():
     weight = np.random.default_rng().standard_normal((128, 8)).astype(np.float32)
     codes, zeros, scales = ap.quantize(weight, 64, symmetric=True)

@@ -20,8 +20,9 @@ GPTQ (``quant_method == "gptq"``, ``desc_act`` false, AutoGPTQ's ``checkpoint_fo
     ``scales`` float16 ``[in // g, out]``; ``g_idx`` int32 ``[in]``, ``row // g``.
 
 Codes and zeros are uint8 arrays holding values in [0, 15]; packed words are int32 (the bit pattern
-of the unsigned word). Every function checks shapes and ranges and raises ValueError naming the
-argument and the fault.
+of the unsigned word). Every array returned is C-contiguous (``safetensors.numpy.save_file`` writes
+an array's buffer as it lies in memory), whatever the layout of the inputs. Every function checks
+shapes and ranges and raises ValueError naming the argument and the fault.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def pack_columns(codes: np.ndarray, order=AWQ_ORDER) -> np.ndarray:
     _divisible('codes columns', codes.shape[1], PACK)
     grouped = codes.reshape(codes.shape[0], -1, PACK)[:, :, list(order)]
     shifts = np.arange(PACK, dtype=np.uint32) * BITS
-    return np.bitwise_or.reduce(grouped << shifts, axis=2).astype(np.uint32).view(np.int32)
+    return np.ascontiguousarray(np.bitwise_or.reduce(grouped << shifts, axis=2), np.uint32).view(np.int32)
 
 
 def unpack_columns(words: np.ndarray, order=AWQ_ORDER) -> np.ndarray:
@@ -73,7 +74,7 @@ def unpack_columns(words: np.ndarray, order=AWQ_ORDER) -> np.ndarray:
     nibbles = (words[:, :, None] >> shifts) & 0xF
     codes = np.empty_like(nibbles)
     codes[:, :, list(order)] = nibbles
-    return codes.reshape(words.shape[0], -1).astype(np.uint8)
+    return np.ascontiguousarray(codes.reshape(words.shape[0], -1), np.uint8)
 
 
 def pack_rows(codes: np.ndarray) -> np.ndarray:
@@ -81,12 +82,12 @@ def pack_rows(codes: np.ndarray) -> np.ndarray:
     ``8r + i`` (GPTQ's qweight)."""
     codes = _check_codes('codes', codes)
     _divisible('codes rows', codes.shape[0], PACK)
-    return pack_columns(codes.T, order=range(PACK)).T.copy()
+    return np.ascontiguousarray(pack_columns(codes.T, order=range(PACK)).T)
 
 
 def unpack_rows(words: np.ndarray) -> np.ndarray:
     """The inverse of pack_rows: int32 ``[rows // 8, cols]`` -> uint8 ``[rows, cols]``."""
-    return unpack_columns(np.asarray(words).T, order=range(PACK)).T.copy()
+    return np.ascontiguousarray(unpack_columns(np.asarray(words).T, order=range(PACK)).T)
 
 
 def _check_groups(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> int:
@@ -106,7 +107,7 @@ def pack_awq(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray):
 
     Returns ``(qweight int32 [in, out // 8], qzeros int32 [in // g, out // 8], scales float16)``."""
     _check_groups(codes, zeros, scales)
-    return pack_columns(codes), pack_columns(zeros), np.asarray(scales, np.float16)
+    return pack_columns(codes), pack_columns(zeros), np.ascontiguousarray(scales, np.float16)
 
 
 def unpack_awq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray):
@@ -124,7 +125,8 @@ def pack_gptq(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray):
     group = _check_groups(codes, zeros, scales)
     stored = _check_codes('zeros', zeros, low=GPTQ_ZERO_OFFSET).astype(np.int64) - GPTQ_ZERO_OFFSET
     g_idx = (np.arange(np.asarray(codes).shape[0]) // group).astype(np.int32)
-    return pack_rows(codes), pack_columns(stored, order=range(PACK)), np.asarray(scales, np.float16), g_idx
+    return (pack_rows(codes), pack_columns(stored, order=range(PACK)), np.ascontiguousarray(scales, np.float16),
+            g_idx)
 
 
 def unpack_gptq(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_idx: np.ndarray | None = None):
@@ -159,7 +161,8 @@ def quantize(weight: np.ndarray, group_size: int, symmetric: bool = False):
         zeros = np.clip(np.round(-low / scales) + 1, 1, 15)
     scales = scales.astype(np.float16)
     codes = np.clip(np.round(groups / scales.astype(np.float32)[:, None] + zeros[:, None]), 0, 15)
-    return codes.reshape(weight.shape).astype(np.uint8), zeros.astype(np.uint8), scales
+    return (np.ascontiguousarray(codes.reshape(weight.shape), np.uint8), np.ascontiguousarray(zeros, np.uint8),
+            np.ascontiguousarray(scales))
 
 
 def dequantize(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, dtype=np.float32) -> np.ndarray:
