@@ -26,6 +26,7 @@ from ..models.safetensors_file import SafetensorsCheckpoint
 from ..models.spec import ModelSpec, spec_from_config
 from .awq_checkpoint import AwqCheckpointWriter, write_model_files
 from .calibration import calibration_text, calibration_tokens
+from .clip_search import clip_ranges, clip_weight, sample_tokens
 from .decoder_layer import GROUPS, SEARCH_INPUTS, DecoderLayer, window_tensor
 from .hf_layers import ARCHITECTURES, EMBED, FLOAT_TENSORS, LINEARS, layer_prefix, other_tensor_names, read_layer
 from .scale_search import DEFAULT_RATIO, RatioSearch, quantize
@@ -34,6 +35,7 @@ from .smoothing import foldable_groups, linear_names, smooth_layer
 W_BITS = (4,)
 DTYPES = ('auto', 'float16', 'bfloat16')
 PACK = 8                     # AutoAWQ packs eight 4-bit codes of consecutive output columns per int32
+CLIPPED = ('v', 'o', 'gate', 'up', 'down')      # AutoAWQ leaves q and k unclipped (attention scores)
 
 
 def auto_awq(model: str | None, work_dir: str = './work_dir', calib_dataset: str = 'wikitext2',
@@ -71,7 +73,7 @@ def auto_awq(model: str | None, work_dir: str = './work_dir', calib_dataset: str
         for i in tqdm(range(spec.num_layers), desc='auto_awq', unit='layer'):
             t = {**read_layer(ckpt, i), 'window': window_tensor(spec, i)}
             if hidden:
-                t, hidden = _smooth(layer, t, hidden, searches, w_group_size)
+                t, hidden = _smooth(layer, t, hidden, searches, w_bits, w_group_size)
             _write_layer(writer, i, t, w_bits, w_group_size)
         for name in other_tensor_names(ckpt, spec.num_layers):
             writer.add(name, ckpt.view(name))
@@ -140,22 +142,41 @@ def _searches(layer: DecoderLayer, bits: int, group_size: int) -> dict[str, Rati
             'down': RatioSearch(layer.linear_block, bits, group_size, feed=layer.down_input)}
 
 
-def _smooth(layer: DecoderLayer, t: dict, hidden: list[jax.Array], searches: dict | None,
+def _smooth(layer: DecoderLayer, t: dict, hidden: list[jax.Array], searches: dict | None, bits: int,
             group_size: int) -> tuple[dict, list[jax.Array]]:
     """``t`` smoothed from the statistics of ``hidden`` (the layer's input batches) and the layer's
     float output batches. With ``searches`` (``--search-scale``) each group's ratio is searched
-    against the mean ``|x|``, else it is ``DEFAULT_RATIO`` against the max."""
+    against the mean ``|x|`` and the smoothed weights' clipping ranges are searched too
+    (``clip_search``), else the ratio is ``DEFAULT_RATIO`` against the max."""
     passes = [layer.forward(t, h) for h in hidden]
     groups = foldable_groups(t)
     if searches is None:
         activations = {g: jnp.max(jnp.stack([p.abs_max[g] for p in passes]), axis=0) for g in groups}
-        ratios = dict.fromkeys(groups, DEFAULT_RATIO)
+        smoothed, _ = smooth_layer(t, activations, dict.fromkeys(groups, DEFAULT_RATIO), group_size)
     else:
         tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
         activations = {g: sum(p.abs_sum[g] for p in passes) / tokens for g in groups}
         ratios = {g: searches[g]([t[n] for n in GROUPS[g][0]], t, [p.inputs[SEARCH_INPUTS[g]] for p in passes],
                                  activations[g]) for g in groups}
-    return smooth_layer(t, activations, ratios, group_size), [p.out for p in passes]
+        smoothed, scales = smooth_layer(t, activations, ratios, group_size)
+        smoothed = _clip(layer, t, smoothed, scales, passes, bits, group_size)
+    return smoothed, [p.out for p in passes]
+
+
+def _clip(layer: DecoderLayer, t: dict, smoothed: dict, scales: dict, passes: list, bits: int,
+          group_size: int) -> dict:
+    """``smoothed`` with the weights of ``CLIPPED`` clipped to their searched ranges, each read
+    by sampled tokens of its input as the smoothed layer sees it (divided by its group's scales)."""
+    samples = {name: sample_tokens(jnp.concatenate([p.inputs[name] for p in passes]))
+               for name in ('attn_in', 'o_in', 'mlp_in')}
+    samples['down_in'] = layer.down_input(t, samples['mlp_in'])
+    smoothed = dict(smoothed)
+    for group, (linears, source) in GROUPS.items():
+        x = samples[source] / scales[group] if group in scales else samples[source]
+        for name in linears:
+            if name in CLIPPED:
+                smoothed[name] = clip_weight(smoothed[name], clip_ranges(smoothed[name], x, bits, group_size))
+    return smoothed
 
 
 def _write_layer(writer: AwqCheckpointWriter, index: int, t: dict, bits: int, group_size: int) -> None:

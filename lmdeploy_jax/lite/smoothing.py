@@ -24,12 +24,12 @@ def foldable_groups(t: LayerTensors) -> tuple[str, ...]:
     return tuple(g for g in GROUPS if g != 'o' or t['v'].shape[0] == t['o'].shape[1])
 
 
-def smooth_layer(t: LayerTensors, activations: dict, ratios: dict, group_size: int) -> LayerTensors:
-    """``t`` with each group of ``ratios`` smoothed: ``s = smoothing_scales(activations[group],
-    weight_mean(linears), ratios[group])`` multiplied into the group's linears' columns and
-    divided out of the operation before them (``PREVIOUS``). ``activations[group]`` is the
-    per-channel statistic of the group's input (``[in]``, float32)."""
-    t = dict(t)
+def smooth_layer(t: LayerTensors, activations: dict, ratios: dict, group_size: int) -> tuple[LayerTensors, dict]:
+    """``(t smoothed, the scales by group)``: each group of ``ratios`` smoothed by ``s =
+    smoothing_scales(activations[group], weight_mean(linears), ratios[group])`` multiplied into
+    the group's linears' columns and divided out of the operation before them (``PREVIOUS``).
+    ``activations[group]`` is the per-channel statistic of the group's input (``[in]``, float32)."""
+    t, scales = dict(t), {}
     for group, ratio in ratios.items():
         linears, _ = GROUPS[group]
         previous, is_norm = PREVIOUS[group]
@@ -40,7 +40,8 @@ def smooth_layer(t: LayerTensors, activations: dict, ratios: dict, group_size: i
         t[previous] = t[previous] / (s if is_norm else s[:, None])
         if not is_norm and f'{previous}_bias' in t:
             t[f'{previous}_bias'] = t[f'{previous}_bias'] / s
-    return t
+        scales[group] = s
+    return t, scales
 
 
 def linear_names() -> tuple[str, ...]:
