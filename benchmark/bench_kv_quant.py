@@ -7,8 +7,9 @@ the same pages, then timed, the quantized kernels against the unquantized one of
     python benchmark/bench_kv_quant.py --impl pallas_interpret --batches 2 --contexts 128 --heads 4 \\
         --kv-heads 2 --calls 2 --iters 1 --min-pool-mb 1      # CPU smoke run
 
-Inputs and timing are ``bench_kernels.py``'s (``make_pages``, ``time_calls``: ``--calls`` calls in one
-jitted loop over rotating block-table sets, the median of ``--iters`` runs). Bytes count what a
+Inputs and timing are ``bench_kernels.py``'s (``kernel_ops._common.make_pages``, ``time_calls``:
+``--calls`` calls in one jitted loop over rotating block-table sets, the median of ``--iters``
+runs). Bytes count what a
 call must read: each row's K and V (for quantized pages their codes and their float32 scale and
 zero point per position and KV head), q and the output. One JSON line per case.
 """
@@ -26,10 +27,11 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from bench_kernels import make_pages, relative_error, time_calls  # noqa: E402
+from bench_kernels import relative_error, time_calls  # noqa: E402
 from pallas_kernels import kv_quant  # noqa: E402
 from experiments import paged_decode as decode_gpu  # noqa: E402
 from experiments.paged_decode import paged_decode_attention  # noqa: E402
+from kernel_ops._common import make_pages  # noqa: E402
 
 POLICIES = (0, 8, 4)          # quant_policy: 0 unquantized, else bits
 
