@@ -3,7 +3,8 @@ the GPU under ``LMDEPLOY_JAX_KERNELS=pallas``) against a float64 numpy product g
 against the XLA reference (``jax.lax.ragged_dot_general``), on fresh random inputs: ragged sizes
 with empty groups, one group taking every row, sizes summing short of the rows (the rest zeros),
 row counts that are not a multiple of the tile, both weight layouts, float32 and bfloat16, rows
-gathered through ``lhs_rows`` as the MoE layer sorts its tokens' choices by expert. The
+gathered through ``lhs_rows`` and stored through ``out_rows`` as the MoE layer sorts its tokens'
+choices by expert and back. The
 tile plan covers each row exactly once and never visits an empty group; the kernel compiles for
 sm_90 within its shared memory."""
 from __future__ import annotations
@@ -67,25 +68,28 @@ def test_kernel_matches_the_groups_products(rows, K, N, sizes, transpose_rhs, dt
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_kernel_gathers_the_rows_named_by_lhs_rows(dtype):
-    """``lhs_rows``: 13 tokens each choosing 3 of 6 experts (one expert chosen by none), the 39
-    choices sorted by expert as the MoE layer sorts them; row ``r`` is token ``lhs_rows[r]``. The
-    weights are three layers' stacked, the last used (``layer``), as the MoE layer passes them."""
+def test_kernel_gathers_and_scatters_the_rows_named_by_lhs_rows_and_out_rows(dtype):
+    """13 tokens each choosing 3 of 6 experts (one expert chosen by none), the 39 choices sorted
+    by expert as the MoE layer sorts them: ``lhs_rows`` names each sorted row's token, and
+    ``out_rows`` (the sort's order) puts each product back at its choice. The weights are three
+    layers' stacked, the last used (``layer``), as the MoE layer passes them."""
     rng = np.random.default_rng()
     tokens, k, E, K, N = 13, 3, 6, 40, 24
     experts = np.stack([rng.choice(E - 1, k, replace=False) for _ in range(tokens)]).reshape(-1)
     order = np.argsort(experts, kind='stable')
-    sizes = np.bincount(experts, minlength=E).tolist()
+    sizes = jnp.asarray(np.bincount(experts, minlength=E), jnp.int32)
     x = jnp.asarray(rng.standard_normal((tokens, K)), dtype)
     w = jnp.asarray(rng.standard_normal((3, E, N, K)), dtype)
-    rows = jnp.asarray(order // k, jnp.int32)
-    expected = _expected(np.asarray(x, np.float32)[order // k], np.asarray(w[2], np.float32), sizes, True)
+    rows, out_rows = jnp.asarray(order // k, jnp.int32), jnp.asarray(order, jnp.int32)
+    expected = _expected(np.asarray(x, np.float32)[order // k], np.asarray(w[2], np.float32), sizes.tolist(), True)
+    atol = TOLERANCE[dtype] * np.abs(expected).max()
     for impl in (KERNEL, 'reference'):
-        got = grouped_matmul(x, w, jnp.asarray(sizes, jnp.int32), jnp.int32(2), lhs_rows=rows, transpose_rhs=True,
-                             impl=impl)
-        assert got.shape == (tokens * k, N)
-        atol = TOLERANCE[dtype] * np.abs(expected).max()
-        np.testing.assert_allclose(np.asarray(got, np.float64), expected, atol=atol, rtol=0)
+        sorted_ = grouped_matmul(x, w, sizes, jnp.int32(2), lhs_rows=rows, transpose_rhs=True, impl=impl)
+        by_choice = grouped_matmul(x, w, sizes, jnp.int32(2), lhs_rows=rows, out_rows=out_rows, transpose_rhs=True,
+                                   impl=impl)
+        assert sorted_.shape == by_choice.shape == (tokens * k, N)
+        np.testing.assert_allclose(np.asarray(sorted_, np.float64), expected, atol=atol, rtol=0)
+        np.testing.assert_allclose(np.asarray(by_choice, np.float64)[order], expected, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize('sizes', [[0, 5, 0, 40, 19], [64, 0, 0, 0, 0], [0] * 5, [1, 1, 1, 1, 1]])
@@ -129,17 +133,20 @@ def test_bad_inputs_are_named():
         grouped_matmul(x, w[None], jnp.ones((2,), jnp.int32))
     with pytest.raises(ValueError, match='lhs_rows must be int32'):
         grouped_matmul(x, w, jnp.ones((2,), jnp.int32), lhs_rows=jnp.zeros((6,), jnp.float32))
+    with pytest.raises(ValueError, match=r'out_rows must have shape \(6,\)'):
+        grouped_matmul(x, w, jnp.ones((2,), jnp.int32), lhs_rows=jnp.zeros((6,), jnp.int32),
+                       out_rows=jnp.arange(4, dtype=jnp.int32))
 
 
 @pytest.mark.parametrize('dtype, rows', [(jnp.bfloat16, 8), (jnp.bfloat16, 4096), (jnp.float32, 4096)])
 def test_kernel_fits_sm90(monkeypatch, tmp_path, dtype, rows):
     """Qwen3-30B-A3B's gate/up shapes (48 layers of 128 experts, 2048 -> 1536, 8 choices per
-    token, rows gathered by ``lhs_rows``) compile for sm_90 within its shared memory per block, at
-    a decode step's rows and a prefill's. The layer-stacked weights pass more than 2**32 bytes:
-    64-bit addressing."""
+    token, rows gathered by ``lhs_rows`` and stored by ``out_rows``) compile for sm_90 within its
+    shared memory per block, at a decode step's rows and a prefill's. The layer-stacked weights
+    are more than 2**32 bytes (the lowering then addresses them in 64 bits)."""
     shape = jax.ShapeDtypeStruct
     args = (shape((rows // 8, 2048), dtype), shape((48, 128, 1536, 2048), dtype), shape((128,), jnp.int32),
             shape((), jnp.int32), shape((rows,), jnp.int32))
     _, shared = compile_for_sm90(monkeypatch, tmp_path, lambda x, w, s, i, r: grouped_matmul(
-        x, w, s, i, lhs_rows=r, transpose_rhs=True, impl='pallas'), *args)
+        x, w, s, i, lhs_rows=r, out_rows=r, transpose_rhs=True, impl='pallas'), *args)
     assert shared and max(shared.values()) <= SM90_SHARED_BYTES, shared

@@ -22,7 +22,8 @@ read from ``lhs[lhs_rows[r]]``, so the rows sorted by group are gathered as they
 vLLM's fused-MoE kernel reads its sorted token ids, instead of being copied out first) and the
 ``[block_k, block_n]`` (or, with ``transpose_rhs``, ``[block_n, block_k]``) tile of
 ``rhs[group]``, accumulates their dot in float32 and stores the ``[block_m, block_n]`` result in
-the output's dtype under the span's row mask. Tail items run no K steps and store zeros. The
+the output's dtype under the span's row mask (with ``out_rows``, row ``r`` at ``out[out_rows[r]]``:
+the products go back to the choices' own order as they are stored). Tail items run no K steps and store zeros. The
 column tiles vary fastest in the launch, so the programs running together share one lhs tile and
 the next item (mostly the same group) finds that group's weight tiles in L2.
 
@@ -95,11 +96,14 @@ def tile_plan(group_sizes: jax.Array, rows: int, block_m: int) -> tuple[jax.Arra
 
 
 def _grouped_kernel(group_ref, first_ref, end_ref, layer_ref, *refs, groups, block_m, block_n, block_k,
-                    transpose_rhs, gathered):
+                    transpose_rhs, gathered, scattered):
     """Column tile ``program_id(0)`` of item ``program_id(1)`` (module docstring); ``rhs_ref`` is
-    every layer's groups, ``[layers * groups, ...]``; with ``gathered`` the refs start with
-    ``lhs_rows``."""
-    rows_ref, (lhs_ref, rhs_ref, o_ref) = (refs[0], refs[1:]) if gathered else (None, refs)
+    every layer's groups, ``[layers * groups, ...]``; the refs start with ``lhs_rows`` when
+    ``gathered``, then ``out_rows`` when ``scattered``."""
+    refs = list(refs)
+    rows_ref = refs.pop(0) if gathered else None
+    out_rows_ref = refs.pop(0) if scattered else None
+    lhs_ref, rhs_ref, o_ref = refs
     j, i = pl.program_id(0), pl.program_id(1)
     group, first, end = group_ref[i], first_ref[i], end_ref[i]
     K = lhs_ref.shape[1]
@@ -107,6 +111,8 @@ def _grouped_kernel(group_ref, first_ref, end_ref, layer_ref, *refs, groups, blo
     rows = first + jnp.arange(block_m)
     row_ok = rows < end
     sources = plgpu.load(rows_ref.at[rows], mask=row_ok, other=0) if gathered else rows
+    # masked rows target past the output (never stored; no two rows of a tile share a target)
+    targets = plgpu.load(out_rows_ref.at[rows], mask=row_ok, other=o_ref.shape[0]) if scattered else rows
     cols = j * block_n + jnp.arange(block_n)
     col_ok = cols < N
     g = layer_ref[0] * groups + jnp.minimum(group, groups - 1)          # its weights' row in the stack
@@ -123,13 +129,13 @@ def _grouped_kernel(group_ref, first_ref, end_ref, layer_ref, *refs, groups, blo
         return acc + plgpu.dot(a, b, precision=EXACT)
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
-    plgpu.store(o_ref.at[rows[:, None], cols[None, :]], acc.astype(o_ref.dtype),
+    plgpu.store(o_ref.at[targets[:, None], cols[None, :]], acc.astype(o_ref.dtype),
                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 @functools.partial(jax.jit, static_argnames=('transpose_rhs', 'config', 'interpret'))
 def grouped_matmul_pallas(lhs, rhs, group_sizes, layer, transpose_rhs: bool, config: GroupedConfig = GroupedConfig(),
-                          interpret: bool = False, lhs_rows=None):
+                          interpret: bool = False, lhs_rows=None, out_rows=None):
     """Same contract as ``api.grouped_matmul`` (inputs validated there; ``rhs`` layer-stacked
     ``[layers, G, ...]``, ``layer`` an int32 scalar)."""
     K = lhs.shape[1]
@@ -143,7 +149,8 @@ def grouped_matmul_pallas(lhs, rhs, group_sizes, layer, transpose_rhs: bool, con
     block_k = max(MIN_DOT, min(block_k, next_pow2(K)))
     plan = tile_plan(group_sizes, M, block_m)
     kernel = functools.partial(_grouped_kernel, groups=groups, block_m=block_m, block_n=block_n, block_k=block_k,
-                               transpose_rhs=transpose_rhs, gathered=lhs_rows is not None)
+                               transpose_rhs=transpose_rhs, gathered=lhs_rows is not None,
+                               scattered=out_rows is not None)
     return pl.pallas_call(
         kernel,
         grid=(pl.cdiv(N, block_n), plan[0].shape[0]),
@@ -151,5 +158,5 @@ def grouped_matmul_pallas(lhs, rhs, group_sizes, layer, transpose_rhs: bool, con
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name='grouped_matmul',
-    )(*plan, layer.reshape(1), *([] if lhs_rows is None else [lhs_rows]), lhs,
+    )(*plan, layer.reshape(1), *(rows for rows in (lhs_rows, out_rows) if rows is not None), lhs,
       rhs.reshape(layers * groups, *rhs.shape[2:]))        # free, row-major: the kernel addresses the layer

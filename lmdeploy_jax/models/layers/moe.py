@@ -86,8 +86,8 @@ def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.
     group_sizes = jnp.bincount(choices, length=gate_up.shape[-3]).astype(jnp.int32)
     gate, up = jnp.split(grouped_matmul(x, gate_up, group_sizes, layer, lhs_rows=(order // k).astype(jnp.int32),
                                         transpose_rhs=True, impl=impl), 2, axis=-1)
-    y = grouped_matmul(act(gate) * up, down, group_sizes, layer, transpose_rhs=True, impl=impl)
-    return y[jnp.argsort(order)]
+    return grouped_matmul(act(gate) * up, down, group_sizes, layer, out_rows=order.astype(jnp.int32),
+                          transpose_rhs=True, impl=impl)
 
 
 def per_choice_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act,
