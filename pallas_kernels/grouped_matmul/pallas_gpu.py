@@ -22,10 +22,12 @@ read from ``lhs[lhs_rows[r]]``, so the rows sorted by group are gathered as they
 vLLM's fused-MoE kernel reads its sorted token ids, instead of being copied out first) and the
 ``[block_k, block_n]`` (or, with ``transpose_rhs``, ``[block_n, block_k]``) tile of
 ``rhs[group]``, accumulates their dot in float32 and stores the ``[block_m, block_n]`` result in
-the output's dtype under the span's row mask (with ``out_rows``, row ``r`` at ``out[out_rows[r]]``:
-the products go back to the choices' own order as they are stored). Tail items run no K steps and store zeros. The
-column tiles vary fastest in the launch, so the programs running together share one lhs tile and
-the next item (mostly the same group) finds that group's weight tiles in L2.
+the output's dtype under the span's row mask (with ``out_rows``, row ``r`` at
+``out[out_rows[r]]``: the products go back to the choices' own order as they are stored). Tail
+items run no K steps and store zeros. The column tiles vary fastest in the launch, so the
+programs running together share one lhs tile and the next item (mostly the same group) finds
+that group's weight tiles in L2. ``rhs`` is every layer's groups, ``[layers * G, ...]`` (a free
+reshape), the layer's row found in the kernel, so no XLA op slices the layer out before it.
 
 Tiles: Triton dots need every extent at least 16 and a power of two; K and N need not be multiples
 of the tiles (masked). Float32 dots are IEEE (``EXACT``), which the float32 engine needs.
