@@ -1,9 +1,10 @@
 """The harness of the model-family tests (``test_model_families.py``, ``test_family_*.py``): tiny
 random float32 checkpoints made by transformers' own classes, the PyTorch reference backend's
 greedy tokens, transformers' last-position logits, and the JAX engine and decoder at tp=1 (XLA
-reference kernels) and tp=2 (simulated CPU devices, Pallas kernels in interpret mode), run in one
-child process (``python family_harness.py SPEC OUT``), since the simulated device count is fixed
-when jax starts (see ``test_tensor_parallel.py``).
+reference kernels) and tp=2 (simulated CPU devices, Pallas kernels in interpret mode), each tp in a
+child process of its own (``python family_harness.py SPEC TP OUT``), since the simulated device
+count is fixed when jax starts (see ``test_tensor_parallel.py``). The children run side by side,
+while this process computes the references.
 
 A family is ``(config_cls, model_cls, extra)``: the config made from ``TINY`` updated by ``extra``,
 or ``(make, extra)`` where ``make(config_fields, path, rng)`` writes the checkpoint itself and
@@ -25,7 +26,6 @@ from test_tensor_parallel import _env
 from lmdeploy_jax.checkpoint.source import ModelSource
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
-from lmdeploy_jax.models import load_model
 from lmdeploy_jax.pytorch.engine import PytorchEngine
 
 WINDOW, NEW_TOKENS, SESSION = 8, 32, 80
@@ -48,16 +48,17 @@ def reference_tokens(path: str, prompts: list[list[int]]) -> list[list[int]]:
         engine.close()
 
 
-def build_families(families: dict, tmp_path_factory, reference_path=None) -> dict[str, dict]:
+def build_families(families: dict, tmp_path_factory, reference_path=None, tps=None) -> dict[str, dict]:
     """Per family of ``families``: the checkpoint's path, its 4 prompts and the prefix-cache prompt,
     the reference's tokens for them (from the checkpoint at ``reference_path(name, path)`` when
     given: a transformers checkpoint of the same model), transformers' last-position logits of the
     4 prompts, and those of the same weights with no window (what an engine that ignored the
-    window would give)."""
+    window would give). With ``tps`` (``{family: its tps}``), also ``'jax'``: ``{tp: the JAX
+    engine's results}`` (``JaxChildren``), started once the checkpoints are written."""
     seed = int(np.random.SeedSequence().entropy % (1 << 30))
     print(f'families seed {seed}')
     rng = np.random.default_rng(seed)
-    out = {}
+    out, models = {}, {}
     for name, family in families.items():
         torch.manual_seed(int(rng.integers(1 << 30)))
         path = str(tmp_path_factory.mktemp(name))
@@ -71,27 +72,63 @@ def build_families(families: dict, tmp_path_factory, reference_path=None) -> dic
         vocab = hf.config.vocab_size
         prompts = [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENS]
         cached = prompts[-1][:PREFIX] + rng.integers(0, vocab, 6).tolist()
-        with torch.no_grad():
-            logits = [hf(torch.tensor([p])).logits[0, -1].numpy() for p in prompts]
-            hf.config.sliding_window = 1 << 20          # wider than any prompt: no window
-            unwindowed = [hf(torch.tensor([p])).logits[0, -1].numpy() for p in prompts]
-        reference = reference_path(name, path) if reference_path else path
-        out[name] = dict(path=path, prompts=prompts, cached=cached, logits=logits, unwindowed=unwindowed,
-                         tokens=reference_tokens(reference, prompts + [cached]))
+        out[name], models[name] = dict(path=path, prompts=prompts, cached=cached), hf
+    children = JaxChildren(out, tmp_path_factory.mktemp('jax'), tps) if tps else None
+    try:
+        for name, hf in models.items():
+            f = out[name]
+            with torch.no_grad():
+                f['logits'] = [hf(torch.tensor([p])).logits[0, -1].numpy() for p in f['prompts']]
+                hf.config.sliding_window = 1 << 20          # wider than any prompt: no window
+                f['unwindowed'] = [hf(torch.tensor([p])).logits[0, -1].numpy() for p in f['prompts']]
+            reference = reference_path(name, f['path']) if reference_path else f['path']
+            f['tokens'] = reference_tokens(reference, f['prompts'] + [f['cached']])
+    except BaseException:
+        if children:
+            children.kill()
+        raise
+    results = children.wait() if children else None
+    for name, f in out.items():
+        if results is not None:
+            f['jax'] = {tp: results[tp][name] for tp in tps[name]}
     return out
 
 
-def run_jax(families: dict[str, dict], tmp) -> dict:
-    """``{family: {tp: {'tokens', 'cached_tokens', 'prefix_hit_blocks', 'logits'}}}`` from the child
-    process, for ``build_families``' output."""
-    spec = {name: {k: f[k] for k in ('path', 'prompts', 'cached')} for name, f in families.items()}
-    (tmp / 'spec.json').write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, __file__, str(tmp / 'spec.json'), str(tmp / 'out.json')],
-                          env=_env(tmp, max(KERNELS)), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    print(proc.stderr[-2000:])
-    return {name: {int(tp): r for tp, r in by_tp.items()}
-            for name, by_tp in json.loads((tmp / 'out.json').read_text()).items()}
+class JaxChildren:
+    """The JAX engine's results for ``families`` (``{name: {'path', 'prompts', 'cached'}}``) at
+    each family's tps (``tps``: ``{name: tps}``), one child process per tp, running while the
+    caller goes on."""
+
+    def __init__(self, families: dict[str, dict], tmp, tps: dict[str, tuple[int, ...]]):
+        self.outs, self.procs = {}, {}
+        for tp in sorted({tp for family_tps in tps.values() for tp in family_tps}):
+            spec = {name: {k: f[k] for k in ('path', 'prompts', 'cached')}
+                    for name, f in families.items() if tp in tps[name]}
+            (tmp / f'spec{tp}.json').write_text(json.dumps(spec))
+            self.outs[tp] = tmp / f'out{tp}.json'
+            self.procs[tp] = subprocess.Popen([sys.executable, __file__, str(tmp / f'spec{tp}.json'), str(tp),
+                                               str(self.outs[tp])], env=_env(tmp / f'tp{tp}', tp),
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> dict:
+        """``{tp: {family: {'tokens', 'cached_tokens', 'prefix_hit_blocks', 'logits'}}}``; every
+        child is waited for (killed past the timeout) before a failure is raised."""
+        errors = {}
+        for tp, proc in self.procs.items():
+            try:
+                _, errors[tp] = proc.communicate(timeout=900)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, errors[tp] = proc.communicate()
+            print(errors[tp][-2000:])
+        for tp, proc in self.procs.items():
+            assert proc.returncode == 0, f'tp={tp}: {errors[tp][-4000:]}'
+        return {tp: json.loads(out.read_text()) for tp, out in self.outs.items()}
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.communicate()
 
 
 def check_greedy_tokens(families: dict, jax_results: dict, name: str, tp: int) -> None:
@@ -115,25 +152,27 @@ def check_the_window_matters(family: dict) -> None:
             assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
 
 
-def family_checks(specs: dict, reference_path=None) -> tuple:
+def family_checks(specs: dict, reference_path=None, tp1_only: dict | None = None) -> tuple:
     """The fixtures and tests every family test module runs, for ``specs`` (as ``build_families``
-    takes them): ``families, jax_results, test_greedy_tokens_equal_the_reference,
+    takes them) at each tp of ``KERNELS``, and ``tp1_only`` at tp=1 alone: ``families,
+    jax_results, test_greedy_tokens_equal_the_reference,
     test_last_position_logits_match_transformers``, to be bound to those names in the module."""
+    tps = {**{name: tuple(KERNELS) for name in specs}, **{name: (1,) for name in tp1_only or {}}}
+    cases = [(name, tp) for name, family_tps in tps.items() for tp in family_tps]
+
     @pytest.fixture(scope='module')
     def families(tmp_path_factory) -> dict[str, dict]:
-        return build_families(specs, tmp_path_factory, reference_path)
+        return build_families({**specs, **(tp1_only or {})}, tmp_path_factory, reference_path, tps)
 
     @pytest.fixture(scope='module')
-    def jax_results(families, tmp_path_factory) -> dict:
-        return run_jax(families, tmp_path_factory.mktemp('jax'))
+    def jax_results(families) -> dict:
+        return {name: f['jax'] for name, f in families.items()}
 
-    @pytest.mark.parametrize('tp', KERNELS)
-    @pytest.mark.parametrize('name', specs)
+    @pytest.mark.parametrize('name,tp', cases)
     def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
         check_greedy_tokens(families, jax_results, name, tp)
 
-    @pytest.mark.parametrize('tp', KERNELS)
-    @pytest.mark.parametrize('name', specs)
+    @pytest.mark.parametrize('name,tp', cases)
     def test_last_position_logits_match_transformers(families, jax_results, name, tp):
         for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
             _assert_logits_close(np.asarray(ours, np.float32), expected)
@@ -142,9 +181,10 @@ def family_checks(specs: dict, reference_path=None) -> tuple:
 
 
 def _jax_family(path: str, prompts: list[list[int]], cached: list[int], tp: int) -> dict:
+    """The engine's greedy tokens for ``prompts``, then for ``cached`` (its prefix cache hits), and
+    the decoder's last-position logits of ``prompts`` from the model the engine loaded."""
     import os
     from lmdeploy_jax.engine import JaxEngine
-    from lmdeploy_jax.parallel.mesh import make_tp_mesh
     os.environ['LMDEPLOY_JAX_KERNELS'] = KERNELS[tp]        # read when the steps are traced
     source = ModelSource(path, path)
     config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=SESSION, max_batch_size=4,
@@ -155,23 +195,22 @@ def _jax_family(path: str, prompts: list[list[int]], cached: list[int], tp: int)
         tokens = [r.tokens for r in run_all(engine, [EngineRequest(i, p, gen) for i, p in enumerate(prompts)])]
         cached_tokens = run_all(engine, [EngineRequest(len(prompts), cached, gen)])[0].tokens
         hits = engine._scheduler.blocks.prefix_hit_blocks
+        model = engine._runner.model
     finally:
         engine.close()
-    run = PagedRun(load_model(source, 'float32', make_tp_mesh(tp) if tp > 1 else None), prompts)
-    logits = run.step([len(p) for p in prompts], max(map(len, prompts)))
+    logits = PagedRun(model, prompts).step([len(p) for p in prompts], max(map(len, prompts)))
     return dict(tokens=tokens, cached_tokens=cached_tokens, prefix_hit_blocks=hits,
                 logits=[row[-1].tolist() for row in logits])
 
 
-def main(spec_path: str, out_path: str) -> None:
+def main(spec_path: str, tp: str, out_path: str) -> None:
     import time
     spec = json.loads(open(spec_path).read())
     out = {}
     for name, f in spec.items():
-        for tp in KERNELS:
-            start = time.perf_counter()
-            out.setdefault(name, {})[tp] = _jax_family(f['path'], f['prompts'], f['cached'], tp)
-            print(f'{name} tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
+        start = time.perf_counter()
+        out[name] = _jax_family(f['path'], f['prompts'], f['cached'], int(tp))
+        print(f'{name} tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
     with open(out_path, 'w') as fh:
         json.dump(out, fh)
 
