@@ -57,8 +57,10 @@ def test_prefill_many_query_blocks_and_tiles_bf16():
 
 @pytest.mark.parametrize('impl', [KERNEL, 'reference'])
 def test_prefill_reads_only_its_layer_of_stacked_pools(impl):
-    """As ``test_decode_reads_only_its_layer_of_stacked_pools``: layer 2 of a stack of 4, the
-    others NaN; the reference reads the clean pools."""
+    """The engine's pools stack every layer; the op reads only the layer it is given (an int32
+    scalar, traced inside the model's scan over layers): layer 2 of a stack of 4, the others NaN.
+    The reference reads clean pools (it gathers whole pages, poisoned slots included, and masks
+    after)."""
     pools, q, qlens, ref, padding = prefill_case(8, 16, 2, [40, 0, 17], [5, 0, 17], 17)
     out = paged_prefill_attention(q, *pools.stacked(2, 4, clean=impl == 'reference'), *pools.tables(), qlens, SCALE,
                                   jnp.int32(2), impl=impl)
