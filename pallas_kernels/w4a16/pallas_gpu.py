@@ -14,7 +14,8 @@ Two shapes of launch (``config_for``):
   ``[splits, M, N]`` are summed by XLA (small at small M);
 - prefill (large M, bound by the tensor cores): wide M and N tiles, K not split, software
   pipelined over K by ``num_stages``.
-M is padded to the M tile; N must be a multiple of the N tile, K of ``TILE_K``.
+Rows past M are masked (no padded copy of ``x``, no slice of the output); N must be a multiple of
+the N tile, K of ``TILE_K``.
 """
 from __future__ import annotations
 
@@ -72,11 +73,15 @@ def config_for(m: int, n: int, k: int) -> W4Config:
 
 def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_m, block_n, tiles, group):
     """Output tile (program 0, program 1) of split ``program 2``: K tiles
-    ``[program 2 * tiles, (program 2 + 1) * tiles)``."""
-    rows = pl.ds(pl.program_id(0) * block_m, block_m)
+    ``[program 2 * tiles, (program 2 + 1) * tiles)``. ``x [M, K]`` is read and the output
+    ``[splits * M, N]`` written under a mask over the rows past M (no padded copy of ``x``)."""
+    m = x_ref.shape[0]
+    rows = pl.program_id(0) * block_m + jnp.arange(block_m)
+    row_ok = (rows < m)[:, None]
     cols = pl.ds(pl.program_id(1) * block_n, block_n)
     first = pl.program_id(2) * tiles
     per_group = min(NIBBLES, group // PIECE)
+    piece = jnp.arange(PIECE)
 
     def tile(t, acc):
         base = first + t
@@ -89,14 +94,17 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_m, block_n, tiles, group
             for j in range(g0, g0 + per_group):
                 codes = (jnp.right_shift(words, 4 * j) & 0xF).astype(jnp.float32)
                 w = (codes - zero).astype(x_ref.dtype)
-                xs = x_ref[rows, pl.ds(base * TILE_K + j * PIECE, PIECE)]
+                k_cols = base * TILE_K + j * PIECE + piece
+                xs = plgpu.load(x_ref.at[rows[:, None], k_cols[None, :]], mask=row_ok, other=0)
                 d = plgpu.dot(xs, w, precision=EXACT)
                 part = d if part is None else part + d
             acc = acc + part * scale
         return acc
 
     acc = lax.fori_loop(0, tiles, tile, jnp.zeros((block_m, block_n), jnp.float32))
-    o_ref[pl.program_id(2), rows, cols] = acc.astype(o_ref.dtype)
+    n_cols = pl.program_id(1) * block_n + jnp.arange(block_n)
+    plgpu.store(o_ref.at[(pl.program_id(2) * m + rows)[:, None], n_cols[None, :]], acc.astype(o_ref.dtype),
+                mask=row_ok)
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'interpret'))
@@ -110,16 +118,14 @@ def w4a16_matmul_pallas(x: jax.Array, qweight: jax.Array, scales: jax.Array, zer
     tiles = k // TILE_K
     if tiles % config.splits or n % config.block_n:
         raise ValueError(f'{config} does not divide K={k} ({tiles} tiles) and N={n}')
-    m_pad = -(-m // config.block_m) * config.block_m
-    x_pad = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     out_dtype = jnp.float32 if config.splits > 1 else x.dtype
     out = pl.pallas_call(
         functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n, tiles=tiles // config.splits,
                           group=k // scales.shape[0]),
-        grid=(m_pad // config.block_m, n // config.block_n, config.splits),
-        out_shape=jax.ShapeDtypeStruct((config.splits, m_pad, n), out_dtype),
+        grid=(pl.cdiv(m, config.block_m), n // config.block_n, config.splits),
+        out_shape=jax.ShapeDtypeStruct((config.splits * m, n), out_dtype),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name='w4a16_matmul',
-    )(x_pad, qweight, scales, zeros)
-    return out.sum(axis=0)[:m].astype(x.dtype) if config.splits > 1 else out[0, :m]
+    )(x, qweight, scales, zeros)
+    return out.reshape(config.splits, m, n).sum(axis=0).astype(x.dtype) if config.splits > 1 else out

@@ -26,7 +26,7 @@ from ..spec import ModelSpec
 from ..weight_map import Path, Quantized, Source
 from .linear import Linear, _leading, linear
 
-QUANTIZED_LEAVES = ('qweight', 'scales', 'zeros')
+QUANTIZED_LEAVES = rules.QUANTIZED_LEAVES     # qweight, scales, zeros
 SCALE_DTYPE = jnp.float16          # AWQ/GPTQ checkpoints store float16 scales; kept exact
 
 
@@ -91,7 +91,6 @@ def quantized_weight_map(spec: ModelSpec, weight_map: dict[Path, Source], params
             for leaf in QUANTIZED_LEAVES:
                 out[(*path[:-1], leaf)] = Quantized(source, leaf, spec.quantization.method)
     return out
-
 
 
 def check_tensor_parallel(spec: ModelSpec, tp: int = 1) -> None:
