@@ -120,6 +120,8 @@ class Guide:
     def bitmask(self, requests: list[EngineRequest], num_rows: int) -> np.ndarray | None:
         """The next-token bitmask of each row [num_rows, words] (int32), or None when no row is
         guided. Rows past ``requests`` (padding) and unguided rows allow every token."""
+        if not self._matchers:
+            return None
         guided = [(i, self._matchers[id(r)]) for i, r in enumerate(requests) if id(r) in self._matchers]
         if not guided:
             return None
