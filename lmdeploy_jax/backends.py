@@ -32,6 +32,9 @@ def _convert_config(config, target_cls):
         if config.rope_scaling_factor:     # it changes the outputs: refused, not dropped
             raise ValueError(f'rope_scaling_factor={config.rope_scaling_factor} cannot be applied by the pytorch '
                              "backend, which runs the checkpoint's own rope (set rope_scaling in its config.json)")
+        if config.model_format not in (None, 'hf'):     # the torch model loads float weights only
+            raise ValueError(f'model_format={config.model_format!r} (4-bit weights) is loaded by the turbomind '
+                             "backend only; the pytorch backend takes model_format None or 'hf'")
         if config.quant_policy:     # the torch model keeps its KV cache unquantized
             raise ValueError(f'quant_policy={config.quant_policy} (KV cache quantization) is applied by the turbomind '
                              'backend only; the pytorch backend supports quant_policy=0')

@@ -189,6 +189,8 @@ def test_model_format_must_match_the_checkpoint(copy_of):
     path = copy_of('llama')
     with pytest.raises(ValueError, match="model_format='awq' does not match the checkpoint: .* unquantized"):
         pipeline(path, backend_config=TurbomindEngineConfig(model_format='awq'))
+    with pytest.raises(ValueError, match="model_format='awq' .* is loaded by the turbomind backend only"):
+        pipeline(path, backend='pytorch', backend_config=TurbomindEngineConfig(model_format='awq'))
     with pytest.raises(ValueError, match='model_format'):
         TurbomindEngineConfig(model_format='fp8')
 
