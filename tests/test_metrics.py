@@ -96,7 +96,7 @@ FRANCE = [{'role': 'user', 'content': 'What is the capital of France?'}]
 
 
 def _chat(client, model, stream=False, **fields):
-    kwargs = dict(model=model, messages=FRANCE, max_tokens=40, temperature=0, extra_body=fields)
+    kwargs = dict(model=model, messages=FRANCE, max_tokens=12, temperature=0, extra_body=fields)
     if not stream:
         resp = client.chat.completions.create(**kwargs)
         return resp.choices[0].message.content, resp.choices[0].finish_reason, resp.usage.completion_tokens
@@ -105,14 +105,11 @@ def _chat(client, model, stream=False, **fields):
     return text, [c.choices[0].finish_reason for c in chunks if c.choices][-1], chunks[-1].usage.completion_tokens
 
 
-def test_include_stop_str_in_output_keeps_the_stop_token_and_word(server):
+def test_include_stop_str_in_output_keeps_the_stop_token(server):
+    """The stop token the engine reports (the stop-word case is host-side: test_pipeline_api.py)."""
     _, client, model = server
     plain, reason, tokens = _chat(client, model)
     assert reason == 'stop' and 'Paris' in plain
     kept = (plain + '<|im_end|>', 'stop', tokens + 1)
     assert _chat(client, model, include_stop_str_in_output=True) == kept
     assert _chat(client, model, True, include_stop_str_in_output=True) == kept
-    cut = plain.index('Paris')
-    assert _chat(client, model, stop=['Paris'])[:2] == (plain[:cut], 'stop')
-    assert _chat(client, model, stop=['Paris'], include_stop_str_in_output=True)[:2] == (
-        plain[:cut + len('Paris')], 'stop')

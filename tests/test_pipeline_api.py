@@ -99,6 +99,10 @@ def test_include_stop_str_in_output_on_the_reference_backend(pipe):
     assert (kept.text, kept.token_ids, kept.generate_token_len) == (
         plain.text + pipe.tokenizer.decode([eos], skip_special_tokens=False), plain.token_ids + [eos],
         plain.generate_token_len + 1)
+    cut = plain.text.index('Paris')
+    for include, end in ((False, cut), (True, cut + len('Paris'))):
+        config = GenerationConfig(max_new_tokens=40, stop_words=['Paris'], include_stop_str_in_output=include)
+        assert pipe.infer(PROMPTS[0], gen_config=config).text == plain.text[:end]
 
 
 
