@@ -70,7 +70,7 @@ WORKS = {
         'session_len': 'test_engine_serving.py', 'max_batch_size': 'test_engine_serving.py',
         'cache_max_entry_count': 'test_hardening_engine.py', 'enable_prefix_caching': 'test_engine_serving.py',
         'quant_policy': 'test_kv_quant_engine.py', 'model_format': 'test_quantized_checkpoint.py',
-        'ep': 'test_family_moe.py', 'nnodes': 'test_engine_config.py', 'node_rank': 'test_engine_config.py',
+        'nnodes': 'test_engine_config.py', 'node_rank': 'test_engine_config.py',
         'dist_init_addr': 'test_engine_config.py', 'devices': 'test_engine_config.py',
         'cache_block_seq_len': 'test_engine_multistep.py', 'rope_scaling_factor': 'test_rope_scaling.py',
         'max_prefill_token_num': 'test_engine_serving.py', 'communicator': 'test_engine_config.py'},
@@ -84,7 +84,7 @@ REFUSED = {
         'output_last_hidden_state': 'generation', 'return_ppl': True, 'with_cache': True, 'preserve_cache': True,
         'migration_request': {}, 'return_routed_experts': True, 'repetition_ngram_size': 3,
         'repetition_ngram_threshold': 2},
-    TurbomindEngineConfig: {},
+    TurbomindEngineConfig: {'ep': 2},
     PytorchEngineConfig: {'quant_policy': 8},
 }
 # taken with no effect, and why: the pytorch backend is a reference (transformers' own model and
