@@ -258,8 +258,9 @@ class JaxEngine(ThreadedEngine):
         self._count_taken()
 
     def update_weights(self, params) -> None:
-        """``AsyncEngine.update_weights``: ``params`` checked and placed on the caller's thread,
-        swapped in by the engine thread between steps."""
+        """``AsyncEngine.update_weights``: ``params`` checked and placed on the caller's thread
+        (old and new weights both on the device until the swap; arrays already placed as the
+        served ones are not copied), swapped in by the engine thread between steps."""
         if self._runner.model.mesh is not None:
             raise NotImplementedError('update_weights at tp > 1: the fused projections of one device\'s '
                                       'layout are not regrouped for the mesh yet')
