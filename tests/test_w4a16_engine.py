@@ -16,7 +16,11 @@ from family_harness import family_checks
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from convert.to_engine import convert
 from lmdeploy_jax.checkpoint import awq_packing
+from lmdeploy_jax.checkpoint.source import ModelSource
+from lmdeploy_jax.models import load_model
+from lmdeploy_jax.models.loader import flat_state
 
 LINEARS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')
 # o's and down's 256 inputs split over tp=2 at whole 128-row packed tiles
@@ -74,3 +78,14 @@ def maker(method: str):
  test_last_position_logits_match_transformers) = family_checks(
     {f'llama-{method}': (maker(method), SHAPE) for method in CONFIGS},
     reference_path=lambda name, path: dense_path(path))
+
+
+def test_an_engine_checkpoint_keeps_the_weights_packed(families, tmp_path):
+    """``lmdeploy_jax convert`` of a 4-bit checkpoint restores the same packed arrays (int32 codes,
+    float16 scales and zeros), not arrays cast to the model dtype."""
+    path = families['llama-awq']['path']
+    dst = convert(path, str(tmp_path / 'engine'), 'float32')
+    loaded, restored = (flat_state(load_model(ModelSource(p, p), 'float32').params) for p in (path, dst))
+    assert restored[('layers', 'attn', 'qkv', 'qweight')].dtype == np.int32
+    for key, value in loaded.items():
+        assert restored[key].dtype == value.dtype and np.array_equal(np.asarray(restored[key]), np.asarray(value)), key

@@ -18,9 +18,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from ..checkpoint.engine_checkpoint import PARAMS_DIR, EngineCheckpointInfo, read_info
 from ..checkpoint.errors import CheckpointError
+from ..checkpoint.quantization import weight_quantization
 from ..checkpoint.source import ModelSource
 from ..parallel import param_spec
-from ..parallel.rules import TP
+from ..parallel.rules import QUANTIZED_LEAVES, TP
 from .layers.fused import FUSED, FusedLayout
 from .registry import family
 from .spec import DTYPES, ModelSpec, dynamic_ntk, spec_from_config
@@ -45,7 +46,8 @@ def checkpoint_spec(source: ModelSource, dtype: str = 'auto') -> ModelSpec:
     spec = spec_from_config(source.config_dict(), fam, source.architecture, DTYPES['float32'],
                             source.generation_eos_ids(), source.config_path)
     return dataclasses.replace(spec, dtype=jnp.dtype(DTYPES[info.dtype if dtype == 'auto' else dtype]),
-                               biases=info.biases)
+                               biases=info.biases,
+                               quantization=weight_quantization(source.config_path, source.config_dict()))
 
 
 def _stacked(path: Path) -> bool:
@@ -54,7 +56,7 @@ def _stacked(path: Path) -> bool:
 
 def fused_key(path: Path) -> str | None:
     """The ``FUSED`` key of the parameter at ``path`` (``qkv`` for ``.../qkv/w``), None if not fused."""
-    key = path[-2] if path[-1] in ('w', 'b') and len(path) > 1 else path[-1]
+    key = path[-2] if path[-1] in ('w', 'b', *QUANTIZED_LEAVES) and len(path) > 1 else path[-1]
     return key if key in FUSED else None
 
 
@@ -109,7 +111,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
             if leaf.shape[axis] % tp == 0:
                 spec_rows[axis] = TP
             sharding = NamedSharding(mesh, PartitionSpec(*spec_rows))
-        restore_as[path] = jax.ShapeDtypeStruct(leaf.shape, spec.dtype, sharding=sharding)
+        restore_as[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)   # 4-bit: int32, float16
     params_dir = os.path.join(os.path.abspath(source.hf_dir), PARAMS_DIR)
     try:
         import orbax.checkpoint as ocp     # here: Orbax and tensorstore load only to restore a converted checkpoint
