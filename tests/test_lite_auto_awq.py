@@ -30,6 +30,7 @@ from lmdeploy_jax import GenerationConfig, TurbomindEngineConfig, pipeline
 from lmdeploy_jax.checkpoint.awq_packing import dequantize, unpack_awq
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.cli.main import main
+from lmdeploy_jax.lite.awq_checkpoint import AwqCheckpointWriter
 from lmdeploy_jax.lite.clip_search import clip_ranges, clip_weight
 from lmdeploy_jax.lite.decoder_layer import DecoderLayer, window_tensor
 from lmdeploy_jax.lite.hf_layers import LINEARS, read_layer
@@ -140,6 +141,31 @@ def test_searched_clipping_beats_the_full_range(rng):
     full, clipped = error(w), error(clip_weight(w, bounds))
     print('error: full range', full, 'clipped', clipped)
     assert clipped < full
+
+
+def test_the_writer_shards_and_indexes_what_it_is_given(tmp_path, rng):
+    """Shards of about ``shard_bytes``, Hugging Face's names and index; each tensor reads back
+    (floats in the checkpoint's dtype, linears unpacked to their codes, zeros and scales)."""
+    writer = AwqCheckpointWriter(str(tmp_path), np.float16, shard_bytes=2000)
+    floats = {f'model.layers.{i}.input_layernorm.weight': rng.standard_normal(300).astype(np.float32)
+              for i in range(4)}
+    codes, zeros = rng.integers(0, 16, (16, 2 * GROUP)), rng.integers(0, 16, (16, 2))
+    scales = rng.uniform(0.01, 0.1, (16, 2)).astype(np.float32)
+    for name, value in floats.items():
+        writer.add(name, value)
+    writer.add_quantized('model.layers.0.mlp.down_proj', codes, zeros, scales)
+    names = writer.finish()
+    assert names == ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']   # 2400 B, then the rest
+    index = json.load(open(tmp_path / 'model.safetensors.index.json'))
+    assert set(index['weight_map'].values()) == set(names) and not list(tmp_path.glob('.shard-*'))
+    with SafetensorsCheckpoint(str(tmp_path)) as ckpt:
+        for name, value in floats.items():
+            np.testing.assert_array_equal(ckpt.view(name), value.astype(np.float16))
+        got = unpack_awq(*(np.asarray(ckpt.view(f'model.layers.0.mlp.down_proj.{k}'))
+                           for k in ('qweight', 'qzeros', 'scales')))
+    np.testing.assert_array_equal(got[0], codes.T)
+    np.testing.assert_array_equal(got[1], zeros.T)
+    np.testing.assert_array_equal(got[2], scales.T.astype(np.float16))
 
 
 # ---------------------------------------------------------------- the default model

@@ -28,8 +28,9 @@ def add_parser(subparsers) -> None:
                         help='calibration samples per forward; larger is faster and takes more memory '
                              '(default: %(default)s)')
     parser.add_argument('--search-scale', action='store_true',
-                        help='search the smoothing ratio of each linear group for the least output error; '
-                             'without it the ratio is 0.5 (LMDeploy\'s default)')
+                        help='search the smoothing ratio of each linear group for the least output error, '
+                             'then (as AutoAWQ does) each quantization group\'s clipping range; without it the '
+                             'ratio is 0.5 (LMDeploy\'s default) and nothing is clipped')
     parser.add_argument('--w-bits', type=int, default=4, help='weight bits; only 4 (default: %(default)s)')
     parser.add_argument('--w-sym', action='store_true',
                         help='symmetric quantization: refused, AWQ GEMM checkpoints keep zero points')

@@ -8,8 +8,10 @@ statistics of each linear group's input (``decoder_layer.GROUPS``); the smoothin
 ``|x|**r / w_mean**(1 - r)`` are folded into the layer (``smoothing``) with ``r = 0.5`` and
 ``|x|`` the channel's maximum (LMDeploy's default), or with ``|x|`` its mean and ``r`` searched
 per group for the least output error of the quantized block (``--search-scale``,
-``scale_search``); the smoothed linears are quantized and written; the float layer's output
-feeds the next layer. ``calib_samples=0`` quantizes without smoothing (LMDeploy's data-free mode).
+``scale_search``), which then also searches each group's clipping range of the smoothed weights
+but q/k's (AutoAWQ's ``auto_clip``, ``clip_search``); the smoothed linears are quantized and
+written; the float layer's output feeds the next layer. ``calib_samples=0`` quantizes without
+smoothing (LMDeploy's data-free mode).
 """
 from __future__ import annotations
 
@@ -167,8 +169,7 @@ def _clip(layer: DecoderLayer, t: dict, smoothed: dict, scales: dict, passes: li
           group_size: int) -> dict:
     """``smoothed`` with the weights of ``CLIPPED`` clipped to their searched ranges, each read
     by sampled tokens of its input as the smoothed layer sees it (divided by its group's scales)."""
-    samples = {name: sample_tokens(jnp.concatenate([p.inputs[name] for p in passes]))
-               for name in ('attn_in', 'o_in', 'mlp_in')}
+    samples = {name: sample_tokens([p.inputs[name] for p in passes]) for name in ('attn_in', 'o_in', 'mlp_in')}
     samples['down_in'] = layer.down_input(t, samples['mlp_in'])
     smoothed = dict(smoothed)
     for group, (linears, source) in GROUPS.items():

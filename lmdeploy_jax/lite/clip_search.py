@@ -16,10 +16,12 @@ MAX_SHRINK = 0.5
 SAMPLE_TOKENS = 512          # AutoAWQ's n_sample_token: the inputs are strided down to about this many
 
 
-def sample_tokens(x: jax.Array) -> jax.Array:
-    """``[tokens, in]`` rows of ``x [..., in]``, strided to at most about ``SAMPLE_TOKENS``."""
-    flat = x.reshape(-1, x.shape[-1])
-    return flat[::max(1, flat.shape[0] // SAMPLE_TOKENS)]
+def sample_tokens(batches: list[jax.Array]) -> jax.Array:
+    """``[tokens, in]``: the rows of the batches ``[..., in]`` strided to about ``SAMPLE_TOKENS``
+    in all (each batch strided apart, so they are never concatenated whole)."""
+    total = sum(x.size // x.shape[-1] for x in batches)
+    step = max(1, total // SAMPLE_TOKENS)
+    return jnp.concatenate([x.reshape(-1, x.shape[-1])[::step] for x in batches])
 
 
 @partial(jax.jit, static_argnames=('bits', 'group_size'))
