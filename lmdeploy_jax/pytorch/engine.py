@@ -229,7 +229,7 @@ class PytorchEngine(ThreadedEngine):
         logits = out.logits[0, -1].float().cpu()
         bitmask = self._guide.bitmask([run.request], 1)
         if bitmask is not None:
-            logits[torch.from_numpy(~allowed_tokens(bitmask[0], logits.shape[-1]))] = float('-inf')
+            logits = logits.masked_fill(torch.from_numpy(~allowed_tokens(bitmask[0], logits.shape[-1])), float('-inf'))
         token, logprobs = next_token(logits, gen, session.history, run.num_generated, run.generator)
         session.history.append(token)
         run.num_generated += 1
