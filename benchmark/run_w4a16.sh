@@ -12,6 +12,8 @@
 # On the GPU machine (device tool, carry .peer):
 #   bash benchmark/run_w4a16.sh                    # llama3-8b
 #   SKIP_PEER=1 SKIP_KERNELS=1 bash benchmark/run_w4a16.sh llama3-8b
+# MODELS (default "bf16 awq") picks the engine runs: MODELS= skips them (a second call on the same
+# warm machine then runs the check, the peer and the kernels alone, on the directories kept in /tmp).
 source "$(dirname "$0")/device_workload.sh" run_w4a16 "$@"
 awq=$model-awq
 [ -f "$awq/config.json" ] || python3 benchmark/make_awq_model.py "$model" "$awq" 2>&1 | tail -1 | tee -a "$log"
@@ -21,7 +23,8 @@ if [ -z "${SKIP_CHECK:-}" ]; then      # the kernel inside the engine against th
     [ -f /tmp/tiny-awq/config.json ] || python3 benchmark/make_awq_model.py /tmp/tiny /tmp/tiny-awq > /dev/null
     python3 benchmark/check_w4a16_gpu.py /tmp/tiny-awq 2>&1 | grep -E 'RESULT|mismatch|Error' | tee -a "$log"
 fi
-for dir in "$model" "$awq"; do
+for which in ${MODELS-bf16 awq}; do
+    dir=$model; [ "$which" = awq ] && dir=$awq
     python3 benchmark/decode_bytes.py "$dir" --batch 1 2>&1 | grep -E '"(param|chosen)_bytes"' | sed "s|^|$dir |" | tee -a "$log"
     python3 benchmark/profile_generation.py "$dir" --batch-sizes 1 --input-lens 128 --output-len 256 \
         --max-batch-size 256 --session-len 4096 2>&1 | tee -a "$log"
