@@ -130,6 +130,18 @@ def test_a_forced_tool_choice_gives_a_call_whose_arguments_validate(client):
         jsonschema.validate(json.loads(arguments), tool['function']['parameters'])
 
 
+def test_n_sampled_choices_each_follow_the_schema(client):
+    client, model = client
+    what, schema = SCHEMAS[0]
+    resp = client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': f'Give {what} as JSON.'}],
+                                          max_tokens=MAX_TOKENS, n=2, temperature=1.0, seed=7,
+                                          response_format=json_format(schema))
+    assert len(resp.choices) == 2
+    for choice in resp.choices:
+        assert choice.finish_reason == 'stop'
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
 @pytest.mark.parametrize('fields, param, words', [
     ({'response_format': {'type': 'yaml'}}, 'response_format', "must be a dict whose type is one of"),
     ({'response_format': {'type': 'json_schema', 'json_schema': {'name': 'x'}}}, 'response_format',
