@@ -120,7 +120,7 @@ class FunctionDefinition(BaseModel):
     name: str = Field(pattern=r'^[A-Za-z0-9_-]{1,64}$')     # OpenAI's rule for function names
     description: Text | None = None
     parameters: dict | None = None      # a JSON schema
-    strict: Literal[False] | None = None    # True needs guided decoding, which this server lacks
+    strict: Literal[False] | None = None    # True: free calls held to the schema; only forced calls are
 
 
 class ToolDefinition(BaseModel):
