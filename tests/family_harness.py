@@ -2,9 +2,9 @@
 random float32 checkpoints made by transformers' own classes, the PyTorch reference backend's
 greedy tokens, transformers' last-position logits, and the JAX engine and decoder at tp=1 (XLA
 reference kernels) and tp=2 (simulated CPU devices, Pallas kernels in interpret mode), each tp in a
-child process of its own (``python family_harness.py SPEC TP OUT``), since the simulated device
-count is fixed when jax starts (see ``test_tensor_parallel.py``). The children run side by side,
-while this process computes the references.
+child process of its own (``family_engine.py``), since the simulated device count is fixed when
+jax starts (see ``test_tensor_parallel.py``). The children run side by side, while this process
+computes the references.
 
 A family is ``(config_cls, model_cls, extra)``: the config made from ``TINY`` updated by ``extra``,
 or ``(make, extra)`` where ``make(config_fields, path, rng)`` writes the checkpoint itself and
@@ -16,20 +16,21 @@ import json
 import subprocess
 import sys
 
+import family_engine
 import numpy as np
 import pytest
 import torch
+from family_engine import KERNELS, NEW_TOKENS, SESSION
 from test_engine_helpers import run_all
-from test_models import PagedRun, _assert_logits_close
+from test_models import _assert_logits_close
 from test_tensor_parallel import _env
 
 from lmdeploy_jax.checkpoint.source import ModelSource
 from lmdeploy_jax.engine_api import EngineRequest
-from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
+from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig
 from lmdeploy_jax.pytorch.engine import PytorchEngine
 
-WINDOW, NEW_TOKENS, SESSION = 8, 32, 80
-KERNELS = {1: 'reference', 2: 'pallas_interpret'}      # tp -> LMDEPLOY_JAX_KERNELS
+WINDOW = 8
 PROMPT_LENS = (5, 14, 27, 38)          # all but the first longer than the window
 PREFIX = 32                            # the fifth prompt: the last one's first 32 tokens (2 blocks), then new ones
 # head_dim 32: the attention kernels' narrowest heads
@@ -106,9 +107,9 @@ class JaxChildren:
                     for name, f in families.items() if tp in tps[name]}
             (tmp / f'spec{tp}.json').write_text(json.dumps(spec))
             self.outs[tp] = tmp / f'out{tp}.json'
-            self.procs[tp] = subprocess.Popen([sys.executable, __file__, str(tmp / f'spec{tp}.json'), str(tp),
-                                               str(self.outs[tp])], env=_env(tmp / f'tp{tp}', tp),
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            command = [sys.executable, family_engine.__file__, str(tmp / f'spec{tp}.json'), str(tp), str(self.outs[tp])]
+            self.procs[tp] = subprocess.Popen(command, env=_env(tmp / f'tp{tp}', tp), stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, text=True)
 
     def wait(self) -> dict:
         """``{tp: {family: {'tokens', 'cached_tokens', 'prefix_hit_blocks', 'logits'}}}``; every
@@ -178,42 +179,3 @@ def family_checks(specs: dict, reference_path=None, tp1_only: dict | None = None
             _assert_logits_close(np.asarray(ours, np.float32), expected)
 
     return families, jax_results, test_greedy_tokens_equal_the_reference, test_last_position_logits_match_transformers
-
-
-def _jax_family(path: str, prompts: list[list[int]], cached: list[int], tp: int) -> dict:
-    """The engine's greedy tokens for ``prompts``, then for ``cached`` (its prefix cache hits), and
-    the decoder's last-position logits of ``prompts`` from the model the engine loaded."""
-    import os
-    from lmdeploy_jax.engine import JaxEngine
-    os.environ['LMDEPLOY_JAX_KERNELS'] = KERNELS[tp]        # read when the steps are traced
-    source = ModelSource(path, path)
-    config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=SESSION, max_batch_size=4,
-                                   cache_block_seq_len=16, num_cache_blocks=28, enable_prefix_caching=True)
-    engine = JaxEngine(source, config, decode_batch=[4], prefill_tokens=[64], prefill_batch=[4])
-    try:
-        gen = GenerationConfig(max_new_tokens=NEW_TOKENS)
-        tokens = [r.tokens for r in run_all(engine, [EngineRequest(i, p, gen) for i, p in enumerate(prompts)])]
-        cached_tokens = run_all(engine, [EngineRequest(len(prompts), cached, gen)])[0].tokens
-        hits = engine._scheduler.blocks.prefix_hit_blocks
-        model = engine._runner.model
-    finally:
-        engine.close()
-    logits = PagedRun(model, prompts).step([len(p) for p in prompts], max(map(len, prompts)))
-    return dict(tokens=tokens, cached_tokens=cached_tokens, prefix_hit_blocks=hits,
-                logits=[row[-1].tolist() for row in logits])
-
-
-def main(spec_path: str, tp: str, out_path: str) -> None:
-    import time
-    spec = json.loads(open(spec_path).read())
-    out = {}
-    for name, f in spec.items():
-        start = time.perf_counter()
-        out[name] = _jax_family(f['path'], f['prompts'], f['cached'], int(tp))
-        print(f'{name} tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
-    with open(out_path, 'w') as fh:
-        json.dump(out, fh)
-
-
-if __name__ == '__main__':
-    main(*sys.argv[1:])
