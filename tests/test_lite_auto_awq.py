@@ -1,10 +1,11 @@
 """``lmdeploy_jax lite auto_awq`` (LMDeploy's AWQ quantization, in JAX).
 
 - The scale search's pieces on tiny random layers: the float decoder layer equals transformers'
-  ``LlamaDecoderLayer``; folding the smoothing scales leaves the float layer's output unchanged
-  (o_proj's only with as many KV heads as heads); the searched scales quantize a layer whose
-  inputs have outlier channels with less output error than plain rounding; the searched
-  clipping bounds quantize heavy-tailed weights with less error than their full range.
+  (Llama, Qwen2's q/k/v biases, Qwen3's q/k norms); folding the smoothing scales leaves the float
+  layer's output unchanged (o_proj's, into v_proj and its bias, only with as many KV heads as
+  heads); the searched scales quantize a layer whose inputs have outlier channels with less
+  output error than plain rounding; the searched clipping bounds quantize heavy-tailed weights
+  with less error than their full range; the writer's shards and index read back.
 - The command on the real default model (SmolLM2-135M-Instruct; a small calibration from the
   shipped English prose, ``--search-scale``, group size 64 since 576 is not a multiple of 128):
   the checkpoint's AutoAWQ layout; its perplexity over the shipped prose (2806 tokens) is
@@ -24,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from lmdeploy_jax import GenerationConfig, TurbomindEngineConfig, pipeline
 from lmdeploy_jax.checkpoint.awq_packing import dequantize, unpack_awq
@@ -51,32 +53,44 @@ SEQ = 12
 
 # ---------------------------------------------------------------- tiny random layers
 
-def _tiny_model(tmp_path, rng, num_kv_heads: int) -> str:
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=16, rms_norm_eps=1e-5)
+# the supported architectures' decoder features: Llama's plain layer, Qwen2's q/k/v biases, Qwen3's q/k norms
+TINY = {'LlamaForCausalLM': (LlamaConfig, LlamaForCausalLM), 'Qwen2ForCausalLM': (Qwen2Config, Qwen2ForCausalLM),
+        'Qwen3ForCausalLM': (Qwen3Config, Qwen3ForCausalLM)}
+
+
+def _tiny_model(tmp_path, rng, num_kv_heads: int, architecture: str = 'LlamaForCausalLM') -> str:
+    config_class, model_class = TINY[architecture]
+    config = config_class(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=16, rms_norm_eps=1e-5)
     torch.manual_seed(int(rng.integers(1 << 31)))
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if 'norm' in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))        # norms that are not all ones
-    path = str(tmp_path / f'kv{num_kv_heads}')
+            elif name.endswith('bias'):
+                p.copy_(0.5 * torch.randn_like(p))            # biases that are not zeros
+    path = str(tmp_path / f'{architecture}-kv{num_kv_heads}')
     model.save_pretrained(path)
     return path
 
 
 def _tiny_layer(path: str):
     config = json.load(open(os.path.join(path, 'config.json')))
-    spec = spec_from_config(config, family('LlamaForCausalLM'), 'LlamaForCausalLM', jnp.float32, ())
+    architecture = config['architectures'][0]
+    spec = spec_from_config(config, family(architecture), architecture, jnp.float32, ())
     with SafetensorsCheckpoint(path) as ckpt:
         tensors = [{**read_layer(ckpt, i), 'window': window_tensor(spec, i)} for i in range(spec.num_layers)]
     return DecoderLayer(spec, SEQ), tensors
 
 
-def test_the_float_layers_equal_transformers(tmp_path, rng):
+@pytest.mark.parametrize('architecture', list(TINY))
+def test_the_float_layers_equal_transformers(tmp_path, rng, architecture):
     """Each layer's output from the previous one's, against transformers' decoder layers'."""
-    path = _tiny_model(tmp_path, rng, num_kv_heads=2)
+    path = _tiny_model(tmp_path, rng, num_kv_heads=2, architecture=architecture)
     layer, tensors = _tiny_layer(path)
+    assert ('q_bias' in tensors[0]) == (architecture == 'Qwen2ForCausalLM')
+    assert ('q_norm' in tensors[0]) == (architecture == 'Qwen3ForCausalLM')
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     outputs = []
     for decoder in model.model.layers:
@@ -90,9 +104,10 @@ def test_the_float_layers_equal_transformers(tmp_path, rng):
         np.testing.assert_allclose(np.asarray(h), want.numpy(), rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize('num_kv_heads', [2, 4], ids=['gqa', 'mha'])
-def test_folding_the_scales_keeps_the_float_layer(tmp_path, rng, num_kv_heads):
-    layer, (t, _) = _tiny_layer(_tiny_model(tmp_path, rng, num_kv_heads))
+@pytest.mark.parametrize('num_kv_heads, architecture', [(2, 'LlamaForCausalLM'), (4, 'Qwen2ForCausalLM')],
+                         ids=['gqa', 'mha-with-biases'])
+def test_folding_the_scales_keeps_the_float_layer(tmp_path, rng, num_kv_heads, architecture):
+    layer, (t, _) = _tiny_layer(_tiny_model(tmp_path, rng, num_kv_heads, architecture))
     h = jnp.asarray(rng.standard_normal((2, SEQ, 64)), jnp.float32)
     before = layer.forward(t, h)
     groups = foldable_groups(t)
