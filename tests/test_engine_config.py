@@ -72,6 +72,11 @@ def test_the_cli_flags_reach_the_config():
         engine_config(build_parser().parse_args(['run', 'm', '--nnodes', '2']))
     assert TurbomindEngineConfig().communicator == 'cuda-ipc'
     assert engine_config(build_parser().parse_args(['run', 'm', '--communicator', 'nccl'])).communicator == 'nccl'
+    assert engine_config(build_parser().parse_args(['run', 'm', '--model-format', 'awq'])).model_format == 'awq'
+    assert engine_config(build_parser().parse_args(['run', 'm'])).model_format is None
+    with pytest.raises(ValueError, match='^--model-format is applied by the turbomind backend only; the pytorch '
+                                         'backend runs float checkpoints only$'):
+        engine_config(build_parser().parse_args(['run', 'm', '--backend', 'pytorch', '--model-format', 'gptq']))
 
 
 @pytest.mark.parametrize('flags, named', [(['--nnodes', '2', '--dist-init-addr', 'h:1'], '--nnodes'),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..messages import COMMUNICATORS, KV_QUANT_POLICIES, PytorchEngineConfig, TurbomindEngineConfig
+from ..messages import COMMUNICATORS, KV_QUANT_POLICIES, MODEL_FORMATS, PytorchEngineConfig, TurbomindEngineConfig
 
 
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--enable-prefix-caching', action='store_true')
     group.add_argument('--quant-policy', type=int, default=0, choices=list(KV_QUANT_POLICIES),
                        help='KV cache quantization: 0 none, 8 int8, 4 int4 (turbomind only)')
+    group.add_argument('--model-format', default=None, choices=[f for f in MODEL_FORMATS if f],
+                       help="the checkpoint's weights: hf (float), awq or gptq (4-bit); default: read from its "
+                            'config.json (turbomind only)')
     group.add_argument('--rope-scaling-factor', type=float, default=0.0,
                        help='dynamic NTK rope scaling by this factor past the model\'s context (turbomind only)')
     group.add_argument('--nnodes', type=int, default=1, help='hosts (one process each) that run the engine together')
@@ -43,6 +46,7 @@ _ONE_PROCESS = 'the pytorch backend runs in one process'
 TURBOMIND_ONLY = {'rope_scaling_factor': "the pytorch backend runs the checkpoint's own rope (set rope_scaling in "
                                          'its config.json)',
                   'quant_policy': 'the pytorch backend keeps its KV cache unquantized',
+                  'model_format': 'the pytorch backend runs float checkpoints only',
                   'nnodes': _ONE_PROCESS, 'node_rank': _ONE_PROCESS, 'dist_init_addr': _ONE_PROCESS,
                   'devices': _ONE_PROCESS, 'communicator': _ONE_PROCESS}
 
