@@ -227,7 +227,7 @@ _NOT_IMPLEMENTED = {
     'with_cache': 'no disaggregated serving (KV migration)',
     'preserve_cache': 'no disaggregated serving (KV migration)',
     'migration_request': 'no disaggregated serving (KV migration)',
-    'return_routed_experts': 'no mixture-of-experts model runs on this engine',
+    'return_routed_experts': 'the engine does not return the experts its router chose',
     'repetition_ngram_size': 'n-gram repetition blocking is not implemented; use repetition_penalty',
     'repetition_ngram_threshold': 'n-gram repetition blocking is not implemented; use repetition_penalty',
 }

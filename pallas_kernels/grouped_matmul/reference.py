@@ -1,5 +1,5 @@
-"""XLA reference of the grouped matmul: ``jax.lax.ragged_dot_general``, which the models called
-before the op existed, so on a CPU they compute exactly what they did."""
+"""XLA reference of the grouped matmul: ``jax.lax.ragged_dot_general``, the op's definition and
+what runs off the GPU."""
 from __future__ import annotations
 
 import jax

@@ -31,7 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 from .._pallas_tiles import EXACT, MIN_DOT, TRITON_FLOATS, next_pow2
 from .layout import NIBBLES, PIECE, TILE_K
 
-TARGET_PROGRAMS = 264          # programs a decode launch aims for: two per SM of an H100/H200
+TARGET_PROGRAMS = 264          # programs a decode launch aims for: two per SM of a 132-SM Hopper card
 DECODE_MAX_M = 64              # at most this many rows take the decode launch
 BLOCK_NS = (128, 64, 32, 16)
 
