@@ -21,6 +21,14 @@ def linear(x: jax.Array, p: dict) -> jax.Array:
     return y + p['b'] if 'b' in p else y
 
 
+def layer_weights(p: dict, index: jax.Array | None) -> dict:
+    """Layer ``index`` of each stacked ``[layers, ...]`` array in ``p`` (a slice cuBLAS and the
+    kernels read in place), or ``p`` itself when ``index`` is None."""
+    if index is None:
+        return p
+    return {k: jax.lax.dynamic_index_in_dim(v, index, keepdims=False) for k, v in p.items()}
+
+
 def _leading(layers: int | None) -> tuple[int, ...]:
     return () if layers is None else (layers,)
 
@@ -36,14 +44,12 @@ class Linear(nnx.Module):
         self.b = nnx.Param(jnp.zeros((*_leading(layers), out_features), dtype)) if bias else None
 
     def weights(self, index: jax.Array | None = None) -> dict:
-        """``{'w', 'b'?}`` of layer ``index`` (sliced out of the stacks: cuBLAS reads such a slice in
-        place), or the whole parameters when ``index`` is None."""
+        """``{'w', 'b'?}`` of layer ``index`` (``layer_weights``), or the whole parameters when
+        ``index`` is None."""
         p = {'w': self.w[...]}
         if self.b is not None:
             p['b'] = self.b[...]
-        if index is None:
-            return p
-        return {k: jax.lax.dynamic_index_in_dim(v, index, keepdims=False) for k, v in p.items()}
+        return layer_weights(p, index)
 
     def __call__(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
         return linear(x, self.weights(index))

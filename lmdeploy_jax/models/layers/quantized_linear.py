@@ -24,7 +24,7 @@ from ...parallel import rules
 from ..row_parallel import per_device
 from ..spec import ModelSpec
 from ..weight_map import Path, Quantized, Source
-from .linear import Linear, _leading, linear
+from .linear import Linear, _leading, layer_weights, linear
 
 QUANTIZED_LEAVES = rules.QUANTIZED_LEAVES     # qweight, scales, zeros
 SCALE_DTYPE = jnp.float16          # AWQ/GPTQ checkpoints store float16 scales; kept exact
@@ -48,9 +48,7 @@ class QuantizedLinear(nnx.Module):
         p = {leaf: getattr(self, leaf)[...] for leaf in QUANTIZED_LEAVES}
         if self.b is not None:
             p['b'] = self.b[...]
-        if index is None:
-            return p
-        return {k: jax.lax.dynamic_index_in_dim(v, index, keepdims=False) for k, v in p.items()}
+        return layer_weights(p, index)
 
     def __call__(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
         return linear(x, self.weights(index))
