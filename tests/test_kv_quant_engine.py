@@ -162,7 +162,7 @@ def test_executable_descriptions_differ_by_policy(engines):
     for engine in engines.values():
         runner = engine._runner
         descriptions.add(runner._describe(key, jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), runner._example_inputs(key[1]))))
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), runner._example_inputs(key))))
     assert len(descriptions) == 3
 
 
