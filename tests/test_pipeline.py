@@ -36,10 +36,10 @@ def test_single_prompt_gives_single_response(pipe):
 
 
 def test_batch_equals_solo_runs(pipe):
-    prompts = [f'Count from 1 to {n}.' if n % 2 else 'Say hi. ' * n for n in range(1, 17)]
+    prompts = [f'Count from 1 to {n}.' if n % 2 else 'Say hi. ' * n for n in range(1, 9)]
     config = GenerationConfig(max_new_tokens=12)
     together = pipe(prompts, gen_config=config)
-    assert [r.index for r in together] == list(range(16))
+    assert [r.index for r in together] == list(range(8))
     for prompt, resp in zip(prompts, together):
         assert pipe(prompt, gen_config=config).token_ids == resp.token_ids
         assert resp.finish_reason in ('stop', 'length') and resp.generate_token_len > 0
