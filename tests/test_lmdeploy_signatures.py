@@ -17,6 +17,7 @@ import re
 import pytest
 
 from lmdeploy_jax import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
+from lmdeploy_jax.pytorch.engine import IGNORED_SETTINGS, ignored_settings_warning
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -87,14 +88,8 @@ REFUSED = {
     TurbomindEngineConfig: {'ep': 2},
     PytorchEngineConfig: {'quant_policy': 8},
 }
-# taken with no effect, and why: the pytorch backend is a reference (transformers' own model and
-# cache, one process), so these memory and parallelism settings of LMDeploy's PyTorch engine change
-# nothing in its answers; a TurbomindEngineConfig's equivalents apply on the JAX engine
-NO_EFFECT = {
-    GenerationConfig: {}, TurbomindEngineConfig: {},
-    PytorchEngineConfig: {'tp': 'one process, one device', 'cache_max_entry_count': 'no paged KV pool',
-                          'block_size': 'no paged KV pool', 'enable_prefix_caching': 'no paged KV pool'},
-}
+# taken with no effect, and why (the pytorch backend warns, naming them, when they are set)
+NO_EFFECT = {GenerationConfig: {}, TurbomindEngineConfig: {}, PytorchEngineConfig: IGNORED_SETTINGS}
 
 
 def _declared(cls) -> set[str]:
@@ -163,3 +158,10 @@ def test_pytorch_dtype_picks_the_torch_dtype():
     cpu = torch.device('cpu')
     assert (pick_dtype('bfloat16', cpu), pick_dtype('float16', cpu), pick_dtype('auto', cpu)) == (
         torch.bfloat16, torch.float16, torch.float32)
+
+
+def test_the_pytorch_backend_names_the_settings_it_ignores():
+    assert ignored_settings_warning(PytorchEngineConfig()) is None
+    assert ignored_settings_warning(PytorchEngineConfig(tp=2, enable_prefix_caching=True)) == (
+        'the pytorch backend ignores tp=2 (it runs on one device), enable_prefix_caching=True (it has no paged KV '
+        'pool)')

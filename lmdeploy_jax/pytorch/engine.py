@@ -29,6 +29,18 @@ from .sampling import next_token
 logger = logging.getLogger('lmdeploy_jax')
 
 DEFAULT_MAX_BATCH_SIZE = 64
+# LMDeploy's PytorchEngineConfig fields this backend takes without effect: it runs transformers' own
+# model and cache on one device, so they cannot change its answers (the JAX engine applies them)
+IGNORED_SETTINGS = {'tp': 'it runs on one device', 'cache_max_entry_count': 'it has no paged KV pool',
+                    'block_size': 'it has no paged KV pool', 'enable_prefix_caching': 'it has no paged KV pool'}
+
+
+def ignored_settings_warning(config: PytorchEngineConfig) -> str | None:
+    """The warning naming each ``IGNORED_SETTINGS`` field ``config`` sets away from its default, or None."""
+    default = PytorchEngineConfig()
+    changed = [f'{name}={getattr(config, name)!r} ({why})' for name, why in IGNORED_SETTINGS.items()
+               if getattr(config, name) != getattr(default, name)]
+    return 'the pytorch backend ignores ' + ', '.join(changed) if changed else None
 
 
 def pick_device(device_type: str) -> torch.device:
@@ -92,6 +104,8 @@ class PytorchEngine(ThreadedEngine):
 
     def __init__(self, source: ModelSource, config: PytorchEngineConfig | None = None):
         config = config or PytorchEngineConfig()
+        if (warning := ignored_settings_warning(config)) is not None:
+            logger.warning(warning)
         self.device = pick_device(config.device_type)
         if source.config_dict().get('auto_map') and source.architecture not in _transformers_architectures():
             raise ValueError(f'architecture {source.architecture!r} ships its own modeling code (auto_map in '
