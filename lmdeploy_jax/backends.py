@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from .checkpoint.quantization import check_model_format, check_not_quantized, weight_quantization
+from .checkpoint.quantization import check_model_format, check_not_quantized
 from .checkpoint.source import ModelSource
 from .engine_api import InferenceEngine
 from .messages import PytorchEngineConfig, TurbomindEngineConfig
@@ -65,19 +65,20 @@ def check_supported(source: ModelSource) -> None:
     """Fail early, before any weight or the tokenizer is read, when no backend can run the model:
     UnsupportedQuantizationError naming the method when config.json's ``quantization_config`` is
     one the JAX engine does not load (whichever backend was asked for: the fallback would fail
-    too), or the architecture of a 4-bit AWQ/GPTQ one has no JAX model, CheckpointError naming the file
-    and the fault when its files are broken (invalid JSON, a missing or bad config field, a
-    truncated or corrupt safetensors file, a tensor missing or of another shape than the config
-    implies, no tokenizer), ValueError naming the architecture when neither engine knows it. The
-    tensors are checked against the config where the JAX engine knows the architecture.
-    transformers' model table (whose import pulls in torch, seconds of start-up) is read only for
-    architectures the JAX engine lacks."""
+    too) or a 4-bit mixture of experts, or the architecture of a 4-bit AWQ/GPTQ one has no JAX
+    model; CheckpointError naming the file and the fault when its files are broken (invalid JSON,
+    a missing or bad config field, a truncated or corrupt safetensors file, a tensor missing or of
+    another shape than the config implies, no tokenizer); ValueError naming the architecture when
+    neither engine knows it. The tensors are checked against the config where the JAX engine
+    knows the architecture. transformers' model table (whose import pulls in torch, seconds of
+    start-up) is read only for architectures the JAX engine lacks."""
     from .models import UnsupportedArchitectureError, is_supported
     from .models.loader import check_checkpoint
+    from .models.registry import checkpoint_quantization
     from .models.safetensors_file import check_files
     from .tokenizer import check_tokenizer_files
-    quantized = weight_quantization(source.config_path, source.config_dict()) is not None
     architecture = source.architecture
+    quantized = checkpoint_quantization(architecture, source.config_path, source.config_dict()) is not None
     if quantized and not is_supported(architecture):
         check_not_quantized(source.config_path, source.config_dict())
     try:     # the JAX engine's checks; a feature of the config it lacks (a rope type) leaves it to transformers

@@ -3,9 +3,9 @@ before anything loads, with an error naming the method (or the setting), whichev
 for and whether or not the JAX engine knows the architecture: never a missing ``q_proj.weight``,
 never a fallback to the pytorch backend that then fails. The JAX engine loads 4-bit AWQ and GPTQ
 (``test_w4a16_engine.py``); the pytorch backend refuses them too, and the JAX engine refuses their
-settings it cannot run by name. Each checkpoint is a tiny random model saved by transformers, its
-linear weights then rewritten in the method's own tensor layout and its method's config added to
-config.json."""
+settings it cannot run by name, and refuses a 4-bit mixture of experts naming its architecture.
+Each checkpoint is a tiny random model saved by transformers, its linear weights then rewritten in
+the method's own tensor layout and its method's config added to config.json."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,9 @@ import shutil
 
 import pytest
 import torch
+from family_harness import TINY
 from safetensors.torch import load_file, save_file
+from test_family_moe import FAMILIES as MOE_FAMILIES
 from test_loading_errors import VOCAB, save_word_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -26,7 +28,8 @@ from lmdeploy_jax.checkpoint.quantization import UnsupportedQuantizationError
 from lmdeploy_jax.checkpoint.source import ModelSource
 
 GROUP = 32
-LINEARS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'c_attn', 'c_proj', 'c_fc')
+LINEARS = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj', 'c_attn', 'c_proj', 'c_fc',
+           'w1', 'w2', 'w3')      # GPT-2's c_*; Mixtral's experts' w*
 
 
 def _ints(*shape):
@@ -94,7 +97,8 @@ def set_quantization_config(path: str, value) -> str:
 
 @pytest.fixture(scope='module')
 def tiny_models(tmp_path_factory) -> dict[str, str]:
-    """A tiny random Llama (the JAX engine's) and GPT-2 (the pytorch backend's alone), with tokenizers."""
+    """A tiny random Llama (the JAX engine's) and GPT-2 (the pytorch backend's alone), with tokenizers,
+    and the mixtures of experts of ``test_family_moe.py`` (no tokenizer: they are refused before)."""
     root = tmp_path_factory.mktemp('tiny')
     llama = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -104,6 +108,9 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
         paths[name] = str(root / name)
         model.save_pretrained(paths[name])
         save_word_tokenizer(paths[name])
+    for name, (config_cls, model_cls, extra) in MOE_FAMILIES.items():
+        paths[name] = str(root / name)
+        model_cls(config_cls(**{**TINY, **extra})).save_pretrained(paths[name])
     return paths
 
 
@@ -149,6 +156,25 @@ def test_an_architecture_only_the_fallback_runs_is_refused_too(method, copy_of, 
         pipeline(path, backend='turbomind')
     _assert_names_the_method(caught.value, config_path, method)
     assert 'falling back' not in caplog.text
+
+
+@pytest.mark.parametrize('name, method, load', [('qwen3_moe', 'awq', 'pipeline'), ('qwen2_moe', 'gptq', 'pipeline'),
+                                                ('mixtral', 'awq', 'load_model')])
+def test_a_4bit_mixture_of_experts_is_refused_naming_it(name, method, load, copy_of):
+    """The experts run from float weights only: an AWQ/GPTQ checkpoint of a MoE family is refused
+    naming the architecture and model_format, from config.json alone (not a missing expert
+    ``weight``), by the pipeline and by the loader; even where another setting would be refused."""
+    from lmdeploy_jax.models import load_model
+    path = copy_of(name)
+    config_path = quantize_layout(path, method)
+    architecture = json.load(open(config_path))['architectures'][0]
+    if name == 'qwen2_moe':
+        set_quantization_config(path, {**METHODS[method][0], 'modules_to_not_convert': ['gate']})
+    with pytest.raises(UnsupportedQuantizationError) as caught:
+        pipeline(path, backend='turbomind') if load == 'pipeline' else load_model(ModelSource(path, path))
+    _assert_names_the_method(caught.value, config_path, method)
+    assert (f'4-bit ({method}) weights for mixture-of-experts layers are not supported by the JAX engine '
+            f"(architecture {architecture}, model_format='{method}')") in str(caught.value)
 
 
 def test_quantization_settings_over_plain_weights_are_refused(copy_of):

@@ -16,7 +16,6 @@ from jax.sharding import Mesh
 
 from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 
-from ..checkpoint.quantization import weight_quantization
 from ..checkpoint.source import ModelSource
 from ..parallel import HeadSplit, split_heads
 from .kv_cache import init_kv_caches, kv_bytes_per_block
@@ -24,7 +23,7 @@ from .layers.attention import KVCache
 from .layers.decoder import rope_inv_frequencies
 from .layers.fused import FusedLayout
 from .layers.quantized_linear import check_tensor_parallel, quantized_weight_map
-from .registry import family
+from .registry import checkpoint_quantization, family
 from .restore import checkpoint_spec, restore_params
 from .safetensors_file import SafetensorsCheckpoint
 from .spec import DTYPES, ModelSpec, dynamic_ntk, spec_from_config
@@ -99,7 +98,7 @@ def model_spec(source: ModelSource, ckpt: SafetensorsCheckpoint, dtype: str = 'a
     embed_name = weight_map[('embed',)].name
     spec = dataclasses.replace(spec, dtype=jnp.dtype(DTYPES[_resolve_dtype(dtype, config, ckpt, embed_name)]),
                                biases=biases_present(weight_map, ckpt.__contains__),
-                               quantization=weight_quantization(source.config_path, config))
+                               quantization=checkpoint_quantization(source.architecture, source.config_path, config))
     check_tensor_parallel(spec)
     return spec
 
@@ -157,14 +156,14 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
     UnsupportedArchitectureError first when its architecture has no JAX model,
     UnsupportedQuantizationError naming the method of a quantized checkpoint other than 4-bit
-    AWQ/GPTQ (or the setting of one it cannot run), CheckpointError
-    naming the file when the files are broken or disagree with the config, ValueError when the
+    AWQ/GPTQ (or the setting of one it cannot run, or the architecture of a 4-bit mixture of
+    experts), CheckpointError naming the file when the files are broken or disagree with the config, ValueError when the
     mesh cannot split its heads. ``rope_scaling_factor``: ``TurbomindEngineConfig``'s (not 0: dynamic
     NTK rope, ``spec.dynamic_ntk``). ``p2p_all_reduce``: small tensor-parallel steps on a mesh of GPUs
     sum with the ``reduce_add_rms_norm`` CUDA kernel where it can be prepared
     (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce."""
     family(source.architecture)      # UnsupportedArchitectureError before anything is read
-    weight_quantization(source.config_path, source.config_dict())
+    checkpoint_quantization(source.architecture, source.config_path, source.config_dict())
     if source.is_engine_checkpoint:      # written by `lmdeploy_jax convert`: restored by Orbax (restore.py)
         stored, graphdef, params = restore_params(source, dtype, mesh, rope_scaling_factor)
     else:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 
+from ..checkpoint.quantization import (JAX_METHODS, UnsupportedQuantizationError, WeightQuantization,
+                                       quantization_method, weight_quantization)
+
 # architecture -> module of lmdeploy_jax.models.families whose FAMILIES defines it
 ARCHITECTURES = {
     'LlamaForCausalLM': 'llama',
@@ -21,6 +24,7 @@ ARCHITECTURES = {
     'MixtralForCausalLM': 'moe',
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+MIXTURE_OF_EXPERTS_MODULE = 'moe'      # the families whose MLPs are experts (``layers.moe``)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -44,3 +48,21 @@ def family(architecture: str):
         raise UnsupportedArchitectureError(architecture)
     module = importlib.import_module(f'{__package__}.families.{ARCHITECTURES[architecture]}')
     return module.FAMILIES[architecture]
+
+
+def checkpoint_quantization(architecture: str, config_path: str, config: dict) -> WeightQuantization | None:
+    """The 4-bit weights the JAX engine loads from a checkpoint of ``architecture`` (its config.json
+    at ``config_path``, read as ``config``); None when it is not quantized.
+
+    ``checkpoint.quantization.weight_quantization``'s refusals, and before them an AWQ or GPTQ
+    mixture of experts (Qwen3-MoE, Qwen2-MoE, Mixtral): UnsupportedQuantizationError naming the
+    method, the architecture and ``model_format``, since the experts are stacked float weights
+    (``weight_map.Experts``) that no 4-bit grouped GEMM runs. Reads config.json only."""
+    method = quantization_method(config_path, config)
+    if method in JAX_METHODS and ARCHITECTURES.get(architecture) == MIXTURE_OF_EXPERTS_MODULE:
+        raise UnsupportedQuantizationError(
+            config_path, method, f'4-bit ({method}) weights for mixture-of-experts layers are not supported by the '
+                                 f"JAX engine (architecture {architecture}, model_format={method!r}): its experts "
+                                 'run from float weights only; use the unquantized (float16, bfloat16 or float32) '
+                                 'checkpoint')
+    return weight_quantization(config_path, config)

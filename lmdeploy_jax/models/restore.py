@@ -18,12 +18,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from ..checkpoint.engine_checkpoint import PARAMS_DIR, EngineCheckpointInfo, read_info
 from ..checkpoint.errors import CheckpointError
-from ..checkpoint.quantization import weight_quantization
 from ..checkpoint.source import ModelSource
 from ..parallel import param_spec
 from ..parallel.rules import QUANTIZED_LEAVES, TP
 from .layers.fused import FUSED, FusedLayout
-from .registry import family
+from .registry import checkpoint_quantization, family
 from .spec import DTYPES, ModelSpec, dynamic_ntk, spec_from_config
 
 Path = tuple[str, ...]
@@ -47,7 +46,8 @@ def checkpoint_spec(source: ModelSource, dtype: str = 'auto') -> ModelSpec:
                             source.generation_eos_ids(), source.config_path)
     return dataclasses.replace(spec, dtype=jnp.dtype(DTYPES[info.dtype if dtype == 'auto' else dtype]),
                                biases=info.biases,
-                               quantization=weight_quantization(source.config_path, source.config_dict()))
+                               quantization=checkpoint_quantization(source.architecture, source.config_path,
+                                                                    source.config_dict()))
 
 
 def _stacked(path: Path) -> bool:
