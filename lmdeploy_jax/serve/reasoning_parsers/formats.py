@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..named_formats import NamedFormats
+
 OPEN_TAG, CLOSE_TAG = '<think>', '</think>'
 
 
@@ -34,17 +36,9 @@ class ReasoningFormat:
         return prompt_tail.rstrip().endswith(self.open_tag)
 
 
-REASONING_FORMATS = {
+_FORMATS = NamedFormats('reasoning parser', {
     'qwen3': ReasoningFormat('qwen3', starts_in_reasoning=False),
     'deepseek-r1': ReasoningFormat('deepseek-r1', starts_in_reasoning=True),
-}
-_ALIASES = {'default': 'deepseek-r1', 'qwen-qwq': 'deepseek-r1', 'intern-s1': 'deepseek-r1'}
-REASONING_PARSER_NAMES = sorted([*REASONING_FORMATS, *_ALIASES])
-
-
-def reasoning_format(name: str) -> ReasoningFormat:
-    """The format named ``name`` (or an alias); ValueError listing the names otherwise."""
-    key = _ALIASES.get(name, name)
-    if key not in REASONING_FORMATS:
-        raise ValueError(f'unknown reasoning parser {name!r}; choose one of {", ".join(REASONING_PARSER_NAMES)}')
-    return REASONING_FORMATS[key]
+}, aliases={'default': 'deepseek-r1', 'qwen-qwq': 'deepseek-r1', 'intern-s1': 'deepseek-r1'})
+REASONING_PARSER_NAMES = _FORMATS.names
+reasoning_format = _FORMATS.get       # the format named ``name`` (or an alias); ValueError listing the names

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..named_formats import NamedFormats
+
 
 @dataclass(frozen=True)
 class ToolCallFormat:
@@ -24,18 +26,10 @@ class ToolCallFormat:
     json_answer_is_call: bool = False   # an answer starting with '{' is a call without the open tag
 
 
-TOOL_CALL_FORMATS = {
+_FORMATS = NamedFormats('tool call parser', {
     'qwen': ToolCallFormat('qwen', '<tool_call>', '</tool_call>', keeps_special_tokens=False),
     'internlm': ToolCallFormat('internlm', '<|action_start|><|plugin|>', '<|action_end|>', keeps_special_tokens=True),
     'llama3': ToolCallFormat('llama3', '<|python_tag|>', None, keeps_special_tokens=True, json_answer_is_call=True),
-}
-_ALIASES = {'qwen2d5': 'qwen', 'qwen3': 'qwen', 'hermes': 'qwen', 'internlm2': 'internlm', 'intern-s1': 'internlm'}
-TOOL_CALL_PARSER_NAMES = sorted([*TOOL_CALL_FORMATS, *_ALIASES])
-
-
-def tool_call_format(name: str) -> ToolCallFormat:
-    """The format named ``name`` (or an alias); ValueError listing the names otherwise."""
-    key = _ALIASES.get(name, name)
-    if key not in TOOL_CALL_FORMATS:
-        raise ValueError(f'unknown tool call parser {name!r}; choose one of {", ".join(TOOL_CALL_PARSER_NAMES)}')
-    return TOOL_CALL_FORMATS[key]
+}, aliases={'qwen2d5': 'qwen', 'qwen3': 'qwen', 'hermes': 'qwen', 'internlm2': 'internlm', 'intern-s1': 'internlm'})
+TOOL_CALL_PARSER_NAMES = _FORMATS.names
+tool_call_format = _FORMATS.get       # the format named ``name`` (or an alias); ValueError listing the names
