@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from .chat_template_kwargs import refuse_all, refuse_unread
 from .tool_messages import hermes_messages, tool_calls_with_objects, uses_tools
 
 logger = logging.getLogger('lmdeploy_jax')
@@ -170,10 +171,13 @@ class BaseChatTemplate:
         raise ValueError(f'the chat template {self.name!r} does not render tools, tool calls or tool results; '
                          "use the model's own template if it renders them, or the builtin 'qwen' (Hermes style)")
 
-    def messages2prompt(self, messages, sequence_start: bool = True, tools: list[dict] | None = None) -> str:
+    def messages2prompt(self, messages, sequence_start: bool = True, tools: list[dict] | None = None,
+                        **template_kwargs) -> str:
         """Render ``messages`` (a str prompt or an OpenAI message list) ending with the assistant prompt,
         or, when the last message is the assistant's, ending with its text for the model to continue.
-        ``tools`` (OpenAI's ``[{'type': 'function', 'function': {...}}]``) go where the template puts them."""
+        ``tools`` (OpenAI's ``[{'type': 'function', 'function': {...}}]``) go where the template puts them.
+        A builtin has no template variables: any ``template_kwargs`` is a ``TemplateArgumentError``."""
+        refuse_all(self.name, template_kwargs)
         if isinstance(messages, str) and self.capability == 'completion' and not tools:
             return messages
         if tools or uses_tools(messages):
@@ -315,15 +319,16 @@ class HFChatTemplate:
         if self._end_of_answer and self._end_of_answer not in self.stop_words:
             self.stop_words.append(self._end_of_answer)
 
-    def _render(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+    def _render(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
         if messages[-1]['role'] == 'assistant':
             return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      continue_final_message=True)
-        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+                                                      continue_final_message=True, **template_kwargs)
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
+                                                  **template_kwargs)
 
-    def _after_probe(self, messages: list[dict]) -> str:
+    def _after_probe(self, messages: list[dict], **template_kwargs) -> str:
         """The render of ``messages`` behind a probe exchange, from the end of the probe's reply on."""
-        text = self._render([*self._PROBE, *messages])
+        text = self._render([*self._PROBE, *messages], **template_kwargs)
         return text[text.index(self._PROBE_REPLY) + len(self._PROBE_REPLY):]
 
     def _find_end_of_answer(self) -> str | None:
@@ -332,25 +337,29 @@ class HFChatTemplate:
         after = self._after_probe([{'role': 'user', 'content': self._PROBE_USER}]).lstrip()
         return next((s for s in sorted(specials, key=len, reverse=True) if s and after.startswith(s)), None)
 
-    def messages2prompt(self, messages, sequence_start: bool = True, tools: list[dict] | None = None) -> str:
-        """Render like ``apply_chat_template(..., add_generation_prompt=True)`` (``continue_final_message``
-        when the last message is the assistant's). ``tools`` go to the template; one that renders
-        the same text without them ignores them, and that is a ValueError rather than a silent drop."""
+    def messages2prompt(self, messages, sequence_start: bool = True, tools: list[dict] | None = None,
+                        **template_kwargs) -> str:
+        """Render like ``apply_chat_template(..., add_generation_prompt=True, **template_kwargs)``
+        (``continue_final_message`` when the last message is the assistant's). ``tools`` go to the
+        template; one that renders the same text without them ignores them, and that is a ValueError
+        rather than a silent drop. ``template_kwargs`` (``chat_template_kwargs.resolve_template_kwargs``)
+        are the template's variables; one it never reads is a ``TemplateArgumentError``."""
+        refuse_unread(self.tokenizer.get_chat_template(None, tools or None), template_kwargs)
         messages = normalize_messages(messages, roles=(*_ROLES, 'tool'))
         if tools:
             if not sequence_start:
                 raise ValueError('tools are rendered at the start of a conversation only (sequence_start=True)')
-            text = self._render(messages, tools)
-            if text == self._render(messages):
+            text = self._render(messages, tools, **template_kwargs)
+            if text == self._render(messages, **template_kwargs):
                 raise ValueError("the model's chat template does not render tools; choose a template that does "
                                  "(the builtin 'qwen' renders them in the Hermes style)")
             return text
         if sequence_start:
-            return self._render(messages)
+            return self._render(messages, **template_kwargs)
         # Behind a probe exchange the template's default system prompt and per-conversation openers
         # stay in the probe; the session history already holds what closes the reply: the
         # end-of-answer token the model generated.
-        rest = self._after_probe(messages)
+        rest = self._after_probe(messages, **template_kwargs)
         if self._end_of_answer and rest.lstrip().startswith(self._end_of_answer):
             rest = rest.lstrip()[len(self._end_of_answer):]
         return rest

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..backends import BACKENDS, check_supported, create_backend
 from ..chat_template import get_chat_template
+from ..chat_template_kwargs import resolve_template_kwargs
 from ..checkpoint.source import resolve_model
 from ..engine_api import EngineOutput, EngineRequest, token_ids_error
 from ..messages import GenerationConfig, PytorchEngineConfig, Response, TurbomindEngineConfig
@@ -151,17 +152,22 @@ class AsyncEngine:
             raise ValueError(f'n={config.n}: {where} gives one answer; batch_infer and stream_infer give n')
         return config
 
-    def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids, tools=None) -> list[int]:
+    def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids, tools,
+                    template_kwargs: dict) -> list[int]:
         if input_ids is not None:
+            if template_kwargs:
+                raise ValueError('chat_template_kwargs and enable_thinking need messages, not input_ids: the chat '
+                                 'template renders messages')
             error = token_ids_error(input_ids, self.vocab_size)
             if error is not None:
                 raise ValueError(error)
             return list(input_ids)
         require_utf8(messages, 'messages')
         if do_preprocess:
-            prompt = self.chat_template.messages2prompt(messages, sequence_start, tools=tools)
-        elif tools:
-            raise ValueError('tools need do_preprocess=True: the chat template renders them')
+            prompt = self.chat_template.messages2prompt(messages, sequence_start, tools=tools, **template_kwargs)
+        elif tools or template_kwargs:
+            raise ValueError(f'{"tools" if tools else "chat_template_kwargs and enable_thinking"} need '
+                             'do_preprocess=True: the chat template renders them')
         elif isinstance(messages, str):
             prompt = messages
         else:
@@ -171,16 +177,21 @@ class AsyncEngine:
     async def generate(self, messages, session_id: int, gen_config: GenerationConfig | None = None,
                        stream_response: bool = True, sequence_start: bool = True, sequence_end: bool = True,
                        step: int = 0, do_preprocess: bool = True, input_ids: list[int] | None = None,
-                       tools: list[dict] | None = None, **kwargs) -> AsyncIterator[GenOut]:
+                       tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+                       enable_thinking: bool | None = None, **kwargs) -> AsyncIterator[GenOut]:
         """Run one request of a session; yields text and token deltas, the last with finish_reason.
         ``tools`` (OpenAI's tool dicts) are rendered by the chat template (a template that cannot
         render them raises ``ValueError``); the answer is the model's text, tool calls unparsed,
-        as LMDeploy's pipeline returns it. Bad input raises ``ValueError`` (naming the field) at
-        the first iteration, before anything is queued; a closed pipeline raises ``RuntimeError``."""
+        as LMDeploy's pipeline returns it. ``chat_template_kwargs`` are variables of the model's
+        Jinja template, LMDeploy's ``enable_thinking`` one of them (``chat_template_kwargs.py``; a
+        key the template does not read raises ``TemplateArgumentError``, a ``ValueError``). Bad
+        input raises ``ValueError`` (naming the field) at the first iteration, before anything is
+        queued; a closed pipeline raises ``RuntimeError``."""
         self._check_open()
         config = self._one_answer_config(gen_config, kwargs, 'generate()')
+        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking)
         history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
-        ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids, tools)
+        ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids, tools, template_kwargs)
         if not ids:
             raise ValueError('the prompt encodes to no tokens')
         room = self.session_len - history - len(ids)
@@ -301,13 +312,16 @@ class AsyncEngine:
         return [self._gen_config(gen_config, kwargs)] * n
 
     def batch_infer(self, prompts, gen_config=None, do_preprocess: bool = True, use_tqdm: bool = False,
-                    tools: list[dict] | None = None, **kwargs) -> Response | list[Response] | list[list[Response]]:
+                    tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+                    enable_thinking: bool | None = None,
+                    **kwargs) -> Response | list[Response] | list[list[Response]]:
         """Generate for one prompt or a list of them, together; results in input order. A prompt
         whose config has ``n > 1`` gets the list of its n ``Response``s (``samples.py`` numbers
-        their ``index``). ``use_tqdm`` shows a progress bar of the finished answers; ``tools``
-        go to every prompt's chat template (``generate``)."""
+        their ``index``). ``use_tqdm`` shows a progress bar of the finished answers; ``tools``,
+        ``chat_template_kwargs`` and ``enable_thinking`` go to every prompt's chat template (``generate``)."""
         items, single = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
+        rendering = {'chat_template_kwargs': resolve_template_kwargs(chat_template_kwargs, enable_thinking)}
         samples = fan_out(items, configs)
         if not isinstance(use_tqdm, bool):
             raise ValueError(f'use_tqdm must be True or False, got {use_tqdm!r}')
@@ -316,7 +330,7 @@ class AsyncEngine:
             progress = tqdm(total=len(samples)) if use_tqdm else None
 
             async def one(sample):
-                resp = await self._collect(sample, do_preprocess, tools, kwargs)
+                resp = await self._collect(sample, do_preprocess, tools, {**kwargs, **rendering})
                 if progress is not None:
                     progress.update()
                 return resp
@@ -334,6 +348,7 @@ class AsyncEngine:
 
     def stream_infer(self, prompts, sessions: Session | list[Session] | None = None, gen_config=None,
                      do_preprocess: bool = True, tools: list[dict] | None = None, stream_response: bool = True,
+                     chat_template_kwargs: dict | None = None, enable_thinking: bool | None = None,
                      **kwargs) -> Iterator[Response]:
         """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by
         ``index``: the prompt's, or with ``n > 1`` the answer's (``samples.py``).
@@ -345,11 +360,13 @@ class AsyncEngine:
         may appear once in a call (a session runs one request at a time): ``ValueError`` otherwise,
         as for a count that differs from the prompts'. A ``GenerationConfig`` (or a list of them)
         in the second position is ``gen_config``, the signature before LMDeploy 0.12.
-        ``stream_response=False`` yields one ``Response`` per answer, with its whole text, when it ends."""
+        ``stream_response=False`` yields one ``Response`` per answer, with its whole text, when it ends.
+        ``tools``, ``chat_template_kwargs`` and ``enable_thinking`` go to the chat template (``generate``)."""
         if gen_config is None and _is_gen_configs(sessions):
             sessions, gen_config = None, sessions
         items, _ = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
+        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking)
         samples = fan_out(items, configs)
         session_ids = self._session_ids_of(sessions, len(items), configs)
         if not isinstance(stream_response, bool):
@@ -359,7 +376,8 @@ class AsyncEngine:
             session_id = session_ids[sample.prompt_index] if session_ids else next(self._session_ids)
             total = Response('', 0, 0, session_id, index=sample.index)
             async for out in self.generate(sample.prompt, session_id, sample.config, stream_response=stream_response,
-                                           do_preprocess=do_preprocess, tools=tools, **kwargs):
+                                           do_preprocess=do_preprocess, tools=tools,
+                                           chat_template_kwargs=template_kwargs, **kwargs):
                 delta = Response(out.response, out.generate_token_len, out.input_token_len, session_id,
                                  out.finish_reason, out.token_ids, out.logprobs, sample.index)
                 if stream_response:
@@ -394,8 +412,10 @@ class AsyncEngine:
         return Session(next(self._session_ids), self)
 
     def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
-             stream_response: bool = False, **kwargs):
+             stream_response: bool = False, chat_template_kwargs: dict | None = None,
+             enable_thinking: bool | None = None, **kwargs):
         """One turn of a multi-turn chat; the session keeps the history (and its KV) between turns.
+        ``chat_template_kwargs`` and ``enable_thinking`` go to this turn's chat template (``generate``).
 
         Returns the session (its ``response`` is this turn's), or with ``stream_response`` an
         iterator of incremental ``Response``s that updates the session at its end.
@@ -403,8 +423,9 @@ class AsyncEngine:
         self._check_open()
         require_utf8(prompt, 'prompt')
         self._one_answer_config(gen_config, kwargs, 'chat()')
+        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking)
         session = session or Session(next(self._session_ids), self)
-        turn = self._chat_turn(prompt, session, gen_config, kwargs)
+        turn = self._chat_turn(prompt, session, gen_config, {**kwargs, 'chat_template_kwargs': template_kwargs})
         if stream_response:
             return turn
         for _ in turn:

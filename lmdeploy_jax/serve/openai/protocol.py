@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StrictBool, ValidationInfo, model_validator
 
+from ...chat_template_kwargs import resolve_template_kwargs
 from ...messages import INT32_MAX
 from ...text_checks import require_utf8
 from .limits import MAX_COMPLETION_CHOICES
@@ -137,6 +138,11 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
+def _template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    resolve_template_kwargs(value, None)      # refuses the keys the template call sets itself
+    return value
+
+
 class ChatCompletionRequest(OpenAIRequest, UnsupportedChatFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
@@ -146,6 +152,10 @@ class ChatCompletionRequest(OpenAIRequest, UnsupportedChatFields):
     tool_choice: Literal['none', 'auto', 'required'] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
     response_format: dict | None = None      # OpenAI's, or LMDeploy's regex_schema: messages.response_format_grammar
+    # variables of the model's chat template (LMDeploy's, vLLM's; chat_template_kwargs.py), and LMDeploy's older
+    # field for one of them
+    chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(_template_kwargs)] | None = None
+    enable_thinking: StrictBool | None = None
 
 
 class CompletionRequest(OpenAIRequest, UnsupportedCompletionFields):

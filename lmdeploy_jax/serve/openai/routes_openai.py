@@ -8,6 +8,7 @@ from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 
+from ...chat_template_kwargs import resolve_template_kwargs
 from ..reasoning_parsers import ReasoningParser
 from .errors import APIError, error_body
 from .generation import Job
@@ -40,7 +41,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     server = request.app.state.server
     _check_model(server, body.model)
     plan = plan_tools(body, server.tool_call_format)
-    ids = chat_prompt_ids(server.engine, body, plan.rendered)
+    template_kwargs = resolve_template_kwargs(body.chat_template_kwargs, body.enable_thinking)
+    ids = chat_prompt_ids(server.engine, body, plan.rendered, template_kwargs)
     asked = body.max_completion_tokens or body.max_tokens
     new = max_new_tokens(asked, len(ids), server.engine.session_len,
                          'max_completion_tokens' if body.max_completion_tokens else 'max_tokens')
@@ -49,15 +51,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     skip = plan.skip_special_tokens(body.skip_special_tokens)
     jobs = [Job(i, generation_config(body, new, vocab, top, i, skip, plan.response_format or body.response_format),
                 input_ids=ids) for i in range(body.n)]
-    shape = ChatShape(server.engine.tokenizer, top, plan, _reasoning_parsers(server, ids))
+    shape = ChatShape(server.engine.tokenizer, top, plan, _reasoning_parsers(server, ids, template_kwargs))
     return await _respond(request, body, jobs, shape, len(ids))
 
 
-def _reasoning_parsers(server, prompt_ids: list[int]):
-    """A factory of one answer's ``ReasoningParser`` (None: no ``--reasoning-parser``), told
-    whether the prompt's last tokens leave the reasoning open."""
+def _reasoning_parsers(server, prompt_ids: list[int], template_kwargs: dict):
+    """A factory of one answer's ``ReasoningParser``, told whether the prompt's last tokens leave
+    the reasoning open; None without ``--reasoning-parser``, and for a request whose template
+    variable ``enable_thinking`` is false: its answer is all content (LMDeploy's rule)."""
     fmt = server.reasoning_format
-    if fmt is None:
+    if fmt is None or template_kwargs.get('enable_thinking') is False:
         return None
     tail = server.engine.tokenizer.decode(prompt_ids[-4:], skip_special_tokens=False)
     return functools.partial(ReasoningParser, fmt, fmt.prompt_opens_reasoning(tail))

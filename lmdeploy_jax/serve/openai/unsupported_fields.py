@@ -34,9 +34,6 @@ class UnsupportedChatFields(UnsupportedSamplingFields):
     modalities: refused(['text'], why='text is the only output') = None
     audio: refused(why='text is the only output') = None
     prediction: refused(why='predicted outputs are not implemented') = None
-    chat_template_kwargs: refused({}, why="arguments to the chat template (LMDeploy's, e.g. enable_thinking) are "
-                                        'not passed to it') = None
-    enable_thinking: refused(why="arguments to the chat template (LMDeploy's) are not passed to it") = None
 
 
 class UnsupportedCompletionFields(UnsupportedSamplingFields):

@@ -1,0 +1,111 @@
+"""Chat template arguments (``chat_template_kwargs``, LMDeploy's ``enable_thinking``) reach the model's
+Jinja template through transformers' ``apply_chat_template``, and one that cannot apply is refused by name.
+
+The template under test is a tokenizer directory of the default model's tokenizer with a ChatML
+template that switches reasoning off the way Qwen3's does (its generation-prompt block, verbatim:
+an empty ``<think></think>`` when ``enable_thinking`` is false). No model is loaded.
+"""
+from __future__ import annotations
+
+import inspect
+import random
+import shutil
+from types import SimpleNamespace
+
+import pytest
+from transformers import AutoTokenizer
+
+from lmdeploy_jax.chat_template import ChatTemplateConfig, HFChatTemplate
+from lmdeploy_jax.chat_template_kwargs import RESERVED, TemplateArgumentError, resolve_template_kwargs
+from lmdeploy_jax.checkpoint.source import resolve_model
+from lmdeploy_jax.serve.openai.routes_openai import _reasoning_parsers
+from lmdeploy_jax.serve.reasoning_parsers.formats import reasoning_format
+
+QWEN3_STYLE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    '{%- endfor %}\n'
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
+    '    {%- if enable_thinking is defined and enable_thinking is false %}\n'
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}\n")
+NO_THINKING = '<think>\n\n</think>\n\n'
+
+
+def qwen3_style_tokenizer_dir(root):
+    """The default model's tokenizer files with ``QWEN3_STYLE`` as their chat template, under ``root``."""
+    source = resolve_model(None).hf_dir
+    for name in ('tokenizer.json', 'tokenizer_config.json'):
+        shutil.copy(f'{source}/{name}', root / name)
+    (root / 'chat_template.jinja').write_text(QWEN3_STYLE)
+    return root
+
+
+@pytest.fixture(scope='module')
+def hf(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(qwen3_style_tokenizer_dir(tmp_path_factory.mktemp('qwen3_style')))
+
+
+def _conversation(seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    words = ['Paris', 'river', '你好', 'naïve', '42', 'quantum', 'café']
+    text = lambda: ' '.join(rng.choice(words) for _ in range(rng.randrange(2, 7)))  # noqa: E731
+    return [{'role': 'user', 'content': text()}, {'role': 'assistant', 'content': text()},
+            {'role': 'user', 'content': text()}]
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_enable_thinking_changes_the_prompt_as_the_template_says(hf, seed):
+    template, messages = HFChatTemplate(hf), _conversation(seed)
+    default = template.messages2prompt(messages)
+    assert default == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert default.endswith('<|im_start|>assistant\n')
+    off = template.messages2prompt(messages, **resolve_template_kwargs({'enable_thinking': False}, None))
+    assert off == default + NO_THINKING
+    assert off == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    # LMDeploy's top-level field fills the variable; the dict's own value wins over it
+    assert template.messages2prompt(messages, **resolve_template_kwargs(None, False)) == off
+    assert template.messages2prompt(messages, **resolve_template_kwargs({'enable_thinking': True}, False)) == default
+    assert template.messages2prompt(messages, **resolve_template_kwargs({'enable_thinking': None}, False)) == off
+    # an interactive session's next turn is rendered with the variables too
+    assert template.messages2prompt(messages[-1:], sequence_start=False, enable_thinking=False).endswith(
+        '<|im_start|>assistant\n' + NO_THINKING)
+
+
+def test_a_variable_no_template_reads_is_refused_by_name(hf):
+    messages = _conversation(2)
+    with pytest.raises(TemplateArgumentError, match=r"chat_template_kwargs\['colour'\].*never reads") as info:
+        HFChatTemplate(hf).messages2prompt(messages, enable_thinking=False, colour='red')
+    assert info.value.key == 'colour'
+    qwen = ChatTemplateConfig('qwen').chat_template
+    with pytest.raises(TemplateArgumentError, match=r"\['enable_thinking'\].*builtin chat template 'qwen'"):
+        qwen.messages2prompt(messages, enable_thinking=False)
+    assert qwen.messages2prompt(messages, **resolve_template_kwargs({}, None)) == qwen.messages2prompt(messages)
+
+
+@pytest.mark.parametrize('kwargs, thinking, words', [
+    (['enable_thinking'], None, 'chat_template_kwargs must be a dict'),
+    ({1: True}, None, 'keys must be str'),
+    ({'tools': []}, None, r"chat_template_kwargs\['tools'\] is set by the chat template call"),
+    ({'add_generation_prompt': False}, None, r"\['add_generation_prompt'\]"),
+    ({'messages': []}, None, r"\['messages'\]"),
+    ({'note': '\ud800'}, None, 'chat_template_kwargs.note is not valid UTF-8'),
+    (None, 'no', 'enable_thinking must be True, False or None'),
+    (None, 0, 'enable_thinking must be True, False or None'),
+])
+def test_bad_arguments_are_refused_naming_the_field(kwargs, thinking, words):
+    with pytest.raises(ValueError, match=words):
+        resolve_template_kwargs(kwargs, thinking)
+
+
+def test_every_apply_chat_template_parameter_is_reserved(hf):
+    named = set(inspect.signature(hf.apply_chat_template).parameters) - {'kwargs'}
+    assert named - RESERVED == set()
+
+
+def test_thinking_switched_off_leaves_the_answer_all_content(hf):
+    """LMDeploy's rule: with ``enable_thinking`` false no reasoning is split out, even by a parser
+    (deepseek-r1) that reads an answer without tags as reasoning."""
+    server = SimpleNamespace(reasoning_format=reasoning_format('deepseek-r1'), engine=SimpleNamespace(tokenizer=hf))
+    ids = hf.encode('<|im_start|>assistant\n')
+    assert _reasoning_parsers(server, ids, {'enable_thinking': False}) is None
+    for kwargs in ({}, {'enable_thinking': True}):
+        assert _reasoning_parsers(server, ids, kwargs)().parse_whole('Because.') == ('Because.', '')
