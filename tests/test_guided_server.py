@@ -17,6 +17,7 @@ import pytest
 
 from test_server import ENGINE_FLAGS, running_server
 from test_tools import TIME, WEATHER
+from test_unsupported_args import refused_chat
 
 MAX_TOKENS = 64
 
@@ -151,9 +152,5 @@ def test_n_sampled_choices_each_follow_the_schema(client):
     ({'response_format': json_format({'type': 'object', 'properties': {'a': {'$ref': '#/nowhere'}}})}, None,
      'cannot compile the JSON schema')])
 def test_a_response_format_that_cannot_be_served_is_a_400(client, fields, param, words):
-    client, model = client
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
-                                       extra_body=fields)
-    error = info.value.body
+    error = refused_chat(*client, extra_body=fields)
     assert error['param'] == param and words in error['message'], error

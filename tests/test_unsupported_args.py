@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from lmdeploy_jax import ChatTemplateConfig, GenerationConfig, pipeline
+from lmdeploy_jax.chat_template import HFChatTemplate
 
+from test_chat_template_kwargs import NO_THINKING, qwen3_style_tokenizer_dir
 from test_server import running_server
 
 PROMPT = 'The capital of France is'
@@ -87,6 +90,31 @@ def test_tools_reach_the_prompt_or_are_refused(pipe):
     assert resp.generate_token_len == 1
 
 
+def test_chat_template_arguments_reach_the_template_or_are_refused(pipe, tmp_path):
+    ask = [{'role': 'user', 'content': 'Why is the sky blue?'}]
+    config = GenerationConfig(max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"\['enable_thinking'\]: the model's chat template never reads"):
+        pipe(ask, gen_config=config, enable_thinking=False)                # SmolLM2's own template
+    with pytest.raises(ValueError, match='chat_template_kwargs must be a dict'):
+        list(pipe.stream_infer(ask, gen_config=config, chat_template_kwargs='enable_thinking=False'))
+    with pytest.raises(ValueError, match='need do_preprocess=True'):
+        pipe(PROMPT, gen_config=config, do_preprocess=False, chat_template_kwargs={'enable_thinking': False})
+    own = pipe.chat_template
+    pipe.chat_template = HFChatTemplate(AutoTokenizer.from_pretrained(qwen3_style_tokenizer_dir(tmp_path)))
+    try:
+        plain = pipe(ask, gen_config=config)
+        off = pipe.infer(ask, gen_config=config, chat_template_kwargs={'enable_thinking': False})
+        [delta, *_] = pipe.stream_infer(ask, gen_config=config, enable_thinking=False)
+        session = pipe.chat(ask[0]['content'], gen_config=config, chat_template_kwargs={'enable_thinking': False})
+        session.close()
+        expected = pipe.tokenizer.encode(pipe.chat_template.messages2prompt(ask, enable_thinking=False))
+    finally:
+        pipe.chat_template = own
+    assert pipe.tokenizer.decode(expected).endswith(NO_THINKING)
+    assert off.input_token_len == delta.input_token_len == session.response.input_token_len == len(expected)
+    assert plain.input_token_len < len(expected)
+
+
 def test_adapter_name_is_refused_unless_none(pipe):
     config = GenerationConfig(max_new_tokens=2)
     with pytest.raises(ValueError, match='adapter_name'):
@@ -108,17 +136,22 @@ def client():
         yield client, client.models.list().data[0].id
 
 
+def refused_chat(client, model: str, **request) -> dict:
+    """The error body of the 400 (``openai.BadRequestError``) the server answers a one-word chat
+    request with; ``request``: the create call's further keywords (``extra_body=``, ``tools=``)."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
+                                       **request)
+    return info.value.body
+
+
 @pytest.mark.parametrize('fields, param, words', [
     ({'stop': ['']}, 'stop', 'stop[0] must be a non-empty string'),
     ({'stop': ''}, 'stop', 'stop must be a non-empty string'),
     ({'top_k': 1_000_000}, 'top_k', 'top_k must be an integer in [0, 49152]'),
 ])
 def test_a_400_names_the_request_field(client, fields, param, words):
-    client, model = client
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
-                                       extra_body=fields)
-    error = info.value.body
+    error = refused_chat(*client, extra_body=fields)
     assert error['param'] == param and words in error['message'], error
 
 
@@ -129,10 +162,7 @@ def test_a_400_names_the_request_field(client, fields, param, words):
 def test_openai_fields_that_would_be_ignored_are_refused(client, fields):
     client, model = client
     [(param, value)] = fields.items()
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
-                                       extra_body=fields)
-    error = info.value.body
+    error = refused_chat(client, model, extra_body=fields)
     assert error['param'] == param and 'is not supported' in error['message'], error
     with pytest.raises(openai.BadRequestError, match='echo'):
         client.completions.create(model=model, prompt='hi', max_tokens=2, echo=True)
@@ -148,10 +178,31 @@ def test_openai_fields_that_would_be_ignored_are_refused(client, fields):
     ({'tool_choice': 'none'}, 'does not render tools'),    # SmolLM2's own template has no place for them
 ])
 def test_tools_the_server_cannot_serve_are_refused(client, fields, words):
-    client, model = client
     tool = {'type': 'function', 'function': {'name': 'get_time', 'parameters': {'type': 'object'}}}
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=[{'role': 'user', 'content': 'hi'}], max_tokens=2,
-                                       tools=[tool], **fields)
-    error = info.value.body
+    error = refused_chat(*client, tools=[tool], **fields)
     assert error['param'] == 'tools' and words in error['message'], error
+
+
+@pytest.mark.parametrize('fields, param, words', [
+    ({'chat_template_kwargs': {'colour': 'red'}}, 'chat_template_kwargs', "never reads a variable 'colour'"),
+    ({'chat_template_kwargs': ['enable_thinking']}, 'chat_template_kwargs', 'valid dictionary'),
+    ({'chat_template_kwargs': {'add_generation_prompt': False}}, 'chat_template_kwargs',
+     "['add_generation_prompt'] is set by the chat template call"),
+    ({'enable_thinking': 'no'}, 'enable_thinking', 'valid boolean'),
+])
+def test_chat_template_arguments_that_cannot_apply_get_a_400_naming_them(client, fields, param, words):
+    client, model = client
+    ask = [{'role': 'user', 'content': 'hi'}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=ask, max_tokens=1, extra_body=fields)
+    error = info.value.body
+    assert error['param'] == param and words in error['message'], error
+
+
+def test_chat_template_arguments_that_set_nothing_are_taken(client):
+    client, model = client
+    ask = [{'role': 'user', 'content': 'hi'}]
+    plain = client.chat.completions.create(model=model, messages=ask, max_tokens=1)
+    unset = client.chat.completions.create(model=model, messages=ask, max_tokens=1,
+                                           extra_body={'chat_template_kwargs': {}, 'enable_thinking': None})
+    assert unset.usage.prompt_tokens == plain.usage.prompt_tokens
