@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from test_server import ENGINE_FLAGS, running_server
-from test_tools import TIME, WEATHER
+from test_tools import TIME, WEATHER, streamed_answer
 from test_unsupported_args import refused_chat
 
 MAX_TOKENS = 64
@@ -80,15 +80,7 @@ def ask(client, content, stream, **kwargs):
         choice = client.chat.completions.create(**kwargs).choices[0]
         calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
         return choice.message.content or '', calls, choice.finish_reason
-    text, calls, reasons = '', {}, []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        for choice in chunk.choices:
-            text += choice.delta.content or ''
-            for call in choice.delta.tool_calls or []:
-                calls[call.index] = (call.function.name, call.function.arguments)
-            reasons.append(choice.finish_reason)
-    assert not any(reasons[:-1])
-    return text, [calls[i] for i in sorted(calls)], reasons[-1]
+    return streamed_answer(client.chat.completions.create(**kwargs, stream=True))
 
 
 def ask_all(client, asks):

@@ -181,22 +181,30 @@ def test_tools_reach_the_prompt_and_the_answer_is_well_formed(server, hf_tokeniz
         assert choice.message.tool_calls is None
 
 
+def streamed_answer(chunks) -> tuple[str, list[tuple[str, str]], str | None]:
+    """(content, tool calls as (name, arguments) in index order, finish reason) of a streamed chat
+    answer of one choice; asserts that only its last chunk carries a finish reason."""
+    text, calls, reasons = '', {}, []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            text += choice.delta.content or ''
+            for call in choice.delta.tool_calls or []:
+                calls[call.index] = (call.function.name, call.function.arguments)
+            reasons.append(choice.finish_reason)
+    assert not any(reasons[:-1])
+    return text, [calls[i] for i in sorted(calls)], reasons[-1]
+
+
 def test_a_conversation_with_tool_calls_and_results_streams_as_it_answers(server, hf_tokenizer):
     client, model = server
     kwargs = dict(model=model, messages=CONVERSATION, tools=[WEATHER, TIME], max_tokens=16, temperature=0)
     whole = client.chat.completions.create(**kwargs)
     assert whole.usage.prompt_tokens == _prompt_tokens(hf_tokenizer, CONVERSATION, [WEATHER, TIME])
-    content, calls, reasons = '', {}, []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        for choice in chunk.choices:
-            content += choice.delta.content or ''
-            for call in choice.delta.tool_calls or []:
-                calls[call.index] = (call.function.name, call.function.arguments)
-            reasons.append(choice.finish_reason)
+    content, calls, reason = streamed_answer(client.chat.completions.create(**kwargs, stream=True))
     message = whole.choices[0].message
     assert content == (message.content or '')
-    assert calls == {i: (c.function.name, c.function.arguments) for i, c in enumerate(message.tool_calls or [])}
-    assert reasons[-1] == whole.choices[0].finish_reason and not any(reasons[:-1])
+    assert calls == [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+    assert reason == whole.choices[0].finish_reason
 
 
 @pytest.mark.parametrize('fields, param, words', [
