@@ -1,5 +1,6 @@
 """Every argument of LMDeploy's ``pipeline``, ``GenerationConfig``, ``TurbomindEngineConfig`` and
 ``PytorchEngineConfig`` either works here or raises an error naming it: none is silently dropped.
+The chat template arguments of LMDeploy's calls are taken by every call of ours that renders a prompt.
 
 The field lists are LMDeploy 0.18.0's (``lmdeploy/api.py`` and ``lmdeploy/messages.py``), copied
 as data. A field we declare is in ``WORKS`` (the test file that checks its effect, which must
@@ -18,6 +19,8 @@ import pytest
 
 from lmdeploy_jax import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig, pipeline
 from lmdeploy_jax.pytorch.engine import IGNORED_SETTINGS, ignored_settings_warning
+from lmdeploy_jax.serve.async_engine import AsyncEngine
+from lmdeploy_jax.serve.openai.protocol import ChatCompletionRequest
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -52,6 +55,10 @@ LMDEPLOY_FIELDS = {
         'dllm_unmasking_strategy', 'dllm_denoising_steps', 'dllm_confidence_threshold', 'role', 'migration_backend',
         'kv_transfer_config', 'piecewise_cudagraph_max_tokens'],
 }
+
+# LMDeploy 0.18.0: the chat template arguments of AsyncEngine.preprocess, which pipe.infer, stream_infer and chat
+# pass on, and of the server's ChatCompletionRequest (their effect: test_chat_template_kwargs.py)
+LMDEPLOY_TEMPLATE_ARGUMENTS = ['chat_template_kwargs', 'enable_thinking']
 
 # fields that take effect here -> the test file that checks it
 WORKS = {
@@ -127,6 +134,16 @@ def test_each_lmdeploy_field_works_or_raises_naming_it(cls, name):
 def test_pipeline_takes_every_lmdeploy_argument_by_name():
     ours = inspect.signature(pipeline).parameters
     assert [n for n in LMDEPLOY_PIPELINE if n not in ours] == []
+
+
+@pytest.mark.parametrize('call', ['batch_infer', 'infer', 'stream_infer', 'chat', 'generate'])
+def test_every_prompt_rendering_call_takes_lmdeploys_chat_template_arguments(call):
+    ours = inspect.signature(getattr(AsyncEngine, call)).parameters
+    assert [n for n in LMDEPLOY_TEMPLATE_ARGUMENTS if n not in ours] == []
+
+
+def test_the_chat_completions_request_takes_lmdeploys_chat_template_arguments():
+    assert [n for n in LMDEPLOY_TEMPLATE_ARGUMENTS if n not in ChatCompletionRequest.model_fields] == []
 
 
 @pytest.mark.parametrize('name, value', [('speculative_config', object()), ('allowed_media_domains', ['a.org'])])
