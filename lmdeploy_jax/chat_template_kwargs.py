@@ -1,12 +1,13 @@
-"""Arguments a caller gives the chat template: ``chat_template_kwargs`` and LMDeploy's ``enable_thinking``.
+"""Arguments a caller gives the chat template: ``chat_template_kwargs``, LMDeploy's ``enable_thinking``
+and ``reasoning_effort``.
 
 LMDeploy's and vLLM's contract: the keys become variables of the model's own Jinja template
 (``apply_chat_template(messages, ..., **chat_template_kwargs)``), so ``{'enable_thinking': False}``
-switches Qwen3's reasoning off. LMDeploy's top-level ``enable_thinking`` fills
-``chat_template_kwargs['enable_thinking']`` unless the dict sets it (the dict wins, with a warning);
-``None`` there means unset. Where LMDeploy drops a key without a word (a builtin template, or a
-Jinja template that never reads it), this library refuses it with ``TemplateArgumentError``, which
-names the key.
+switches Qwen3's reasoning off. Two request fields fill one variable each, as LMDeploy has them:
+``enable_thinking`` unless the dict sets it (the dict wins, with a warning), ``reasoning_effort``
+over the dict's. ``None`` for either means unset. Where LMDeploy drops a key without a word (a
+builtin template, or a Jinja template that never reads it), this library refuses it with
+``TemplateArgumentError``, which names the key.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from .text_checks import require_utf8
 
 logger = logging.getLogger('lmdeploy_jax')
 
+REASONING_EFFORTS = ('low', 'medium', 'high', 'max')      # LMDeploy's
+SOURCE_FIELDS = ('enable_thinking', 'reasoning_effort')  # the variables a request field of their own fills
 # What the chat template call sets itself: the template's own inputs and apply_chat_template's parameters
 RESERVED = frozenset({
     'messages', 'conversation', 'tools', 'documents', 'chat_template', 'add_generation_prompt',
@@ -36,13 +39,15 @@ class TemplateArgumentError(ValueError):
         self.key, self.reason = key, reason
 
 
-def resolve_template_kwargs(chat_template_kwargs: dict | None, enable_thinking: bool | None) -> dict:
+def resolve_template_kwargs(chat_template_kwargs: dict | None, enable_thinking: bool | None = None,
+                            reasoning_effort: str | None = None) -> dict:
     """The variables to pass to the chat template: ``chat_template_kwargs`` with LMDeploy's
-    ``enable_thinking`` merged in (a fresh dict; empty when neither is set).
+    ``enable_thinking`` and ``reasoning_effort`` merged in (a fresh dict; empty when none is set).
 
     Raises ``ValueError`` naming the field: ``chat_template_kwargs`` not a dict or None, a key that
     is not a str or is ``RESERVED`` (the call sets it: ``tools=`` is its own argument), text that is
-    not UTF-8; ``enable_thinking`` not True, False or None.
+    not UTF-8; ``enable_thinking`` not True, False or None; ``reasoning_effort`` not one of
+    ``REASONING_EFFORTS`` or None.
     """
     if chat_template_kwargs is None:
         chat_template_kwargs = {}
@@ -58,15 +63,28 @@ def resolve_template_kwargs(chat_template_kwargs: dict | None, enable_thinking: 
     require_utf8(chat_template_kwargs, 'chat_template_kwargs')
     if enable_thinking is not None and not isinstance(enable_thinking, bool):
         raise ValueError(f'enable_thinking must be True, False or None, got {enable_thinking!r}')
-    kwargs = dict(chat_template_kwargs)
-    if kwargs.get('enable_thinking') is None:
-        kwargs.pop('enable_thinking', None)
+    if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
+        raise ValueError(f'reasoning_effort must be one of {REASONING_EFFORTS} or None, got {reasoning_effort!r}')
+    kwargs = {k: v for k, v in chat_template_kwargs.items() if v is not None or k not in SOURCE_FIELDS}
+    if reasoning_effort is not None:
+        kwargs['reasoning_effort'] = reasoning_effort
+    if 'enable_thinking' not in kwargs:
         if enable_thinking is not None:
             kwargs['enable_thinking'] = enable_thinking
     elif enable_thinking is not None:
         logger.warning("chat_template_kwargs['enable_thinking'] is set: it overrides enable_thinking=%s",
                        enable_thinking)
     return kwargs
+
+
+def source_field(key: str, chat_template_kwargs: dict | None, enable_thinking: bool | None,
+                 reasoning_effort: str | None) -> str:
+    """The field whose value ``resolve_template_kwargs`` of these arguments gave the variable ``key``."""
+    if key == 'reasoning_effort' and reasoning_effort is not None:
+        return 'reasoning_effort'
+    if key == 'enable_thinking' and enable_thinking is not None and (chat_template_kwargs or {}).get(key) is None:
+        return 'enable_thinking'
+    return 'chat_template_kwargs'
 
 
 def refuse_all(template_name: str, kwargs: dict) -> None:

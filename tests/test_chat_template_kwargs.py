@@ -1,9 +1,11 @@
-"""Chat template arguments (``chat_template_kwargs``, LMDeploy's ``enable_thinking``) reach the model's
-Jinja template through transformers' ``apply_chat_template``, and one that cannot apply is refused by name.
+"""Chat template arguments (``chat_template_kwargs``, LMDeploy's ``enable_thinking`` and
+``reasoning_effort``) reach the model's Jinja template through transformers' ``apply_chat_template``,
+and one that cannot apply is refused by name.
 
 The template under test is a tokenizer directory of the default model's tokenizer with a ChatML
 template that switches reasoning off the way Qwen3's does (its generation-prompt block, verbatim:
-an empty ``<think></think>`` when ``enable_thinking`` is false). No model is loaded.
+an empty ``<think></think>`` when ``enable_thinking`` is false) and, when ``reasoning_effort`` is
+given, opens with a system turn stating it as gpt-oss's does (``Reasoning: high``). No model is loaded.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from lmdeploy_jax.chat_template import ChatTemplateConfig, HFChatTemplate
-from lmdeploy_jax.chat_template_kwargs import RESERVED, TemplateArgumentError, resolve_template_kwargs
+from lmdeploy_jax.chat_template_kwargs import RESERVED, TemplateArgumentError, resolve_template_kwargs, source_field
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.serve.openai.routes_openai import _reasoning_parsers
 from lmdeploy_jax.serve.reasoning_parsers.formats import reasoning_format
 
 QWEN3_STYLE = (
+    "{%- if reasoning_effort is defined %}"
+    "{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + '<|im_end|>\\n' }}{%- endif %}\n"
     "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
     '{%- endfor %}\n'
     "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
@@ -70,6 +74,27 @@ def test_enable_thinking_changes_the_prompt_as_the_template_says(hf, seed):
         '<|im_start|>assistant\n' + NO_THINKING)
 
 
+def test_reasoning_effort_fills_its_variable_over_the_dicts(hf):
+    template, messages = HFChatTemplate(hf), _conversation(3)
+    high = template.messages2prompt(messages, **resolve_template_kwargs({'reasoning_effort': 'low'}, None, 'high'))
+    assert high == '<|im_start|>system\nReasoning: high<|im_end|>\n' + template.messages2prompt(messages)
+    assert high == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, reasoning_effort='high')
+    assert resolve_template_kwargs({'reasoning_effort': None, 'enable_thinking': None, 'x': None}) == {'x': None}
+
+
+@pytest.mark.parametrize('key, kwargs, thinking, effort, field', [
+    ('enable_thinking', None, False, None, 'enable_thinking'),
+    ('enable_thinking', {'enable_thinking': True}, False, None, 'chat_template_kwargs'),
+    ('enable_thinking', {'enable_thinking': None}, False, None, 'enable_thinking'),
+    ('reasoning_effort', {'reasoning_effort': 'low'}, None, 'high', 'reasoning_effort'),
+    ('reasoning_effort', {'reasoning_effort': 'low'}, None, None, 'chat_template_kwargs'),
+    ('colour', {'colour': 'red'}, True, 'low', 'chat_template_kwargs'),
+])
+def test_a_variable_is_traced_to_the_field_that_gave_it(key, kwargs, thinking, effort, field):
+    assert key in resolve_template_kwargs(kwargs, thinking, effort)
+    assert source_field(key, kwargs, thinking, effort) == field
+
+
 def test_a_variable_no_template_reads_is_refused_by_name(hf):
     messages = _conversation(2)
     with pytest.raises(TemplateArgumentError, match=r"chat_template_kwargs\['colour'\].*never reads") as info:
@@ -81,19 +106,20 @@ def test_a_variable_no_template_reads_is_refused_by_name(hf):
     assert qwen.messages2prompt(messages, **resolve_template_kwargs({}, None)) == qwen.messages2prompt(messages)
 
 
-@pytest.mark.parametrize('kwargs, thinking, words', [
-    (['enable_thinking'], None, 'chat_template_kwargs must be a dict'),
-    ({1: True}, None, 'keys must be str'),
-    ({'tools': []}, None, r"chat_template_kwargs\['tools'\] is set by the chat template call"),
-    ({'add_generation_prompt': False}, None, r"\['add_generation_prompt'\]"),
-    ({'messages': []}, None, r"\['messages'\]"),
-    ({'note': '\ud800'}, None, 'chat_template_kwargs.note is not valid UTF-8'),
-    (None, 'no', 'enable_thinking must be True, False or None'),
-    (None, 0, 'enable_thinking must be True, False or None'),
+@pytest.mark.parametrize('kwargs, thinking, effort, words', [
+    (['enable_thinking'], None, None, 'chat_template_kwargs must be a dict'),
+    ({1: True}, None, None, 'keys must be str'),
+    ({'tools': []}, None, None, r"chat_template_kwargs\['tools'\] is set by the chat template call"),
+    ({'add_generation_prompt': False}, None, None, r"\['add_generation_prompt'\]"),
+    ({'messages': []}, None, None, r"\['messages'\]"),
+    ({'note': '\ud800'}, None, None, 'chat_template_kwargs.note is not valid UTF-8'),
+    (None, 'no', None, 'enable_thinking must be True, False or None'),
+    (None, 0, None, 'enable_thinking must be True, False or None'),
+    (None, None, 'minimal', "reasoning_effort must be one of .*'max'.* got 'minimal'"),
 ])
-def test_bad_arguments_are_refused_naming_the_field(kwargs, thinking, words):
+def test_bad_arguments_are_refused_naming_the_field(kwargs, thinking, effort, words):
     with pytest.raises(ValueError, match=words):
-        resolve_template_kwargs(kwargs, thinking)
+        resolve_template_kwargs(kwargs, thinking, effort)
 
 
 def test_every_apply_chat_template_parameter_is_reserved(hf):

@@ -58,7 +58,7 @@ LMDEPLOY_FIELDS = {
 
 # LMDeploy 0.18.0: the chat template arguments of AsyncEngine.preprocess, which pipe.infer, stream_infer and chat
 # pass on, and of the server's ChatCompletionRequest (their effect: test_chat_template_kwargs.py)
-LMDEPLOY_TEMPLATE_ARGUMENTS = ['chat_template_kwargs', 'enable_thinking']
+LMDEPLOY_TEMPLATE_ARGUMENTS = ['chat_template_kwargs', 'enable_thinking', 'reasoning_effort']
 
 # fields that take effect here -> the test file that checks it
 WORKS = {

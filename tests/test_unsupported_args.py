@@ -98,6 +98,8 @@ def test_chat_template_arguments_reach_the_template_or_are_refused(pipe, tmp_pat
     unread = r"\['enable_thinking'\]: the model's chat template never reads"       # SmolLM2's own template
     with pytest.raises(ValueError, match=unread):
         pipe(ask, gen_config=config, enable_thinking=False)
+    with pytest.raises(ValueError, match=r"\['reasoning_effort'\]: the model's chat template never reads"):
+        pipe.infer(ask, gen_config=config, reasoning_effort='high')
     with pytest.raises(ValueError, match=unread):
         list(pipe.stream_infer(ask, gen_config=config, chat_template_kwargs={'enable_thinking': False}))
     with pytest.raises(ValueError, match=unread):
@@ -192,6 +194,8 @@ def test_tools_the_server_cannot_serve_are_refused(client, fields, words):
     ({'chat_template_kwargs': {'add_generation_prompt': False}}, 'chat_template_kwargs',
      "['add_generation_prompt'] is set by the chat template call"),
     ({'enable_thinking': 'no'}, 'enable_thinking', 'valid boolean'),
+    ({'reasoning_effort': 'high'}, 'reasoning_effort', "reasoning_effort: the model's chat template never reads"),
+    ({'reasoning_effort': 'minimal'}, 'reasoning_effort', "'low', 'medium', 'high' or 'max'"),
 ])
 def test_chat_template_arguments_that_cannot_apply_get_a_400_naming_them(client, fields, param, words):
     client, model = client

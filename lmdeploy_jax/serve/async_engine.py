@@ -156,8 +156,8 @@ class AsyncEngine:
                     template_kwargs: dict) -> list[int]:
         if input_ids is not None:
             if template_kwargs:
-                raise ValueError('chat_template_kwargs and enable_thinking need messages, not input_ids: the chat '
-                                 'template renders messages')
+                raise ValueError('chat_template_kwargs, enable_thinking and reasoning_effort need messages, not '
+                                 'input_ids: the chat template renders messages')
             error = token_ids_error(input_ids, self.vocab_size)
             if error is not None:
                 raise ValueError(error)
@@ -166,8 +166,8 @@ class AsyncEngine:
         if do_preprocess:
             prompt = self.chat_template.messages2prompt(messages, sequence_start, tools=tools, **template_kwargs)
         elif tools or template_kwargs:
-            raise ValueError(f'{"tools" if tools else "chat_template_kwargs and enable_thinking"} need '
-                             'do_preprocess=True: the chat template renders them')
+            given = 'tools' if tools else 'chat_template_kwargs, enable_thinking and reasoning_effort'
+            raise ValueError(f'{given} need do_preprocess=True: the chat template renders them')
         elif isinstance(messages, str):
             prompt = messages
         else:
@@ -178,18 +178,20 @@ class AsyncEngine:
                        stream_response: bool = True, sequence_start: bool = True, sequence_end: bool = True,
                        step: int = 0, do_preprocess: bool = True, input_ids: list[int] | None = None,
                        tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
-                       enable_thinking: bool | None = None, **kwargs) -> AsyncIterator[GenOut]:
+                       enable_thinking: bool | None = None, reasoning_effort: str | None = None,
+                       **kwargs) -> AsyncIterator[GenOut]:
         """Run one request of a session; yields text and token deltas, the last with finish_reason.
         ``tools`` (OpenAI's tool dicts) are rendered by the chat template (a template that cannot
         render them raises ``ValueError``); the answer is the model's text, tool calls unparsed,
         as LMDeploy's pipeline returns it. ``chat_template_kwargs`` are variables of the model's
-        Jinja template, LMDeploy's ``enable_thinking`` one of them (``chat_template_kwargs.py``; a
-        key the template does not read raises ``TemplateArgumentError``, a ``ValueError``). Bad
-        input raises ``ValueError`` (naming the field) at the first iteration, before anything is
-        queued; a closed pipeline raises ``RuntimeError``."""
+        Jinja template, LMDeploy's ``enable_thinking`` and ``reasoning_effort`` two of them
+        (``chat_template_kwargs.py``; a key the template does not read raises
+        ``TemplateArgumentError``, a ``ValueError``). Bad input raises ``ValueError`` (naming the
+        field) at the first iteration, before anything is queued; a closed pipeline raises
+        ``RuntimeError``."""
         self._check_open()
         config = self._one_answer_config(gen_config, kwargs, 'generate()')
-        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking)
+        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking, reasoning_effort)
         history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
         ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids, tools, template_kwargs)
         if not ids:
@@ -313,15 +315,17 @@ class AsyncEngine:
 
     def batch_infer(self, prompts, gen_config=None, do_preprocess: bool = True, use_tqdm: bool = False,
                     tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
-                    enable_thinking: bool | None = None,
+                    enable_thinking: bool | None = None, reasoning_effort: str | None = None,
                     **kwargs) -> Response | list[Response] | list[list[Response]]:
         """Generate for one prompt or a list of them, together; results in input order. A prompt
         whose config has ``n > 1`` gets the list of its n ``Response``s (``samples.py`` numbers
         their ``index``). ``use_tqdm`` shows a progress bar of the finished answers; ``tools``,
-        ``chat_template_kwargs`` and ``enable_thinking`` go to every prompt's chat template (``generate``)."""
+        ``chat_template_kwargs``, ``enable_thinking`` and ``reasoning_effort`` go to every prompt's
+        chat template (``generate``)."""
         items, single = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
-        rendering = {'chat_template_kwargs': resolve_template_kwargs(chat_template_kwargs, enable_thinking)}
+        call_kwargs = {**kwargs, 'chat_template_kwargs': resolve_template_kwargs(chat_template_kwargs, enable_thinking,
+                                                                                 reasoning_effort)}
         samples = fan_out(items, configs)
         if not isinstance(use_tqdm, bool):
             raise ValueError(f'use_tqdm must be True or False, got {use_tqdm!r}')
@@ -330,7 +334,7 @@ class AsyncEngine:
             progress = tqdm(total=len(samples)) if use_tqdm else None
 
             async def one(sample):
-                resp = await self._collect(sample, do_preprocess, tools, {**kwargs, **rendering})
+                resp = await self._collect(sample, do_preprocess, tools, call_kwargs)
                 if progress is not None:
                     progress.update()
                 return resp
@@ -349,7 +353,7 @@ class AsyncEngine:
     def stream_infer(self, prompts, sessions: Session | list[Session] | None = None, gen_config=None,
                      do_preprocess: bool = True, tools: list[dict] | None = None, stream_response: bool = True,
                      chat_template_kwargs: dict | None = None, enable_thinking: bool | None = None,
-                     **kwargs) -> Iterator[Response]:
+                     reasoning_effort: str | None = None, **kwargs) -> Iterator[Response]:
         """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by
         ``index``: the prompt's, or with ``n > 1`` the answer's (``samples.py``).
 
@@ -361,12 +365,13 @@ class AsyncEngine:
         as for a count that differs from the prompts'. A ``GenerationConfig`` (or a list of them)
         in the second position is ``gen_config``, the signature before LMDeploy 0.12.
         ``stream_response=False`` yields one ``Response`` per answer, with its whole text, when it ends.
-        ``tools``, ``chat_template_kwargs`` and ``enable_thinking`` go to the chat template (``generate``)."""
+        ``tools``, ``chat_template_kwargs``, ``enable_thinking`` and ``reasoning_effort`` go to the
+        chat template (``generate``)."""
         if gen_config is None and _is_gen_configs(sessions):
             sessions, gen_config = None, sessions
         items, _ = _check_prompts(prompts)
         configs = self._configs(gen_config, len(items), kwargs)
-        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking)
+        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking, reasoning_effort)
         samples = fan_out(items, configs)
         session_ids = self._session_ids_of(sessions, len(items), configs)
         if not isinstance(stream_response, bool):
@@ -413,9 +418,10 @@ class AsyncEngine:
 
     def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
              stream_response: bool = False, chat_template_kwargs: dict | None = None,
-             enable_thinking: bool | None = None, **kwargs):
+             enable_thinking: bool | None = None, reasoning_effort: str | None = None, **kwargs):
         """One turn of a multi-turn chat; the session keeps the history (and its KV) between turns.
-        ``chat_template_kwargs`` and ``enable_thinking`` go to this turn's chat template (``generate``).
+        ``chat_template_kwargs``, ``enable_thinking`` and ``reasoning_effort`` go to this turn's chat
+        template (``generate``).
 
         Returns the session (its ``response`` is this turn's), or with ``stream_response`` an
         iterator of incremental ``Response``s that updates the session at its end.
@@ -423,7 +429,7 @@ class AsyncEngine:
         self._check_open()
         require_utf8(prompt, 'prompt')
         self._one_answer_config(gen_config, kwargs, 'chat()')
-        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking)
+        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking, reasoning_effort)
         session = session or Session(next(self._session_ids), self)
         turn = self._chat_turn(prompt, session, gen_config, {**kwargs, 'chat_template_kwargs': template_kwargs})
         if stream_response:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, StrictBool, ValidationInfo, model_validator
 
-from ...chat_template_kwargs import resolve_template_kwargs
+from ...chat_template_kwargs import REASONING_EFFORTS, resolve_template_kwargs
 from ...messages import INT32_MAX
 from ...text_checks import require_utf8
 from .limits import MAX_COMPLETION_CHOICES
@@ -152,10 +152,10 @@ class ChatCompletionRequest(OpenAIRequest, UnsupportedChatFields):
     tool_choice: Literal['none', 'auto', 'required'] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
     response_format: dict | None = None      # OpenAI's, or LMDeploy's regex_schema: messages.response_format_grammar
-    # variables of the model's chat template (LMDeploy's, vLLM's; chat_template_kwargs.py), and LMDeploy's older
-    # field for one of them
+    # variables of the model's chat template (LMDeploy's, vLLM's; chat_template_kwargs.py), and the fields of two
     chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(_template_kwargs)] | None = None
     enable_thinking: StrictBool | None = None
+    reasoning_effort: Literal[REASONING_EFFORTS] | None = None
 
 
 class CompletionRequest(OpenAIRequest, UnsupportedCompletionFields):

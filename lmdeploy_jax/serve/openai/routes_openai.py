@@ -41,7 +41,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     server = request.app.state.server
     _check_model(server, body.model)
     plan = plan_tools(body, server.tool_call_format)
-    template_kwargs = resolve_template_kwargs(body.chat_template_kwargs, body.enable_thinking)
+    template_kwargs = resolve_template_kwargs(body.chat_template_kwargs, body.enable_thinking, body.reasoning_effort)
     ids = chat_prompt_ids(server.engine, body, plan.rendered, template_kwargs)
     asked = body.max_completion_tokens or body.max_tokens
     new = max_new_tokens(asked, len(ids), server.engine.session_len,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
-from ...chat_template_kwargs import TemplateArgumentError
+from ...chat_template_kwargs import TemplateArgumentError, source_field
 from ...messages import GenerationConfig
 from .errors import APIError
 from .protocol import ChatCompletionRequest, SamplingFields
@@ -71,22 +71,17 @@ def max_new_tokens(requested: int | None, prompt_len: int, session_len: int, par
 
 
 def session_prompt_ids(engine, prompt: str | list[dict], sequence_start: bool, do_preprocess: bool,
-                       tools: list[dict] | None = None, template_kwargs: dict | None = None,
-                       thinking_field: bool = False) -> list[int]:
+                       tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
     """A prompt's token ids as LMDeploy's ``/generate`` renders it: through the chat template when
     ``do_preprocess`` (a str is one user turn; the system prompt only at a session's start), else
     the str as it is; with BOS at a session's start. ``tools`` and ``template_kwargs`` (the
     template's variables) go to the chat template. Refusals are 400s naming ``prompt`` (a template
-    that cannot render the tools: ``tools``; one that does not read a variable:
-    ``chat_template_kwargs``, or ``enable_thinking`` when ``thinking_field`` says the request set
-    that variable by the top-level field)."""
+    that cannot render the tools: ``tools``), except a ``TemplateArgumentError``, raised as it is."""
     if do_preprocess:
         try:
             text = engine.chat_template.messages2prompt(prompt, sequence_start, tools=tools, **(template_kwargs or {}))
-        except TemplateArgumentError as exc:
-            if thinking_field and exc.key == 'enable_thinking':
-                raise APIError(400, f'enable_thinking: {exc.reason}', 'enable_thinking') from None
-            raise APIError(400, str(exc), 'chat_template_kwargs') from None
+        except TemplateArgumentError:
+            raise
         except (ValueError, TemplateError) as exc:   # the template's own refusals (raise_exception) too
             raise APIError(400, str(exc), 'tools' if tools else 'messages') from None
     elif isinstance(prompt, str):
@@ -102,10 +97,14 @@ def session_prompt_ids(engine, prompt: str | list[dict], sequence_start: bool, d
 def chat_prompt_ids(engine, req: ChatCompletionRequest, tools: list[dict] | None, template_kwargs: dict) -> list[int]:
     """The conversation (and ``tools``) rendered by the model's chat template with the variables
     ``template_kwargs`` (``resolve_template_kwargs`` of the request's), then tokenized (with BOS
-    where the model has one)."""
-    thinking_field = req.enable_thinking is not None and (req.chat_template_kwargs or {}).get('enable_thinking') is None
-    return session_prompt_ids(engine, [m.model_dump(exclude_none=True) for m in req.messages], True, True, tools,
-                              template_kwargs, thinking_field)
+    where the model has one). A variable the template cannot take is a 400 naming the request
+    field that gave it (``chat_template_kwargs``, ``enable_thinking``, ``reasoning_effort``)."""
+    try:
+        return session_prompt_ids(engine, [m.model_dump(exclude_none=True) for m in req.messages], True, True,
+                                  tools, template_kwargs)
+    except TemplateArgumentError as exc:
+        param = source_field(exc.key, req.chat_template_kwargs, req.enable_thinking, req.reasoning_effort)
+        raise APIError(400, str(exc) if param == 'chat_template_kwargs' else f'{param}: {exc.reason}', param) from None
 
 
 def text_prompt_ids(engine, prompt: str, param: str = 'prompt') -> list[int]:
