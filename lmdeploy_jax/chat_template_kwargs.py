@@ -108,8 +108,9 @@ def template_variables(source: str) -> frozenset[str]:
 
 
 def refuse_unread(source: str, kwargs: dict) -> None:
-    """``TemplateArgumentError`` naming the first key of ``kwargs`` that the template ``source`` never reads."""
-    unread = sorted(set(kwargs) - template_variables(source))
+    """``TemplateArgumentError`` naming the first key of ``kwargs`` that the template ``source`` never
+    reads (the template is parsed only when there are keys)."""
+    unread = sorted(set(kwargs) - template_variables(source)) if kwargs else []
     if unread:
         key = unread[0]
         raise TemplateArgumentError(key, f"the model's chat template never reads a variable {key!r}, so it "

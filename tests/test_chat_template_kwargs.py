@@ -18,7 +18,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from lmdeploy_jax.chat_template import ChatTemplateConfig, HFChatTemplate
-from lmdeploy_jax.chat_template_kwargs import RESERVED, TemplateArgumentError, resolve_template_kwargs, source_field
+from lmdeploy_jax.chat_template_kwargs import (RESERVED, TemplateArgumentError, resolve_template_kwargs, source_field,
+                                               template_variables)
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.serve.openai.routes_openai import _reasoning_parsers
 from lmdeploy_jax.serve.reasoning_parsers.formats import reasoning_format
@@ -120,6 +121,14 @@ def test_a_variable_no_template_reads_is_refused_by_name(hf):
 def test_bad_arguments_are_refused_naming_the_field(kwargs, thinking, effort, words):
     with pytest.raises(ValueError, match=words):
         resolve_template_kwargs(kwargs, thinking, effort)
+
+
+def test_the_variables_of_templates_using_transformers_tags_are_found():
+    """transformers renders with ``{% generation %}`` blocks and loop controls; their templates parse too."""
+    source = ("{%- for m in messages %}{%- if loop.index > max_turns %}{%- break %}{%- endif %}"
+              "{%- if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{%- endif %}"
+              '{%- endfor %}{%- set greeting = "hi" %}{{ greeting }}')
+    assert template_variables(source) == {'messages', 'max_turns'}
 
 
 def test_every_apply_chat_template_parameter_is_reserved(hf):
