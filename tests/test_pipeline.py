@@ -15,6 +15,9 @@ CJK_EMOJI = 'Write the Chinese word for cat and a cat emoji.'
 
 @pytest.fixture(scope='module', params=['turbomind', 'pytorch'])
 def pipe(request):
+    if request.param == 'turbomind':
+        yield request.getfixturevalue('default_model_pipeline')
+        return
     with pipeline(backend=request.param, backend_config=None) as p:
         yield p
 

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from lmdeploy_jax import GenerationConfig, Response, pipeline
+from lmdeploy_jax import GenerationConfig, Response
 
 PROMPT = 'Write a short poem about the sea.'
 
 
 @pytest.fixture(scope='module')
-def pipe():
-    with pipeline() as p:
-        yield p
+def pipe(default_model_pipeline):
+    return default_model_pipeline
 
 
 def sampled(seed=None, n=4, max_new_tokens=8):
