@@ -2,16 +2,16 @@
 ``reasoning_effort``) reach the model's Jinja template through transformers' ``apply_chat_template``,
 and one that cannot apply is refused by name.
 
-The template under test is a tokenizer directory of the default model's tokenizer with a ChatML
-template that switches reasoning off the way Qwen3's does (its generation-prompt block, verbatim:
-an empty ``<think></think>`` when ``enable_thinking`` is false) and, when ``reasoning_effort`` is
-given, opens with a system turn stating it as gpt-oss's does (``Reasoning: high``). No model is loaded.
+The template under test is the default model's (SmolLM2's ChatML) reading ``enable_thinking``
+as Qwen3's does (its switch, verbatim, after the generation prompt: an empty ``<think></think>``
+when it is false) and ``reasoning_effort`` in a first system turn (``Reasoning: high``, as
+gpt-oss's states it). No model is loaded.
 """
 from __future__ import annotations
 
 import inspect
+import pathlib
 import random
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -24,29 +24,35 @@ from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.serve.openai.routes_openai import _reasoning_parsers
 from lmdeploy_jax.serve.reasoning_parsers.formats import reasoning_format
 
-QWEN3_STYLE = (
-    "{%- if reasoning_effort is defined %}"
-    "{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + '<|im_end|>\\n' }}{%- endif %}\n"
-    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    '{%- endfor %}\n'
-    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n"
-    '    {%- if enable_thinking is defined and enable_thinking is false %}\n'
-    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n    {%- endif %}\n{%- endif %}\n")
+# Qwen3's switch, verbatim, which follows its generation prompt; and a system turn stating the reasoning effort
+THINKING_SWITCH = ("{%- if enable_thinking is defined and enable_thinking is false %}"
+                   "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+EFFORT_TURN = ("{%- if reasoning_effort is defined %}"
+               "{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + '<|im_end|>\\n' }}{%- endif %}")
 NO_THINKING = '<think>\n\n</think>\n\n'
 
 
-def qwen3_style_tokenizer_dir(root):
-    """The default model's tokenizer files with ``QWEN3_STYLE`` as their chat template, under ``root``."""
-    source = resolve_model(None).hf_dir
-    for name in ('tokenizer.json', 'tokenizer_config.json'):
-        shutil.copy(f'{source}/{name}', root / name)
-    (root / 'chat_template.jinja').write_text(QWEN3_STYLE)
+def template_with_arguments(template: str) -> str:
+    """SmolLM2's chat template ``template`` reading ``enable_thinking`` (``THINKING_SWITCH`` after its
+    generation prompt) and ``reasoning_effort`` (``EFFORT_TURN`` first); without either it renders as before."""
+    prompt = "{{ '<|im_start|>assistant\n' }}"
+    assert template.count(prompt) == 1, template
+    return EFFORT_TURN + template.replace(prompt, prompt + THINKING_SWITCH)
+
+
+def model_dir_with_template_arguments(root: pathlib.Path) -> pathlib.Path:
+    """The default model (links to its files) under ``root``, its chat template ``template_with_arguments``'s."""
+    source = pathlib.Path(resolve_model(None).hf_dir)
+    for path in source.iterdir():
+        if path.name != 'chat_template.jinja':
+            (root / path.name).symlink_to(path)
+    (root / 'chat_template.jinja').write_text(template_with_arguments((source / 'chat_template.jinja').read_text()))
     return root
 
 
 @pytest.fixture(scope='module')
 def hf(tmp_path_factory):
-    return AutoTokenizer.from_pretrained(qwen3_style_tokenizer_dir(tmp_path_factory.mktemp('qwen3_style')))
+    return AutoTokenizer.from_pretrained(model_dir_with_template_arguments(tmp_path_factory.mktemp('model')))
 
 
 def _conversation(seed: int) -> list[dict]:

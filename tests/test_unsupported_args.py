@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from lmdeploy_jax import ChatTemplateConfig, GenerationConfig, pipeline
 from lmdeploy_jax.chat_template import HFChatTemplate
 
-from test_chat_template_kwargs import NO_THINKING, qwen3_style_tokenizer_dir
+from test_chat_template_kwargs import NO_THINKING, model_dir_with_template_arguments
 from test_server import running_server
 
 PROMPT = 'The capital of France is'
@@ -92,9 +92,9 @@ def test_tools_reach_the_prompt_or_are_refused(pipe):
 
 def test_chat_template_arguments_reach_the_template_or_are_refused(pipe, tmp_path):
     """Every call hands them to the chat template, which refuses what it does not read; one that
-    reads them renders them (a Qwen3-style template on the default model's tokenizer)."""
-    ask = [{'role': 'user', 'content': 'Why is the sky blue?'}]
-    config = GenerationConfig(max_new_tokens=1)
+    reads them renders them (SmolLM2's reading them, ``test_chat_template_kwargs.py``)."""
+    ask = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Why is the sky blue?'}]
+    config = GenerationConfig(max_new_tokens=1)      # a short prompt: the engine's smallest prefill on the CPU
     unread = r"\['enable_thinking'\]: the model's chat template never reads"       # SmolLM2's own template
     with pytest.raises(ValueError, match=unread):
         pipe(ask, gen_config=config, enable_thinking=False)
@@ -103,13 +103,13 @@ def test_chat_template_arguments_reach_the_template_or_are_refused(pipe, tmp_pat
     with pytest.raises(ValueError, match=unread):
         list(pipe.stream_infer(ask, gen_config=config, chat_template_kwargs={'enable_thinking': False}))
     with pytest.raises(ValueError, match=unread):
-        pipe.chat(ask[0]['content'], gen_config=config, chat_template_kwargs={'enable_thinking': False})
+        pipe.chat(ask[-1]['content'], gen_config=config, chat_template_kwargs={'enable_thinking': False})
     with pytest.raises(ValueError, match='chat_template_kwargs must be a dict'):
         pipe(ask, gen_config=config, chat_template_kwargs='enable_thinking=False')
     with pytest.raises(ValueError, match='need do_preprocess=True'):
         pipe(PROMPT, gen_config=config, do_preprocess=False, chat_template_kwargs={'enable_thinking': False})
     own = pipe.chat_template
-    pipe.chat_template = HFChatTemplate(AutoTokenizer.from_pretrained(qwen3_style_tokenizer_dir(tmp_path)))
+    pipe.chat_template = HFChatTemplate(AutoTokenizer.from_pretrained(model_dir_with_template_arguments(tmp_path)))
     try:
         off = pipe.infer(ask, gen_config=config, chat_template_kwargs={'enable_thinking': False})
         expected = pipe.tokenizer.encode(pipe.chat_template.messages2prompt(ask, enable_thinking=False))
@@ -135,8 +135,15 @@ def test_use_tqdm_shows_progress(pipe, capsys):
 
 
 @pytest.fixture(scope='module')
-def client():
-    with running_server(backend='pytorch') as base:
+def served_model(tmp_path_factory):
+    """The default model whose chat template also reads ``enable_thinking`` and ``reasoning_effort``
+    (``test_chat_template_kwargs.py``): without them it renders as SmolLM2's own."""
+    return model_dir_with_template_arguments(tmp_path_factory.mktemp('model'))
+
+
+@pytest.fixture(scope='module')
+def client(served_model):
+    with running_server(str(served_model), backend='pytorch') as base:
         client = openai.OpenAI(base_url=f'{base}/v1', api_key='unused', max_retries=0, timeout=120)
         yield client, client.models.list().data[0].id
 
@@ -194,23 +201,29 @@ def test_tools_the_server_cannot_serve_are_refused(client, fields, words):
     ({'chat_template_kwargs': {'add_generation_prompt': False}}, 'chat_template_kwargs',
      "['add_generation_prompt'] is set by the chat template call"),
     ({'enable_thinking': 'no'}, 'enable_thinking', 'valid boolean'),
-    ({'reasoning_effort': 'high'}, 'reasoning_effort', "reasoning_effort: the model's chat template never reads"),
     ({'reasoning_effort': 'minimal'}, 'reasoning_effort', "'low', 'medium', 'high' or 'max'"),
 ])
 def test_chat_template_arguments_that_cannot_apply_get_a_400_naming_them(client, fields, param, words):
-    client, model = client
-    ask = [{'role': 'user', 'content': 'hi'}]
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=ask, max_tokens=1, extra_body=fields)
-    error = info.value.body
+    error = refused_chat(*client, extra_body=fields)
     assert error['param'] == param and words in error['message'], error
 
 
-def test_chat_template_arguments_that_set_nothing_are_taken(client):
-    """``enable_thinking`` None is unset, in the dict too (LMDeploy drops it), so SmolLM2's template takes it."""
+def test_chat_template_arguments_reach_the_served_template(client, served_model):
+    """Each request's prompt is the template's render with its arguments: ``enable_thinking`` from
+    either field (None is unset), ``reasoning_effort`` over the dict's."""
     client, model = client
-    ask = [{'role': 'user', 'content': 'hi'}]
-    plain = client.chat.completions.create(model=model, messages=ask, max_tokens=1)
-    unset = client.chat.completions.create(model=model, messages=ask, max_tokens=1, extra_body={
-        'chat_template_kwargs': {'enable_thinking': None}, 'enable_thinking': None})
-    assert unset.usage.prompt_tokens == plain.usage.prompt_tokens
+    hf = AutoTokenizer.from_pretrained(served_model)
+    ask = [{'role': 'user', 'content': 'Why is the sky blue?'}]
+
+    def served(**fields) -> int:
+        return client.chat.completions.create(model=model, messages=ask, max_tokens=1,
+                                              extra_body=fields).usage.prompt_tokens
+
+    def rendered(**variables) -> int:
+        text = hf.apply_chat_template(ask, tokenize=False, add_generation_prompt=True, **variables)
+        return len(hf(text)['input_ids'])
+    assert served() == served(chat_template_kwargs={'enable_thinking': None}, enable_thinking=None) == rendered()
+    assert served(chat_template_kwargs={'enable_thinking': False}) == served(enable_thinking=False) == rendered(
+        enable_thinking=False) > rendered()
+    assert served(reasoning_effort='high', chat_template_kwargs={'reasoning_effort': 'low'}) == rendered(
+        reasoning_effort='high') > rendered()
