@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from .chat_template_kwargs import refuse_all, refuse_unread
+from .chat_template_kwargs import TemplateArgumentError, refuse_all, refuse_unread
 from .tool_messages import hermes_messages, tool_calls_with_objects, uses_tools
 
 logger = logging.getLogger('lmdeploy_jax')
@@ -320,11 +320,14 @@ class HFChatTemplate:
             self.stop_words.append(self._end_of_answer)
 
     def _render(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> str:
-        if messages[-1]['role'] == 'assistant':
-            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      continue_final_message=True, **template_kwargs)
-        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True,
-                                                  **template_kwargs)
+        end = 'continue_final_message' if messages[-1]['role'] == 'assistant' else 'add_generation_prompt'
+        try:
+            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **{end: True},
+                                                      **template_kwargs)
+        except TypeError as exc:     # a variable of a type the template cannot use ('text' + 5)
+            if not template_kwargs:
+                raise
+            raise TemplateArgumentError(None, f'the chat template fails on its arguments: {exc}') from exc
 
     def _after_probe(self, messages: list[dict], **template_kwargs) -> str:
         """The render of ``messages`` behind a probe exchange, from the end of the probe's reply on."""

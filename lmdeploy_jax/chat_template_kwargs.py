@@ -32,10 +32,11 @@ RESERVED = frozenset({
 
 
 class TemplateArgumentError(ValueError):
-    """A chat template argument the template cannot apply: ``key`` names it, ``reason`` says why."""
+    """A chat template argument the template cannot apply: ``key`` names it (None: the template
+    fails on its arguments together), ``reason`` says why."""
 
-    def __init__(self, key: str, reason: str):
-        super().__init__(f'chat_template_kwargs[{key!r}]: {reason}')
+    def __init__(self, key: str | None, reason: str):
+        super().__init__(f'chat_template_kwargs{"" if key is None else f"[{key!r}]"}: {reason}')
         self.key, self.reason = key, reason
 
 
@@ -77,7 +78,7 @@ def resolve_template_kwargs(chat_template_kwargs: dict | None, enable_thinking: 
     return kwargs
 
 
-def source_field(key: str, chat_template_kwargs: dict | None, enable_thinking: bool | None,
+def source_field(key: str | None, chat_template_kwargs: dict | None, enable_thinking: bool | None,
                  reasoning_effort: str | None) -> str:
     """The field whose value ``resolve_template_kwargs`` of these arguments gave the variable ``key``."""
     if key == 'reasoning_effort' and reasoning_effort is not None:

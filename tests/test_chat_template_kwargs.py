@@ -107,6 +107,8 @@ def test_a_variable_no_template_reads_is_refused_by_name(hf):
     with pytest.raises(TemplateArgumentError, match=r"chat_template_kwargs\['colour'\].*never reads") as info:
         HFChatTemplate(hf).messages2prompt(messages, enable_thinking=False, colour='red')
     assert info.value.key == 'colour'
+    with pytest.raises(TemplateArgumentError, match=r'^chat_template_kwargs: the chat template fails on its arguments'):
+        HFChatTemplate(hf).messages2prompt(messages, reasoning_effort=5)      # 'Reasoning: ' + 5
     qwen = ChatTemplateConfig('qwen').chat_template
     with pytest.raises(TemplateArgumentError, match=r"\['enable_thinking'\].*builtin chat template 'qwen'"):
         qwen.messages2prompt(messages, enable_thinking=False)

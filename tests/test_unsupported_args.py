@@ -202,6 +202,7 @@ def test_tools_the_server_cannot_serve_are_refused(client, fields, words):
      "['add_generation_prompt'] is set by the chat template call"),
     ({'enable_thinking': 'no'}, 'enable_thinking', 'valid boolean'),
     ({'reasoning_effort': 'minimal'}, 'reasoning_effort', "'low', 'medium', 'high' or 'max'"),
+    ({'chat_template_kwargs': {'reasoning_effort': 5}}, 'chat_template_kwargs', 'the chat template fails on its'),
 ])
 def test_chat_template_arguments_that_cannot_apply_get_a_400_naming_them(client, fields, param, words):
     error = refused_chat(*client, extra_body=fields)
