@@ -3,7 +3,8 @@
 A decode step (one token per row) hands the fused qkv projection to one op that applies rope,
 writes the token's K/V and attends (``decode_step_attention``: on a GPU one kernel, plus one that
 combines its sequence splits), since at small batches a step is bound by kernel launches; prefill
-splits q/k/v, applies rope in XLA, writes the chunk's K/V, then attends.
+splits q/k/v, applies rope in XLA, writes the chunk's K/V, then attends. Over int4 pools queries and
+keys are Hadamard-rotated after rope (``kv_rotation.py``), so a decode step ropes them in XLA too.
 
 Given a tensor-parallel mesh, the KV write and attention run under ``shard_map``, each device on its
 own heads and pages: XLA cannot partition the Pallas kernels' custom calls, and attention needs no
@@ -24,6 +25,7 @@ from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.prefill_attention.api import paged_prefill_attention
 
 from ...parallel import rules
+from ..kv_rotation import hadamard_rotate, rotates_keys
 from ..rope import apply_rope
 from ..row_parallel import PartialSums, ReducedSums, per_device
 from ..spec import ModelSpec
@@ -112,12 +114,13 @@ class PagedAttention(nnx.Module):
         paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
         windowed = () if window is None else (window,)
         numerics = (spec.attention_scale, spec.attn_logit_softcap)
+        hadamard = rotates_keys(kv[0])
         if t == 1:
             qkv, cos, sin = qkv[:, 0], cos[:, 0], sin[:, 0]
             if spec.qk_norm:
                 qkv = self._norm_fused_qk(spec, layout, index, qkv)
-            if cos.shape[-1] < d:
-                qkv, cos, sin = _rotate_partial(spec, layout, qkv, cos, sin)
+            if cos.shape[-1] < d or hadamard:
+                qkv, cos, sin = _rope_before_the_op(spec, layout, qkv, cos, sin, hadamard)
             attend = per_device(functools.partial(_decode_step, *numerics), ctx.mesh,
                                 in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r,
                                           *(r for _ in windowed)),
@@ -128,8 +131,10 @@ class PagedAttention(nnx.Module):
             q, k = q.reshape(b, t, spec.num_heads, d), k.reshape(b, t, spec.num_kv_heads, d)
             if spec.qk_norm:
                 q, k = self._head_norm(spec, index, q, k)
-            q = apply_rope(q, cos, sin)
-            k = apply_rope(k, cos, sin).reshape(b * t, spec.num_kv_heads, d)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if hadamard:
+                q, k = hadamard_rotate(q), hadamard_rotate(k)
+            k = k.reshape(b * t, spec.num_kv_heads, d)
             v = v.reshape(b * t, spec.num_kv_heads, d)
             attend = per_device(functools.partial(_prefill_attention, *numerics), ctx.mesh,
                                 in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
@@ -153,14 +158,18 @@ class PagedAttention(nnx.Module):
         return join_fused([q.reshape(b, -1), k.reshape(b, -1), v], layout, 'qkv')
 
 
-def _rotate_partial(spec: ModelSpec, layout: FusedLayout, qkv: jax.Array, cos: jax.Array,
-                    sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Partial rotary dims at decode: the decode-step op rotates whole heads, so q and k of the
-    fused ``qkv [B, F]`` are rotated here by ``cos``/``sin [B, rotary_dim]``, and the op is given
-    tables that leave them as they are (cos 1, sin 0: ``x * 1 + r * 0`` is ``x`` exactly)."""
+def _rope_before_the_op(spec: ModelSpec, layout: FusedLayout, qkv: jax.Array, cos: jax.Array, sin: jax.Array,
+                        hadamard: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rope at decode outside the decode-step op, for partial rotary dims (the op rotates whole
+    heads) and for the Hadamard rotation of int4 pools (``kv_rotation``, which must follow rope):
+    q and k of the fused ``qkv [B, F]`` are rotated here by ``cos``/``sin [B, rotary_dim]`` (then,
+    with ``hadamard``, by ``hadamard_rotate``), and the op is given tables that leave them as they
+    are (cos 1, sin 0: ``x * 1 + r * 0`` is ``x`` exactly)."""
     b, d = qkv.shape[0], spec.head_dim
     q, k, v = split_fused(qkv, layout, 'qkv')
-    q = apply_rope(q.reshape(b, spec.num_heads, d), cos, sin).reshape(b, -1)
-    k = apply_rope(k.reshape(b, spec.num_kv_heads, d), cos, sin).reshape(b, -1)
+    q = apply_rope(q.reshape(b, spec.num_heads, d), cos, sin)
+    k = apply_rope(k.reshape(b, spec.num_kv_heads, d), cos, sin)
+    if hadamard:
+        q, k = hadamard_rotate(q), hadamard_rotate(k)
     identity = jnp.ones((b, d), jnp.float32), jnp.zeros((b, d), jnp.float32)
-    return join_fused([q, k, v], layout, 'qkv'), *identity
+    return join_fused([q.reshape(b, -1), k.reshape(b, -1), v], layout, 'qkv'), *identity
