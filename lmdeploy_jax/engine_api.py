@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from .messages import FinishReason, GenerationConfig
 
 
@@ -141,6 +143,16 @@ class InferenceEngine(abc.ABC):
         """Mean cross-entropy of each sequence's tokens 1..n given their prefixes (LMDeploy's get_ppl).
         A sequence shorter than 2 tokens, or with an id outside the vocabulary, raises ``ValueError``
         before anything runs."""
+
+    @abc.abstractmethod
+    def token_states(self, input_ids: list[list[int]], logits: bool = True,
+                     hidden: bool = True) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+        """One teacher-forced forward pass over each sequence (no cache kept, no request queued):
+        per sequence of n tokens, (float32 logits ``[n, vocab]``, float32 final-normed hidden states
+        ``[n, hidden_size]``) at its n positions, row i the model's output after tokens 0..i; None
+        in place of what is not asked for. An empty sequence, or an id outside the vocabulary,
+        raises ``ValueError`` before anything runs. What ``output_logits`` and
+        ``output_last_hidden_state`` return (``serve/output_states.py``)."""
 
     def stats(self) -> dict[str, int]:
         """Load figures for metrics: 'running', 'waiting', and where there is a paged cache

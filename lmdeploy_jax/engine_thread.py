@@ -1,6 +1,6 @@
 """The thread-facing half that every backend shares.
 
-Calls from any thread (submit, cancel, end_session, get_ppl, close) become commands on a queue;
+Calls from any thread (submit, cancel, end_session, get_ppl, token_states, close) become commands on a queue;
 the backend's own thread drains them between steps, so the engine state has one owner and needs
 no locks beyond the counters here.
 """
@@ -12,6 +12,8 @@ import queue
 import threading
 from concurrent.futures import Future
 from typing import Callable
+
+import numpy as np
 
 from .engine_api import EngineOutput, EngineRequest, InferenceEngine, OutputCallback, token_ids_error
 
@@ -64,14 +66,28 @@ class ThreadedEngine(InferenceEngine):
         self._command('end', session_id)
 
     def get_ppl(self, input_ids: list[list[int]]) -> list[float]:
+        self._check_sequences('get_ppl', input_ids, 2)
+        return self._call('ppl', input_ids)
+
+    def token_states(self, input_ids: list[list[int]], logits: bool = True,
+                     hidden: bool = True) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+        self._check_sequences('token_states', input_ids, 1)
+        return self._call('states', input_ids, logits, hidden)
+
+    def _check_sequences(self, call: str, input_ids: list[list[int]], min_len: int) -> None:
+        """ValueError naming ``call`` when a sequence is shorter than ``min_len`` or holds an id
+        outside the vocabulary."""
         for i, ids in enumerate(input_ids):
             error = token_ids_error(ids, self.vocab_size, f'input_ids[{i}]')
             if error is not None:
-                raise ValueError(f'get_ppl: {error}')
-            if len(ids) < 2:
-                raise ValueError(f'get_ppl needs sequences of at least 2 tokens, got {len(ids)}')
+                raise ValueError(f'{call}: {error}')
+            if len(ids) < min_len:
+                raise ValueError(f'{call} needs sequences of at least {min_len} token(s), got {len(ids)}')
+
+    def _call(self, kind: str, *args):
+        """Run the command ``kind`` on the engine thread, its payload ``(*args, future)``; its result."""
         result: Future = Future()
-        if not self._command('ppl', (input_ids, result)):
+        if not self._command(kind, (*args, result)):
             raise RuntimeError(f'the {self._thread.name} is closed')
         return result.result()
 

@@ -1,5 +1,5 @@
 """The JAX engine end to end on a tiny random Llama (float32, CPU), against transformers: greedy
-tokens, concurrency, preemption, prefix caching, sessions, cancel, errors, get_ppl, and no
+tokens, concurrency, preemption, prefix caching, sessions, cancel, errors, get_ppl, token_states, and no
 compilation after warm-up."""
 from __future__ import annotations
 
@@ -163,6 +163,25 @@ def test_get_ppl_matches_cross_entropy(engine, tiny, rng):
         assert abs(g - want) < 1e-4
     with pytest.raises(ValueError):
         engine.get_ppl([[5]])
+
+
+def test_token_states_equal_transformers(engine, tiny, rng):
+    """``output_logits`` / ``output_last_hidden_state``'s pass: float32 logits and final-normed hidden
+    states at every position, for a batch of sequences (one chunk shape: one compile per kind)."""
+    seqs = [ids(rng, 1), ids(rng, 16), ids(rng, 9)]
+    both = engine.token_states(seqs)
+    hidden_only = engine.token_states(seqs[1:2], logits=False)
+    for s, (logits, hidden) in zip(seqs, both):
+        with torch.no_grad():
+            out = tiny[1](torch.tensor([s]), output_hidden_states=True)
+        assert logits.dtype == hidden.dtype == np.float32
+        assert logits.shape == (len(s), VOCAB) and hidden.shape == (len(s), 64)
+        np.testing.assert_allclose(logits, out.logits[0].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hidden, out.hidden_states[-1][0].numpy(), rtol=1e-4, atol=1e-5)
+    assert hidden_only[0][0] is None
+    np.testing.assert_array_equal(hidden_only[0][1], both[1][1])
+    with pytest.raises(ValueError, match=r'token_states: input_ids\[0\]\[0\]'):
+        engine.token_states([[VOCAB]])
 
 
 def test_cancel_frees_blocks_and_bad_inputs_error(engine, rng):

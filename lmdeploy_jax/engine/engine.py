@@ -45,7 +45,7 @@ BUCKET_GROWTH = {'cpu': 4}                     # fewer compiled shapes where com
 # decode steps per compiled call (one host round trip per call); more hides more host time but
 # delays newly arrived prompts and wastes the steps after a row's finish
 DEFAULT_DECODE_STEPS = 8
-_DEFERRED = ('ppl', 'stop', 'weights')     # commands that must wait until no step is in flight
+_DEFERRED = ('ppl', 'states', 'stop', 'weights')     # commands that must wait until no step is in flight
 
 
 class JaxEngine(ThreadedEngine):
@@ -141,7 +141,7 @@ class JaxEngine(ThreadedEngine):
                         if kind == 'stop':
                             self._scheduler.abort_all()
                             return
-                        (self._swap_weights if kind == 'weights' else self._perplexity)(*payload)
+                        self._run_deferred(kind, payload)
                     with self._timed('schedule'):
                         plan = self._scheduler.schedule()
                     in_flight = self._dispatch(plan) if plan is not None else None
@@ -275,15 +275,30 @@ class JaxEngine(ThreadedEngine):
         self._scheduler.forget_all_kv()
         result.set_result(None)
 
-    def _perplexity(self, seqs: list[list[int]], result: Future) -> None:
+    def _run_deferred(self, kind: str, payload: tuple) -> None:
+        """A command that waited for no step to be in flight: a weight swap, ``get_ppl`` or
+        ``token_states``."""
+        if kind == 'weights':
+            self._swap_weights(*payload)
+        elif kind == 'ppl':
+            seqs, result = payload
+            self._over_sequences(seqs, result, self._runner.sequences.perplexity)
+        else:
+            seqs, logits, hidden, result = payload
+            self._over_sequences(seqs, result, lambda ids, blocks: self._runner.sequences.token_states(
+                ids, blocks, logits, hidden))
+
+    def _over_sequences(self, seqs: list[list[int]], result: Future, work) -> None:
+        """``work(ids, blocks)`` for each sequence, in KV blocks reserved for it; the list of their
+        results (or the first exception) to ``result``."""
         try:
-            losses = []
+            outputs = []
             for ids in seqs:
                 blocks = self._scheduler.reserve(-(-len(ids) // self._runner.block_size))
                 try:
-                    losses.append(self._runner.perplexity(ids, blocks))
+                    outputs.append(work(ids, blocks))
                 finally:
                     self._scheduler.release(blocks)
-            result.set_result(losses)
+            result.set_result(outputs)
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             result.set_exception(exc)

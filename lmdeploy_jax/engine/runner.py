@@ -13,7 +13,7 @@ The exception is guided decoding (``lmdeploy_jax/guided.py``): a decode call wit
 input, the token bitmask, and runs an executable of its own (``GUIDED_KINDS``), compiled (or
 loaded from the executable store) when a call first needs it, so that engines that never guide
 compile nothing more and unguided calls move no bitmask.
-``get_ppl`` has its own function, compiled on first use per chunk shape (not on the serving path).
+``get_ppl`` and ``token_states`` run whole sequences off the serving path (``sequence_forward.py``).
 """
 from __future__ import annotations
 
@@ -41,11 +41,11 @@ from .executable_store import ExecutableStore, compile_tracked, describe_inputs
 from ..guided import bitmask_words
 from .sampler import SampleOutput, SamplingParams, apply_bitmask, host_sampling_params, needs_general, sample
 from .scheduler import StepPlan
+from .sequence_forward import SequenceForward
 from .xla_flags import executable_options, is_small_batch_tp_decode
 
 logger = logging.getLogger('lmdeploy_jax')
 
-PPL_MAX_CHUNK = 512      # tokens per get_ppl chunk: bounds its [T, vocab] float32 logits
 # decode kinds with a token bitmask input -> (general sampler, one step a call instead of decode_steps)
 GUIDED_KINDS = {'guided_decode': (True, False), 'guided_greedy_decode': (False, False),
                 'guided_step': (True, True), 'guided_greedy_step': (False, True)}
@@ -118,16 +118,6 @@ def _step(model: LoadedModel, block_size: int, general: bool, params, cache: Cac
     return CacheState(kv, tokens, cache.last.at[rows.slot].set(out.token)), out
 
 
-def _ppl_chunk(model: LoadedModel, params, cache: CacheState, batch: StepBatch, targets: jax.Array,
-               valid: jax.Array) -> tuple[CacheState, jax.Array]:
-    """Sum of -log p(target) over the valid positions of a one-row chunk ([1, T] each)."""
-    hidden, kv = model.forward(params, cache.kv, batch)
-    logits = model.compute_logits(params, hidden).astype(jnp.float32)
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]
-    return dataclasses.replace(cache, kv=kv), jnp.sum(jnp.where(valid, nll, 0.0))
-
-
 @dataclasses.dataclass
 class PreparedCall:
     """A call ready to launch: its executable, host arrays and where the executable takes them."""
@@ -174,14 +164,13 @@ class ModelRunner:
                                 for kind in ('decode', 'greedy_decode') for unrolled in (False, True)})
         self._functions.update({(kind, unrolled): decode(general, unrolled, 1 if one_step else decode_steps)
                                 for kind, (general, one_step) in GUIDED_KINDS.items() for unrolled in (False, True)})
-        self._ppl = jax.jit(functools.partial(_ppl_chunk, model), donate_argnums=(1,),
-                            compiler_options=self.options(('prefill', (1, PPL_MAX_CHUNK))))
         # (kind, shape) -> executable: a decode shape may equal a one-token prefill shape
         self._executables: dict[tuple[str, tuple[int, int]], jax.stages.Compiled] = {}
         self._host_shardings: dict[tuple[str, tuple[int, int]], tuple] = {}
         self.store_counts = {'loaded': 0, 'saved': 0}      # executables the last warmup took from / put in the store
+        self.sequences = SequenceForward(self)             # get_ppl and token_states
 
-    def _precision(self):
+    def precision(self):
         """float32 models compute in float32: a GPU would otherwise run their dots as TF32."""
         if self.model.spec.dtype == jnp.float32:
             return jax.default_matmul_precision('highest')
@@ -236,7 +225,7 @@ class ModelRunner:
         pool; ``inputs``: its abstract host inputs (default: made here)."""
         if inputs is None:
             inputs = _abstract(self._example_inputs(key))
-        with self._precision():
+        with self.precision():
             return self._functions[key[0], self._unrolled(key)].lower(self.model.params, self.cache_spec, *inputs)
 
     @property
@@ -368,20 +357,3 @@ class ModelRunner:
         for leaf in jax.tree.leaves(out):
             leaf.copy_to_host_async()
         return out
-
-    def perplexity(self, ids: list[int], blocks: list[int]) -> float:
-        """Mean cross-entropy of ``ids[1:]`` given their prefixes, computed in ``blocks`` of the pool."""
-        width = 1 << (len(blocks) - 1).bit_length()
-        total = 0.0
-        for start in range(0, len(ids) - 1, PPL_MAX_CHUNK):
-            chunk = ids[start:start + PPL_MAX_CHUNK]
-            t = max(16, 1 << (len(chunk) - 1).bit_length())
-            batch = host_step_batch([(chunk, start, blocks)], (1, t), width, self.block_size)
-            targets = np.zeros((1, t), np.int32)
-            following = ids[start + 1:start + 1 + len(chunk)]
-            targets[0, :len(following)] = following
-            valid = np.arange(t)[None, :] < len(following)
-            with self._precision():
-                self.cache, nll = self._ppl(self.model.params, self.cache, batch, targets, valid)
-            total += float(nll)
-        return total / (len(ids) - 1)

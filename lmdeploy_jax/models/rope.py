@@ -24,7 +24,7 @@ any length above it, for dynamic):
 - prefix caching: blocks reused from an earlier request keep the rotation its chunk gave them;
 - a sequence recomputed after preemption: its prompt and generated tokens are re-prefilled and
   rotated for the recompute chunk's end;
-- ``get_ppl`` runs chunks of ``runner.PPL_MAX_CHUNK`` tokens where the reference runs the whole
+- ``get_ppl`` runs chunks of ``sequence_forward.PPL_MAX_CHUNK`` tokens where the reference runs the whole
   sequence in one call.
 
 transformers' dynamic rope also keeps its grown frequencies from one call to the next until a call

@@ -180,10 +180,10 @@ class PytorchEngine(ThreadedEngine):
         elif kind == 'end':
             self._abort(payload)
             self._sessions.pop(payload, None)
-        elif kind == 'ppl':
-            seqs, result = payload
+        elif kind in ('ppl', 'states'):
+            *args, result = payload
             try:
-                result.set_result(self._ppl(seqs))
+                result.set_result((self._ppl if kind == 'ppl' else self._states)(*args))
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 result.set_exception(exc)
 
@@ -290,6 +290,18 @@ class PytorchEngine(ThreadedEngine):
                 logits = self.model(input_ids=ids_t, use_cache=False).logits[0, :-1].float()
             losses.append(float(F.cross_entropy(logits, ids_t[0, 1:])))
         return losses
+
+    def _states(self, seqs: list[list[int]], logits: bool, hidden: bool) -> list[tuple]:
+        """``InferenceEngine.token_states``: transformers' logits and last hidden state (its final
+        norm's output), float32 numpy."""
+        states = []
+        for ids in seqs:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False,
+                                 output_hidden_states=hidden)
+            states.append((out.logits[0].float().cpu().numpy() if logits else None,
+                           out.hidden_states[-1][0].float().cpu().numpy() if hidden else None))
+        return states
 
     def _shutdown(self) -> None:
         for run in list(self._running) + list(self._waiting):
