@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from .text_checks import require_utf8
 
 logger = logging.getLogger('lmdeploy_jax')
@@ -93,8 +95,17 @@ class GenerationConfig:
     fast tokenizer: LMDeploy puts the spaces only for slow (Python) tokenizers, and transformers 5,
     which loads every tokenizer here, ignores the flag for every kind it builds.
 
+    ``output_logits`` and ``output_last_hidden_state`` (LMDeploy's): ``'all'`` or ``'generation'``
+    puts the answer's logits (float32 ``[rows, vocab]``) or final-normed hidden states (float32
+    ``[rows, hidden]``) in ``Response.logits`` / ``Response.last_hidden_state``, as numpy arrays.
+    Row ``i`` of ``'all'`` is position ``i`` of the prompt followed by the returned ``token_ids``,
+    for every position but the last (``input_token_len + len(token_ids) - 1`` rows: row ``i``
+    predicts token ``i + 1``); ``'generation'`` keeps the rows that predict the returned tokens
+    (``len(token_ids)`` rows), LMDeploy's slicing. They come with answers that finish with
+    ``'stop'`` or ``'length'``, computed once the answer is complete (``output_states.py``).
+
     LMDeploy's other fields are declared so that code written for it runs; those whose effect is
-    not implemented (``_NOT_IMPLEMENTED``: ``logits_processors``, ``output_logits``, ...) raise
+    not implemented (``_NOT_IMPLEMENTED``: ``logits_processors``, ``return_ppl``, ...) raise
     ``ValueError`` saying why unless left at their default.
     """
     n: int = 1
@@ -117,7 +128,8 @@ class GenerationConfig:
     response_format: dict | None = None
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
-    # LMDeploy's fields whose effect is not implemented: refused unless left at their default
+    # LMDeploy's fields whose effect is not implemented (_NOT_IMPLEMENTED) are refused unless left at
+    # their default; output_logits and output_last_hidden_state (among them in LMDeploy's order) work
     logprob_start_len: int = -1
     logits_processors: list | None = None
     output_logits: str | None = None
@@ -161,6 +173,10 @@ class GenerationConfig:
         _bool_field('spaces_between_special_tokens', self.spaces_between_special_tokens)
         if self.response_format is not None:
             response_format_grammar(self.response_format)
+        for name in ('output_logits', 'output_last_hidden_state'):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, str) and value in OUTPUT_STATE_KINDS), name,
+                     f'None or one of {OUTPUT_STATE_KINDS}', value)
         for name, why in _NOT_IMPLEMENTED.items():
             default = GenerationConfig.__dataclass_fields__[name].default
             value = getattr(self, name)
@@ -179,6 +195,7 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
 
+OUTPUT_STATE_KINDS = ('all', 'generation')    # output_logits / output_last_hidden_state: which rows
 RESPONSE_FORMAT_TYPES = ('text', 'json_object', 'json_schema', 'regex_schema')
 
 
@@ -221,8 +238,6 @@ _NOT_IMPLEMENTED = {
     'logits_processors': 'sampling runs on the device inside compiled multi-token steps, where a Python callable '
                          'cannot run per token; bad_words, bad_token_ids, min_p, top_k or response_format '
                          'constrain the choice there',
-    'output_logits': 'logits are not returned; logprobs=N gives the top-N log-probabilities',
-    'output_last_hidden_state': 'hidden states are not returned',
     'return_ppl': 'use the pipeline\'s get_ppl',
     'with_cache': 'no disaggregated serving (KV migration)',
     'preserve_cache': 'no disaggregated serving (KV migration)',
@@ -366,7 +381,10 @@ class PytorchEngineConfig:
 
 @dataclass
 class Response:
-    """One request's result (or, when streaming, one increment of it)."""
+    """One request's result (or, when streaming, one increment of it). ``logits`` and
+    ``last_hidden_state``: what ``GenerationConfig.output_logits`` / ``output_last_hidden_state``
+    ask for, the whole answer's (float32 numpy ``[rows, vocab]`` / ``[rows, hidden]``), carried by
+    the response that finishes it; None otherwise."""
     text: str
     generate_token_len: int
     input_token_len: int
@@ -375,16 +393,23 @@ class Response:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     index: int = 0
+    logits: np.ndarray | None = None
+    last_hidden_state: np.ndarray | None = None
 
     def extend(self, other: 'Response') -> 'Response':
         """Append the next increment ``other`` of the same answer (LMDeploy's): its text, token ids
-        and logprobs are added, its counts, ``finish_reason`` and ``index`` taken. Returns self."""
+        and logprobs are added, its counts, ``finish_reason`` and ``index`` taken, and its
+        ``logits`` and ``last_hidden_state`` (the whole answer's) when it has them. Returns self."""
         self.text += other.text
         self.generate_token_len, self.input_token_len = other.generate_token_len, other.input_token_len
         self.finish_reason, self.index = other.finish_reason, other.index
         self.token_ids = self.token_ids + list(other.token_ids)
         if other.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(other.logprobs)
+        if other.logits is not None:
+            self.logits = other.logits
+        if other.last_hidden_state is not None:
+            self.last_hidden_state = other.last_hidden_state
         return self
 
     def __repr__(self):

@@ -71,7 +71,8 @@ WORKS = {
         'stop_token_ids': 'test_engine_sampler.py', 'bad_token_ids': 'test_engine_sampler.py',
         'min_new_tokens': 'test_engine_sampler.py', 'skip_special_tokens': 'test_tokenizer.py',
         'logprobs': 'test_engine_serving.py', 'response_format': 'test_guided_unit.py',
-        'include_stop_str_in_output': 'test_metrics.py',
+        'include_stop_str_in_output': 'test_metrics.py', 'output_logits': 'test_pipeline.py',
+        'output_last_hidden_state': 'test_pipeline.py',
         'spaces_between_special_tokens': 'test_lmdeploy_signatures.py'},
     TurbomindEngineConfig: {
         'dtype': 'test_engine_default_model.py', 'tp': 'test_tensor_parallel.py',
@@ -88,8 +89,8 @@ WORKS = {
 # fields declared for LMDeploy's code to run, refused unless at LMDeploy's default -> a value to refuse
 REFUSED = {
     GenerationConfig: {
-        'logprob_start_len': 0, 'logits_processors': [lambda ids, logits: logits], 'output_logits': 'all',
-        'output_last_hidden_state': 'generation', 'return_ppl': True, 'with_cache': True, 'preserve_cache': True,
+        'logprob_start_len': 0, 'logits_processors': [lambda ids, logits: logits], 'return_ppl': True,
+        'with_cache': True, 'preserve_cache': True,
         'migration_request': {}, 'return_routed_experts': True, 'repetition_ngram_size': 3,
         'repetition_ngram_threshold': 2},
     TurbomindEngineConfig: {'ep': 2},

@@ -146,6 +146,60 @@ def test_get_ppl_matches_transformers(pipe):
     assert pipe.get_ppl(ids[0]) == pytest.approx(expected[:1], rel=1e-4)
 
 
+@pytest.fixture(scope='module')
+def reference_model():
+    """transformers' float32 model of the default checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmdeploy_jax.checkpoint.source import resolve_model
+    return AutoModelForCausalLM.from_pretrained(resolve_model(None).hf_dir, dtype=torch.float32).eval()
+
+
+def test_output_logits_and_last_hidden_state_equal_transformers(pipe, reference_model):
+    """LMDeploy's rows: 'all' is every position of the prompt and the answer but the last,
+    'generation' the rows that predict the answer's tokens (an EOS that ended it is not one of them).
+    A streamed answer carries them on its last response."""
+    import numpy as np
+    import torch
+    configs = [GenerationConfig(max_new_tokens=3, output_logits='all', output_last_hidden_state='generation'),
+               GenerationConfig(output_logits='generation')]
+    responses = pipe([CJK_EMOJI, FRANCE], gen_config=configs)
+    assert [r.finish_reason for r in responses] == ['length', 'stop']
+    for prompt, resp, config in zip([CJK_EMOJI, FRANCE], responses, configs):
+        prompt_ids = pipe.tokenizer.encode(pipe.chat_template.messages2prompt(prompt))
+        assert resp.input_token_len == len(prompt_ids)
+        with torch.no_grad():
+            out = reference_model(torch.tensor([prompt_ids + resp.token_ids]), output_hidden_states=True)
+        every_position_but_last = {'logits': out.logits[0, :-1].numpy(),
+                                   'last_hidden_state': out.hidden_states[-1][0, :-1].numpy()}
+        for name, kind in (('logits', config.output_logits), ('last_hidden_state', config.output_last_hidden_state)):
+            got = getattr(resp, name)
+            if kind is None:
+                assert got is None
+                continue
+            want = every_position_but_last[name][0 if kind == 'all' else len(prompt_ids) - 1:]
+            assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        assert resp.logits[-len(resp.token_ids):].argmax(-1).tolist() == resp.token_ids    # greedy
+    deltas = list(pipe.stream_infer(CJK_EMOJI, gen_config=configs[0]))
+    assert [d.logits is None for d in deltas] == [True] * (len(deltas) - 1) + [False]
+    np.testing.assert_allclose(deltas[-1].logits, responses[0].logits, rtol=1e-5)
+    np.testing.assert_allclose(deltas[-1].last_hidden_state, responses[0].last_hidden_state, rtol=1e-5)
+
+
+def test_output_logits_refuses_bad_kinds_and_later_session_turns(pipe):
+    for name in ('output_logits', 'output_last_hidden_state'):
+        with pytest.raises(ValueError, match=rf"^{name} must be None or one of \('all', 'generation'\)"):
+            GenerationConfig(**{name: 'some'})
+    session = pipe.session()
+    pipe.chat(FRANCE, session=session, gen_config=GenerationConfig(max_new_tokens=1))
+    with pytest.raises(ValueError, match='output_logits and output_last_hidden_state need a request that starts'):
+        pipe.chat('And of Italy?', session=session, gen_config=GenerationConfig(max_new_tokens=1,
+                                                                                 output_logits='all'))
+    pipe.end_session(session.session_id)
+
+
 def test_bad_requests_get_clear_errors_and_engine_keeps_serving(pipe):
     with pytest.raises(ValueError, match='non-empty'):
         pipe([])

@@ -42,8 +42,7 @@ def test_pipeline_takes_lmdeploys_no_op_arguments(pipe):
 
 @pytest.mark.parametrize('field, value', [
     ('logits_processors', [lambda ids, logits: logits]),
-    ('output_logits', 'all'),
-    ('output_last_hidden_state', 'generation'), ('return_ppl', True), ('with_cache', True), ('preserve_cache', True),
+    ('return_ppl', True), ('with_cache', True), ('preserve_cache', True),
     ('migration_request', {}), ('return_routed_experts', True), ('repetition_ngram_size', 3),
     ('repetition_ngram_threshold', 2)])
 def test_lmdeploys_generation_fields_we_lack_are_refused_unless_default(field, value):

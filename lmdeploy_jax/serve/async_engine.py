@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from ..backends import BACKENDS, check_supported, create_backend
@@ -27,6 +28,7 @@ from ..models.registry import is_supported
 from ..text_checks import require_utf8
 from ..tokenizer import DetokenizeState, Tokenizer
 from .event_loop import BackgroundLoop, merge
+from .output_states import answer_states, check_context, wants_states
 from .request_config import merge_gen_config, resolve_stops
 from .samples import Sample, fan_out, group
 from .session import Session
@@ -46,6 +48,8 @@ class GenOut:
     finish_reason: str | None = None
     token_ids: list[int] = field(default_factory=list)     # token delta
     logprobs: list[dict[int, float]] | None = None          # logprob delta
+    logits: np.ndarray | None = None                # the whole answer's, on the last (output_states.py)
+    last_hidden_state: np.ndarray | None = None     # the whole answer's, on the last (output_states.py)
 
 
 def _check_prompts(prompts) -> tuple[list, bool]:
@@ -193,6 +197,7 @@ class AsyncEngine:
         config = self._one_answer_config(gen_config, kwargs, 'generate()')
         template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking, reasoning_effort)
         history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
+        check_context(config, history)
         ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids, tools, template_kwargs)
         if not ids:
             raise ValueError('the prompt encodes to no tokens')
@@ -233,7 +238,8 @@ class AsyncEngine:
                     await self._drain_until_finished(queue, out)
                     finished = True
                     self._record_history(session_id, sequence_end, history + len(ids) + len(generated))
-                    yield GenOut(text, history, len(ids), len(generated), 'stop', out.token_ids, out.logprobs)
+                    yield GenOut(text, history, len(ids), len(generated), 'stop', out.token_ids, out.logprobs,
+                                 *await self._states(ids, generated, config, 'stop'))
                     return
                 reason = out.finish_reason
                 if reason is not None:
@@ -246,12 +252,20 @@ class AsyncEngine:
                         text = f'error: {out.error}'
                     held = history + len(ids) + len(generated) + (reason == 'stop' and stop_token is None)
                     self._record_history(session_id, sequence_end, held)
-                yield GenOut(text, history, len(ids), len(generated), reason, out.token_ids, out.logprobs)
+                yield GenOut(text, history, len(ids), len(generated), reason, out.token_ids, out.logprobs,
+                             *await self._states(ids, generated, config, reason))
                 if finished:
                     return
         finally:
             if not finished:  # the caller stopped listening: abort and free the request
                 self.engine.cancel(session_id)
+
+    async def _states(self, ids: list[int], generated: list[int], config: GenerationConfig, reason) -> tuple:
+        """(logits, last hidden state) for the output that ends a request with ``reason``: the
+        answer's when the request asks for them and ends with 'stop' or 'length'; else (None, None)."""
+        if reason in ('stop', 'length') and wants_states(config):
+            return await answer_states(self.engine, ids, generated, config)
+        return None, None
 
     @staticmethod
     async def _drain_until_finished(queue: asyncio.Queue, last: EngineOutput) -> None:
@@ -302,6 +316,7 @@ class AsyncEngine:
                 resp.logprobs = (resp.logprobs or []) + out.logprobs
             resp.generate_token_len, resp.input_token_len = out.generate_token_len, out.input_token_len
             resp.finish_reason = out.finish_reason
+            resp.logits, resp.last_hidden_state = out.logits, out.last_hidden_state
         return resp
 
     def _configs(self, gen_config, n: int, kwargs: dict) -> list[GenerationConfig]:
@@ -384,7 +399,8 @@ class AsyncEngine:
                                            do_preprocess=do_preprocess, tools=tools,
                                            chat_template_kwargs=template_kwargs, **kwargs):
                 delta = Response(out.response, out.generate_token_len, out.input_token_len, session_id,
-                                 out.finish_reason, out.token_ids, out.logprobs, sample.index)
+                                 out.finish_reason, out.token_ids, out.logprobs, sample.index, out.logits,
+                                 out.last_hidden_state)
                 if stream_response:
                     yield delta
                 else:
@@ -447,8 +463,10 @@ class AsyncEngine:
             total.token_ids.extend(out.token_ids)
             total.generate_token_len, total.input_token_len = out.generate_token_len, out.input_token_len
             total.finish_reason = out.finish_reason
+            total.logits, total.last_hidden_state = out.logits, out.last_hidden_state
             yield Response(out.response, out.generate_token_len, out.input_token_len, session.session_id,
-                           out.finish_reason, out.token_ids, out.logprobs)
+                           out.finish_reason, out.token_ids, out.logprobs, logits=out.logits,
+                           last_hidden_state=out.last_hidden_state)
         session.record_turn(prompt, total, self._history_len.get(session.session_id, 0))
 
     def get_ppl(self, input_ids: list[int] | list[list[int]]) -> list[float]:
