@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 import jax
+import numpy as np
 
 from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.engine.engine import JaxEngine
@@ -22,8 +24,9 @@ from test_engine_helpers import run_all
 
 
 def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_tokens: int,
-                  sequential: bool, quant_policy: int = 0, **nodes) -> list[list[int]]:
-    """``nodes``: ``TurbomindEngineConfig``'s nnodes, node_rank and dist_init_addr."""
+                  sequential: bool, quant_policy: int = 0, states: str | None = None, **nodes) -> list[list[int]]:
+    """``nodes``: ``TurbomindEngineConfig``'s nnodes, node_rank and dist_init_addr. ``states``: a
+    directory where the engine's ``token_states`` of the first prompt go, as ``tp{tp}.npz``."""
     config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=128, max_batch_size=4,
                                    num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128,
                                    quant_policy=quant_policy, **nodes)
@@ -35,6 +38,9 @@ def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_toke
             results = [run_all(engine, [r])[0] for r in requests]
         else:
             results = run_all(engine, requests)
+        if states is not None:
+            logits, hidden = engine.token_states(prompts[:1])[0]
+            np.savez(os.path.join(states, f'tp{tp}.npz'), logits=logits, hidden=hidden)
     finally:
         engine.close()
     assert all(r.finish_reason == 'length' for r in results), [(r.finish_reason, r.error) for r in results]
@@ -51,6 +57,7 @@ def main() -> None:
     parser.add_argument('--nnodes', type=int, default=1)
     parser.add_argument('--node-rank', type=int, default=0)
     parser.add_argument('--dist-init-addr', default=None)
+    parser.add_argument('--states', default=None, help='directory for each tp\'s token_states of the first prompt')
     args = parser.parse_args()
     nodes = dict(nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     vocab = 1000
@@ -60,7 +67,7 @@ def main() -> None:
     for tp in args.tp:
         start = time.perf_counter()
         out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential, args.quant_policy,
-                                **nodes)
+                                args.states, **nodes)
         print(f'tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
     if jax.process_index() == 0:
         print(json.dumps(out))

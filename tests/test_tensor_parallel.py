@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -66,11 +67,18 @@ def _run_worker(env: dict[str, str], *args: str) -> dict[int, list[list[int]]]:
 
 @pytest.mark.parametrize('name', sorted(CHECKPOINTS))
 def test_greedy_tokens_equal_tp1(name, checkpoints, tmp_path):
-    """8 query heads over 8, 4 or 2 KV heads: tp=2, 4, 8 split them, repeating KV heads past their count."""
-    out = _run_worker(_env(tmp_path, 8), '--model', checkpoints[name], '--tp', '1', '2', '4', '8')
+    """8 query heads over 8, 4 or 2 KV heads: tp=2, 4, 8 split them, repeating KV heads past their count.
+    On the tied, vocabulary-split head of qwen2-kv4, ``token_states`` (``output_logits``) equal tp=1's too."""
+    states = ['--states', str(tmp_path)] if name == 'qwen2-kv4' else []
+    out = _run_worker(_env(tmp_path, 8), '--model', checkpoints[name], '--tp', '1', '2', '4', '8', *states)
     assert all(len(tokens) == 6 for tokens in out[1])
     for tp in (2, 4, 8):
         assert out[tp] == out[1], f'tp={tp}'
+        if states:
+            got, want = np.load(tmp_path / f'tp{tp}.npz'), np.load(tmp_path / 'tp1.npz')
+            assert got['logits'].shape == (45, TINY['vocab_size']) and got['hidden'].shape == (45, TINY['hidden_size'])
+            for key in ('logits', 'hidden'):
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=f'tp={tp} {key}')
 
 
 def test_pallas_kernels_in_the_engine_give_the_reference_kernels_tokens(tmp_path):
