@@ -1,7 +1,7 @@
 """The executable store (``engine/executable_store.py``): a second start loads every step
 executable instead of tracing it, and the loaded executables serve the same greedy tokens; an
 executable that came from JAX's persistent cache is used but never stored; an unreadable file is a
-miss; a changed setting misses.
+miss; a changed setting misses. One store goes through these in one sequence of starts.
 
 Each start runs in a child process with its own compilation cache directory: JAX reads that
 directory once per process, and this pytest process has long since fixed its own.
@@ -47,31 +47,32 @@ def start(cache_dir, tp: int = 1, **env) -> dict:
 
 
 def test_second_start_loads_every_executable_and_serves_the_same_tokens(tmp_path):
+    """One store through a sequence of starts: filled, loaded whole, missed under another kernel
+    choice, missed (and cleared) when its files are unreadable, and not filled from JAX's cache."""
     store = tmp_path / 'lmdeploy_jax_executables'
     first = start(tmp_path)
     assert first['store'] == {'loaded': 0, 'saved': SHAPES}
-    assert len(list(store.glob('*.executable'))) == SHAPES
+    stored = sorted(store.glob('*.executable'))
+    assert len(stored) == SHAPES
     second = start(tmp_path)
     assert second['store'] == {'loaded': SHAPES, 'saved': 0}
     assert second['tokens'] == first['tokens'] and all(len(t) == 12 for t in first['tokens'])
+
+    # a kernel choice is part of the key: the reference kernels must not load the stored default ones
+    other = start(tmp_path, LMDEPLOY_JAX_KERNELS='reference')
+    assert other['store']['loaded'] == 0 and other['tokens'] == first['tokens']
+
+    # an unreadable file is a miss, and is removed
+    for path in stored:
+        path.write_bytes(path.read_bytes()[:100])          # truncated
+    again = start(tmp_path)
+    assert again['store']['loaded'] == 0 and again['tokens'] == first['tokens']
+    assert not any(path.exists() for path in stored)
 
     # JAX's cache has them, the store does not: used, not stored (they might not serialize whole)
     shutil.rmtree(store)
     third = start(tmp_path)
     assert third['store'] == {'loaded': 0, 'saved': 0} and third['tokens'] == first['tokens']
-
-
-def test_unreadable_or_differently_keyed_executables_are_misses(tmp_path):
-    first = start(tmp_path / 'a')
-    for path in (tmp_path / 'a' / 'lmdeploy_jax_executables').glob('*.executable'):
-        path.write_bytes(path.read_bytes()[:100])          # truncated
-    again = start(tmp_path / 'a')
-    assert again['store']['loaded'] == 0 and again['tokens'] == first['tokens']
-    assert not list((tmp_path / 'a' / 'lmdeploy_jax_executables').glob('*.executable'))    # removed
-    # a kernel choice is part of the key: the reference kernels must not load the stored default ones
-    start(tmp_path / 'b')
-    other = start(tmp_path / 'b', LMDEPLOY_JAX_KERNELS='reference')
-    assert other['store']['loaded'] == 0 and other['tokens'] == first['tokens']
 
 
 def test_store_keeps_its_size_bound_dropping_the_least_recently_used(tmp_path):
