@@ -46,6 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = os.path.join(HERE, 'data', 'english_prose.txt')
 BENCHMARK = Path(HERE).parent / 'benchmark'
 PPL_TOKENS = 2048                      # four get_ppl chunks of runner.PPL_MAX_CHUNK
+SESSION_LEN = 256                      # the requests' (get_ppl takes its blocks from the pool, not a session)
 BLOCK = 16
 NUM_BLOCKS = PPL_TOKENS // BLOCK + 8
 PPL_BOUND = {8: 0.01, 4: 0.05}         # |perplexity / unquantized perplexity - 1|, see the module doc
@@ -70,7 +71,7 @@ def engines(source):
     made = {}
     try:
         for policy in (0, 8, 4):
-            config = TurbomindEngineConfig(dtype='float32', session_len=PPL_TOKENS, max_batch_size=2,
+            config = TurbomindEngineConfig(dtype='float32', session_len=SESSION_LEN, max_batch_size=2,
                                            num_cache_blocks=NUM_BLOCKS, cache_block_seq_len=BLOCK,
                                            max_prefill_token_num=256, enable_prefix_caching=True,
                                            quant_policy=policy)
