@@ -3,7 +3,8 @@ head_dim]`` (layers leading, so the model's scan over layers carries them whole;
 the axis tensor parallelism shards). ``quant_policy`` (LMDeploy's): 0 stores the model dtype; 8
 or 4 stores each stack as ``kv_quant.QuantizedPages`` (uint8 codes ``[..., head_dim * bits // 8]``
 and float32 scale and zero ``[..., 2]``, the same leading axes), which the kernels quantize on
-write and dequantize on read."""
+write and dequantize on read. A 4-bit K stack holds the keys Hadamard-rotated after rope
+(``kv_rotation.py``): queries are rotated alike, so attention over it is unchanged."""
 from __future__ import annotations
 
 import jax
