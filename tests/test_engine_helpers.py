@@ -10,13 +10,15 @@ TIMEOUT = 300
 
 
 def small_default_engine(source, **changes):
-    """A float32 JaxEngine over ``source`` (the default model) with one bucket of each kind, the
-    configuration several test modules share, so their compiled steps are cached once. ``changes``:
-    config fields that leave the compiled steps as they are (e.g. ``enable_prefix_caching``)."""
+    """A float32 JaxEngine over ``source`` (the default model) with one decode bucket and prefill
+    chunks of 64 tokens for 1, 4 or 8 rows, the configuration several test modules share, so their
+    compiled steps are cached once. A prompt that arrives alone is prefilled as one row, not padded
+    to eight. ``changes``: config fields that leave the compiled steps as they are (e.g.
+    ``enable_prefix_caching``)."""
     from lmdeploy_jax.engine import JaxEngine
     config = TurbomindEngineConfig(dtype='float32', session_len=256, max_batch_size=8, num_cache_blocks=40,
                                    max_prefill_token_num=512, **changes)
-    return JaxEngine(source, config, decode_batch=[8], prefill_tokens=[64], prefill_batch=[8])
+    return JaxEngine(source, config, decode_batch=[8], prefill_tokens=[64], prefill_batch=[1, 4, 8])
 
 
 class Result:
