@@ -3,7 +3,10 @@ one process of a ``jax.distributed`` group): greedy tokens of the JAX engine for
 printed as one JSON line ``{"tp": [[tokens of each prompt], ...], ...}`` (process 0 only).
 
 With ``--sequential`` requests go one at a time, so that every process of a group schedules the
-same steps (each runs its own scheduler over the same requests).
+same steps (each runs its own scheduler over the same requests). With ``--swap-weights OTHER`` each
+engine serves the prompts three times: on ``--model``'s weights, on OTHER's, then on ``--model``'s
+again, each swap by ``update_weights`` of the parameters in one device's layout (``load_model``'s
+without a mesh); its entry is then the three rounds' token lists.
 """
 from __future__ import annotations
 
@@ -20,31 +23,47 @@ from lmdeploy_jax.checkpoint.source import resolve_model
 from lmdeploy_jax.engine.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, TurbomindEngineConfig
+from lmdeploy_jax.models import load_model
 from test_engine_helpers import run_all
 
 
+def serve(engine: JaxEngine, prompts: list[list[int]], new_tokens: int, sequential: bool,
+          first_id: int = 0) -> list[list[int]]:
+    """Each prompt's greedy tokens (sessions ``first_id``, ``first_id + 1``, ...)."""
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    requests = [EngineRequest(first_id + i, p, gen) for i, p in enumerate(prompts)]
+    if sequential:
+        results = [run_all(engine, [r])[0] for r in requests]
+    else:
+        results = run_all(engine, requests)
+    assert all(r.finish_reason == 'length' for r in results), [(r.finish_reason, r.error) for r in results]
+    return [r.tokens for r in results]
+
+
 def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_tokens: int,
-                  sequential: bool, quant_policy: int = 0, states: str | None = None, **nodes) -> list[list[int]]:
+                  sequential: bool, quant_policy: int = 0, states: str | None = None,
+                  swap_weights: str | None = None, **nodes) -> list:
     """``nodes``: ``TurbomindEngineConfig``'s nnodes, node_rank and dist_init_addr. ``states``: a
-    directory where the engine's ``token_states`` of the first prompt go, as ``tp{tp}.npz``."""
+    directory where the engine's ``token_states`` of the first prompt go, as ``tp{tp}.npz``.
+    ``swap_weights``: the other checkpoint of ``--swap-weights`` (then three rounds of tokens)."""
     config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=128, max_batch_size=4,
                                    num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128,
                                    quant_policy=quant_policy, **nodes)
     engine = JaxEngine(resolve_model(model), config, decode_batch=[4], prefill_tokens=[32], prefill_batch=[4])
     try:
-        gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        requests = [EngineRequest(i, p, gen) for i, p in enumerate(prompts)]
-        if sequential:
-            results = [run_all(engine, [r])[0] for r in requests]
-        else:
-            results = run_all(engine, requests)
+        tokens = serve(engine, prompts, new_tokens, sequential)
+        if swap_weights is not None:
+            rounds = [tokens]
+            for path in (swap_weights, model):
+                engine.update_weights(load_model(resolve_model(path), 'float32').params)
+                rounds.append(serve(engine, prompts, new_tokens, sequential, len(rounds) * len(prompts)))
+            tokens = rounds
         if states is not None:
             logits, hidden = engine.token_states(prompts[:1])[0]
             np.savez(os.path.join(states, f'tp{tp}.npz'), logits=logits, hidden=hidden)
     finally:
         engine.close()
-    assert all(r.finish_reason == 'length' for r in results), [(r.finish_reason, r.error) for r in results]
-    return [r.tokens for r in results]
+    return tokens
 
 
 def main() -> None:
@@ -58,6 +77,7 @@ def main() -> None:
     parser.add_argument('--node-rank', type=int, default=0)
     parser.add_argument('--dist-init-addr', default=None)
     parser.add_argument('--states', default=None, help='directory for each tp\'s token_states of the first prompt')
+    parser.add_argument('--swap-weights', default=None, help='checkpoint whose weights each engine swaps in and out')
     args = parser.parse_args()
     nodes = dict(nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     vocab = 1000
@@ -67,7 +87,7 @@ def main() -> None:
     for tp in args.tp:
         start = time.perf_counter()
         out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential, args.quant_policy,
-                                args.states, **nodes)
+                                args.states, args.swap_weights, **nodes)
         print(f'tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
     if jax.process_index() == 0:
         print(json.dumps(out))

@@ -103,6 +103,21 @@ def test_default_model_tp3_equals_tp1(tmp_path):
     assert out[3] == out[1]
 
 
+def test_update_weights_at_tp2_gives_a_fresh_engines_tokens(tmp_path):
+    """``update_weights`` at tp=2 of parameters in one device's layout (Qwen2: q/k/v biases; one KV
+    head, stored once per device): the engine on A takes B's weights, then A's again. Each swap
+    changes the answers, B's equal tp=1's on B and A's again equal a fresh tp=1 engine's on A."""
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(tmp_path / f'qwen2-kv1-{seed}'))
+        Qwen2ForCausalLM(Qwen2Config(**TINY, num_key_value_heads=1)).save_pretrained(paths[-1])
+    out = _run_worker(_env(tmp_path, 2), '--model', paths[0], '--tp', '1', '2', '--swap-weights', paths[1])
+    fresh_a, on_b, on_a_again = out[2]
+    assert fresh_a == out[1][0] and on_b != fresh_a
+    assert on_b == out[1][1] and on_a_again == out[1][0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('localhost', 0))

@@ -260,11 +260,9 @@ class JaxEngine(ThreadedEngine):
     def update_weights(self, params) -> None:
         """``AsyncEngine.update_weights``: ``params`` checked and placed on the caller's thread
         (old and new weights both on the device until the swap; arrays already placed as the
-        served ones are not copied), swapped in by the engine thread between steps."""
-        if self._runner.model.mesh is not None:
-            raise NotImplementedError('update_weights at tp > 1: the fused projections of one device\'s '
-                                      'layout are not regrouped for the mesh yet')
-        placed = place_like(params, self._runner.model.params)
+        served ones are not copied; over a tensor-parallel mesh the fused projections are
+        regrouped for it), swapped in by the engine thread between steps."""
+        placed = place_like(params, self._runner.model)
         result: Future = Future()
         if not self._command('weights', (placed, result)):
             raise RuntimeError(f'the {self._thread.name} is closed')

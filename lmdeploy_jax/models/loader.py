@@ -48,6 +48,7 @@ class LoadedModel:
     mesh: Mesh | None = None
     layer_unroll: int | bool = 1               # layers per loop iteration (True: straight-line code)
     p2p_claim: object = field(default=None, repr=False)     # held while the kernel sums over these GPUs
+    kv_replicas: int = 1                       # copies stored of each checkpoint KV head (tp > KV heads)
 
     @property
     def p2p_all_reduce(self) -> bool:
@@ -165,16 +166,17 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
     family(source.architecture)      # UnsupportedArchitectureError before anything is read
     checkpoint_quantization(source.architecture, source.config_path, source.config_dict())
     if source.is_engine_checkpoint:      # written by `lmdeploy_jax convert`: restored by Orbax (restore.py)
-        stored, graphdef, params = restore_params(source, dtype, mesh, rope_scaling_factor)
+        stored, graphdef, params, kv_replicas = restore_params(source, dtype, mesh, rope_scaling_factor)
     else:
-        stored, graphdef, params = _load_safetensors(source, dtype, mesh, rope_scaling_factor)
+        stored, graphdef, params, kv_replicas = _load_safetensors(source, dtype, mesh, rope_scaling_factor)
     claim = _prepare_p2p_all_reduce(mesh) if mesh is not None and p2p_all_reduce else None
-    return LoadedModel(stored, graphdef, params, mesh, p2p_claim=claim)
+    return LoadedModel(stored, graphdef, params, mesh, p2p_claim=claim, kv_replicas=kv_replicas)
 
 
 def _load_safetensors(source: ModelSource, dtype: str, mesh: Mesh | None,
-                      rope_scaling_factor: float) -> tuple[ModelSpec, nnx.GraphDef, nnx.State]:
-    """``load_model`` of a Hugging Face directory: the spec as stored, the graph and the loaded state."""
+                      rope_scaling_factor: float) -> tuple[ModelSpec, nnx.GraphDef, nnx.State, int]:
+    """``load_model`` of a Hugging Face directory: the spec as stored, the graph, the loaded state
+    and the copies stored of each KV head."""
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
         spec = model_spec(source, ckpt, dtype)
         if rope_scaling_factor:
@@ -190,7 +192,7 @@ def _load_safetensors(source: ModelSource, dtype: str, mesh: Mesh | None,
         params = flat_state(abstract)
         flat = load_state(ckpt, _weight_map(spec, params), params, layout, mesh)
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
-    return stored, graphdef, abstract
+    return stored, graphdef, abstract, layout.kv_replicas
 
 
 def _prepare_p2p_all_reduce(mesh: Mesh):

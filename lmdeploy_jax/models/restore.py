@@ -84,11 +84,36 @@ def _row_order(saved: FusedLayout, target: FusedLayout, key: str) -> np.ndarray:
     return np.concatenate([offsets[part] + start + np.arange(n) for part, start, n in target.segments(key)])
 
 
+def _rows_split_evenly(mesh: Mesh, path: Path, shape: tuple[int, ...]) -> NamedSharding:
+    """A fused parameter of ``shape`` in one device's layout, its rows split evenly over ``mesh``
+    where they divide (else replicated): where it waits for ``regroup_fused``."""
+    axis = _row_axis(path, shape, mesh.size)
+    spec_rows = [None] * len(shape)
+    if shape[axis] % mesh.size == 0:
+        spec_rows[axis] = TP
+    return NamedSharding(mesh, PartitionSpec(*spec_rows))
+
+
+def regroup_fused(x: jax.Array, path: Path, layout: FusedLayout, sharding: NamedSharding) -> jax.Array:
+    """The fused parameter ``x`` at state path ``path`` (``fused_key``; a host array, or a device
+    array anywhere), its rows in one device's layout (``FusedLayout(layout.spec)``), with its rows
+    in ``layout``'s (shard by shard, KV heads repeated ``layout.kv_replicas`` times) placed with
+    ``sharding``: ``x`` split evenly over ``sharding``'s mesh, then one gather compiled with
+    ``sharding`` as its output, so each device receives only its own rows. Same dtype; the rows'
+    axis (the one the mesh splits) grows from ``FusedLayout(layout.spec).rows`` to ``layout.rows``."""
+    axis = _row_axis(path, x.shape, layout.tp)
+    x = jax.device_put(x, _rows_split_evenly(sharding.mesh, path, x.shape))
+    order = jnp.asarray(_row_order(FusedLayout(layout.spec), layout, fused_key(path)))
+    regroup = jax.jit(lambda x, i: jnp.take(x, i, axis=axis), out_shardings=sharding)
+    return regroup(x, order)
+
+
 def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
-                   rope_scaling_factor: float = 0.0) -> tuple[ModelSpec, nnx.GraphDef, nnx.State]:
-    """``(spec as stored, graphdef, params)`` of the engine checkpoint ``source``, as ``load_model``
-    would give them from the Hugging Face directory it was converted from: in ``dtype`` ('auto': the
-    checkpoint's), sharded over ``mesh`` when given. CheckpointError naming the file when the
+                   rope_scaling_factor: float = 0.0) -> tuple[ModelSpec, nnx.GraphDef, nnx.State, int]:
+    """``(spec as stored, graphdef, params, kv_replicas)`` of the engine checkpoint ``source``, as
+    ``load_model`` would give them from the Hugging Face directory it was converted from: in ``dtype``
+    ('auto': the checkpoint's), sharded over ``mesh`` when given, each KV head stored
+    ``kv_replicas`` times. CheckpointError naming the file when the
     metadata or the parameters disagree with config.json; ValueError when the mesh cannot split the
     heads."""
     from .loader import abstract_params, flat_state, split_for_mesh
@@ -97,7 +122,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
         spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor, spec.max_position_embeddings))
     split = split_for_mesh(spec, mesh)
     tp, replicas = (split.tp, split.kv_replicas) if split is not None else (1, 1)
-    saved_layout, target_layout = FusedLayout(spec), FusedLayout(spec, tp, replicas)
+    target_layout = FusedLayout(spec, tp, replicas)
     stored = dataclasses.replace(spec, num_kv_heads=target_layout.stored_kv_heads)
     _, saved_abstract = abstract_params(spec)
     graphdef, abstract = abstract_params(stored)
@@ -106,11 +131,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
     for path, leaf in saved.items():
         sharding = _sharding(mesh, path, target[path].shape)
         if fused_key(path) and mesh is not None:     # rows regrouped below: restore them split evenly
-            axis = _row_axis(path, leaf.shape, tp)
-            spec_rows = [None] * len(leaf.shape)
-            if leaf.shape[axis] % tp == 0:
-                spec_rows[axis] = TP
-            sharding = NamedSharding(mesh, PartitionSpec(*spec_rows))
+            sharding = _rows_split_evenly(mesh, path, leaf.shape)
         restore_as[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)   # 4-bit: int32, float16
     params_dir = os.path.join(os.path.abspath(source.hf_dir), PARAMS_DIR)
     try:
@@ -121,12 +142,7 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
         raise CheckpointError(params_dir, f'the parameters do not match config.json ({type(e).__name__}: {e})') from e
     flat = traversals.flatten_mapping(restored)
     for path in flat:
-        key = fused_key(path)
-        if key and mesh is not None:
-            axis = _row_axis(path, saved[path].shape, tp)
-            order = jnp.asarray(_row_order(saved_layout, target_layout, key))
-            regroup = jax.jit(lambda x, i, axis=axis: jnp.take(x, i, axis=axis),
-                              out_shardings=_sharding(mesh, path, target[path].shape))
-            flat[path] = regroup(flat[path], order)
+        if fused_key(path) and mesh is not None:
+            flat[path] = regroup_fused(flat[path], path, target_layout, _sharding(mesh, path, target[path].shape))
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
-    return stored, graphdef, abstract
+    return stored, graphdef, abstract, replicas
