@@ -1,87 +1,40 @@
 """LMDeploy's AsyncEngine: prompts in, text out, over any backend of ``engine_api``.
 
 It owns everything user-facing: chat templates, tokenization, stop strings, incremental
-detokenization and ``Response``s. Backends report token ids from their own thread; results reach
-asyncio through ``loop.call_soon_threadsafe``, so the engine loop never waits for Python callers.
+detokenization and ``Response``s. Here: start-up (model, tokenizer, chat template, backend),
+``generate`` (one request of a session: settings and prompt checked, stop words resolved, the
+request run by ``request_run.run_request``), session control, and the backend's ``get_ppl`` and
+``update_weights``. The prompts' checks and token ids are ``prompts.py``'s; the synchronous calls
+(``batch_infer``, ``stream_infer``, ``chat``) are ``sync_api.py``'s.
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
-
-import numpy as np
-from tqdm import tqdm
+from typing import AsyncIterator
 
 from ..backends import BACKENDS, check_supported, create_backend
 from ..chat_template import get_chat_template
 from ..chat_template_kwargs import resolve_template_kwargs
 from ..checkpoint.source import resolve_model
-from ..engine_api import EngineOutput, EngineRequest, token_ids_error
-from ..messages import GenerationConfig, PytorchEngineConfig, Response, TurbomindEngineConfig
+from ..engine_api import EngineRequest
+from ..messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
 from ..models.registry import is_supported
 from ..text_checks import require_utf8
-from ..tokenizer import DetokenizeState, Tokenizer
-from .event_loop import BackgroundLoop, merge
-from .output_states import answer_states, check_context, wants_states
+from ..tokenizer import Tokenizer
+from .output_states import check_context
+from .prompts import prompt_ids
 from .request_config import merge_gen_config, resolve_stops
-from .samples import Sample, fan_out, group
-from .session import Session
-from .stop_strings import StopStringMatcher
+from .request_run import GenOut, run_request
+from .sync_api import SyncAPI
 from .unsupported import refuse_unknown_keywords
 
+__all__ = ['AsyncEngine', 'GenOut']
+
 logger = logging.getLogger('lmdeploy_jax')
-
-
-@dataclass
-class GenOut:
-    """One increment of a request, as ``generate`` yields it (LMDeploy's GenOut)."""
-    response: str                       # text delta
-    history_token_len: int              # session tokens before this request
-    input_token_len: int
-    generate_token_len: int             # tokens generated so far in this request
-    finish_reason: str | None = None
-    token_ids: list[int] = field(default_factory=list)     # token delta
-    logprobs: list[dict[int, float]] | None = None          # logprob delta
-    logits: np.ndarray | None = None                # the whole answer's, on the last (output_states.py)
-    last_hidden_state: np.ndarray | None = None     # the whole answer's, on the last (output_states.py)
-
-
-def _check_prompts(prompts) -> tuple[list, bool]:
-    """Normalize to a list of prompts; reject what cannot be a prompt (or text that is not UTF-8), naming it."""
-    single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
-    items = [prompts] if single else prompts
-    if not isinstance(items, list) or not items:
-        raise ValueError('prompts must be a non-empty str, a list of str or a list of message lists; got '
-                         f'{prompts!r}')
-    for i, p in enumerate(items):
-        if isinstance(p, str) and not p.strip():
-            raise ValueError(f'prompt {i} is empty')
-        if isinstance(p, list) and not p:
-            raise ValueError(f'prompt {i} is an empty message list')
-        if not isinstance(p, (str, list)):
-            raise ValueError(f'prompt {i} must be a str or a message list, got {type(p).__name__}')
-        require_utf8(p, f'prompts[{i}]')
-    return items, single
-
-
-def _reported_stop_token(config: GenerationConfig, out: EngineOutput) -> int | None:
-    """The stop token that ended ``out``'s request, when the engine reported it (it does so for
-    ``include_stop_str_in_output``); None otherwise."""
-    if out.finish_reason == 'stop' and config.include_stop_str_in_output and out.token_ids \
-            and out.token_ids[-1] in (config.stop_token_ids or ()):
-        return out.token_ids[-1]
-    return None
-
-
-def _is_gen_configs(value) -> bool:
-    return isinstance(value, GenerationConfig) or (
-        isinstance(value, list) and bool(value) and all(isinstance(c, GenerationConfig) for c in value))
 
 
 def _timed(what: str, fn, *args):
@@ -92,7 +45,7 @@ def _timed(what: str, fn, *args):
     return result
 
 
-class AsyncEngine:
+class AsyncEngine(SyncAPI):
     """The object ``pipeline()`` returns.
 
     Bad input raises ``ValueError`` naming the field before anything is queued: prompts and
@@ -136,9 +89,8 @@ class AsyncEngine:
                                | ({self.tokenizer.eos_token_id} - {None}))
         self._session_ids = itertools.count(1)
         self._history_len: dict[int, int] = {}     # tokens held by each open session
-        self._sync_loop: BackgroundLoop | None = None
 
-    # ---- the async core ------------------------------------------------------------------
+    # ---- the async core: one request of a session ----------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError('the pipeline is closed')
@@ -155,28 +107,6 @@ class AsyncEngine:
         if config.n != 1:
             raise ValueError(f'n={config.n}: {where} gives one answer; batch_infer and stream_infer give n')
         return config
-
-    def _prompt_ids(self, messages, sequence_start: bool, do_preprocess: bool, input_ids, tools,
-                    template_kwargs: dict) -> list[int]:
-        if input_ids is not None:
-            if template_kwargs:
-                raise ValueError('chat_template_kwargs, enable_thinking and reasoning_effort need messages, not '
-                                 'input_ids: the chat template renders messages')
-            error = token_ids_error(input_ids, self.vocab_size)
-            if error is not None:
-                raise ValueError(error)
-            return list(input_ids)
-        require_utf8(messages, 'messages')
-        if do_preprocess:
-            prompt = self.chat_template.messages2prompt(messages, sequence_start, tools=tools, **template_kwargs)
-        elif tools or template_kwargs:
-            given = 'tools' if tools else 'chat_template_kwargs, enable_thinking and reasoning_effort'
-            raise ValueError(f'{given} need do_preprocess=True: the chat template renders them')
-        elif isinstance(messages, str):
-            prompt = messages
-        else:
-            raise ValueError('do_preprocess=False needs a str prompt')
-        return self.tokenizer.encode(prompt, add_bos=sequence_start)
 
     async def generate(self, messages, session_id: int, gen_config: GenerationConfig | None = None,
                        stream_response: bool = True, sequence_start: bool = True, sequence_end: bool = True,
@@ -198,9 +128,9 @@ class AsyncEngine:
         template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking, reasoning_effort)
         history = step or (0 if sequence_start else self._history_len.get(session_id, 0))
         check_context(config, history)
-        ids = self._prompt_ids(messages, sequence_start, do_preprocess, input_ids, tools, template_kwargs)
-        if not ids:
-            raise ValueError('the prompt encodes to no tokens')
+        ids = prompt_ids(messages, chat_template=self.chat_template, tokenizer=self.tokenizer,
+                         vocab_size=self.vocab_size, sequence_start=sequence_start, do_preprocess=do_preprocess,
+                         input_ids=input_ids, tools=tools, template_kwargs=template_kwargs)
         room = self.session_len - history - len(ids)
         if room < 0:
             yield GenOut(f'error: the prompt has {len(ids)} tokens, which with {history} tokens of history '
@@ -208,69 +138,11 @@ class AsyncEngine:
             return
         config, text_stops = resolve_stops(config.replace(max_new_tokens=min(config.max_new_tokens, room)),
                                            self.chat_template.stop_words, self.tokenizer, self._eos_ids)
-        async for out in self._run(session_id, ids, config, text_stops, history, sequence_start, sequence_end,
-                                   incremental=stream_response or bool(text_stops)):
+        request = EngineRequest(session_id, ids, config, sequence_start, sequence_end)
+        async for out in run_request(self.engine, self.tokenizer, request, text_stops, history,
+                                     incremental=stream_response or bool(text_stops),
+                                     on_finish=lambda held: self._record_history(session_id, sequence_end, held)):
             yield out
-
-    async def _run(self, session_id, ids, config, text_stops, history, sequence_start, sequence_end, incremental):
-        """Stream the engine's outputs; without ``incremental`` the text is decoded once, at the end."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.engine.submit(EngineRequest(session_id, ids, config, sequence_start, sequence_end),
-                           lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
-        matcher, state = StopStringMatcher(text_stops, config.include_stop_str_in_output), DetokenizeState()
-        generated: list[int] = []
-        finished = False
-        try:
-            while True:
-                out = await queue.get()
-                generated.extend(out.token_ids)
-                stop_token = _reported_stop_token(config, out)
-                text_ids = generated[:-1] if stop_token is not None else generated
-                text, hit_stop = '', False
-                if incremental:
-                    delta, state = self.tokenizer.detokenize_incrementally(
-                        text_ids, state, skip_special_tokens=config.skip_special_tokens,
-                        flush=out.finish_reason is not None)
-                    text, hit_stop = matcher.feed(delta)
-                if hit_stop:
-                    self.engine.cancel(session_id)
-                    await self._drain_until_finished(queue, out)
-                    finished = True
-                    self._record_history(session_id, sequence_end, history + len(ids) + len(generated))
-                    yield GenOut(text, history, len(ids), len(generated), 'stop', out.token_ids, out.logprobs,
-                                 *await self._states(ids, generated, config, 'stop'))
-                    return
-                reason = out.finish_reason
-                if reason is not None:
-                    finished = True
-                    text += (matcher.flush() if incremental else
-                             self.tokenizer.decode(text_ids, skip_special_tokens=config.skip_special_tokens))
-                    if stop_token is not None:   # LMDeploy's: the stop token's text, special or not
-                        text += self.tokenizer.decode([stop_token], skip_special_tokens=False)
-                    if reason == 'error':
-                        text = f'error: {out.error}'
-                    held = history + len(ids) + len(generated) + (reason == 'stop' and stop_token is None)
-                    self._record_history(session_id, sequence_end, held)
-                yield GenOut(text, history, len(ids), len(generated), reason, out.token_ids, out.logprobs,
-                             *await self._states(ids, generated, config, reason))
-                if finished:
-                    return
-        finally:
-            if not finished:  # the caller stopped listening: abort and free the request
-                self.engine.cancel(session_id)
-
-    async def _states(self, ids: list[int], generated: list[int], config: GenerationConfig, reason) -> tuple:
-        """(logits, last hidden state) for the output that ends a request with ``reason``: the
-        answer's when the request asks for them and ends with 'stop' or 'length'; else (None, None)."""
-        if reason in ('stop', 'length') and wants_states(config):
-            return await answer_states(self.engine, ids, generated, config)
-        return None, None
-
-    @staticmethod
-    async def _drain_until_finished(queue: asyncio.Queue, last: EngineOutput) -> None:
-        while last.finish_reason is None:
-            last = await queue.get()
 
     def _record_history(self, session_id: int, sequence_end: bool, length: int) -> None:
         if sequence_end:
@@ -296,179 +168,7 @@ class AsyncEngine:
             self.stop_session(session_id)
         return self
 
-    # ---- the synchronous API ------------------------------------------------------------------
-    @property
-    def _loop(self) -> BackgroundLoop:
-        """The thread that runs the synchronous API's coroutines, started on first use."""
-        self._check_open()
-        if self._sync_loop is None:
-            self._sync_loop = BackgroundLoop()
-        return self._sync_loop
-
-    async def _collect(self, sample: Sample, do_preprocess, tools, kwargs) -> Response:
-        session_id = next(self._session_ids)
-        resp = Response('', 0, 0, session_id, index=sample.index)
-        async for out in self.generate(sample.prompt, session_id, sample.config, stream_response=False,
-                                       do_preprocess=do_preprocess, tools=tools, **kwargs):
-            resp.text += out.response
-            resp.token_ids.extend(out.token_ids)
-            if out.logprobs:
-                resp.logprobs = (resp.logprobs or []) + out.logprobs
-            resp.generate_token_len, resp.input_token_len = out.generate_token_len, out.input_token_len
-            resp.finish_reason = out.finish_reason
-            resp.logits, resp.last_hidden_state = out.logits, out.last_hidden_state
-        return resp
-
-    def _configs(self, gen_config, n: int, kwargs: dict) -> list[GenerationConfig]:
-        """One checked config per prompt, so a bad one is refused before any prompt runs."""
-        self._check_open()
-        if isinstance(gen_config, list):
-            if len(gen_config) != n:
-                raise ValueError(f'gen_config has {len(gen_config)} entries for {n} prompts')
-            return [self._gen_config(c, kwargs) for c in gen_config]
-        return [self._gen_config(gen_config, kwargs)] * n
-
-    def batch_infer(self, prompts, gen_config=None, do_preprocess: bool = True, use_tqdm: bool = False,
-                    tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
-                    enable_thinking: bool | None = None, reasoning_effort: str | None = None,
-                    **kwargs) -> Response | list[Response] | list[list[Response]]:
-        """Generate for one prompt or a list of them, together; results in input order. A prompt
-        whose config has ``n > 1`` gets the list of its n ``Response``s (``samples.py`` numbers
-        their ``index``). ``use_tqdm`` shows a progress bar of the finished answers; ``tools``,
-        ``chat_template_kwargs``, ``enable_thinking`` and ``reasoning_effort`` go to every prompt's
-        chat template (``generate``)."""
-        items, single = _check_prompts(prompts)
-        configs = self._configs(gen_config, len(items), kwargs)
-        call_kwargs = {**kwargs, 'chat_template_kwargs': resolve_template_kwargs(chat_template_kwargs, enable_thinking,
-                                                                                 reasoning_effort)}
-        samples = fan_out(items, configs)
-        if not isinstance(use_tqdm, bool):
-            raise ValueError(f'use_tqdm must be True or False, got {use_tqdm!r}')
-
-        async def run_all():
-            progress = tqdm(total=len(samples)) if use_tqdm else None
-
-            async def one(sample):
-                resp = await self._collect(sample, do_preprocess, tools, call_kwargs)
-                if progress is not None:
-                    progress.update()
-                return resp
-            try:
-                return await asyncio.gather(*(one(s) for s in samples))
-            finally:
-                if progress is not None:
-                    progress.close()
-        results = group(self._loop.run(run_all()), configs)
-        return results[0] if single else results
-
-    __call__ = batch_infer
-
-    infer = batch_infer     # LMDeploy 0.12+'s name; batch_infer stays, as there
-
-    def stream_infer(self, prompts, sessions: Session | list[Session] | None = None, gen_config=None,
-                     do_preprocess: bool = True, tools: list[dict] | None = None, stream_response: bool = True,
-                     chat_template_kwargs: dict | None = None, enable_thinking: bool | None = None,
-                     reasoning_effort: str | None = None, **kwargs) -> Iterator[Response]:
-        """Yield incremental ``Response``s (text deltas) of all prompts as they come, tagged by
-        ``index``: the prompt's, or with ``n > 1`` the answer's (``samples.py``).
-
-        ``sessions`` (LMDeploy 0.12+): a ``Session`` per prompt (one for a single prompt), whose id
-        each prompt's request runs under, so ``session.abort()`` stops it; the prompt is a whole
-        request, its history given in its messages, as LMDeploy's, so the engine keeps none for the
-        session after it (a later ``chat`` in it starts afresh). Sessions need ``n == 1`` and
-        may appear once in a call (a session runs one request at a time): ``ValueError`` otherwise,
-        as for a count that differs from the prompts'. A ``GenerationConfig`` (or a list of them)
-        in the second position is ``gen_config``, the signature before LMDeploy 0.12.
-        ``stream_response=False`` yields one ``Response`` per answer, with its whole text, when it ends.
-        ``tools``, ``chat_template_kwargs``, ``enable_thinking`` and ``reasoning_effort`` go to the
-        chat template (``generate``)."""
-        if gen_config is None and _is_gen_configs(sessions):
-            sessions, gen_config = None, sessions
-        items, _ = _check_prompts(prompts)
-        configs = self._configs(gen_config, len(items), kwargs)
-        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking, reasoning_effort)
-        samples = fan_out(items, configs)
-        session_ids = self._session_ids_of(sessions, len(items), configs)
-        if not isinstance(stream_response, bool):
-            raise ValueError(f'stream_response must be True or False, got {stream_response!r}')
-
-        async def one(sample: Sample):
-            session_id = session_ids[sample.prompt_index] if session_ids else next(self._session_ids)
-            total = Response('', 0, 0, session_id, index=sample.index)
-            async for out in self.generate(sample.prompt, session_id, sample.config, stream_response=stream_response,
-                                           do_preprocess=do_preprocess, tools=tools,
-                                           chat_template_kwargs=template_kwargs, **kwargs):
-                delta = Response(out.response, out.generate_token_len, out.input_token_len, session_id,
-                                 out.finish_reason, out.token_ids, out.logprobs, sample.index, out.logits,
-                                 out.last_hidden_state)
-                if stream_response:
-                    yield delta
-                else:
-                    total = total.extend(delta)
-            if not stream_response:
-                yield total
-        yield from self._loop.iterate(merge([one(s) for s in samples]))
-
-    def _session_ids_of(self, sessions, n_prompts: int, configs: list[GenerationConfig]) -> list[int] | None:
-        """The engine session id of each prompt's request, from ``stream_infer``'s ``sessions``."""
-        if sessions is None:
-            return None
-        sessions = [sessions] if isinstance(sessions, Session) else sessions
-        if not isinstance(sessions, list) or not all(isinstance(s, Session) for s in sessions):
-            raise ValueError(f'sessions must be a Session, a list of Sessions or None, got {sessions!r}')
-        if len(sessions) != n_prompts:
-            raise ValueError(f'sessions has {len(sessions)} entries for {n_prompts} prompts')
-        ids = [s.session_id for s in sessions]
-        if len(set(ids)) != len(ids):
-            raise ValueError('sessions lists a session twice; a session runs one request at a time')
-        if any(c.n != 1 for c in configs):
-            raise ValueError('n > 1 with sessions: a session runs one request at a time; pass sessions=None')
-        for session in sessions:
-            session.step = 0     # each request starts and ends its session's engine history
-        return ids
-
-    def session(self) -> Session:
-        """A new multi-turn session (LMDeploy's ``pipe.session()``), to pass to ``chat``."""
-        self._check_open()
-        return Session(next(self._session_ids), self)
-
-    def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
-             stream_response: bool = False, chat_template_kwargs: dict | None = None,
-             enable_thinking: bool | None = None, reasoning_effort: str | None = None, **kwargs):
-        """One turn of a multi-turn chat; the session keeps the history (and its KV) between turns.
-        ``chat_template_kwargs``, ``enable_thinking`` and ``reasoning_effort`` go to this turn's chat
-        template (``generate``).
-
-        Returns the session (its ``response`` is this turn's), or with ``stream_response`` an
-        iterator of incremental ``Response``s that updates the session at its end.
-        """
-        self._check_open()
-        require_utf8(prompt, 'prompt')
-        self._one_answer_config(gen_config, kwargs, 'chat()')
-        template_kwargs = resolve_template_kwargs(chat_template_kwargs, enable_thinking, reasoning_effort)
-        session = session or Session(next(self._session_ids), self)
-        turn = self._chat_turn(prompt, session, gen_config, {**kwargs, 'chat_template_kwargs': template_kwargs})
-        if stream_response:
-            return turn
-        for _ in turn:
-            pass
-        return session
-
-    def _chat_turn(self, prompt, session: Session, gen_config, kwargs) -> Iterator[Response]:
-        outs = self._loop.iterate(self.generate(prompt, session.session_id, gen_config,
-                                                sequence_start=session.step == 0, sequence_end=False, **kwargs))
-        total = Response('', 0, 0, session.session_id)
-        for out in outs:
-            total.text += out.response
-            total.token_ids.extend(out.token_ids)
-            total.generate_token_len, total.input_token_len = out.generate_token_len, out.input_token_len
-            total.finish_reason = out.finish_reason
-            total.logits, total.last_hidden_state = out.logits, out.last_hidden_state
-            yield Response(out.response, out.generate_token_len, out.input_token_len, session.session_id,
-                           out.finish_reason, out.token_ids, out.logprobs, logits=out.logits,
-                           last_hidden_state=out.last_hidden_state)
-        session.record_turn(prompt, total, self._history_len.get(session.session_id, 0))
-
+    # ---- passthroughs to the backend -----------------------------------------------------
     def get_ppl(self, input_ids: list[int] | list[list[int]]) -> list[float]:
         """Mean cross-entropy of each sequence (LMDeploy's get_ppl); a flat list is one sequence.
         Ids outside the vocabulary raise ``ValueError`` before anything runs."""
@@ -503,9 +203,7 @@ class AsyncEngine:
             return
         self._closed = True
         self.engine.close()
-        if self._sync_loop is not None:
-            self._sync_loop.close()
-            self._sync_loop = None
+        self._close_loop()
 
     def __enter__(self):
         return self
