@@ -118,6 +118,40 @@ def test_update_weights_at_tp2_gives_a_fresh_engines_tokens(tmp_path):
     assert on_b == out[1][1] and on_a_again == out[1][0]
 
 
+def test_update_weights_places_4bit_and_float_weights_as_the_loader_does(tmp_path):
+    """At tp=2, one KV head (stored once per device): the parameters ``load_model`` gives without a
+    mesh, placed by ``update_weights``' ``place_like``, equal bitwise (and in sharding) those it
+    gives over the mesh, for a 4-bit AWQ Llama and a float Qwen2 (q/k/v biases). The mesh's own
+    layout is refused, naming the fused parameter and its one-device shape."""
+    from test_w4a16_engine import SHAPE as AWQ_SHAPE       # here: it imports this module (family_harness)
+    from test_w4a16_engine import write_quantized
+    torch.manual_seed(0)
+    write_quantized(LlamaForCausalLM(LlamaConfig(**{**AWQ_SHAPE, 'num_key_value_heads': 1})),
+                    str(tmp_path / 'llama-awq'), 'awq')
+    Qwen2ForCausalLM(Qwen2Config(**TINY, num_key_value_heads=1)).save_pretrained(tmp_path / 'qwen2')
+    code = ('import numpy as np\n'
+            'from lmdeploy_jax.engine.weight_swap import place_like\n'
+            'from lmdeploy_jax.models import load_model\n'
+            'from lmdeploy_jax.models.loader import flat_state\n'
+            'from lmdeploy_jax.parallel import make_tp_mesh\n'
+            'for name in ("llama-awq", "qwen2"):\n'
+            '    source = resolve_model(f"{sys.argv[1]}/{name}")\n'
+            '    served = load_model(source, "float32", make_tp_mesh(2))\n'
+            '    placed = flat_state(place_like(load_model(source, "float32").params, served))\n'
+            '    for key, want in flat_state(served.params).items():\n'
+            '        got = placed[key]\n'
+            '        assert got.sharding == want.sharding and np.array_equal(got, want), (name, key)\n'
+            '    try:\n'
+            '        place_like(served.params, served)\n'
+            '    except ValueError as exc:\n'
+            '        print(name, exc)\n')
+    proc = _run_engine_code(code, str(tmp_path), _env(tmp_path, 2))
+    assert proc.stdout.splitlines() == [
+        'llama-awq params/layers/attn/qkv/qweight: int32 (2, 32, 384), the served parameter is int32 (2, 32, 320)',
+        'qwen2 params/layers/attn/qkv/b: float32 (2, 96), the served parameter is float32 (2, 80)',
+    ], proc.stderr[-4000:]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('localhost', 0))
