@@ -1,5 +1,6 @@
-"""The formats a ``--*-parser`` option chooses among, each by its name or an alias of it (LMDeploy's
-names), shared by ``tool_parsers`` and ``reasoning_parsers``."""
+"""The formats an option chooses among, each by its name or an alias of it (LMDeploy's names):
+the ``--*-parser`` options' (``tool_parsers``, ``reasoning_parsers``) and the builtin chat templates
+(``chat_template_builtins``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,9 +22,14 @@ class NamedFormats(Generic[Format]):
         """Every name the option takes, sorted: the formats' and their aliases'."""
         return sorted([*self.formats, *self.aliases])
 
-    def get(self, name: str) -> Format:
-        """The format named ``name`` (or an alias of it); ValueError listing the names otherwise."""
+    def canonical(self, name: str) -> str:
+        """The name of the format ``name`` names (itself, or the one it is an alias of); ValueError
+        listing the names otherwise."""
         key = self.aliases.get(name, name)
         if key not in self.formats:
             raise ValueError(f'unknown {self.what} {name!r}; choose one of {", ".join(self.names)}')
-        return self.formats[key]
+        return key
+
+    def get(self, name: str) -> Format:
+        """The format named ``name`` (or an alias of it); ValueError listing the names otherwise."""
+        return self.formats[self.canonical(name)]
