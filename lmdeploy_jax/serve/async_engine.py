@@ -189,8 +189,8 @@ class AsyncEngine(SyncAPI):
         ``lmdeploy_jax.load_model(path, dtype)``'s module holds them (or their ``nnx.to_pure_dict``).
         Every cached KV, the prefix cache's too, is dropped, so requests running meanwhile
         recompute theirs on the new weights. Raises ValueError naming a parameter that is
-        missing, unknown or of another shape or dtype; NotImplementedError on the pytorch backend
-        or at tp > 1; RuntimeError once closed."""
+        missing, unknown or of another shape or dtype; NotImplementedError on the pytorch backend;
+        RuntimeError once closed."""
         self._check_open()
         update = getattr(self.engine, 'update_weights', None)
         if update is None:
