@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -58,24 +59,54 @@ def _env(tmp_path, devices: int, **extra) -> dict[str, str]:
     return env
 
 
+def _run_workers(runs: dict) -> dict:
+    """``{key: (env, worker args)}`` -> ``{key: {tp: greedy tokens}}``: the workers run side by side
+    (each compiles mostly on one core); every one is waited for before a failure is raised."""
+    procs = {key: subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for key, (env, args) in runs.items()}
+    outputs = {}
+    try:
+        outputs = {key: proc.communicate(timeout=TIMEOUT) for key, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    for key, proc in procs.items():
+        assert proc.returncode == 0, f'{key}: {outputs[key][1][-4000:]}'
+    return {key: {int(tp): tokens for tp, tokens in json.loads(out.splitlines()[-1]).items()}
+            for key, (out, _) in outputs.items()}
+
+
 def _run_worker(env: dict[str, str], *args: str) -> dict[int, list[list[int]]]:
-    proc = subprocess.run([sys.executable, WORKER, *args], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return {int(tp): tokens for tp, tokens in json.loads(proc.stdout.splitlines()[-1]).items()}
+    return _run_workers({0: (env, args)})[0]
+
+
+STATES = 'qwen2-kv4'         # the tied, vocabulary-split head: its token_states are compared too
+
+
+@pytest.fixture(scope='module')
+def tp_runs(checkpoints, tmp_path_factory) -> tuple[dict[str, dict[int, list[list[int]]]], pathlib.Path]:
+    """Each checkpoint's greedy tokens at tp=1, 2, 4 and 8, and the folder holding a folder per
+    checkpoint, where the ``STATES`` one's ``token_states`` are written (``tp{N}.npz``)."""
+    root = tmp_path_factory.mktemp('tp_runs')
+    runs = {}
+    for name, path in checkpoints.items():
+        (root / name).mkdir()
+        states = ['--states', str(root / name)] if name == STATES else []
+        runs[name] = (_env(root / name, 8), ('--model', path, '--tp', '1', '2', '4', '8', *states))
+    return _run_workers(runs), root
 
 
 @pytest.mark.parametrize('name', sorted(CHECKPOINTS))
-def test_greedy_tokens_equal_tp1(name, checkpoints, tmp_path):
+def test_greedy_tokens_equal_tp1(name, tp_runs):
     """8 query heads over 8, 4 or 2 KV heads: tp=2, 4, 8 split them, repeating KV heads past their count.
     On the tied, vocabulary-split head of qwen2-kv4, ``token_states`` (``output_logits``) equal tp=1's too."""
-    states = ['--states', str(tmp_path)] if name == 'qwen2-kv4' else []
-    out = _run_worker(_env(tmp_path, 8), '--model', checkpoints[name], '--tp', '1', '2', '4', '8', *states)
+    by_name, root = tp_runs
+    out = by_name[name]
     assert all(len(tokens) == 6 for tokens in out[1])
     for tp in (2, 4, 8):
         assert out[tp] == out[1], f'tp={tp}'
-        if states:
-            got, want = np.load(tmp_path / f'tp{tp}.npz'), np.load(tmp_path / 'tp1.npz')
+        if name == STATES:
+            got, want = np.load(root / name / f'tp{tp}.npz'), np.load(root / name / 'tp1.npz')
             assert got['logits'].shape == (45, TINY['vocab_size']) and got['hidden'].shape == (45, TINY['hidden_size'])
             for key in ('logits', 'hidden'):
                 np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-5, err_msg=f'tp={tp} {key}')
@@ -89,9 +120,9 @@ def test_pallas_kernels_in_the_engine_give_the_reference_kernels_tokens(tmp_path
     path = tmp_path / 'llama-d32'
     LlamaForCausalLM(LlamaConfig(**{**TINY, 'hidden_size': 128, 'head_dim': 32, 'num_attention_heads': 4},
                                  num_key_value_heads=2)).save_pretrained(path)
-    kernels = {impl: _run_worker(_env(tmp_path / impl, 2, LMDEPLOY_JAX_KERNELS=impl), '--model', str(path),
-                                 '--tp', '1', '2')
-               for impl in ('reference', 'pallas_interpret')}
+    runs = {impl: (_env(tmp_path / impl, 2, LMDEPLOY_JAX_KERNELS=impl), ('--model', str(path), '--tp', '1', '2'))
+            for impl in ('reference', 'pallas_interpret')}
+    kernels = _run_workers(runs)
     assert all(len(tokens) == 6 for tokens in kernels['reference'][1])
     assert kernels['pallas_interpret'] == kernels['reference']
     assert kernels['reference'][2] == kernels['reference'][1]
