@@ -21,6 +21,18 @@ def small_default_engine(source, **changes):
     return JaxEngine(source, config, decode_batch=[8], prefill_tokens=[64], prefill_batch=[1, 4, 8])
 
 
+
+def default_model_pipeline():
+    """A JAX-engine pipeline over the default model, every setting at its default but
+    ``session_len``, which is the server tests' (``test_server.SESSION_LEN``): every step attends
+    over a whole session's block table, so the CPU default of 8192 tokens makes each call several
+    times slower, and the server tests' length gives their compiled steps, which the JAX
+    compilation cache then holds. The caller closes it (a context manager)."""
+    from test_server import SESSION_LEN
+
+    from lmdeploy_jax import pipeline
+    return pipeline(backend_config=TurbomindEngineConfig(session_len=SESSION_LEN))
+
 class Result:
     """Collects one request's outputs; ``wait`` blocks until its last one."""
 

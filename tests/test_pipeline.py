@@ -8,6 +8,7 @@ import os
 import pytest
 
 from lmdeploy_jax import GenerationConfig, PytorchEngineConfig, Response, pipeline
+from test_engine_helpers import default_model_pipeline
 
 FRANCE = 'What is the capital of France?'
 CJK_EMOJI = 'Write the Chinese word for cat and a cat emoji.'
@@ -15,10 +16,8 @@ CJK_EMOJI = 'Write the Chinese word for cat and a cat emoji.'
 
 @pytest.fixture(scope='module', params=['turbomind', 'pytorch'])
 def pipe(request):
-    if request.param == 'turbomind':
-        yield request.getfixturevalue('default_model_pipeline')
-        return
-    with pipeline(backend=request.param, backend_config=None) as p:
+    """The turbomind one at the server tests' session length (``default_model_pipeline``)."""
+    with default_model_pipeline() if request.param == 'turbomind' else pipeline(backend='pytorch') as p:
         yield p
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 import pytest
 
 from lmdeploy_jax import GenerationConfig, Response
+from test_engine_helpers import default_model_pipeline
 
 PROMPT = 'Write a short poem about the sea.'
 
 
 @pytest.fixture(scope='module')
-def pipe(default_model_pipeline):
-    return default_model_pipeline
+def pipe():
+    with default_model_pipeline() as p:
+        yield p
 
 
 def sampled(seed=None, n=4, max_new_tokens=8):
