@@ -10,4 +10,3 @@ def rng(request):
     request.node.user_properties.append(('seed', seed))
     print(f'rng seed {seed}')
     return np.random.default_rng(seed)
-
