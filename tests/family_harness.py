@@ -33,9 +33,6 @@ from lmdeploy_jax.pytorch.engine import PytorchEngine
 WINDOW = 8
 PROMPT_LENS = (5, 14, 27, 38)          # all but the first longer than the window
 PREFIX = 32                            # the fifth prompt: the last one's first 32 tokens (2 blocks), then new ones
-# child processes per tp: tp=2 runs the Pallas kernels interpreted, the slowest part, so its families
-# are shared by two children and the machine's cores stay busy until the end
-CHILDREN_PER_TP = {2: 2}
 # head_dim 32: the attention kernels' narrowest heads
 TINY = dict(hidden_size=128, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, initializer_range=0.15, max_position_embeddings=128, bos_token_id=None, eos_token_id=None,
@@ -100,42 +97,34 @@ def build_families(families: dict, tmp_path_factory, reference_path=None, tps=No
 
 class JaxChildren:
     """The JAX engine's results for ``families`` (``{name: {'path', 'prompts', 'cached'}}``) at
-    each family's tps (``tps``: ``{name: tps}``): per tp, ``CHILDREN_PER_TP`` child processes
-    sharing its families, running while the caller goes on."""
+    each family's tps (``tps``: ``{name: tps}``), one child process per tp, running while the
+    caller goes on."""
 
     def __init__(self, families: dict[str, dict], tmp, tps: dict[str, tuple[int, ...]]):
         self.outs, self.procs = {}, {}
         for tp in sorted({tp for family_tps in tps.values() for tp in family_tps}):
-            names = [name for name in families if tp in tps[name]]
-            count = min(CHILDREN_PER_TP.get(tp, 1), len(names))
-            for part in range(count):
-                key, tag = (tp, part), f'{tp}-{part}'
-                spec = {name: {k: families[name][k] for k in ('path', 'prompts', 'cached')}
-                        for name in names[part::count]}
-                (tmp / f'spec{tag}.json').write_text(json.dumps(spec))
-                self.outs[key] = tmp / f'out{tag}.json'
-                command = [sys.executable, family_engine.__file__, str(tmp / f'spec{tag}.json'), str(tp),
-                           str(self.outs[key])]
-                self.procs[key] = subprocess.Popen(command, env=_env(tmp / f'tp{tag}', tp), stdout=subprocess.DEVNULL,
-                                                   stderr=subprocess.PIPE, text=True)
+            spec = {name: {k: f[k] for k in ('path', 'prompts', 'cached')}
+                    for name, f in families.items() if tp in tps[name]}
+            (tmp / f'spec{tp}.json').write_text(json.dumps(spec))
+            self.outs[tp] = tmp / f'out{tp}.json'
+            command = [sys.executable, family_engine.__file__, str(tmp / f'spec{tp}.json'), str(tp), str(self.outs[tp])]
+            self.procs[tp] = subprocess.Popen(command, env=_env(tmp / f'tp{tp}', tp), stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, text=True)
 
     def wait(self) -> dict:
         """``{tp: {family: {'tokens', 'cached_tokens', 'prefix_hit_blocks', 'logits'}}}``; every
         child is waited for (killed past the timeout) before a failure is raised."""
         errors = {}
-        for key, proc in self.procs.items():
+        for tp, proc in self.procs.items():
             try:
-                _, errors[key] = proc.communicate(timeout=900)
+                _, errors[tp] = proc.communicate(timeout=900)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                _, errors[key] = proc.communicate()
-            print(errors[key][-2000:])
-        for (tp, part), proc in self.procs.items():
-            assert proc.returncode == 0, f'tp={tp} (child {part}): {errors[tp, part][-4000:]}'
-        results = {}
-        for (tp, _), out in self.outs.items():
-            results.setdefault(tp, {}).update(json.loads(out.read_text()))
-        return results
+                _, errors[tp] = proc.communicate()
+            print(errors[tp][-2000:])
+        for tp, proc in self.procs.items():
+            assert proc.returncode == 0, f'tp={tp}: {errors[tp][-4000:]}'
+        return {tp: json.loads(out.read_text()) for tp, out in self.outs.items()}
 
     def kill(self) -> None:
         for proc in self.procs.values():
