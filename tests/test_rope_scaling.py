@@ -31,7 +31,7 @@ from lmdeploy_jax.engine import JaxEngine
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
 from lmdeploy_jax.models import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, load_model
-from lmdeploy_jax.models.layers.attention import _rotate_partial
+from lmdeploy_jax.models.layers.attention import _rope_before_the_op
 from lmdeploy_jax.models.layers.fused import FusedLayout, join_fused, split_fused
 from lmdeploy_jax.models.rope import apply_rope, cos_sin, inv_frequencies, rotary_dim
 from lmdeploy_jax.models.spec import ModelSpec, RopeSpec, dynamic_ntk, rope_from_config
@@ -200,7 +200,7 @@ def test_partial_rotation_at_decode_keeps_the_fused_layout(rng, tp):
     assert [np.asarray(x).tolist() for x in split_fused(qkv, layout, 'qkv')] == [x.tolist() for x in (q, k, v)]
     angles = rng.uniform(-20, 20, (rows, 4)).astype(np.float32)
     cos, sin = (jnp.asarray(np.concatenate([f(angles)] * 2, -1)) for f in (np.cos, np.sin))
-    rotated, one, zero = _rotate_partial(spec, layout, qkv, cos, sin)
+    rotated, one, zero = _rope_before_the_op(spec, layout, qkv, cos, sin, hadamard=False)
     assert np.all(np.asarray(one) == 1) and np.all(np.asarray(zero) == 0) and one.shape == (rows, head_dim)
     expected = [apply_rope(jnp.asarray(x).reshape(rows, -1, head_dim), cos, sin).reshape(rows, -1) for x in (q, k)]
     for ours, ref in zip(split_fused(rotated, layout, 'qkv'), expected + [v]):
