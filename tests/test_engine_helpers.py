@@ -21,7 +21,6 @@ def small_default_engine(source, **changes):
     return JaxEngine(source, config, decode_batch=[8], prefill_tokens=[64], prefill_batch=[1, 4, 8])
 
 
-
 def default_model_pipeline():
     """A JAX-engine pipeline over the default model, every setting at its default but
     ``session_len``, which is the server tests' (``test_server.SESSION_LEN``): every step attends
@@ -32,6 +31,7 @@ def default_model_pipeline():
 
     from lmdeploy_jax import pipeline
     return pipeline(backend_config=TurbomindEngineConfig(session_len=SESSION_LEN))
+
 
 class Result:
     """Collects one request's outputs; ``wait`` blocks until its last one."""
