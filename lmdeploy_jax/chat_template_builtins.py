@@ -14,7 +14,7 @@ from typing import Callable
 
 from .chat_template_kwargs import refuse_all
 from .chat_template_messages import ROLES, normalize_messages
-from .serve.named_formats import NamedFormats
+from .named_formats import NamedFormats
 from .tool_messages import hermes_messages, uses_tools
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..named_formats import NamedFormats
+from ...named_formats import NamedFormats
 
 OPEN_TAG, CLOSE_TAG = '<think>', '</think>'
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..named_formats import NamedFormats
+from ...named_formats import NamedFormats
 
 
 @dataclass(frozen=True)
