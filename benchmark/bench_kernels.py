@@ -7,6 +7,10 @@
         --contexts 128 --heads 4 --kv-heads 2 --iters 2 --no-copy     # CPU smoke run
     PYTHONPATH=/tmp/jt-site python benchmark/bench_kernels.py --batches 1 64 --contexts 2048 \
         --impls reference pallas mosaic jax_triton     # decode alternatives (``kernel_ops/decode.py``)
+    python benchmark/bench_kernels.py --ops decode_step decode --impls reference pallas \
+        --batches 128 --contexts 4096      # the serving op at llama3-8b's heads against the read ceiling
+    python benchmark/bench_kernels.py --ops decode_step decode --impls pallas \
+        --contexts 2048 4096 --batches 128 256                 # long contexts
 
 The ops are the modules of ``kernel_ops/``, one per op (what a module defines: its ``__init__``).
 
@@ -14,8 +18,14 @@ Each case's implementations are checked on the same inputs (``run_case``), then 
 ``--calls`` back-to-back calls inside one jitted function (``time_calls``), reporting the median
 per call, the bytes and FLOPs the op must move (each op's ``make_case``) and their ratios to the card's
 copy bandwidth and matmul rate (``--copy-tbps``, ``--matmul-tflops``; the defaults are the H100's
-of benchmark/NOTES.md) and to the copy this run measures. One JSON line per case; a failing
-implementation prints its error and the run goes on; a table of the results comes last.
+of benchmark/NOTES.md), to the copy this run measures (``--no-copy``: none) and to the read
+bandwidth it measures (``read_bandwidth.py``, a read-only reduction of ``--read-gib`` GiB;
+``--no-read``: none), the ceiling of an op that reads far more than it writes. One JSON line per
+case, after one for each ceiling measured; a failing implementation prints its error and the run
+goes on; a table of the results comes last.
+
+The defaults are llama3-8b's attention: 32 query heads, 8 KV heads, head dim 128, bf16 pages of
+64 tokens.
 """
 from __future__ import annotations
 
@@ -36,10 +46,12 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from kernel_ops import ops  # noqa: E402
+from read_bandwidth import measure_read_tbps  # noqa: E402
 
 OPS = ops()
 KERNEL_IMPLS = ('reference', 'pallas', 'pallas_interpret')       # every op's
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3}
+CEILINGS = ('copy', 'read')      # the measured bandwidths, each its own record
 
 
 # ---- timing ---------------------------------------------------------------------------------
@@ -150,9 +162,10 @@ def impls_known() -> tuple[str, ...]:
     return KERNEL_IMPLS + tuple(impl for module in OPS.values() for impl in getattr(module, 'EXTRA_IMPLS', ()))
 
 
-def run_case(op, args, batch, context, seed, copy_tbps, results):
+def run_case(op, args, batch, context, seed, ceilings, results):
     """Check every implementation's first rows against the reference's (relative L2 error, within
-    ``TOLERANCE``), then time it (``TIMERS``); emit one record per implementation and config."""
+    ``TOLERANCE``), then time it (``TIMERS``); emit one record per implementation and config, with
+    its ratio to each measured ceiling (``ceilings``: TB/s by name, ``copy`` and ``read``)."""
     module = OPS[op]
     base = dict(op=op, batch=batch, context=context, block_size=args.block_size, dtype=args.dtype,
                 heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
@@ -186,8 +199,8 @@ def run_case(op, args, batch, context, seed, copy_tbps, results):
                     tflops=case['flops'] / median / 1e12,
                     ratio_to_card_copy=case['bytes'] / median / 1e12 / args.copy_tbps,
                     ratio_to_card_matmul=case['flops'] / median / 1e12 / args.matmul_tflops)
-                if copy_tbps:
-                    record['ratio_to_measured_copy'] = case['bytes'] / median / 1e12 / copy_tbps
+                for name, tbps in ceilings.items():
+                    record[f'ratio_to_measured_{name}'] = case['bytes'] / median / 1e12 / tbps
             except Exception as e:   # noqa: BLE001 - a failing implementation must not stop the run
                 record['failed'] = f'{type(e).__name__}: {str(e)[:2000]}'
                 if args.verbose:
@@ -207,11 +220,12 @@ def emit(record, results):
 
 
 def print_table(results):
-    """Decode rates against the copy ceiling, prefill rates against the matmul ceiling."""
-    print('\n op      impl              batch context   time_us  TB/s|TF/s ratio  err      config'
+    """Decode rates against the copy ceiling (``--copy-tbps``) and the measured read bandwidth
+    (``read``; '-' where not measured), prefill rates against the matmul ceiling."""
+    print('\n op      impl              batch context   time_us  TB/s|TF/s ratio   read  err      config'
           '\n (kv_write: batch = new tokens; TB/s of the new K/V read and written; (add_)rms_norm: batch = rows)')
     for r in results:
-        if r.get('op') == 'copy':
+        if r.get('op') in CEILINGS:
             continue
         cfg = r.get('config') or {}
         cfg = ','.join(f'{k}={v}' for k, v in cfg.items()
@@ -223,8 +237,10 @@ def print_table(results):
             err = r.get('rel_error')
             rate, ratio = ((r['tflops'], r['ratio_to_card_matmul']) if r['op'] == 'prefill'
                            else (r['tbps'], r['ratio_to_card_copy']))
+            read = r.get('ratio_to_measured_read')
             print(f" {r['op']:7} {r['impl']:17} {r['batch']:5} {r['context']:7} {r['time_us']:9.1f} "
-                  f"{rate:8.3f} {ratio:6.2f}  {'-' if err is None else f'{err:.1e}':8} {cfg}")
+                  f"{rate:8.3f} {ratio:6.2f} {'-' if read is None else f'{read:6.2f}':>6}  "
+                  f"{'-' if err is None else f'{err:.1e}':8} {cfg}")
 
 
 def main() -> None:
@@ -256,6 +272,9 @@ def main() -> None:
     parser.add_argument('--copy-tbps', type=float, default=2.91)
     parser.add_argument('--matmul-tflops', type=float, default=726.0)
     parser.add_argument('--no-copy', action='store_true', help='skip measuring the copy bandwidth')
+    parser.add_argument('--no-read', action='store_true', help='skip measuring the read bandwidth')
+    parser.add_argument('--read-gib', type=float, default=None,
+                        help="the read-bandwidth probe's array size (default: read_bandwidth.py's)")
     parser.add_argument('--verbose', action='store_true', help='print tracebacks of failures')
     args = parser.parse_args()
     unknown = set(args.impls) - set(impls_known())
@@ -265,17 +284,25 @@ def main() -> None:
     if (args.sliding_window is not None or args.soft_cap is not None) and windowless:
         parser.error(f'{sorted(windowless)} take no --sliding-window or --soft-cap')
 
+    if args.no_read and args.read_gib is not None:
+        parser.error('--read-gib sizes the read-bandwidth probe: not with --no-read')
+
     results = []
-    copy_tbps = None
+    ceilings = {}
     if not args.no_copy:
-        copy_tbps = measure_copy_tbps(args)
-        emit(dict(op='copy', tbps=copy_tbps, device=str(jax.devices()[0].device_kind)), results)
+        ceilings['copy'] = measure_copy_tbps(args)
+        emit(dict(op='copy', tbps=ceilings['copy'], device=str(jax.devices()[0].device_kind)), results)
+    if not args.no_read:
+        probe = measure_read_tbps(args.read_gib)
+        ceilings['read'] = probe['tbps']
+        emit(dict(op='read', **{k: v for k, v in probe.items() if k != 'device'},
+                  device=str(jax.devices()[0].device_kind)), results)
     seeds = itertools.count()
     for op in args.ops:
         cases = ([(n, 0) for n in args.tokens] if getattr(OPS[op], 'ROWS', False)
                  else itertools.product(args.batches, args.contexts))
         for batch, context in cases:
-            run_case(op, args, batch, context, next(seeds), copy_tbps, results)
+            run_case(op, args, batch, context, next(seeds), ceilings, results)
     print_table(results)
 
 

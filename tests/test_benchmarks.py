@@ -67,25 +67,60 @@ def test_bench_allreduce_sums_across_devices_under_each_variant():
 
 
 def test_profile_generation_reports_each_batch_and_length():
+    """With the read bandwidth measured first: a decode step's KV bytes grow with the batch and with
+    the mean keys a row attends over the decode (input_len + 1 .. input_len + 8: input_len + 4.5),
+    and each record sets the bandwidth its bytes and decode rate imply against the measured one."""
     records = run_script('profile_generation.py', '--batch-sizes', '1', '3', '--input-lens', '16', '40',
-                         '--output-len', '9', *SMALL_ENGINE)
+                         '--output-len', '9', '--read-bandwidth', '--read-gib', '0.002', *SMALL_ENGINE)
     assert [(r['batch_size'], r['input_len']) for r in records] == [(1, 16), (3, 16), (1, 40), (3, 40)]
+    kv = {(r['batch_size'], r['input_len']): r['step_kv_bytes'] for r in records}
+    assert kv[3, 16] == pytest.approx(3 * kv[1, 16]) and kv[3, 40] == pytest.approx(3 * kv[1, 40])
+    assert kv[1, 40] / kv[1, 16] == pytest.approx((40 + 4.5) / (16 + 4.5))
     for r in records:
         assert r['decode_tok_per_s_per_request'] > 0 and r['total_tok_per_s'] > 0
         assert r['first_token_ms']['p50'] > 0
+        assert r['step_weight_bytes'] == records[0]['step_weight_bytes'] > 0
+        assert r['step_read_bytes'] == pytest.approx(r['step_weight_bytes'] + r['step_kv_bytes'])
+        assert r['implied_read_tbps'] == pytest.approx(r['step_read_bytes'] * r['decode_tok_per_s_per_request'] / 1e12)
+        assert r['read_tbps'] > 0 and r['read_probe']['gib'] <= 0.002
+        assert r['ratio_to_read_bandwidth'] == pytest.approx(r['implied_read_tbps'] / r['read_tbps'])
 
 
 def test_bench_kernels_checks_and_times_every_op_in_interpret_mode():
+    """Each case also has its rate over the read bandwidth measured first (``--read-gib`` sizes it)."""
     ops = ('decode', 'prefill', 'kv_write', 'decode_step', 'rms_norm', 'add_rms_norm')
-    records = run_script('bench_kernels.py', '--ops', *ops, '--impls', 'reference',
-                         'pallas_interpret', '--batches', '2', '--contexts', '96', '--tokens', '5', '--heads', '4',
-                         '--kv-heads', '2', '--head-dim', '32', '--block-size', '16', '--iters', '2', '--calls', '2',
-                         '--no-copy', '--dtype', 'float32', prefix='{')
+    read, *records = run_script('bench_kernels.py', '--ops', *ops, '--impls', 'reference',
+                                'pallas_interpret', '--batches', '2', '--contexts', '96', '--tokens', '5', '--heads',
+                                '4', '--kv-heads', '2', '--head-dim', '32', '--block-size', '16', '--iters', '2',
+                                '--calls', '2', '--no-copy', '--read-gib', '0.002', '--dtype', 'float32', prefix='{')
+    assert read['op'] == 'read' and 0.99 * 0.002 * 2**30 < read['bytes'] <= 0.002 * 2**30
+    assert read['tbps'] == max(r['tbps'] for r in read['reductions'].values()) > 0
     assert {(r['op'], r['impl']) for r in records} == {(op, impl) for op in ops
                                                       for impl in ('reference', 'pallas_interpret')}
     for r in records:
         assert 'failed' not in r, r
         assert r['time_us'] > 0 and (r['impl'] == 'reference' or r['rel_error'] < 1e-4)
+        assert r['ratio_to_measured_read'] == pytest.approx(r['tbps'] / read['tbps'])
+
+
+def test_read_bandwidth_sums_the_array_and_reports_its_fastest_reduction(rng):
+    """Each reduction sums what it names; the bandwidth is the array's bytes over each one's time,
+    the ceiling the fastest; an unknown reduction is refused by name."""
+    import jax.numpy as jnp
+    import numpy as np
+    read_bandwidth = _benchmark_module('read_bandwidth')
+    host = rng.standard_normal((16, read_bandwidth.COLUMNS)).astype(np.float32)
+    x = jnp.asarray(host)
+    for name, want in (('all', host.sum()), ('rows', host.sum(axis=1)), ('columns', host.sum(axis=0))):
+        np.testing.assert_allclose(read_bandwidth.REDUCTIONS[name](x), want, rtol=1e-4, atol=1e-2)
+    record = read_bandwidth.measure_read(x, calls=2, iters=2, warmup=1)
+    rates = record['reductions']
+    assert record['bytes'] == host.nbytes and set(rates) == set(read_bandwidth.REDUCTIONS)
+    assert record['tbps'] == rates[record['reduction']]['tbps'] == max(r['tbps'] for r in rates.values())
+    for r in rates.values():
+        assert r['tbps'] == pytest.approx(host.nbytes / (r['time_us'] * 1e6))
+    with pytest.raises(ValueError, match='cubes'):
+        read_bandwidth.measure_read(x, reductions=('cubes',))
 
 
 def test_trace_summary_counts_busy_time_and_attributes_idle_gaps():

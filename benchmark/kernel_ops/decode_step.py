@@ -1,5 +1,18 @@
 """The decode step (rope, KV write and decode attention in one op): the Pallas kernel against its
-reference, timed in place (``TIMER``)."""
+reference, timed in place (``TIMER``). It is the op the engine serves decode with
+(``lmdeploy_jax/models/layers/attention.py``).
+
+llama3-8b's attention (32 query heads, 8 KV heads, head dim 128, bf16 pages of 64 tokens: the
+flags below, also ``bench_kernels.py``'s defaults) at batch 128 x context 4096, each record with
+its ratio to the read bandwidth measured first in the same run (``ratio_to_measured_read``)::
+
+    python benchmark/bench_kernels.py --ops decode_step --impls reference pallas --batches 128 \
+        --contexts 4096 --heads 32 --kv-heads 8 --head-dim 128 --dtype bfloat16 --block-size 64
+
+and over long contexts (the reference only checks the first rows)::
+
+    python benchmark/bench_kernels.py --ops decode_step --impls pallas --contexts 2048 4096 --batches 128 256
+"""
 from __future__ import annotations
 
 import functools
