@@ -285,9 +285,12 @@ class TurbomindEngineConfig:
     our engine) with the peer-memory ``reduce_add_rms_norm`` kernel where the GPUs allow it, else
     XLA's all-reduce; ``'nccl'`` always with XLA's all-reduce (NCCL on GPUs).
 
-    ``ep`` (LMDeploy's): expert parallelism, each device holding whole experts. Only 1 is taken:
-    a mixture of experts' experts are split inside each expert over the ``tp`` devices instead
-    (``models/layers/moe.py``); any other value is refused.
+    ``ep`` (LMDeploy's): how a mixture of experts' experts split over the ``tp`` devices
+    (``models/layers/moe.py``): 1, tensor parallelism inside each expert (each device holds a
+    slice of every expert); equal to ``tp`` (> 1), expert parallelism (each device holds
+    ``num_experts / tp`` whole experts and runs only the tokens' choices of those; LMDeploy's
+    ``tp=N, ep=N`` spelling). Any other value is refused here; at engine build, ``ep > 1`` is
+    refused for a dense model or a number of experts ``ep`` does not divide.
 
     ``model_format`` (LMDeploy's): the checkpoint's weights, ``'hf'`` (float), ``'awq'`` or
     ``'gptq'`` (4-bit, W4A16); None reads it from config.json's ``quantization_config``. A value
@@ -327,9 +330,9 @@ class TurbomindEngineConfig:
                  'compilation_cache_dir', 'a path or None', self.compilation_cache_dir)
         _check_nodes(self)
         _require(self.communicator in COMMUNICATORS, 'communicator', f'one of {COMMUNICATORS}', self.communicator)
-        _require(_is_int(self.ep) and self.ep == 1, 'ep',
-                 '1 (expert parallelism is not built: the experts are split inside each expert over the tp devices)',
-                 self.ep)
+        _require(_is_int(self.ep) and self.ep in (1, self.tp), 'ep',
+                 f'1 or tp={self.tp} (1: each expert split over the tp devices; tp: each device holding '
+                 f'num_experts / tp whole experts)', self.ep)
         _require(self.model_format in MODEL_FORMATS, 'model_format',
                  f"one of {MODEL_FORMATS} (None: read from the checkpoint)", self.model_format)
 

@@ -49,13 +49,15 @@ def reference_tokens(path: str, prompts: list[list[int]]) -> list[list[int]]:
         engine.close()
 
 
-def build_families(families: dict, tmp_path_factory, reference_path=None, tps=None) -> dict[str, dict]:
+def build_families(families: dict, tmp_path_factory, reference_path=None, tps=None,
+                   expert_parallel: tuple[str, ...] = ()) -> dict[str, dict]:
     """Per family of ``families``: the checkpoint's path, its 4 prompts and the prefix-cache prompt,
     the reference's tokens for them (from the checkpoint at ``reference_path(name, path)`` when
     given: a transformers checkpoint of the same model), transformers' last-position logits of the
     4 prompts, and those of the same weights with no window (what an engine that ignored the
     window would give). With ``tps`` (``{family: its tps}``), also ``'jax'``: ``{tp: the JAX
-    engine's results}`` (``JaxChildren``), started once the checkpoints are written."""
+    engine's results}`` (``JaxChildren``), started once the checkpoints are written; for the
+    families of ``expert_parallel``, also ``{(tp, tp): ...}`` at each tp > 1 with ``ep == tp``."""
     seed = int(np.random.SeedSequence().entropy % (1 << 30))
     print(f'families seed {seed}')
     rng = np.random.default_rng(seed)
@@ -74,7 +76,7 @@ def build_families(families: dict, tmp_path_factory, reference_path=None, tps=No
         prompts = [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENS]
         cached = prompts[-1][:PREFIX] + rng.integers(0, vocab, 6).tolist()
         out[name], models[name] = dict(path=path, prompts=prompts, cached=cached), hf
-    children = JaxChildren(out, tmp_path_factory.mktemp('jax'), tps) if tps else None
+    children = JaxChildren(out, tmp_path_factory.mktemp('jax'), tps, expert_parallel) if tps else None
     try:
         for name, hf in models.items():
             f = out[name]
@@ -92,18 +94,22 @@ def build_families(families: dict, tmp_path_factory, reference_path=None, tps=No
     for name, f in out.items():
         if results is not None:
             f['jax'] = {tp: results[tp][name] for tp in tps[name]}
+            f['jax'].update({(tp, tp): results[tp][f'{name} ep={tp}'] for tp in tps[name]
+                             if tp > 1 and name in expert_parallel})
     return out
 
 
 class JaxChildren:
     """The JAX engine's results for ``families`` (``{name: {'path', 'prompts', 'cached'}}``) at
     each family's tps (``tps``: ``{name: tps}``), one child process per tp, running while the
-    caller goes on."""
+    caller goes on; a child of tp > 1 also runs the families of ``expert_parallel`` at ``ep == tp``."""
 
-    def __init__(self, families: dict[str, dict], tmp, tps: dict[str, tuple[int, ...]]):
+    def __init__(self, families: dict[str, dict], tmp, tps: dict[str, tuple[int, ...]],
+                 expert_parallel: tuple[str, ...] = ()):
         self.outs, self.procs = {}, {}
         for tp in sorted({tp for family_tps in tps.values() for tp in family_tps}):
-            spec = {name: {k: f[k] for k in ('path', 'prompts', 'cached')}
+            spec = {name: {**{k: f[k] for k in ('path', 'prompts', 'cached')},
+                           **({'ep': tp} if tp > 1 and name in expert_parallel else {})}
                     for name, f in families.items() if tp in tps[name]}
             (tmp / f'spec{tp}.json').write_text(json.dumps(spec))
             self.outs[tp] = tmp / f'out{tp}.json'
@@ -132,7 +138,7 @@ class JaxChildren:
             proc.communicate()
 
 
-def check_greedy_tokens(families: dict, jax_results: dict, name: str, tp: int) -> None:
+def check_greedy_tokens(families: dict, jax_results: dict, name: str, tp: int | tuple[int, int]) -> None:
     """The engine's tokens equal the reference's, the fifth prompt's first two blocks came from the
     prefix cache (its window reaches into them)."""
     expected, ours = families[name]['tokens'], jax_results[name][tp]
@@ -153,27 +159,31 @@ def check_the_window_matters(family: dict) -> None:
             assert np.abs(with_window - without).max() > 100 * 1e-4 * np.abs(with_window).max()
 
 
-def family_checks(specs: dict, reference_path=None, tp1_only: dict | None = None) -> tuple:
+def family_checks(specs: dict, reference_path=None, tp1_only: dict | None = None,
+                  expert_parallel: tuple[str, ...] = ()) -> tuple:
     """The fixtures and tests every family test module runs, for ``specs`` (as ``build_families``
-    takes them) at each tp of ``KERNELS``, and ``tp1_only`` at tp=1 alone: ``families,
+    takes them) at each tp of ``KERNELS`` (those of ``expert_parallel`` also at each tp > 1 with
+    ``ep == tp``, as the case ``(tp, tp)``), and ``tp1_only`` at tp=1 alone: ``families,
     jax_results, test_greedy_tokens_equal_the_reference,
     test_last_position_logits_match_transformers``, to be bound to those names in the module."""
     tps = {**{name: tuple(KERNELS) for name in specs}, **{name: (1,) for name in tp1_only or {}}}
     cases = [(name, tp) for name, family_tps in tps.items() for tp in family_tps]
+    cases += [(name, (tp, tp)) for name in expert_parallel for tp in tps[name] if tp > 1]
+    ids = [f'{name}-{tp}' if isinstance(tp, int) else f'{name}-{tp[0]}-ep{tp[1]}' for name, tp in cases]
 
     @pytest.fixture(scope='module')
     def families(tmp_path_factory) -> dict[str, dict]:
-        return build_families({**specs, **(tp1_only or {})}, tmp_path_factory, reference_path, tps)
+        return build_families({**specs, **(tp1_only or {})}, tmp_path_factory, reference_path, tps, expert_parallel)
 
     @pytest.fixture(scope='module')
     def jax_results(families) -> dict:
         return {name: f['jax'] for name, f in families.items()}
 
-    @pytest.mark.parametrize('name,tp', cases)
+    @pytest.mark.parametrize('name,tp', cases, ids=ids)
     def test_greedy_tokens_equal_the_reference(families, jax_results, name, tp):
         check_greedy_tokens(families, jax_results, name, tp)
 
-    @pytest.mark.parametrize('name,tp', cases)
+    @pytest.mark.parametrize('name,tp', cases, ids=ids)
     def test_last_position_logits_match_transformers(families, jax_results, name, tp):
         for ours, expected in zip(jax_results[name][tp]['logits'], families[name]['logits']):
             _assert_logits_close(np.asarray(ours, np.float32), expected)

@@ -1,6 +1,6 @@
 """``TurbomindEngineConfig``'s multi-host fields (LMDeploy's ``nnodes``, ``node_rank``,
 ``dist_init_addr``, ``devices``) and ``communicator``, which replaced the ``LMDEPLOY_JAX_COORDINATOR``,
-``_NUM_PROCESSES``, ``_PROCESS_ID``, ``_LOCAL_DEVICES`` and ``_P2P_ALL_REDUCE`` variables: bad values
+``_NUM_PROCESSES``, ``_PROCESS_ID``, ``_LOCAL_DEVICES`` and ``_P2P_ALL_REDUCE`` variables, and ``ep``: bad values
 refused naming the field, the CLI flags reaching the config, the pytorch backend refusing them, and
 the variables no longer read. (Two processes joining through them:
 ``test_tensor_parallel.test_two_processes_equal_one``.)"""
@@ -56,11 +56,27 @@ def test_good_values_are_kept():
     ({'nnodes': 2, 'dist_init_addr': 'h:1', 'devices': [-1]},
      'devices must be a non-empty list of distinct device ids >= 0, got [-1]'),
     ({'communicator': 'native'}, "communicator must be one of ('cuda-ipc', 'nccl'), got 'native'"),
+    ({'ep': 2}, 'ep must be 1 or tp=1 (1: each expert split over the tp devices; tp: each device holding '
+                'num_experts / tp whole experts), got 2'),
+    ({'tp': 4, 'ep': 2}, 'ep must be 1 or tp=4 (1: each expert split over the tp devices; tp: each device holding '
+                         'num_experts / tp whole experts), got 2'),
+    ({'tp': 2, 'ep': 0}, 'ep must be 1 or tp=2 (1: each expert split over the tp devices; tp: each device holding '
+                         'num_experts / tp whole experts), got 0'),
+    ({'tp': 1, 'ep': True}, 'ep must be 1 or tp=1 (1: each expert split over the tp devices; tp: each device '
+                            'holding num_experts / tp whole experts), got True'),
 ])
 def test_bad_values_are_refused_naming_the_field(fields, message):
     with pytest.raises(ValueError) as caught:
         TurbomindEngineConfig(**fields)
     assert str(caught.value) == message
+
+
+def test_ep_is_one_or_tp():
+    """LMDeploy's ``tp=N, ep=N`` spelling of expert parallelism is taken, as is ep=1 at any tp (the
+    refusals: ``test_bad_values_are_refused_naming_the_field``; a model that cannot take it:
+    ``test_family_moe.py``)."""
+    assert TurbomindEngineConfig(tp=2, ep=2).ep == 2
+    assert TurbomindEngineConfig(tp=4, ep=1).ep == 1
 
 
 def test_the_cli_flags_reach_the_config():

@@ -82,7 +82,8 @@ WORKS = {
         'nnodes': 'test_engine_config.py', 'node_rank': 'test_engine_config.py',
         'dist_init_addr': 'test_engine_config.py', 'devices': 'test_engine_config.py',
         'cache_block_seq_len': 'test_engine_multistep.py', 'rope_scaling_factor': 'test_rope_scaling.py',
-        'max_prefill_token_num': 'test_engine_serving.py', 'communicator': 'test_engine_config.py'},
+        'max_prefill_token_num': 'test_engine_serving.py', 'communicator': 'test_engine_config.py',
+        'ep': 'test_family_moe.py'},
     PytorchEngineConfig: {'dtype': 'test_lmdeploy_signatures.py', 'session_len': 'test_pytorch_engine.py',
                           'max_batch_size': 'test_pytorch_engine.py', 'device_type': 'test_pytorch_engine.py'},
 }
@@ -93,7 +94,7 @@ REFUSED = {
         'with_cache': True, 'preserve_cache': True,
         'migration_request': {}, 'return_routed_experts': True, 'repetition_ngram_size': 3,
         'repetition_ngram_threshold': 2},
-    TurbomindEngineConfig: {'ep': 2},
+    TurbomindEngineConfig: {},
     PytorchEngineConfig: {'quant_policy': 8},
 }
 # taken with no effect, and why (the pytorch backend warns, naming them, when they are set)

@@ -67,7 +67,8 @@ class JaxEngine(ThreadedEngine):
         device = min(devices, key=lambda d: free_device_bytes(d) or 0)
         logger.info('%d %s device(s) ready in %.1f s', len(devices), device.platform, time.perf_counter() - start)
         start = time.perf_counter()
-        model = load_model(source, config.dtype, mesh, config.rope_scaling_factor, config.communicator == 'cuda-ipc')
+        model = load_model(source, config.dtype, mesh, config.rope_scaling_factor, config.communicator == 'cuda-ipc',
+                           ep=config.ep)
         logger.info('loaded the weights in %.1f s', time.perf_counter() - start)
         spec = model.spec
         self.vocab_size = spec.vocab_size

@@ -18,6 +18,7 @@ from pallas_kernels.reduce_add_rms_norm.api import prepare_kernel
 
 from ..checkpoint.source import ModelSource
 from ..parallel import HeadSplit, split_heads
+from ..parallel.rules import splits_by_expert
 from .kv_cache import init_kv_caches, kv_bytes_per_block
 from .layers.attention import KVCache
 from .layers.decoder import rope_inv_frequencies
@@ -152,8 +153,16 @@ def split_for_mesh(spec: ModelSpec, mesh: Mesh | None) -> HeadSplit | None:
     return split
 
 
+def with_expert_split(spec: ModelSpec, mesh: Mesh | None, ep: int) -> ModelSpec:
+    """``spec`` with ``expert_parallel`` set where ``ep`` (``TurbomindEngineConfig``'s) splits its
+    experts whole over ``mesh``'s devices; ValueError naming ``ep`` where it cannot
+    (``parallel.rules.splits_by_expert``)."""
+    whole = splits_by_expert(ep, mesh.size if mesh is not None else 1, spec.num_experts)
+    return dataclasses.replace(spec, expert_parallel=whole)
+
+
 def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
-               rope_scaling_factor: float = 0.0, p2p_all_reduce: bool = True) -> LoadedModel:
+               rope_scaling_factor: float = 0.0, p2p_all_reduce: bool = True, ep: int = 1) -> LoadedModel:
     """Load ``source``'s weights for the JAX engine, sharded over ``mesh`` if given; raises
     UnsupportedArchitectureError first when its architecture has no JAX model,
     UnsupportedQuantizationError naming the method of a quantized checkpoint other than 4-bit
@@ -162,23 +171,25 @@ def load_model(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = Non
     mesh cannot split its heads. ``rope_scaling_factor``: ``TurbomindEngineConfig``'s (not 0: dynamic
     NTK rope, ``spec.dynamic_ntk``). ``p2p_all_reduce``: small tensor-parallel steps on a mesh of GPUs
     sum with the ``reduce_add_rms_norm`` CUDA kernel where it can be prepared
-    (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce."""
+    (``TurbomindEngineConfig.communicator == 'cuda-ipc'``), else with XLA's all-reduce. ``ep``:
+    ``TurbomindEngineConfig``'s; equal to the mesh's size, each device holds whole experts
+    (``with_expert_split``; ValueError naming ``ep`` where the model cannot take it)."""
     family(source.architecture)      # UnsupportedArchitectureError before anything is read
     checkpoint_quantization(source.architecture, source.config_path, source.config_dict())
     if source.is_engine_checkpoint:      # written by `lmdeploy_jax convert`: restored by Orbax (restore.py)
-        stored, graphdef, params, kv_replicas = restore_params(source, dtype, mesh, rope_scaling_factor)
+        stored, graphdef, params, kv_replicas = restore_params(source, dtype, mesh, rope_scaling_factor, ep)
     else:
-        stored, graphdef, params, kv_replicas = _load_safetensors(source, dtype, mesh, rope_scaling_factor)
+        stored, graphdef, params, kv_replicas = _load_safetensors(source, dtype, mesh, rope_scaling_factor, ep)
     claim = _prepare_p2p_all_reduce(mesh) if mesh is not None and p2p_all_reduce else None
     return LoadedModel(stored, graphdef, params, mesh, p2p_claim=claim, kv_replicas=kv_replicas)
 
 
-def _load_safetensors(source: ModelSource, dtype: str, mesh: Mesh | None,
-                      rope_scaling_factor: float) -> tuple[ModelSpec, nnx.GraphDef, nnx.State, int]:
+def _load_safetensors(source: ModelSource, dtype: str, mesh: Mesh | None, rope_scaling_factor: float,
+                      ep: int) -> tuple[ModelSpec, nnx.GraphDef, nnx.State, int]:
     """``load_model`` of a Hugging Face directory: the spec as stored, the graph, the loaded state
     and the copies stored of each KV head."""
     with SafetensorsCheckpoint(source.hf_dir) as ckpt:
-        spec = model_spec(source, ckpt, dtype)
+        spec = with_expert_split(model_spec(source, ckpt, dtype), mesh, ep)
         if rope_scaling_factor:
             spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor,
                                                               spec.max_position_embeddings))

@@ -60,13 +60,14 @@ def fused_key(path: Path) -> str | None:
     return key if key in FUSED else None
 
 
-def _sharding(mesh: Mesh | None, path: Path, shape: tuple[int, ...]):
-    """Where ``load_model`` places the parameter at ``path`` of ``shape``."""
+def _sharding(mesh: Mesh | None, path: Path, shape: tuple[int, ...], expert_parallel: bool):
+    """Where ``load_model`` places the parameter at ``path`` of ``shape`` (``expert_parallel``:
+    ``ModelSpec``'s)."""
     if mesh is None:
         return SingleDeviceSharding(jax.devices()[0])
     if _stacked(path):
-        return NamedSharding(mesh, PartitionSpec(None, *param_spec(path, shape[1:], mesh.size)))
-    return NamedSharding(mesh, param_spec(path, shape, mesh.size))
+        return NamedSharding(mesh, PartitionSpec(None, *param_spec(path, shape[1:], mesh.size, expert_parallel)))
+    return NamedSharding(mesh, param_spec(path, shape, mesh.size, expert_parallel))
 
 
 def _row_axis(path: Path, shape: tuple[int, ...], tp: int) -> int:
@@ -100,24 +101,29 @@ def regroup_fused(x: jax.Array, path: Path, layout: FusedLayout, sharding: Named
     in ``layout``'s (shard by shard, KV heads repeated ``layout.kv_replicas`` times) placed with
     ``sharding``: ``x`` split evenly over ``sharding``'s mesh, then one gather compiled with
     ``sharding`` as its output, so each device receives only its own rows. Same dtype; the rows'
-    axis (the one the mesh splits) grows from ``FusedLayout(layout.spec).rows`` to ``layout.rows``."""
+    axis (the one the mesh splits) grows from ``FusedLayout(layout.spec).rows`` to ``layout.rows``.
+    Where ``layout`` keeps one device's row order (the experts' gate_up under expert parallelism,
+    ``FusedLayout.shards``), ``x`` is placed with ``sharding`` as it is."""
+    order = _row_order(FusedLayout(layout.spec), layout, fused_key(path))
+    if np.array_equal(order, np.arange(order.size)):      # one device's layout (the experts' under ep): as is
+        return jax.device_put(x, sharding)
     axis = _row_axis(path, x.shape, layout.tp)
     x = jax.device_put(x, _rows_split_evenly(sharding.mesh, path, x.shape))
-    order = jnp.asarray(_row_order(FusedLayout(layout.spec), layout, fused_key(path)))
     regroup = jax.jit(lambda x, i: jnp.take(x, i, axis=axis), out_shardings=sharding)
-    return regroup(x, order)
+    return regroup(x, jnp.asarray(order))
 
 
 def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None = None,
-                   rope_scaling_factor: float = 0.0) -> tuple[ModelSpec, nnx.GraphDef, nnx.State, int]:
+                   rope_scaling_factor: float = 0.0, ep: int = 1) -> tuple[ModelSpec, nnx.GraphDef, nnx.State, int]:
     """``(spec as stored, graphdef, params, kv_replicas)`` of the engine checkpoint ``source``, as
     ``load_model`` would give them from the Hugging Face directory it was converted from: in ``dtype``
     ('auto': the checkpoint's), sharded over ``mesh`` when given, each KV head stored
-    ``kv_replicas`` times. CheckpointError naming the file when the
+    ``kv_replicas`` times, the experts split whole over the mesh where ``ep`` says
+    (``loader.with_expert_split``). CheckpointError naming the file when the
     metadata or the parameters disagree with config.json; ValueError when the mesh cannot split the
-    heads."""
-    from .loader import abstract_params, flat_state, split_for_mesh
-    spec = checkpoint_spec(source, dtype)
+    heads or ``ep`` the experts."""
+    from .loader import abstract_params, flat_state, split_for_mesh, with_expert_split
+    spec = with_expert_split(checkpoint_spec(source, dtype), mesh, ep)
     if rope_scaling_factor:
         spec = dataclasses.replace(spec, rope=dynamic_ntk(spec.rope, rope_scaling_factor, spec.max_position_embeddings))
     split = split_for_mesh(spec, mesh)
@@ -128,9 +134,11 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
     graphdef, abstract = abstract_params(stored)
     saved, target = flat_state(saved_abstract), flat_state(abstract)
     restore_as = {}
+    regrouped = {path for path in saved if mesh is not None and fused_key(path)
+                 and target_layout.shards(fused_key(path)) > 1}
     for path, leaf in saved.items():
-        sharding = _sharding(mesh, path, target[path].shape)
-        if fused_key(path) and mesh is not None:     # rows regrouped below: restore them split evenly
+        sharding = _sharding(mesh, path, target[path].shape, spec.expert_parallel)
+        if path in regrouped:     # rows regrouped below: restore them split evenly
             sharding = _rows_split_evenly(mesh, path, leaf.shape)
         restore_as[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)   # 4-bit: int32, float16
     params_dir = os.path.join(os.path.abspath(source.hf_dir), PARAMS_DIR)
@@ -141,8 +149,8 @@ def restore_params(source: ModelSource, dtype: str = 'auto', mesh: Mesh | None =
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(params_dir, f'the parameters do not match config.json ({type(e).__name__}: {e})') from e
     flat = traversals.flatten_mapping(restored)
-    for path in flat:
-        if fused_key(path) and mesh is not None:
-            flat[path] = regroup_fused(flat[path], path, target_layout, _sharding(mesh, path, target[path].shape))
+    for path in regrouped:
+        flat[path] = regroup_fused(flat[path], path, target_layout,
+                                   _sharding(mesh, path, target[path].shape, spec.expert_parallel))
     nnx.replace_by_pure_dict(abstract, traversals.unflatten_mapping(flat))
     return stored, graphdef, abstract, replicas

@@ -66,7 +66,9 @@ class ModelSpec:
     ``experts_per_token`` of them (``layers.moe``); ``intermediate_size`` is then each expert's
     width; ``norm_topk_prob``: the chosen experts' probabilities are renormalized to sum to 1;
     ``shared_expert_size``: the width of the shared expert every token also passes through (its
-    output scaled by a sigmoid gate, Qwen2-MoE; 0: none).
+    output scaled by a sigmoid gate, Qwen2-MoE; 0: none). ``expert_parallel``: over a mesh, each
+    device holds ``num_experts / tp`` whole experts (``TurbomindEngineConfig.ep == tp``) instead of
+    a slice of every expert (``parallel.rules``).
 
     ``quantization``: the attention and MLP projections hold 4-bit AWQ/GPTQ weights
     (``layers.quantized_linear``; None: float weights)."""
@@ -101,6 +103,7 @@ class ModelSpec:
     experts_per_token: int = 0
     norm_topk_prob: bool = False
     shared_expert_size: int = 0
+    expert_parallel: bool = False
     quantization: WeightQuantization | None = None
 
 

@@ -198,8 +198,8 @@ def load_state(ckpt: SafetensorsCheckpoint, weight_map: dict[Path, Source], abst
                layout: FusedLayout, mesh: Mesh | None = None) -> dict[Path, jax.Array]:
     """Every parameter of ``abstract`` (state path -> shape and dtype, as stored: KV heads repeated
     where ``layout.kv_replicas`` says) read from ``ckpt`` by ``weight_map``, placed on the device or
-    sharded over ``mesh`` by ``parallel.param_spec``."""
-    tp = mesh.size if mesh is not None else 1
+    sharded over ``mesh`` by ``parallel.param_spec`` (the experts whole where ``layout.spec.expert_parallel``)."""
+    tp, ep = (mesh.size if mesh is not None else 1), layout.spec.expert_parallel
     state = {}
     with concurrent.futures.ThreadPoolExecutor(PREFETCH_LAYERS) as pool:
         place = _Placer(mesh, pool)
@@ -207,7 +207,7 @@ def load_state(ckpt: SafetensorsCheckpoint, weight_map: dict[Path, Source], abst
             shape, dtype = abstract[path].shape, abstract[path].dtype
             read = _reader(ckpt, source, layout, _fused_key(path))
             if _stacked(source):
-                state[path] = place.stacked(shape, dtype, param_spec(path, shape[1:], tp), read)
+                state[path] = place.stacked(shape, dtype, param_spec(path, shape[1:], tp, ep), read)
             else:
-                state[path] = place.array(shape, dtype, param_spec(path, shape, tp), functools.partial(read, None))
+                state[path] = place.array(shape, dtype, param_spec(path, shape, tp, ep), functools.partial(read, None))
     return state

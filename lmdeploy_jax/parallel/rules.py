@@ -11,7 +11,10 @@ and the step's small inputs, the layers' sliding windows among them, are replica
 A mixture of experts is tensor-parallel inside each expert: every device holds every expert's
 slice, the stacked gate_up ``[experts, 2 * inter, hidden]`` split on its rows (shard by shard, as
 the dense gate_up) and the down ``[experts, hidden, inter]`` on its columns; the router and the
-shared expert's sigmoid gate are replicated, the shared expert is split as a dense MLP.
+shared expert's sigmoid gate are replicated, the shared expert is split as a dense MLP. With expert
+parallelism (``TurbomindEngineConfig.ep == tp``, ``expert_parallel``) the stacked gate_up and down
+split on the experts' axis instead: device ``d`` holds experts ``[d * E / tp, (d + 1) * E / tp)``
+whole (as LMDeploy's TurboMind places them), the router and the shared expert as above.
 
 Where ``tp`` exceeds the KV heads, each KV head is repeated ``tp // kv_heads`` times at load time
 (k/v rows and the pool), so every device holds exactly one KV head and the q heads that read it.
@@ -43,6 +46,7 @@ VOCAB_ROWS = P(TP, None)               # an embedding / lm_head [vocab, hidden] 
 VOCAB_LOGITS = P(None, TP)             # logits [B, vocab] as the vocabulary-split lm_head computes them
 EXPERT_ROWS = P(None, TP, None)        # one layer's stacked expert gate_up [experts, 2 * inter, hidden]
 EXPERT_COLUMNS = P(None, None, TP)     # one layer's stacked expert down [experts, hidden, inter]
+WHOLE_EXPERTS = P(TP, None, None)      # either of them under expert parallelism: E / tp whole experts a device
 # A 4-bit linear's qweight [in // 8, out] and scales/zeros [groups, out] (models/layers/
 # quantized_linear.py) are [in, out]-oriented: column-parallel splits their last axis, row-parallel
 # their first (K split at a whole packed tile and a whole group: checked at load).
@@ -77,12 +81,33 @@ def split_heads(num_heads: int, num_kv_heads: int, intermediate_size: int, tp: i
     return HeadSplit(tp, num_kv_heads, max(1, tp // num_kv_heads))
 
 
-def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int) -> P:
+def splits_by_expert(ep: int, tp: int, num_experts: int) -> bool:
+    """Whether ``ep`` (``TurbomindEngineConfig``'s) splits a model of ``num_experts`` experts (0: a
+    dense model) whole over the ``tp`` devices (``ep == tp > 1``) rather than inside each expert
+    (``ep == 1``). ValueError naming ``ep`` and what is supported otherwise: ``ep`` neither 1 nor
+    ``tp``, a dense model, experts that ``ep`` does not divide."""
+    if ep == 1:
+        return False
+    if ep != tp:
+        raise ValueError(f'ep={ep} is not supported with tp={tp}: ep must be 1 (each expert split over the tp '
+                         f'devices) or equal to tp (each device holding num_experts / tp whole experts)')
+    if not num_experts:
+        raise ValueError(f'ep={ep}: the model is not a mixture of experts; expert parallelism needs experts '
+                         f'(use ep=1)')
+    if num_experts % ep:
+        raise ValueError(f'ep={ep} cannot split {num_experts} experts evenly over the devices (use ep=1)')
+    return True
+
+
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tp: int, expert_parallel: bool = False) -> P:
     """The partition of the model parameter at ``path`` in the ``nnx`` state (``('layers', 'attn',
     'qkv', 'w')``, ``('embed',)``, ...) of ``shape``; a linear's weight and bias are ``'w'``/``'b'``
-    under its name. For the layer-stacked parameters, ``shape`` and the result are those of one layer."""
+    under its name. For the layer-stacked parameters, ``shape`` and the result are those of one layer.
+    ``expert_parallel``: a mixture's experts are split whole over the devices (``ModelSpec``'s)."""
     leaf = path[-1]
     if 'experts' in path:
+        if expert_parallel:
+            return WHOLE_EXPERTS
         return EXPERT_ROWS if leaf == 'gate_up' else EXPERT_COLUMNS
     key = path[-2] if leaf in ('w', 'b', *QUANTIZED_LEAVES) else leaf
     if key in COLUMN_PARALLEL:

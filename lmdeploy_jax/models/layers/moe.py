@@ -17,10 +17,16 @@ Which path a step takes (``experts_mlp``; static, from the shapes and the backen
   instead gathers each choice's expert weights, so it reads only the chosen experts'
   (``per_choice_mlp``).
 
-Tensor parallelism is inside each expert (``parallel.rules``): every device routes all tokens
-(the router is replicated), runs its slice of every expert's gate/up rows and down columns, and
-leaves a share of the output that the step's row-parallel form sums (``row_parallel.py``), as
-for a dense MLP's down projection.
+Over a mesh every device routes all tokens (the router is replicated) and leaves a share of the
+output that the step's row-parallel form sums (``row_parallel.py``), as for a dense MLP's down
+projection. The experts split one of two ways (``parallel.rules``):
+
+- tensor parallelism inside each expert (``TurbomindEngineConfig.ep == 1``): each device runs
+  its slice of every expert's gate/up rows and down columns for every choice;
+- expert parallelism (``ep == tp``, ``ModelSpec.expert_parallel``): each device holds ``E / tp``
+  whole experts and runs only the choices of its own (``local_choices``); the others fall past
+  the grouped GEMMs' last group, which the Pallas kernel's tile plan gives no work, and carry
+  zero weight. The shared expert (Qwen2-MoE) stays split as a dense MLP.
 """
 from __future__ import annotations
 
@@ -49,21 +55,39 @@ def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.
 
 
 def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
-                act, layer: jax.Array | None = None) -> jax.Array:
+                act, layer: jax.Array | None = None, first_expert: jax.Array | None = None) -> jax.Array:
     """``[N, hidden]``: each token of ``x [N, hidden]`` through its experts ``experts [N, k]``,
     summed with ``weights [N, k]`` (cast to ``x``'s dtype). ``gate_up [E, 2 * inter, hidden]`` (gate
     rows, then up rows), ``down [E, hidden, inter]``: every expert's (or one device's slice of every
     expert's) weights; the expert MLP is ``down(act(gate) * up)``. Both may also be every layer's,
     stacked ``[layers, E, ...]``, with ``layer`` (int32 scalar) the one to use: read in place.
+    ``first_expert`` (int32 scalar; expert parallelism): the weights are experts ``[first_expert,
+    first_expert + E)`` only, and the result sums only the choices of those (``local_choices``).
 
     The choices run sorted by expert through grouped GEMMs (``grouped_mlp``), or, where the
     grouped GEMM is not the Pallas kernel and ``gathers_weights`` (a small decode batch), each with
     its own gathered expert weights (``per_choice_mlp``); see the module docstring."""
     n, k = experts.shape
-    gathers = not runs_kernel(x.dtype) and gathers_weights(n * k, gate_up.shape[-3])
+    num_experts = gate_up.shape[-3]
+    if first_expert is not None:
+        weights, experts = local_choices(weights, experts, first_expert, num_experts)
+    gathers = not runs_kernel(x.dtype) and gathers_weights(n * k, num_experts)
     mlp = per_choice_mlp if gathers else grouped_mlp
     y = mlp(x, experts, gate_up, down, act, layer).reshape(n, k, -1)
     return jnp.einsum('nkh,nk->nh', y, weights.astype(x.dtype))
+
+
+def local_choices(weights: jax.Array, experts: jax.Array, first_expert: jax.Array,
+                  num_local: int) -> tuple[jax.Array, jax.Array]:
+    """``(weights, experts)`` (both ``[N, k]``, from ``route``) as seen by a device holding experts
+    ``[first_expert, first_expert + num_local)``: a choice of one of them keeps its weight and takes
+    its local index; any other choice gets weight 0 and index ``num_local``, one past the last
+    group, so ``grouped_mlp`` sorts it into the tail that no group covers (no GEMM work; its rows
+    come out as zeros) and ``per_choice_mlp`` gathers the last local expert for it, whose result
+    the zero weight drops."""
+    local = experts - first_expert
+    mine = (local >= 0) & (local < num_local)
+    return jnp.where(mine, weights, 0), jnp.where(mine, local, num_local)
 
 
 def gathers_weights(choices: int, num_experts: int) -> bool:
@@ -79,11 +103,13 @@ def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.
                 layer: jax.Array | None = None, impl: str | None = None) -> jax.Array:
     """``[N * k, hidden]``: the expert MLP of each choice (``experts [N, k]`` flattened; weights and
     ``layer`` as in ``experts_mlp``), by grouped GEMMs over the choices sorted by expert
-    (``grouped_matmul``, run by ``impl``: see ``pallas_kernels._dispatch``), back in choice order."""
+    (``grouped_matmul``, run by ``impl``: see ``pallas_kernels._dispatch``), back in choice order.
+    A choice of index ``E`` (past the experts: ``local_choices``) sorts after every group and comes
+    out as zeros."""
     k = experts.shape[1]
     choices = experts.reshape(-1)
     order = jnp.argsort(choices, stable=True)                  # the N * k choices, grouped by expert
-    group_sizes = jnp.bincount(choices, length=gate_up.shape[-3]).astype(jnp.int32)
+    group_sizes = jnp.bincount(choices, length=gate_up.shape[-3]).astype(jnp.int32)     # index E: no group
     gate, up = jnp.split(grouped_matmul(x, gate_up, group_sizes, layer, lhs_rows=(order // k).astype(jnp.int32),
                                         transpose_rhs=True, impl=impl), 2, axis=-1)
     return grouped_matmul(act(gate) * up, down, group_sizes, layer, out_rows=order.astype(jnp.int32),
@@ -93,8 +119,9 @@ def grouped_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.
 def per_choice_mlp(x: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array, act,
                    layer: jax.Array | None = None) -> jax.Array:
     """``grouped_mlp``'s result, each choice's token times its own expert's gathered weights (one
-    gather of the layer's chosen experts where the weights are layer-stacked)."""
-    choices = experts.reshape(-1)
+    gather of the layer's chosen experts where the weights are layer-stacked); a choice of index
+    ``E`` (``local_choices``) takes the last expert's instead of zeros."""
+    choices = jnp.minimum(experts.reshape(-1), gate_up.shape[-3] - 1)
     chosen = (lambda w: w[choices]) if layer is None else (lambda w: w[layer, choices])
     tokens = jnp.repeat(x, experts.shape[1], axis=0)
     gate, up = jnp.split(jnp.einsum('mi,moi->mo', tokens, chosen(gate_up)), 2, axis=-1)
@@ -137,7 +164,9 @@ class MoeMLP(nnx.Module):
         r = rules.REPLICATED
         # the experts go in layer-stacked with the layer index (the kernel reads the layer in place)
         args = [x, _layer(self.router, index), index, self.experts.gate_up[...], self.experts.down[...]]
-        in_specs = [r, r, r, P(None, *rules.EXPERT_ROWS), P(None, *rules.EXPERT_COLUMNS)]
+        whole = spec.expert_parallel
+        expert_specs = (rules.WHOLE_EXPERTS,) * 2 if whole else (rules.EXPERT_ROWS, rules.EXPERT_COLUMNS)
+        in_specs = [r, r, r, *(P(None, *e) for e in expert_specs)]
         if spec.shared_expert_size:
             args += [_layer(p, index) for p in (self.shared_gate_up, self.shared_down, self.shared_expert_gate)]
             in_specs += [rules.COLUMN_WEIGHT, rules.ROW_WEIGHT, r]
@@ -145,7 +174,9 @@ class MoeMLP(nnx.Module):
         def share(x, router, index, gate_up, down, *shared):
             tokens = x.reshape(-1, x.shape[-1])
             weights, experts = route(linear(tokens, {'w': router}), spec.experts_per_token, spec.norm_topk_prob)
-            y = experts_mlp(tokens, weights, experts, gate_up, down, act, index)
+            # expert parallelism: this device's experts are the mesh index's block of E / tp
+            first = jax.lax.axis_index(rules.TP) * gate_up.shape[1] if spec.expert_parallel else None
+            y = experts_mlp(tokens, weights, experts, gate_up, down, act, index, first)
             if shared:
                 shared_gate_up, shared_down, shared_gate = shared
                 gate, up = jnp.split(linear(tokens, {'w': shared_gate_up}), 2, axis=-1)
