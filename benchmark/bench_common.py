@@ -20,6 +20,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--backend', default='turbomind', choices=['turbomind', 'pytorch'])
     parser.add_argument('--dtype', default='auto')
     parser.add_argument('--tp', type=int, default=1)
+    parser.add_argument('--ep', type=int, default=1,
+                        help="turbomind's split of a mixture of experts (TurbomindEngineConfig.ep): 1 inside each "
+                             'expert over the tp devices, tp whole experts a device')
     parser.add_argument('--max-batch-size', type=int, default=256)
     parser.add_argument('--cache-max-entry-count', type=float, default=0.8)
     parser.add_argument('--session-len', type=int, default=4096)
@@ -35,14 +38,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def build_pipeline(args: argparse.Namespace):
     """The pipeline and its start-up time (load + compile), in seconds."""
     from lmdeploy_jax import PytorchEngineConfig, TurbomindEngineConfig, pipeline
-    if args.backend == 'pytorch' and args.quant_policy:
-        raise SystemExit('--quant-policy is a turbomind option')
+    if args.backend == 'pytorch' and (args.quant_policy or args.ep != 1):
+        raise SystemExit('--quant-policy and --ep are turbomind options')
     common = dict(dtype=args.dtype, tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
                   cache_max_entry_count=args.cache_max_entry_count)
     config = (PytorchEngineConfig(**common) if args.backend == 'pytorch'
               else TurbomindEngineConfig(max_prefill_token_num=args.max_prefill_token_num,
                                          communicator=args.communicator, quant_policy=args.quant_policy,
-                                         **common))
+                                         ep=args.ep, **common))
     start = time.perf_counter()
     pipe = pipeline(args.model_path, backend=args.backend, backend_config=config, log_level=args.log_level)
     return pipe, time.perf_counter() - start

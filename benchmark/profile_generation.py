@@ -116,7 +116,8 @@ def main() -> None:
     for input_len in args.input_lens:
         for batch in args.batch_sizes:
             record = dict(engine=f'lmdeploy_jax-{args.backend}', bench='generation', device=device_description(),
-                          model=args.model_path or 'default', tp=args.tp, batch_size=batch, input_len=input_len,
+                          model=args.model_path or 'default', tp=args.tp, ep=args.ep, batch_size=batch,
+                          input_len=input_len,
                           output_len=args.output_len, do_sample=args.do_sample, quant_policy=args.quant_policy,
                           **measure_generation(pipe, rng, batch, input_len, args.output_len, args.do_sample),
                           peak_device_bytes=peak_device_bytes(), startup_s=round(startup, 1))

@@ -110,7 +110,7 @@ def measure(pipe, args: argparse.Namespace, requests: list[tuple[list[int], int]
     n_in = sum(t.input_len for t in timings)
     n_out = sum(t.output_len for t in timings)
     return dict(engine=f'lmdeploy_jax-{args.backend}', bench='throughput', device=device_description(),
-                model=args.model_path or 'default', tp=args.tp, num_prompts=len(timings), **fields,
+                model=args.model_path or 'default', tp=args.tp, ep=args.ep, num_prompts=len(timings), **fields,
                 max_batch_size=args.max_batch_size, seconds=round(seconds, 2),
                 req_per_s=round(len(timings) / seconds, 2), input_tok_per_s=round(n_in / seconds, 1),
                 output_tok_per_s=round(n_out / seconds, 1), total_tok_per_s=round((n_in + n_out) / seconds, 1),
