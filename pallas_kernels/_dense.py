@@ -1,9 +1,19 @@
 """Dense building blocks of the attention references: gather each sequence's pages into one
-contiguous array, then a masked softmax attention in float32. Obvious rather than fast."""
+contiguous array, then a masked softmax attention in float32. Obvious rather than fast, but the
+pages gathered are those of the table's narrowest width (of a few fixed ones) that holds the
+step's longest context (``over_context``), not the whole session's table."""
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+# The block-table widths the references choose among (``context_widths``): the whole table, then
+# quarters of the one before while they hold at least MIN_WIDTH_POSITIONS positions.
+WIDTH_FACTOR = 4
+MIN_WIDTH_POSITIONS = 128
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array, layer: jax.Array) -> jax.Array:
@@ -14,6 +24,39 @@ def gather_pages(pages: jax.Array, block_tables: jax.Array, layer: jax.Array) ->
     batch, max_blocks = block_tables.shape
     rows = pages[layer, :, block_tables]                # [B, M, kv_heads, block_size, d]
     return rows.transpose(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_blocks * block_size, d)
+
+
+def context_widths(max_blocks: int, block_size: int) -> tuple[int, ...]:
+    """The block-table widths ``over_context`` chooses among for a table of ``max_blocks`` blocks
+    of ``block_size`` positions, ascending: ``max_blocks``, then each width divided by
+    ``WIDTH_FACTOR`` (rounded up) while it holds at least ``MIN_WIDTH_POSITIONS`` positions. Each
+    width is a branch compiled into every step, so short tables keep the one."""
+    widths = [max_blocks]
+    while widths[-1] > 1 and -(-widths[-1] // WIDTH_FACTOR) * block_size >= MIN_WIDTH_POSITIONS:
+        widths.append(-(-widths[-1] // WIDTH_FACTOR))
+    return tuple(reversed(widths))
+
+
+def over_context(attend: Callable[[jax.Array], jax.Array], block_tables: jax.Array, context_lens: jax.Array,
+                 block_size: int) -> jax.Array:
+    """``attend(block_tables[:, :w])`` for the narrowest width ``w`` of ``context_widths`` whose
+    ``w * block_size`` positions hold every row's context (``max(context_lens)``), so a step's work
+    follows its longest context rather than the session's length. ``attend`` must give the same
+    result for any width that holds the contexts (the positions past a row's context are masked
+    out): one ``lax.switch`` over the widths, a single executable, differentiable like its branches.
+
+    ``block_tables`` int32 ``[B, M]``, ``context_lens`` int32 ``[B]``; returns what ``attend`` does
+    (the same shape and dtype for every width)."""
+    widths = context_widths(block_tables.shape[1], block_size)
+    if len(widths) == 1:
+        return attend(block_tables)
+    needed = (jnp.max(context_lens) + block_size - 1) // block_size
+    index = jnp.sum(jnp.asarray(widths[:-1], jnp.int32) < needed)        # the first width >= needed, else the last
+    return jax.lax.switch(index, [functools.partial(_attend_width, attend, block_tables, w) for w in widths])
+
+
+def _attend_width(attend, block_tables, width):
+    return attend(block_tables[:, :width])
 
 
 def causal_window_mask(q_pos: jax.Array, num_keys: int, window: jax.Array | None) -> jax.Array:

@@ -23,10 +23,10 @@ def small_default_engine(source, **changes):
 
 def default_model_pipeline():
     """A JAX-engine pipeline over the default model, every setting at its default but
-    ``session_len``, which is the server tests' (``test_server.SESSION_LEN``): every step attends
-    over a whole session's block table, so the CPU default of 8192 tokens makes each call several
-    times slower, and the server tests' length gives their compiled steps, which the JAX
-    compilation cache then holds. The caller closes it (a context manager)."""
+    ``session_len``, which is the server tests' (``test_server.SESSION_LEN``): the CPU default of
+    8192 tokens compiles every step with more block-table widths to choose among
+    (``pallas_kernels._dense.context_widths``), and the server tests' length gives their compiled
+    steps, which the JAX compilation cache then holds. The caller closes it (a context manager)."""
     from test_server import SESSION_LEN
 
     from lmdeploy_jax import pipeline

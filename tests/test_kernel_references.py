@@ -5,8 +5,10 @@ non-contiguous block tables, ragged lengths, several block sizes and GQA ratios;
 (Hugging Face's mask, written out) shorter than a page, longer than a page, of one position, and
 soft-capped scores (Gemma 2's formula), on contexts longer than the window. The decode step's
 reference must also be, bit for bit, the separate ops' path (rope, KV write, decode attention,
-each op's own reference). RMSNorm's reference against the float64 formula, rounded where
-Hugging Face's rounds."""
+each op's own reference). The attention references on tables wider than the contexts, where they
+gather only the narrowest width that holds them, against the whole table's result and the dense one,
+values and gradients. RMSNorm's reference against the float64 formula, rounded where Hugging Face's
+rounds."""
 from __future__ import annotations
 
 import functools
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from lmdeploy_jax.models.rope import apply_rope, cos_sin
+from pallas_kernels._dense import causal_window_mask, context_widths, gather_pages, masked_attention
 from pallas_kernels.decode_step_attention.api import decode_step_attention
 from pallas_kernels.kv_write.api import write_kv
 from pallas_kernels.kv_write.reference import write_kv_reference
@@ -32,9 +35,11 @@ class PagedSequences:
     """Random contiguous K/V per sequence, scattered into random (garbage-filled) pools behind
     random, non-contiguous block tables."""
 
-    def __init__(self, rng, context_lens, block_size):
+    def __init__(self, rng, context_lens, block_size, table_blocks=None):
+        """``table_blocks``: the tables' width (default: the longest context's blocks), each row's
+        blocks past its context holding garbage too."""
         self.context_lens = np.asarray(context_lens, np.int32)
-        max_blocks = max(1, -(-int(self.context_lens.max()) // block_size))
+        max_blocks = table_blocks or max(1, -(-int(self.context_lens.max()) // block_size))
         num_blocks = 1 + len(context_lens) * max_blocks + 2
         shape = (KV_HEADS, num_blocks, block_size, HEAD_DIM)
         self.k_pages, self.v_pages = (rng.standard_normal(shape, np.float32) for _ in range(2))
@@ -133,6 +138,64 @@ def test_prefill_attention_matches_dense(block_size, group):
             expected = (dense_attention(q[b, i], seqs.k[b][:pos + 1], seqs.v[b][:pos + 1]) if i < m
                         else np.zeros(q[b, i].shape))
             assert_close(out[b, i], expected)
+
+
+def whole_table_attention(q, k_pages, v_pages, tables, context_lens, query_lens=None):
+    """Attention over every block of the tables, the references' ops when the longest context
+    needs the whole table: prefill's (q ``[B, T, heads, d]``, ``query_lens``), or decode's (q
+    ``[B, heads, d]``, ``query_lens`` None)."""
+    k, v = (gather_pages(p[None], tables, jnp.int32(0)) for p in (k_pages, v_pages))
+    if query_lens is None:
+        mask = causal_window_mask((context_lens - 1)[:, None], k.shape[2], None)
+        return masked_attention(q[:, None], k, v, mask, SCALE)[:, 0]
+    tokens = jnp.arange(q.shape[1])
+    q_pos = (context_lens - query_lens)[:, None] + tokens[None, :]
+    mask = causal_window_mask(q_pos, k.shape[2], None) & (tokens[None, :] < query_lens[:, None])[:, :, None]
+    return masked_attention(q, k, v, mask, SCALE)
+
+
+def _prefill(q, k_pages, v_pages, tables, context_lens, query_lens):
+    return paged_prefill_attention(q, k_pages, v_pages, tables, context_lens, query_lens, SCALE)
+
+
+def _weighted_grads(f, weights, q, k_pages, v_pages, *rest):
+    """The gradients of ``sum(f(...) * weights)`` with respect to q and the pages."""
+    return jax.grad(lambda *a: jnp.sum(f(*a, *rest) * weights), argnums=(0, 1, 2))(q, k_pages, v_pages)
+
+
+@pytest.mark.parametrize('longest', [20, 300, 700])
+def test_references_attend_over_the_narrowest_table_width_that_holds_the_contexts(longest):
+    """Tables of 128 blocks of 16 (widths 8, 32 and 128 blocks to choose from); the longest context
+    picks each width in turn. Decode and prefill give what attending over the whole table gives,
+    up to float32 rounding (the blocks past the contexts weigh exactly zero, but a reduction's
+    order may follow its length), and the dense float64 result; so do their gradients with respect
+    to the queries and the pages (``jax.grad`` through the choice: the research API's path)."""
+    block_size, group = 16, 2
+    assert context_widths(128, block_size) == (8, 32, 128)
+    rng = np.random.default_rng(longest)
+    context_lens = [longest, int(rng.integers(1, longest)), 0]
+    query_lens = [5, 1, 0]
+    seqs = PagedSequences(rng, context_lens, block_size, table_blocks=128)
+    k_pages, v_pages, tables, ctx = seqs.args()
+    lens = (tables, ctx, jnp.asarray(query_lens, jnp.int32))
+    q = jnp.asarray(rng.standard_normal((3, 5, KV_HEADS * group, HEAD_DIM), np.float32))
+    ours, expected = (np.asarray(jax.jit(f)(q, k_pages, v_pages, *lens)) for f in (_prefill, whole_table_attention))
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-7)
+    for b, (n, m) in enumerate(zip(context_lens, query_lens)):
+        for i in range(m):
+            pos = n - m + i
+            assert_close(ours[b, i], dense_attention(np.asarray(q[b, i]), seqs.k[b][:pos + 1], seqs.v[b][:pos + 1]))
+    decode = jax.jit(decode_attention, static_argnums=5)(q[:, 0], k_pages, v_pages, tables, ctx, SCALE)
+    np.testing.assert_allclose(np.asarray(decode), np.asarray(jax.jit(whole_table_attention)(
+        q[:, 0], k_pages, v_pages, tables, ctx)), rtol=1e-6, atol=1e-7)
+    for b, n in enumerate(context_lens):
+        assert_close(np.asarray(decode[b]), dense_attention(np.asarray(q[b, 0]), seqs.k[b], seqs.v[b]) if n
+                     else np.zeros(q[b, 0].shape))
+    weights = jnp.asarray(rng.standard_normal(q.shape), np.float32)
+    grads = [jax.jit(_weighted_grads, static_argnums=0)(f, weights, q, k_pages, v_pages, *lens)
+             for f in (_prefill, whole_table_attention)]
+    for ours_grad, expected_grad in zip(*grads):
+        np.testing.assert_allclose(np.asarray(ours_grad), np.asarray(expected_grad), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('block_size,layers', [(16, None), (32, None), (64, None), (16, 3)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import jax
 
-from .._dense import causal_window_mask, masked_attention
+from .._dense import causal_window_mask, masked_attention, over_context
 from ..kv_quant import gather_kv
 from ..kv_write.reference import write_kv_reference
 from ..rope import apply_rope
@@ -25,11 +25,15 @@ def paged_decode_attention_reference(q, k_pages, v_pages, layer, block_tables, c
                                      window=None, soft_cap=None):
     """Row ``b``'s single query, at position ``p = context_lens[b] - 1``, attends to cached
     positions ``0 .. p`` of layer ``layer`` of the stacked pools, only ``p - window < k`` of them
-    with a ``window`` (int32 scalar, <= 0: none); ``soft_cap`` as ``_dense.masked_attention``."""
-    k = gather_kv(k_pages, block_tables, layer, q.dtype)
-    v = gather_kv(v_pages, block_tables, layer, q.dtype)
-    mask = causal_window_mask((context_lens - 1)[:, None], k.shape[2], window)      # [B, 1, S]
-    return masked_attention(q[:, None], k, v, mask, scale, soft_cap)[:, 0]
+    with a ``window`` (int32 scalar, <= 0: none); ``soft_cap`` as ``_dense.masked_attention``. The
+    pages gathered are the first blocks of the tables that hold the longest context
+    (``_dense.over_context``)."""
+    def attend(tables):
+        k = gather_kv(k_pages, tables, layer, q.dtype)
+        v = gather_kv(v_pages, tables, layer, q.dtype)
+        mask = causal_window_mask((context_lens - 1)[:, None], k.shape[2], window)      # [B, 1, S]
+        return masked_attention(q[:, None], k, v, mask, scale, soft_cap)[:, 0]
+    return over_context(attend, block_tables, context_lens, k_pages.shape[-2])
 
 
 def decode_step_attention_reference(qkv, cos, sin, k_pages, v_pages, layer, slots, block_tables, context_lens,
