@@ -9,6 +9,10 @@ keys are Hadamard-rotated after rope (``kv_rotation.py``), so a decode step rope
 Given a tensor-parallel mesh, the KV write and attention run under ``shard_map``, each device on its
 own heads and pages: XLA cannot partition the Pallas kernels' custom calls, and attention needs no
 communication across heads.
+
+A mixed step (``step_batch.MixedBatch``) runs both paths in one layer: its decode segment's tokens
+through the decode-step op, its prefill segment's through the prefill path, each on its own rows'
+slots, block tables and context lengths.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from ..kv_rotation import hadamard_rotate, rotates_keys
 from ..rope import apply_rope
 from ..row_parallel import PartialSums, ReducedSums, per_device
 from ..spec import ModelSpec
-from ..step_batch import StepBatch
+from ..step_batch import MixedBatch, StepBatch
 from .fused import FusedLayout, join_fused, split_fused
 from .linear import RMSNorm, head_rms_norm
 from .quantized_linear import make_linear, project_columns
@@ -105,44 +109,68 @@ class PagedAttention(nnx.Module):
         """Project ``x [B, T, hidden]`` of layer ``index``, (q/k-norm,) rotate by ``cos``/``sin``,
         write this step's K/V into the pages, attend over the pages within the layer's ``window``
         (int32 scalar, 0: none; None: the model has no windows). Returns the o projection's output
-        in ``ctx.row_parallel``'s form and the cache."""
-        spec, layout, batch = ctx.spec, ctx.layout, ctx.batch
+        in ``ctx.row_parallel``'s form and the cache. A mixed step (``ctx.batch`` a ``MixedBatch``,
+        ``x [1, Bd + Bp * T, hidden]``) attends its decode segment as a decode step and its
+        prefill segment as a prefill step, then joins their outputs for the o projection."""
+        spec, batch = ctx.spec, ctx.batch
         b, t, _ = x.shape
-        d = spec.head_dim
         qkv = project_columns(self.qkv, x, index, ctx.mesh)
-        r = rules.REPLICATED
-        paging = (index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens)
-        windowed = () if window is None else (window,)
-        numerics = (spec.attention_scale, spec.attn_logit_softcap)
-        hadamard = rotates_keys(kv[0])
-        if t == 1:
-            qkv, cos, sin = qkv[:, 0], cos[:, 0], sin[:, 0]
-            if spec.qk_norm:
-                qkv = self._norm_fused_qk(spec, layout, index, qkv)
-            if cos.shape[-1] < d or hadamard:
-                qkv, cos, sin = _rope_before_the_op(spec, layout, qkv, cos, sin, hadamard)
-            attend = per_device(functools.partial(_decode_step, *numerics), ctx.mesh,
-                                in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r,
-                                          *(r for _ in windowed)),
-                                out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
-            out, k_pages, v_pages = attend(qkv, cos, sin, *kv, *paging, *windowed)
+        if isinstance(batch, MixedBatch):
+            bd, (bp, tp) = batch.decode_tokens, batch.prefill.token_ids.shape
+            qkv, cos, sin = qkv[0], cos[0], sin[0]
+            decoded, kv = self._decode(ctx, index, qkv[:bd], cos[:bd], sin[:bd], kv, batch.decode, window)
+            prefilled, kv = self._prefill(ctx, index, *(a[bd:].reshape(bp, tp, -1) for a in (qkv, cos, sin)), kv,
+                                          batch.prefill, window)
+            out = jnp.concatenate([decoded.reshape(bd, -1), prefilled.reshape(bp * tp, -1)])
+        elif t == 1:
+            out, kv = self._decode(ctx, index, qkv[:, 0], cos[:, 0], sin[:, 0], kv, batch, window)
         else:
-            q, k, v = split_fused(qkv, layout, 'qkv')
-            q, k = q.reshape(b, t, spec.num_heads, d), k.reshape(b, t, spec.num_kv_heads, d)
-            if spec.qk_norm:
-                q, k = self._head_norm(spec, index, q, k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if hadamard:
-                q, k = hadamard_rotate(q), hadamard_rotate(k)
-            k = k.reshape(b * t, spec.num_kv_heads, d)
-            v = v.reshape(b * t, spec.num_kv_heads, d)
-            attend = per_device(functools.partial(_prefill_attention, *numerics), ctx.mesh,
-                                in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
-                                          rules.KV_PAGES, r, r, r, r, r, *(r for _ in windowed)),
-                                out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
-            out, k_pages, v_pages = attend(q, k, v, *kv, *paging, batch.query_lens, *windowed)
-        h = ctx.row_parallel.project(out.reshape(b, t, spec.num_heads * d), self.o.weights(index))
-        return h, (k_pages, v_pages)
+            out, kv = self._prefill(ctx, index, qkv, cos, sin, kv, batch, window)
+        h = ctx.row_parallel.project(out.reshape(b, t, spec.num_heads * spec.head_dim), self.o.weights(index))
+        return h, kv
+
+    def _decode(self, ctx: StepContext, index: jax.Array, qkv: jax.Array, cos: jax.Array, sin: jax.Array,
+                kv: KVCache, batch: StepBatch, window: jax.Array | None) -> tuple[jax.Array, KVCache]:
+        """One token per row of ``batch`` (``[B, 1]``) from the fused projection ``qkv [B, F]``, rotated
+        by ``cos``/``sin [B, rotary_dim]``: attention's output ``[B, 1, heads, head_dim]`` and the cache."""
+        spec, layout, r = ctx.spec, ctx.layout, rules.REPLICATED
+        windowed = () if window is None else (window,)
+        if spec.qk_norm:
+            qkv = self._norm_fused_qk(spec, layout, index, qkv)
+        hadamard = rotates_keys(kv[0])
+        if cos.shape[-1] < spec.head_dim or hadamard:
+            qkv, cos, sin = _rope_before_the_op(spec, layout, qkv, cos, sin, hadamard)
+        attend = per_device(functools.partial(_decode_step, spec.attention_scale, spec.attn_logit_softcap), ctx.mesh,
+                            in_specs=(rules.FUSED_OUTPUT, r, r, rules.KV_PAGES, rules.KV_PAGES, r, r, r, r,
+                                      *(r for _ in windowed)),
+                            out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
+        out, k_pages, v_pages = attend(qkv, cos, sin, *kv, *_paging(index, batch), *windowed)
+        return out, (k_pages, v_pages)
+
+    def _prefill(self, ctx: StepContext, index: jax.Array, qkv: jax.Array, cos: jax.Array, sin: jax.Array,
+                 kv: KVCache, batch: StepBatch, window: jax.Array | None) -> tuple[jax.Array, KVCache]:
+        """The chunks of ``batch`` (``[B, T]``) from the fused projection ``qkv [B, T, F]``, rotated by
+        ``cos``/``sin [B, T, rotary_dim]``: attention's output ``[B, T, heads, head_dim]`` and the cache."""
+        spec, r = ctx.spec, rules.REPLICATED
+        b, t, _ = qkv.shape
+        d = spec.head_dim
+        windowed = () if window is None else (window,)
+        q, k, v = split_fused(qkv, ctx.layout, 'qkv')
+        q, k = q.reshape(b, t, spec.num_heads, d), k.reshape(b, t, spec.num_kv_heads, d)
+        if spec.qk_norm:
+            q, k = self._head_norm(spec, index, q, k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rotates_keys(kv[0]):
+            q, k = hadamard_rotate(q), hadamard_rotate(k)
+        k = k.reshape(b * t, spec.num_kv_heads, d)
+        v = v.reshape(b * t, spec.num_kv_heads, d)
+        attend = per_device(functools.partial(_prefill_attention, spec.attention_scale, spec.attn_logit_softcap),
+                            ctx.mesh,
+                            in_specs=(rules.Q_HEADS, rules.NEW_KV_HEADS, rules.NEW_KV_HEADS, rules.KV_PAGES,
+                                      rules.KV_PAGES, r, r, r, r, r, *(r for _ in windowed)),
+                            out_specs=(rules.Q_HEADS, rules.KV_PAGES, rules.KV_PAGES))
+        out, k_pages, v_pages = attend(q, k, v, *kv, *_paging(index, batch), batch.query_lens, *windowed)
+        return out, (k_pages, v_pages)
 
     def _head_norm(self, spec: ModelSpec, index: jax.Array, q: jax.Array, k: jax.Array):
         """The q/k norms of layer ``index`` on ``q [..., heads, d]`` and ``k [..., kv_heads, d]``."""
@@ -156,6 +184,11 @@ class PagedAttention(nnx.Module):
         q, k, v = split_fused(qkv, layout, 'qkv')
         q, k = self._head_norm(spec, index, q.reshape(b, spec.num_heads, d), k.reshape(b, spec.num_kv_heads, d))
         return join_fused([q.reshape(b, -1), k.reshape(b, -1), v], layout, 'qkv')
+
+
+def _paging(index: jax.Array, batch: StepBatch) -> tuple[jax.Array, ...]:
+    """The layer index and ``batch``'s KV slots (flat), block tables and context lengths."""
+    return index, batch.slot_mapping.reshape(-1), batch.block_tables, batch.context_lens
 
 
 def _rope_before_the_op(spec: ModelSpec, layout: FusedLayout, qkv: jax.Array, cos: jax.Array, sin: jax.Array,
