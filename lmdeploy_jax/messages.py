@@ -295,6 +295,10 @@ class TurbomindEngineConfig:
     ``model_format`` (LMDeploy's): the checkpoint's weights, ``'hf'`` (float), ``'awq'`` or
     ``'gptq'`` (4-bit, W4A16); None reads it from config.json's ``quantization_config``. A value
     the checkpoint does not match is refused when the engine is built.
+
+    ``enable_mixed_chunk`` (SGLang's name): a prefill step planned while sequences decode also
+    feeds each unguided decoding sequence its next token (``engine/scheduler.py``), so decoding
+    goes on while prompts are prefilled; compiles one more executable per prefill shape.
     """
     dtype: str = 'auto'
     model_format: str | None = None
@@ -315,9 +319,11 @@ class TurbomindEngineConfig:
     max_prefill_token_num: int = 8192
     num_cache_blocks: int | None = None
     compilation_cache_dir: str | None = None
+    enable_mixed_chunk: bool = False
 
     def __post_init__(self):
         _check_engine_common(self)
+        _bool_field('enable_mixed_chunk', self.enable_mixed_chunk)
         block = self.cache_block_seq_len
         _require(_is_int(block) and 1 <= block <= INT32_MAX and block & (block - 1) == 0,
                  'cache_block_seq_len', 'a power of two', block)

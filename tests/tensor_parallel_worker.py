@@ -6,7 +6,8 @@ With ``--sequential`` requests go one at a time, so that every process of a grou
 same steps (each runs its own scheduler over the same requests). With ``--swap-weights OTHER`` each
 engine serves the prompts three times: on ``--model``'s weights, on OTHER's, then on ``--model``'s
 again, each swap by ``update_weights`` of the parameters in one device's layout (``load_model``'s
-without a mesh); its entry is then the three rounds' token lists.
+without a mesh); its entry is then the three rounds' token lists. The engines of the tps given to
+``--mixed-chunk`` run mixed steps (``enable_mixed_chunk``) and check that some step mixed.
 """
 from __future__ import annotations
 
@@ -42,13 +43,14 @@ def serve(engine: JaxEngine, prompts: list[list[int]], new_tokens: int, sequenti
 
 def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_tokens: int,
                   sequential: bool, quant_policy: int = 0, states: str | None = None,
-                  swap_weights: str | None = None, **nodes) -> list:
+                  swap_weights: str | None = None, mixed_chunk: bool = False, **nodes) -> list:
     """``nodes``: ``TurbomindEngineConfig``'s nnodes, node_rank and dist_init_addr. ``states``: a
     directory where the engine's ``token_states`` of the first prompt go, as ``tp{tp}.npz``.
-    ``swap_weights``: the other checkpoint of ``--swap-weights`` (then three rounds of tokens)."""
+    ``swap_weights``: the other checkpoint of ``--swap-weights`` (then three rounds of tokens).
+    ``mixed_chunk``: the engine runs mixed steps; AssertionError if none ran."""
     config = TurbomindEngineConfig(dtype='float32', tp=tp, session_len=128, max_batch_size=4,
                                    num_cache_blocks=24, cache_block_seq_len=16, max_prefill_token_num=128,
-                                   quant_policy=quant_policy, **nodes)
+                                   quant_policy=quant_policy, enable_mixed_chunk=mixed_chunk, **nodes)
     engine = JaxEngine(resolve_model(model), config, decode_batch=[4], prefill_tokens=[32], prefill_batch=[4])
     try:
         tokens = serve(engine, prompts, new_tokens, sequential)
@@ -58,6 +60,7 @@ def greedy_tokens(model: str | None, tp: int, prompts: list[list[int]], new_toke
                 engine.update_weights(load_model(resolve_model(path), 'float32').params)
                 rounds.append(serve(engine, prompts, new_tokens, sequential, len(rounds) * len(prompts)))
             tokens = rounds
+        assert not mixed_chunk or engine.stats()['mixed_steps'] > 0, 'no mixed step ran'
         if states is not None:
             logits, hidden = engine.token_states(prompts[:1])[0]
             np.savez(os.path.join(states, f'tp{tp}.npz'), logits=logits, hidden=hidden)
@@ -78,6 +81,8 @@ def main() -> None:
     parser.add_argument('--dist-init-addr', default=None)
     parser.add_argument('--states', default=None, help='directory for each tp\'s token_states of the first prompt')
     parser.add_argument('--swap-weights', default=None, help='checkpoint whose weights each engine swaps in and out')
+    parser.add_argument('--mixed-chunk', type=int, nargs='*', default=[], metavar='TP',
+                        help='the tps whose engines run mixed steps')
     args = parser.parse_args()
     nodes = dict(nnodes=args.nnodes, node_rank=args.node_rank, dist_init_addr=args.dist_init_addr)
     vocab = 1000
@@ -87,7 +92,7 @@ def main() -> None:
     for tp in args.tp:
         start = time.perf_counter()
         out[tp] = greedy_tokens(args.model, tp, prompts, args.new_tokens, args.sequential, args.quant_policy,
-                                args.states, args.swap_weights, **nodes)
+                                args.states, args.swap_weights, tp in args.mixed_chunk, **nodes)
         print(f'tp={tp}: {time.perf_counter() - start:.1f} s', file=sys.stderr)
     if jax.process_index() == 0:
         print(json.dumps(out))

@@ -50,6 +50,15 @@ def test_rope_scaling_factor_reaches_the_turbomind_config_and_is_refused_for_pyt
         engine_config(args)
 
 
+def test_enable_mixed_chunk_reaches_the_turbomind_config_and_is_refused_for_pytorch():
+    parser = build_parser()
+    assert engine_config(parser.parse_args(['run', 'hi', '--enable-mixed-chunk'])).enable_mixed_chunk is True
+    assert engine_config(parser.parse_args(['run', 'hi'])).enable_mixed_chunk is False
+    args = parser.parse_args(['run', 'hi', '--backend', 'pytorch', '--enable-mixed-chunk'])
+    with pytest.raises(ValueError, match='^--enable-mixed-chunk is applied by the turbomind backend only'):
+        engine_config(args)
+
+
 def test_list_prints_the_chat_templates(capsys):
     from lmdeploy_jax.chat_template import list_templates
     assert main(['list']) == 0

@@ -9,7 +9,7 @@ import pytest
 from lmdeploy_jax.engine.block_manager import BlockManager
 from lmdeploy_jax.engine.buckets import make_buckets
 from lmdeploy_jax.engine.sampler import MAX_LOGPROBS, SampleOutput
-from lmdeploy_jax.engine.scheduler import Scheduler
+from lmdeploy_jax.engine.scheduler import PREFILL_STREAK, Scheduler
 from lmdeploy_jax.engine_api import EngineRequest
 from lmdeploy_jax.messages import GenerationConfig
 
@@ -17,14 +17,16 @@ VOCAB = 500
 BS = 4
 
 
-def make(num_blocks=64, session_len=64, max_batch=4, prefill=32, prefix=False, decode_steps=1):
+def make(num_blocks=64, session_len=64, max_batch=4, prefill=32, prefix=False, decode_steps=1, mixed=False):
     buckets = make_buckets(max_batch, prefill, session_len, BS)
-    return Scheduler(BlockManager(num_blocks, BS, prefix), buckets, session_len, max_batch, VOCAB, decode_steps)
+    return Scheduler(BlockManager(num_blocks, BS, prefix), buckets, session_len, max_batch, VOCAB, decode_steps,
+                     mixed=mixed)
 
 
 def random_output(rng, plan, low=10):
-    """A plan's 'sampled' tokens in [low, VOCAB): decode calls return [steps, B]."""
-    b = plan.shape[0]
+    """A plan's 'sampled' tokens in [low, VOCAB): decode calls return [steps, B]; a mixed step's
+    rows are its decode segment's, then its prefill rows."""
+    b = plan.segment + plan.shape[0]
     k = () if plan.prefill else (plan.steps,)
     return SampleOutput(rng.integers(low, VOCAB, k + (b,)), np.zeros(k + (b,), np.float32),
                         np.zeros(k + (b, MAX_LOGPROBS), np.float32), np.zeros(k + (b, MAX_LOGPROBS), np.int32))
@@ -33,7 +35,9 @@ def random_output(rng, plan, low=10):
 def check_plan(plan, budget):
     """Checked when planned (a chained plan's ``carry`` counts the call still in flight)."""
     b, t = plan.shape
-    assert len(plan.rows) <= b and all(0 < n <= t * plan.steps for _, n, _ in plan.rows)
+    assert plan.decode_rows <= plan.segment and all(n == 1 and seq.pending == 1
+                                                    for seq, n, _ in plan.rows[:plan.decode_rows])
+    assert len(plan.rows) - plan.decode_rows <= b and all(0 < n <= t * plan.steps for _, n, _ in plan.rows)
     if plan.prefill:
         assert b * t <= budget or b == 1
     ahead = plan.carry.cached if plan.carry is not None else [0] * len(plan.rows)
@@ -226,6 +230,66 @@ def test_a_decode_call_chains_behind_the_prefill_of_a_new_prompt(rng):
     assert sched.sessions[2].num_cached == len(b_ids) + 4
 
 
+def test_mixed_steps_carry_the_decoding_rows_beside_the_prompts(rng):
+    """With mixed steps on, prompts arriving while others decode are prefilled in a step that also
+    feeds each decoding row its one token (decode rows first, their results at the front of the
+    step's outputs, the prompts' after the whole decode segment), and the prompt left outside it
+    is not chained as a prefill step that the decoding rows would wait behind; with mixed steps
+    off, the same state plans a plain prefill step and chains the last prompt's behind it."""
+    for mixed in (False, True):
+        sched = make(num_blocks=64, decode_steps=4, session_len=64, max_batch=8, prefill=128, mixed=mixed)
+        a, _ = submit(sched, rng, 1, 5, 12)
+        b, _ = submit(sched, rng, 2, 3, 12)
+        plan = sched.schedule()
+        assert plan.shape == (4, 32)
+        sched.complete(plan, random_output(rng, plan))         # both prefilled: both decode next
+        prompts = [submit(sched, rng, 3 + i, n, 4) for i, n in enumerate((30, 9, 12, 7, 5))]
+        plan = sched.schedule()
+        assert plan.prefill and plan.shape == (4, 32)
+        assert [(r[0].session_id, r[1]) for r in plan.rows][-4:] == [(3, 30), (4, 9), (5, 12), (6, 7)]
+        chained = sched.chain(plan)
+        if not mixed:
+            assert plan.decode_rows == plan.segment == 0 and len(plan.rows) == 4
+            assert chained.prefill and [r[0].session_id for r in chained.rows] == [7]
+            continue
+        assert chained is None                              # the decoding rows wait for the next mixed step
+        assert [(r[0].session_id, r[1]) for r in plan.rows[:2]] == [(1, 1), (2, 1)]
+        assert (plan.decode_rows, plan.segment) == (2, 8)
+        out = random_output(rng, plan)
+        prefilled = sched.prefilled_tokens
+        sched.complete(plan, out)
+        assert a.tokens[-1] == out.token[0] and b.tokens[-1] == out.token[1] and len(a.tokens) == 2
+        assert [c.tokens for c, _ in prompts[:4]] == [[out.token[8 + i]] for i in range(4)]
+        assert sched.prefilled_tokens - prefilled == 58 and sched.mixed_steps == 1
+        assert sched.sessions[1].num_cached == 5 + 1 and sched.sessions[3].num_cached == 30
+        plan = sched.schedule()                             # the last prompt, with all six decoding rows
+        assert (plan.decode_rows, [r[0].session_id for r in plan.rows[6:]]) == (6, [7])
+        sched.complete(plan, random_output(rng, plan))
+        chained = sched.chain(sched.schedule())             # all decode now: calls chain again
+        assert chained is not None and not chained.prefill
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_mixed_steps_with_chaining_and_preemption_complete_everything(rng, prefix):
+    """Staggered requests on a small pool with mixed steps on: every request gets exactly its
+    tokens (the stops drawn often), every block and slot comes back, and mixed steps ran."""
+    sched = make(num_blocks=30, decode_steps=4, prefix=prefix, session_len=128, max_batch=4, prefill=64, mixed=True)
+    reqs = []
+    for sid in range(12):
+        c = Collector()
+        stops = rng.choice(np.arange(10, VOCAB), 8, replace=False).tolist() if sid % 3 == 0 else []
+        new = int(rng.integers(1, 30))
+        prompt = rng.integers(0, VOCAB, int(rng.integers(3, 60))).tolist()
+        sched.submit(EngineRequest(sid, prompt, GenerationConfig(max_new_tokens=new, stop_token_ids=stops)), c)
+        reqs.append((c, stops, new))
+    run_to_end(sched, rng, chain=True, budget=64)
+    assert sched.mixed_steps > 0 and sched.num_preemptions > 0
+    for c, stops, new in reqs:
+        assert len(c.tokens) == new if c.final.finish_reason == 'length' else c.final.finish_reason == 'stop'
+        assert not set(c.tokens) & set(stops)
+    assert sched.blocks.num_free() == 29 and not sched.sessions and len(sched._free_slots) == 4
+
+
 def test_session_keeps_kv_between_turns_and_end_frees_it(rng):
     sched = make()
     c1, ids1 = submit(sched, rng, 7, 10, 5, sequence_end=False)
@@ -302,3 +366,41 @@ def test_losing_the_device_cache_recomputes_everything(rng):
     assert all(s.num_cached == 0 for s in sched.sessions.values()) and len(sched.waiting) == 2
     run_to_end(sched, rng)
     assert all(c.final.finish_reason == 'length' and len(c.tokens) == 6 for c, _ in live)
+
+
+def test_mixed_steps_leave_guided_rows_out_but_never_starve_them():
+    """With mixed steps on, a guided row (its mask needs each token first) rides no mixed step:
+    it decodes in decode calls, one at least every ``PREFILL_STREAK + 1`` steps while a stream of
+    prompts is prefilled, and the unguided decoding row rides every prefill step."""
+    from transformers import AutoTokenizer
+
+    from lmdeploy_jax.checkpoint.source import resolve_model
+    from lmdeploy_jax.guided import GrammarCache, Guide
+    source = resolve_model(None)
+    letter = AutoTokenizer.from_pretrained(source.hf_dir).encode('a')
+    assert len(letter) == 1
+    vocab = source.config_dict()['vocab_size']
+    buckets = make_buckets(4, 32, 128, BS)
+    guide = Guide(GrammarCache(source.hf_dir, vocab))
+    sched = Scheduler(BlockManager(200, BS, False), buckets, 128, 4, vocab, 4, guide, mixed=True)
+    guided, free = Collector(), Collector()
+    fmt = {'type': 'regex_schema', 'regex_schema': 'a{40}'}
+    sched.submit(EngineRequest(1, [5, 6, 7], GenerationConfig(max_new_tokens=40, response_format=fmt)), guided)
+    sched.submit(EngineRequest(2, [8, 9], GenerationConfig(max_new_tokens=100)), free)
+    kinds, sid = [], 3
+    while guided.final is None:
+        if len(sched.running) < 4:                          # a long prompt (three chunks) whenever a slot frees
+            sched.submit(EngineRequest(sid, list(range(10, 100)), GenerationConfig(max_new_tokens=1)), Collector())
+            sid += 1
+        plan = sched.schedule()
+        sessions = [seq.session_id for seq, _, _ in plan.rows]
+        if plan.prefill and any(s > 2 for s in sessions[plan.decode_rows:]) and free.final is None:
+            assert 2 in sessions[:plan.decode_rows] and 1 not in sessions
+        kinds.append('guided' if 1 in sessions and not plan.prefill else 'mixed' if plan.decode_rows else 'other')
+        out = random_output(np.random.default_rng(0), plan)
+        out.token[...] = letter[0]
+        sched.complete(plan, out)
+    assert guided.final.finish_reason == 'length' and len(guided.tokens) == 40
+    assert kinds.count('mixed') > 10 and kinds.count('guided') >= 40
+    runs = ''.join('g' if k == 'guided' else 'x' for k in kinds).split('g')
+    assert max(len(run) for run in runs[1:-1]) <= PREFILL_STREAK

@@ -1,7 +1,10 @@
 """The JAX engine end to end on a tiny random Llama (float32, CPU), against transformers: greedy
 tokens, concurrency, preemption, prefix caching, sessions, cancel, errors, get_ppl, token_states, and no
-compilation after warm-up."""
+compilation after warm-up. The module's engine runs mixed steps (``enable_mixed_chunk``): prompts
+arriving while others decode are prefilled beside their decode tokens."""
 from __future__ import annotations
+
+import time
 
 import jax
 import numpy as np
@@ -36,7 +39,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope='module')
 def engine(tiny):
     config = TurbomindEngineConfig(session_len=SESSION, max_batch_size=8, cache_block_seq_len=16,
-                                   num_cache_blocks=128, max_prefill_token_num=256, enable_prefix_caching=True)
+                                   num_cache_blocks=128, max_prefill_token_num=256, enable_prefix_caching=True,
+                                   enable_mixed_chunk=True)
     eng = JaxEngine(tiny[0], config, **BUCKETS)
     yield eng
     eng.close()
@@ -62,6 +66,52 @@ def test_greedy_matches_transformers(engine, tiny, rng):
     for p, r in zip(prompts, results):
         assert r.finish_reason == 'length'
         assert r.tokens == hf_greedy(tiny[1], p, 24)
+
+
+def run_staggered(engine, first: list[EngineRequest], later: list[EngineRequest]) -> list[Result]:
+    """``first`` submitted, then ``later`` once every one of ``first`` has a token (is decoding);
+    asserts that some step mixed the decoding rows with the later prompts. Returns every result."""
+    mixed = engine.stats()['mixed_steps']
+    results = [Result() for _ in first + later]
+    for req, res in zip(first, results):
+        engine.submit(req, res)
+    deadline = time.monotonic() + 60
+    while not all(res.tokens for res in results[:len(first)]):
+        assert time.monotonic() < deadline, 'the first requests did not start'
+        time.sleep(0.001)
+    for req, res in zip(later, results[len(first):]):
+        engine.submit(req, res)
+    results = [res.wait() for res in results]
+    assert engine.stats()['mixed_steps'] > mixed
+    return results
+
+
+def test_staggered_prompts_ride_with_decoding_rows_and_match_transformers(engine, tiny, rng):
+    """Prompts arrive while three rows decode: they are prefilled in mixed steps (one of 70 tokens
+    in three chunks), and every request's greedy tokens equal transformers' for it alone."""
+    first = [EngineRequest(300 + i, ids(rng, n), greedy(90)) for i, n in enumerate((4, 11, 20))]
+    later = [EngineRequest(310 + i, ids(rng, n), greedy(16)) for i, n in enumerate((70, 33, 5, 17))]
+    results = run_staggered(engine, first, later)
+    for req, res in zip(first + later, results):
+        assert res.finish_reason == 'length'
+        assert res.tokens == hf_greedy(tiny[1], req.input_ids, req.gen_config.max_new_tokens)
+
+
+def test_sampling_in_mixed_steps_equals_sampling_alone(engine, rng):
+    """A seeded sampled request with penalties, masks and logprobs takes the same tokens and
+    logprobs when its tokens are sampled in mixed steps (prompts arriving while it decodes) as
+    when it runs alone in decode calls."""
+    gen = GenerationConfig(max_new_tokens=40, do_sample=True, temperature=1.3, top_k=50, top_p=0.95, min_p=0.02,
+                           repetition_penalty=1.3, bad_token_ids=ids(rng, 4), logprobs=3, min_new_tokens=40,
+                           random_seed=int(rng.integers(1 << 30)))
+    prompt = ids(rng, 6)
+    alone = run_all(engine, [EngineRequest(400, prompt, gen)])[0]
+    later = [EngineRequest(401 + i, ids(rng, n), greedy(4)) for i, n in enumerate((60, 25, 40))]
+    mixed = run_staggered(engine, [EngineRequest(405, prompt, gen)], later)[0]
+    assert mixed.tokens == alone.tokens and len(mixed.logprobs) == 40
+    for got, want in zip(mixed.logprobs, alone.logprobs):
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-4, atol=1e-5)
 
 
 def test_32_mixed_requests_complete_and_greedy_equals_solo(engine, rng):
@@ -136,11 +186,13 @@ def test_no_compilation_after_warmup(engine, rng):
                                   greedy(int(rng.integers(1, 9)),
                                          logprobs=int(rng.choice([0, 3])) if i % 3 == 0 else None))
                     for i in range(100)]
+        mixed = engine.stats()['mixed_steps']
         results = run_all(engine, requests)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert all(r.finish_reason == 'length' for r in results)
     assert compiles == []
+    assert engine.stats()['mixed_steps'] > mixed       # prompts admitted as rows finished rode with the others
 
 
 def test_two_turn_session_prefills_only_the_new_tokens(engine, rng):

@@ -81,6 +81,7 @@ def _run_worker(env: dict[str, str], *args: str) -> dict[int, list[list[int]]]:
 
 
 STATES = 'qwen2-kv4'         # the tied, vocabulary-split head: its token_states are compared too
+MIXED = 'llama-kv2'          # its tp=2 engine runs mixed steps (enable_mixed_chunk)
 
 
 @pytest.fixture(scope='module')
@@ -92,14 +93,16 @@ def tp_runs(checkpoints, tmp_path_factory) -> tuple[dict[str, dict[int, list[lis
     for name, path in checkpoints.items():
         (root / name).mkdir()
         states = ['--states', str(root / name)] if name == STATES else []
-        runs[name] = (_env(root / name, 8), ('--model', path, '--tp', '1', '2', '4', '8', *states))
+        mixed = ['--mixed-chunk', '2'] if name == MIXED else []
+        runs[name] = (_env(root / name, 8), ('--model', path, '--tp', '1', '2', '4', '8', *states, *mixed))
     return _run_workers(runs), root
 
 
 @pytest.mark.parametrize('name', sorted(CHECKPOINTS))
 def test_greedy_tokens_equal_tp1(name, tp_runs):
     """8 query heads over 8, 4 or 2 KV heads: tp=2, 4, 8 split them, repeating KV heads past their count.
-    On the tied, vocabulary-split head of qwen2-kv4, ``token_states`` (``output_logits``) equal tp=1's too."""
+    On the tied, vocabulary-split head of qwen2-kv4, ``token_states`` (``output_logits``) equal tp=1's too;
+    llama-kv2's tp=2 engine runs mixed steps (the worker checks that one ran)."""
     by_name, root = tp_runs
     out = by_name[name]
     assert all(len(tokens) == 6 for tokens in out[1])

@@ -26,6 +26,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--model-format', default=None, choices=[f for f in MODEL_FORMATS if f],
                        help="the checkpoint's weights: hf (float), awq or gptq (4-bit); default: read from its "
                             'config.json (turbomind only)')
+    group.add_argument('--enable-mixed-chunk', action='store_true',
+                       help='prefill steps also feed decoding requests their next token (turbomind only)')
     group.add_argument('--rope-scaling-factor', type=float, default=0.0,
                        help='dynamic NTK rope scaling by this factor past the model\'s context (turbomind only)')
     group.add_argument('--nnodes', type=int, default=1, help='hosts (one process each) that run the engine together')
@@ -48,7 +50,8 @@ TURBOMIND_ONLY = {'rope_scaling_factor': "the pytorch backend runs the checkpoin
                   'quant_policy': 'the pytorch backend keeps its KV cache unquantized',
                   'model_format': 'the pytorch backend runs float checkpoints only',
                   'nnodes': _ONE_PROCESS, 'node_rank': _ONE_PROCESS, 'dist_init_addr': _ONE_PROCESS,
-                  'devices': _ONE_PROCESS, 'communicator': _ONE_PROCESS}
+                  'devices': _ONE_PROCESS, 'communicator': _ONE_PROCESS,
+                  'enable_mixed_chunk': 'the pytorch backend runs each step as prefill or decode'}
 
 
 def engine_config(args: argparse.Namespace):

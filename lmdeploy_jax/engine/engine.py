@@ -82,14 +82,14 @@ class JaxEngine(ThreadedEngine):
                                growth=BUCKET_GROWTH.get(device.platform, 2))
         cache_spec = cache_state_spec(spec, num_blocks, block_size, self.max_batch_size, mesh, config.quant_policy)
         self._runner = ModelRunner(model, cache_spec, buckets, block_size, config.compilation_cache_dir, decode_steps,
-                                   env)
+                                   env, config.enable_mixed_chunk)
         self._runner.warmup()
         self._scheduler = Scheduler(BlockManager(num_blocks, block_size, config.enable_prefix_caching), buckets,
                                     self.session_len, self.max_batch_size, spec.vocab_size, decode_steps,
-                                    Guide(GrammarCache(source.hf_dir, spec.vocab_size)))
-        logger.info('jax engine: %s (%s, %s), session_len=%d, max_batch_size=%d, prefix caching %s',
+                                    Guide(GrammarCache(source.hf_dir, spec.vocab_size)), config.enable_mixed_chunk)
+        logger.info('jax engine: %s (%s, %s), session_len=%d, max_batch_size=%d, prefix caching %s, mixed steps %s',
                     source.given, spec.architecture, spec.dtype, self.session_len, self.max_batch_size,
-                    'on' if config.enable_prefix_caching else 'off')
+                    'on' if config.enable_prefix_caching else 'off', 'on' if config.enable_mixed_chunk else 'off')
         self._deferred: list = []
         # where the engine thread's time goes (stats()): calls dispatched, chained ones among them,
         # and seconds spent planning, dispatching, waiting for results and taking them
@@ -127,6 +127,7 @@ class JaxEngine(ThreadedEngine):
                 'kv_blocks_free': self.num_free_blocks(), 'kv_blocks_total': self.num_total_blocks(),
                 'prefix_hit_blocks': s.blocks.prefix_hit_blocks, 'prefilled_tokens': s.prefilled_tokens,
                 'preemptions': s.num_preemptions, 'calls': self._calls, 'chained_calls': self._chained_calls,
+                'mixed_steps': s.mixed_steps,
                 **{f'{phase}_s': round(t, 3) for phase, t in self._seconds.items()}}
 
     # ---- the engine thread ----

@@ -13,6 +13,10 @@ The exception is guided decoding (``lmdeploy_jax/guided.py``): a decode call wit
 input, the token bitmask, and runs an executable of its own (``GUIDED_KINDS``), compiled (or
 loaded from the executable store) when a call first needs it, so that engines that never guide
 compile nothing more and unguided calls move no bitmask.
+With mixed steps on (``TurbomindEngineConfig.enable_mixed_chunk``), each prefill shape (Bp, T) has
+a twin of kind 'mixed': one step whose input is a ``MixedBatch`` of a decode segment of
+``buckets.max_batch`` rows (one token each; unused rows are padding) and the prefill segment
+[Bp, T], general sampler; its outputs are [max_batch + Bp] rows, decode rows first.
 ``get_ppl`` and ``token_states`` run whole sequences off the serving path (``sequence_forward.py``).
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from .. import settings
-from ..models import LoadedModel, StepBatch
+from ..models import LoadedModel, MixedBatch, StepBatch
 from ..parallel import rules
 from .buckets import Buckets
 from .kv_pool import CacheState, RowSlots, allocate_cache_state
@@ -92,12 +96,11 @@ def _abstract(tree):
                         tree)
 
 
-def _step(model: LoadedModel, block_size: int, general: bool, params, cache: CacheState, batch: StepBatch,
+def _step(model: LoadedModel, block_size: int, general: bool, params, cache: CacheState, batch: StepBatch | MixedBatch,
           sp: SamplingParams, rows: RowSlots, bitmask: jax.Array | None = None) -> tuple[CacheState, SampleOutput]:
     tokens = cache.tokens.at[batch.slot_mapping.reshape(-1)].set(batch.token_ids.reshape(-1))
     hidden, kv = model.forward(params, cache.kv, batch)
-    last_position = jnp.maximum(batch.query_lens - 1, 0)
-    logits = model.compute_logits(params, hidden[jnp.arange(batch.num_rows), last_position])
+    logits = model.compute_logits(params, batch.last_hidden(hidden))
 
     def history():
         slots = (batch.block_tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(batch.num_rows, -1)
@@ -116,6 +119,11 @@ def _step(model: LoadedModel, block_size: int, general: bool, params, cache: Cac
         logits = apply_bitmask(logits, bitmask)
     out = sample(logits, history, sp, general)
     return CacheState(kv, tokens, cache.last.at[rows.slot].set(out.token)), out
+
+
+def _joined(parts: list):
+    """Host pytrees of one structure (sampling params, row slots) joined along their rows."""
+    return jax.tree.map(lambda *leaves: np.concatenate(leaves), *parts)
 
 
 @dataclasses.dataclass
@@ -138,17 +146,18 @@ class ModelRunner:
 
     def __init__(self, model: LoadedModel, cache_spec: CacheState, buckets: Buckets, block_size: int,
                  compilation_cache_dir: str | None = None, decode_steps: int = 1,
-                 env: settings.Settings | None = None):
+                 env: settings.Settings | None = None, mixed: bool = False):
         """``cache_spec``: the pool's shapes and shardings (``kv_pool.cache_state_spec``); the pool
         itself is allocated by ``warmup``, after compiling. ``env``: the process settings the
         engine resolved (default: ``settings.current()``); they key the executable store and
-        carry the user's ``XLA_FLAGS``."""
+        carry the user's ``XLA_FLAGS``. ``mixed``: compile the mixed twin of every prefill shape."""
         self.env = env or settings.current()
         enable_compilation_cache(compilation_cache_dir, self.env)
         self.model, self.cache_spec, self.buckets, self.block_size = model, cache_spec, buckets, block_size
         self.cache: CacheState | None = None
         self.row_slots = cache_spec.last.shape[0] - 1     # running sequences at most; the last entry is padding's
         self.decode_steps = decode_steps
+        self.mixed_rows = buckets.max_batch if mixed else 0    # decode segment of a mixed step; 0: none
 
         def decode(general: bool, unrolled: bool, steps: int = decode_steps):
             step = functools.partial(_step, dataclasses.replace(model, layer_unroll=True) if unrolled else model,
@@ -160,6 +169,7 @@ class ModelRunner:
         # greedy-only one; some small-batch tensor-parallel decode calls unroll (``_unrolled``)
         self._functions = {('prefill', False): jax.jit(functools.partial(_step, model, block_size, True),
                                                        donate_argnums=(1,))}
+        self._functions['mixed', False] = self._functions['prefill', False]    # traced for a MixedBatch
         self._functions.update({(kind, unrolled): decode(kind == 'decode', unrolled)
                                 for kind in ('decode', 'greedy_decode') for unrolled in (False, True)})
         self._functions.update({(kind, unrolled): decode(general, unrolled, 1 if one_step else decode_steps)
@@ -183,7 +193,8 @@ class ModelRunner:
         another, compiled in parallel threads (XLA releases the GIL) and stored."""
         start = time.perf_counter()
         shapes = ([(kind, (b, 1)) for b in self.buckets.decode_batch for kind in ('decode', 'greedy_decode')]
-                  + [('prefill', s) for s in self.buckets.prefill])
+                  + [('prefill', s) for s in self.buckets.prefill]
+                  + [('mixed', s) for s in self.buckets.prefill if self.mixed_rows])
         inputs = {key: _abstract(self._example_inputs(key)) for key in shapes}
         descriptions = {key: self._describe(key, inputs[key]) for key in shapes}
         store = self._store()
@@ -206,15 +217,20 @@ class ModelRunner:
                 store.trim()
         self.cache = allocate_cache_state(self.cache_spec)
         logger.info('%d step shapes ready in %.1f s (%d loaded from the executable store; loading and tracing '
-                    '%.1f s): decode batches %s (%d steps a call), prefill (rows, tokens) %s',
+                    '%.1f s): decode batches %s (%d steps a call), prefill (rows, tokens) %s%s',
                     len(self._executables), time.perf_counter() - start, self.store_counts['loaded'],
-                    traced - start, list(self.buckets.decode_batch), self.decode_steps, list(self.buckets.prefill))
+                    traced - start, list(self.buckets.decode_batch), self.decode_steps, list(self.buckets.prefill),
+                    f', each with a mixed twin of {self.mixed_rows} decode rows' if self.mixed_rows else '')
 
     def _example_inputs(self, key: tuple[str, tuple[int, int]]) -> tuple:
         """Host inputs of the call ``key`` = (kind, shape) (batch, sampling, row slots, and a guided
         kind's bitmask): what it is traced with."""
         kind, shape = key
         batch = host_step_batch([], shape, self.buckets.max_blocks, self.block_size)
+        if kind == 'mixed':
+            decode = host_step_batch([], (self.mixed_rows, 1), self.buckets.max_blocks, self.block_size)
+            rows = self.mixed_rows + shape[0]
+            return MixedBatch(decode, batch), host_sampling_params([], rows), self._row_slots([], rows)
         inputs = batch, host_sampling_params([], shape[0]), self._row_slots([], shape[0])
         if kind in GUIDED_KINDS:
             inputs += (np.full((shape[0], bitmask_words(self.model.spec.vocab_size)), -1, np.int32),)
@@ -301,7 +317,10 @@ class ModelRunner:
         whose input token the call reads on the device (``CacheState.last``), where the call
         before it leaves it. ``bitmask``: a decode call's token bitmask when a row is guided
         (``Scheduler.bitmask``); the call then runs a guided kind, of one step when the plan has
-        one (every row guided)."""
+        one (every row guided). A mixed plan (``plan.decode_rows``) runs the mixed twin of its
+        prefill shape, its decode rows in the decode segment."""
+        if plan.decode_rows:
+            return self._prepare_mixed(plan)
         if plan.prefill:
             rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
                     for seq, n, _ in plan.rows]
@@ -322,6 +341,23 @@ class ModelRunner:
         return PreparedCall(self._executables[kind, plan.shape], batch, sp,
                             self._row_slots(plan.rows, plan.shape[0], from_device),
                             self._host_input_shardings((kind, plan.shape)), bitmask)
+
+    def _prepare_mixed(self, plan: StepPlan) -> PreparedCall:
+        """The call of a mixed plan: its first ``plan.decode_rows`` rows (one token each) padded to the
+        decode segment's ``plan.segment`` rows (the compiled ``mixed_rows``), then its prefill rows
+        padded to ``plan.shape``; sampling params and row slots in the step's row order (``MixedBatch``)."""
+        decoding, chunks = plan.rows[:plan.decode_rows], plan.rows[plan.decode_rows:]
+        decode = multistep.host_decode_batch([seq for seq, _, _ in decoding], plan.segment,
+                                             self.buckets.max_blocks, self.block_size)
+        prefill = host_step_batch([(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
+                                   for seq, n, _ in chunks], plan.shape, self.buckets.max_blocks, self.block_size)
+        segments = ((decoding, plan.segment), (chunks, plan.shape[0]))
+        sp = _joined([host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated) for seq, _, _ in part], n)
+                      for part, n in segments])
+        rows = _joined([self._row_slots(part, n) for part, n in segments])
+        key = ('mixed', plan.shape)
+        return PreparedCall(self._executables[key], MixedBatch(decode, prefill), sp, rows,
+                            self._host_input_shardings(key))
 
     def _ensure_compiled(self, key: tuple[str, tuple[int, int]]) -> None:
         """Load the guided executable ``key`` from the store, or compile (and store) it, once."""

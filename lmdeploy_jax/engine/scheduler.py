@@ -5,6 +5,12 @@ to feed, chunked under the prefill token budget) or a decode call (every sequenc
 to feed, run for ``decode_steps`` steps on the device, blocks reserved for all of them). Prefill
 goes first, so the batch fills before decoding, but at most ``PREFILL_STREAK`` prefill steps run
 in a row while sequences wait to decode.
+With mixed steps on (``TurbomindEngineConfig.enable_mixed_chunk``), a prefill step planned while
+sequences decode is a mixed step: every unguided decoding sequence feeds its one pending token in
+the step's decode segment (blocks for it first, as a decode call's), beside the prompt chunks, so
+decoding goes on while prompts are prefilled. Only guided sequences then wait to decode, under the
+same ``PREFILL_STREAK``. No prefill step is chained behind a call while an unguided sequence
+decodes after it (``chain``): a mixed step planned with the call's results carries it instead.
 When blocks run out, idle sessions' KV goes first, then the newest running sequences are
 preempted: their blocks are released and their tokens recomputed later, never dropped. With
 prefix caching, a sequence starting without KV reuses the registered blocks of its longest cached
@@ -60,12 +66,20 @@ class StepPlan:
     shape: tuple[int, int]                                 # the compiled (B, T) it is padded to
     steps: int = 1                                         # device steps of the call (decode: decode_steps)
     carry: Carry | None = None                             # a chained call: what the call in flight adds
+    decode_rows: int = 0                                   # a mixed step: its first rows each feed one
+    segment: int = 0                                       # token, in a decode segment of this many rows
+
+    def output_row(self, i: int) -> int:
+        """Where row ``i``'s results are in the call's outputs: a mixed step's prefill rows follow
+        its whole decode segment."""
+        return i if i < self.decode_rows else self.segment + i - self.decode_rows
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, buckets: Buckets, session_len: int, max_batch_size: int,
-                 vocab_size: int, decode_steps: int = 1, guide: Guide | None = None):
-        """``guide``: the engine's guided decoding (None: requests with a ``response_format`` are refused)."""
+                 vocab_size: int, decode_steps: int = 1, guide: Guide | None = None, mixed: bool = False):
+        """``guide``: the engine's guided decoding (None: requests with a ``response_format`` are refused).
+        ``mixed``: plan mixed steps (the runner has compiled them)."""
         self.blocks = blocks
         self.guide = guide
         self.queue_times = QueueTimes()
@@ -82,6 +96,8 @@ class Scheduler:
         self._prefill_streak = 0                           # prefill steps since the last decode call
         self.num_preemptions = 0
         self.prefilled_tokens = 0                          # tokens fed by prefill steps (recompute included)
+        self.mixed = mixed
+        self.mixed_steps = 0                               # mixed steps planned
 
     @property
     def block_size(self) -> int:
@@ -270,12 +286,16 @@ class Scheduler:
                 return None
             prefill = [s for s in self.running if s.pending > 1]
             decode = [s for s in self.running if s.pending == 1]
-            if prefill and (not decode or self._prefill_streak < PREFILL_STREAK):
-                plan = self._plan_prefill(prefill)
+            riders = [s for s in decode if not self._guided(s)] if self.mixed and prefill else []
+            if prefill and (len(riders) == len(decode) or self._prefill_streak < PREFILL_STREAK):
+                plan = self._plan_prefill(prefill, riders)
             else:
                 plan = self._plan_decode(decode)
             if plan is not None:
-                self._prefill_streak = self._prefill_streak + 1 if plan.prefill else 0
+                # a prefill step that all decoding sequences ride (a mixed step) keeps none waiting
+                waited = plan.prefill and not (plan.decode_rows and plan.decode_rows == len(decode))
+                self._prefill_streak = self._prefill_streak + 1 if waited else 0
+                self.mixed_steps += plan.decode_rows > 0
                 return plan
             # nothing could get a block: make room from the newest, or fail a lone oversized sequence
             # (planning may itself have preempted every runner: then admit again)
@@ -286,9 +306,15 @@ class Scheduler:
                 self._finish(seq, 'error', error=f'the KV cache ({self.blocks.num_blocks - 1} blocks of '
                              f'{self.block_size}) cannot hold this sequence of {len(seq.tokens)} tokens')
 
-    def _plan_prefill(self, candidates: list[Sequence]) -> StepPlan | None:
+    def _plan_prefill(self, candidates: list[Sequence], riders: list[Sequence] = ()) -> StepPlan | None:
+        """Prompt chunks of ``candidates`` within the prefill buckets; with ``riders`` (decoding
+        sequences), a mixed step: they come first, each with a block for its one token (which
+        may preempt the newest running sequences, riders or prompts). None: no chunk got a block."""
+        decoding = [(seq, 1, seq.request) for seq in self._reserve_next(riders)]
         rows, chunks = [], []
         for seq in candidates:
+            if seq.slot is None:
+                continue                                   # preempted for a rider's block
             chunk = min(seq.pending - self._guided(seq), self.buckets.max_chunk)
             if rows and self.buckets.prefill_shape(chunks + [chunk]) is None:
                 chunk = min(chunk, self.buckets.prefill_shape(chunks)[1])
@@ -300,11 +326,12 @@ class Scheduler:
                 chunks.append(chunk)
         if not rows:
             return None
-        return StepPlan(True, rows, self.buckets.prefill_shape(chunks))
+        return StepPlan(True, decoding + rows, self.buckets.prefill_shape(chunks), decode_rows=len(decoding),
+                        segment=self.buckets.max_batch if decoding else 0)
 
-    def _plan_decode(self, candidates: list[Sequence]) -> StepPlan | None:
-        """Every decoding sequence gets a block for its next token (the newest are preempted if
-        none is free), then, from what is left, blocks for the rest of the call's steps it can use."""
+    def _reserve_next(self, candidates: list[Sequence]) -> list[Sequence]:
+        """Give every candidate a block for its next token where its last block is full (the newest
+        running sequences are preempted while none is free); returns the candidates still running."""
         bs = self.block_size
         alive = set(self.running)                          # a set: membership per row must not cost O(B)
         for seq in candidates:
@@ -315,15 +342,20 @@ class Scheduler:
                 self._preempt(self.running[-1])
             if seq in alive:
                 seq.blocks += self.blocks.allocate(1)
+        return [seq for seq in candidates if seq in alive]
+
+    def _plan_decode(self, candidates: list[Sequence]) -> StepPlan | None:
+        """Every decoding sequence gets a block for its next token (the newest are preempted if
+        none is free), then, from what is left, blocks for the rest of the call's steps it can use."""
+        bs = self.block_size
         rows = []
-        for seq in candidates:
-            if seq in alive:
-                gen = seq.gen_config
-                steps = 1 if self._guided(seq) else self.decode_steps
-                useful = min(steps, gen.max_new_tokens - seq.num_generated, self.session_len - len(seq.tokens))
-                if useful > 1 and seq.blocks_needed(seq.num_cached + useful, bs) > 0:
-                    useful = max(1, self._grant(seq, useful))
-                rows.append((seq, useful, seq.request))
+        for seq in self._reserve_next(candidates):
+            gen = seq.gen_config
+            steps = 1 if self._guided(seq) else self.decode_steps
+            useful = min(steps, gen.max_new_tokens - seq.num_generated, self.session_len - len(seq.tokens))
+            if useful > 1 and seq.blocks_needed(seq.num_cached + useful, bs) > 0:
+                useful = max(1, self._grant(seq, useful))
+            rows.append((seq, useful, seq.request))
         if not rows:
             return None
         return StepPlan(False, rows, (self.buckets.decode_shape(len(rows)), 1), self._call_steps(rows))
@@ -339,18 +371,32 @@ class Scheduler:
         Prompts come first, as in ``schedule``: while a waiting prompt can take a free slot (or
         an admitted one still has prompt to feed), the chained call is a prefill step for the
         sequences outside ``plan`` (``plan``'s own rows change when its results are taken),
-        within ``PREFILL_STREAK``. Otherwise it is a decode call (``_chain_decode``)."""
+        within ``PREFILL_STREAK``; with mixed steps on, only while no unguided sequence decodes
+        after ``plan`` (a mixed step planned with ``plan``'s results carries it and the prompts).
+        Otherwise it is a decode call (``_chain_decode``)."""
         if self.waiting and len(self.running) < self.max_batch_size:
             self._admit()
-        in_plan = {id(seq) for seq, _, _ in plan.rows}
+        in_plan = {id(seq): fed for seq, fed, _ in plan.rows}
         prompts = [s for s in self.running if s.pending > 1 and id(s) not in in_plan]
         decoding = any(s.pending == 1 or id(s) in in_plan for s in self.running)
+        if prompts and self.mixed and any(self._decodes_after(s, plan, in_plan) for s in self.running):
+            prompts = []
         if prompts and (not decoding or self._prefill_streak < PREFILL_STREAK):
             chained = self._plan_prefill(prompts)
             if chained is not None:
                 self._prefill_streak += 1
             return chained
         return self._chain_decode(plan)
+
+    def _decodes_after(self, seq: Sequence, plan: StepPlan, in_plan: dict[int, int]) -> bool:
+        """Whether unguided ``seq`` feeds one token a step once ``plan`` (in flight; ``in_plan``: its
+        rows' fed tokens by ``id``) is done: it decodes now, or ``plan`` decodes it or ends its prompt."""
+        if self._guided(seq):
+            return False
+        fed = in_plan.get(id(seq))
+        if fed is None:
+            return seq.pending == 1
+        return not plan.prefill or fed == seq.pending
 
     def _chain_decode(self, plan: StepPlan) -> StepPlan | None:
         """The decode call behind ``plan``, each row fed by ``plan``'s last sampled token for it on
@@ -417,11 +463,12 @@ class Scheduler:
         for i, (seq, fed, request) in enumerate(plan.rows):
             if seq.request is not request:
                 continue                                   # cancelled or failed while the step ran
-            if plan.prefill:
+            if plan.prefill:                               # a mixed step's decoding rows too: fed 1
                 seq.num_cached += fed
-                self.prefilled_tokens += fed
+                self.prefilled_tokens += fed if i >= plan.decode_rows else 0
                 if seq.pending == 0:
-                    self._take_tokens(seq, [tokens[i]], out, i, None)
+                    row = plan.output_row(i)
+                    self._take_tokens(seq, [tokens[row]], out, row, None)
             else:
                 self._take_tokens(seq, [step[i] for step in tokens[:fed]], out, i, 0)
             self._register_blocks(seq)

@@ -26,7 +26,7 @@ SMALL_BATCH_P2P_OPTIONS = {'xla_gpu_enable_command_buffer': COMMAND_BUFFERS.repl
 
 def executable_options(kind: str, shape: tuple[int, int], tp: int, p2p_all_reduce: bool = False,
                        user_xla_flags: str = '') -> dict:
-    """XLA options for one step executable: ``kind`` 'prefill' or a decode kind, ``shape`` (rows,
+    """XLA options for one step executable: ``kind`` 'prefill', 'mixed' or a decode kind, ``shape`` (rows,
     tokens), of an engine on ``tp`` devices; ``p2p_all_reduce``: the engine sums small steps with
     its CUDA kernel; ``user_xla_flags``: the process's ``XLA_FLAGS``, whose options are left out
     (XLA keeps the user's value). Returns a new dict."""
@@ -37,4 +37,4 @@ def executable_options(kind: str, shape: tuple[int, int], tp: int, p2p_all_reduc
 
 
 def is_small_batch_tp_decode(kind: str, shape: tuple[int, int], tp: int) -> bool:
-    return tp > 1 and kind != 'prefill' and shape[0] <= SMALL_DECODE_ROWS
+    return tp > 1 and kind not in ('prefill', 'mixed') and shape[0] <= SMALL_DECODE_ROWS
