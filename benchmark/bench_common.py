@@ -31,6 +31,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="turbomind's tensor-parallel sums (TurbomindEngineConfig.communicator)")
     parser.add_argument('--quant-policy', type=int, default=0, choices=[0, 8, 4],
                         help="turbomind's KV cache quantization (TurbomindEngineConfig.quant_policy)")
+    parser.add_argument('--enable-mixed-chunk', action='store_true',
+                        help="turbomind's mixed prefill/decode steps (TurbomindEngineConfig.enable_mixed_chunk)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--log-level', default='WARNING', help="e.g. INFO: start-up phases' times")
 
@@ -40,11 +42,14 @@ def build_pipeline(args: argparse.Namespace):
     from lmdeploy_jax import PytorchEngineConfig, TurbomindEngineConfig, pipeline
     if args.backend == 'pytorch' and (args.quant_policy or args.ep != 1):
         raise SystemExit('--quant-policy and --ep are turbomind options')
+    if args.backend == 'pytorch' and args.enable_mixed_chunk:
+        raise SystemExit('--enable-mixed-chunk is a turbomind option')
     common = dict(dtype=args.dtype, tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
                   cache_max_entry_count=args.cache_max_entry_count)
     config = (PytorchEngineConfig(**common) if args.backend == 'pytorch'
               else TurbomindEngineConfig(max_prefill_token_num=args.max_prefill_token_num,
                                          communicator=args.communicator, quant_policy=args.quant_policy,
+                                         enable_mixed_chunk=args.enable_mixed_chunk,
                                          ep=args.ep, **common))
     start = time.perf_counter()
     pipe = pipeline(args.model_path, backend=args.backend, backend_config=config, log_level=args.log_level)

@@ -115,10 +115,11 @@ def measure(pipe, args: argparse.Namespace, requests: list[tuple[list[int], int]
                 req_per_s=round(len(timings) / seconds, 2), input_tok_per_s=round(n_in / seconds, 1),
                 output_tok_per_s=round(n_out / seconds, 1), total_tok_per_s=round((n_in + n_out) / seconds, 1),
                 ttft_ms=percentiles([t.ttft for t in timings]), tpot_ms=percentiles([t.tpot for t in timings]),
-                traced=traced, quant_policy=args.quant_policy, kv_pool_tokens=_pool_tokens(pipe.engine),
+                traced=traced, quant_policy=args.quant_policy, enable_mixed_chunk=args.enable_mixed_chunk,
+                kv_pool_tokens=_pool_tokens(pipe.engine),
                 engine_counters={k: round(after[k] - before[k], 3)
-                                 for k in ('calls', 'chained_calls', 'schedule_s', 'dispatch_s', 'result_wait_s',
-                                           'complete_s')
+                                 for k in ('calls', 'chained_calls', 'mixed_steps', 'schedule_s', 'dispatch_s',
+                                           'result_wait_s', 'complete_s')
                                  if k in after})
 
 
