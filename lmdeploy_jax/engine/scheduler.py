@@ -8,9 +8,11 @@ in a row while sequences wait to decode.
 With mixed steps on (``TurbomindEngineConfig.enable_mixed_chunk``), a prefill step planned while
 sequences decode is a mixed step: every unguided decoding sequence feeds its one pending token in
 the step's decode segment (blocks for it first, as a decode call's), beside the prompt chunks, so
-decoding goes on while prompts are prefilled. Only guided sequences then wait to decode, under the
-same ``PREFILL_STREAK``. No prefill step is chained behind a call while an unguided sequence
-decodes after it (``chain``): a mixed step planned with the call's results carries it instead.
+decoding goes on while prompts are prefilled. ``PREFILL_STREAK`` still counts mixed steps as
+prefill steps: a decode call (``decode_steps`` tokens a row, guided rows included) follows as
+often as without them, so the tokens the mixed steps add never replace a decode call's. No
+prefill step is chained behind a call while an unguided sequence decodes after it (``chain``): a
+mixed step planned with the call's results carries it instead.
 When blocks run out, idle sessions' KV goes first, then the newest running sequences are
 preempted: their blocks are released and their tokens recomputed later, never dropped. With
 prefix caching, a sequence starting without KV reuses the registered blocks of its longest cached
@@ -286,15 +288,12 @@ class Scheduler:
                 return None
             prefill = [s for s in self.running if s.pending > 1]
             decode = [s for s in self.running if s.pending == 1]
-            riders = [s for s in decode if not self._guided(s)] if self.mixed and prefill else []
-            if prefill and (len(riders) == len(decode) or self._prefill_streak < PREFILL_STREAK):
-                plan = self._plan_prefill(prefill, riders)
+            if prefill and (not decode or self._prefill_streak < PREFILL_STREAK):
+                plan = self._plan_prefill(prefill, [s for s in decode if not self._guided(s)] if self.mixed else [])
             else:
                 plan = self._plan_decode(decode)
             if plan is not None:
-                # a prefill step that all decoding sequences ride (a mixed step) keeps none waiting
-                waited = plan.prefill and not (plan.decode_rows and plan.decode_rows == len(decode))
-                self._prefill_streak = self._prefill_streak + 1 if waited else 0
+                self._prefill_streak = self._prefill_streak + 1 if plan.prefill else 0
                 self.mixed_steps += plan.decode_rows > 0
                 return plan
             # nothing could get a block: make room from the newest, or fail a lone oversized sequence
