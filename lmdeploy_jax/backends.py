@@ -41,6 +41,9 @@ def _convert_config(config, target_cls):
         if config.nnodes > 1 or config.dist_init_addr is not None:
             raise ValueError(f'nnodes={config.nnodes}, dist_init_addr={config.dist_init_addr!r}: the pytorch '
                              'backend runs in one process')
+        if config.enable_mixed_chunk:     # scheduling only: warned, as the pytorch backend's own ignored settings
+            logger.warning('the pytorch backend ignores enable_mixed_chunk=True (it runs each step as prefill or '
+                           'decode)')
         values['block_size'] = config.cache_block_seq_len
     return target_cls(**values)
 

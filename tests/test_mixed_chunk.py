@@ -9,6 +9,8 @@ compile after warm-up), ``test_engine_scheduler.py`` (planning) and ``test_tenso
 (tp=2)."""
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -68,3 +70,13 @@ def test_a_mixed_step_equals_a_decode_step_then_a_prefill_step(name, tmp_path, r
 def test_enable_mixed_chunk_takes_a_bool_only(value):
     with pytest.raises(ValueError, match=rf'^enable_mixed_chunk must be .*got {value!r}'):
         TurbomindEngineConfig(enable_mixed_chunk=value)
+
+
+def test_a_fallback_to_the_pytorch_backend_names_enable_mixed_chunk(caplog):
+    from lmdeploy_jax.backends import _convert_config
+    from lmdeploy_jax.messages import PytorchEngineConfig
+    with caplog.at_level(logging.WARNING, logger='lmdeploy_jax'):
+        converted = _convert_config(TurbomindEngineConfig(enable_mixed_chunk=True), PytorchEngineConfig)
+    assert converted == PytorchEngineConfig(block_size=64)
+    assert [r.getMessage() for r in caplog.records] == [
+        'the pytorch backend ignores enable_mixed_chunk=True (it runs each step as prefill or decode)']
