@@ -16,6 +16,10 @@ from .messages import PytorchEngineConfig, TurbomindEngineConfig
 logger = logging.getLogger('lmdeploy_jax')
 
 BACKENDS = ('turbomind', 'pytorch')
+# turbomind-only settings that change only placement, scheduling or start-up, never the outputs
+_PLACEMENT_AND_SCHEDULING = ('communicator', 'compilation_cache_dir', 'devices', 'enable_mixed_chunk', 'ep',
+                             'max_prefill_token_num', 'num_cache_blocks')
+_TURBOMIND_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TurbomindEngineConfig)}
 
 
 def _convert_config(config, target_cls):
@@ -41,9 +45,10 @@ def _convert_config(config, target_cls):
         if config.nnodes > 1 or config.dist_init_addr is not None:
             raise ValueError(f'nnodes={config.nnodes}, dist_init_addr={config.dist_init_addr!r}: the pytorch '
                              'backend runs in one process')
-        if config.enable_mixed_chunk:     # scheduling only: warned, as the pytorch backend's own ignored settings
-            logger.warning('the pytorch backend ignores enable_mixed_chunk=True (it runs each step as prefill or '
-                           'decode)')
+        dropped = [f'{name}={getattr(config, name)!r}' for name in _PLACEMENT_AND_SCHEDULING
+                   if getattr(config, name) != _TURBOMIND_DEFAULTS[name]]
+        if dropped:     # they change where and how fast, not what comes out: warned, not refused
+            logger.warning('the pytorch backend ignores %s (settings of the turbomind engine)', ', '.join(dropped))
         values['block_size'] = config.cache_block_seq_len
     return target_cls(**values)
 

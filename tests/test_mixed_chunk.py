@@ -72,11 +72,14 @@ def test_enable_mixed_chunk_takes_a_bool_only(value):
         TurbomindEngineConfig(enable_mixed_chunk=value)
 
 
-def test_a_fallback_to_the_pytorch_backend_names_enable_mixed_chunk(caplog):
+def test_a_fallback_to_the_pytorch_backend_names_the_settings_it_ignores(caplog):
     from lmdeploy_jax.backends import _convert_config
     from lmdeploy_jax.messages import PytorchEngineConfig
+    config = TurbomindEngineConfig(enable_mixed_chunk=True, communicator='nccl', max_prefill_token_num=4096)
     with caplog.at_level(logging.WARNING, logger='lmdeploy_jax'):
-        converted = _convert_config(TurbomindEngineConfig(enable_mixed_chunk=True), PytorchEngineConfig)
+        converted = _convert_config(config, PytorchEngineConfig)
+        _convert_config(TurbomindEngineConfig(), PytorchEngineConfig)
     assert converted == PytorchEngineConfig(block_size=64)
     assert [r.getMessage() for r in caplog.records] == [
-        'the pytorch backend ignores enable_mixed_chunk=True (it runs each step as prefill or decode)']
+        "the pytorch backend ignores communicator='nccl', enable_mixed_chunk=True, max_prefill_token_num=4096 "
+        '(settings of the turbomind engine)']
