@@ -12,6 +12,7 @@ import pytest
 from lmdeploy_jax.cli.chat import PROMPT
 from lmdeploy_jax.cli.engine_args import engine_config
 from lmdeploy_jax.cli.main import SUBCOMMANDS, build_parser, main
+from lmdeploy_jax.messages import TurbomindEngineConfig
 from test_server import BACKEND, CHILD_ENV
 
 COMMAND = [sys.executable, '-m', 'lmdeploy_jax.cli.main']
@@ -50,12 +51,14 @@ def test_rope_scaling_factor_reaches_the_turbomind_config_and_is_refused_for_pyt
         engine_config(args)
 
 
-def test_enable_mixed_chunk_reaches_the_turbomind_config_and_is_refused_for_pytorch():
+@pytest.mark.parametrize('flags, field, value', [(['--enable-mixed-chunk'], 'enable_mixed_chunk', True),
+                                                 (['--ep', '2', '--tp', '2'], 'ep', 2)])
+def test_turbomind_flags_reach_its_config_and_are_refused_for_pytorch(flags, field, value):
     parser = build_parser()
-    assert engine_config(parser.parse_args(['run', 'hi', '--enable-mixed-chunk'])).enable_mixed_chunk is True
-    assert engine_config(parser.parse_args(['run', 'hi'])).enable_mixed_chunk is False
-    args = parser.parse_args(['run', 'hi', '--backend', 'pytorch', '--enable-mixed-chunk'])
-    with pytest.raises(ValueError, match='^--enable-mixed-chunk is applied by the turbomind backend only'):
+    assert getattr(engine_config(parser.parse_args(['run', 'hi', *flags])), field) == value
+    assert getattr(engine_config(parser.parse_args(['run', 'hi'])), field) == getattr(TurbomindEngineConfig(), field)
+    args = parser.parse_args(['run', 'hi', '--backend', 'pytorch', *flags])
+    with pytest.raises(ValueError, match=f'^{flags[0]} is applied by the turbomind backend only'):
         engine_config(args)
 
 

@@ -15,6 +15,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('engine')
     group.add_argument('--backend', default='turbomind', choices=['turbomind', 'pytorch'])
     group.add_argument('--tp', type=int, default=1, help='tensor-parallel devices')
+    group.add_argument('--ep', type=int, default=1,
+                       help="a mixture of experts' split: 1 splits each expert over the tp devices, the value of "
+                            '--tp gives each device whole experts (turbomind only)')
     group.add_argument('--dtype', default='auto', choices=['auto', 'float32', 'bfloat16', 'float16'])
     group.add_argument('--session-len', type=int, default=None, help='most tokens of one session')
     group.add_argument('--max-batch-size', type=int, default=None, help='most requests run together')
@@ -50,7 +53,7 @@ TURBOMIND_ONLY = {'rope_scaling_factor': "the pytorch backend runs the checkpoin
                   'quant_policy': 'the pytorch backend keeps its KV cache unquantized',
                   'model_format': 'the pytorch backend runs float checkpoints only',
                   'nnodes': _ONE_PROCESS, 'node_rank': _ONE_PROCESS, 'dist_init_addr': _ONE_PROCESS,
-                  'devices': _ONE_PROCESS, 'communicator': _ONE_PROCESS,
+                  'devices': _ONE_PROCESS, 'communicator': _ONE_PROCESS, 'ep': _ONE_PROCESS,
                   'enable_mixed_chunk': 'the pytorch backend runs each step as prefill or decode'}
 
 
