@@ -14,9 +14,9 @@ Each reduction of ``REDUCTIONS`` (to a scalar, per row, per column; XLA emits a 
 for each) is timed as ``--calls`` back-to-back dispatches waited for together (the dispatch cost
 is paid once per run, not per call), median over ``--iters`` runs after ``--warmup``; the
 bandwidth is the array's bytes over the median seconds per call, and the ceiling (``tbps``) the
-fastest reduction's. The array must dwarf the last-level cache (50-60 MB on an H100 / H200), so
-that every call reads it from memory: ``--gib`` defaults to ``DEFAULT_GIB`` on a GPU and to a
-small array elsewhere. One ``RESULT {json}`` line per dtype.
+fastest reduction's. The array must dwarf the last-level cache, so that every call reads it from
+memory: ``--gib`` defaults to ``DEFAULT_GIB`` on a GPU and to a small array elsewhere.
+One ``RESULT {json}`` line per dtype.
 
 ``measure_read_tbps`` is what ``profile_generation.py`` and ``bench_kernels.py`` call to set their
 rates against the ceiling measured in the same process.
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from bench_common import device_description, print_result
 
 COLUMNS = 8192
-DEFAULT_GIB = 4.0                 # on a GPU: 80 x an H100's or H200's L2
+DEFAULT_GIB = 4.0                 # on a GPU: far larger than any GPU's last-level cache
 OTHER_GIB = 1 / 64                # elsewhere (a CPU): enough to time, cheap to make
 REDUCTIONS = {
     'all': lambda x: jnp.sum(x, dtype=jnp.float32),
