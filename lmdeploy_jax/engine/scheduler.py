@@ -308,7 +308,8 @@ class Scheduler:
     def _plan_prefill(self, candidates: list[Sequence], riders: list[Sequence] = ()) -> StepPlan | None:
         """Prompt chunks of ``candidates`` within the prefill buckets; with ``riders`` (decoding
         sequences), a mixed step: they come first, each with a block for its one token (which
-        may preempt the newest running sequences, riders or prompts). None: no chunk got a block."""
+        may preempt the newest running sequences, riders or prompts). When no chunk gets a block,
+        the riders' decode call (``_plan_decode``); None when there are none either."""
         decoding = [(seq, 1, seq.request) for seq in self._reserve_next(riders)]
         rows, chunks = [], []
         for seq in candidates:
@@ -323,8 +324,8 @@ class Scheduler:
             if chunk > 0:
                 rows.append((seq, chunk, seq.request))
                 chunks.append(chunk)
-        if not rows:
-            return None
+        if not rows:     # the riders' blocks may have preempted every prompt: they still decode
+            return self._plan_decode([seq for seq, _, _ in decoding]) if decoding else None
         return StepPlan(True, decoding + rows, self.buckets.prefill_shape(chunks), decode_rows=len(decoding),
                         segment=self.buckets.max_batch if decoding else 0)
 
