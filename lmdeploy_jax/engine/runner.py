@@ -121,7 +121,7 @@ def _step(model: LoadedModel, block_size: int, general: bool, params, cache: Cac
     return CacheState(kv, tokens, cache.last.at[rows.slot].set(out.token)), out
 
 
-def _joined(parts: list):
+def _host_trees_joined(parts: list):
     """Host pytrees of one structure (sampling params, row slots) joined along their rows."""
     return jax.tree.map(lambda *leaves: np.concatenate(leaves), *parts)
 
@@ -311,6 +311,12 @@ class ModelRunner:
         device[:len(plan_rows)] = from_device or False
         return RowSlots(slots, device)
 
+    def _host_prefill_batch(self, plan_rows: list, shape: tuple[int, int]) -> StepBatch:
+        """The prefill batch of ``shape`` for plan rows ``(seq, n, _)``: each sequence's next ``n``
+        uncached tokens, from its first uncached position."""
+        rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks) for seq, n, _ in plan_rows]
+        return host_step_batch(rows, shape, self.buckets.max_blocks, self.block_size)
+
     def prepare(self, plan: StepPlan, bitmask: np.ndarray | None = None) -> PreparedCall:
         """The host arrays of a plan's call, read from the sequences' state: on the engine thread,
         which alone changes that state. A chained decode plan (``plan.carry``) marks the rows
@@ -322,9 +328,7 @@ class ModelRunner:
         if plan.decode_rows:
             return self._prepare_mixed(plan)
         if plan.prefill:
-            rows = [(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
-                    for seq, n, _ in plan.rows]
-            batch = host_step_batch(rows, plan.shape, self.buckets.max_blocks, self.block_size)
+            batch = self._host_prefill_batch(plan.rows, plan.shape)
         else:
             batch = multistep.host_decode_batch([seq for seq, _, _ in plan.rows], plan.shape[0],
                                                 self.buckets.max_blocks, self.block_size, plan.carry)
@@ -349,12 +353,12 @@ class ModelRunner:
         decoding, chunks = plan.rows[:plan.decode_rows], plan.rows[plan.decode_rows:]
         decode = multistep.host_decode_batch([seq for seq, _, _ in decoding], plan.segment,
                                              self.buckets.max_blocks, self.block_size)
-        prefill = host_step_batch([(seq.tokens[seq.num_cached:seq.num_cached + n], seq.num_cached, seq.blocks)
-                                   for seq, n, _ in chunks], plan.shape, self.buckets.max_blocks, self.block_size)
+        prefill = self._host_prefill_batch(chunks, plan.shape)
         segments = ((decoding, plan.segment), (chunks, plan.shape[0]))
-        sp = _joined([host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated) for seq, _, _ in part], n)
-                      for part, n in segments])
-        rows = _joined([self._row_slots(part, n) for part, n in segments])
+        sp = _host_trees_joined([
+            host_sampling_params([(seq.gen_config, seq.seed, seq.num_generated) for seq, _, _ in part], n)
+            for part, n in segments])
+        rows = _host_trees_joined([self._row_slots(part, n) for part, n in segments])
         key = ('mixed', plan.shape)
         return PreparedCall(self._executables[key], MixedBatch(decode, prefill), sp, rows,
                             self._host_input_shardings(key))

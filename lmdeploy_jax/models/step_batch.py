@@ -42,7 +42,7 @@ class StepBatch:
         return hidden[jnp.arange(self.num_rows), jnp.maximum(self.query_lens - 1, 0)]
 
 
-def _joined(a, b):
+def _rows_concatenated(a, b):
     """``a`` and ``b`` concatenated along rows, numpy on the host, jax in a trace."""
     host = isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
     return np.concatenate([a, b]) if host else jnp.concatenate([a, b])
@@ -61,7 +61,7 @@ class MixedBatch:
     prefill: StepBatch
 
     def _tokens(self, name: str) -> jax.Array:
-        return _joined(getattr(self.decode, name).reshape(-1), getattr(self.prefill, name).reshape(-1))[None]
+        return _rows_concatenated(getattr(self.decode, name).reshape(-1), getattr(self.prefill, name).reshape(-1))[None]
 
     @property
     def token_ids(self) -> jax.Array:
@@ -77,15 +77,15 @@ class MixedBatch:
 
     @property
     def block_tables(self) -> jax.Array:
-        return _joined(self.decode.block_tables, self.prefill.block_tables)
+        return _rows_concatenated(self.decode.block_tables, self.prefill.block_tables)
 
     @property
     def context_lens(self) -> jax.Array:
-        return _joined(self.decode.context_lens, self.prefill.context_lens)
+        return _rows_concatenated(self.decode.context_lens, self.prefill.context_lens)
 
     @property
     def query_lens(self) -> jax.Array:
-        return _joined(self.decode.query_lens, self.prefill.query_lens)
+        return _rows_concatenated(self.decode.query_lens, self.prefill.query_lens)
 
     @property
     def num_rows(self) -> int:
