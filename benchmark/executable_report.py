@@ -120,7 +120,7 @@ def main() -> None:
                 print_result(dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
                                   all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
                                   **module_report(prefix)))
-                if args.keep_dumps and prefix and kind != 'prefill' and rows == 1:
+                if args.keep_dumps and prefix and kind not in ('prefill', 'mixed') and rows == 1:
                     keep_dumps(prefix, args.keep_dumps)
             if args.batch_1_tokens:
                 from profile_generation import measure_generation
