@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pair our ``RESULT`` lines with each peer engine's (LMDeploy, vLLM) from one or more logs (the
 calls of one warm machine) and print the ratios (ours / theirs), per workload;
-with ``--by-tp``, our lines of each tensor-parallel size against tp=1 of the same log; with
+with ``--by-tp``, our lines of each tensor-parallel size (and expert split) against tp=1 of the same log; with
 ``--by-quant``, our throughput lines of each KV ``quant_policy`` against quant_policy=0; with
 ``--serving``, the serving benchmark's p99 latencies per request rate, ours against vLLM's."""
 from __future__ import annotations
@@ -68,23 +68,25 @@ def serving(*paths: str) -> None:
 
 
 def by_tp(path: str) -> None:
-    """Per model and tp: throughput and batch-1 tok/s, and their ratio to the same model at tp=1."""
+    """Per model, tp and ep: throughput and batch-1 tok/s, and their ratio to the same model at tp=1
+    (an ep=tp line is labelled with its ep: the same tp with the experts split whole)."""
     table = {}
     for r in load(path):
         if not r['engine'].startswith('lmdeploy_jax'):
             continue
+        key = (r['model'], r['tp'], r.get('ep', 1))
         if r['bench'] == 'throughput':
-            table.setdefault((r['model'], r['tp']), {})['throughput'] = r['output_tok_per_s']
+            table.setdefault(key, {})['throughput'] = r['output_tok_per_s']
         elif r['bench'] == 'generation' and r.get('batch_size') == 1:
-            table.setdefault((r['model'], r['tp']), {})['batch1'] = r['decode_tok_per_s_per_request']
-    for (model, tp), values in sorted(table.items()):
-        base = table.get((model, 1), {})
+            table.setdefault(key, {})['batch1'] = r['decode_tok_per_s_per_request']
+    for (model, tp, ep), values in sorted(table.items()):
+        base = table.get((model, 1, 1), {})
         cells = []
         for bench in ('throughput', 'batch1'):
             value, ref = values.get(bench), base.get(bench)
             ratio = f' ({value / ref:.2f} x tp=1)' if value and ref and tp != 1 else ''
             cells.append(f'{bench} {value} tok/s{ratio}')
-        print(f'{model} tp={tp}: ' + ', '.join(cells))
+        print(f'{model} tp={tp}' + (f' ep={ep}' if ep != 1 else '') + ': ' + ', '.join(cells))
 
 
 def by_quant(path: str) -> None:

@@ -152,9 +152,10 @@ def test_trace_summary_counts_busy_time_and_attributes_idle_gaps():
 
 
 def test_compare_results_by_tp_sets_each_size_against_tp1_of_the_same_model(tmp_path):
-    """The summary ``run_tensor_parallel.sh`` prints: ratios to tp=1 of the same model only."""
-    def line(model, tp, bench, value):
-        record = dict(engine='lmdeploy_jax-turbomind', bench=bench, model=model, tp=tp)
+    """The summary ``run_tensor_parallel.sh`` prints: ratios to tp=1 of the same model only, an
+    expert-parallel line apart from the same tp's."""
+    def line(model, tp, bench, value, ep=1):
+        record = dict(engine='lmdeploy_jax-turbomind', bench=bench, model=model, tp=tp, ep=ep)
         if bench == 'throughput':
             record['output_tok_per_s'] = value
         else:
@@ -163,11 +164,12 @@ def test_compare_results_by_tp_sets_each_size_against_tp1_of_the_same_model(tmp_
     log = tmp_path / 'run.log'
     log.write_text('\n'.join(['noise', line('/m', 1, 'throughput', 100.0), line('/m', 1, 'generation', 10.0),
                               line('/m', 2, 'throughput', 150.0), line('/m', 2, 'generation', 16.0),
-                              line('/big', 4, 'throughput', 70.0)]) + '\n')
+                              line('/m', 2, 'throughput', 180.0, ep=2), line('/big', 4, 'throughput', 70.0)]) + '\n')
     out = run_benchmark('compare_results.py', '--by-tp', str(log)).splitlines()
     assert out == ['/big tp=4: throughput 70.0 tok/s, batch1 None tok/s',
                    '/m tp=1: throughput 100.0 tok/s, batch1 10.0 tok/s',
-                   '/m tp=2: throughput 150.0 tok/s (1.50 x tp=1), batch1 16.0 tok/s (1.60 x tp=1)']
+                   '/m tp=2: throughput 150.0 tok/s (1.50 x tp=1), batch1 16.0 tok/s (1.60 x tp=1)',
+                   '/m tp=2 ep=2: throughput 180.0 tok/s (1.80 x tp=1), batch1 None tok/s']
 
 
 def test_executable_report_counts_the_thunk_kinds_of_a_dumped_thunk_sequence():
