@@ -298,7 +298,10 @@ class TurbomindEngineConfig:
 
     ``enable_mixed_chunk`` (SGLang's name): a prefill step planned while sequences decode also
     feeds each unguided decoding sequence its next token (``engine/scheduler.py``), so decoding
-    goes on while prompts are prefilled; compiles one more executable per prefill shape.
+    goes on while prompts are prefilled; compiles one more executable per prefill shape. Such a
+    step runs up to ``max_batch_size`` decode tokens beside the prefill's ``max_prefill_token_num``
+    (vLLM and SGLang count them inside their budget; here the prefill shapes are compiled buckets,
+    and taking a smaller bucket to make room would halve the prefill a step does).
     """
     dtype: str = 'auto'
     model_format: str | None = None
