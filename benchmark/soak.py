@@ -9,10 +9,11 @@ drops mid-way, ``/generate`` streams cancelled by their own session id, chats be
 long system prompts (prefix reuse) and bad requests (invalid fields, lone surrogates, oversize
 bodies and prompts, unknown models, broken JSON, an empty raw prompt in a stream). When the
 traffic has drained, it compares the KV blocks in use with the idle count before the traffic
-(from ``/metrics``), and, when it knows the server's pid, the server's RSS over time
-(``/proc/<pid>/status``). It prints a summary and the JSON report (``--output`` writes it to a
-file) and exits 1 if any KV block leaked, any request was lost, any answer was a server error
-(a 5xx, an error event in a stream, a stream cut short) or unexpected; 0 otherwise.
+and reports how much the engine's counters grew (both from ``/metrics``), and, when it knows the
+server's pid, the server's RSS over time (``/proc/<pid>/status``). It prints a summary and the
+JSON report (``--output`` writes it to a file) and exits 1 if any KV block leaked, any request
+was lost, any answer was a server error (a 5xx, an error event in a stream, a stream cut short)
+or unexpected; 0 otherwise.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import httpx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from soak_report import (DISCONNECTED, EXPECTED_4XX, LOST, OK, SERVER_ERROR, UNEXPECTED, Tally,  # noqa: E402
                          human_summary, rss_summary, verdict)
-from soak_server import kv_used, rss_mib, started_server, wait_idle  # noqa: E402
+from soak_server import engine_counts, kv_used, rss_mib, started_server, wait_idle  # noqa: E402
 
 FRANCE = 'What is the capital of France?'
 TOPICS = ['the sea', 'a bicycle', 'prime numbers', 'the moon', 'bread', 'a violin', 'autumn', 'chess']
@@ -297,14 +298,12 @@ def soak(url: str, pid: int | None, args) -> dict:
     start_used, end_used = kv_used(before), kv_used(after)
     leaked = None if start_used is None or end_used is None else end_used - start_used
     totals = tally.totals()
-    hits = ((after or {}).get('lmdeploy_jax_engine_prefix_hit_blocks', 0)
-            - (before or {}).get('lmdeploy_jax_engine_prefix_hit_blocks', 0))
     return {'minutes': args.minutes, 'url': url, 'concurrency': args.concurrency, 'seed': args.seed,
             'requests': {kind: dict(counts) for kind, counts in tally.counts.items()}, 'totals': totals,
             'examples': dict(tally.examples),
             'kv_blocks': {'start_used': start_used, 'end_used': end_used, 'leaked': leaked,
                           'total': int((after or before or {}).get('lmdeploy_jax_engine_kv_blocks_total', 0))},
-            'prefix_hit_blocks': int(hits), 'rss': rss_summary(samples), 'rss_samples': samples,
+            'engine_counts': engine_counts(before, after), 'rss': rss_summary(samples), 'rss_samples': samples,
             'failures': verdict(totals, leaked)}
 
 

@@ -76,7 +76,9 @@ def human_summary(report: dict) -> str:
         lines.append(f'{kind:<{width}}  ' + '  '.join(f'{counts.get(o, 0):>12}' for o in OUTCOMES))
     kv = report['kv_blocks']
     lines.append(f"KV blocks used when idle: {kv['start_used']} before, {kv['end_used']} after "
-                 f"(leaked {kv['leaked']}, of {kv['total']}); prefix-cache hits {report['prefix_hit_blocks']} blocks")
+                 f"(leaked {kv['leaked']}, of {kv['total']})")
+    counts = ', '.join(f"{k.replace('_', ' ')} {v}" for k, v in report['engine_counts'].items())
+    lines.append(f"engine, over the traffic: {counts or 'no counters'}")
     rss = report['rss']
     lines.append('server RSS: not sampled (no --pid, server not started here)' if rss is None else
                  f"server RSS: {rss['start_mib']} -> {rss['end_mib']} MiB (peak {rss['peak_mib']}, "

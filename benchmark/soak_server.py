@@ -33,6 +33,17 @@ def wait_idle(client: httpx.Client, timeout_s: float = 180) -> dict[str, float] 
     return None
 
 
+ENGINE_COUNTERS = ('prefix_hit_blocks', 'calls', 'chained_calls', 'mixed_steps', 'preemptions')
+
+
+def engine_counts(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, int]:
+    """How much each of the engine's counters (``ENGINE_COUNTERS``, from ``/metrics``) grew from
+    ``before`` to ``after``; a counter the server does not export is left out."""
+    before, after = before or {}, after or {}
+    names = {k: f'lmdeploy_jax_engine_{k}' for k in ENGINE_COUNTERS}
+    return {k: int(after[name] - before.get(name, 0)) for k, name in names.items() if name in after}
+
+
 def kv_used(m: dict[str, float] | None) -> int | None:
     if m is None or 'lmdeploy_jax_engine_kv_blocks_total' not in m:
         return None

@@ -52,9 +52,11 @@ def test_the_summary_shows_every_kind_and_the_verdict():
     tally.record('bad_request', EXPECTED_4XX)
     tally.record('cancel', LOST, 'ReadTimeout')
     report = {'minutes': 1, 'url': 'http://127.0.0.1:1', 'requests': {k: dict(c) for k, c in tally.counts.items()},
-              'totals': tally.totals(), 'examples': dict(tally.examples), 'prefix_hit_blocks': 4, 'rss': None,
+              'totals': tally.totals(), 'examples': dict(tally.examples), 'rss': None,
+              'engine_counts': {'prefix_hit_blocks': 4, 'mixed_steps': 2},
               'kv_blocks': {'start_used': 0, 'end_used': 0, 'leaked': 0, 'total': 128},
               'failures': verdict(tally.totals(), 0)}
     text = human_summary(report)
     assert all(kind in text for kind in ('chat', 'bad_request', 'cancel'))
+    assert 'engine, over the traffic: prefix hit blocks 4, mixed steps 2' in text
     assert 'lost: cancel: ReadTimeout' in text and text.endswith('FAILED: lost: 1 requests')
