@@ -109,6 +109,7 @@ def main() -> None:
         parser.error(f'--small-batch-tp-options must be a JSON object, got {args.small_batch_tp_options!r}')
     from bench_common import build_pipeline, print_result
     from step_executables import dump_dir, recompile_steps
+    from lmdeploy_jax.engine.xla_flags import is_decode_kind
     work = tempfile.mkdtemp(prefix='executable_report.')
     try:
         pipe, _ = build_pipeline(args)
@@ -120,7 +121,7 @@ def main() -> None:
                 print_result(dict(bench='executable', kind=kind, rows=rows, tokens=tokens, tp=args.tp, options=options,
                                   all_reduces=len(re.findall(r' all-reduce(?:-start)?\(', hlo)),
                                   **module_report(prefix)))
-                if args.keep_dumps and prefix and kind not in ('prefill', 'mixed') and rows == 1:
+                if args.keep_dumps and prefix and is_decode_kind(kind) and rows == 1:
                     keep_dumps(prefix, args.keep_dumps)
             if args.batch_1_tokens:
                 from profile_generation import measure_generation

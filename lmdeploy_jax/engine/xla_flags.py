@@ -36,5 +36,11 @@ def executable_options(kind: str, shape: tuple[int, int], tp: int, p2p_all_reduc
     return {name: value for name, value in options.items() if f'--{name}=' not in user_xla_flags}
 
 
+def is_decode_kind(kind: str) -> bool:
+    """Whether step executables of ``kind`` decode (one token a row a step): every kind but the
+    prompt-chunk kinds, 'prefill' and 'mixed'."""
+    return kind not in ('prefill', 'mixed')
+
+
 def is_small_batch_tp_decode(kind: str, shape: tuple[int, int], tp: int) -> bool:
-    return tp > 1 and kind not in ('prefill', 'mixed') and shape[0] <= SMALL_DECODE_ROWS
+    return tp > 1 and is_decode_kind(kind) and shape[0] <= SMALL_DECODE_ROWS
